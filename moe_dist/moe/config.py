@@ -1,0 +1,97 @@
+"""Typed configuration of one MoE layer (strict: unknown keys and impossible values are errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_dist.config_base import ConfigError, check, check_choice, from_dict
+from moe_dist.routing.registry import RouterConfig, router_config_from_dict
+
+DROP_POLICIES = ("position", "probs")
+ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+
+
+@dataclass
+class AuxLossConfig:
+    """Coefficients of the routing losses added to the LM loss (0 disables a term's gradient;
+    every term a router can produce is still computed and logged)."""
+
+    switch: float = 0.01
+    z_loss: float = 0.001
+    importance: float = 0.0
+    sample_similarity: float = 0.0
+    # Tokens per rank on which sample_similarity's pairwise distances are computed.
+    sample_similarity_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            check(isinstance(value, (int, float)) and value >= 0,
+                  f"aux_loss.{f.name} must be a number >= 0, got {value!r}")
+        check(self.sample_similarity_tokens >= 2,
+              f"aux_loss.sample_similarity_tokens must be >= 2, got {self.sample_similarity_tokens}")
+
+    def coefficients(self) -> dict[str, float]:
+        return {"switch": self.switch, "z_loss": self.z_loss, "importance": self.importance,
+                "sample_similarity": self.sample_similarity}
+
+
+@dataclass
+class MoEConfig:
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_policy: str = "position"
+    dropless: bool = False
+    activation: str = "swiglu"
+    num_shared_experts: int = 0
+    router: RouterConfig = field(default_factory=lambda: router_config_from_dict({"type": "topk"}))
+    aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
+    ep_size: int = 1
+    init_std: float = 0.02
+    expert_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = router_config_from_dict(self.router, where="moe.router")
+        if isinstance(self.aux_loss, dict):
+            self.aux_loss = from_dict(AuxLossConfig, self.aux_loss, "moe.aux_loss")
+        for name in ("d_model", "d_ff", "num_experts", "top_k", "ep_size"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"moe.{name} must be an integer >= 1, got {value!r}")
+        check(self.top_k <= self.num_experts,
+              f"moe.top_k ({self.top_k}) must be <= moe.num_experts ({self.num_experts})")
+        check(self.num_experts % self.ep_size == 0,
+              f"moe.num_experts ({self.num_experts}) must be divisible by moe.ep_size ({self.ep_size})")
+        check(isinstance(self.min_capacity, int) and self.min_capacity >= 0,
+              f"moe.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
+        check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
+              f"moe.num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
+        check(self.init_std > 0, f"moe.init_std must be > 0, got {self.init_std!r}")
+        check_choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("moe.activation", self.activation, ACTIVATIONS)
+        check_choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "moe") -> "MoEConfig":
+        data = dict(data)
+        # Router configs are polymorphic on `type`: parsed by the router registry, not generically.
+        router = data.pop("router", None)
+        cfg = from_dict(cls, data, where)
+        if router is not None:
+            cfg.router = router_config_from_dict(router, where=f"{where}.router")
+        return cfg
+
+
+__all__ = ["MoEConfig", "AuxLossConfig", "ConfigError"]
