@@ -1,0 +1,89 @@
+"""`topk`: the learned softmax top-k router (GShard / Switch / Mixtral), ROUTERS.md §1.
+
+Legend: T tokens, D model width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_dist.config_base import check
+from moe_dist.routing.base import Router, RouterOutput, RoutingContext
+from moe_dist.routing.registry import RouterConfig, register_router
+
+
+@dataclass
+class TopKRouterConfig(RouterConfig):
+    type: str = "topk"
+    # Renormalize the K chosen probabilities to sum to 1 (Mixtral). With K=1 this makes every
+    # weight 1 and cuts the router's gradient from the LM loss, so it defaults off.
+    renormalize: bool = False
+    # Multiplicative input jitter U(1-eps, 1+eps), training only (Switch).
+    jitter_eps: float = 0.0
+    # Aux-loss-free balancing (DeepSeek-V3): a selection-only bias nudged after each step.
+    bias_balancing: bool = False
+    bias_update_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.jitter_eps < 1.0, f"router.jitter_eps must be in [0, 1), got {self.jitter_eps!r}")
+        check(self.bias_update_rate >= 0, f"router.bias_update_rate must be >= 0, got {self.bias_update_rate!r}")
+
+
+def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
+                     selection_bias_E: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax top-k over fp32 logits: returns (probs_TE, w_TK, idx_TK).
+
+    `selection_bias_E` shifts which experts are chosen but not their weights: the weights are
+    always the unbiased probabilities of the chosen experts.
+    """
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    select_TE = probs_TE if selection_bias_E is None else probs_TE + selection_bias_E
+    idx_TK = torch.topk(select_TE, top_k, dim=-1).indices
+    w_TK = probs_TE.gather(1, idx_TK)
+    if renormalize:
+        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+    return probs_TE, w_TK, idx_TK
+
+
+class LinearGate(nn.Module):
+    """`logits = x @ W` in fp32 whatever the model's dtype: routing decisions are discontinuous, so
+    bf16 rounding of the scores flips experts between otherwise identical runs."""
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight_ED, std=1.0 / math.sqrt(d_model))
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return F.linear(x_TD.float(), self.weight_ED.float())
+
+
+@register_router("topk", TopKRouterConfig)
+class TopKRouter(Router):
+    def __init__(self, cfg: TopKRouterConfig, **kw) -> None:
+        super().__init__(cfg, **kw)
+        self.gate = LinearGate(self.d_model, self.num_experts)
+        # Persistent so a resumed run keeps balancing where it stopped.
+        self.register_buffer("selection_bias_E", torch.zeros(self.num_experts), persistent=True)
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
+        if ctx.training and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = self.gate(x_TD)
+        bias = self.selection_bias_E if self.cfg.bias_balancing else None
+        probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, self.cfg.renormalize, bias)
+        return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
+                            router_input_TD=x_TD)
+
+    @torch.no_grad()
+    def after_step(self, load_E: Tensor) -> None:
+        """b_e += rate * sign(mean_load - load_e), with `load_E` the global pre-drop counts."""
+        if self.cfg.bias_balancing:
+            load_E = load_E.to(self.selection_bias_E)
+            self.selection_bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
