@@ -1,0 +1,80 @@
+"""Expert capacity and slot assignment: which routed (token, choice) pairs an expert accepts.
+
+Legend: T tokens, E experts, K experts per token, P = T*K routed pairs ("slots").
+
+Pairs are numbered choice-major, `p = k*T + t`, so a stable sort by expert keeps "every first
+choice before any second choice, then token order" inside each expert: the `position` policy
+falls out of the numbering, and `probs` is a stable sort by weight before the sort by expert.
+Pure functions of tensors: the layer, the tests and the single-process reference all call them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
+                    min_capacity: int, dropless: bool = False) -> int | None:
+    """Slots per expert for one source rank: `max(ceil(cf*T*K/E), min_capacity)`, at most T.
+
+    None means no limit (dropless, or `capacity_factor <= 0`). The cap at T changes nothing
+    (a token never picks the same expert twice) but keeps buffers bounded.
+    """
+    if dropless or capacity_factor <= 0:
+        return None
+    capacity = max(math.ceil(capacity_factor * num_tokens * top_k / num_experts), min_capacity)
+    return min(capacity, num_tokens)
+
+
+@dataclass
+class SlotPlan:
+    slot_TK: Tensor  # int64: this pair's place in its expert's queue (0 = served first)
+    keep_TK: Tensor  # bool: the pair got a slot (slot < capacity)
+    load_E: Tensor  # int64: pairs that chose each expert (before drops)
+    kept_E: Tensor  # int64: pairs each expert accepted (after drops)
+    capacity: int | None  # per expert and per capacity group; None = no limit
+
+
+def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy: str = "position",
+                 priority_TK: Tensor | None = None, num_groups: int = 1) -> SlotPlan:
+    """Queue every (token, choice) pair at its expert and keep the first `capacity` of each queue.
+
+    `policy="position"`: first choices before second choices, then token order.
+    `policy="probs"`: highest `priority_TK` first (ties: position order).
+    `num_groups` splits the T tokens into equal contiguous groups, each with its own queues and
+    `capacity`: a single process holding the tokens of N ranks uses `num_groups=N` to drop
+    exactly what each rank of an expert-parallel run drops.
+    """
+    T, K = idx_TK.shape
+    E = num_experts
+    if T % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the number of tokens ({T})")
+    idx_P = idx_TK.t().reshape(-1)  # choice-major pair order
+    group_P = (torch.arange(T, device=idx_TK.device) // (T // num_groups)).repeat(K)
+    queue_P = group_P * E + idx_P  # one queue per (group, expert)
+
+    if policy == "probs":
+        if priority_TK is None:
+            raise ValueError("drop policy 'probs' needs priority_TK")
+        by_priority = torch.sort(priority_TK.t().reshape(-1).detach(), descending=True, stable=True).indices
+        order = by_priority[torch.sort(queue_P[by_priority], stable=True).indices]
+    elif policy == "position":
+        order = torch.sort(queue_P, stable=True).indices
+    else:
+        raise ValueError(f"drop policy must be 'position' or 'probs', got {policy!r}")
+
+    queue_sizes = torch.bincount(queue_P, minlength=num_groups * E)
+    queue_start = torch.cumsum(queue_sizes, 0) - queue_sizes
+    sorted_queue = queue_P[order]
+    slot_P = torch.empty_like(idx_P)
+    slot_P[order] = torch.arange(idx_P.numel(), device=idx_P.device) - queue_start[sorted_queue]
+
+    keep_P = torch.ones_like(idx_P, dtype=torch.bool) if capacity is None else slot_P < capacity
+    load_E = torch.bincount(idx_P, minlength=E)
+    kept_E = torch.bincount(idx_P, weights=keep_P.float(), minlength=E).long()  # no mask: no host sync
+    return SlotPlan(slot_TK=slot_P.view(K, T).t(), keep_TK=keep_P.view(K, T).t(), load_E=load_E,
+                    kept_E=kept_E, capacity=capacity)
