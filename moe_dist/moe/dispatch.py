@@ -1,0 +1,96 @@
+"""Dispatch kept (token, choice) pairs to their experts' ranks and combine the results.
+
+Legend: T tokens on this rank, D width, E experts (global), e = E/P local experts, P EP size,
+K choices per token, N kept pairs sent from this rank, M rows received by this rank.
+
+One path serves every mode: capacity only decides which pairs are kept (capacity.py), so fixed
+capacity, dropless, EP=1 and EP=P differ only in the all-to-all. Rows travel exactly: no
+capacity padding is sent or multiplied, at the price of exchanging split sizes first (a tiny
+all-to-all, and on GPUs one host sync per layer, as in Megatron-Core's alltoall dispatcher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moe_dist.parallel.all_to_all import all_to_all, exchange_counts
+from moe_dist.parallel.groups import ParallelGroups
+
+
+@dataclass
+class DispatchPlan:
+    """What `combine` needs to bring expert outputs back to their tokens."""
+
+    pair_N: Tensor  # kept pairs (choice-major ids k*T + t), sorted by expert
+    token_N: Tensor  # the token each sent row came from
+    send_splits: list[int]  # rows sent to each EP rank
+    recv_splits: list[int]  # rows received from each EP rank
+    unsort_M: Tensor | None  # expert-major rows -> received (source-major) order; None when P == 1
+    counts_e: list[int]  # rows per local expert, in the order the experts see them
+
+
+def _regroup_by_expert(recv_counts_Pe: Tensor) -> tuple[Tensor, Tensor]:
+    """Permutations between source-major rows (the all-to-all's order: source, expert, token)
+    and expert-major rows (what grouped GEMMs need: expert, source, token)."""
+    P, e = recv_counts_Pe.shape
+    sizes = recv_counts_Pe.flatten()
+    src_major_start = (torch.cumsum(sizes, 0) - sizes).view(P, e)
+    block_start = src_major_start.t().flatten()  # blocks visited in expert-major order
+    block_size = recv_counts_Pe.t().flatten()
+    M = int(sizes.sum())
+    within = torch.arange(M, device=sizes.device) - torch.repeat_interleave(
+        torch.cumsum(block_size, 0) - block_size, block_size, output_size=M)
+    sort_M = torch.repeat_interleave(block_start, block_size, output_size=M) + within
+    unsort_M = torch.empty_like(sort_M)
+    unsort_M[sort_M] = torch.arange(M, device=sizes.device)
+    return sort_M, unsort_M
+
+
+def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
+             groups: ParallelGroups) -> tuple[Tensor, DispatchPlan]:
+    """Returns the rows this rank's experts must process (grouped by local expert) and the plan.
+
+    1. Sort kept pairs by expert (dropped pairs sort last and are cut off).
+    2. Gather their token rows: rows for EP rank p are contiguous, since p owns experts
+       [p*e, (p+1)*e).
+    3. Exchange per-expert counts, then the rows (uneven all-to-all over the EP group).
+    4. Reorder received rows from source-major to expert-major for the grouped GEMM.
+    """
+    T, K = idx_TK.shape
+    E = kept_E.numel()
+    P = groups.ep_size
+    idx_P = idx_TK.t().reshape(-1)
+    sort_key_P = torch.where(keep_TK.t().reshape(-1), idx_P, E)
+    kept_counts = kept_E.tolist()  # the one host sync: sizes of everything below
+    N = sum(kept_counts)
+    pair_N = torch.sort(sort_key_P, stable=True).indices[:N]
+    token_N = pair_N % T
+    x_ND = x_TD.index_select(0, token_N)
+
+    if P == 1:
+        return x_ND, DispatchPlan(pair_N, token_N, [N], [N], None, kept_counts)
+
+    send_counts_Pe = kept_E.view(P, E // P)
+    recv_counts_Pe = exchange_counts(send_counts_Pe, groups.ep_group)
+    send_splits = send_counts_Pe.sum(1).tolist()
+    recv_splits = recv_counts_Pe.sum(1).tolist()
+    x_MD = all_to_all(x_ND, send_splits, recv_splits, groups.ep_group)
+    sort_M, unsort_M = _regroup_by_expert(recv_counts_Pe.cpu())
+    x_MD = x_MD.index_select(0, sort_M.to(x_MD.device))
+    plan = DispatchPlan(pair_N, token_N, send_splits, recv_splits, unsort_M.to(x_MD.device),
+                        recv_counts_Pe.sum(0).tolist())
+    return x_MD, plan
+
+
+def combine(y_MD: Tensor, w_TK: Tensor, plan: DispatchPlan, groups: ParallelGroups) -> Tensor:
+    """Reverse of `dispatch`, then `y_t = sum_k w_tk * expert_out_tk` (dropped pairs add 0)."""
+    T = w_TK.shape[0]
+    if plan.unsort_M is not None:
+        y_MD = y_MD.index_select(0, plan.unsort_M)
+        y_MD = all_to_all(y_MD, plan.recv_splits, plan.send_splits, groups.ep_group)
+    w_N = w_TK.t().reshape(-1).index_select(0, plan.pair_N).to(y_MD.dtype)
+    out_TD = y_MD.new_zeros((T, y_MD.shape[-1]))
+    return out_TD.index_add(0, plan.token_N, y_MD * w_N[:, None])

@@ -1,0 +1,97 @@
+"""Local experts as stacked weights and one grouped GEMM per projection.
+
+Legend: e local experts, N rows (tokens routed here, grouped by expert), D model width, F expert
+hidden width (per branch).
+
+Rows arrive sorted by expert with `counts_e[j]` rows for local expert j; each projection is one
+`torch._grouped_mm` over those exact segments (no capacity padding is ever multiplied), or, where
+the kernel does not take the dtype/device, a loop of plain matmuls over the same segments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def init_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator determined by (seed, *keys): parameters drawn from it are identical on
+    every rank and for every parallel layout."""
+    value = seed
+    for k in keys:
+        value = (value * 1_000_003 + k + 1) % (2**63 - 1)
+    return torch.Generator(device="cpu").manual_seed(value)
+
+
+def _grouped_mm_supported(x: Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "cuda":  # the CUDA kernel is bf16-only on Hopper and newer
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return False
+
+
+def grouped_matmul(x_ND: Tensor, w_eDF: Tensor, counts_e: list[int], impl: str = "auto") -> Tensor:
+    """Row segment j of `x_ND` (counts_e[j] rows) times `w_eDF[j]`."""
+    if impl == "grouped_mm" or (impl == "auto" and _grouped_mm_supported(x_ND)):
+        offs = torch.tensor(counts_e, device=x_ND.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x_ND, w_eDF, offs=offs)
+    segments = torch.split(x_ND, counts_e)
+    return torch.cat([seg @ w_eDF[j] for j, seg in enumerate(segments)])
+
+
+def ffn_activation(h_NF: Tensor, activation: str) -> Tensor:
+    """GELU, or SwiGLU on the fused [gate | up] projection (halves the width)."""
+    if activation == "swiglu":
+        gate_NF, up_NF = h_NF.chunk(2, dim=-1)
+        return F.silu(gate_NF) * up_NF
+    return F.gelu(h_NF)
+
+
+class GroupedExperts(nn.Module):
+    """`num_local` FFN experts (SwiGLU or GELU) in stacked weight tensors.
+
+    Global expert `first_expert + j` is drawn from `init_generator(seed, layer_index, id)`, so it
+    has the same weights whatever the expert-parallel size.
+    """
+
+    def __init__(self, num_local: int, d_model: int, d_ff: int, activation: str, *, first_expert: int,
+                 seed: int, layer_index: int, init_std: float, impl: str = "auto") -> None:
+        super().__init__()
+        self.activation = activation
+        self.impl = impl
+        in_width = 2 * d_ff if activation == "swiglu" else d_ff  # SwiGLU's gate and up, fused
+        self.w_in_eDF = nn.Parameter(torch.empty(num_local, d_model, in_width))
+        self.w_out_eFD = nn.Parameter(torch.empty(num_local, d_ff, d_model))
+        out_std = init_std / math.sqrt(2.0)  # keep the residual stream's scale after the sum
+        with torch.no_grad():
+            for j in range(num_local):
+                g = init_generator(seed, layer_index, first_expert + j)
+                self.w_in_eDF[j].copy_(torch.randn(d_model, in_width, generator=g) * init_std)
+                self.w_out_eFD[j].copy_(torch.randn(d_ff, d_model, generator=g) * out_std)
+
+    def forward(self, x_ND: Tensor, counts_e: list[int]) -> Tensor:
+        h_NF = ffn_activation(grouped_matmul(x_ND, self.w_in_eDF.to(x_ND.dtype), counts_e, self.impl),
+                              self.activation)
+        return grouped_matmul(h_NF, self.w_out_eFD.to(x_ND.dtype), counts_e, self.impl)
+
+
+class DenseFFN(nn.Module):
+    """The same FFN as one expert, for dense layers and shared experts."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, *, init_std: float,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.activation = activation
+        in_width = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in_DF = nn.Parameter(torch.randn(d_model, in_width, generator=generator) * init_std)
+        self.w_out_FD = nn.Parameter(torch.randn(d_ff, d_model, generator=generator) * init_std / math.sqrt(2.0))
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        h_TF = ffn_activation(x_TD @ self.w_in_DF.to(x_TD.dtype), self.activation)
+        return h_TF @ self.w_out_FD.to(x_TD.dtype)
