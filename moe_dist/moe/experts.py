@@ -26,8 +26,11 @@ def init_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(value)
 
 
-def _grouped_mm_supported(x: Tensor) -> bool:
+def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    # The kernel requires 16-byte aligned row strides of both operands and of the output.
+    if any((n * x.element_size()) % 16 for n in (x.shape[-1], w.shape[-1])):
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -38,7 +41,7 @@ def _grouped_mm_supported(x: Tensor) -> bool:
 
 def grouped_matmul(x_ND: Tensor, w_eDF: Tensor, counts_e: list[int], impl: str = "auto") -> Tensor:
     """Row segment j of `x_ND` (counts_e[j] rows) times `w_eDF[j]`."""
-    if impl == "grouped_mm" or (impl == "auto" and _grouped_mm_supported(x_ND)):
+    if impl == "grouped_mm" or (impl == "auto" and _grouped_mm_supported(x_ND, w_eDF)):
         offs = torch.tensor(counts_e, device=x_ND.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(x_ND, w_eDF, offs=offs)
     segments = torch.split(x_ND, counts_e)
