@@ -1,0 +1,69 @@
+"""Local text corpora (jsonl/json, txt, parquet) read through Hugging Face `datasets`.
+
+Only local files are accepted: paths are checked before `load_dataset` is called, and the
+packaged builders ("json", "text", "parquet") never contact the Hub, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import datasets
+
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text",
+            ".parquet": "parquet"}
+# How a plain-text file is cut into documents.
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+
+
+def file_format(path: str) -> str:
+    """'json' | 'text' | 'parquet' from the file name, ignoring a compression suffix."""
+    stem = path
+    for suffix in _COMPRESSIONS:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    ext = os.path.splitext(stem)[1].lower()
+    if ext not in _FORMATS:
+        raise ValueError(f"input {path!r}: unknown file type {ext!r}; expected one of "
+                         f"{sorted(_FORMATS)} (optionally compressed with {list(_COMPRESSIONS)})")
+    return _FORMATS[ext]
+
+
+def check_input_files(paths: Sequence[str]) -> str:
+    """Validate local input files and return their common format."""
+    if not paths:
+        raise ValueError("no input files given")
+    for path in paths:
+        if "://" in path:
+            raise ValueError(f"input {path!r} is a URL; only local files are read")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input file {path!r} does not exist")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"input file {path!r} is empty")
+    formats = {path: file_format(path) for path in paths}
+    if len(set(formats.values())) != 1:
+        raise ValueError(f"inputs mix file types {formats}; preprocess each type separately")
+    return next(iter(formats.values()))
+
+
+def load_corpus(paths: Sequence[str], columns: Sequence[str], cache_dir: str | None = None,
+                text_sample_by: str = "line") -> datasets.Dataset:
+    """All rows of `paths` in file order, keeping only `columns` (each must exist).
+
+    Plain-text files have one column, "text"; `text_sample_by` says what one row is.
+    """
+    fmt = check_input_files(paths)
+    if text_sample_by not in TEXT_SAMPLE_BY:
+        raise ValueError(f"text_sample_by must be one of {TEXT_SAMPLE_BY}, got {text_sample_by!r}")
+    options = {"sample_by": text_sample_by} if fmt == "text" else {}
+    ds = datasets.load_dataset(fmt, data_files=list(paths), split="train", cache_dir=cache_dir,
+                               **options)
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise KeyError(f"column(s) {missing} not found in {list(paths)}; "
+                       f"available columns: {ds.column_names}")
+    if len(ds) == 0:
+        raise ValueError(f"inputs {list(paths)} hold no rows")
+    return ds.select_columns(list(columns))
