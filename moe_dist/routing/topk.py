@@ -83,7 +83,13 @@ class TopKRouter(Router):
 
     @torch.no_grad()
     def after_step(self, load_E: Tensor) -> None:
-        """b_e += rate * sign(mean_load - load_e), with `load_E` the global pre-drop counts."""
         if self.cfg.bias_balancing:
-            load_E = load_E.to(self.selection_bias_E)
-            self.selection_bias_E += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+            nudge_selection_bias(self.selection_bias_E, load_E, self.cfg.bias_update_rate)
+
+
+@torch.no_grad()
+def nudge_selection_bias(bias_E: Tensor, load_E: Tensor, rate: float) -> None:
+    """Aux-loss-free balancing step, in place: `b_e += rate * sign(mean_load - load_e)`, with
+    `load_E` the global pre-drop counts (shared by every router that offers bias balancing)."""
+    load_E = load_E.to(bias_E)
+    bias_E += rate * torch.sign(load_E.mean() - load_E)
