@@ -82,7 +82,8 @@ class MoELayer(nn.Module):
                 stream: Tensor | None = None, capacity_groups: int = 1) -> MoEOutput:
         """`x`: [..., D], the layer's (normalized) input. `labels`: optional per-token class ids
         ([...], -1 = none) for I(expert; label). `capacity_groups`: split the tokens into this many
-        equal groups with separate capacity, as a single-process stand-in for that many ranks."""
+        equal groups with separate capacity (and per-rank losses), as a single-process stand-in
+        for that many ranks."""
         cfg = self.cfg
         x_TD = x.reshape(-1, cfg.d_model)
         ctx = RoutingContext(training=self.training, all_reduce_sum=self.groups.all_reduce_sum_dp,
@@ -102,7 +103,8 @@ class MoELayer(nn.Module):
 
         stats = route_statistics(route, plan, ctx, labels, num_labels)
         losses = routing_losses(route, stats, self.groups.dp_size, cfg.aux_loss.sample_similarity_tokens,
-                                with_sample_similarity=cfg.aux_loss.sample_similarity > 0)
+                                with_sample_similarity=cfg.aux_loss.sample_similarity > 0,
+                                num_groups=capacity_groups)
         stats.update({f"loss_{k}": v.detach() for k, v in losses.items()})
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=weighted_total(losses, cfg.aux_loss.coefficients()),
                          losses=losses, stats=stats, stream=route.stream_TD)

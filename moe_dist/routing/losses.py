@@ -53,10 +53,12 @@ def importance_cv2(probs_TE: Tensor, global_importance_E: Tensor, dp_size: int) 
 
 
 def routing_losses(route: RouterOutput, stats: dict[str, Tensor], dp_size: int,
-                   sample_similarity_tokens: int = 512, with_sample_similarity: bool = False
-                   ) -> dict[str, Tensor]:
+                   sample_similarity_tokens: int = 512, with_sample_similarity: bool = False,
+                   num_groups: int = 1) -> dict[str, Tensor]:
     """Every unweighted loss this router's output supports, by name. `stats` are the layer's
-    global statistics (`moe.stats.route_statistics`), which supply the no-gradient global parts."""
+    global statistics (`moe.stats.route_statistics`), which supply the no-gradient global parts.
+    `num_groups`: the tokens stand for that many ranks (the layer's `capacity_groups`); only the
+    per-rank sample-similarity loss needs to know."""
     losses: dict[str, Tensor] = {}
     if route.probs_TE is not None:
         losses["switch"] = switch_loss(route.probs_TE, stats["tokens_per_expert"])
@@ -65,7 +67,8 @@ def routing_losses(route: RouterOutput, stats: dict[str, Tensor], dp_size: int,
             from moe_dist.routing.regularizers import sample_similarity_loss
 
             losses["sample_similarity"] = sample_similarity_loss(
-                route.probs_TE, route.router_input_TD, num_tokens=sample_similarity_tokens)
+                route.probs_TE, route.router_input_TD, num_tokens=sample_similarity_tokens,
+                num_groups=num_groups)
     if route.logits_TE is not None:
         losses["z_loss"] = z_loss(route.logits_TE)
     losses.update(route.extra_aux)

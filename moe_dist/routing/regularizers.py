@@ -1,0 +1,99 @@
+"""The sample-similarity regularizer L_s (Krishnamurthy, Watkins & Gärtner, arXiv 2302.14703),
+ROUTERS.md §5, in the paper's two-term form and in this project's production form.
+
+Legend: T tokens on this rank, B tokens in a paper batch, S subsampled tokens, D router input
+width, E experts.
+
+Both forms penalise sending far-apart tokens to the same experts: with `D_ij` the distance of
+tokens i and j (Euclidean on the detached router input, divided by its max over the sample) and
+`Q = sum_ij D_ij (p_i . p_j)`, the paper's loss is an affine function of Q (see
+`sample_similarity_paper`) and the production loss is `Q / sum_ij D_ij`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_dist.moe.experts import init_generator
+
+# Seed of the default subsample. The subsample is a fixed pseudo-random permutation of the token
+# positions chosen by the token count alone: every rank with T tokens, and every capacity group of
+# T tokens in a single-process reference, picks the same positions, and the global RNG is never
+# touched (drawing from it would make the loss depend on unrelated code and break EP equivalence).
+_SUBSAMPLE_SEED = 0x5A5
+
+
+def normalized_distances(x_SD: Tensor) -> Tensor:
+    """`D_ij = |x_i - x_j| / max_ij |x_i - x_j|` on the detached input, fp32 (all zero if the
+    tokens are identical)."""
+    x = x_SD.detach().float()
+    d_SS = torch.cdist(x, x)
+    return d_SS / d_SS.max().clamp_min(1e-12)
+
+
+def subsample(num_tokens: int, sample_size: int, generator: torch.Generator | None = None) -> Tensor | None:
+    """Positions of `sample_size` of `num_tokens` tokens, or None when every token is used.
+
+    Without `generator`, the positions are a function of `num_tokens` only (see _SUBSAMPLE_SEED);
+    pass a generator (for instance seeded by the step) to vary them between steps.
+    """
+    if num_tokens <= sample_size:
+        return None
+    g = generator if generator is not None else init_generator(_SUBSAMPLE_SEED, num_tokens)
+    return torch.randperm(num_tokens, generator=g)[:sample_size]
+
+
+def _normalized_similarity(probs_SE: Tensor, x_SD: Tensor) -> Tensor:
+    """`mean_ij(D_ij p_i.p_j) / mean_ij(D_ij)`: 0 when only identical tokens share experts,
+    1 when every token has the same routing distribution (collapse)."""
+    dist_SS = normalized_distances(x_SD)
+    overlap_SS = probs_SE.float() @ probs_SE.float().t()
+    return (dist_SS * overlap_SS).mean() / dist_SS.mean().clamp_min(1e-12)
+
+
+def sample_similarity_loss(probs_TE: Tensor, router_input_TD: Tensor, num_tokens: int = 512,
+                           generator: torch.Generator | None = None, num_groups: int = 1) -> Tensor:
+    """Production L_s (this project's form): on `num_tokens` tokens subsampled per rank,
+    `mean_ij(D_ij p_i.p_j) / mean_ij(D_ij)`; the coefficient lambda is the config's
+    `aux_loss.sample_similarity`.
+
+    Pairs never cross ranks (that would need an all-gather of inputs and probabilities per layer).
+    `num_groups` splits the T tokens into that many equal contiguous groups, each treated as one
+    rank, and returns the mean over groups: a single process holding N ranks' tokens passes N and
+    gets exactly the mean of the N ranks' losses, in value and in gradient.
+    """
+    T = probs_TE.shape[0]
+    if T % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the number of tokens ({T})")
+    losses = []
+    for probs_GE, x_GD in zip(probs_TE.chunk(num_groups), router_input_TD.chunk(num_groups)):
+        pick_S = subsample(probs_GE.shape[0], num_tokens, generator)
+        if pick_S is not None:
+            pick_S = pick_S.to(probs_GE.device)
+            probs_GE, x_GD = probs_GE.index_select(0, pick_S), x_GD.index_select(0, pick_S)
+        losses.append(_normalized_similarity(probs_GE, x_GD))
+    return torch.stack(losses).mean()
+
+
+def sample_similarity_paper(probs_BE: Tensor, x_BD: Tensor, beta_s: float, beta_d: float) -> Tensor:
+    """The paper's two-term L_s on a whole batch, as ROUTERS.md §5 writes it:
+
+        S  = (1/E) sum_e sum_ij p_ie p_je D_ij                   (same expert, far apart)
+        Dd = (1/(E^2-E)) sum_{e!=e'} sum_ij p_ie p_je' D_ij       (different experts)
+        L_s = beta_s * S - beta_d * Dd / B^2
+
+    Since `sum_{e!=e'} p_ie p_je' = 1 - p_i.p_j`, with `Q = sum_ij D_ij p_i.p_j` and
+    `Sigma = sum_ij D_ij`: `L_s = (beta_s/E + beta_d/(B^2 E(E-1))) Q - beta_d Sigma/(B^2 E(E-1))`,
+    an affine function of Q whose offset has no gradient.
+    """
+    B, E = probs_BE.shape
+    if E < 2:
+        raise ValueError(f"sample_similarity_paper needs at least 2 experts, got {E}")
+    dist_BB = normalized_distances(x_BD)
+    p = probs_BE.float()
+    same = (dist_BB * (p @ p.t())).sum() / E
+    mass_B = p.sum(dim=1)
+    every_pair = mass_B @ dist_BB @ mass_B  # sum over all (e, e'), e == e' included
+    different = (every_pair - same * E) / (E * E - E)
+    return beta_s * same - beta_d * different / B**2
