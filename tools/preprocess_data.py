@@ -17,23 +17,19 @@ import sys
 
 from moe_dist.data.config import TokenizerConfig
 from moe_dist.data.preprocess import preprocess_corpus
-from moe_dist.data.text_sources import TEXT_SAMPLE_BY
+from moe_dist.data.text_sources import add_corpus_arguments
 from moe_dist.data.tokenizer import build_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="local .jsonl/.json/.txt/.parquet")
+    add_corpus_arguments(p)
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
     p.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model file; omit for the built-in byte tokenizer")
-    p.add_argument("--text-key", default="text", help="column holding the text (json/parquet)")
     p.add_argument("--label-key", default=None,
                    help="column with a per-document label (e.g. lang) for the label sidecar")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--text-sample-by", choices=TEXT_SAMPLE_BY, default="line",
-                   help="what one document of a .txt file is")
-    p.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache folder")
     return p.parse_args(argv)
 
 

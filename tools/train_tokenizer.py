@@ -12,23 +12,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_dist.data.text_sources import TEXT_SAMPLE_BY
+from moe_dist.data.text_sources import add_corpus_arguments
 from moe_dist.data.tokenizer_training import MODEL_TYPES, train_sentencepiece
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="local .jsonl/.json/.txt/.parquet")
+    add_corpus_arguments(p)
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.model")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
-    p.add_argument("--text-key", default="text", help="column holding the text (json/parquet)")
     p.add_argument("--max-sentences", type=int, default=None,
                    help="train on a random subset of this many rows (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-sentences subset")
-    p.add_argument("--text-sample-by", choices=TEXT_SAMPLE_BY, default="line",
-                   help="what one row of a .txt file is")
-    p.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache folder")
     return p.parse_args(argv)
 
 

@@ -6,6 +6,7 @@ packaged builders ("json", "text", "parquet") never contact the Hub, so nothing 
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 
@@ -67,3 +68,14 @@ def load_corpus(paths: Sequence[str], columns: Sequence[str], cache_dir: str | N
     if len(ds) == 0:
         raise ValueError(f"inputs {list(paths)} hold no rows")
     return ds.select_columns(list(columns))
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of load_corpus, shared by the tools that read corpora."""
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="local .jsonl/.json/.txt/.parquet files (optionally compressed)")
+    parser.add_argument("--text-key", default="text",
+                        help="column holding the text (json/parquet)")
+    parser.add_argument("--text-sample-by", choices=TEXT_SAMPLE_BY, default="line",
+                        help="what one row (document) of a .txt file is")
+    parser.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache folder")
