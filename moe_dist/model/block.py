@@ -1,0 +1,62 @@
+"""One pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)), where the FFN is a
+dense `DenseFFN` or an expert-parallel `MoELayer`.
+
+Legend: B batch, S sequence, D model width, T = B*S tokens, F = head width / 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_dist.model.attention import CausalSelfAttention
+from moe_dist.model.config import ModelConfig
+from moe_dist.model.norm import RMSNorm
+from moe_dist.moe.experts import DenseFFN
+from moe_dist.moe.layer import MoELayer, MoEOutput
+from moe_dist.parallel.groups import ParallelGroups
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int, *, seed: int, groups: ParallelGroups) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.checkpointing = cfg.activation_checkpointing
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # GPT-2's scaling of residual-branch outputs keeps the stream's variance flat in depth.
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, init_std=cfg.init_std,
+                                        out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.moe: MoELayer | None = None
+        self.ffn: DenseFFN | None = None
+        if cfg.is_moe_layer(layer_index):
+            # Experts and router draw from (seed, layer_index, ...) generators of their own: the
+            # same weights for every ep_size, and the global RNG stream is left untouched.
+            self.moe = MoELayer(cfg.moe, layer_index=layer_index, seed=seed, groups=groups)
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, init_std=cfg.init_std)
+
+    def _attention(self, x_BSD: Tensor, cos_SF: Tensor, sin_SF: Tensor) -> Tensor:
+        return self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
+
+    def _dense_ffn(self, x_BSD: Tensor) -> Tensor:
+        return self.ffn(self.ffn_norm(x_BSD))
+
+    def forward(self, x_BSD: Tensor, cos_SF: Tensor, sin_SF: Tensor, *, labels_BS: Tensor | None = None,
+                num_labels: int = 0, stream_TD: Tensor | None = None,
+                capacity_groups: int = 1) -> tuple[Tensor, MoEOutput | None]:
+        if self.checkpointing and self.training:
+            x_BSD = x_BSD + checkpoint(self._attention, x_BSD, cos_SF, sin_SF, use_reentrant=False)
+        else:
+            x_BSD = x_BSD + self._attention(x_BSD, cos_SF, sin_SF)
+        if self.moe is None:
+            if self.checkpointing and self.training:
+                return x_BSD + checkpoint(self._dense_ffn, x_BSD, use_reentrant=False), None
+            return x_BSD + self._dense_ffn(x_BSD), None
+        # The MoE FFN is never recomputed: a second forward would repeat its all-to-alls and
+        # statistics all-reduce in backward and update router statistic buffers twice.
+        out = self.moe(self.ffn_norm(x_BSD), labels=labels_BS if num_labels else None,
+                       num_labels=num_labels, stream=stream_TD, capacity_groups=capacity_groups)
+        return x_BSD + out.y, out

@@ -1,0 +1,96 @@
+"""Typed, strict configuration of the decoder-only MoE language model (`model:` and `moe:` sections).
+
+The `moe:` section is a `MoEConfig` parsed by `MoEConfig.from_dict` (its router config is
+polymorphic). Its `d_model` is the model's: it may be left out and is filled in, and a value that
+differs is an error, so the width has one source of truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moe_dist.config_base import ConfigError, check, check_choice, from_dict
+from moe_dist.moe.config import ACTIVATIONS, MoEConfig
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int  # hidden width of the dense FFN layers (per SwiGLU branch)
+    max_seq_len: int = 2048
+    # Layer i has an MoE FFN when i >= moe_offset and (i - moe_offset) % moe_every == 0;
+    # moe_every 0 (or no `moe:` section) makes every layer dense.
+    moe_every: int = 1
+    moe_offset: int = 0
+    activation: str = "swiglu"
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # Number of domain classes carried by the data (domain_ids in [0, num_labels)); 0 disables
+    # the I(expert; domain) statistics.
+    num_labels: int = 0
+    # Recompute attention (and dense FFNs) in backward to save activation memory.
+    activation_checkpointing: bool = False
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                  f"model.{name} must be an integer >= 1, got {value!r}")
+        check(self.d_model % self.n_heads == 0,
+              f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        check((self.d_model // self.n_heads) % 2 == 0,
+              f"the head width d_model / n_heads ({self.d_model} / {self.n_heads}) must be even "
+              f"for rotary embeddings")
+        check(isinstance(self.moe_every, int) and self.moe_every >= 0,
+              f"model.moe_every must be an integer >= 0, got {self.moe_every!r}")
+        check(isinstance(self.moe_offset, int) and 0 <= self.moe_offset < self.n_layers,
+              f"model.moe_offset ({self.moe_offset!r}) must be an integer in [0, n_layers "
+              f"({self.n_layers}))")
+        check_choice("model.activation", self.activation, ACTIVATIONS)
+        check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta!r}")
+        check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps!r}")
+        check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std!r}")
+        check(isinstance(self.num_labels, int) and self.num_labels >= 0,
+              f"model.num_labels must be an integer >= 0, got {self.num_labels!r}")
+        if self.moe is not None:
+            check(isinstance(self.moe, MoEConfig), f"model.moe must be a MoEConfig, got {self.moe!r}")
+            check(self.moe.d_model == self.d_model,
+                  f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")
+            check(self.moe_every >= 1,
+                  f"model.moe_every is 0 (no MoE layers) but a moe section is given; set "
+                  f"moe_every >= 1 or remove the moe section")
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        if self.moe is None or self.moe_every == 0:
+            return False
+        offset = layer_index - self.moe_offset
+        return offset >= 0 and offset % self.moe_every == 0
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def parse_model_config(model: dict[str, Any] | None, moe: dict[str, Any] | None = None) -> ModelConfig:
+    """The `model:` and `moe:` sections -> ModelConfig; raises ConfigError on any bad value."""
+    model = dict(model or {})
+    if "moe" in model:
+        raise ConfigError("model.moe: put the MoE settings in a top-level `moe:` section")
+    cfg = from_dict(ModelConfig, model, "model")
+    if moe is not None:
+        moe = dict(moe)
+        moe.setdefault("d_model", cfg.d_model)
+        cfg.moe = MoEConfig.from_dict(moe, "moe")
+        cfg.__post_init__()  # the rules that involve the moe section
+    return cfg

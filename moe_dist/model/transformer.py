@@ -1,0 +1,93 @@
+"""A decoder-only transformer language model whose FFNs are MoE layers on every `moe_every`-th
+layer (from `moe_offset`) and dense elsewhere. Plain single-process PyTorch: expert parallelism
+lives entirely inside `MoELayer` and the `ParallelGroups` it is given.
+
+Legend: B batch, S sequence, D model width, V vocabulary, T = B*S tokens, F = head width / 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_dist.model.block import TransformerBlock
+from moe_dist.model.config import ModelConfig
+from moe_dist.model.norm import RMSNorm
+from moe_dist.model.rotary import rotary_tables
+from moe_dist.moe.layer import MoELayer
+from moe_dist.parallel.groups import ParallelGroups
+
+
+@dataclass
+class ModelOutput:
+    logits_BSV: Tensor
+    loss: Tensor | None  # lm_loss + aux_loss: what training back-propagates (None without targets)
+    lm_loss: Tensor | None  # mean next-token cross entropy over this rank's tokens
+    aux_loss: Tensor  # sum over MoE layers of the coefficient-weighted routing losses (0 if none)
+    # Per MoE layer (by layer index): detached routing statistics, global over data parallel,
+    # including the unweighted aux losses as `loss_<name>` (moe_dist.moe.stats, ROUTERS.md §6).
+    moe_stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, seed: int = 0, groups: ParallelGroups | None = None) -> None:
+        super().__init__()
+        groups = groups or ParallelGroups.single()
+        self.cfg = cfg
+        # Dense weights come from the global RNG seeded here, so every rank builds the same ones
+        # (MoE layers draw from generators of their own, see TransformerBlock); fork_rng leaves
+        # the caller's RNG state as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            nn.init.normal_(self.embed.weight, std=cfg.init_std)
+            self.blocks = nn.ModuleList(TransformerBlock(cfg, i, seed=seed, groups=groups)
+                                        for i in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.lm_head = None
+            if not cfg.tie_embeddings:
+                self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+                nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        return [(b.layer_index, b.moe) for b in self.blocks if b.moe is not None]
+
+    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
+                domain_ids_BS: Tensor | None = None, *, capacity_groups: int = 1) -> ModelOutput:
+        """`domain_ids_BS`: per-token domain labels (-1 = none) for I(expert; domain).
+        `capacity_groups`: see `MoELayer.forward` (single-process stand-in for several ranks)."""
+        B, S = tokens_BS.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length ({S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        cos_SF, sin_SF = rotary_tables(S, self.cfg.head_dim, self.cfg.rope_theta, tokens_BS.device)
+        x_BSD = self.embed(tokens_BS)
+        # COMET's independent routing stream starts at the token embeddings (no gradient) and is
+        # handed from one MoE layer to the next; a router that does not transform it passes it on.
+        stream_TD = x_BSD.detach().reshape(B * S, -1)
+        aux_terms: list[Tensor] = []
+        moe_stats: dict[int, dict[str, Tensor]] = {}
+        for block in self.blocks:
+            x_BSD, moe_out = block(x_BSD, cos_SF, sin_SF, labels_BS=domain_ids_BS,
+                                   num_labels=self.cfg.num_labels, stream_TD=stream_TD,
+                                   capacity_groups=capacity_groups)
+            if moe_out is None:
+                continue
+            moe_stats[block.layer_index] = moe_out.stats
+            if moe_out.aux_loss is not None:
+                aux_terms.append(moe_out.aux_loss)
+            if moe_out.stream is not None:
+                stream_TD = moe_out.stream
+        h_BSD = self.norm(x_BSD)
+        weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits_BSV = h_BSD @ weight_VD.t()
+        aux_loss = torch.stack(aux_terms).sum() if aux_terms else logits_BSV.new_zeros((), dtype=torch.float32)
+        lm_loss = loss = None
+        if targets_BS is not None:
+            # fp32 softmax: a bf16 log-sum-exp over a large vocabulary is visibly biased.
+            lm_loss = F.cross_entropy(logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1))
+            loss = lm_loss + aux_loss
+        return ModelOutput(logits_BSV=logits_BSV, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss,
+                           moe_stats=moe_stats)
