@@ -1,0 +1,139 @@
+"""The training config file: top-level sections `model`, `moe`, `data`, `train` (strict: unknown
+sections and keys are errors that name the allowed ones).
+
+One source of truth per quantity:
+- sequence length: `train.seq_len` (a `data.seq_length` that differs is an error);
+- batch sizes: `train.micro_batch`, `train.grad_accum` and (optional) `train.global_batch`; the
+  DeepSpeed JSON may repeat them only with the same values (`ds_config.py`);
+- learning rate schedule and optimizer: the `train` section (the DeepSpeed JSON must not carry an
+  `optimizer` or `scheduler` section).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from moe_dist.config_base import ConfigError, check, check_choice, from_dict, to_dict
+from moe_dist.data.config import DataConfig
+from moe_dist.model.config import ModelConfig, parse_model_config
+
+LR_DECAY_STYLES = ("cosine", "constant")
+SECTIONS = ("model", "moe", "data", "train")
+
+
+def _check_int(where: str, value: Any, minimum: int) -> None:
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+          f"{where} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class TrainSection:
+    steps: int
+    seq_len: int
+    micro_batch: int  # sequences per rank per forward
+    deepspeed_config: str  # path of the DeepSpeed JSON (ZeRO stage, precision, clipping)
+    grad_accum: int = 1
+    # micro_batch * grad_accum * world size; optional, checked against the launch when given.
+    global_batch: int | None = None
+    lr: float = 3e-4
+    min_lr: float = 0.0  # where the cosine ends (at `steps`)
+    warmup_steps: int = 0  # linear warmup from 0 to lr
+    lr_decay: str = "cosine"
+    weight_decay: float = 0.1  # on matrices (embeddings and experts included), not on norm weights
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    log_interval: int = 10
+    eval_interval: int = 0  # 0: only at the end
+    eval_iters: int = 4  # validation micro batches per rank
+    checkpoint_interval: int = 0  # 0: only at the end (when checkpoint_dir is set)
+    checkpoint_dir: str | None = None
+    tensorboard_dir: str | None = None
+    seed: int = 1234  # model initialization and per-rank RNG streams
+    # CPU only: torch threads per rank (None: this node's cores / processes on it).
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("steps", 1), ("seq_len", 1), ("micro_batch", 1), ("grad_accum", 1),
+                              ("warmup_steps", 0), ("log_interval", 1), ("eval_interval", 0),
+                              ("eval_iters", 1), ("checkpoint_interval", 0), ("seed", 0)):
+            _check_int(f"train.{name}", getattr(self, name), minimum)
+        if self.global_batch is not None:
+            _check_int("train.global_batch", self.global_batch, 1)
+        if self.cpu_threads is not None:
+            _check_int("train.cpu_threads", self.cpu_threads, 1)
+        check(isinstance(self.deepspeed_config, str) and self.deepspeed_config != "",
+              f"train.deepspeed_config must be the path of a DeepSpeed JSON, got {self.deepspeed_config!r}")
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                  f"train.{name} must be a number >= 0, got {value!r}")
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr!r}")
+        check(self.min_lr <= self.lr, f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
+        check(self.warmup_steps <= self.steps,
+              f"train.warmup_steps ({self.warmup_steps}) must be <= train.steps ({self.steps})")
+        check_choice("train.lr_decay", self.lr_decay, LR_DECAY_STYLES)
+        check(isinstance(self.adam_betas, (list, tuple)) and len(self.adam_betas) == 2
+              and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas),
+              f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        self.adam_betas = [float(b) for b in self.adam_betas]
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainSection
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the resolved config (stored in checkpoints and logs)."""
+        out = {"model": to_dict(self.model), "data": to_dict(self.data), "train": to_dict(self.train)}
+        out["moe"] = out["model"].pop("moe")
+        return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` (value parsed as YAML) -> a copy of raw with those keys set."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, sep, value = item.partition("=")
+        check(sep == "=" and path != "", f"override {item!r} must look like section.key=value")
+        keys = path.split(".")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            check(isinstance(node, dict), f"override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse_run_config(raw: dict[str, Any]) -> RunConfig:
+    """Whole config file -> RunConfig, raising ConfigError on the first bad value. Data files are
+    checked to exist and be non-empty here (by the data section), before any expensive work."""
+    check(isinstance(raw, dict), f"a config file must hold a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    check(not unknown, f"unknown config section(s) {unknown}; allowed sections are {list(SECTIONS)}")
+    check("model" in raw and "train" in raw, "a config needs `model:` and `train:` sections")
+    train = from_dict(TrainSection, raw["train"], "train")
+    model = parse_model_config(raw["model"], raw.get("moe"))
+    data_raw = dict(raw.get("data") or {})
+    if "seq_length" in data_raw and data_raw["seq_length"] != train.seq_len:
+        raise ConfigError(f"data.seq_length ({data_raw['seq_length']}) differs from train.seq_len "
+                          f"({train.seq_len}); set only train.seq_len")
+    data_raw["seq_length"] = train.seq_len
+    data = DataConfig.from_dict(data_raw)
+    check(train.seq_len <= model.max_seq_len,
+          f"train.seq_len ({train.seq_len}) must be <= model.max_seq_len ({model.max_seq_len})")
+    return RunConfig(model=model, data=data, train=train)
+
+
+def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    return parse_run_config(apply_overrides(raw or {}, overrides or []))
