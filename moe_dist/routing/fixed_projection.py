@@ -1,0 +1,121 @@
+"""`fixed_projection`: block COMET, fixed random routing (ROUTERS.md §3; Shaier et al., COMET,
+arXiv 2410.08003).
+
+Legend: T tokens on this rank, D model width (also the routing stream's width), E experts,
+K experts per token, B = D/E stream units per expert block.
+
+COMET masks single hidden units of a dense MLP; for expert parallelism each expert is a block of
+units and a frozen projection `V` picks the blocks: `s_TE = u_TD V^T`, `idx = topk(s, K)`. `V` is
+a persistent buffer drawn from a CPU generator seeded by (config seed, layer index): the same on
+every rank and every EP size, never trained, never in the optimizer.
+
+Router input (`source`):
+- `hidden`: the layer's normalized hidden state;
+- `embedding`: COMET's independent routing stream (detached, so routes of every layer are fixed
+  per token by its embedding): `c = V_l z_{l-1}`, `z_l = kwta(c) * c`, and expert e scores the sum
+  of its block of z_l. The router receives z_{l-1} in `ctx.stream_TD` (the token embeddings at the
+  first MoE layer) and returns z_l in `RouterOutput.stream_TD`. The stream keeps the model width
+  (d_route = D), so every layer's V_l is square: this project's choice.
+`center: true` first removes the population mean (the §2 statistic): a fixed projection cannot
+learn to ignore a component every token shares, which otherwise sends most tokens to the same
+experts and overflows their capacity.
+
+No distribution over experts exists (the scores are not probabilities), so `probs_TE` is None and
+no aux loss is emitted; optional aux-loss-free bias balancing shifts selection, never V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moe_dist.config_base import check, check_choice
+from moe_dist.moe.experts import init_generator
+from moe_dist.routing.base import Router, RouterOutput, RoutingContext
+from moe_dist.routing.comet_mask import FIXED_ROUTING_KEY, active_units, frozen_projection, kwta_mask
+from moe_dist.routing.inhibition import STATISTICS, PopulationInhibition
+from moe_dist.routing.registry import RouterConfig, register_router
+from moe_dist.routing.topk import nudge_selection_bias
+
+WEIGHTS = ("uniform", "softmax")
+SOURCES = ("hidden", "embedding")
+
+
+@dataclass
+class FixedProjectionConfig(RouterConfig):
+    type: str = "fixed_projection"
+    seed: int = 0  # with the layer index, seeds V
+    weights: str = "uniform"  # uniform: 1 per chosen expert (COMET); softmax: over the K chosen scores
+    source: str = "hidden"
+    stream_active_fraction: float = 0.5  # source=embedding: share of stream units kwta keeps
+    center: bool = False
+    center_stat: str = "ema"
+    center_momentum: float = 0.99
+    bias_balancing: bool = False
+    bias_update_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.seed, int), f"router.seed must be an integer, got {self.seed!r}")
+        check_choice("router.weights", self.weights, WEIGHTS)
+        check_choice("router.source", self.source, SOURCES)
+        check(0.0 < self.stream_active_fraction <= 1.0,
+              f"router.stream_active_fraction must be in (0, 1], got {self.stream_active_fraction!r}")
+        check_choice("router.center_stat", self.center_stat, STATISTICS)
+        check(0.0 <= self.center_momentum < 1.0,
+              f"router.center_momentum must be in [0, 1), got {self.center_momentum!r}")
+        check(self.bias_update_rate >= 0, f"router.bias_update_rate must be >= 0, got {self.bias_update_rate!r}")
+
+
+@register_router("fixed_projection", FixedProjectionConfig)
+class FixedProjectionRouter(Router):
+    def __init__(self, cfg: FixedProjectionConfig, **kw) -> None:
+        super().__init__(cfg, **kw)
+        D, E = self.d_model, self.num_experts
+        from_stream = cfg.source == "embedding"
+        if from_stream and D % E:
+            raise ValueError(f"fixed_projection with source='embedding' splits the d_model ({D}) stream "
+                             f"units into num_experts ({E}) equal blocks: d_model must be divisible by it")
+        rows = D if from_stream else E
+        g = init_generator(cfg.seed, self.layer_index, FIXED_ROUTING_KEY)
+        self.register_buffer("v_projection", frozen_projection(rows, D, g), persistent=True)
+        self.stream_k = active_units(D, cfg.stream_active_fraction)
+        self.center = (PopulationInhibition(D, stat=cfg.center_stat, momentum=cfg.center_momentum)
+                       if cfg.center else None)
+        self.register_buffer("selection_bias_E", torch.zeros(E), persistent=True)
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
+        stream_TD = None
+        if self.cfg.source == "embedding":
+            if ctx.stream_TD is None:
+                raise ValueError("fixed_projection with source='embedding' needs the routing stream: call "
+                                 "MoELayer.forward(stream=...) with the token embeddings at the first MoE "
+                                 "layer and the previous MoE layer's MoEOutput.stream after it")
+            u_TD = ctx.stream_TD.reshape(-1, self.d_model).detach().float()
+        else:
+            u_TD = x_TD.float()
+        if self.center is not None:
+            u_TD = self.center(u_TD, ctx)
+        if self.cfg.source == "embedding":
+            c_TD = u_TD @ self.v_projection.t()
+            stream_TD = kwta_mask(c_TD, self.stream_k) * c_TD
+            scores_TE = stream_TD.view(-1, self.num_experts, self.d_model // self.num_experts).sum(-1)
+        else:
+            scores_TE = u_TD @ self.v_projection.t()
+
+        select_TE = scores_TE + self.selection_bias_E if self.cfg.bias_balancing else scores_TE
+        idx_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
+        chosen_TK = scores_TE.gather(1, idx_TK)
+        if self.cfg.weights == "softmax":
+            w_TK = torch.softmax(chosen_TK, dim=-1)
+        else:
+            w_TK = torch.ones_like(chosen_TK)
+        # Uniform weights tie; the scores still rank tokens for drop_policy="probs".
+        return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, priority_TK=chosen_TK.detach(), router_input_TD=u_TD,
+                            stream_TD=stream_TD)
+
+    @torch.no_grad()
+    def after_step(self, load_E: Tensor) -> None:
+        if self.cfg.bias_balancing:
+            nudge_selection_bias(self.selection_bias_E, load_E, self.cfg.bias_update_rate)
