@@ -1,0 +1,71 @@
+"""`attentive`: the attentive gate for expert parallelism, with replicated key probes
+(ROUTERS.md §4; gate of Krishnamurthy, Watkins & Gärtner, arXiv 2302.14703).
+
+Legend: T tokens on this rank, D model width, E experts, K experts per token, H gate width (h).
+
+The paper's keys come from each expert's last hidden layer, which needs every expert to run on
+every token: impossible before a capacity-limited dispatch. Instead each expert e owns a small
+probe `h_e(x) = act(A_e x)`, `A_e` in R^{H x D}, replicated on every rank and trained through the
+gate (E*H*D parameters per layer); then the paper's formula:
+`q = W_q act(G x + b)`, `K_e = W_k h_e(x)`, `s_e = q . K_e / sqrt(H)`, `probs = softmax(s)`.
+The probes are this project's substitute for the expert hidden layers, not the paper's method.
+Selection and weights are `topk`'s (`renormalize: true` is the paper's top-k masking); the
+scores are the logits of the z-loss, and the aux losses are `topk`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_dist.config_base import check, check_choice
+from moe_dist.routing.attentive_dense import GATE_ACTIVATIONS, attention_scores
+from moe_dist.routing.base import Router, RouterOutput, RoutingContext
+from moe_dist.routing.registry import RouterConfig, register_router
+from moe_dist.routing.topk import topk_from_logits
+
+
+@dataclass
+class AttentiveConfig(RouterConfig):
+    type: str = "attentive"
+    hidden: int = 32  # H: width of the gate trunk, the query, the probes and the keys
+    activation: str = "relu"
+    # Renormalize the K chosen probabilities: the paper's top-k masking (softmax over the K
+    # chosen scores). Off by default for the reason given in TopKRouterConfig.
+    renormalize: bool = False
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.hidden, int) and self.hidden >= 1,
+              f"router.hidden must be an integer >= 1, got {self.hidden!r}")
+        check_choice("router.activation", self.activation, tuple(GATE_ACTIVATIONS))
+
+
+@register_router("attentive", AttentiveConfig)
+class AttentiveRouter(Router):
+    def __init__(self, cfg: AttentiveConfig, **kw) -> None:
+        super().__init__(cfg, **kw)
+        D, E, H = self.d_model, self.num_experts, cfg.hidden
+        self.act = GATE_ACTIVATIONS[cfg.activation]
+        self.gate_trunk = nn.Linear(D, H)
+        self.w_q = nn.Linear(H, H, bias=False)
+        self.w_k = nn.Linear(H, H, bias=False)
+        self.probes_EHD = nn.Parameter(torch.empty(E, H, D))
+        nn.init.uniform_(self.probes_EHD, -1.0 / math.sqrt(D), 1.0 / math.sqrt(D))  # nn.Linear's range
+
+    def scores(self, x_TD: Tensor) -> Tensor:
+        """`s_TE` in fp32 whatever the model's dtype (routing decisions are discontinuous)."""
+        x = x_TD.float()
+        q_TH = F.linear(self.act(F.linear(x, self.gate_trunk.weight.float(), self.gate_trunk.bias.float())),
+                        self.w_q.weight.float())
+        probe_TEH = self.act(torch.einsum("td,ehd->teh", x, self.probes_EHD.float()))
+        return attention_scores(q_TH, F.linear(probe_TEH, self.w_k.weight.float()))
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
+        logits_TE = self.scores(x_TD)
+        probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, self.cfg.renormalize)
+        return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
+                            router_input_TD=x_TD)

@@ -1,0 +1,92 @@
+"""The attentive gate of Krishnamurthy, Watkins & Gärtner (arXiv 2302.14703) in its paper form:
+a dense mixture in which every expert runs on every input (ROUTERS.md §4).
+
+Legend: B inputs, I input width, O output width, E experts, H gate/key width (h, 32 in the
+paper's MNIST setup).
+
+    q = W_q g(x)             g: the gate trunk (hidden size H, no output layer)
+    K_e = W_k h_e(x)         h_e: expert e's last hidden layer (size H)
+    s_e = q . K_e / sqrt(H)  p(e|x) = softmax_e(s_e)
+    y = sum_e p(e|x) y_e(x)
+
+W_q and W_k have no bias; the gate trunk, W_q, W_k and the experts train together with one
+optimizer. The top-k variant masks all but the k largest scores to -inf before the softmax.
+The expert-parallel router `attentive` reuses `attention_scores` with replicated key probes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GATE_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+def attention_scores(q_BH: Tensor, k_BEH: Tensor) -> Tensor:
+    """`s_BE = q . K_e / sqrt(H)`."""
+    return torch.einsum("bh,beh->be", q_BH, k_BEH) / math.sqrt(q_BH.shape[-1])
+
+
+def masked_softmax(scores_BE: Tensor, top_k: int | None) -> Tensor:
+    """softmax over the experts; with `top_k`, every score but the k largest is -inf first."""
+    if top_k is not None:
+        idx_Bk = torch.topk(scores_BE, top_k, dim=-1).indices
+        keep = torch.zeros_like(scores_BE, dtype=torch.bool).scatter_(-1, idx_Bk, True)
+        scores_BE = scores_BE.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores_BE, dim=-1)
+
+
+class MLPExpert(nn.Module):
+    """`x -> act(...act(x W_1)...) = h_e(x)` (width H) `-> h_e(x) W_out`: the body's last hidden
+    layer is what the gate's key sees."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int, depth: int, activation: str) -> None:
+        super().__init__()
+        widths = [d_in] + [hidden] * depth
+        self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(hidden, d_out)
+        self.act = GATE_ACTIVATIONS[activation]
+
+    def hidden(self, x_BI: Tensor) -> Tensor:
+        for layer in self.body:
+            x_BI = self.act(layer(x_BI))
+        return x_BI
+
+
+@dataclass
+class AttentiveMixtureOutput:
+    y_BO: Tensor  # mixture output
+    probs_BE: Tensor  # p(e|x)
+    scores_BE: Tensor  # s_e before the softmax (and before top-k masking)
+    expert_out_BEO: Tensor  # every expert's output
+
+
+class AttentiveMixture(nn.Module):
+    """Dense mixture of `num_experts` MLP experts under the paper's attentive gate."""
+
+    def __init__(self, d_in: int, d_out: int, num_experts: int = 5, hidden: int = 32, *, expert_depth: int = 1,
+                 top_k: int | None = None, activation: str = "relu") -> None:
+        super().__init__()
+        if activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(GATE_ACTIVATIONS)}, got {activation!r}")
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
+        self.top_k = top_k
+        self.experts = nn.ModuleList(MLPExpert(d_in, d_out, hidden, expert_depth, activation)
+                                     for _ in range(num_experts))
+        self.gate_trunk = nn.Linear(d_in, hidden)
+        self.w_q = nn.Linear(hidden, hidden, bias=False)
+        self.w_k = nn.Linear(hidden, hidden, bias=False)
+        self.act = GATE_ACTIVATIONS[activation]
+
+    def forward(self, x_BI: Tensor) -> AttentiveMixtureOutput:
+        hidden_BEH = torch.stack([expert.hidden(x_BI) for expert in self.experts], dim=1)
+        out_BEO = torch.stack([expert.head(hidden_BEH[:, e]) for e, expert in enumerate(self.experts)], dim=1)
+        scores_BE = attention_scores(self.w_q(self.act(self.gate_trunk(x_BI))), self.w_k(hidden_BEH))
+        probs_BE = masked_softmax(scores_BE, self.top_k)
+        y_BO = torch.einsum("be,beo->bo", probs_BE, out_BEO)
+        return AttentiveMixtureOutput(y_BO=y_BO, probs_BE=probs_BE, scores_BE=scores_BE, expert_out_BEO=out_BEO)
