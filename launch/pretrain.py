@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Pretrain an MoE language model; the script the `deepspeed` launcher starts on every rank.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny_cpu.yaml
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny_cpu.yaml --resume
+    deepspeed --hostfile launch/hostfile.example launch/pretrain.py --config configs/gpu_125m_e16.yaml
+
+On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
+`--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
+Configuration errors are reported before any process group or model exists, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moe_dist.config_base import ConfigError
+from moe_dist.train.config import load_run_config
+from moe_dist.train.trainer import pretrain
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--config", required=True, help="training config YAML (model, moe, data, train)")
+    p.add_argument("--deepspeed_config", default=None,
+                   help="DeepSpeed JSON; overrides train.deepspeed_config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in train.checkpoint_dir")
+    p.add_argument("--stop_at_step", type=int, default=None,
+                   help="checkpoint and exit after this step (e.g. before a job's time limit); the LR "
+                        "schedule still spans train.steps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    try:
+        cfg = load_run_config(args.config, overrides)
+        pretrain(cfg, resume=args.resume, stop_at_step=args.stop_at_step, config_path=args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Checkpoints through the DeepSpeed engine, plus the two things DeepSpeed cannot save for us.
+
+Layout of `<checkpoint_dir>/<tag>/`:
+- DeepSpeed's files: `mp_rank_00_model_states.pt` (dense weights, router buffers, LR scheduler,
+  and our client_state: resolved config, tokenizer reference, step, consumed samples) and one
+  `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank (ZeRO partitions of fp32 master
+  weights and Adam state, expert groups partitioned over their EDP group);
+- `moe_experts_ep<p>.pt`: the expert weights held by EP rank p (written by that EP rank's first
+  EDP replica). DeepSpeed saves the module state only from data-parallel rank 0, which holds the
+  experts of EP rank 0 only, and its per-expert files need DeepSpeed's own MoE module layout;
+- `rank_state_<r>.pt`: each rank's RNG states.
+
+Commit protocol: DeepSpeed's `save_checkpoint` writes `latest` from rank 0 as soon as rank 0's
+own files are written (before its final barrier, by truncate-and-write), so a crash of another
+rank can leave `latest` naming an incomplete checkpoint. moe_dist calls it with
+`save_latest=False`, writes its own files, waits on a barrier, and only then rank 0 points
+`latest` at the tag by writing a temporary file and renaming it (atomic on POSIX). `latest`
+keeps DeepSpeed's format, so DeepSpeed's tools (zero_to_fp32) still find checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from moe_dist.parallel import runtime
+from moe_dist.parallel.grads import is_expert_param
+from moe_dist.parallel.groups import ParallelGroups
+
+LATEST = "latest"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(checkpoint_dir: str) -> str | None:
+    """The tag of the last completely written checkpoint, or None."""
+    path = os.path.join(checkpoint_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        tag = f.read().strip()
+    return tag or None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _experts_file(tag_dir: str, ep_rank: int) -> str:
+    return os.path.join(tag_dir, f"moe_experts_ep{ep_rank:03d}.pt")
+
+
+def _rank_file(tag_dir: str, rank: int) -> str:
+    return os.path.join(tag_dir, f"rank_state_{rank:05d}.pt")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def expert_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if is_expert_param(p)}
+
+
+@dataclass
+class Resumed:
+    tag: str
+    client_state: dict[str, Any]
+
+
+def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any],
+         groups: ParallelGroups) -> str:
+    """Write checkpoint `step` on every rank (collective) and commit it; returns its tag."""
+    tag = tag_for_step(step)
+    engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    rank = runtime.rank()
+    if rank // groups.ep_size == 0:  # the first EDP replica of each EP rank
+        torch.save({"ep_size": groups.ep_size, "ep_rank": groups.ep_rank,
+                    "experts": expert_state(engine.module)}, _experts_file(tag_dir, groups.ep_rank))
+    torch.save({"rng": rng_state()}, _rank_file(tag_dir, rank))
+    runtime.barrier()  # every rank's files are on disk before the tag becomes `latest`
+    if rank == 0:
+        _write_atomic(os.path.join(checkpoint_dir, LATEST), tag)
+    runtime.barrier()
+    return tag
+
+
+def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
+    """Load the latest complete checkpoint into the engine (weights, ZeRO optimizer state, LR
+    scheduler), this EP rank's experts and this rank's RNG; returns the client state."""
+    tag = read_latest(checkpoint_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir!r} (no {LATEST!r} file)")
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    experts_path = _experts_file(tag_dir, groups.ep_rank)
+    saved = torch.load(experts_path, map_location="cpu", weights_only=False)
+    if saved["ep_size"] != groups.ep_size:
+        raise ValueError(f"checkpoint {tag_dir!r} was written with ep_size {saved['ep_size']}, this run "
+                         f"has ep_size {groups.ep_size}")
+
+    def load_module(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+        # The module file holds EP rank 0's experts; this rank's come from its own file.
+        merged = dict(src)
+        merged.update(saved["experts"])
+        dst.load_state_dict(merged, strict=True)
+
+    load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, custom_load_fn=load_module)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir!r}")
+    rank_path = _rank_file(tag_dir, runtime.rank())
+    if os.path.isfile(rank_path):
+        set_rng_state(torch.load(rank_path, map_location="cpu", weights_only=False)["rng"])
+    return Resumed(tag=tag, client_state=client_state)

@@ -1,0 +1,80 @@
+"""Routing statistics (ROUTERS.md §6) accumulated over a logging interval or an evaluation.
+
+Legend: E experts, L domain labels.
+
+Per micro batch every MoE layer returns global statistics (already all-reduced over data
+parallel ranks). Counts are summed over the interval and the ratios recomputed from the sums (a
+mean of per-batch ratios would weight small batches like large ones); per-batch scalars
+(entropies, aux losses) are averaged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from moe_dist.moe.stats import entropy, mutual_information
+
+SUMMED = ("tokens_per_expert", "tokens_per_expert_kept", "expert_label_counts")
+AVERAGED = ("entropy_token", "entropy_mean")
+
+
+class MoEStatsAccumulator:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[int, dict[str, Tensor]] = defaultdict(dict)
+        self.means: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.batches = 0
+
+    def add(self, moe_stats: dict[int, dict[str, Tensor]]) -> None:
+        self.batches += 1
+        for layer, stats in moe_stats.items():
+            for name, value in stats.items():
+                if name in SUMMED:
+                    value = value.detach().float().cpu()
+                    prev = self.sums[layer].get(name)
+                    self.sums[layer][name] = value if prev is None else prev + value
+                elif name in AVERAGED or name.startswith("loss_"):
+                    self.means[layer][name] += float(value)
+
+    def summary(self) -> dict[int, dict[str, Tensor | float]]:
+        """Per layer: load_E, kept_E, dropped_fraction, load_cv, load_max_over_mean,
+        entropy_load, the averaged entropies and losses, and (with labels) the label table
+        `expert_label_counts` with mi_domain and mi_domain_normalized."""
+        out: dict[int, dict[str, Tensor | float]] = {}
+        for layer, sums in self.sums.items():
+            load_E = sums["tokens_per_expert"]
+            kept_E = sums["tokens_per_expert_kept"]
+            mean_load = float(load_E.mean().clamp_min(1e-12))
+            row: dict[str, Tensor | float] = {
+                "load_E": load_E,
+                "dropped_fraction": float(1.0 - kept_E.sum() / load_E.sum().clamp_min(1.0)),
+                "load_cv": float(load_E.std(unbiased=False)) / mean_load,
+                "load_max_over_mean": float(load_E.max()) / mean_load,
+                "entropy_load": float(entropy(load_E / load_E.sum().clamp_min(1.0))),
+            }
+            for name, total in self.means[layer].items():
+                row[name] = total / max(self.batches, 1)
+            if "expert_label_counts" in sums:
+                joint_EL = sums["expert_label_counts"]
+                row["expert_label_counts"] = joint_EL
+                if float(joint_EL.sum()) > 0:
+                    mi, mi_norm = mutual_information(joint_EL)
+                    row["mi_domain"], row["mi_domain_normalized"] = float(mi), float(mi_norm)
+            out[layer] = row
+        return out
+
+
+def step_load(moe_stats_list: list[dict[int, dict[str, Tensor]]]) -> dict[int, Tensor]:
+    """Global pre-drop tokens per expert of one optimizer step (summed over its micro batches):
+    what each router's `after_step` hook receives."""
+    load: dict[int, Tensor] = {}
+    for moe_stats in moe_stats_list:
+        for layer, stats in moe_stats.items():
+            value = stats["tokens_per_expert"].detach()
+            load[layer] = value if layer not in load else load[layer] + value
+    return load

@@ -1,0 +1,70 @@
+"""Every check that can fail a run, done before any process group, model or dataset index
+exists: a bad value must cost a second, not a cluster allocation. Each error names the numbers.
+
+Checked when the config is parsed (config.py / the data and MoE configs): unknown keys, value
+ranges, `moe.num_experts % moe.ep_size`, data and tokenizer files exist and are not empty.
+Checked here, against the launch: world size vs ep_size, batch sizes vs the DeepSpeed JSON,
+tokenizer vocabulary vs the model, domain labels vs `model.num_labels`, the checkpoint folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moe_dist.config_base import ConfigError
+from moe_dist.data.config import DataConfig
+from moe_dist.data.datasets import blend_domain_names
+from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
+from moe_dist.parallel.groups import validate_parallel_sizes
+from moe_dist.train import checkpoint
+from moe_dist.train.config import RunConfig
+from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
+
+
+@dataclass
+class Preflight:
+    ds_config: dict[str, Any]
+    tokenizer: Any
+    domain_names: list[str]
+
+
+def data_domain_names(data: DataConfig) -> list[str]:
+    """Domain names the data will carry, read from label sidecars (cheap: no index is built)."""
+    if data.kind == "synthetic":
+        return [f"domain{d}" for d in range(data.synthetic.num_domains)]
+    return blend_domain_names(data.megatron.prefixes)
+
+
+def check_checkpoint_dir(checkpoint_dir: str | None, resume: bool) -> None:
+    if resume:
+        if not checkpoint_dir:
+            raise ConfigError("--resume needs train.checkpoint_dir")
+        if checkpoint.read_latest(checkpoint_dir) is None:
+            raise ConfigError(f"--resume: no complete checkpoint in train.checkpoint_dir "
+                              f"{checkpoint_dir!r} (no 'latest' file)")
+    elif checkpoint_dir and checkpoint.read_latest(checkpoint_dir) is not None:
+        raise ConfigError(
+            f"train.checkpoint_dir {checkpoint_dir!r} already holds checkpoint "
+            f"{checkpoint.read_latest(checkpoint_dir)!r}; pass --resume to continue it or choose an "
+            f"empty folder (a fresh run would overwrite it)")
+
+
+def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False) -> Preflight:
+    moe = cfg.model.moe
+    if moe is not None:
+        validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
+    ds_config = reconcile_deepspeed_config(load_json(ds_config_path), cfg.train, world_size,
+                                           ds_config_path)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    try:
+        validate_tokenizer_vocab(tokenizer, cfg.model.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    domain_names = data_domain_names(cfg.data)
+    if cfg.model.num_labels and len(domain_names) > cfg.model.num_labels:
+        raise ConfigError(f"the data carries {len(domain_names)} domains {domain_names} but "
+                          f"model.num_labels is {cfg.model.num_labels}; set it to at least "
+                          f"{len(domain_names)}")
+    check_checkpoint_dir(cfg.train.checkpoint_dir, resume)
+    return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names)

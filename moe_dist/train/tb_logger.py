@@ -1,0 +1,94 @@
+"""TensorBoard output (rank 0 only): training scalars, per-MoE-layer routing statistics
+(ROUTERS.md §6), the expert-load histogram and an expert-by-domain heatmap at evaluations.
+
+Tags:
+    train/loss, train/perplexity, train/aux_loss, train/lr, train/grad_norm, train/tokens_per_s
+    val/loss, val/perplexity
+    moe/layer<i>/{dropped_fraction, load_cv, load_max_over_mean, entropy_token (H_s),
+                  entropy_mean (H_u), entropy_load, loss_<name>, mi_domain, mi_domain_normalized}
+    moe/layer<i>/expert_load          histogram: bucket e holds expert e's routed tokens
+    moe/layer<i>/val_mi_domain_normalized, image moe/layer<i>/expert_by_domain   (evaluations)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SKIP = ("load_E", "expert_label_counts")
+
+
+class TensorBoardLogger:
+    def __init__(self, log_dir: str | None, enabled: bool) -> None:
+        self.writer = None
+        if log_dir and enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=log_dir)
+
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, float(value), step)
+
+    def moe(self, step: int, summary: dict[int, dict[str, Tensor | float]], prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for layer, row in summary.items():
+            base = f"moe/layer{layer}/{prefix}"
+            for name, value in row.items():
+                if name not in SKIP:
+                    self.writer.add_scalar(base + name, float(value), step)
+            self.expert_load_histogram(f"{base}expert_load", row["load_E"], step)
+
+    def expert_load_histogram(self, tag: str, load_E: Tensor, step: int) -> None:
+        """The exact per-expert load as a histogram over expert ids (bucket e = expert e's
+        routed tokens). `add_histogram` would need one value per routed token; the raw form
+        costs O(E) whatever the batch."""
+        load = load_E.double()
+        ids = torch.arange(load.numel(), dtype=torch.float64)
+        total = float(load.sum())
+        self.writer.add_histogram_raw(
+            tag, min=0.0, max=float(load.numel() - 1), num=total, sum=float((ids * load).sum()),
+            sum_squares=float((ids.square() * load).sum()),
+            bucket_limits=[i + 0.5 for i in range(load.numel())], bucket_counts=load.tolist(),
+            global_step=step)
+
+    def expert_domain_heatmap(self, step: int, layer: int, joint_EL: Tensor, domain_names: list[str]) -> None:
+        """P(expert | domain) as an image: columns are domains, each sums to 1."""
+        if self.writer is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on training nodes
+        import matplotlib.pyplot as plt
+
+        E, L = joint_EL.shape
+        p_EL = (joint_EL / joint_EL.sum(0, keepdim=True).clamp_min(1.0)).numpy()
+        fig, ax = plt.subplots(figsize=(1.5 + 0.6 * L, 1.0 + 0.3 * E))
+        im = ax.imshow(p_EL, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(p_EL.max()), 1e-6))
+        ax.set_xticks(range(L), labels=(domain_names + [str(i) for i in range(len(domain_names), L)])[:L],
+                      rotation=45, ha="right")
+        ax.set_yticks(range(E))
+        ax.set_xlabel("domain")
+        ax.set_ylabel("expert")
+        ax.set_title(f"layer {layer}: P(expert | domain)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        self.writer.add_figure(f"moe/layer{layer}/expert_by_domain", fig, step, close=True)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # exp overflows past ~709; 50 is already meaningless

@@ -1,0 +1,230 @@
+"""The pretraining loop: preflight checks, DeepSpeed engine, data, steps, evaluation, logging,
+checkpoints. Run by launch/pretrain.py under the `deepspeed` launcher (one process per rank).
+
+Order matters: every check that can fail (preflight.py) runs before the process group, the model
+or any dataset index exists.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_dist.data.loader import build_dataloader
+from moe_dist.data.pipeline import build_datasets
+from moe_dist.model.transformer import MoETransformer
+from moe_dist.parallel import runtime
+from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.train import checkpoint
+from moe_dist.train.config import RunConfig
+from moe_dist.train.engine import build_engine
+from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
+from moe_dist.train.preflight import Preflight, preflight
+from moe_dist.train.progress import Progress, format_duration
+from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # logged step -> mean LM loss
+    val_losses: dict[int, float] = field(default_factory=dict)
+
+
+def log0(message: str) -> None:
+    if runtime.rank() == 0:
+        print(message, flush=True)
+
+
+def configure_cpu_threads(requested: int | None) -> None:
+    """Ranks sharing a node's cores must not each start one thread per core: oversubscription
+    makes every rank wait on the slowest, and gloo collectives amplify it."""
+    if torch.cuda.is_available():
+        return
+    threads = requested or max(1, (os.cpu_count() or 1) // runtime.env_local_size())
+    torch.set_num_threads(threads)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, checks: Preflight, config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.checks = checks
+        self.config_path = config_path
+        train = cfg.train
+        configure_cpu_threads(train.cpu_threads)
+        runtime.init_distributed()
+        self.rank, self.world = runtime.rank(), runtime.world_size()
+        moe = cfg.model.moe
+        self.groups = (ParallelGroups.from_deepspeed(moe.ep_size, moe.num_experts) if moe is not None
+                       else ParallelGroups(world_size=self.world, rank=self.rank, ep_size=1))
+        # Per-rank RNG streams (router jitter and the like); model weights use their own seeds.
+        torch.manual_seed(train.seed * 100_003 + self.rank)
+        self.model = MoETransformer(cfg.model, seed=train.seed, groups=self.groups)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.model, train, checks.ds_config)
+        self.device = self.engine.device
+        self.global_batch = checks.ds_config["train_batch_size"]
+        self.datasets = build_datasets(
+            cfg.data, cfg.model.vocab_size, train_samples=train.steps * self.global_batch,
+            valid_samples=train.eval_iters * train.micro_batch * self.world)
+        self.tokenizer = self.datasets.tokenizer
+        self.step = 0
+        self.tb = TensorBoardLogger(train.tensorboard_dir, enabled=self.rank == 0)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def client_state(self) -> dict:
+        tok = self.cfg.data.tokenizer
+        return {"moe_dist": {
+            "step": self.step,
+            "consumed_samples": self.step * self.global_batch,
+            "config": self.cfg.to_dict(),
+            "config_path": self.config_path,
+            "tokenizer": {"kind": tok.kind, "model": tok.model,
+                          "unique_identifiers": dict(self.tokenizer.unique_identifiers),
+                          "vocab_size": self.tokenizer.vocab_size},
+            "world_size": self.world,
+        }}
+
+    def save(self) -> None:
+        t0 = time.perf_counter()
+        tag = checkpoint.save(self.engine, self.cfg.train.checkpoint_dir, self.step, self.client_state(),
+                              self.groups)
+        log0(f"saved checkpoint {tag} in {time.perf_counter() - t0:.1f}s")
+
+    def resume(self) -> None:
+        resumed = checkpoint.load_latest(self.engine, self.cfg.train.checkpoint_dir, self.groups)
+        state = resumed.client_state["moe_dist"]
+        if state["consumed_samples"] != state["step"] * self.global_batch:
+            raise ValueError(f"checkpoint {resumed.tag}: consumed_samples ({state['consumed_samples']}) "
+                             f"!= step ({state['step']}) * global batch ({self.global_batch}); the global "
+                             f"batch size changed since it was written")
+        self.step = state["step"]
+        log0(f"resumed from {resumed.tag}: step {self.step}, {state['consumed_samples']} samples consumed")
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        domain_ids = batch["domain_ids"].to(self.device, non_blocking=True)
+        return self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids)
+
+    def train_step(self, batches, stats: MoEStatsAccumulator) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro batches; returns (mean LM loss, aux loss) of
+        this rank."""
+        lm, aux, step_stats = 0.0, 0.0, []
+        for _ in range(self.cfg.train.grad_accum):
+            out = self.forward(next(batches))
+            self.engine.backward(out.loss)  # DeepSpeed divides by gradient_accumulation_steps
+            self.engine.step()  # the optimizer steps only at the accumulation boundary
+            lm += float(out.lm_loss.detach())
+            aux += float(out.aux_loss.detach())
+            step_stats.append(out.moe_stats)
+            stats.add(out.moe_stats)
+        for layer, load_E in step_load(step_stats).items():
+            # Global pre-drop load, identical on every rank, so router state stays in sync.
+            dict(self.model.moe_layers())[layer].router.after_step(load_E)
+        n = self.cfg.train.grad_accum
+        return lm / n, aux / n
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation LM loss over eval_iters micro batches per rank (the same batches at
+        every evaluation), plus the expert-by-domain heatmaps."""
+        valid = self.datasets.valid
+        if valid is None or len(valid) < self.cfg.train.micro_batch * self.world:
+            return None
+        self.engine.eval()
+        stats = MoEStatsAccumulator()
+        loader = build_dataloader(valid, self.cfg.train.micro_batch, self.rank, self.world)
+        total, count = torch.zeros(()), 0
+        for i, batch in enumerate(loader):
+            if i == self.cfg.train.eval_iters:
+                break
+            out = self.forward(batch)
+            total += float(out.lm_loss)
+            count += 1
+            stats.add(out.moe_stats)
+        self.engine.train()
+        loss = float(runtime.all_reduce_mean(total / max(count, 1)))
+        summary = stats.summary()
+        for layer, row in summary.items():
+            if "expert_label_counts" in row:
+                self.tb.expert_domain_heatmap(self.step, layer, row["expert_label_counts"],
+                                              self.checks.domain_names)
+                if "mi_domain_normalized" in row:
+                    self.tb.scalars(self.step, {f"moe/layer{layer}/val_mi_domain_normalized":
+                                                row["mi_domain_normalized"]})
+        self.tb.scalars(self.step, {"val/loss": loss, "val/perplexity": perplexity(loss)})
+        log0(f"step {self.step} | validation loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
+        return loss
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        norm = float(norm)
+        return norm if math.isfinite(norm) else None
+
+    def run(self, resume: bool = False, stop_at_step: int | None = None) -> TrainResult:
+        train = self.cfg.train
+        if resume:
+            self.resume()
+        end = train.steps if stop_at_step is None else min(stop_at_step, train.steps)
+        result = TrainResult(step=self.step)
+        loader = build_dataloader(self.datasets.train, train.micro_batch, self.rank, self.world,
+                                  consumed_samples=self.step * self.global_batch,
+                                  num_workers=self.cfg.data.num_workers)
+        batches = iter(loader)
+        stats = MoEStatsAccumulator()
+        progress = Progress(train.steps, self.global_batch * train.seq_len, start_step=self.step)
+        interval_lm, interval_aux, interval_steps = 0.0, 0.0, 0
+        log0(f"training steps {self.step + 1}..{end} of {train.steps}: world {self.world}, "
+             f"ep_size {self.groups.ep_size}, global batch {self.global_batch} x {train.seq_len} tokens, "
+             f"{sum(p.numel() for p in self.model.parameters()):,} parameters on rank 0")
+        t_start = time.perf_counter()
+        while self.step < end:
+            lr = self.optimizer.param_groups[0]["lr"]
+            lm, aux = self.train_step(batches, stats)
+            self.step += 1
+            interval_lm, interval_aux, interval_steps = interval_lm + lm, interval_aux + aux, interval_steps + 1
+            if self.step % train.log_interval == 0 or self.step == end:
+                losses = runtime.all_reduce_mean(torch.tensor([interval_lm, interval_aux]) / interval_steps)
+                loss, aux_mean = float(losses[0]), float(losses[1])
+                result.losses[self.step] = loss
+                self.log_interval(progress, loss, aux_mean, lr, stats)
+                interval_lm, interval_aux, interval_steps = 0.0, 0.0, 0
+                stats.reset()
+            if (train.eval_interval and self.step % train.eval_interval == 0) or self.step == train.steps:
+                val = self.evaluate()
+                if val is not None:
+                    result.val_losses[self.step] = val
+            if train.checkpoint_dir and ((train.checkpoint_interval and self.step % train.checkpoint_interval == 0)
+                                         or self.step == end):
+                self.save()
+        result.step = self.step
+        log0(f"done: step {self.step} in {format_duration(time.perf_counter() - t_start)}")
+        self.tb.close()
+        return result
+
+    def log_interval(self, progress: Progress, loss: float, aux: float, lr: float,
+                     stats: MoEStatsAccumulator) -> None:
+        tokens_per_s, sec_per_step = progress.interval(self.step)
+        grad_norm = self.grad_norm()
+        self.tb.scalars(self.step, {"train/loss": loss, "train/perplexity": perplexity(loss),
+                                    "train/aux_loss": aux, "train/lr": lr, "train/grad_norm": grad_norm,
+                                    "train/tokens_per_s": tokens_per_s})
+        self.tb.moe(self.step, stats.summary())
+        self.tb.flush()
+        log0(progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step))
+
+
+def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None = None,
+             config_path: str | None = None) -> TrainResult:
+    """Validate everything, then train. Collective: every rank calls it with the same arguments."""
+    checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume)
+    trainer = Trainer(cfg, checks, config_path)
+    return trainer.run(resume=resume, stop_at_step=stop_at_step)
