@@ -31,44 +31,77 @@ LAYER_CASES = [
     dict(top_k=2, dropless=True),
     dict(top_k=2, activation="gelu", num_shared_experts=1),
 ]
-# Every router must pass unchanged; research routers add themselves here.
+# The research routers' configs run a representative subset, which keeps the test's time near
+# three minutes and still covers k=1 and 2, both drop policies and dropless for every router.
+REPRESENTATIVE = [LAYER_CASES[0], LAYER_CASES[3], LAYER_CASES[5]]
+# Every router must pass unchanged; research routers add themselves here. `aux_loss` entries
+# override the base coefficients.
 ROUTER_CASES = [
-    {"type": "topk"},
-    {"type": "topk", "renormalize": True, "bias_balancing": True},
+    dict(router={"type": "topk"}, layers=LAYER_CASES),
+    dict(router={"type": "topk", "renormalize": True, "bias_balancing": True}, layers=LAYER_CASES),
+    # 24 tokens per rank, 16 sampled: the subsample is the same on each rank and its reference group.
+    dict(router={"type": "topk"}, aux_loss=dict(sample_similarity=0.5, sample_similarity_tokens=16),
+         layers=REPRESENTATIVE),
+    *[dict(router={"type": "inhibition", "mode": mode, "stat": stat}, layers=REPRESENTATIVE)
+      for mode in ("subtractive", "divisive", "rectified", "subspace") for stat in ("batch", "ema")],
+    dict(router={"type": "fixed_projection"}, layers=REPRESENTATIVE),
+    dict(router={"type": "fixed_projection", "source": "embedding"}, layers=REPRESENTATIVE),
+    dict(router={"type": "fixed_projection", "center": True}, layers=REPRESENTATIVE),
+    dict(router={"type": "fixed_projection", "weights": "softmax"}, layers=REPRESENTATIVE),
+    dict(router={"type": "fixed_projection", "weights": "softmax", "source": "embedding", "center": True,
+                 "center_stat": "batch"}, layers=REPRESENTATIVE),
+    dict(router={"type": "attentive"}, layers=REPRESENTATIVE),
+    dict(router={"type": "attentive", "renormalize": True, "hidden": 8}, layers=REPRESENTATIVE),
 ]
 
 
-def make_cfg(ep_size: int, layer_case: dict, router: dict) -> MoEConfig:
+def make_cfg(ep_size: int, layer_case: dict, router: dict, aux_loss: dict | None = None) -> MoEConfig:
     # cf 1.0 with 24 tokens per rank and k up to 2 forces drops; min_capacity 1 keeps them.
     return MoEConfig.from_dict(dict(d_model=D_MODEL, d_ff=24, num_experts=NUM_EXPERTS, capacity_factor=1.0,
                                     min_capacity=1, ep_size=ep_size, router=router,
-                                    aux_loss=dict(switch=0.1, z_loss=0.01, importance=0.1), **layer_case))
+                                    aux_loss=dict(switch=0.1, z_loss=0.01, importance=0.1, **(aux_loss or {})),
+                                    **layer_case))
+
+
+def total_loss(out, G: torch.Tensor, scale: float) -> torch.Tensor:
+    """`sum(y * G) * scale + aux`; routers without a weighted aux loss add nothing."""
+    loss = (out.y * G).sum() * scale
+    return loss if out.aux_loss is None else loss + out.aux_loss
 
 
 def mean_over_ranks(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     return groups.all_reduce_sum_dp(t.detach()) / groups.world_size
 
 
-def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer_case: dict, router: dict) -> None:
+def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer_case: dict, router: dict,
+                            aux_loss: dict | None = None) -> None:
     torch.manual_seed(1234)  # identical global batch on every rank
     x = torch.randn(world * TOKENS_PER_RANK, D_MODEL)
     G = torch.randn(world * TOKENS_PER_RANK, D_MODEL)
-    what = f"rank {rank} world {world} ep {groups.ep_size} {layer_case} {router}"
+    stream = torch.randn(world * TOKENS_PER_RANK, D_MODEL)  # token embeddings for COMET's routing stream
+    what = f"rank {rank} world {world} ep {groups.ep_size} {layer_case} {router} {aux_loss}"
 
-    ref = MoELayer(make_cfg(1, layer_case, router), seed=SEED)
+    ref = MoELayer(make_cfg(1, layer_case, router, aux_loss), seed=SEED)
     x_ref = x.clone().requires_grad_()
-    out_ref = ref(x_ref, capacity_groups=world)
-    loss_ref = (out_ref.y * G).sum() / world + out_ref.aux_loss
+    out_ref = ref(x_ref, stream=stream, capacity_groups=world)
+    loss_ref = total_loss(out_ref, G, 1.0 / world)
     loss_ref.backward()
 
-    layer = MoELayer(make_cfg(groups.ep_size, layer_case, router), seed=SEED, groups=groups)
+    layer = MoELayer(make_cfg(groups.ep_size, layer_case, router, aux_loss), seed=SEED, groups=groups)
     x_r = shard(x, rank, world).clone().requires_grad_()
-    out = layer(x_r)
-    loss = (out.y * shard(G, rank, world)).sum() + out.aux_loss
+    out = layer(x_r, stream=shard(stream, rank, world))
+    loss = total_loss(out, shard(G, rank, world), 1.0)
     loss.backward()
     reduce_gradients(layer, groups)
 
     torch.testing.assert_close(out.y, shard(out_ref.y, rank, world), **TOL, msg=lambda m: f"output {what}: {m}")
+    assert (out.stream is None) == (out_ref.stream is None)
+    if out.stream is not None:
+        torch.testing.assert_close(out.stream, shard(out_ref.stream, rank, world), **TOL)
+    # Statistics buffers (inhibition EMAs) fold in global statistics: equal on every rank.
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in layer.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], **TOL, msg=lambda m: f"buffer {name} {what}: {m}")
     torch.testing.assert_close(mean_over_ranks(loss, groups), loss_ref.detach(), **TOL)
     assert out.losses.keys() == out_ref.losses.keys()
     for name, value in out.losses.items():
@@ -102,9 +135,9 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
 
 def _worker(rank: int, world: int, ep_size: int) -> None:
     groups = ParallelGroups.build(ep_size, NUM_EXPERTS)
-    for router in ROUTER_CASES:
-        for case in LAYER_CASES:
-            check_layer_equivalence(rank, world, groups, case, router)
+    for router_case in ROUTER_CASES:
+        for case in router_case["layers"]:
+            check_layer_equivalence(rank, world, groups, case, router_case["router"], router_case.get("aux_loss"))
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)])

@@ -5,6 +5,7 @@ import torch
 
 from moe_dist.config_base import ConfigError
 from moe_dist.routing.base import RoutingContext
+from moe_dist.routing.inhibition import top_directions
 from moe_dist.routing.registry import build_router, router_config_from_dict
 
 D, E = 16, 8
@@ -93,6 +94,16 @@ def test_subspace_removes_a_shared_direction(stat):
     direction = SHIFT / SHIFT.norm()
     assert float((u @ direction).abs().max()) < 0.2  # x . direction is ~12 for every token
     assert float((x @ direction).abs().min()) > 5.0
+
+
+def test_top_directions_are_the_leading_eigenvectors_with_a_fixed_sign():
+    a = torch.randn(6, 6, generator=torch.Generator().manual_seed(3))
+    second = a @ a.t()
+    U = top_directions(second, 2)
+    values, vectors = torch.linalg.eigh(second)
+    torch.testing.assert_close(second @ U, U * values[-2:])
+    torch.testing.assert_close(U @ U.t(), vectors[:, -2:] @ vectors[:, -2:].t())
+    assert (U.gather(0, U.abs().argmax(0, keepdim=True)) > 0).all()
 
 
 def test_subspace_ema_directions_refresh_every_n_steps():

@@ -81,9 +81,13 @@ def top_directions(second_DD: Tensor, rank: int) -> Tensor:
 
     The matrix is the uncentred second moment E[x x^T], not the covariance about the mean: a
     component every token shares is the population mean, which the centred covariance cannot
-    see. This choice is this project's reading of "shared directions".
+    see. This choice is this project's reading of "shared directions". Each column's sign is
+    fixed (largest entry positive) so that the buffer does not flip between runs or ranks whose
+    statistics differ in the last bits.
     """
-    return torch.linalg.eigh(second_DD).eigenvectors[:, -rank:]
+    U_DR = torch.linalg.eigh(second_DD).eigenvectors[:, -rank:]
+    pivot_R = U_DR.gather(0, U_DR.abs().argmax(0, keepdim=True))
+    return U_DR * torch.sign(pivot_R)
 
 
 def inhibit(x_TD: Tensor, mode: str, stats: dict[str, Tensor], alpha: float, eps: float) -> Tensor:
