@@ -102,6 +102,8 @@ def test_global_batch_must_match_the_launch(tmp_path):
     (dict(scheduler={"type": "WarmupLR"}), "has a 'scheduler' section"),
     (dict(zero_optimization={"stage": 3}), "zero_optimization.stage is 3"),
     (dict(zero_optimization={"stage": 2, "contiguous_gradients": False}), "contiguous_gradients must be true"),
+    (dict(zero_optimization={"stage": 1, "contiguous_gradients": False}), "contiguous_gradients must be true"),
+    (dict(zero_optimization={"stage": 1, "reduce_scatter": False}), "reduce_scatter must be true"),
     (dict(fp16={"enabled": True}), "fp16 is not supported"),
 ])
 def test_deepspeed_json_other_errors(tmp_path, entries, message):

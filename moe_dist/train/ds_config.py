@@ -65,12 +65,13 @@ def reconcile_deepspeed_config(ds: dict[str, Any], train: TrainSection, world_si
         raise ConfigError(f"{path}: zero_optimization.stage is {stage!r}; expert-parallel training "
                           f"supports ZeRO stages {list(SUPPORTED_ZERO_STAGES)} (DeepSpeed's MoE "
                           f"support ends at stage 2)")
-    if stage == 2:
-        # DeepSpeed asserts these for MoE at stage 2, deep inside initialize; say it up front.
-        for key in ("contiguous_gradients", "reduce_scatter"):
-            if zero.get(key, True) is False:
-                raise ConfigError(f"{path}: zero_optimization.{key} must be true with ZeRO stage 2 "
-                                  f"and MoE (DeepSpeed requires it), got false")
+    # DeepSpeed asserts these for MoE at stage 2 deep inside initialize; at stage 1 a false
+    # contiguous_gradients is worse: it falls back to a reduction over the whole DP group and
+    # silently mixes different experts' gradients. Refuse both up front.
+    for key in ("contiguous_gradients", "reduce_scatter"):
+        if zero.get(key, True) is False:
+            raise ConfigError(f"{path}: zero_optimization.{key} must be true for expert-parallel "
+                              f"training (ZeRO stage {stage}), got false")
     if out.get("fp16", {}).get("enabled", False):
         raise ConfigError(f"{path}: fp16 is not supported (loss scaling is untested with "
                           f"expert parallelism here); use \"bf16\": {{\"enabled\": true}}")
