@@ -52,9 +52,10 @@ class MLPExpert(nn.Module):
         self.act = GATE_ACTIVATIONS[activation]
 
     def hidden(self, x_BI: Tensor) -> Tensor:
+        h_BH = x_BI
         for layer in self.body:
-            x_BI = self.act(layer(x_BI))
-        return x_BI
+            h_BH = self.act(layer(h_BH))
+        return h_BH
 
 
 @dataclass

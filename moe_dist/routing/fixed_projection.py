@@ -85,24 +85,26 @@ class FixedProjectionRouter(Router):
                        if cfg.center else None)
         self.register_buffer("selection_bias_E", torch.zeros(E), persistent=True)
 
-    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
-        stream_TD = None
-        if self.cfg.source == "embedding":
-            if ctx.stream_TD is None:
-                raise ValueError("fixed_projection with source='embedding' needs the routing stream: call "
-                                 "MoELayer.forward(stream=...) with the token embeddings at the first MoE "
-                                 "layer and the previous MoE layer's MoEOutput.stream after it")
-            u_TD = ctx.stream_TD.reshape(-1, self.d_model).detach().float()
-        else:
+    def _input(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
+        if self.cfg.source == "hidden":
             u_TD = x_TD.float()
-        if self.center is not None:
-            u_TD = self.center(u_TD, ctx)
-        if self.cfg.source == "embedding":
-            c_TD = u_TD @ self.v_projection.t()
-            stream_TD = kwta_mask(c_TD, self.stream_k) * c_TD
-            scores_TE = stream_TD.view(-1, self.num_experts, self.d_model // self.num_experts).sum(-1)
+        elif ctx.stream_TD is None:
+            raise ValueError("fixed_projection with source='embedding' needs the routing stream: call "
+                             "MoELayer.forward(stream=...) with the token embeddings at the first MoE "
+                             "layer and the previous MoE layer's MoEOutput.stream after it")
         else:
-            scores_TE = u_TD @ self.v_projection.t()
+            u_TD = ctx.stream_TD.reshape(-1, self.d_model).detach().float()
+        return u_TD if self.center is None else self.center(u_TD, ctx)
+
+    def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
+        u_TD = self._input(x_TD, ctx)
+        c_TX = u_TD @ self.v_projection.t()  # X = E (hidden) or D (embedding stream)
+        stream_TD = None
+        if self.cfg.source == "hidden":
+            scores_TE = c_TX
+        else:
+            stream_TD = kwta_mask(c_TX, self.stream_k) * c_TX
+            scores_TE = stream_TD.view(-1, self.num_experts, self.d_model // self.num_experts).sum(-1)
 
         select_TE = scores_TE + self.selection_bias_E if self.cfg.bias_balancing else scores_TE
         idx_TK = torch.topk(select_TE, self.top_k, dim=-1).indices

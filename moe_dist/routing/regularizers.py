@@ -1,8 +1,8 @@
 """The sample-similarity regularizer L_s (Krishnamurthy, Watkins & Gärtner, arXiv 2302.14703),
 ROUTERS.md §5, in the paper's two-term form and in this project's production form.
 
-Legend: T tokens on this rank, B tokens in a paper batch, S subsampled tokens, D router input
-width, E experts.
+Legend: T tokens on this rank, G tokens of one group (one rank's share), B tokens in a paper
+batch, S subsampled tokens, D router input width, E experts.
 
 Both forms penalise sending far-apart tokens to the same experts: with `D_ij` the distance of
 tokens i and j (Euclidean on the detached router input, divided by its max over the sample) and
