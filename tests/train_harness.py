@@ -81,3 +81,22 @@ def tensorboard_tags(log_dir: str) -> dict[str, list[str]]:
 def dump_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: the launcher's default 29500 collides with other jobs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_launch_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+
+
+def logged_losses(stdout: str) -> list[float]:
+    """Losses of the trainer's console lines `step i/N | loss x | ...`."""
+    return [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines()
+            if line.startswith("step ") and "| loss " in line]
