@@ -1,7 +1,7 @@
-"""A simulated two-node launch on localhost: the `deepspeed` launcher started twice, once per
-"node", with a two-host hostfile, `--no_ssh --node_rank K` and an explicit `--master_addr` (the
-way docs/launch.md and launch/multinode.sh start nodes without pdsh). One process per node:
-world 2, ep_size 2, so the expert all-to-all crosses the "node" boundary."""
+"""A simulated two-node launch on localhost: launch/multinode.sh started twice, once per "node",
+as a scheduler would on each node (HOSTFILE, NODE_RANK, MASTER_ADDR); it runs the `deepspeed`
+launcher with a two-host hostfile and `--no_ssh --node_rank K`. One process per node: world 2,
+ep_size 2, so the expert all-to-all crosses the "node" boundary."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ def test_two_node_launch_on_localhost(tmp_path):
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # labels only under --no_ssh
     config = write_yaml(str(tmp_path / "run.yaml"),
                         tiny_config(train=dict(steps=6, log_interval=3, checkpoint_dir=str(tmp_path / "ckpt"))))
-    port = str(free_port())
-    exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    nodes = [subprocess.Popen([exe, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
-                               "--master_addr", "127.0.0.1", "--master_port", port,
-                               "launch/pretrain.py", "--config", config],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])  # this venv's deepspeed
+    env.pop("SLURM_JOB_NODELIST", None)
+    nodes = [subprocess.Popen(["bash", "launch/multinode.sh", "--config", config], cwd=REPO,
+                              env=dict(env, NODE_RANK=str(k)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for k in range(2)]
     outputs = []
     try:
