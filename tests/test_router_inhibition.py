@@ -178,3 +178,12 @@ def test_config_errors_name_the_value(bad, message):
 def test_subspace_rank_must_be_below_the_input_width():
     with pytest.raises(ValueError, match=r"inhibition rank \(16\) must be < the router input width \(16\)"):
         make_router(mode="subspace", rank=16)
+
+
+def test_subspace_allows_two_forwards_before_one_backward():
+    # The second forward refreshes the directions in place; the first forward's graph must not
+    # hold the buffer itself.
+    router = make_router(mode="subspace", stat="ema", refresh_every=1)
+    first = router(tokens(seed=1).requires_grad_(), TRAIN)
+    second = router(tokens(seed=2).requires_grad_(), TRAIN)
+    (first.probs_TE.sum() + second.logits_TE.square().sum()).backward()

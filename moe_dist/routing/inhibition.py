@@ -143,7 +143,7 @@ class PopulationInhibition(nn.Module):
         if self.mode == "subspace":
             if self.stat == "batch":
                 return {"basis_DR": top_directions(batch["second_DD"], self.rank)}
-            return {"basis_DR": self.basis_DR}
+            return self.ema_statistics()
         return batch if self.stat == "batch" else self.ema_statistics()
 
     @torch.no_grad()
@@ -164,7 +164,9 @@ class PopulationInhibition(nn.Module):
 
     def ema_statistics(self) -> dict[str, Tensor]:
         if self.mode == "subspace":
-            return {"basis_DR": self.basis_DR}
+            # A copy: autograd keeps U for the backward, and a later forward refreshes the buffer
+            # in place (two forwards before one backward would otherwise fail).
+            return {"basis_DR": self.basis_DR.clone()}
         stats = {"mean_D": self._corrected("mean_D", 0.0)}
         if self.mode == "divisive":
             stats["var_D"] = self._corrected("var_D", 1.0)
