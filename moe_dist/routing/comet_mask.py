@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe_dist.moe.experts import DenseFFN, ffn_activation, grouped_matmul, init_generator
+from moe_dist.routing.fp32_buffers import FP32Buffers
 
 # Keys of init_generator for frozen projections, apart from the layer's expert/router/shared keys
 # so that a projection is never the same random stream as a weight of the same layer.
@@ -47,7 +48,7 @@ def kwta_mask(scores_TF: Tensor, k: int) -> Tensor:
     return torch.zeros_like(scores_TF).scatter_(-1, idx_Tk, 1.0)
 
 
-class CometMask(nn.Module):
+class CometMask(FP32Buffers):
     """`u_TD -> kwta(u V^T)` with `V_FD` a frozen persistent buffer (no parameter, no gradient)."""
 
     def __init__(self, d_in: int, num_units: int, active_fraction: float, generator: torch.Generator) -> None:

@@ -35,6 +35,7 @@ from moe_dist.config_base import check, check_choice
 from moe_dist.moe.experts import init_generator
 from moe_dist.routing.base import Router, RouterOutput, RoutingContext
 from moe_dist.routing.comet_mask import FIXED_ROUTING_KEY, active_units, frozen_projection, kwta_mask
+from moe_dist.routing.fp32_buffers import FP32Buffers
 from moe_dist.routing.inhibition import STATISTICS, PopulationInhibition
 from moe_dist.routing.registry import RouterConfig, register_router
 from moe_dist.routing.topk import nudge_selection_bias
@@ -69,7 +70,7 @@ class FixedProjectionConfig(RouterConfig):
 
 
 @register_router("fixed_projection", FixedProjectionConfig)
-class FixedProjectionRouter(Router):
+class FixedProjectionRouter(FP32Buffers, Router):
     def __init__(self, cfg: FixedProjectionConfig, **kw) -> None:
         super().__init__(cfg, **kw)
         D, E = self.d_model, self.num_experts

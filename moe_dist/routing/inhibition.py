@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from moe_dist.config_base import check, check_choice
 from moe_dist.routing.base import RouterOutput, RoutingContext
+from moe_dist.routing.fp32_buffers import FP32Buffers
 from moe_dist.routing.registry import register_router
 from moe_dist.routing.topk import TopKRouter, TopKRouterConfig
 
@@ -103,7 +104,7 @@ def inhibit(x_TD: Tensor, mode: str, stats: dict[str, Tensor], alpha: float, eps
     return x - (x @ U_DR) @ U_DR.t()
 
 
-class PopulationInhibition(nn.Module):
+class PopulationInhibition(FP32Buffers):
     """`x_TD -> u_TD` with global batch statistics in training and their bias-corrected EMAs.
 
     Also used by `fixed_projection` (`center: true`).

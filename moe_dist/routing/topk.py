@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from moe_dist.config_base import check
 from moe_dist.routing.base import Router, RouterOutput, RoutingContext
+from moe_dist.routing.fp32_buffers import FP32Buffers
 from moe_dist.routing.registry import RouterConfig, register_router
 
 
@@ -64,7 +65,7 @@ class LinearGate(nn.Module):
 
 
 @register_router("topk", TopKRouterConfig)
-class TopKRouter(Router):
+class TopKRouter(FP32Buffers, Router):  # fp32 bias: bf16 would swallow its 1e-3 steps
     def __init__(self, cfg: TopKRouterConfig, **kw) -> None:
         super().__init__(cfg, **kw)
         self.gate = LinearGate(self.d_model, self.num_experts)
