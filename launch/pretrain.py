@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from moe_dist.config_base import ConfigError
-from moe_dist.train.config import load_run_config
-from moe_dist.train.trainer import pretrain
+# Noise that says nothing about this run, printed once per rank: Megatron-Core's optional-kernel
+# notices (its data pipeline needs neither) and a deprecation inside DeepSpeed's ZeRO all-gather.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
+from moe_dist.config_base import ConfigError  # noqa: E402
+from moe_dist.train.config import load_run_config  # noqa: E402
+from moe_dist.train.trainer import pretrain  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

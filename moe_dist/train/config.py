@@ -12,6 +12,7 @@ One source of truth per quantity:
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,25 @@ import yaml
 from moe_dist.config_base import ConfigError, check, check_choice, from_dict, to_dict
 from moe_dist.data.config import DataConfig
 from moe_dist.model.config import ModelConfig, parse_model_config
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float: YAML 1.1 wants a dot (`1.0e-3`) and would
+    otherwise hand the trainer the string '1e-3' for a learning rate."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text_or_file):
+    return yaml.load(text_or_file, Loader=_YamlLoader)
+
 
 LR_DECAY_STYLES = ("cosine", "constant")
 SECTIONS = ("model", "moe", "data", "train")
@@ -106,7 +126,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             check(isinstance(node, dict), f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(value)
+        node[keys[-1]] = load_yaml(value)
     return raw
 
 
@@ -133,7 +153,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
 def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = load_yaml(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     return parse_run_config(apply_overrides(raw or {}, overrides or []))

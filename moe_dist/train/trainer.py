@@ -25,6 +25,7 @@ from moe_dist.train.engine import build_engine
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.preflight import Preflight, preflight
 from moe_dist.train.progress import Progress, format_duration
+from moe_dist.train.schedule import lr_at
 from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
 
 
@@ -103,6 +104,10 @@ class Trainer:
                              f"!= step ({state['step']}) * global batch ({self.global_batch}); the global "
                              f"batch size changed since it was written")
         self.step = state["step"]
+        # The restored optimizer holds the LR its run scheduled for this step; if train.steps or
+        # the schedule changed since (extending a run), the schedule of this config applies.
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg.train)
         log0(f"resumed from {resumed.tag}: step {self.step}, {state['consumed_samples']} samples consumed")
 
     # ---- steps -------------------------------------------------------------------------------
