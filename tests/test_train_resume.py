@@ -39,7 +39,8 @@ def _worker(rank: int, world: int, ds_json: str, tmp: str) -> None:
                        "full_val": full.val_losses, "second_val": second.val_losses}, f)
 
 
-@pytest.mark.parametrize("ds_json", ["zero1_cpu.json", "zero2_cpu.json", "zero2_bf16.json"])
+@pytest.mark.parametrize("ds_json", ["zero1_cpu.json", "zero2_cpu.json",
+                                     pytest.param("zero2_bf16.json", marks=pytest.mark.slow)])
 def test_resume_continues_the_same_loss_curve(ds_json, tmp_path):
     run_deepspeed_ranks(_worker, 2, ds_json, str(tmp_path))
     runs = json.loads((tmp_path / "losses.json").read_text())

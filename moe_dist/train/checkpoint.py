@@ -58,11 +58,11 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _experts_file(tag_dir: str, ep_rank: int) -> str:
+def experts_file(tag_dir: str, ep_rank: int) -> str:
     return os.path.join(tag_dir, f"moe_experts_ep{ep_rank:03d}.pt")
 
 
-def _rank_file(tag_dir: str, rank: int) -> str:
+def rank_state_file(tag_dir: str, rank: int) -> str:
     return os.path.join(tag_dir, f"rank_state_{rank:05d}.pt")
 
 
@@ -100,8 +100,8 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any],
     rank = runtime.rank()
     if rank // groups.ep_size == 0:  # the first EDP replica of each EP rank
         torch.save({"ep_size": groups.ep_size, "ep_rank": groups.ep_rank,
-                    "experts": expert_state(engine.module)}, _experts_file(tag_dir, groups.ep_rank))
-    torch.save({"rng": rng_state()}, _rank_file(tag_dir, rank))
+                    "experts": expert_state(engine.module)}, experts_file(tag_dir, groups.ep_rank))
+    torch.save({"rng": rng_state()}, rank_state_file(tag_dir, rank))
     runtime.barrier()  # every rank's files are on disk before the tag becomes `latest`
     if rank == 0:
         _write_atomic(os.path.join(checkpoint_dir, LATEST), tag)
@@ -116,7 +116,7 @@ def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir!r} (no {LATEST!r} file)")
     tag_dir = os.path.join(checkpoint_dir, tag)
-    experts_path = _experts_file(tag_dir, groups.ep_rank)
+    experts_path = experts_file(tag_dir, groups.ep_rank)
     saved = torch.load(experts_path, map_location="cpu", weights_only=False)
     if saved["ep_size"] != groups.ep_size:
         raise ValueError(f"checkpoint {tag_dir!r} was written with ep_size {saved['ep_size']}, this run "
@@ -131,7 +131,7 @@ def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
     load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, custom_load_fn=load_module)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir!r}")
-    rank_path = _rank_file(tag_dir, runtime.rank())
+    rank_path = rank_state_file(tag_dir, runtime.rank())
     if os.path.isfile(rank_path):
         set_rng_state(torch.load(rank_path, map_location="cpu", weights_only=False)["rng"])
     return Resumed(tag=tag, client_state=client_state)
