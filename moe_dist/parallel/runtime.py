@@ -28,9 +28,15 @@ def env_local_size() -> int:
 
 
 def init_distributed() -> None:
-    """DeepSpeed's process-group start-up (gloo on its CPU accelerator, NCCL on GPUs)."""
+    """DeepSpeed's process-group start-up (gloo on its CPU accelerator, NCCL on GPUs). On GPUs the
+    rank's device is selected first, so that groups and buffers created before the engine exists
+    do not all land on GPU 0."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed()
 
 
