@@ -5,7 +5,7 @@ Layout of `<checkpoint_dir>/<tag>/`:
   and our client_state: resolved config, tokenizer reference, step, consumed samples) and one
   `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank (ZeRO partitions of fp32 master
   weights and Adam state, expert groups partitioned over their EDP group);
-- `moe_experts_ep<p>.pt`: the expert weights held by EP rank p (written by that EP rank's first
+- `moe_experts_ep<p>.pt`: the expert state (weights and per-expert buffers) held by EP rank p (written by that EP rank's first
   EDP replica). DeepSpeed saves the module state only from data-parallel rank 0, which holds the
   experts of EP rank 0 only, and its per-expert files need DeepSpeed's own MoE module layout;
 - `rank_state_<r>.pt`: each rank's RNG states.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from moe_dist.parallel import runtime
-from moe_dist.parallel.grads import is_expert_param
+from moe_dist.moe.experts import GroupedExperts
 from moe_dist.parallel.groups import ParallelGroups
 
 LATEST = "latest"
@@ -82,7 +82,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def expert_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if is_expert_param(p)}
+    """Everything this rank's expert shards hold: the parameters and persistent buffers of every
+    `GroupedExperts` (e.g. a per-expert hidden-unit mask), keyed as in `module.state_dict()`."""
+    return {f"{name}.{key}": value.detach().cpu().clone()
+            for name, sub in module.named_modules() if isinstance(sub, GroupedExperts)
+            for key, value in sub.state_dict().items()}
 
 
 @dataclass
