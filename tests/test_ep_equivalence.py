@@ -52,6 +52,8 @@ ROUTER_CASES = [
                  "center_stat": "batch"}, layers=REPRESENTATIVE),
     dict(router={"type": "attentive"}, layers=REPRESENTATIVE),
     dict(router={"type": "attentive", "renormalize": True, "hidden": 8}, layers=REPRESENTATIVE),
+    # COMET's neuron mask inside experts: expert i's mask projection must not depend on ep_size.
+    dict(router={"type": "topk"}, layers=[dict(top_k=2, comet_active_fraction=0.25)]),
 ]
 
 
@@ -94,6 +96,13 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
     loss.backward()
     reduce_gradients(layer, groups)
 
+    lo, hi = layer.first_expert, layer.first_expert + layer.cfg.num_local_experts
+    ref_params = dict(ref.named_parameters())
+
+    def ref_slice(name: str, t: torch.Tensor) -> torch.Tensor:
+        """The reference's counterpart: expert tensors (params and buffers) hold every expert."""
+        return t[lo:hi] if name.startswith("experts.") else t
+
     torch.testing.assert_close(out.y, shard(out_ref.y, rank, world), **TOL, msg=lambda m: f"output {what}: {m}")
     assert (out.stream is None) == (out_ref.stream is None)
     if out.stream is not None:
@@ -101,7 +110,8 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
     # Statistics buffers (inhibition EMAs) fold in global statistics: equal on every rank.
     ref_buffers = dict(ref.named_buffers())
     for name, b in layer.named_buffers():
-        torch.testing.assert_close(b, ref_buffers[name], **TOL, msg=lambda m: f"buffer {name} {what}: {m}")
+        torch.testing.assert_close(b, ref_slice(name, ref_buffers[name]), **TOL,
+                                   msg=lambda m: f"buffer {name} {what}: {m}")
     torch.testing.assert_close(mean_over_ranks(loss, groups), loss_ref.detach(), **TOL)
     assert out.losses.keys() == out_ref.losses.keys()
     for name, value in out.losses.items():
@@ -112,11 +122,6 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
     # The local loss is W times this rank's share of the mean loss.
     torch.testing.assert_close(x_r.grad / world, shard(x_ref.grad, rank, world), **TOL)
 
-    lo, hi = layer.first_expert, layer.first_expert + layer.cfg.num_local_experts
-    ref_params = dict(ref.named_parameters())
-
-    def ref_slice(name: str, t: torch.Tensor) -> torch.Tensor:
-        return t[lo:hi] if name.startswith("experts.") else t
 
     for name, p in layer.named_parameters():
         torch.testing.assert_close(p.grad, ref_slice(name, ref_params[name].grad), **TOL,

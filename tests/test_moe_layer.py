@@ -145,3 +145,22 @@ def test_layer_rejects_groups_that_disagree_with_config():
 
     with pytest.raises(ValueError, match=r"ep_size \(2\)"):
         MoELayer(cfg(ep_size=2), groups=ParallelGroups.single())
+
+
+def test_comet_mask_inside_experts_keeps_k_hidden_units():
+    from moe_dist.routing.comet_mask import active_units
+
+    full = MoELayer(cfg(capacity_factor=0.0), seed=6)
+    masked = MoELayer(cfg(capacity_factor=0.0, comet_active_fraction=0.25), seed=6)
+    all_on = MoELayer(cfg(capacity_factor=0.0, comet_active_fraction=1.0), seed=6)
+    x = torch.randn(20, 16)
+    torch.testing.assert_close(all_on(x).y, full(x).y)  # p_k = 1 masks nothing
+    hidden = []
+    masked.experts.hidden_mask.register_forward_hook(lambda m, args, out: hidden.append(out))
+    assert not torch.allclose(masked(x).y, full(x).y)
+    # SwiGLU hidden width is d_ff = 32: each routed row keeps exactly round(0.25 * 32) = 8 units.
+    active_per_row = (hidden[0] != 0).sum(-1)
+    assert int(active_per_row.max()) == active_units(32, 0.25) == 8
+    assert "experts.hidden_mask.v_eDF" not in masked.state_dict()  # rebuilt from the seed, never loaded
+    with pytest.raises(ConfigError, match=r"comet_active_fraction must be in \(0, 1\] or null, got 1.5"):
+        cfg(comet_active_fraction=1.5)

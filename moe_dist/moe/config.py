@@ -57,6 +57,9 @@ class MoEConfig:
     ep_size: int = 1
     init_std: float = 0.02
     expert_impl: str = "auto"
+    # COMET's neuron-level mask inside each expert (ROUTERS.md §3): the fraction p_k of hidden
+    # units a token keeps, chosen by a frozen projection of its input. None: no mask.
+    comet_active_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
@@ -75,6 +78,8 @@ class MoEConfig:
         check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
               f"moe.num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         check(self.init_std > 0, f"moe.init_std must be > 0, got {self.init_std!r}")
+        check(self.comet_active_fraction is None or 0.0 < self.comet_active_fraction <= 1.0,
+              f"moe.comet_active_fraction must be in (0, 1] or null, got {self.comet_active_fraction!r}")
         check_choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice("moe.activation", self.activation, ACTIVATIONS)
         check_choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)

@@ -78,9 +78,14 @@ class GroupedExperts(nn.Module):
                 self.w_in_eDF[j].copy_(torch.randn(d_model, in_width, generator=g) * init_std)
                 self.w_out_eFD[j].copy_(torch.randn(d_ff, d_model, generator=g) * out_std)
 
+        # Optional `(h_NF, x_ND, counts_e) -> h_NF` applied to the hidden units (e.g. COMET's mask).
+        self.hidden_mask: nn.Module | None = None
+
     def forward(self, x_ND: Tensor, counts_e: list[int]) -> Tensor:
         h_NF = ffn_activation(grouped_matmul(x_ND, self.w_in_eDF.to(x_ND.dtype), counts_e, self.impl),
                               self.activation)
+        if self.hidden_mask is not None:
+            h_NF = self.hidden_mask(h_NF, x_ND, counts_e)
         return grouped_matmul(h_NF, self.w_out_eFD.to(x_ND.dtype), counts_e, self.impl)
 
 

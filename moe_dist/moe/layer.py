@@ -22,6 +22,7 @@ from moe_dist.moe.experts import DenseFFN, GroupedExperts, init_generator
 from moe_dist.moe.stats import route_statistics
 from moe_dist.parallel.groups import ParallelGroups, validate_parallel_sizes
 from moe_dist.routing.base import RoutingContext
+from moe_dist.routing.comet_mask import ExpertCometMask
 from moe_dist.routing.losses import routing_losses, weighted_total
 from moe_dist.routing.registry import build_router
 
@@ -63,6 +64,10 @@ class MoELayer(nn.Module):
                                       first_expert=self.first_expert, seed=seed,
                                       layer_index=layer_index, init_std=cfg.init_std,
                                       impl=cfg.expert_impl)
+        if cfg.comet_active_fraction is not None:
+            self.experts.hidden_mask = ExpertCometMask(
+                cfg.num_local_experts, self.first_expert, cfg.d_model, cfg.d_ff, cfg.comet_active_fraction,
+                seed=seed, layer_index=layer_index)
         for p in self.experts.parameters():
             # DeepSpeed's contract: not all-reduced over DP, reduced over this EDP group instead.
             p.allreduce = False

@@ -94,3 +94,24 @@ def mask_expert_hidden(h_NF: Tensor, u_ND: Tensor, v_eDF: Tensor, counts_e: list
     """
     scores_NF = grouped_matmul(u_ND.detach().float(), v_eDF.float(), counts_e)
     return h_NF * kwta_mask(scores_NF, k).to(h_NF.dtype)
+
+
+class ExpertCometMask(torch.nn.Module):
+    """COMET's neuron mask inside every local expert (`moe.comet_active_fraction`).
+
+    The projections are a non-persistent buffer: they are a function of (seed, layer, global
+    expert id), rebuilt identically at construction, so checkpoints need not carry them, and a
+    rank never loads another EP rank's copy from a shared module file.
+    """
+
+    def __init__(self, num_local: int, first_expert: int, d_model: int, d_ff: int, active_fraction: float, *,
+                 seed: int, layer_index: int) -> None:
+        super().__init__()
+        if not 0.0 < active_fraction <= 1.0:
+            raise ValueError(f"active_fraction must be in (0, 1], got {active_fraction!r}")
+        self.k = active_units(d_ff, active_fraction)
+        self.register_buffer("v_eDF", expert_mask_projections(num_local, first_expert, d_model, d_ff, seed=seed,
+                                                              layer_index=layer_index), persistent=False)
+
+    def forward(self, h_NF: Tensor, u_ND: Tensor, counts_e: list[int]) -> Tensor:
+        return mask_expert_hidden(h_NF, u_ND, self.v_eDF, counts_e, self.k)
