@@ -1,0 +1,218 @@
+"""The consolidated format: one world-size-independent state dict of the whole model, and the
+metadata to rebuild it, in a directory:
+
+    OUT/model.safetensors (or model.pt)   the ep_size=1 `MoETransformer.state_dict()`: experts
+                                          stacked [E, ...] under global ids, buffers included
+    OUT/moe_dist.json                     config (moe.ep_size 1), step, tokenizer, provenance
+
+`load_consolidated` puts it into a model of any EP size, each rank reading only its own expert
+slice (safetensors are read lazily, so a rank never holds other ranks' experts).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.files import SAFETENSORS, load_pt, read_json, write_json, write_weights
+from moe_dist.config_base import ConfigError, to_dict
+from moe_dist.model.config import ModelConfig, parse_model_config
+from moe_dist.model.transformer import MoETransformer
+
+META_FILE = "moe_dist.json"
+FORMAT = "moe_dist.consolidated"
+FORMAT_VERSION = 1
+WEIGHT_FILES = {"safetensors": "model.safetensors", "torch": "model.pt"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64", "I32": "int32",
+                       "BOOL": "bool", "F64": "float64"}
+# Config keys that decide which tensors exist and their shapes: a model to load into must agree.
+_STRUCTURE = {"model": ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "moe_every", "moe_offset",
+                        "activation", "tie_embeddings"),
+              "moe": ("num_experts", "d_ff", "activation", "num_shared_experts")}
+
+
+def single_rank_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config with moe.ep_size 1: the layout the consolidated tensors are in."""
+    config = copy.deepcopy(config)
+    if config.get("moe"):
+        config["moe"]["ep_size"] = 1
+    return config
+
+
+def write_consolidated(out_dir: str, state: dict[str, torch.Tensor], meta: dict[str, Any],
+                       fmt: str = SAFETENSORS) -> str:
+    """Write weights and metadata into the (staged) directory `out_dir`; returns the weights path."""
+    weights = os.path.join(out_dir, WEIGHT_FILES[fmt])
+    write_weights(weights, state, fmt, metadata={"format": FORMAT} if fmt == SAFETENSORS else None)
+    write_json(os.path.join(out_dir, META_FILE), {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                  "weights_file": os.path.basename(weights), **meta})
+    return weights
+
+
+@dataclass
+class ConsolidatedCheckpoint:
+    path: str  # the directory
+    meta: dict[str, Any]
+    model_cfg: ModelConfig
+
+    @property
+    def weights_path(self) -> str:
+        return os.path.join(self.path, self.meta["weights_file"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta["config"]
+
+    @property
+    def step(self) -> int | None:
+        return self.meta.get("step")
+
+    @classmethod
+    def is_consolidated(cls, path: str) -> bool:
+        return os.path.isfile(os.path.join(path, META_FILE))
+
+    @classmethod
+    def open(cls, path: str) -> "ConsolidatedCheckpoint":
+        meta_path = os.path.join(path, META_FILE)
+        meta = read_json(meta_path, "consolidated metadata")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path!r} is not moe_dist consolidated metadata (format "
+                                  f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{meta_path!r} has format_version {meta.get('format_version')!r}; this "
+                                  f"moe_dist reads version {FORMAT_VERSION}")
+        try:
+            model_cfg = parse_model_config(meta["config"]["model"], meta["config"].get("moe"))
+        except (ConfigError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{meta_path!r}: the stored model config is invalid: {e}") from None
+        ckpt = cls(path=path, meta=meta, model_cfg=model_cfg)
+        if not os.path.isfile(ckpt.weights_path):
+            raise CheckpointError(f"missing weights file {ckpt.weights_path!r} (named by {meta_path!r})")
+        return ckpt
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        with _WeightsReader(self.weights_path) as reader:
+            return {name: reader.tensor(name) for name in reader.names()}
+
+
+class _WeightsReader:
+    """Tensors (or dim-0 slices of them) of a safetensors or torch weights file by name."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._handle = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def __enter__(self) -> "_WeightsReader":
+        if self.path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                self._handle = safe_open(self.path, framework="pt").__enter__()
+            except Exception as e:  # SafetensorError for a bad header, OSError for a short file
+                raise CheckpointError(f"cannot read weights file {self.path!r} ({type(e).__name__}: {e}); "
+                                      f"the file is truncated or corrupted") from None
+        else:
+            self._state = load_pt(self.path, "consolidated weights")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(*exc)
+
+    def names(self) -> list[str]:
+        return list(self._handle.keys()) if self._handle is not None else list(self._state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._handle is not None:
+            return tuple(self._handle.get_slice(name).get_shape())
+        return tuple(self._state[name].shape)
+
+    def dtype(self, name: str) -> str:
+        """torch's dtype name ("float32", "bfloat16", "int64", ...)."""
+        if self._handle is not None:
+            return _SAFETENSORS_DTYPES.get(self._handle.get_slice(name).get_dtype(), "unknown")
+        return str(self._state[name].dtype).replace("torch.", "")
+
+    def tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        try:
+            if self._handle is not None:
+                return self._handle.get_slice(name)[rows] if rows else self._handle.get_tensor(name)
+            return self._state[name][rows] if rows else self._state[name]
+        except Exception as e:  # a header that promises more bytes than the file has
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.path!r} ({type(e).__name__}: {e}); "
+                                  f"the file is truncated or corrupted") from None
+
+
+def tensor_shapes(weights_path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shape and dtype name of every tensor of a weights file (safetensors: header only)."""
+    with _WeightsReader(weights_path) as reader:
+        names = reader.names()
+        return {n: reader.shape(n) for n in names}, {n: reader.dtype(n) for n in names}
+
+
+def _check_structure(stored: dict[str, Any], cfg: ModelConfig, where: str) -> None:
+    ours = {"model": to_dict(cfg), "moe": to_dict(cfg.moe) if cfg.moe else None}
+    ours["model"].pop("moe")
+    for section, keys in _STRUCTURE.items():
+        if (stored.get(section) is None) != (ours[section] is None):
+            raise CheckpointError(f"{where}: the checkpoint {'has' if stored.get(section) else 'lacks'} a "
+                                  f"{section!r} section, the model does not")
+        for key in keys if ours[section] is not None else ():
+            if stored[section].get(key) != ours[section][key]:
+                raise CheckpointError(f"{where}: {section}.{key} is {stored[section].get(key)!r} in the "
+                                      f"checkpoint but {ours[section][key]!r} in the model")
+    if ours["moe"] is not None and stored["moe"]["router"]["type"] != cfg.moe.router.type:
+        raise CheckpointError(f"{where}: moe.router.type is {stored['moe']['router']['type']!r} in the "
+                              f"checkpoint but {cfg.moe.router.type!r} in the model")
+
+
+def _expert_slices(model: MoETransformer) -> dict[str, slice]:
+    """Stacked expert tensor name -> this rank's rows of the global [E, ...] tensor."""
+    out = {}
+    for layer_index, moe in model.moe_layers():
+        rows = slice(moe.first_expert, moe.first_expert + moe.cfg.num_local_experts)
+        for name, _ in moe.experts.named_parameters():
+            out[f"blocks.{layer_index}.moe.experts.{name}"] = rows
+    return out
+
+
+def load_consolidated(model: nn.Module, path: str) -> None:
+    """Load a consolidated checkpoint (its directory or weights file) into `model`, a
+    `MoETransformer` of any EP size (or the trainer's engine module around one): dense tensors
+    whole, this rank's experts as rows [first_expert, first_expert + num_local) of each stacked
+    tensor. Every tensor must be present with the right shape (strict)."""
+    target = model.model if isinstance(getattr(model, "model", None), MoETransformer) else model
+    if not isinstance(target, MoETransformer):
+        raise TypeError(f"load_consolidated needs a MoETransformer, got {type(model).__name__}")
+    if os.path.isdir(path):
+        ckpt = ConsolidatedCheckpoint.open(path)
+        _check_structure(ckpt.config, target.cfg, os.path.join(path, META_FILE))
+        weights = ckpt.weights_path
+    else:
+        weights = path
+        if not os.path.isfile(weights):
+            raise CheckpointError(f"consolidated checkpoint {path!r} does not exist")
+    slices = _expert_slices(target)
+    expected = target.state_dict()
+    with _WeightsReader(weights) as reader:
+        names = set(reader.names())
+        missing = sorted(set(expected) - names)
+        unexpected = sorted(names - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{weights!r} does not match the model: missing {missing}, unexpected "
+                                  f"{unexpected}")
+        state = {}
+        for name, ref in expected.items():
+            shape = reader.shape(name)
+            want = ((target.cfg.moe.num_experts, *ref.shape[1:]) if name in slices else tuple(ref.shape))
+            if shape != tuple(want):
+                raise CheckpointError(f"{weights!r}: {name} has shape {shape}, the model expects {tuple(want)}")
+            state[name] = reader.tensor(name, slices.get(name))
+    target.load_state_dict(state, strict=True)
