@@ -1,0 +1,124 @@
+"""Command line of tools/convert_checkpoint.py: one parser with a subcommand per conversion.
+Conversion errors (CheckpointError) print one line naming the file and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moe_dist.checkpoint.consolidate import consolidate
+from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.export_hf import ARCHITECTURES, export_hf
+from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS
+from moe_dist.checkpoint.reshard import reshard
+from moe_dist.checkpoint.sources import open_checkpoint
+from moe_dist.checkpoint.summary import format_summary, summarize, summary_json
+
+CKPT_HELP = ("a training checkpoint directory (uses its 'latest' tag unless --tag) or one tag directory; "
+             "inspect and export-hf also take a consolidated directory")
+DESCRIPTION = """Convert moe_dist checkpoints. Outputs are written to a temporary sibling of OUT and
+renamed into place only when the whole conversion succeeded; OUT must not exist (or --overwrite).
+
+  inspect      print layers, experts, routers, the EP/world size it was saved with, dtypes,
+               parameter counts (total and active per token), step and config
+  consolidate  one world-size-independent state dict (experts stacked [E, ...] under global ids,
+               the ep_size=1 model's names) + moe_dist.json; load it with
+               moe_dist.checkpoint.load_consolidated(model, OUT) at any EP size
+  reshard      the checkpoint for another expert-parallel size / world size, optimizer state
+               included; resume from it with --set moe.ep_size=N --set train.checkpoint_dir=OUT
+  export-hf    a Hugging Face directory: MixtralForCausalLM when Mixtral expresses the model
+               exactly, else custom modeling code (trust_remote_code=True)
+"""
+
+
+def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help=CKPT_HELP)
+    if out:
+        p.add_argument("out", metavar="OUT", help="output directory (must not exist)")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tag", default=None, help="checkpoint tag (e.g. step_00001000) instead of 'latest'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="summarize a checkpoint", description="Summarize a checkpoint: "
+                       "layers, experts per layer, ep_size and world size it was saved with, router types, "
+                       "dtypes, parameter counts (total and active per token), step and config.")
+    _common(p, out=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("consolidate", help="one world-size-independent state dict",
+                       description="Merge every EP rank's experts (and, with --master-weights, the ZeRO-1/2 "
+                       "fp32 master partitions) into the ep_size=1 model's state dict: OUT/model.safetensors "
+                       "(or model.pt) and OUT/moe_dist.json.")
+    _common(p)
+    p.add_argument("--master-weights", action="store_true",
+                   help="take parameters from the optimizer's fp32 master weights (ZeRO partitions) instead of "
+                        "the module weights (they differ under bf16); buffers always come from the module")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast floating tensors (default: as saved)")
+    p.add_argument("--format", choices=WEIGHT_FORMATS, default="safetensors", dest="fmt")
+
+    p = sub.add_parser("reshard", help="change the expert-parallel size (and world size)",
+                       description="Write the checkpoint as a run with --ep-size (and --world-size) would have: "
+                       "weights re-sliced, ZeRO optimizer partitions (fp32 master weights, Adam moments) rebuilt "
+                       "for the new layout, LR scheduler and step carried over. OUT is a checkpoint directory "
+                       "with 'latest'.")
+    _common(p)
+    p.add_argument("--ep-size", type=int, required=True, help="new expert-parallel size")
+    p.add_argument("--world-size", type=int, default=None, help="new world size (default: unchanged)")
+
+    p = sub.add_parser("export-hf", help="a Hugging Face transformers directory",
+                       description="Write config.json, model.safetensors and (for SentencePiece checkpoints) "
+                       "tokenizer files. Mixtral when it expresses the model exactly (every layer MoE, SwiGLU, "
+                       "topk router with renormalize, no shared experts, no active selection bias), else a "
+                       "self-contained custom architecture loaded with trust_remote_code=True.")
+    _common(p)
+    p.add_argument("--architecture", choices=ARCHITECTURES, default="auto",
+                   help="auto: Mixtral when possible; mixtral: fail unless possible; custom: always custom code")
+    p.add_argument("--master-weights", action="store_true", help="as for consolidate")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="the SentencePiece .model file, if it moved since training (checked by sha256)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    progress = not getattr(args, "quiet", False)
+    if args.command == "inspect":
+        summary = summarize(open_checkpoint(args.ckpt, args.tag))
+        print(summary_json(summary) if args.json else format_summary(summary))
+    elif args.command == "consolidate":
+        consolidate(args.ckpt, args.out, tag=args.tag, master_weights=args.master_weights, dtype=args.dtype,
+                    fmt=args.fmt, overwrite=args.overwrite, progress=progress)
+        print(f"wrote consolidated checkpoint {args.out}")
+    elif args.command == "reshard":
+        result = reshard(args.ckpt, args.out, ep_size=args.ep_size, world_size=args.world_size, tag=args.tag,
+                         overwrite=args.overwrite, progress=progress)
+        print(f"wrote {result.out} (tag {result.tag}): ep_size {result.ep_size}, world size {result.world_size}, "
+              f"optimizer state resharded")
+        for note in result.notes:
+            print(f"  - {note}")
+    elif args.command == "export-hf":
+        result = export_hf(args.ckpt, args.out, tag=args.tag, architecture=args.architecture,
+                           master_weights=args.master_weights, dtype=args.dtype,
+                           tokenizer_model=args.tokenizer_model, overwrite=args.overwrite, progress=progress)
+        how = ("MixtralForCausalLM (no custom code)" if result.architecture == "mixtral"
+               else "custom MoEDistForCausalLM (load with trust_remote_code=True)")
+        print(f"wrote {result.out}: {how}{', tokenizer files' if result.tokenizer else ''}")
+        for reason in result.reasons:
+            print(f"  - not Mixtral: {reason}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
