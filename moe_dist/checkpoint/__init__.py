@@ -5,7 +5,7 @@ CLI: tools/convert_checkpoint.py; formats and mappings: docs/checkpoints.md.
 """
 
 from moe_dist.checkpoint.consolidate import consolidate
-from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint, load_consolidated
+from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint, load_consolidated, save_consolidated
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.export_hf import export_hf
 from moe_dist.checkpoint.reshard import reshard
@@ -14,4 +14,4 @@ from moe_dist.checkpoint.summary import summarize
 from moe_dist.checkpoint.training_source import TrainingCheckpoint
 
 __all__ = ["CheckpointError", "ConsolidatedCheckpoint", "TrainingCheckpoint", "consolidate", "export_hf",
-           "load_consolidated", "open_checkpoint", "reshard", "summarize"]
+           "load_consolidated", "open_checkpoint", "reshard", "save_consolidated", "summarize"]

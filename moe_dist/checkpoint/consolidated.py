@@ -21,6 +21,7 @@ from torch import nn
 
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.files import SAFETENSORS, load_pt, read_json, write_json, write_weights
+from moe_dist.checkpoint.staging import staged_directory
 from moe_dist.config_base import ConfigError, to_dict
 from moe_dist.model.config import ModelConfig, parse_model_config
 from moe_dist.model.transformer import MoETransformer
@@ -53,6 +54,24 @@ def write_consolidated(out_dir: str, state: dict[str, torch.Tensor], meta: dict[
     write_json(os.path.join(out_dir, META_FILE), {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                   "weights_file": os.path.basename(weights), **meta})
     return weights
+
+
+def save_consolidated(model: MoETransformer, out: str, *, data: dict[str, Any] | None = None, step: int | None = None,
+                      fmt: str = SAFETENSORS, overwrite: bool = False) -> str:
+    """Write a single-process (ep_size 1) model in the consolidated format, e.g. after fine-tuning
+    or evaluation outside the trainer; `data` is the run config's data section (it names the
+    tokenizer for export-hf; default: the byte tokenizer)."""
+    if model.cfg.moe is not None and model.cfg.moe.ep_size != 1:
+        raise CheckpointError(f"save_consolidated needs an ep_size 1 model (all experts in one process), got "
+                              f"ep_size {model.cfg.moe.ep_size}; use `consolidate` on a training checkpoint")
+    config = {"model": to_dict(model.cfg), "data": data or {"tokenizer": {"kind": "byte", "model": None}}}
+    config["moe"] = config["model"].pop("moe")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    meta = {"config": config, "step": step, "tokenizer": None, "weights": "module", "dtype": "as saved",
+            "buffers": sorted(name for name, _ in model.named_buffers() if name in state), "source": None}
+    with staged_directory(out, overwrite) as tmp:
+        write_consolidated(tmp, state, meta, fmt)
+    return out
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """The tokenizer side of a Hugging Face export.
 
 A checkpoint trained with a SentencePiece model gets `tokenizer.model` (the same file, checked
-against the digest the trainer recorded) and a `tokenizer_config.json` for transformers'
-`LlamaTokenizer`, which converts the SentencePiece BPE/unigram model to a fast tokenizer with
-byte fallback and no BOS/EOS added. It reproduces moe_dist's ids except at the very start of a
-text that begins with whitespace: SentencePiece always adds its dummy-prefix piece there, while
-transformers skips the prefix when the text already starts with a space (one piece fewer).
+against the digest the trainer recorded) and the fast `tokenizer.json` that transformers'
+`LlamaTokenizer` converts it to (BPE or unigram, byte fallback, no BOS/EOS added). It reproduces
+moe_dist's ids except at the very start of a text that begins with whitespace: SentencePiece
+always adds its dummy-prefix piece there, while transformers skips the prefix when the text
+already starts with a space (one piece fewer).
 Decoding is identical. The built-in byte tokenizer has no transformers counterpart: the export
 records its special ids in config.json (end-of-document 256) and writes no tokenizer files.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from typing import Any
 
 from moe_dist.checkpoint.errors import CheckpointError
@@ -55,22 +56,31 @@ def special_token_ids(sp_model: str | None) -> dict[str, int | None]:
 
 
 def write_tokenizer(sp_model: str | None, out_dir: str, max_length: int) -> None:
+    """tokenizer.json (+ tokenizer_config.json) as transformers' LlamaTokenizer converts the
+    SentencePiece model, and the model itself as tokenizer.model. The fast tokenizer.json is what
+    makes AutoTokenizer right whatever config.json's model_type maps to (for `mixtral` it picks
+    the generic TokenizersBackend, which reads only tokenizer.json)."""
     if sp_model is None:
         return
+    try:
+        from transformers import LlamaTokenizer
+    except ImportError:
+        raise CheckpointError("exporting a SentencePiece tokenizer needs transformers: pip install "
+                              "'moe_dist[hf]'") from None
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+
+    def piece(i: int) -> str | None:
+        return sp.id_to_piece(i) if i >= 0 else None
+
+    with tempfile.TemporaryDirectory() as src:
+        shutil.copyfile(sp_model, os.path.join(src, "tokenizer.model"))
+        write_json(os.path.join(src, "tokenizer_config.json"), {
+            "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": False, "add_eos_token": False,
+            "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
+            "pad_token": piece(sp.pad_id()), "clean_up_tokenization_spaces": False})
+        tokenizer = LlamaTokenizer.from_pretrained(src)
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(out_dir)
     shutil.copyfile(sp_model, os.path.join(out_dir, "tokenizer.model"))
-    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "LlamaTokenizer",
-        "legacy": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "bos_token": piece(sp.bos_id()),
-        "eos_token": piece(sp.eos_id()),
-        "unk_token": piece(sp.unk_id()),
-        "pad_token": piece(sp.pad_id()),
-        "model_max_length": max_length,
-        "clean_up_tokenization_spaces": False,
-    })
