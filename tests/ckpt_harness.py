@@ -35,12 +35,17 @@ N = 2  # steps before the checkpoint that is resharded; runs go to 2N
 VOCAB, SEQ = 257, 16
 
 
-def run_config(ep_size: int, checkpoint_dir: str, *, deepspeed_config: str | None = None, steps: int = 2 * N):
+def run_config(ep_size: int, checkpoint_dir: str, *, deepspeed_config: str | None = None, steps: int = 2 * N,
+               micro_batch: int = 2, dropless: bool = False):
+    """`dropless`: capacity is per rank, so only without drops do runs at different world sizes
+    route the same tokens the same way."""
     return parse_run_config(tiny_config(
         model=dict(moe_every=1, moe_offset=0, max_seq_len=SEQ),
-        moe=dict(ep_size=ep_size, eval_capacity_factor=0.0, router={"type": "topk", "renormalize": True}),
+        moe=dict(ep_size=ep_size, eval_capacity_factor=0.0, dropless=dropless,
+                 router={"type": "topk", "renormalize": True}),
         train=dict(deepspeed_config=deepspeed_config or os.path.join(REPO, "configs/deepspeed/zero1_cpu.json"),
-                   steps=steps, seq_len=SEQ, grad_accum=1, checkpoint_interval=N, checkpoint_dir=checkpoint_dir)))
+                   steps=steps, seq_len=SEQ, micro_batch=micro_batch, grad_accum=1, checkpoint_interval=N,
+                   checkpoint_dir=checkpoint_dir)))
 
 
 def fixed_tokens() -> torch.Tensor:
@@ -53,7 +58,7 @@ def eval_logits(model) -> torch.Tensor:
         return model(fixed_tokens()).logits_BSV
 
 
-def _train(cfg, tmp: str, name: str) -> None:
+def train_and_record(cfg, tmp: str, name: str) -> None:
     trainer = Trainer(cfg, preflight(cfg, runtime.world_size(), cfg.train.deepspeed_config))
     result = trainer.run()
     logits = eval_logits(trainer.model)  # collective at ep_size > 1: every rank runs it
@@ -62,14 +67,18 @@ def _train(cfg, tmp: str, name: str) -> None:
         dump_json(os.path.join(tmp, f"{name}.json"), result.losses)
 
 
+def resume_and_record(ckpt: str, tmp: str, name: str, ep_size: int, **cfg_kw) -> None:
+    result = pretrain(run_config(ep_size, ckpt, **cfg_kw), resume=True)
+    if runtime.rank() == 0:
+        dump_json(os.path.join(tmp, f"{name}.json"), result.losses)
+
+
 def _reshard_and_resume(src: str, tmp: str, name: str, ep_size: int, **cfg_kw) -> None:
     out = os.path.join(tmp, f"{name}_ckpt")
     if runtime.rank() == 0:
         reshard(src, out, ep_size=ep_size, tag=tag_for_step(N), progress=False)
     runtime.barrier()
-    result = pretrain(run_config(ep_size, out, **cfg_kw), resume=True)
-    if runtime.rank() == 0:
-        dump_json(os.path.join(tmp, f"{name}.json"), result.losses)
+    resume_and_record(out, tmp, name, ep_size, **cfg_kw)
 
 
 def _load_consolidated_at(ep_size: int, tmp: str) -> None:
@@ -83,7 +92,7 @@ def _load_consolidated_at(ep_size: int, tmp: str) -> None:
 
 def training_worker(rank: int, world: int, tmp: str) -> None:
     a, c = os.path.join(tmp, "a"), os.path.join(tmp, "c")
-    _train(run_config(2, a), tmp, "a")
+    train_and_record(run_config(2, a), tmp, "a")
     if rank == 0:
         consolidate(a, os.path.join(tmp, "a_consolidated"), progress=False)
     runtime.barrier()
@@ -91,14 +100,14 @@ def training_worker(rank: int, world: int, tmp: str) -> None:
     _load_consolidated_at(1, tmp)
     _reshard_and_resume(a, tmp, "b", ep_size=1)
     zero2 = os.path.join(REPO, "configs/deepspeed/zero2_cpu.json")
-    _train(run_config(1, c, deepspeed_config=zero2), tmp, "c")
+    train_and_record(run_config(1, c, deepspeed_config=zero2), tmp, "c")
     _reshard_and_resume(c, tmp, "d", ep_size=2, deepspeed_config=zero2)
     bf16 = os.path.join(tmp, "zero2_bf16.json")
     if rank == 0:
         dump_json(bf16, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "gradient_clipping": 1.0,
                          "steps_per_print": 10**9})
     runtime.barrier()
-    _train(run_config(2, os.path.join(tmp, "e"), deepspeed_config=bf16, steps=N), tmp, "e")
+    train_and_record(run_config(2, os.path.join(tmp, "e"), deepspeed_config=bf16, steps=N), tmp, "e")
 
 
 def read_losses(path: str) -> dict[int, float]:

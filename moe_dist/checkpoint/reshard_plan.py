@@ -50,11 +50,13 @@ def _chunks(names: list[str], numel: Callable[[str], int], max_size: int) -> lis
     return [c for c in chunks if c]
 
 
-def plan_groups(groups: list[ZeroGroup], local_numel: Callable[[str], int], ep_size: int) -> list[PlannedGroup]:
+def plan_groups(groups: list[ZeroGroup], local_numel: Callable[[str], int], ep_size: int,
+                max_group_size: int | None = None) -> list[PlannedGroup]:
     """Groups for EP size `ep_size`, in the checkpoint's order. Consecutive expert groups with
     equal hyperparameters are the chunks of one split group (the trainer derives at most one
     expert group per dense group, and dense groups differ in weight decay) and are re-chunked
-    together with the new local sizes."""
+    together with the new local sizes (`max_group_size`: DeepSpeed's default unless given)."""
+    max_group_size = max_group_size or max_moe_group_size()
     out: list[PlannedGroup] = []
     i = 0
     while i < len(groups):
@@ -68,7 +70,7 @@ def plan_groups(groups: list[ZeroGroup], local_numel: Callable[[str], int], ep_s
             names += groups[j].names
             j += 1
         hyper = {**first.hyper, "name": expert_group_name(ep_size)}
-        for chunk in _chunks(names, local_numel, max_moe_group_size()):
+        for chunk in _chunks(names, local_numel, max_group_size):
             out.append(PlannedGroup(source=i, hyper=hyper, names=chunk, is_moe=True))
         i = j
     return out

@@ -95,6 +95,9 @@ class FlatGroupLayout:
 
     def unflatten(self, lean_flat: Tensor) -> dict[str, Tensor]:
         """Parameters from the concatenated lean partitions (length `data_numel`)."""
+        if lean_flat.numel() != self.data_numel:
+            raise ValueError(f"the lean partitions hold {lean_flat.numel()} elements, the parameters "
+                             f"{list(self.names)} and their paddings need {self.data_numel}")
         return {name: lean_flat[offset:offset + math.prod(shape)].view(shape)
                 for name, shape, offset in zip(self.names, self.shapes, self.offsets)}
 
