@@ -59,24 +59,6 @@ def write_weights(path: str, state: dict[str, torch.Tensor], fmt: str, metadata:
         raise CheckpointError(f"weight format must be one of {list(WEIGHT_FORMATS)}, got {fmt!r}")
 
 
-def read_weights(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a `.safetensors` or `.pt` weights file."""
-    if path.endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"missing weights file {path!r}")
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors raises its own SafetensorError for a bad header or size
-            raise CheckpointError(f"cannot read weights file {path!r} ({type(e).__name__}: {e}); the file "
-                                  f"is truncated or corrupted") from None
-    state = load_pt(path, "weights")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"weights file {path!r} must hold a dict of tensors")
-    return state
-
-
 def write_json(path: str, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
