@@ -90,6 +90,17 @@ def _load_consolidated_at(ep_size: int, tmp: str) -> None:
         torch.save(logits, os.path.join(tmp, f"loaded_ep{ep_size}_logits.pt"))
 
 
+def _init_from_consolidated(tmp: str) -> None:
+    """A fresh run at another EP size (1, i.e. 2 expert-data-parallel replicas) starting from
+    the consolidated a@2N: its model holds the trained weights before the first step."""
+    cfg = run_config(1, os.path.join(tmp, "f"))
+    cfg.train.init_from = os.path.join(tmp, "a_consolidated")
+    trainer = Trainer(cfg, preflight(cfg, runtime.world_size(), cfg.train.deepspeed_config))
+    logits = eval_logits(trainer.model)
+    if runtime.rank() == 0:
+        torch.save(logits, os.path.join(tmp, "init_from_logits.pt"))
+
+
 def training_worker(rank: int, world: int, tmp: str) -> None:
     a, c = os.path.join(tmp, "a"), os.path.join(tmp, "c")
     train_and_record(run_config(2, a), tmp, "a")
@@ -98,6 +109,7 @@ def training_worker(rank: int, world: int, tmp: str) -> None:
     runtime.barrier()
     _load_consolidated_at(2, tmp)
     _load_consolidated_at(1, tmp)
+    _init_from_consolidated(tmp)
     _reshard_and_resume(a, tmp, "b", ep_size=1)
     zero2 = os.path.join(REPO, "configs/deepspeed/zero2_cpu.json")
     train_and_record(run_config(1, c, deepspeed_config=zero2), tmp, "c")

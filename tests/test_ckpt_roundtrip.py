@@ -62,6 +62,20 @@ def test_consolidated_checkpoint_gives_the_trained_models_logits(runs, tmp_path,
     torch.testing.assert_close(logits_of(single_process_model(out)), trained, **TIGHT)
 
 
+def test_training_initialized_from_a_consolidated_checkpoint_starts_from_its_weights(runs):
+    torch.testing.assert_close(torch.load(runs / "init_from_logits.pt"), torch.load(runs / "a_logits.pt"), **TIGHT)
+
+
+def test_init_from_that_is_not_a_consolidated_checkpoint_is_refused_before_training(tmp_path):
+    from moe_dist.config_base import ConfigError
+    from moe_dist.train.preflight import check_init_from
+
+    with pytest.raises(ConfigError, match=r"train.init_from '.*nowhere' is not a directory"):
+        check_init_from(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"train.init_from: .*moe_dist.json"):
+        check_init_from(str(tmp_path))
+
+
 def test_load_consolidated_at_any_ep_size(runs):
     trained = torch.load(runs / "a_logits.pt")
     # ep_size 2 on 2 ranks: the trained model's own layout and computation, bit for bit

@@ -18,7 +18,7 @@ import os
 import re
 
 from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.train.checkpoint import LATEST, read_latest
+from moe_dist.train.checkpoint import LATEST, experts_file, rank_state_file, read_latest  # noqa: F401 (re-exported)
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 # `EngineModule.model`: the prefix of every model tensor in DeepSpeed's files.
@@ -27,14 +27,6 @@ CLIENT_KEY = "moe_dist"  # the trainer's entry in DeepSpeed's client_state
 
 # A stacked expert tensor of an MoE layer in the bare model's state dict (`GroupedExperts`).
 _EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.moe\.experts\.[^.]+$")
-
-
-def experts_file(tag_dir: str, ep_rank: int) -> str:
-    return os.path.join(tag_dir, f"moe_experts_ep{ep_rank:03d}.pt")
-
-
-def rank_state_file(tag_dir: str, rank: int) -> str:
-    return os.path.join(tag_dir, f"rank_state_{rank:05d}.pt")
 
 
 def zero_file(tag_dir: str, dp_rank: int, bf16: bool) -> str:

@@ -75,6 +75,10 @@ class TrainSection:
     seed: int = 1234  # model initialization and per-rank RNG streams
     # CPU only: torch threads per rank (None: this node's cores / processes on it).
     cpu_threads: int | None = None
+    # A consolidated checkpoint (tools/convert_checkpoint.py consolidate) to start from, at any
+    # ep_size, with a fresh optimizer and step 0: fine-tuning. Ignored by --resume, which
+    # continues the run's own checkpoint.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("seq_len", 1), ("micro_batch", 1), ("grad_accum", 1),

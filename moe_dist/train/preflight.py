@@ -9,6 +9,7 @@ tokenizer vocabulary vs the model, domain labels vs `model.num_labels`, the chec
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,22 @@ def check_checkpoint_dir(checkpoint_dir: str | None, resume: bool) -> None:
             f"empty folder (a fresh run would overwrite it)")
 
 
+def check_init_from(path: str | None) -> None:
+    """A consolidated checkpoint's metadata must be readable before any process starts."""
+    if path is None:
+        return
+    from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
+    from moe_dist.checkpoint.errors import CheckpointError
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"train.init_from {path!r} is not a directory; expected the output folder of "
+                          f"'tools/convert_checkpoint.py consolidate'")
+    try:
+        ConsolidatedCheckpoint.open(path)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+
+
 def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False) -> Preflight:
     moe = cfg.model.moe
     if moe is not None:
@@ -67,4 +84,5 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
                           f"model.num_labels is {cfg.model.num_labels}; set it to at least "
                           f"{len(domain_names)}")
     check_checkpoint_dir(cfg.train.checkpoint_dir, resume)
+    check_init_from(cfg.train.init_from)
     return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names)

@@ -21,6 +21,7 @@ from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train import checkpoint
 from moe_dist.train.config import RunConfig
+from moe_dist.checkpoint.consolidated import load_consolidated
 from moe_dist.train.engine import build_engine
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.preflight import Preflight, preflight
@@ -65,6 +66,10 @@ class Trainer:
         # Per-rank RNG streams (router jitter and the like); model weights use their own seeds.
         torch.manual_seed(train.seed * 100_003 + self.rank)
         self.model = MoETransformer(cfg.model, seed=train.seed, groups=self.groups)
+        if train.init_from:
+            # Before the engine exists: ZeRO's fp32 master copies are taken from these weights.
+            load_consolidated(self.model, train.init_from)
+            log0(f"initialized from consolidated checkpoint {train.init_from}")
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, train, checks.ds_config)
         self.device = self.engine.device
         self.global_batch = checks.ds_config["train_batch_size"]
