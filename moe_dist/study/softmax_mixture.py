@@ -1,0 +1,35 @@
+"""The original MoE gate as the attentive gate's baseline: the same MLP experts and gate trunk
+as `AttentiveMixture`, but the gate is a plain softmax over a linear read-out of the trunk,
+`p(e|x) = softmax(W_g act(G x + b))`, instead of query-key attention (this study's choice of
+"original gate": a trunk of the same width keeps the comparison about attention, not depth).
+
+Legend: B inputs, I input width, O output width, E experts, H gate/expert hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moe_dist.routing.attentive_dense import GATE_ACTIVATIONS, AttentiveMixtureOutput, MLPExpert, masked_softmax
+
+
+class SoftmaxGateMixture(nn.Module):
+    def __init__(self, d_in: int, d_out: int, num_experts: int = 5, hidden: int = 32, *, expert_depth: int = 1,
+                 top_k: int | None = None, activation: str = "relu") -> None:
+        super().__init__()
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
+        self.top_k = top_k
+        self.experts = nn.ModuleList(MLPExpert(d_in, d_out, hidden, expert_depth, activation)
+                                     for _ in range(num_experts))
+        self.gate_trunk = nn.Linear(d_in, hidden)
+        self.gate_out = nn.Linear(hidden, num_experts)
+        self.act = GATE_ACTIVATIONS[activation]
+
+    def forward(self, x_BI: Tensor) -> AttentiveMixtureOutput:
+        out_BEO = torch.stack([expert.head(expert.hidden(x_BI)) for expert in self.experts], dim=1)
+        scores_BE = self.gate_out(self.act(self.gate_trunk(x_BI)))
+        probs_BE = masked_softmax(scores_BE, self.top_k)
+        y_BO = torch.einsum("be,beo->bo", probs_BE, out_BEO)
+        return AttentiveMixtureOutput(y_BO=y_BO, probs_BE=probs_BE, scores_BE=scores_BE, expert_out_BEO=out_BEO)
