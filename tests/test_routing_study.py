@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from moe_dist.study import comet_width, common_mode, digits_gates, language_model
 from moe_dist.study.claims import direction_verdict
@@ -55,7 +56,9 @@ def test_results_do_not_depend_on_the_number_of_workers():
     budget = asdict(comet_width.QUICK)
     tasks = comet_width.tasks(comet_width.QUICK)[:3]
     assert all(t.kwargs["budget"] == budget for t in tasks)
+    threads = torch.get_num_threads()
     alone = run_tasks(tasks, workers=1, log=lambda line: None)
+    assert torch.get_num_threads() == threads  # the in-process run restores the caller's setting
     pooled = run_tasks(tasks, workers=2, log=lambda line: None)
     assert alone == pooled
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):

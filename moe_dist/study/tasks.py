@@ -65,18 +65,25 @@ def _timed(task: Task) -> tuple[dict[str, Any], float]:
 
 def run_tasks(tasks: list[Task], workers: int, log: Callable[[str], None] = print,
               progress_every_s: float = 10.0) -> list[dict[str, Any]]:
-    """Results in the order of `tasks`. `workers` 1 runs in this process (no start-up cost, the
-    caller's thread setting); more use spawned processes (a forked copy of a process that has
-    run torch's thread pools can deadlock)."""
+    """Results in the order of `tasks`. `workers` 1 runs in this process (no start-up cost), with
+    one intra-op thread like a worker for the duration (the caller's setting is restored: idle
+    intra-op threads spin, and on a busy machine that made the quick run up to 10x slower); more
+    use spawned processes (a forked copy of a process that has run torch's thread pools can
+    deadlock)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     progress = _Progress(tasks, log, progress_every_s)
     results: list[dict[str, Any] | None] = [None] * len(tasks)
     order = sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)  # long runs first: no straggler tail
     if workers == 1:
-        for i in order:
-            results[i], seconds = _timed(tasks[i])
-            progress.finished(tasks[i], seconds)
+        threads = torch.get_num_threads()
+        _single_thread()
+        try:
+            for i in order:
+                results[i], seconds = _timed(tasks[i])
+                progress.finished(tasks[i], seconds)
+        finally:
+            torch.set_num_threads(threads)
         return results  # type: ignore[return-value]
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
