@@ -85,6 +85,31 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     return x_MD, plan
 
 
+class _WeightedScatterAdd(torch.autograd.Function):
+    """`out_TD[token_N[n]] += w_N[n] * y_ND[n]`.
+
+    The same values as autograd's `zeros.index_add(0, token_N, y_ND * w_N[:, None])`, with two
+    [N, D] buffers fewer per step: the sum goes in place into the fresh zeros, and the backward
+    turns the gathered gradient into dy in place instead of allocating `grad * w` next to it.
+    On CPU each such buffer is also fresh pages to fault in (tools/bench_moe.py, BENCHMARKS.md).
+    """
+
+    @staticmethod
+    def forward(ctx, y_ND: Tensor, w_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
+        out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]))
+        out_TD.index_add_(0, token_N, y_ND * w_N[:, None])
+        ctx.save_for_backward(y_ND, w_N, token_N)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        y_ND, w_N, token_N = ctx.saved_tensors
+        grad_ND = grad_TD.index_select(0, token_N)
+        grad_w_N = torch.linalg.vecdot(grad_ND, y_ND) if ctx.needs_input_grad[1] else None
+        grad_y_ND = grad_ND.mul_(w_N[:, None]) if ctx.needs_input_grad[0] else None
+        return grad_y_ND, grad_w_N, None, None
+
+
 def combine(y_MD: Tensor, w_TK: Tensor, plan: DispatchPlan, groups: ParallelGroups) -> Tensor:
     """Reverse of `dispatch`, then `y_t = sum_k w_tk * expert_out_tk` (dropped pairs add 0)."""
     T = w_TK.shape[0]
@@ -92,5 +117,4 @@ def combine(y_MD: Tensor, w_TK: Tensor, plan: DispatchPlan, groups: ParallelGrou
         y_MD = y_MD.index_select(0, plan.unsort_M)
         y_MD = all_to_all(y_MD, plan.recv_splits, plan.send_splits, groups.ep_group)
     w_N = w_TK.t().reshape(-1).index_select(0, plan.pair_N).to(y_MD.dtype)
-    out_TD = y_MD.new_zeros((T, y_MD.shape[-1]))
-    return out_TD.index_add(0, plan.token_N, y_MD * w_N[:, None])
+    return _WeightedScatterAdd.apply(y_MD, w_N, plan.token_N, T)
