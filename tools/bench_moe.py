@@ -1,0 +1,452 @@
+"""Forward+backward time and peak memory of one MoE layer: moe_dist vs DeepSpeed's MoE vs a floor.
+
+Legend: T tokens, D model width, F expert hidden width, E experts, K experts per token.
+
+Three cases, same shapes, fp32, same thread count, in one process:
+  moe_dist   `MoELayer` (single process, ep_size 1, GELU experts, top-k, capacity factor cf).
+  deepspeed  `deepspeed.moe.layer.MoE` (ep_size 1, k=K, same cf for train and eval,
+             drop_tokens=True, no random token selection, no noisy gate, no 2nd-expert sampling),
+             with bias-free GELU experts and the moe_dist layer's router and expert weights copied
+             in, so both layers route every token to the same experts and drop the same pairs.
+  floor      the expert work with no routing at all: T*K rows through one dense GEMM pair,
+             x[T*K, D] @ W1[D, F] -> GELU -> @ W2[F, D].
+
+Time: warmup rounds, then `--repeats` timed rounds; each round runs every case once (interleaved,
+so a burst of load from other processes hits all cases alike); the median is reported.
+Peak memory: each case runs again in a fresh child process: the peak of tensor bytes held during
+a step (profiler allocation events) and the peak RSS increase (see `measure_peak_mb`).
+
+    python tools/bench_moe.py                      # default sweep E = 8, 64, 256, table on stdout
+    python tools/bench_moe.py --json               # one JSON object per configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger("bench_moe")
+
+CASES = ("moe_dist", "deepspeed", "floor")
+
+
+@dataclass(frozen=True)
+class Spec:
+    tokens: int
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    capacity_factor: float
+    threads: int
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The three cases. Each builder returns `step()`: one forward+backward that drops the grads at
+# its end (as zero_grad(set_to_none=True) would), so every step does the same work, allocates the
+# same parameter grads, and leaves nothing behind between steps.
+# ---------------------------------------------------------------------------------------------
+
+def _inputs(spec: Spec, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input (a leaf that needs a grad, as a layer's input in a model does) and upstream grad."""
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    x = torch.randn(rows, spec.d_model, generator=g).requires_grad_()
+    grad_y = torch.randn(rows, spec.d_model, generator=g)
+    return x, grad_y
+
+
+def build_moe_dist_layer(spec: Spec):
+    from moe_dist.moe.config import MoEConfig
+    from moe_dist.moe.layer import MoELayer
+
+    cfg = MoEConfig.from_dict(dict(
+        d_model=spec.d_model, d_ff=spec.d_ff, num_experts=spec.num_experts, top_k=spec.top_k,
+        capacity_factor=spec.capacity_factor, eval_capacity_factor=spec.capacity_factor,
+        activation="gelu",
+        # DeepSpeed's top-2 gate renormalizes the two chosen weights (its top-1 gate does not);
+        # matching it makes both layers compute the same function (`check_same_function`).
+        router={"type": "topk", "renormalize": spec.top_k == 2}))
+    return MoELayer(cfg, seed=spec.seed)
+
+
+def _init_deepspeed_dist() -> None:
+    """DeepSpeed's MoE needs torch.distributed and its expert groups, even for one process."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:  # a free port: several children may initialise one after another
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def build_deepspeed_layer(spec: Spec, like):
+    """DeepSpeed's MoE with `like`'s (a moe_dist MoELayer) router and expert weights."""
+    from deepspeed.moe.layer import MoE
+
+    _init_deepspeed_dist()
+    if spec.top_k > 2:
+        raise ValueError(f"top_k ({spec.top_k}) > 2 uses DeepSpeed's generic topkgating, whose drop "
+                         "order differs from moe_dist's; only k=1 and k=2 are compared")
+    # With k=1 DeepSpeed picks which tokens overflow by a top-k over a 0/1 mask (ties in no set
+    # order), so outputs may differ on overflowing tokens; the work done is the same.
+    D, Fw = spec.d_model, spec.d_ff
+    expert = nn.Sequential(nn.Linear(D, Fw, bias=False), nn.GELU(), nn.Linear(Fw, D, bias=False))
+    layer = MoE(hidden_size=D, expert=expert, num_experts=spec.num_experts, ep_size=1, k=spec.top_k,
+                capacity_factor=spec.capacity_factor, eval_capacity_factor=spec.capacity_factor,
+                min_capacity=like.cfg.min_capacity, noisy_gate_policy=None, drop_tokens=True,
+                use_rts=False, top2_2nd_expert_sampling=False)
+    layer.set_deepspeed_parallelism()
+    with torch.no_grad():
+        layer.deepspeed_moe.gate.wg.weight.copy_(like.router.gate.weight_ED)
+        for j, ex in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+            ex[0].weight.copy_(like.experts.w_in_eDF[j].t())
+            ex[2].weight.copy_(like.experts.w_out_eFD[j].t())
+    return layer
+
+
+def _reset_grads(module: nn.Module, x: torch.Tensor) -> None:
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+def make_moe_dist_step(layer, spec: Spec) -> Callable[[], None]:
+    x, grad_y = _inputs(spec, spec.tokens)
+    one = torch.ones(())
+
+    def step() -> None:
+        out = layer(x)
+        torch.autograd.backward([out.y, out.aux_loss], [grad_y, one])
+        _reset_grads(layer, x)
+
+    return step
+
+
+def make_deepspeed_step(layer, spec: Spec) -> Callable[[], None]:
+    x, grad_y = _inputs(spec, spec.tokens)
+    aux_coef = torch.tensor(0.01)
+
+    def step() -> None:
+        y, l_aux, _ = layer(x)
+        torch.autograd.backward([y, l_aux], [grad_y, aux_coef])
+        _reset_grads(layer, x)
+
+    return step
+
+
+class DenseFloor(nn.Module):
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(spec.seed)
+        self.w1 = nn.Parameter(torch.randn(spec.d_model, spec.d_ff, generator=g) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(spec.d_ff, spec.d_model, generator=g) * 0.02)
+
+    def forward(self, x):
+        return F.gelu(x @ self.w1) @ self.w2
+
+
+def make_floor_step(spec: Spec) -> Callable[[], None]:
+    floor = DenseFloor(spec)
+    x, grad_y = _inputs(spec, spec.tokens * spec.top_k)
+
+    def step() -> None:
+        floor(x).backward(grad_y)
+        _reset_grads(floor, x)
+
+    return step
+
+
+@torch.no_grad()
+def check_same_function(md_layer, ds_layer, spec: Spec) -> dict:
+    """Fairness check: both layers route identically and agree on every token whose choices were
+    all kept (tokens with a dropped choice differ by design: DeepSpeed renormalizes the weights
+    after the capacity drop, moe_dist before it)."""
+    from moe_dist.moe.capacity import assign_slots
+    from moe_dist.routing.base import RoutingContext
+
+    x, _ = _inputs(spec, spec.tokens)
+    out = md_layer(x)
+    y_ds, _, load_ds = ds_layer(x)
+    route = md_layer.router(x, RoutingContext(training=True))
+    plan = assign_slots(route.idx_TK, spec.num_experts, md_layer.capacity(spec.tokens), "position")
+    all_kept = plan.keep_TK.all(dim=1)
+    same_load = torch.equal(out.stats["tokens_per_expert"].long(), load_ds.long())
+    diff = (out.y - y_ds)[all_kept].abs().max().item() if all_kept.any() else 0.0
+    return {"same_routing": bool(same_load), "max_abs_diff_kept": diff,
+            "kept_fraction": float(plan.keep_TK.float().mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory.
+# ---------------------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _memory_child(case: str, spec: Spec, steps: int) -> tuple[float, float]:
+    """Runs in a fresh process: build `case`, then return (peak tensor MiB, peak RSS MiB) of one
+    forward+backward step, both over what was resident before the step.
+
+    One thread whatever `--threads` says: the tensors a step allocates do not depend on it, but
+    with more threads their placement does (per-thread malloc arenas), which made repeated RSS
+    measurements of the same case differ by up to 10%; with one they agree to about 1%.
+    """
+    torch.set_num_threads(1)
+    if case == "floor":
+        step = make_floor_step(spec)
+    else:
+        md = build_moe_dist_layer(spec)
+        if case == "moe_dist":
+            step = make_moe_dist_step(md, spec)
+        else:
+            step = make_deepspeed_step(build_deepspeed_layer(spec, md), spec)
+            del md
+    # One unmeasured step first: lazy one-time setup (thread pools, kernel workspaces) is not the
+    # layer's memory. Then hand everything freed back to the OS, so later steps cannot reuse it
+    # unseen, and restart the high-water mark at the current RSS (Linux >= 4.0: "5" > clear_refs).
+    step()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base_kb = _status_kb("VmRSS")
+    for _ in range(steps):
+        step()
+    rss_mb = (_status_kb("VmHWM") - base_kb) / 1024.0
+    return _peak_tensor_mb(step), rss_mb
+
+
+def _peak_tensor_mb(step: Callable[[], None]) -> float:
+    """Peak of the bytes held by tensors allocated during one step (what max_memory_allocated
+    minus the starting allocation is on a GPU): the running sum of the profiler's allocation
+    (+) and free (-) events, in time order. Independent of the allocator and of timing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def start_memory_server() -> None:
+    """Start the forkserver that `measure_peak_mb`'s children fork from, before this process runs
+    any op. It imports the heavy modules once, so each child starts in well under a second.
+
+    It starts without GLIBC_TUNABLES: memory is always measured with glibc's default allocator
+    (large blocks are mmap-ed and returned on free), whatever allocator tuning the timing uses.
+    """
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "deepspeed", "deepspeed.moe.layer", "moe_dist.moe.layer"])
+    saved = os.environ.pop("GLIBC_TUNABLES", None)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is not None:
+            os.environ["GLIBC_TUNABLES"] = saved
+
+
+def measure_peak_mb(case: str, spec: Spec, steps: int = 2) -> tuple[float, float]:
+    """(peak tensor MiB, peak RSS MiB) of one case, measured in a fresh child process.
+
+    CPU torch has no max_memory_allocated. Two measures, both of one forward+backward step:
+    - tensors: the profiler's allocation events summed in time order (`_peak_tensor_mb`), exact
+      and repeatable; the number a GPU's caching allocator would report;
+    - RSS: the kernel's resident-set high-water mark (VmHWM) over `steps` steps, i.e. what the
+      process really took from the OS, allocator fragmentation and caching included.
+    A fresh process per measurement keeps one case's freed-but-cached memory from hiding another
+    case's allocations. Children come from a forkserver that has imported torch/deepspeed but
+    never run an op (forking after OpenMP has started is unsafe).
+    """
+    ctx = mp.get_context("forkserver")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(_memory_child, (case, spec, steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and the sweep.
+# ---------------------------------------------------------------------------------------------
+
+def time_cases(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
+               progress: tqdm | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU milliseconds per step of each case; rounds interleave the cases.
+
+    CPU time is a diagnostic for a shared machine: with one thread it excludes the time another
+    process held the core; with several it also counts OpenMP threads spinning at barriers.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + repeats):
+        for name, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            if r >= warmup:
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+        if progress is not None:
+            progress.update(1)
+    med = statistics.median
+    return {n: med(ts) for n, ts in wall.items()}, {n: med(ts) for n, ts in cpu.items()}
+
+
+def bench_one(spec: Spec, warmup: int, repeats: int, memory: bool, progress: tqdm | None) -> dict:
+    md = build_moe_dist_layer(spec)
+    ds = build_deepspeed_layer(spec, md)
+    check = check_same_function(md, ds, spec)
+    if not check["same_routing"]:
+        raise RuntimeError(f"moe_dist and DeepSpeed routed differently at E={spec.num_experts}: "
+                           "the comparison would not be like for like")
+    steps = {"moe_dist": make_moe_dist_step(md, spec), "deepspeed": make_deepspeed_step(ds, spec),
+             "floor": make_floor_step(spec)}
+    log.info("E=%d: timing %d warmup + %d timed rounds of %s", spec.num_experts, warmup, repeats,
+             ", ".join(steps))
+    load_before = os.getloadavg()[0]
+    ms, cpu_ms = time_cases(steps, warmup, repeats, progress)
+    del steps, md, ds
+    row = {**asdict(spec), **{f"{c}_ms": round(ms[c], 2) for c in CASES}}
+    row["moe_dist_over_floor"] = round(ms["moe_dist"] / ms["floor"], 3)
+    row["moe_dist_over_deepspeed"] = round(ms["moe_dist"] / ms["deepspeed"], 3)
+    row["deepspeed_over_floor"] = round(ms["deepspeed"] / ms["floor"], 3)
+    row.update({f"{c}_cpu_ms": round(cpu_ms[c], 2) for c in CASES})
+    row["moe_dist_over_floor_cpu"] = round(cpu_ms["moe_dist"] / cpu_ms["floor"], 3)
+    row["load1"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after timing
+    if memory:
+        log.info("E=%d: peak memory, one fresh process per case", spec.num_experts)
+    for c in CASES:
+        tensor_mb, rss_mb = measure_peak_mb(c, spec) if memory else (None, None)
+        row[f"{c}_peak_mb"] = None if tensor_mb is None else round(tensor_mb, 1)
+        row[f"{c}_peak_rss_mb"] = None if rss_mb is None else round(rss_mb, 1)
+    if memory:
+        row["moe_dist_over_deepspeed_peak"] = round(row["moe_dist_peak_mb"] / row["deepspeed_peak_mb"], 3)
+        row["moe_dist_over_deepspeed_peak_rss"] = round(
+            row["moe_dist_peak_rss_mb"] / row["deepspeed_peak_rss_mb"], 3)
+    row.update(check)
+    row["repeats"] = repeats
+    row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    row["versions"] = {"torch": torch.__version__, "deepspeed": _deepspeed_version()}
+    return row
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown; peak memory as tensor MiB (RSS MiB) for moe_dist / DeepSpeed / floor."""
+    head = ("| E | moe_dist ms | DeepSpeed ms | floor ms | moe_dist/floor | moe_dist/DeepSpeed "
+            "| peak MiB moe_dist | peak MiB DeepSpeed | peak MiB floor |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        peaks = " | ".join(f"{r[f'{c}_peak_mb']} ({r[f'{c}_peak_rss_mb']})" for c in CASES)
+        lines.append(f"| {r['num_experts']} | {r['moe_dist_ms']:.1f} | {r['deepspeed_ms']:.1f} | "
+                     f"{r['floor_ms']:.1f} | {r['moe_dist_over_floor']:.2f} | "
+                     f"{r['moe_dist_over_deepspeed']:.2f} | {peaks} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--num-experts", type=int, nargs="+", default=[8, 64, 256])
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats ({args.repeats}) must be >= 1 and --warmup ({args.warmup}) >= 0")
+    if args.top_k not in (1, 2):
+        p.error(f"--top-k ({args.top_k}): DeepSpeed's comparable gates are k=1 and k=2")
+    if args.threads < 1 or args.tokens < 1:
+        p.error(f"--threads ({args.threads}) and --tokens ({args.tokens}) must be >= 1")
+    if min(args.num_experts) < max(2, args.top_k):
+        p.error(f"--num-experts {args.num_experts}: each must be >= 2 and >= --top-k ({args.top_k})")
+    if args.capacity_factor <= 0:
+        p.error(f"--capacity-factor ({args.capacity_factor}) must be > 0 (drop_tokens=True)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # DeepSpeed logs and prints to stdout (also from C++ and from the memory children), so stdout
+    # (fd 1) is pointed at stderr while this runs and the results go to a copy of the real one.
+    sys.stdout.flush()
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        rows = _sweep(args, results)
+        if not args.json:
+            print(format_table(rows), file=results)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+        results.close()
+    return rows
+
+
+def _sweep(args: argparse.Namespace, results) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    if not args.no_memory:
+        start_memory_server()
+    rows = []
+    total = len(args.num_experts) * (args.warmup + args.repeats)
+    with tqdm(total=total, desc="bench_moe rounds", file=sys.stderr, disable=None) as progress:
+        for E in args.num_experts:
+            spec = Spec(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, num_experts=E,
+                        top_k=args.top_k, capacity_factor=args.capacity_factor, threads=args.threads,
+                        seed=args.seed)
+            row = bench_one(spec, args.warmup, args.repeats, not args.no_memory, progress)
+            log.info("E=%d: moe_dist %.1f ms, deepspeed %.1f ms, floor %.1f ms; peak tensor MiB "
+                     "%s / %s / %s, peak RSS MiB %s / %s / %s", E, row["moe_dist_ms"],
+                     row["deepspeed_ms"], row["floor_ms"], *(row[f"{c}_peak_mb"] for c in CASES),
+                     *(row[f"{c}_peak_rss_mb"] for c in CASES))
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), file=results, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
