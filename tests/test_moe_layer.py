@@ -8,6 +8,7 @@ import torch
 
 from moe_dist.config_base import ConfigError
 from moe_dist.moe.config import MoEConfig
+from moe_dist.moe import mkl_grouped
 from moe_dist.moe.experts import DenseFFN, GroupedExperts, grouped_matmul
 from moe_dist.moe.layer import MoELayer
 
@@ -51,7 +52,8 @@ def test_layer_weights_do_not_depend_on_global_rng():
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("impl,width", [("grouped_mm", 8), ("loop", 8), ("auto", 8), ("auto", 5)])
+@pytest.mark.parametrize("impl,width", [("grouped_mm", 8), ("loop", 8), ("mkl", 8), ("mkl", 5),
+                                        ("auto", 8), ("auto", 5)])
 def test_grouped_matmul_matches_per_expert_matmul(impl, width):
     # width 5 (20-byte rows) is not 16-byte aligned: "auto" must fall back instead of failing.
     x = torch.randn(11, 4)
@@ -59,6 +61,33 @@ def test_grouped_matmul_matches_per_expert_matmul(impl, width):
     counts = [4, 0, 7]  # an expert with no rows
     y = grouped_matmul(x, w, counts, impl)
     torch.testing.assert_close(y, torch.cat([x[:4] @ w[0], x[4:] @ w[2]]))
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 9, 2], [0, 0, 0, 0], [16, 0, 0, 0]])
+def test_mkl_grouped_matmul_gradients_match_the_loop(counts):
+    """MKL's batch GEMM path (forward, input grad, weight grad; empty experts get zero weight
+    grads) against per-expert matmuls, on fresh random data."""
+    if not mkl_grouped.available(torch.randn(1, 4), torch.randn(1, 4, 4)):
+        pytest.skip("this PyTorch build has no usable MKL batch GEMM")
+    x = torch.randn(sum(counts), 12, dtype=torch.float32)
+    w = torch.randn(4, 12, 20)
+    grad_y = torch.randn(sum(counts), 20)
+    results = []
+    for impl in ("mkl", "loop"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = grouped_matmul(xi, wi, counts, impl)
+        y.backward(grad_y)
+        results.append((y, xi.grad, wi.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[0][2][torch.tensor(counts) == 0], torch.zeros_like(w[torch.tensor(counts) == 0]))
+
+
+def test_mkl_impl_refuses_what_it_cannot_run():
+    with pytest.raises(RuntimeError, match="expert_impl 'mkl'"):
+        grouped_matmul(torch.randn(3, 4, dtype=torch.float64), torch.randn(1, 4, 4, dtype=torch.float64), [3], "mkl")
+    with pytest.raises(ValueError, match="must sum to the 3 rows"):
+        mkl_grouped.segment_matmul(torch.randn(3, 4), torch.randn(2, 4, 4), [1, 1])
 
 
 def test_eval_is_deterministic_and_uses_eval_capacity():
@@ -122,7 +151,10 @@ def test_aux_loss_uses_coefficients():
     out = layer(torch.randn(16, 16))
     expected = 0.5 * out.losses["switch"] + 2.0 * out.losses["importance"]
     torch.testing.assert_close(out.aux_loss, expected)
-    assert "z_loss" in out.losses  # logged even with coefficient 0
+    assert "z_loss" in out.losses  # logged even with coefficient 0,
+    # but without a graph: it would hold the router's [T, E] logits through the backward
+    assert not out.losses["z_loss"].requires_grad
+    assert out.losses["switch"].requires_grad and out.losses["importance"].requires_grad
 
 
 @pytest.mark.parametrize("bad,message", [

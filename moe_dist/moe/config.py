@@ -11,7 +11,7 @@ from moe_dist.routing.registry import RouterConfig, router_config_from_dict
 
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")
-EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+EXPERT_IMPLS = ("auto", "mkl", "grouped_mm", "loop")
 
 
 @dataclass

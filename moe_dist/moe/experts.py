@@ -4,8 +4,9 @@ Legend: e local experts, N rows (tokens routed here, grouped by expert), D model
 hidden width (per branch).
 
 Rows arrive sorted by expert with `counts_e[j]` rows for local expert j; each projection is one
-`torch._grouped_mm` over those exact segments (no capacity padding is ever multiplied), or, where
-the kernel does not take the dtype/device, a loop of plain matmuls over the same segments.
+grouped GEMM over those exact segments (no capacity padding is ever multiplied): MKL's batch GEMM
+for fp32 on CPU, `torch._grouped_mm` where it takes the dtype/device, else a loop of plain
+matmuls over the same segments.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moe_dist.moe import mkl_grouped
 
 
 def init_generator(seed: int, *keys: int) -> torch.Generator:
@@ -40,7 +43,15 @@ def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
 
 
 def grouped_matmul(x_ND: Tensor, w_eDF: Tensor, counts_e: list[int], impl: str = "auto") -> Tensor:
-    """Row segment j of `x_ND` (counts_e[j] rows) times `w_eDF[j]`."""
+    """Row segment j of `x_ND` (counts_e[j] rows) times `w_eDF[j]`.
+
+    `auto` picks MKL's batch GEMM for fp32 on CPU (experts in parallel, `mkl_grouped`), else
+    `torch._grouped_mm` where it takes the dtype/device/alignment, else the loop."""
+    if impl == "mkl" or (impl == "auto" and mkl_grouped.available(x_ND, w_eDF)):
+        if not mkl_grouped.available(x_ND, w_eDF):
+            raise RuntimeError(f"expert_impl 'mkl' needs fp32 CPU tensors and PyTorch's MKL; got "
+                               f"{x_ND.dtype} on {x_ND.device} (use 'auto')")
+        return mkl_grouped.segment_matmul(x_ND, w_eDF, counts_e)
     if impl == "grouped_mm" or (impl == "auto" and _grouped_mm_supported(x_ND, w_eDF)):
         offs = torch.tensor(counts_e, device=x_ND.device).cumsum(0).to(torch.int32)
         return torch._grouped_mm(x_ND, w_eDF, offs=offs)
