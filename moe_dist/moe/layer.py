@@ -34,7 +34,8 @@ _ROUTER_KEY, _SHARED_KEY = -1, -2
 class MoEOutput:
     y: Tensor  # same shape as the input
     aux_loss: Tensor | None  # sum of coefficient * loss; add to the LM loss (None: nothing weighted)
-    losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted, for logging
+    # Unweighted, for logging; those with coefficient 0 carry no autograd graph.
+    losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached, global over DP
     stream: Tensor | None = None  # routing-stream state for the next MoE layer (COMET embedding)
 
@@ -107,9 +108,11 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self.shared(x_TD)
 
         stats = route_statistics(route, plan, ctx, labels, num_labels)
+        coefficients = cfg.aux_loss.coefficients()
         losses = routing_losses(route, stats, self.groups.dp_size, cfg.aux_loss.sample_similarity_tokens,
                                 with_sample_similarity=cfg.aux_loss.sample_similarity > 0,
-                                num_groups=capacity_groups)
+                                num_groups=capacity_groups,
+                                weighted={name for name, c in coefficients.items() if c})
         stats.update({f"loss_{k}": v.detach() for k, v in losses.items()})
-        return MoEOutput(y=y_TD.view(x.shape), aux_loss=weighted_total(losses, cfg.aux_loss.coefficients()),
+        return MoEOutput(y=y_TD.view(x.shape), aux_loss=weighted_total(losses, coefficients),
                          losses=losses, stats=stats, stream=route.stream_TD)

@@ -11,6 +11,8 @@ from the layer's all-reduced statistics.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import torch
 from torch import Tensor
 
@@ -54,23 +56,32 @@ def importance_cv2(probs_TE: Tensor, global_importance_E: Tensor, dp_size: int) 
 
 def routing_losses(route: RouterOutput, stats: dict[str, Tensor], dp_size: int,
                    sample_similarity_tokens: int = 512, with_sample_similarity: bool = False,
-                   num_groups: int = 1) -> dict[str, Tensor]:
+                   num_groups: int = 1, weighted: Container[str] | None = None) -> dict[str, Tensor]:
     """Every unweighted loss this router's output supports, by name. `stats` are the layer's
     global statistics (`moe.stats.route_statistics`), which supply the no-gradient global parts.
     `num_groups`: the tokens stand for that many ranks (the layer's `capacity_groups`); only the
-    per-rank sample-similarity loss needs to know."""
+    per-rank sample-similarity loss needs to know. Losses not named in `weighted` (None: all) are
+    computed without autograd: they are only logged, and their graph would keep [T, E] tensors
+    and gradients alive through the whole backward."""
+    def tracked(name: str):
+        return torch.set_grad_enabled(torch.is_grad_enabled() and (weighted is None or name in weighted))
+
     losses: dict[str, Tensor] = {}
     if route.probs_TE is not None:
-        losses["switch"] = switch_loss(route.probs_TE, stats["tokens_per_expert"])
-        losses["importance"] = importance_cv2(route.probs_TE, stats["importance"], dp_size)
+        with tracked("switch"):
+            losses["switch"] = switch_loss(route.probs_TE, stats["tokens_per_expert"])
+        with tracked("importance"):
+            losses["importance"] = importance_cv2(route.probs_TE, stats["importance"], dp_size)
         if with_sample_similarity and route.router_input_TD is not None:
             from moe_dist.routing.regularizers import sample_similarity_loss
 
-            losses["sample_similarity"] = sample_similarity_loss(
-                route.probs_TE, route.router_input_TD, num_tokens=sample_similarity_tokens,
-                num_groups=num_groups)
+            with tracked("sample_similarity"):
+                losses["sample_similarity"] = sample_similarity_loss(
+                    route.probs_TE, route.router_input_TD, num_tokens=sample_similarity_tokens,
+                    num_groups=num_groups)
     if route.logits_TE is not None:
-        losses["z_loss"] = z_loss(route.logits_TE)
+        with tracked("z_loss"):
+            losses["z_loss"] = z_loss(route.logits_TE)
     losses.update(route.extra_aux)
     return losses
 
