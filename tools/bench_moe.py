@@ -82,7 +82,10 @@ def build_moe_dist_layer(spec: Spec):
         activation="gelu",
         # DeepSpeed's top-2 gate renormalizes the two chosen weights (its top-1 gate does not);
         # matching it makes both layers compute the same function (`check_same_function`).
-        router={"type": "topk", "renormalize": spec.top_k == 2}))
+        router={"type": "topk", "renormalize": spec.top_k == 2},
+        # DeepSpeed's only routing loss is the Switch/GShard balance loss; the z-loss would be
+        # extra work (and an extra [T, E] gradient held through the expert backward).
+        aux_loss={"switch": 0.01, "z_loss": 0.0}))
     return MoELayer(cfg, seed=spec.seed)
 
 
