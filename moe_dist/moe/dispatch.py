@@ -50,14 +50,17 @@ def _regroup_by_expert(recv_counts_Pe: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
-             groups: ParallelGroups) -> tuple[Tensor, DispatchPlan]:
-    """Returns the rows this rank's experts must process (grouped by local expert) and the plan.
+             groups: ParallelGroups) -> tuple[Tensor, Tensor, DispatchPlan]:
+    """Returns the rows this rank's experts must process, grouped by local expert, as a source
+    and the gather index into it (`source_SD[index_N]`; the experts gather, see
+    `GroupedExperts.forward`), and the plan.
 
     1. Sort kept pairs by expert (dropped pairs sort last and are cut off).
     2. Gather their token rows: rows for EP rank p are contiguous, since p owns experts
        [p*e, (p+1)*e).
     3. Exchange per-expert counts, then the rows (uneven all-to-all over the EP group).
-    4. Reorder received rows from source-major to expert-major for the grouped GEMM.
+    4. The index that reorders received rows from source-major to expert-major for the grouped
+       GEMM.
     """
     T, K = idx_TK.shape
     E = kept_E.numel()
@@ -68,10 +71,10 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     N = sum(kept_counts)
     pair_N = torch.sort(sort_key_P, stable=True).indices[:N]
     token_N = pair_N % T
-    x_ND = x_TD.index_select(0, token_N)
-
     if P == 1:
-        return x_ND, DispatchPlan(pair_N, token_N, [N], [N], None, kept_counts)
+        return x_TD, token_N, DispatchPlan(pair_N, token_N, [N], [N], None, kept_counts)
+
+    x_ND = x_TD.index_select(0, token_N)
 
     send_counts_Pe = kept_E.view(P, E // P)
     recv_counts_Pe = exchange_counts(send_counts_Pe, groups.ep_group)
@@ -79,10 +82,9 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     recv_splits = recv_counts_Pe.sum(1).tolist()
     x_MD = all_to_all(x_ND, send_splits, recv_splits, groups.ep_group)
     sort_M, unsort_M = _regroup_by_expert(recv_counts_Pe.cpu())
-    x_MD = x_MD.index_select(0, sort_M.to(x_MD.device))
     plan = DispatchPlan(pair_N, token_N, send_splits, recv_splits, unsort_M.to(x_MD.device),
                         recv_counts_Pe.sum(0).tolist())
-    return x_MD, plan
+    return x_MD, sort_M.to(x_MD.device), plan
 
 
 class _WeightedScatterAdd(torch.autograd.Function):

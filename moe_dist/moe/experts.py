@@ -92,12 +92,22 @@ class GroupedExperts(nn.Module):
         # Optional `(h_NF, x_ND, counts_e) -> h_NF` applied to the hidden units (e.g. COMET's mask).
         self.hidden_mask: nn.Module | None = None
 
-    def forward(self, x_ND: Tensor, counts_e: list[int]) -> Tensor:
-        h_NF = ffn_activation(grouped_matmul(x_ND, self.w_in_eDF.to(x_ND.dtype), counts_e, self.impl),
-                              self.activation)
+    def forward(self, source_SD: Tensor, index_N: Tensor, counts_e: list[int]) -> Tensor:
+        """The experts' outputs for the rows `source_SD[index_N]`, which are grouped by local
+        expert (`counts_e[j]` rows for expert j). The gather is left to the first projection:
+        on the MKL path it then never keeps the gathered copy for the backward."""
+        w_in_eDF = self.w_in_eDF.to(source_SD.dtype)
+        x_ND = None
+        if self.impl in ("auto", "mkl") and mkl_grouped.available(source_SD, w_in_eDF):
+            h_NF = mkl_grouped.gather_segment_matmul(source_SD, index_N, w_in_eDF, counts_e)
+        else:
+            x_ND = source_SD.index_select(0, index_N)
+            h_NF = grouped_matmul(x_ND, w_in_eDF, counts_e, self.impl)
+        h_NF = ffn_activation(h_NF, self.activation)
         if self.hidden_mask is not None:
+            x_ND = source_SD.index_select(0, index_N) if x_ND is None else x_ND
             h_NF = self.hidden_mask(h_NF, x_ND, counts_e)
-        return grouped_matmul(h_NF, self.w_out_eFD.to(x_ND.dtype), counts_e, self.impl)
+        return grouped_matmul(h_NF, self.w_out_eFD.to(source_SD.dtype), counts_e, self.impl)
 
 
 class DenseFFN(nn.Module):

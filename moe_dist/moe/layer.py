@@ -101,8 +101,8 @@ class MoELayer(nn.Module):
             priority_TK=route.w_TK if route.priority_TK is None else route.priority_TK,
             num_groups=capacity_groups)
 
-        x_ND, dplan = dispatch(x_TD, route.idx_TK, plan.keep_TK, plan.kept_E, self.groups)
-        y_ND = self.experts(x_ND, dplan.counts_e)
+        source_SD, index_N, dplan = dispatch(x_TD, route.idx_TK, plan.keep_TK, plan.kept_E, self.groups)
+        y_ND = self.experts(source_SD, index_N, dplan.counts_e)
         y_TD = combine(y_ND, route.w_TK, dplan, self.groups)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)

@@ -113,13 +113,16 @@ def _segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: b
     return y_NP
 
 
-def _segment_outer(x_NK: Tensor, g_NP: Tensor, counts_e: list[int]) -> Tensor:
-    """dw[j] = x[segment j].T @ g[segment j]; zero for an expert with no rows."""
+def _segment_outer(x_NK: Tensor, g_NP: Tensor, counts_e: list[int], out: Tensor | None = None) -> Tensor:
+    """dw[j] = x[segment j].T @ g[segment j], zero for an expert with no rows; into `out`
+    (contiguous [e, K, P]) when given."""
     x_NK, g_NP = x_NK.contiguous(), g_NP.contiguous()
     e, K, P = len(counts_e), x_NK.shape[1], g_NP.shape[1]
+    dw_eKP = torch.empty(e, K, P, dtype=x_NK.dtype) if out is None else out
+    if not dw_eKP.is_contiguous() or dw_eKP.shape != (e, K, P):
+        raise ValueError(f"out must be a contiguous [{e}, {K}, {P}] tensor, got {tuple(dw_eKP.shape)}")
     if x_NK.shape[0] == 0:
-        return torch.zeros(e, K, P, dtype=x_NK.dtype)
-    dw_eKP = torch.empty(e, K, P, dtype=x_NK.dtype)
+        return dw_eKP.zero_()
     counts, starts = _row_starts(counts_e)
     size = x_NK.element_size()
     _call(True, False, torch.full((e,), K), torch.full((e,), P), counts,
@@ -148,6 +151,61 @@ class _SegmentMatmul(torch.autograd.Function):
         dx = _segment_mm(g_NP, w_eKP, ctx.counts_e, transpose_w=True) if ctx.needs_input_grad[0] else None
         dw = _segment_outer(x_NK, g_NP, ctx.counts_e) if ctx.needs_input_grad[1] else None
         return dx, dw, None
+
+
+def _expert_chunks(counts_e: list[int], num_chunks: int) -> list[tuple[int, int, int, int]]:
+    """Contiguous runs of experts with about `sum(counts_e) / num_chunks` rows each, as
+    (first expert, end expert, first row, end row)."""
+    target = max(1, -(-sum(counts_e) // num_chunks))
+    chunks, e0, r0, r1 = [], 0, 0, 0
+    for j, c in enumerate(counts_e):
+        r1 += c
+        if r1 - r0 >= target or j == len(counts_e) - 1:
+            chunks.append((e0, j + 1, r0, r1))
+            e0, r0 = j + 1, r1
+    return chunks
+
+
+class _GatherSegmentMatmul(torch.autograd.Function):
+    """y = source[index] @ w per segment, without keeping `source[index]` for the backward.
+
+    With top-k routing `source[index]` holds k copies of each kept token, and the backward of a
+    plain gather-then-GEMM keeps that copy, its gradient and the layer's weight gradients alive
+    at once (the layer's peak memory). Here the backward regathers the rows a chunk of experts
+    at a time and adds their input gradient straight into `source`'s rows.
+    """
+
+    BACKWARD_CHUNKS = 8
+
+    @staticmethod
+    def forward(ctx, source_SK: Tensor, index_N: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
+        ctx.save_for_backward(source_SK, index_N, w_eKP)
+        ctx.counts_e = counts_e
+        return _segment_mm(source_SK.index_select(0, index_N), w_eKP, counts_e, transpose_w=False)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_NP: Tensor):
+        source_SK, index_N, w_eKP = ctx.saved_tensors
+        g_NP, w_eKP = g_NP.contiguous(), w_eKP.contiguous()
+        d_source = torch.zeros_like(source_SK) if ctx.needs_input_grad[0] else None
+        dw_eKP = torch.empty_like(w_eKP) if ctx.needs_input_grad[2] else None
+        for e0, e1, r0, r1 in _expert_chunks(ctx.counts_e, _GatherSegmentMatmul.BACKWARD_CHUNKS):
+            counts, rows = ctx.counts_e[e0:e1], index_N[r0:r1]
+            if dw_eKP is not None:
+                _segment_outer(source_SK.index_select(0, rows), g_NP[r0:r1], counts, out=dw_eKP[e0:e1])
+            if d_source is not None:
+                d_source.index_add_(0, rows, _segment_mm(g_NP[r0:r1], w_eKP[e0:e1], counts, transpose_w=True))
+        return d_source, None, dw_eKP, None
+
+
+def gather_segment_matmul(source_SK: Tensor, index_N: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
+    """`segment_matmul(source_SK[index_N], w_eKP, counts_e)` with less memory in the backward
+    (see `_GatherSegmentMatmul`). Callers check `available(source_SK, w_eKP)` first."""
+    if sum(counts_e) != index_N.numel() or len(counts_e) != w_eKP.shape[0]:
+        raise ValueError(f"counts {counts_e} must sum to the {index_N.numel()} gathered rows and "
+                         f"have one entry per expert ({w_eKP.shape[0]})")
+    return _GatherSegmentMatmul.apply(source_SK, index_N, w_eKP, counts_e)
 
 
 def segment_matmul(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
