@@ -137,6 +137,13 @@ def test_fused_gather_lowers_the_layers_peak_memory():
     assert peaks["mkl"] <= peaks["grouped_mm"] - 0.4, peaks
 
 
+def test_mkl_impl_is_refused_at_build_without_mkl(monkeypatch):
+    monkeypatch.setattr(mkl_grouped, "available", lambda x, w: False)
+    with pytest.raises(ValueError, match="expert_impl 'mkl'"):
+        MoELayer(cfg(expert_impl="mkl"), seed=0)
+    MoELayer(cfg(expert_impl="auto"), seed=0)  # auto falls back
+
+
 def test_mkl_impl_refuses_what_it_cannot_run():
     with pytest.raises(RuntimeError, match="expert_impl 'mkl'"):
         grouped_matmul(torch.randn(3, 4, dtype=torch.float64), torch.randn(1, 4, 4, dtype=torch.float64), [3], "mkl")

@@ -78,6 +78,9 @@ class GroupedExperts(nn.Module):
                  seed: int, layer_index: int, init_std: float, impl: str = "auto") -> None:
         super().__init__()
         self.activation = activation
+        if impl == "mkl" and not mkl_grouped.available(torch.empty(1, 1), torch.empty(1, 1, 1)):
+            raise ValueError("moe.expert_impl 'mkl': this PyTorch build has no usable MKL batch GEMM "
+                             "(use 'auto', 'grouped_mm' or 'loop')")
         self.impl = impl
         in_width = 2 * d_ff if activation == "swiglu" else d_ff  # SwiGLU's gate and up, fused
         self.w_in_eDF = nn.Parameter(torch.empty(num_local, d_model, in_width))
