@@ -84,11 +84,11 @@ def test_mkl_grouped_matmul_gradients_match_the_loop(counts):
 
 
 def test_gather_segment_matmul_matches_gather_then_matmul(monkeypatch):
-    """The fused gather (chunked backward, gradient added straight into the source rows) against
+    """The fused gather (chunked, gradient added straight into the source rows) against
     index_select + per-expert matmuls: duplicate rows (top-2), an empty expert, several chunks."""
     if not mkl_grouped.available(torch.randn(1, 4), torch.randn(1, 4, 4)):
         pytest.skip("this PyTorch build has no usable MKL batch GEMM")
-    monkeypatch.setattr(mkl_grouped._GatherSegmentMatmul, "BACKWARD_CHUNKS", 3)
+    monkeypatch.setattr(mkl_grouped._GatherSegmentMatmul, "CHUNKS", 3)
     counts = [6, 0, 9, 3, 4]
     source = torch.randn(15, 12)
     index = torch.randint(0, 15, (sum(counts),))

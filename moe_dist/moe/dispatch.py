@@ -87,19 +87,26 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     return x_MD, sort_M.to(x_MD.device), plan
 
 
+# Row chunk for the [N, D] elementwise work of the combine: temporaries of this size stay in
+# cache and in the allocator's reused heap; whole [N, D] temporaries are fresh pages to fault in
+# every step on CPU (3-6x slower at N = 16384, D = 512; tools/bench_moe.py).
+_CHUNK_ROWS = 2048
+
+
 class _WeightedScatterAdd(torch.autograd.Function):
     """`out_TD[token_N[n]] += w_N[n] * y_ND[n]`.
 
-    The same values as autograd's `zeros.index_add(0, token_N, y_ND * w_N[:, None])`, with two
-    [N, D] buffers fewer per step: the sum goes in place into the fresh zeros, and the backward
-    turns the gathered gradient into dy in place instead of allocating `grad * w` next to it.
-    On CPU each such buffer is also fresh pages to fault in (tools/bench_moe.py, BENCHMARKS.md).
+    The same values as autograd's `zeros.index_add(0, token_N, y_ND * w_N[:, None])` without its
+    [N, D] temporaries: the weighted rows are summed in place chunk by chunk, and the backward
+    turns the gathered gradient into dy in place.
     """
 
     @staticmethod
     def forward(ctx, y_ND: Tensor, w_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
         out_TD = y_ND.new_zeros((num_tokens, y_ND.shape[-1]))
-        out_TD.index_add_(0, token_N, y_ND * w_N[:, None])
+        for s in range(0, y_ND.shape[0], _CHUNK_ROWS):
+            rows = slice(s, s + _CHUNK_ROWS)
+            out_TD.index_add_(0, token_N[rows], y_ND[rows] * w_N[rows, None])
         ctx.save_for_backward(y_ND, w_N, token_N)
         return out_TD
 
@@ -107,7 +114,12 @@ class _WeightedScatterAdd(torch.autograd.Function):
     def backward(ctx, grad_TD: Tensor):
         y_ND, w_N, token_N = ctx.saved_tensors
         grad_ND = grad_TD.index_select(0, token_N)
-        grad_w_N = torch.linalg.vecdot(grad_ND, y_ND) if ctx.needs_input_grad[1] else None
+        grad_w_N = None
+        if ctx.needs_input_grad[1]:
+            grad_w_N = torch.empty_like(w_N)
+            for s in range(0, y_ND.shape[0], _CHUNK_ROWS):
+                rows = slice(s, s + _CHUNK_ROWS)
+                torch.linalg.vecdot(grad_ND[rows], y_ND[rows], out=grad_w_N[rows])
         grad_y_ND = grad_ND.mul_(w_N[:, None]) if ctx.needs_input_grad[0] else None
         return grad_y_ND, grad_w_N, None, None
 

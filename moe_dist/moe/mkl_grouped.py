@@ -4,10 +4,10 @@ Legend: e local experts, N rows grouped by expert (`counts_e[j]` rows for expert
 width, P output width.
 
 Why: `torch._grouped_mm` on CPU is a loop of matmuls, each split over every thread. With the ~64
-rows per expert of a 256-expert layer, such small multi-threaded GEMMs run at about half the rate
-of one large GEMM (measured on 2 cores: 1.5-2.2x slower, see BENCHMARKS.md). MKL's
-`cblas_sgemm_batch` takes all the experts' GEMMs in one call and gives whole GEMMs to threads,
-which brings the grouped GEMM to within ~20% of a dense GEMM with the same rows.
+rows per expert of a 256-expert layer, such small multi-threaded GEMMs took 1.5-1.8x the time of
+one dense GEMM over the same rows (2 cores, see BENCHMARKS.md). MKL's `cblas_sgemm_batch` takes
+all the experts' GEMMs in one call and gives whole GEMMs to threads: 1.2-1.3x, the rest being
+the E weight matrices it must read.
 
 PyTorch's CPU wheels link MKL statically into libtorch_cpu and export its CBLAS symbols; this
 module calls them with ctypes. Where the symbol is missing (other BLAS builds, other platforms) or
@@ -60,13 +60,13 @@ def _self_check() -> bool:
 
 
 def available(x: Tensor, w: Tensor) -> bool:
-    """Whether `segment_matmul(x, w, ...)` can run here: fp32 CPU tensors, sizes that fit MKL's
-    32-bit integers, and an MKL that passed the self-check."""
+    """Whether `segment_matmul(x, w, ...)` can run here: fp32 CPU tensors, dimensions that fit
+    MKL's 32-bit integers (LP64 interface), and an MKL that passed the self-check."""
     if x.device.type != "cpu" or w.device.type != "cpu":
         return False
     if x.dtype != torch.float32 or w.dtype != torch.float32:
         return False
-    if max(x.numel(), w.numel()) > _INT32_MAX:
+    if max(*x.shape, *w.shape) > _INT32_MAX:
         return False
     return _sgemm_batch() is not None and _self_check()
 
@@ -96,12 +96,16 @@ def _row_starts(counts_e: list[int]) -> tuple[Tensor, Tensor]:
     return counts, counts.cumsum(0) - counts
 
 
-def _segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bool) -> Tensor:
-    """y[segment j] = x[segment j] @ w[j] (or @ w[j].T, with w stored [e, P, K])."""
+def _segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bool,
+                out: Tensor | None = None) -> Tensor:
+    """y[segment j] = x[segment j] @ w[j] (or @ w[j].T, with w stored [e, P, K]); into `out`
+    (contiguous [N, P]) when given."""
     x_NK, w_eKP = x_NK.contiguous(), w_eKP.contiguous()
     e, K = len(counts_e), x_NK.shape[1]
     P = w_eKP.shape[1] if transpose_w else w_eKP.shape[2]
-    y_NP = torch.empty(x_NK.shape[0], P, dtype=x_NK.dtype)
+    y_NP = torch.empty(x_NK.shape[0], P, dtype=x_NK.dtype) if out is None else out
+    if not y_NP.is_contiguous() or y_NP.shape != (x_NK.shape[0], P):
+        raise ValueError(f"out must be a contiguous [{x_NK.shape[0]}, {P}] tensor, got {tuple(y_NP.shape)}")
     if y_NP.numel() == 0:
         return y_NP
     counts, starts = _row_starts(counts_e)
@@ -167,21 +171,26 @@ def _expert_chunks(counts_e: list[int], num_chunks: int) -> list[tuple[int, int,
 
 
 class _GatherSegmentMatmul(torch.autograd.Function):
-    """y = source[index] @ w per segment, without keeping `source[index]` for the backward.
+    """y = source[index] @ w per segment, never holding all of `source[index]`.
 
     With top-k routing `source[index]` holds k copies of each kept token, and the backward of a
     plain gather-then-GEMM keeps that copy, its gradient and the layer's weight gradients alive
-    at once (the layer's peak memory). Here the backward regathers the rows a chunk of experts
-    at a time and adds their input gradient straight into `source`'s rows.
+    at once (the layer's peak memory). Here both passes gather the rows a chunk of experts at a
+    time, and the backward adds their input gradient straight into `source`'s rows.
     """
 
-    BACKWARD_CHUNKS = 8
+    CHUNKS = 8
 
     @staticmethod
     def forward(ctx, source_SK: Tensor, index_N: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
         ctx.save_for_backward(source_SK, index_N, w_eKP)
         ctx.counts_e = counts_e
-        return _segment_mm(source_SK.index_select(0, index_N), w_eKP, counts_e, transpose_w=False)
+        w_eKP = w_eKP.contiguous()
+        y_NP = torch.empty(index_N.numel(), w_eKP.shape[2], dtype=source_SK.dtype)
+        for e0, e1, r0, r1 in _expert_chunks(counts_e, _GatherSegmentMatmul.CHUNKS):
+            _segment_mm(source_SK.index_select(0, index_N[r0:r1]), w_eKP[e0:e1], counts_e[e0:e1],
+                        transpose_w=False, out=y_NP[r0:r1])
+        return y_NP
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -190,7 +199,7 @@ class _GatherSegmentMatmul(torch.autograd.Function):
         g_NP, w_eKP = g_NP.contiguous(), w_eKP.contiguous()
         d_source = torch.zeros_like(source_SK) if ctx.needs_input_grad[0] else None
         dw_eKP = torch.empty_like(w_eKP) if ctx.needs_input_grad[2] else None
-        for e0, e1, r0, r1 in _expert_chunks(ctx.counts_e, _GatherSegmentMatmul.BACKWARD_CHUNKS):
+        for e0, e1, r0, r1 in _expert_chunks(ctx.counts_e, _GatherSegmentMatmul.CHUNKS):
             counts, rows = ctx.counts_e[e0:e1], index_N[r0:r1]
             if dw_eKP is not None:
                 _segment_outer(source_SK.index_select(0, rows), g_NP[r0:r1], counts, out=dw_eKP[e0:e1])
