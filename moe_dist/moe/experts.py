@@ -42,15 +42,24 @@ def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     return False
 
 
+def _use_mkl(x: Tensor, w: Tensor, impl: str) -> bool:
+    """Whether `impl` means MKL's batch GEMM for these operands (`auto`: where it can run)."""
+    if impl not in ("auto", "mkl"):
+        return False
+    if mkl_grouped.available(x, w):
+        return True
+    if impl == "mkl":
+        raise RuntimeError(f"expert_impl 'mkl' needs fp32 CPU tensors and PyTorch's MKL; got "
+                           f"{x.dtype} on {x.device} (use 'auto')")
+    return False
+
+
 def grouped_matmul(x_ND: Tensor, w_eDF: Tensor, counts_e: list[int], impl: str = "auto") -> Tensor:
     """Row segment j of `x_ND` (counts_e[j] rows) times `w_eDF[j]`.
 
     `auto` picks MKL's batch GEMM for fp32 on CPU (experts in parallel, `mkl_grouped`), else
     `torch._grouped_mm` where it takes the dtype/device/alignment, else the loop."""
-    if impl == "mkl" or (impl == "auto" and mkl_grouped.available(x_ND, w_eDF)):
-        if not mkl_grouped.available(x_ND, w_eDF):
-            raise RuntimeError(f"expert_impl 'mkl' needs fp32 CPU tensors and PyTorch's MKL; got "
-                               f"{x_ND.dtype} on {x_ND.device} (use 'auto')")
+    if _use_mkl(x_ND, w_eDF, impl):
         return mkl_grouped.segment_matmul(x_ND, w_eDF, counts_e)
     if impl == "grouped_mm" or (impl == "auto" and _grouped_mm_supported(x_ND, w_eDF)):
         offs = torch.tensor(counts_e, device=x_ND.device).cumsum(0).to(torch.int32)
@@ -100,16 +109,13 @@ class GroupedExperts(nn.Module):
         expert (`counts_e[j]` rows for expert j). The gather is left to the first projection:
         on the MKL path it then never keeps the gathered copy for the backward."""
         w_in_eDF = self.w_in_eDF.to(source_SD.dtype)
-        x_ND = None
-        if self.impl in ("auto", "mkl") and mkl_grouped.available(source_SD, w_in_eDF):
+        if _use_mkl(source_SD, w_in_eDF, self.impl):
             h_NF = mkl_grouped.gather_segment_matmul(source_SD, index_N, w_in_eDF, counts_e)
         else:
-            x_ND = source_SD.index_select(0, index_N)
-            h_NF = grouped_matmul(x_ND, w_in_eDF, counts_e, self.impl)
+            h_NF = grouped_matmul(source_SD.index_select(0, index_N), w_in_eDF, counts_e, self.impl)
         h_NF = ffn_activation(h_NF, self.activation)
-        if self.hidden_mask is not None:
-            x_ND = source_SD.index_select(0, index_N) if x_ND is None else x_ND
-            h_NF = self.hidden_mask(h_NF, x_ND, counts_e)
+        if self.hidden_mask is not None:  # COMET's mask reads the rows without gradient: regather
+            h_NF = self.hidden_mask(h_NF, source_SD.index_select(0, index_N), counts_e)
         return grouped_matmul(h_NF, self.w_out_eFD.to(source_SD.dtype), counts_e, self.impl)
 
 

@@ -208,19 +208,21 @@ class _GatherSegmentMatmul(torch.autograd.Function):
         return d_source, None, dw_eKP, None
 
 
+def _check_counts(counts_e: list[int], rows: int, w_eKP: Tensor) -> None:
+    if sum(counts_e) != rows or len(counts_e) != w_eKP.shape[0]:
+        raise ValueError(f"counts {counts_e} must sum to the {rows} rows of x and have one entry "
+                         f"per expert ({w_eKP.shape[0]})")
+
+
 def gather_segment_matmul(source_SK: Tensor, index_N: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
     """`segment_matmul(source_SK[index_N], w_eKP, counts_e)` with less memory in the backward
     (see `_GatherSegmentMatmul`). Callers check `available(source_SK, w_eKP)` first."""
-    if sum(counts_e) != index_N.numel() or len(counts_e) != w_eKP.shape[0]:
-        raise ValueError(f"counts {counts_e} must sum to the {index_N.numel()} gathered rows and "
-                         f"have one entry per expert ({w_eKP.shape[0]})")
+    _check_counts(counts_e, index_N.numel(), w_eKP)
     return _GatherSegmentMatmul.apply(source_SK, index_N, w_eKP, counts_e)
 
 
 def segment_matmul(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
     """Row segment j of `x_NK` (counts_e[j] rows) times `w_eKP[j]`, differentiable in both.
     Callers check `available(x_NK, w_eKP)` first."""
-    if sum(counts_e) != x_NK.shape[0] or len(counts_e) != w_eKP.shape[0]:
-        raise ValueError(f"counts {counts_e} must sum to the {x_NK.shape[0]} rows of x and have one "
-                         f"entry per expert ({w_eKP.shape[0]})")
+    _check_counts(counts_e, x_NK.shape[0], w_eKP)
     return _SegmentMatmul.apply(x_NK, w_eKP, counts_e)
