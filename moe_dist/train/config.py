@@ -75,6 +75,9 @@ class TrainSection:
     seed: int = 1234  # model initialization and per-rank RNG streams
     # CPU only: torch threads per rank (None: this node's cores / processes on it).
     cpu_threads: int | None = None
+    # CPU only: glibc keeps freed memory for the next step instead of unmapping and faulting it in
+    # again (moe_dist/train/cpu_malloc.py); the process's resident size then does not shrink.
+    cpu_keep_freed_memory: bool = True
     # A consolidated checkpoint (tools/convert_checkpoint.py consolidate) to start from, at any
     # ep_size, with a fresh optimizer and step 0: fine-tuning. Ignored by --resume, which
     # continues the run's own checkpoint.
@@ -89,6 +92,8 @@ class TrainSection:
             _check_int("train.global_batch", self.global_batch, 1)
         if self.cpu_threads is not None:
             _check_int("train.cpu_threads", self.cpu_threads, 1)
+        check(isinstance(self.cpu_keep_freed_memory, bool),
+              f"train.cpu_keep_freed_memory must be true or false, got {self.cpu_keep_freed_memory!r}")
         check(isinstance(self.deepspeed_config, str) and self.deepspeed_config != "",
               f"train.deepspeed_config must be the path of a DeepSpeed JSON, got {self.deepspeed_config!r}")
         for name in ("lr", "min_lr", "weight_decay", "adam_eps"):

@@ -19,7 +19,7 @@ from moe_dist.data.pipeline import build_datasets
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
-from moe_dist.train import checkpoint
+from moe_dist.train import checkpoint, cpu_malloc
 from moe_dist.train.config import RunConfig
 from moe_dist.checkpoint.consolidated import load_consolidated
 from moe_dist.train.engine import build_engine
@@ -51,6 +51,14 @@ def configure_cpu_threads(requested: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def configure_cpu_malloc(keep_freed: bool) -> None:
+    """CPU has no caching allocator; see `cpu_malloc` for what glibc is asked to do instead."""
+    if not keep_freed or torch.cuda.is_available():
+        return
+    if not cpu_malloc.keep_freed_memory():
+        log0("train.cpu_keep_freed_memory: the C library is not glibc; its allocator is left as it is")
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, checks: Preflight, config_path: str | None = None) -> None:
         self.cfg = cfg
@@ -58,6 +66,7 @@ class Trainer:
         self.config_path = config_path
         train = cfg.train
         configure_cpu_threads(train.cpu_threads)
+        configure_cpu_malloc(train.cpu_keep_freed_memory)
         runtime.init_distributed()
         self.rank, self.world = runtime.rank(), runtime.world_size()
         moe = cfg.model.moe
