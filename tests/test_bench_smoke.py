@@ -28,3 +28,4 @@ def test_bench_moe_tiny_json():
     for key in KEYS - {"num_experts", "tokens"}:
         assert isinstance(row[key], (int, float)) and row[key] >= 0, (key, row[key])
     assert row["same_routing"], row
+    assert row["cpu_malloc"] == "keep", row  # the trainer's CPU allocator setting by default

@@ -15,6 +15,9 @@ Time: warmup rounds, then `--repeats` timed rounds; each round runs every case o
 so a burst of load from other processes hits all cases alike); the median is reported.
 Peak memory: each case runs again in a fresh child process: the peak of tensor bytes held during
 a step (profiler allocation events) and the peak RSS increase (see `measure_peak_mb`).
+Allocator: `--cpu-malloc keep` (the default, what the trainer does on CPU) has glibc keep freed
+memory, as a GPU's caching allocator does (moe_dist/train/cpu_malloc.py); `default` leaves glibc
+as it is. Both the timing and the memory children use the chosen one.
 
     python tools/bench_moe.py                      # default sweep E = 8, 64, 256, table on stdout
     python tools/bench_moe.py --json               # one JSON object per configuration
@@ -56,6 +59,7 @@ class Spec:
     capacity_factor: float
     threads: int
     seed: int = 0
+    cpu_malloc: str = "keep"  # or "default" (see --cpu-malloc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ def _memory_child(case: str, spec: Spec, steps: int) -> tuple[float, float]:
     measurements of the same case differ by up to 10%; with one they agree to about 1%.
     """
     torch.set_num_threads(1)
+    _configure_malloc(spec.cpu_malloc)
     if case == "floor":
         step = make_floor_step(spec)
     else:
@@ -261,33 +266,32 @@ def _peak_tensor_mb(step: Callable[[], None]) -> float:
     return peak / 2**20
 
 
+def _configure_malloc(mode: str) -> None:
+    from moe_dist.train import cpu_malloc
+
+    if mode == "keep" and not cpu_malloc.keep_freed_memory():
+        raise RuntimeError("--cpu-malloc keep needs glibc; use --cpu-malloc default here")
+
+
 def start_memory_server() -> None:
     """Start the forkserver that `measure_peak_mb`'s children fork from, before this process runs
-    any op. It imports the heavy modules once, so each child starts in well under a second.
-
-    It starts without GLIBC_TUNABLES: memory is always measured with glibc's default allocator
-    (large blocks are mmap-ed and returned on free), whatever allocator tuning the timing uses.
-    """
+    any op. It imports the heavy modules once, so each child starts in well under a second."""
     from multiprocessing import forkserver
 
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "deepspeed", "deepspeed.moe.layer", "moe_dist.moe.layer"])
-    saved = os.environ.pop("GLIBC_TUNABLES", None)
-    try:
-        forkserver.ensure_running()
-    finally:
-        if saved is not None:
-            os.environ["GLIBC_TUNABLES"] = saved
+    forkserver.ensure_running()
 
 
-def measure_peak_mb(case: str, spec: Spec, steps: int = 2) -> tuple[float, float]:
+def measure_peak_mb(case: str, spec: Spec, steps: int = 3) -> tuple[float, float]:
     """(peak tensor MiB, peak RSS MiB) of one case, measured in a fresh child process.
 
     CPU torch has no max_memory_allocated. Two measures, both of one forward+backward step:
     - tensors: the profiler's allocation events summed in time order (`_peak_tensor_mb`), exact
       and repeatable; the number a GPU's caching allocator would report;
     - RSS: the kernel's resident-set high-water mark (VmHWM) over `steps` steps, i.e. what the
-      process really took from the OS, allocator fragmentation and caching included.
+      process really took from the OS, allocator fragmentation and caching included (with
+      `cpu_malloc` "keep" the heap keeps growing for a step or two before it settles).
     A fresh process per measurement keeps one case's freed-but-cached memory from hiding another
     case's allocations. Children come from a forkserver that has imported torch/deepspeed but
     never run an op (forking after OpenMP has started is unsafe).
@@ -356,7 +360,7 @@ def bench_one(spec: Spec, warmup: int, repeats: int, memory: bool, progress: tqd
             row["moe_dist_peak_rss_mb"] / row["deepspeed_peak_rss_mb"], 3)
     row.update(check)
     row["repeats"] = repeats
-    row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # set by hand, if at all
     row["versions"] = {"torch": torch.__version__, "deepspeed": _deepspeed_version()}
     return row
 
@@ -392,6 +396,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep",
+                   help="keep: glibc keeps freed memory, as the trainer has it on CPU (default); "
+                        "default: glibc unchanged (large blocks unmapped on free)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
     args = p.parse_args(argv)
@@ -431,6 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _sweep(args: argparse.Namespace, results) -> list[dict]:
     torch.set_num_threads(args.threads)
+    _configure_malloc(args.cpu_malloc)
     if not args.no_memory:
         start_memory_server()
     rows = []
@@ -439,7 +447,7 @@ def _sweep(args: argparse.Namespace, results) -> list[dict]:
         for E in args.num_experts:
             spec = Spec(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, num_experts=E,
                         top_k=args.top_k, capacity_factor=args.capacity_factor, threads=args.threads,
-                        seed=args.seed)
+                        seed=args.seed, cpu_malloc=args.cpu_malloc)
             row = bench_one(spec, args.warmup, args.repeats, not args.no_memory, progress)
             log.info("E=%d: moe_dist %.1f ms, deepspeed %.1f ms, floor %.1f ms; peak tensor MiB "
                      "%s / %s / %s, peak RSS MiB %s / %s / %s", E, row["moe_dist_ms"],
