@@ -61,3 +61,10 @@ def test_trainer_asks_glibc_on_cpu_unless_configured_off(monkeypatch, keep):
 def test_config_rejects_a_non_boolean():
     with pytest.raises(ConfigError, match="cpu_keep_freed_memory must be true or false, got 'yes'"):
         _section(cpu_keep_freed_memory="yes")
+
+
+def test_trainer_says_when_the_setting_could_not_be_applied(monkeypatch, capsys):
+    monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda: False)
+    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
+    trainer.configure_cpu_malloc(True)
+    assert "train.cpu_keep_freed_memory: not applied" in capsys.readouterr().out

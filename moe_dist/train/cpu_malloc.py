@@ -17,7 +17,6 @@ libraries installed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 
@@ -31,7 +30,7 @@ def _libc_mallopt():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
         libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op
         fn = libc.mallopt
     except (OSError, AttributeError):
@@ -42,8 +41,8 @@ def _libc_mallopt():
 
 def keep_freed_memory() -> bool:
     """Serve every allocation from glibc's heap and never trim it. Process-wide and for the rest
-    of the process; takes effect for allocations made after the call. False where the C library
-    is not glibc (nothing is changed there)."""
+    of the process; takes effect for allocations made after the call. False where it could not
+    be applied: the C library is not glibc, or glibc refused a setting."""
     mallopt = _libc_mallopt()
     if mallopt is None:
         return False

@@ -56,7 +56,8 @@ def configure_cpu_malloc(keep_freed: bool) -> None:
     if not keep_freed or torch.cuda.is_available():
         return
     if not cpu_malloc.keep_freed_memory():
-        log0("train.cpu_keep_freed_memory: the C library is not glibc; its allocator is left as it is")
+        log0("train.cpu_keep_freed_memory: not applied (the C library is not glibc, or it refused "
+             "the setting); the allocator is left as it is")
 
 
 class Trainer:
