@@ -105,13 +105,36 @@ def test_gather_segment_matmul_matches_gather_then_matmul(monkeypatch):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_segment_ops_read_and_write_expanded_stacks_in_place():
+    """An expanded weight stack (every expert the same matrix) is read without materialising it,
+    and an expanded gradient buffer is written in place: how tools/bench_expert_gemms.py times the
+    experts' GEMMs with their weights held in cache. Other layouts of `out` are refused."""
+    if not mkl_grouped.available(torch.randn(1, 4), torch.randn(1, 4, 4)):
+        pytest.skip("this PyTorch build has no usable MKL batch GEMM")
+    E, K, P = 2048, 64, 64  # the expanded stacks would be 32 MiB as copies
+    counts = [1] * E
+    x, g, w = torch.randn(E, K), torch.randn(E, P), torch.randn(K, P)
+    y = torch.empty(E, P)
+    assert _peak_mib(lambda: mkl_grouped.segment_mm(x, w.expand(E, K, P), counts, False, out=y)) < 1
+    torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
+    assert _peak_mib(lambda: mkl_grouped.segment_mm(g, w.expand(E, K, P), counts, True, out=x)) < 1
+    shared = torch.empty(K, P).expand(E, K, P)  # every expert overwrites it: timing only
+    assert _peak_mib(lambda: mkl_grouped.segment_outer(x, g, counts, out=shared)) < 1
+    with pytest.raises(ValueError, match="expanded"):
+        mkl_grouped.segment_outer(x, g, counts, out=torch.empty(E, P, K).transpose(1, 2))
+
+
 def _peak_step_mib(layer: MoELayer, x: torch.Tensor) -> float:
     """Peak bytes held by tensors allocated during one forward+backward (profiler events)."""
+    return _peak_mib(lambda: layer(x).y.square().sum().backward())
+
+
+def _peak_mib(fn) -> float:
+    """Peak bytes held by tensors allocated while `fn()` runs (profiler events)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = layer(x)
-        out.y.square().sum().backward()
+        fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     held = peak = 0

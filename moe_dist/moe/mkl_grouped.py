@@ -52,8 +52,8 @@ def _self_check() -> bool:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(7, 3, generator=g), torch.randn(3, 3, 5, generator=g)
     counts = [4, 0, 3]
-    y = _segment_mm(x, w, counts, transpose_w=False)
-    dw = _segment_outer(x, y, counts)
+    y = segment_mm(x, w, counts, transpose_w=False)
+    dw = segment_outer(x, y, counts)
     ref_y = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
     ref_dw = torch.stack([x[:4].t() @ ref_y[:4], torch.zeros(3, 5), x[4:].t() @ ref_y[4:]])
     return torch.allclose(y, ref_y, atol=1e-5) and torch.allclose(dw, ref_dw, atol=1e-4)
@@ -96,11 +96,18 @@ def _row_starts(counts_e: list[int]) -> tuple[Tensor, Tensor]:
     return counts, counts.cumsum(0) - counts
 
 
-def _segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bool,
-                out: Tensor | None = None) -> Tensor:
+def _matrices_contiguous(t_eKP: Tensor) -> bool:
+    """Each [K, P] matrix is row-major and dense; the experts' stride is free (BLAS gets one
+    pointer per expert), so an expanded (stride-0) or sliced stack needs no copy."""
+    return t_eKP.stride(2) == 1 and t_eKP.stride(1) == t_eKP.shape[2]
+
+
+def segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bool,
+               out: Tensor | None = None) -> Tensor:
     """y[segment j] = x[segment j] @ w[j] (or @ w[j].T, with w stored [e, P, K]); into `out`
-    (contiguous [N, P]) when given."""
-    x_NK, w_eKP = x_NK.contiguous(), w_eKP.contiguous()
+    (contiguous [N, P]) when given. No autograd: `segment_matmul` is the differentiable op."""
+    x_NK = x_NK.contiguous()
+    w_eKP = w_eKP if _matrices_contiguous(w_eKP) else w_eKP.contiguous()
     e, K = len(counts_e), x_NK.shape[1]
     P = w_eKP.shape[1] if transpose_w else w_eKP.shape[2]
     y_NP = torch.empty(x_NK.shape[0], P, dtype=x_NK.dtype) if out is None else out
@@ -117,24 +124,32 @@ def _segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: b
     return y_NP
 
 
-def _segment_outer(x_NK: Tensor, g_NP: Tensor, counts_e: list[int], out: Tensor | None = None) -> Tensor:
+def segment_outer(x_NK: Tensor, g_NP: Tensor, counts_e: list[int], out: Tensor | None = None) -> Tensor:
     """dw[j] = x[segment j].T @ g[segment j], zero for an expert with no rows; into `out`
-    (contiguous [e, K, P]) when given."""
+    ([e, K, P], contiguous, or one [K, P] buffer expanded to e experts) when given. No autograd
+    (the weight gradient of `segment_matmul`).
+
+    An expanded `out` makes every expert write the same buffer, so its content is meaningless; it
+    exists for tools/bench_expert_gemms.py, which times these writes with and without the
+    gradient's memory traffic."""
     x_NK, g_NP = x_NK.contiguous(), g_NP.contiguous()
     e, K, P = len(counts_e), x_NK.shape[1], g_NP.shape[1]
     dw_eKP = torch.empty(e, K, P, dtype=x_NK.dtype) if out is None else out
-    if not dw_eKP.is_contiguous() or dw_eKP.shape != (e, K, P):
-        raise ValueError(f"out must be a contiguous [{e}, {K}, {P}] tensor, got {tuple(dw_eKP.shape)}")
+    if (dw_eKP.shape != (e, K, P) or not _matrices_contiguous(dw_eKP)
+            or (e > 1 and dw_eKP.stride(0) not in (0, K * P))):
+        raise ValueError(f"out must be a contiguous [{e}, {K}, {P}] tensor or an expanded [{K}, {P}] "
+                         f"one, got shape {tuple(dw_eKP.shape)} strides {dw_eKP.stride()}")
+    shared = e > 1 and dw_eKP.stride(0) == 0
     if x_NK.shape[0] == 0:
-        return dw_eKP.zero_()
+        return dw_eKP if shared else dw_eKP.zero_()
     counts, starts = _row_starts(counts_e)
     size = x_NK.element_size()
     _call(True, False, torch.full((e,), K), torch.full((e,), P), counts,
           x_NK.data_ptr() + starts * (K * size), K,
           g_NP.data_ptr() + starts * (P * size), P,
-          dw_eKP.data_ptr() + torch.arange(e) * (K * P * size), P)
+          dw_eKP.data_ptr() + torch.arange(e) * (dw_eKP.stride(0) * size), P)
     empty = counts == 0
-    if empty.any():  # BLAS leaves C = beta * C for k = 0; say zero explicitly
+    if empty.any() and not shared:  # BLAS leaves C = beta * C for k = 0; say zero explicitly
         dw_eKP[empty] = 0.0
     return dw_eKP
 
@@ -146,14 +161,14 @@ class _SegmentMatmul(torch.autograd.Function):
     def forward(ctx, x_NK: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
         ctx.save_for_backward(x_NK, w_eKP)
         ctx.counts_e = counts_e
-        return _segment_mm(x_NK, w_eKP, counts_e, transpose_w=False)
+        return segment_mm(x_NK, w_eKP, counts_e, transpose_w=False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_NP: Tensor):
         x_NK, w_eKP = ctx.saved_tensors
-        dx = _segment_mm(g_NP, w_eKP, ctx.counts_e, transpose_w=True) if ctx.needs_input_grad[0] else None
-        dw = _segment_outer(x_NK, g_NP, ctx.counts_e) if ctx.needs_input_grad[1] else None
+        dx = segment_mm(g_NP, w_eKP, ctx.counts_e, transpose_w=True) if ctx.needs_input_grad[0] else None
+        dw = segment_outer(x_NK, g_NP, ctx.counts_e) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
@@ -188,7 +203,7 @@ class _GatherSegmentMatmul(torch.autograd.Function):
         w_eKP = w_eKP.contiguous()
         y_NP = torch.empty(index_N.numel(), w_eKP.shape[2], dtype=source_SK.dtype)
         for e0, e1, r0, r1 in _expert_chunks(counts_e, _GatherSegmentMatmul.CHUNKS):
-            _segment_mm(source_SK.index_select(0, index_N[r0:r1]), w_eKP[e0:e1], counts_e[e0:e1],
+            segment_mm(source_SK.index_select(0, index_N[r0:r1]), w_eKP[e0:e1], counts_e[e0:e1],
                         transpose_w=False, out=y_NP[r0:r1])
         return y_NP
 
@@ -202,9 +217,9 @@ class _GatherSegmentMatmul(torch.autograd.Function):
         for e0, e1, r0, r1 in _expert_chunks(ctx.counts_e, _GatherSegmentMatmul.CHUNKS):
             counts, rows = ctx.counts_e[e0:e1], index_N[r0:r1]
             if dw_eKP is not None:
-                _segment_outer(source_SK.index_select(0, rows), g_NP[r0:r1], counts, out=dw_eKP[e0:e1])
+                segment_outer(source_SK.index_select(0, rows), g_NP[r0:r1], counts, out=dw_eKP[e0:e1])
             if d_source is not None:
-                d_source.index_add_(0, rows, _segment_mm(g_NP[r0:r1], w_eKP[e0:e1], counts, transpose_w=True))
+                d_source.index_add_(0, rows, segment_mm(g_NP[r0:r1], w_eKP[e0:e1], counts, transpose_w=True))
         return d_source, None, dw_eKP, None
 
 
