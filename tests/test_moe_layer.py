@@ -83,6 +83,42 @@ def test_mkl_grouped_matmul_gradients_match_the_loop(counts):
     assert torch.equal(results[0][2][torch.tensor(counts) == 0], torch.zeros_like(w[torch.tensor(counts) == 0]))
 
 
+def test_large_segments_are_gemms_of_their_own(monkeypatch):
+    """Segments of at least OWN_GEMM_ROWS_PER_THREAD rows per thread run as separate GEMMs over
+    every thread; only the others go to the batch call. Both kinds in one call agree with the
+    per-expert loop in the forward, the input gradient and the weight gradient."""
+    if not mkl_grouped.available(torch.randn(1, 4), torch.randn(1, 4, 4)):
+        pytest.skip("this PyTorch build has no usable MKL batch GEMM")
+    monkeypatch.setattr(mkl_grouped, "OWN_GEMM_ROWS_PER_THREAD", 8 / torch.get_num_threads())
+    batched = []
+    real_call = mkl_grouped._call
+    monkeypatch.setattr(mkl_grouped, "_call", lambda *a: (batched.append(a[2].tolist()), real_call(*a)))
+    counts = [9, 3, 0, 8, 1]  # 9 and 8 rows: their own GEMMs; 3, 0 and 1: batched
+    x, w, grad_y = torch.randn(21, 12), torch.randn(5, 12, 20), torch.randn(21, 20)
+    results = []
+    for impl in ("mkl", "loop"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = grouped_matmul(xi, wi, counts, impl)
+        y.backward(grad_y)
+        results.append((y, xi.grad, wi.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # forward, input gradient: rows per batched GEMM; weight gradient: its K is the rows
+    assert batched[0] == [3, 0, 1] and batched[1] == [3, 0, 1], batched
+    assert len(batched) == 3 and sorted(batched[2]) == [12, 12, 12], batched
+
+
+def test_backward_chunks_hold_enough_experts_for_one_batch_call():
+    chunks = mkl_grouped._expert_chunks
+    counts = [10] * 40
+    # 8 chunks of 50 rows would be 5 experts each; at least 16 experts per chunk: 16, 16, 8
+    assert [(e0, e1) for e0, e1, _, _ in chunks(counts, 8, 16)] == [(0, 16), (16, 32), (32, 40)]
+    assert [(r0, r1) for _, _, r0, r1 in chunks(counts, 8, 16)] == [(0, 160), (160, 320), (320, 400)]
+    # a segment big enough for a GEMM of its own closes its chunk early
+    big = mkl_grouped.OWN_GEMM_ROWS_PER_THREAD * torch.get_num_threads()
+    assert [(e0, e1) for e0, e1, _, _ in chunks([big, big, 1, 1], 4, 16)] == [(0, 1), (1, 2), (2, 4)]
+
+
 def test_gather_segment_matmul_matches_gather_then_matmul(monkeypatch):
     """The fused gather (chunked, gradient added straight into the source rows) against
     index_select + per-expert matmuls: duplicate rows (top-2), an empty expert, several chunks."""

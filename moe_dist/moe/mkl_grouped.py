@@ -6,8 +6,10 @@ width, P output width.
 Why: `torch._grouped_mm` on CPU is a loop of matmuls, each split over every thread. With the ~64
 rows per expert of a 256-expert layer, such small multi-threaded GEMMs took 1.5-1.8x the time of
 one dense GEMM over the same rows (2 cores, see BENCHMARKS.md). MKL's `cblas_sgemm_batch` takes
-all the experts' GEMMs in one call and gives whole GEMMs to threads: 1.2-1.3x, the rest being
-the E weight matrices it must read.
+all the experts' GEMMs in one call and gives whole GEMMs to threads: 1.06-1.09x when the
+weights are in cache, 1.2-1.3x at E=256 where the E weight matrices stream from memory
+(tools/bench_expert_gemms.py). Segments large enough to fill every thread on their own (E=8:
+~2048 rows) are faster as separate GEMMs, so those skip the batch call.
 
 PyTorch's CPU wheels link MKL statically into libtorch_cpu and export its CBLAS symbols; this
 module calls them with ctypes. Where the symbol is missing (other BLAS builds, other platforms) or
@@ -90,6 +92,19 @@ def _call(trans_a: bool, trans_b: bool, m: Tensor, n: Tensor, k: Tensor, a_ptr: 
                    groups, ptr["size"])
 
 
+# A segment of at least this many rows per thread is a GEMM of its own, split over every thread;
+# smaller ones go to one batch call, whole GEMMs per thread. On 2 cores (d 512, d_ff 1024) the
+# batch call is as fast as separate GEMMs at 1024 rows per expert and ~12% slower at 2048, where
+# separate GEMMs match one dense GEMM; at 512 rows and below separate GEMMs lose (BENCHMARKS.md).
+OWN_GEMM_ROWS_PER_THREAD = 512
+
+
+def _split_by_size(counts: Tensor) -> tuple[list[int], Tensor]:
+    """(experts whose segment is a GEMM of its own, experts for the batch call)."""
+    own = counts >= OWN_GEMM_ROWS_PER_THREAD * torch.get_num_threads()
+    return own.nonzero().flatten().tolist(), (~own).nonzero().flatten()
+
+
 def _row_starts(counts_e: list[int]) -> tuple[Tensor, Tensor]:
     """(rows per segment, first row of each segment)."""
     counts = torch.tensor(counts_e, dtype=torch.int64)
@@ -108,7 +123,7 @@ def segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bo
     (contiguous [N, P]) when given. No autograd: `segment_matmul` is the differentiable op."""
     x_NK = x_NK.contiguous()
     w_eKP = w_eKP if _matrices_contiguous(w_eKP) else w_eKP.contiguous()
-    e, K = len(counts_e), x_NK.shape[1]
+    K = x_NK.shape[1]
     P = w_eKP.shape[1] if transpose_w else w_eKP.shape[2]
     y_NP = torch.empty(x_NK.shape[0], P, dtype=x_NK.dtype) if out is None else out
     if not y_NP.is_contiguous() or y_NP.shape != (x_NK.shape[0], P):
@@ -116,11 +131,17 @@ def segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bo
     if y_NP.numel() == 0:
         return y_NP
     counts, starts = _row_starts(counts_e)
-    size = x_NK.element_size()
-    _call(False, transpose_w, counts, torch.full((e,), P), torch.full((e,), K),
-          x_NK.data_ptr() + starts * (K * size), K,
-          w_eKP.data_ptr() + torch.arange(e) * (w_eKP.stride(0) * size), w_eKP.shape[2],
-          y_NP.data_ptr() + starts * (P * size), P)
+    own, batch = _split_by_size(counts)
+    for j in own:
+        rows = slice(int(starts[j]), int(starts[j] + counts[j]))
+        torch.mm(x_NK[rows], w_eKP[j].t() if transpose_w else w_eKP[j], out=y_NP[rows])
+    if batch.numel():
+        size = x_NK.element_size()
+        g = batch.numel()
+        _call(False, transpose_w, counts[batch], torch.full((g,), P), torch.full((g,), K),
+              x_NK.data_ptr() + starts[batch] * (K * size), K,
+              w_eKP.data_ptr() + batch * (w_eKP.stride(0) * size), w_eKP.shape[2],
+              y_NP.data_ptr() + starts[batch] * (P * size), P)
     return y_NP
 
 
@@ -143,11 +164,17 @@ def segment_outer(x_NK: Tensor, g_NP: Tensor, counts_e: list[int], out: Tensor |
     if x_NK.shape[0] == 0:
         return dw_eKP if shared else dw_eKP.zero_()
     counts, starts = _row_starts(counts_e)
-    size = x_NK.element_size()
-    _call(True, False, torch.full((e,), K), torch.full((e,), P), counts,
-          x_NK.data_ptr() + starts * (K * size), K,
-          g_NP.data_ptr() + starts * (P * size), P,
-          dw_eKP.data_ptr() + torch.arange(e) * (dw_eKP.stride(0) * size), P)
+    own, batch = _split_by_size(counts)
+    for j in own:
+        rows = slice(int(starts[j]), int(starts[j] + counts[j]))
+        torch.mm(x_NK[rows].t(), g_NP[rows], out=dw_eKP[j])
+    if batch.numel():
+        size = x_NK.element_size()
+        g = batch.numel()
+        _call(True, False, torch.full((g,), K), torch.full((g,), P), counts[batch],
+              x_NK.data_ptr() + starts[batch] * (K * size), K,
+              g_NP.data_ptr() + starts[batch] * (P * size), P,
+              dw_eKP.data_ptr() + batch * (dw_eKP.stride(0) * size), P)
     empty = counts == 0
     if empty.any() and not shared:  # BLAS leaves C = beta * C for k = 0; say zero explicitly
         dw_eKP[empty] = 0.0
@@ -172,40 +199,42 @@ class _SegmentMatmul(torch.autograd.Function):
         return dx, dw, None
 
 
-def _expert_chunks(counts_e: list[int], num_chunks: int) -> list[tuple[int, int, int, int]]:
-    """Contiguous runs of experts with about `sum(counts_e) / num_chunks` rows each, as
-    (first expert, end expert, first row, end row)."""
+def _expert_chunks(counts_e: list[int], num_chunks: int, min_batch: int) -> list[tuple[int, int, int, int]]:
+    """Contiguous runs of experts with at least `sum(counts_e) / num_chunks` rows each, as
+    (first expert, end expert, first row, end row). A run also holds at least `min_batch` experts
+    unless it ends in a segment large enough to be a GEMM of its own: each run is one batch call,
+    and a call of few experts leaves threads idle at its end."""
     target = max(1, -(-sum(counts_e) // num_chunks))
+    own_rows = OWN_GEMM_ROWS_PER_THREAD * torch.get_num_threads()
     chunks, e0, r0, r1 = [], 0, 0, 0
     for j, c in enumerate(counts_e):
         r1 += c
-        if r1 - r0 >= target or j == len(counts_e) - 1:
+        full = r1 - r0 >= target and (j + 1 - e0 >= min_batch or c >= own_rows)
+        if full or j == len(counts_e) - 1:
             chunks.append((e0, j + 1, r0, r1))
             e0, r0 = j + 1, r1
     return chunks
 
 
 class _GatherSegmentMatmul(torch.autograd.Function):
-    """y = source[index] @ w per segment, never holding all of `source[index]`.
+    """y = source[index] @ w per segment; the backward never holds all of `source[index]`.
 
     With top-k routing `source[index]` holds k copies of each kept token, and the backward of a
     plain gather-then-GEMM keeps that copy, its gradient and the layer's weight gradients alive
-    at once (the layer's peak memory). Here both passes gather the rows a chunk of experts at a
-    time, and the backward adds their input gradient straight into `source`'s rows.
+    at once (the layer's peak memory). Here the backward regathers the rows a chunk of experts at
+    a time and adds their input gradient straight into `source`'s rows. The forward gathers all
+    rows at once: its copy lives only for the call and is half the size of the [N, F] activation
+    the layer keeps anyway, while each extra batch call costs idle threads at its end.
     """
 
     CHUNKS = 8
+    MIN_EXPERTS_PER_CHUNK = 16
 
     @staticmethod
     def forward(ctx, source_SK: Tensor, index_N: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
         ctx.save_for_backward(source_SK, index_N, w_eKP)
         ctx.counts_e = counts_e
-        w_eKP = w_eKP.contiguous()
-        y_NP = torch.empty(index_N.numel(), w_eKP.shape[2], dtype=source_SK.dtype)
-        for e0, e1, r0, r1 in _expert_chunks(counts_e, _GatherSegmentMatmul.CHUNKS):
-            segment_mm(source_SK.index_select(0, index_N[r0:r1]), w_eKP[e0:e1], counts_e[e0:e1],
-                        transpose_w=False, out=y_NP[r0:r1])
-        return y_NP
+        return segment_mm(source_SK.index_select(0, index_N), w_eKP, counts_e, transpose_w=False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -214,7 +243,8 @@ class _GatherSegmentMatmul(torch.autograd.Function):
         g_NP, w_eKP = g_NP.contiguous(), w_eKP.contiguous()
         d_source = torch.zeros_like(source_SK) if ctx.needs_input_grad[0] else None
         dw_eKP = torch.empty_like(w_eKP) if ctx.needs_input_grad[2] else None
-        for e0, e1, r0, r1 in _expert_chunks(ctx.counts_e, _GatherSegmentMatmul.CHUNKS):
+        cls = _GatherSegmentMatmul
+        for e0, e1, r0, r1 in _expert_chunks(ctx.counts_e, cls.CHUNKS, cls.MIN_EXPERTS_PER_CHUNK):
             counts, rows = ctx.counts_e[e0:e1], index_N[r0:r1]
             if dw_eKP is not None:
                 segment_outer(source_SK.index_select(0, rows), g_NP[r0:r1], counts, out=dw_eKP[e0:e1])
