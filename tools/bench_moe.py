@@ -68,7 +68,7 @@ class Spec:
 # same parameter grads, and leaves nothing behind between steps.
 # ---------------------------------------------------------------------------------------------
 
-def _inputs(spec: Spec, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_inputs(spec: Spec, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input (a leaf that needs a grad, as a layer's input in a model does) and upstream grad."""
     g = torch.Generator().manual_seed(spec.seed + 1)
     x = torch.randn(rows, spec.d_model, generator=g).requires_grad_()
@@ -138,7 +138,7 @@ def _reset_grads(module: nn.Module, x: torch.Tensor) -> None:
 
 
 def make_moe_dist_step(layer, spec: Spec) -> Callable[[], None]:
-    x, grad_y = _inputs(spec, spec.tokens)
+    x, grad_y = make_inputs(spec, spec.tokens)
     one = torch.ones(())
 
     def step() -> None:
@@ -150,7 +150,7 @@ def make_moe_dist_step(layer, spec: Spec) -> Callable[[], None]:
 
 
 def make_deepspeed_step(layer, spec: Spec) -> Callable[[], None]:
-    x, grad_y = _inputs(spec, spec.tokens)
+    x, grad_y = make_inputs(spec, spec.tokens)
     aux_coef = torch.tensor(0.01)
 
     def step() -> None:
@@ -174,7 +174,7 @@ class DenseFloor(nn.Module):
 
 def make_floor_step(spec: Spec) -> Callable[[], None]:
     floor = DenseFloor(spec)
-    x, grad_y = _inputs(spec, spec.tokens * spec.top_k)
+    x, grad_y = make_inputs(spec, spec.tokens * spec.top_k)
 
     def step() -> None:
         floor(x).backward(grad_y)
@@ -191,7 +191,7 @@ def check_same_function(md_layer, ds_layer, spec: Spec) -> dict:
     from moe_dist.moe.capacity import assign_slots
     from moe_dist.routing.base import RoutingContext
 
-    x, _ = _inputs(spec, spec.tokens)
+    x, _ = make_inputs(spec, spec.tokens)
     out = md_layer(x)
     y_ds, _, load_ds = ds_layer(x)
     route = md_layer.router(x, RoutingContext(training=True))
@@ -224,7 +224,7 @@ def _memory_child(case: str, spec: Spec, steps: int) -> tuple[float, float]:
     measurements of the same case differ by up to 10%; with one they agree to about 1%.
     """
     torch.set_num_threads(1)
-    _configure_malloc(spec.cpu_malloc)
+    configure_malloc(spec.cpu_malloc)
     if case == "floor":
         step = make_floor_step(spec)
     else:
@@ -266,7 +266,7 @@ def _peak_tensor_mb(step: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-def _configure_malloc(mode: str) -> None:
+def configure_malloc(mode: str) -> None:
     from moe_dist.train import cpu_malloc
 
     if mode == "keep" and not cpu_malloc.keep_freed_memory():
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _sweep(args: argparse.Namespace, results) -> list[dict]:
     torch.set_num_threads(args.threads)
-    _configure_malloc(args.cpu_malloc)
+    configure_malloc(args.cpu_malloc)
     if not args.no_memory:
         start_memory_server()
     rows = []

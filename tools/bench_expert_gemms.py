@@ -1,0 +1,227 @@
+"""The MoE layer's six expert GEMMs against the floor's dense GEMMs, with the expert weights
+streamed from memory and with them held in cache: how much of the layer's gap to the floor is
+the E weight matrices it must read (and the E gradient matrices it must write) every step.
+
+Legend: T tokens, D model width, F expert hidden width, E experts, K experts per token, N rows the
+experts process (kept pairs, grouped by expert), R = T*K rows of the floor.
+
+Per GEMM of the layer (fwd1 x@W1, fwd2 h@W2, dx2 g@W2.T, dW2 h.T@g, dx1 gh@W1.T, dW1 x.T@gh),
+three variants, each with preallocated outputs, timed in interleaved rounds (median):
+  dense    one GEMM over the floor's R rows with one [D, F] weight (tools/bench_moe.py's floor)
+  grouped  one MKL batch GEMM over the layer's real per-expert row counts (the routing of
+           tools/bench_moe.py's input), every expert with its own weights: what the layer runs
+  cached   the same batch call with every expert reading expert 0's weights (an expanded view)
+           or writing its gradient into one shared buffer, which therefore stay in cache: the
+           same arithmetic, row counts and threading without streaming E weight matrices
+`grouped - cached` is what streaming the weights costs; `stream_ms` is what moving their bytes at
+the measured bandwidth takes, the part a kernel that prefetched the next expert's weights during
+the current one could hide; `cached / dense` is what would remain.
+
+    python tools/bench_expert_gemms.py --threads 2            # E = 8, 64, 256; table on stdout
+    python tools/bench_expert_gemms.py --threads 2 --json     # one JSON object per E
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import Spec, build_moe_dist_layer, configure_malloc, make_inputs, time_cases  # noqa: E402
+
+from moe_dist.moe import mkl_grouped  # noqa: E402
+from moe_dist.moe.capacity import assign_slots  # noqa: E402
+from moe_dist.routing.base import RoutingContext  # noqa: E402
+
+log = logging.getLogger("bench_expert_gemms")
+
+VARIANTS = ("dense", "grouped", "cached")
+
+
+@dataclass(frozen=True)
+class Gemm:
+    name: str
+    weight: str  # "w1" [E, D, F] or "w2" [E, F, D]: the matrix read, or whose gradient is written
+    kind: str  # "mm": rows @ W, "mm_t": rows @ W.T, "outer": lhs.T @ rhs (a weight gradient)
+    lhs: str  # row operand: x_D, h_F, g_D, gh_F
+    rhs: str | None = None  # second row operand of an outer product
+
+
+GEMMS = (
+    Gemm("fwd1", "w1", "mm", "x_D"),
+    Gemm("fwd2", "w2", "mm", "h_F"),
+    Gemm("dx2", "w2", "mm_t", "g_D"),
+    Gemm("dW2", "w2", "outer", "h_F", "g_D"),
+    Gemm("dx1", "w1", "mm_t", "gh_F"),
+    Gemm("dW1", "w1", "outer", "x_D", "gh_F"),
+)
+
+
+@torch.no_grad()
+def routed_counts(spec: Spec) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Rows per expert after the capacity drop for tools/bench_moe.py's input, and the layer's
+    expert weights (w1 [E, D, F], w2 [E, F, D])."""
+    layer = build_moe_dist_layer(spec)
+    x, _ = make_inputs(spec, spec.tokens)
+    route = layer.router(x, RoutingContext(training=True))
+    plan = assign_slots(route.idx_TK, spec.num_experts, layer.capacity(spec.tokens), "position")
+    return plan.kept_E.tolist(), layer.experts.w_in_eDF.detach(), layer.experts.w_out_eFD.detach()
+
+
+def _rows(spec: Spec, n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    D, F = spec.d_model, spec.d_ff
+    return {"x_D": torch.randn(n, D, generator=g), "h_F": torch.randn(n, F, generator=g),
+            "g_D": torch.randn(n, D, generator=g), "gh_F": torch.randn(n, F, generator=g)}
+
+
+def make_variants(gemm: Gemm, spec: Spec, counts_e: list[int], weights: dict[str, torch.Tensor]
+                  ) -> dict[str, Callable[[], None]]:
+    """One no-argument function per variant, each computing `gemm` into buffers made here."""
+    W = weights[gemm.weight]
+    E, N, R = W.shape[0], sum(counts_e), spec.tokens * spec.top_k
+    rows, dense_rows = _rows(spec, N, 1), _rows(spec, R, 2)
+    w_dense = W[0].clone()
+    transpose = gemm.kind == "mm_t"
+
+    if gemm.kind == "outer":
+        a, b = rows[gemm.lhs], rows[gemm.rhs]
+        dW, dW_shared = torch.empty_like(W), torch.empty_like(w_dense).expand_as(W)
+        dense_a, dense_b, dense_out = dense_rows[gemm.lhs], dense_rows[gemm.rhs], torch.empty_like(w_dense)
+        return {"dense": lambda: torch.mm(dense_a.t(), dense_b, out=dense_out),
+                "grouped": lambda: mkl_grouped.segment_outer(a, b, counts_e, out=dW),
+                "cached": lambda: mkl_grouped.segment_outer(a, b, counts_e, out=dW_shared)}
+
+    a, P = rows[gemm.lhs], (W.shape[1] if transpose else W.shape[2])
+    y, dense_a, dense_y = torch.empty(N, P), dense_rows[gemm.lhs], torch.empty(R, P)
+    w_dense_op = w_dense.t() if transpose else w_dense
+    W_shared = w_dense.expand(E, *w_dense.shape)
+    return {"dense": lambda: torch.mm(dense_a, w_dense_op, out=dense_y),
+            "grouped": lambda: mkl_grouped.segment_mm(a, W, counts_e, transpose, out=y),
+            "cached": lambda: mkl_grouped.segment_mm(a, W_shared, counts_e, transpose, out=y)}
+
+
+def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> tuple[float, float]:
+    """(read, write) GB/s of this process's threads over a buffer far larger than any cache:
+    the medians of `repeats` passes after one unmeasured pass."""
+    buf = torch.ones(mib * 2**20 // 4)
+    read, write = [], []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        buf.sum()
+        t1 = time.perf_counter()
+        buf.fill_(1.0)
+        t2 = time.perf_counter()
+        read.append(t1 - t0)
+        write.append(t2 - t1)
+    gb = buf.numel() * 4 / 1e9
+    return gb / statistics.median(read[1:]), gb / statistics.median(write[1:])
+
+
+def bench_one(spec: Spec, warmup: int, repeats: int, progress: tqdm | None) -> dict:
+    counts_e, w1, w2 = routed_counts(spec)
+    weights = {"w1": w1.contiguous(), "w2": w2.contiguous()}
+    expert_bytes = spec.d_model * spec.d_ff * 4
+    read_gbs, write_gbs = memory_bandwidth_gbs()
+    row = {"num_experts": spec.num_experts, "tokens": spec.tokens, "d_model": spec.d_model,
+           "d_ff": spec.d_ff, "top_k": spec.top_k, "capacity_factor": spec.capacity_factor,
+           "threads": spec.threads, "cpu_malloc": spec.cpu_malloc, "rows": sum(counts_e),
+           "rows_per_expert": [min(counts_e), round(sum(counts_e) / len(counts_e), 1), max(counts_e)],
+           "read_gbs": round(read_gbs, 1),
+           "write_gbs": round(write_gbs, 1), "gemms": {}}
+    total = dict.fromkeys((*VARIANTS, "stream"), 0.0)
+    for gemm in GEMMS:
+        variants = make_variants(gemm, spec, counts_e, weights)
+        ms, _ = time_cases(variants, warmup, repeats, progress)
+        # Every expert's weight matrix is read once, or its gradient written once.
+        bandwidth = write_gbs if gemm.kind == "outer" else read_gbs
+        ms["stream"] = spec.num_experts * expert_bytes / (bandwidth * 1e9) * 1e3
+        row["gemms"][gemm.name] = {f"{k}_ms": round(v, 4) for k, v in ms.items()}
+        for k in total:
+            total[k] += ms[k]
+    row.update({f"{k}_ms": round(v, 4) for k, v in total.items()})
+    for k in ("grouped", "cached"):
+        row[f"{k}_over_dense"] = round(total[k] / total["dense"], 3)
+    row["grouped_minus_cached_ms"] = round(total["grouped"] - total["cached"], 2)
+    row["versions"] = {"torch": torch.__version__}
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| E | rows/expert min/mean/max | dense ms | grouped ms | cached ms | grouped/dense | "
+            "cached/dense | grouped - cached ms | stream ms (read/write GB/s) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        rpe = "/".join(str(v) for v in r["rows_per_expert"])
+        lines.append(f"| {r['num_experts']} | {rpe} | {r['dense_ms']:.0f} | {r['grouped_ms']:.0f} | "
+                     f"{r['cached_ms']:.0f} | {r['grouped_over_dense']:.2f} | "
+                     f"{r['cached_over_dense']:.2f} | {r['grouped_minus_cached_ms']:.0f} | "
+                     f"{r['stream_ms']:.0f} ({r['read_gbs']}/{r['write_gbs']}) |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--num-experts", type=int, nargs="+", default=[8, 64, 256])
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep")
+    p.add_argument("--json", action="store_true", help="print one JSON object per E")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats ({args.repeats}) must be >= 1 and --warmup ({args.warmup}) >= 0")
+    if min(args.threads, args.tokens, args.d_model, args.d_ff, args.top_k) < 1:
+        p.error("--threads, --tokens, --d-model, --d-ff and --top-k must be >= 1")
+    if min(args.num_experts) < args.top_k:
+        p.error(f"--num-experts {args.num_experts}: each must be >= --top-k ({args.top_k})")
+    if args.capacity_factor <= 0:
+        p.error(f"--capacity-factor ({args.capacity_factor}) must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    probe = torch.ones(1, 1)
+    if not mkl_grouped.available(probe, probe.view(1, 1, 1)):
+        raise SystemExit("this PyTorch build has no usable MKL batch GEMM (mkl_grouped.available)")
+    torch.set_num_threads(args.threads)
+    configure_malloc(args.cpu_malloc)
+    rows = []
+    total = len(args.num_experts) * len(GEMMS) * (args.warmup + args.repeats)
+    with tqdm(total=total, desc="bench_expert_gemms rounds", file=sys.stderr, disable=None) as progress:
+        for E in args.num_experts:
+            spec = Spec(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, num_experts=E,
+                        top_k=args.top_k, capacity_factor=args.capacity_factor, threads=args.threads,
+                        seed=args.seed, cpu_malloc=args.cpu_malloc)
+            row = bench_one(spec, args.warmup, args.repeats, progress)
+            log.info("E=%d: grouped/dense %.2f, cached/dense %.2f, grouped - cached %.0f ms, "
+                     "stream %.0f ms", E, row["grouped_over_dense"], row["cached_over_dense"],
+                     row["grouped_minus_cached_ms"], row["stream_ms"])
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+    if not args.json:
+        print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
