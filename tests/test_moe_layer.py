@@ -69,9 +69,15 @@ def test_mkl_grouped_matmul_gradients_match_the_loop(counts):
     grads) against per-expert matmuls, on fresh random data."""
     if not mkl_grouped.available(torch.randn(1, 4), torch.randn(1, 4, 4)):
         pytest.skip("this PyTorch build has no usable MKL batch GEMM")
-    x = torch.randn(sum(counts), 12, dtype=torch.float32)
     w = torch.randn(4, 12, 20)
-    grad_y = torch.randn(sum(counts), 20)
+    mkl_grads = _assert_mkl_matches_the_loop(torch.randn(sum(counts), 12), w, counts)
+    assert torch.equal(mkl_grads[torch.tensor(counts) == 0], torch.zeros_like(w[torch.tensor(counts) == 0]))
+
+
+def _assert_mkl_matches_the_loop(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """grouped_matmul's output, input gradient and weight gradient agree between `mkl` and the
+    per-expert loop; returns the mkl weight gradient."""
+    grad_y = torch.randn(x.shape[0], w.shape[2])
     results = []
     for impl in ("mkl", "loop"):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -80,7 +86,7 @@ def test_mkl_grouped_matmul_gradients_match_the_loop(counts):
         results.append((y, xi.grad, wi.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(results[0][2][torch.tensor(counts) == 0], torch.zeros_like(w[torch.tensor(counts) == 0]))
+    return results[0][2]
 
 
 def test_large_segments_are_gemms_of_their_own(monkeypatch):
@@ -94,15 +100,7 @@ def test_large_segments_are_gemms_of_their_own(monkeypatch):
     real_call = mkl_grouped._call
     monkeypatch.setattr(mkl_grouped, "_call", lambda *a: (batched.append(a[2].tolist()), real_call(*a)))
     counts = [9, 3, 0, 8, 1]  # 9 and 8 rows: their own GEMMs; 3, 0 and 1: batched
-    x, w, grad_y = torch.randn(21, 12), torch.randn(5, 12, 20), torch.randn(21, 20)
-    results = []
-    for impl in ("mkl", "loop"):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = grouped_matmul(xi, wi, counts, impl)
-        y.backward(grad_y)
-        results.append((y, xi.grad, wi.grad))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_mkl_matches_the_loop(torch.randn(21, 12), torch.randn(5, 12, 20), counts)
     # forward, input gradient: rows per batched GEMM; weight gradient: its K is the rows
     assert batched[0] == [3, 0, 1] and batched[1] == [3, 0, 1], batched
     assert len(batched) == 3 and sorted(batched[2]) == [12, 12, 12], batched

@@ -8,11 +8,14 @@ experts process (kept pairs, grouped by expert), R = T*K rows of the floor.
 Per GEMM of the layer (fwd1 x@W1, fwd2 h@W2, dx2 g@W2.T, dW2 h.T@g, dx1 gh@W1.T, dW1 x.T@gh),
 three variants, each with preallocated outputs, timed in interleaved rounds (median):
   dense    one GEMM over the floor's R rows with one [D, F] weight (tools/bench_moe.py's floor)
-  grouped  one MKL batch GEMM over the layer's real per-expert row counts (the routing of
-           tools/bench_moe.py's input), every expert with its own weights: what the layer runs
-  cached   the same batch call with every expert reading expert 0's weights (an expanded view)
+  grouped  `mkl_grouped`'s segment GEMM over the layer's real per-expert row counts (the routing
+           of tools/bench_moe.py's input), every expert with its own weights: what the layer runs
+  cached   the same call with every expert reading expert 0's weights (an expanded view)
            or writing its gradient into one shared buffer, which therefore stay in cache: the
            same arithmetic, row counts and threading without streaming E weight matrices
+`cached`'s shared gradient buffer is written by every thread at once; in one run of six that
+showed as contention between the cores (its dW GEMMs 1.6-1.8x slower), so read a `cached` dW
+far above `dense` as that, not as a bound.
 `grouped - cached` is what streaming the weights costs; `stream_ms` is what moving their bytes at
 the measured bandwidth takes, the part a kernel that prefetched the next expert's weights during
 the current one could hide; `cached / dense` is what would remain.
@@ -37,7 +40,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import Spec, build_moe_dist_layer, configure_malloc, make_inputs, time_cases  # noqa: E402
+from bench_moe import (  # noqa: E402
+    Spec, add_spec_args, build_moe_dist_layer, check_spec_args, configure_malloc, make_inputs,
+    spec_from_args, time_cases)
 
 from moe_dist.moe import mkl_grouped  # noqa: E402
 from moe_dist.moe.capacity import assign_slots  # noqa: E402
@@ -172,27 +177,9 @@ def format_table(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--d-ff", type=int, default=1024)
-    p.add_argument("--num-experts", type=int, nargs="+", default=[8, 64, 256])
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=1.25)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep")
-    p.add_argument("--json", action="store_true", help="print one JSON object per E")
+    add_spec_args(p)
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error(f"--repeats ({args.repeats}) must be >= 1 and --warmup ({args.warmup}) >= 0")
-    if min(args.threads, args.tokens, args.d_model, args.d_ff, args.top_k) < 1:
-        p.error("--threads, --tokens, --d-model, --d-ff and --top-k must be >= 1")
-    if min(args.num_experts) < args.top_k:
-        p.error(f"--num-experts {args.num_experts}: each must be >= --top-k ({args.top_k})")
-    if args.capacity_factor <= 0:
-        p.error(f"--capacity-factor ({args.capacity_factor}) must be > 0")
+    check_spec_args(p, args)
     return args
 
 
@@ -208,10 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     total = len(args.num_experts) * len(GEMMS) * (args.warmup + args.repeats)
     with tqdm(total=total, desc="bench_expert_gemms rounds", file=sys.stderr, disable=None) as progress:
         for E in args.num_experts:
-            spec = Spec(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, num_experts=E,
-                        top_k=args.top_k, capacity_factor=args.capacity_factor, threads=args.threads,
-                        seed=args.seed, cpu_malloc=args.cpu_malloc)
-            row = bench_one(spec, args.warmup, args.repeats, progress)
+            row = bench_one(spec_from_args(args, E), args.warmup, args.repeats, progress)
             log.info("E=%d: grouped/dense %.2f, cached/dense %.2f, grouped - cached %.0f ms, "
                      "stream %.0f ms", E, row["grouped_over_dense"], row["cached_over_dense"],
                      row["grouped_minus_cached_ms"], row["stream_ms"])

@@ -384,8 +384,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """The layer shape, timing and allocator flags (shared with tools/bench_expert_gemms.py)."""
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=1024)
@@ -399,19 +399,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep",
                    help="keep: glibc keeps freed memory, as the trainer has it on CPU (default); "
                         "default: glibc unchanged (large blocks unmapped on free)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
-    args = p.parse_args(argv)
+
+
+def check_spec_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.repeats < 1 or args.warmup < 0:
         p.error(f"--repeats ({args.repeats}) must be >= 1 and --warmup ({args.warmup}) >= 0")
-    if args.top_k not in (1, 2):
-        p.error(f"--top-k ({args.top_k}): DeepSpeed's comparable gates are k=1 and k=2")
-    if args.threads < 1 or args.tokens < 1:
-        p.error(f"--threads ({args.threads}) and --tokens ({args.tokens}) must be >= 1")
+    if min(args.threads, args.tokens, args.d_model, args.d_ff, args.top_k) < 1:
+        p.error(f"--threads ({args.threads}), --tokens ({args.tokens}), --d-model ({args.d_model}), "
+                f"--d-ff ({args.d_ff}) and --top-k ({args.top_k}) must be >= 1")
     if min(args.num_experts) < max(2, args.top_k):
         p.error(f"--num-experts {args.num_experts}: each must be >= 2 and >= --top-k ({args.top_k})")
     if args.capacity_factor <= 0:
         p.error(f"--capacity-factor ({args.capacity_factor}) must be > 0 (drop_tokens=True)")
+
+
+def spec_from_args(args: argparse.Namespace, num_experts: int) -> Spec:
+    return Spec(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, num_experts=num_experts,
+                top_k=args.top_k, capacity_factor=args.capacity_factor, threads=args.threads,
+                seed=args.seed, cpu_malloc=args.cpu_malloc)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_spec_args(p)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    args = p.parse_args(argv)
+    check_spec_args(p, args)
+    if args.top_k not in (1, 2):
+        p.error(f"--top-k ({args.top_k}): DeepSpeed's comparable gates are k=1 and k=2")
     return args
 
 
@@ -445,10 +461,8 @@ def _sweep(args: argparse.Namespace, results) -> list[dict]:
     total = len(args.num_experts) * (args.warmup + args.repeats)
     with tqdm(total=total, desc="bench_moe rounds", file=sys.stderr, disable=None) as progress:
         for E in args.num_experts:
-            spec = Spec(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, num_experts=E,
-                        top_k=args.top_k, capacity_factor=args.capacity_factor, threads=args.threads,
-                        seed=args.seed, cpu_malloc=args.cpu_malloc)
-            row = bench_one(spec, args.warmup, args.repeats, not args.no_memory, progress)
+            row = bench_one(spec_from_args(args, E), args.warmup, args.repeats, not args.no_memory,
+                            progress)
             log.info("E=%d: moe_dist %.1f ms, deepspeed %.1f ms, floor %.1f ms; peak tensor MiB "
                      "%s / %s / %s, peak RSS MiB %s / %s / %s", E, row["moe_dist_ms"],
                      row["deepspeed_ms"], row["floor_ms"], *(row[f"{c}_peak_mb"] for c in CASES),
