@@ -8,8 +8,10 @@ rows per expert of a 256-expert layer, such small multi-threaded GEMMs took 1.5-
 one dense GEMM over the same rows (2 cores, see BENCHMARKS.md). MKL's `cblas_sgemm_batch` takes
 all the experts' GEMMs in one call and gives whole GEMMs to threads: 1.06-1.09x when the
 weights are in cache, 1.2-1.3x at E=256 where the E weight matrices stream from memory
-(tools/bench_expert_gemms.py). Segments large enough to fill every thread on their own (E=8:
-~2048 rows) are faster as separate GEMMs, so those skip the batch call.
+(tools/bench_expert_gemms.py). So small segments go to our own AVX-512 kernels where they build
+(`avx512_gemm`: weights read in place with prefetching, 0.89-0.95x the dense GEMM at E=16-256),
+else to MKL's batch call; segments large enough to fill every thread on their own (E=8: ~2048
+rows) run as separate multi-threaded GEMMs, where both of those are slower.
 
 PyTorch's CPU wheels link MKL statically into libtorch_cpu and export its CBLAS symbols; this
 module calls them with ctypes. Where the symbol is missing (other BLAS builds, other platforms) or
@@ -26,6 +28,8 @@ import sys
 
 import torch
 from torch import Tensor
+
+from moe_dist.moe import avx512_gemm
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _INT32_MAX = 2**31 - 1
@@ -100,9 +104,9 @@ OWN_GEMM_ROWS_PER_THREAD = 512
 
 
 def _split_by_size(counts: Tensor) -> tuple[list[int], Tensor]:
-    """(experts whose segment is a GEMM of its own, experts for the batch call)."""
+    """(experts whose segment is a GEMM of its own, the mask of the others)."""
     own = counts >= OWN_GEMM_ROWS_PER_THREAD * torch.get_num_threads()
-    return own.nonzero().flatten().tolist(), (~own).nonzero().flatten()
+    return own.nonzero().flatten().tolist(), ~own
 
 
 def _row_starts(counts_e: list[int]) -> tuple[Tensor, Tensor]:
@@ -131,11 +135,15 @@ def segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bo
     if y_NP.numel() == 0:
         return y_NP
     counts, starts = _row_starts(counts_e)
-    own, batch = _split_by_size(counts)
+    own, small = _split_by_size(counts)
     for j in own:
         rows = slice(int(starts[j]), int(starts[j] + counts[j]))
         torch.mm(x_NK[rows], w_eKP[j].t() if transpose_w else w_eKP[j], out=y_NP[rows])
-    if batch.numel():
+    kind = avx512_gemm.KIND_NT if transpose_w else avx512_gemm.KIND_NN
+    if small.any() and avx512_gemm.available(x_NK, w_eKP, kind):
+        avx512_gemm.segment_mm(x_NK, w_eKP, torch.where(small, counts, -1), starts, transpose_w, y_NP)
+    elif small.any():
+        batch = small.nonzero().flatten()
         size = x_NK.element_size()
         g = batch.numel()
         _call(False, transpose_w, counts[batch], torch.full((g,), P), torch.full((g,), K),
@@ -164,11 +172,16 @@ def segment_outer(x_NK: Tensor, g_NP: Tensor, counts_e: list[int], out: Tensor |
     if x_NK.shape[0] == 0:
         return dw_eKP if shared else dw_eKP.zero_()
     counts, starts = _row_starts(counts_e)
-    own, batch = _split_by_size(counts)
+    own, small = _split_by_size(counts)
     for j in own:
         rows = slice(int(starts[j]), int(starts[j] + counts[j]))
         torch.mm(x_NK[rows].t(), g_NP[rows], out=dw_eKP[j])
-    if batch.numel():
+    if small.any() and avx512_gemm.available(x_NK, dw_eKP, avx512_gemm.KIND_OUTER):
+        # zeroes its empty experts itself; shared (stride-0) buffers are timing-only anyway
+        avx512_gemm.segment_outer(x_NK, g_NP, torch.where(small, counts, -1), starts, dw_eKP)
+        return dw_eKP
+    if small.any():
+        batch = small.nonzero().flatten()
         size = x_NK.element_size()
         g = batch.numel()
         _call(True, False, torch.full((g,), K), torch.full((g,), P), counts[batch],
@@ -227,7 +240,9 @@ class _GatherSegmentMatmul(torch.autograd.Function):
     the layer keeps anyway, while each extra batch call costs idle threads at its end.
     """
 
-    CHUNKS = 8
+    # Two halves: the peak grows by ~1% over eight chunks (E=256: 1139 -> 1150 MiB, E=64: 371 ->
+    # 372), and each extra round of gather, GEMMs and index_add cost ~8 ms at E=256.
+    CHUNKS = 2
     MIN_EXPERTS_PER_CHUNK = 16
 
     @staticmethod
