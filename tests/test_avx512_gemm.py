@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moe_dist.moe import avx512_gemm, mkl_grouped
-from moe_dist.moe.experts import grouped_matmul
+
+from gemm_check import assert_mkl_matches_the_loop
 
 needs_kernels = pytest.mark.skipif(avx512_gemm._library() is None,
                                    reason="no AVX-512 CPU or no C compiler here")
@@ -59,16 +60,7 @@ def test_layer_grouped_matmul_runs_on_the_kernels(monkeypatch):
     for name in ("segment_mm", "segment_outer"):
         real = getattr(avx512_gemm, name)
         monkeypatch.setattr(avx512_gemm, name, lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a))[1])
-    counts = [40, 0, 17, 3]
-    x, w, grad_y = torch.randn(60, 64), torch.randn(4, 64, 128), torch.randn(60, 128)
-    results = []
-    for impl in ("mkl", "loop"):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = grouped_matmul(xi, wi, counts, impl)
-        y.backward(grad_y)
-        results.append((y, xi.grad, wi.grad))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert_mkl_matches_the_loop(torch.randn(60, 64), torch.randn(4, 64, 128), [40, 0, 17, 3], atol=1e-4)
     assert calls == ["segment_mm", "segment_mm", "segment_outer"], calls
 
 

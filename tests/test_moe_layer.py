@@ -12,6 +12,8 @@ from moe_dist.moe import mkl_grouped
 from moe_dist.moe.experts import DenseFFN, GroupedExperts, grouped_matmul
 from moe_dist.moe.layer import MoELayer
 
+from gemm_check import assert_mkl_matches_the_loop
+
 
 def cfg(**kw) -> MoEConfig:
     base = dict(d_model=16, d_ff=32, num_experts=8, top_k=2, min_capacity=1)
@@ -70,23 +72,8 @@ def test_mkl_grouped_matmul_gradients_match_the_loop(counts):
     if not mkl_grouped.available(torch.randn(1, 4), torch.randn(1, 4, 4)):
         pytest.skip("this PyTorch build has no usable MKL batch GEMM")
     w = torch.randn(4, 12, 20)
-    mkl_grads = _assert_mkl_matches_the_loop(torch.randn(sum(counts), 12), w, counts)
+    mkl_grads = assert_mkl_matches_the_loop(torch.randn(sum(counts), 12), w, counts)
     assert torch.equal(mkl_grads[torch.tensor(counts) == 0], torch.zeros_like(w[torch.tensor(counts) == 0]))
-
-
-def _assert_mkl_matches_the_loop(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """grouped_matmul's output, input gradient and weight gradient agree between `mkl` and the
-    per-expert loop; returns the mkl weight gradient."""
-    grad_y = torch.randn(x.shape[0], w.shape[2])
-    results = []
-    for impl in ("mkl", "loop"):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = grouped_matmul(xi, wi, counts, impl)
-        y.backward(grad_y)
-        results.append((y, xi.grad, wi.grad))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    return results[0][2]
 
 
 def test_large_segments_are_gemms_of_their_own(monkeypatch):
@@ -100,7 +87,7 @@ def test_large_segments_are_gemms_of_their_own(monkeypatch):
     real_call = mkl_grouped._call
     monkeypatch.setattr(mkl_grouped, "_call", lambda *a: (batched.append(a[2].tolist()), real_call(*a)))
     counts = [9, 3, 0, 8, 1]  # 9 and 8 rows: their own GEMMs; 3, 0 and 1: batched
-    _assert_mkl_matches_the_loop(torch.randn(21, 12), torch.randn(5, 12, 20), counts)
+    assert_mkl_matches_the_loop(torch.randn(21, 12), torch.randn(5, 12, 20), counts)
     # forward, input gradient: rows per batched GEMM; weight gradient: its K is the rows
     assert batched[0] == [3, 0, 1] and batched[1] == [3, 0, 1], batched
     assert len(batched) == 3 and sorted(batched[2]) == [12, 12, 12], batched

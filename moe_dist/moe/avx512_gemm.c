@@ -23,6 +23,20 @@
 #define NR 64  /* output columns per tile: 4 zmm */
 #define PD 20  /* prefetch distance, in weight rows */
 
+/* acc[r][:] += a[r * a_stride] * b[0:64] for r < MR: one row of b against MR scalars of a */
+static inline __attribute__((always_inline)) void rank1_update(
+        const int MR, __m512 acc[6][4], const float *a, int64_t a_stride, const float *b) {
+    __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    __m512 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
+    for (int r = 0; r < MR; r++) {
+        __m512 s = _mm512_set1_ps(a[r * a_stride]);
+        acc[r][0] = _mm512_fmadd_ps(s, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(s, b1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(s, b2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(s, b3, acc[r][3]);
+    }
+}
+
 /* ---- nn: acc[MR][4] over the K rows of a [K, 64] weight panel -------------------------------- */
 static inline __attribute__((always_inline)) void nn_tile(
         const int MR, int K, const float *x, int64_t ldx, const float *w, int64_t ldw,
@@ -39,15 +53,7 @@ static inline __attribute__((always_inline)) void nn_tile(
             _mm_prefetch((const char *)(q + 32), _MM_HINT_T1);
             _mm_prefetch((const char *)(q + 48), _MM_HINT_T1);
         }
-        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-        __m512 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
-        for (int r = 0; r < MR; r++) {
-            __m512 a = _mm512_set1_ps(x[r * ldx + p]);
-            acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
-            acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
-        }
+        rank1_update(MR, acc, x + p, ldx, b);
     }
     for (int r = 0; r < MR; r++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(y + r * ldy + 16 * c, acc[r][c]);
@@ -81,18 +87,7 @@ static inline __attribute__((always_inline)) void outer_tile(
     __m512 acc[6][4];
     for (int r = 0; r < MR; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-    for (int t = 0; t < m; t++) {
-        const float *b = g + t * ldg;
-        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-        __m512 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
-        for (int r = 0; r < MR; r++) {
-            __m512 a = _mm512_set1_ps(x[t * ldx + r]);
-            acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(a, b2, acc[r][2]);
-            acc[r][3] = _mm512_fmadd_ps(a, b3, acc[r][3]);
-        }
-    }
+    for (int t = 0; t < m; t++) rank1_update(MR, acc, x + t * ldx, 1, g + t * ldg);
     for (int r = 0; r < MR; r++)
         for (int c = 0; c < 4; c++) {
             if (stream) _mm512_stream_ps(dw + r * lddw + 16 * c, acc[r][c]);
