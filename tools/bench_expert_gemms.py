@@ -22,6 +22,7 @@ the current one could hide; `cached / dense` is what would remain.
 
     python tools/bench_expert_gemms.py --threads 2            # E = 8, 64, 256; table on stdout
     python tools/bench_expert_gemms.py --threads 2 --json     # one JSON object per E
+    MOE_DIST_AVX512_GEMM=0 python tools/bench_expert_gemms.py --threads 2   # MKL instead of our kernels
 """
 
 from __future__ import annotations
