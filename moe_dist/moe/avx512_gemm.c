@@ -111,8 +111,6 @@ static void outer_expert(int m, int K, int P, const float *x, const float *g, fl
 }
 
 /* ---- nt: y[m, P] = x[m, K] w^T with w [P, K]: dot products along K, 4 x rows x 6 w rows ------ */
-static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
 static inline __attribute__((always_inline)) void nt_tile(
         const int MR, const int NC, int K, const float *x, const float *w, float *y, int64_t ldy,
         int prefetch) {
@@ -130,7 +128,7 @@ static inline __attribute__((always_inline)) void nt_tile(
         }
     }
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NC; c++) y[r * ldy + c] = hsum(acc[r][c]);
+        for (int c = 0; c < NC; c++) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
 static void nt_expert(int m, int K, int P, const float *x, const float *w, float *y) {

@@ -57,9 +57,11 @@ def _self_check() -> bool:
     BLAS whose integer width or layout differs from what we declare is never used for real."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(7, 3, generator=g), torch.randn(3, 3, 5, generator=g)
-    counts = [4, 0, 3]
-    y = segment_mm(x, w, counts, transpose_w=False)
-    dw = segment_outer(x, y, counts)
+    counts, starts = _row_starts([4, 0, 3])
+    every = torch.arange(3)
+    y, dw = torch.empty(7, 5), torch.zeros(3, 3, 5)
+    _mkl_mm(x, w, counts, starts, every, False, y)
+    _mkl_outer(x, y, counts, starts, every, dw)
     ref_y = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
     ref_dw = torch.stack([x[:4].t() @ ref_y[:4], torch.zeros(3, 5), x[4:].t() @ ref_y[4:]])
     return torch.allclose(y, ref_y, atol=1e-5) and torch.allclose(dw, ref_dw, atol=1e-4)
@@ -103,10 +105,34 @@ def _call(trans_a: bool, trans_b: bool, m: Tensor, n: Tensor, k: Tensor, a_ptr: 
 OWN_GEMM_ROWS_PER_THREAD = 512
 
 
+def _own_gemm_rows() -> int:
+    return OWN_GEMM_ROWS_PER_THREAD * torch.get_num_threads()
+
+
 def _split_by_size(counts: Tensor) -> tuple[list[int], Tensor]:
     """(experts whose segment is a GEMM of its own, the mask of the others)."""
-    own = counts >= OWN_GEMM_ROWS_PER_THREAD * torch.get_num_threads()
+    own = counts >= _own_gemm_rows()
     return own.nonzero().flatten().tolist(), ~own
+
+
+def _mkl_mm(x_NK: Tensor, w_eKP: Tensor, counts: Tensor, starts: Tensor, experts: Tensor,
+            transpose_w: bool, y_NP: Tensor) -> None:
+    """MKL's batch call for `experts`' segments of `segment_mm` (operands already checked)."""
+    K, P, size, g = x_NK.shape[1], y_NP.shape[1], x_NK.element_size(), experts.numel()
+    _call(False, transpose_w, counts[experts], torch.full((g,), P), torch.full((g,), K),
+          x_NK.data_ptr() + starts[experts] * (K * size), K,
+          w_eKP.data_ptr() + experts * (w_eKP.stride(0) * size), w_eKP.shape[2],
+          y_NP.data_ptr() + starts[experts] * (P * size), P)
+
+
+def _mkl_outer(x_NK: Tensor, g_NP: Tensor, counts: Tensor, starts: Tensor, experts: Tensor,
+               dw_eKP: Tensor) -> None:
+    """MKL's batch call for `experts`' weight gradients of `segment_outer`."""
+    K, P, size, g = x_NK.shape[1], g_NP.shape[1], x_NK.element_size(), experts.numel()
+    _call(True, False, torch.full((g,), K), torch.full((g,), P), counts[experts],
+          x_NK.data_ptr() + starts[experts] * (K * size), K,
+          g_NP.data_ptr() + starts[experts] * (P * size), P,
+          dw_eKP.data_ptr() + experts * (dw_eKP.stride(0) * size), P)
 
 
 def _row_starts(counts_e: list[int]) -> tuple[Tensor, Tensor]:
@@ -127,7 +153,6 @@ def segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bo
     (contiguous [N, P]) when given. No autograd: `segment_matmul` is the differentiable op."""
     x_NK = x_NK.contiguous()
     w_eKP = w_eKP if _matrices_contiguous(w_eKP) else w_eKP.contiguous()
-    K = x_NK.shape[1]
     P = w_eKP.shape[1] if transpose_w else w_eKP.shape[2]
     y_NP = torch.empty(x_NK.shape[0], P, dtype=x_NK.dtype) if out is None else out
     if not y_NP.is_contiguous() or y_NP.shape != (x_NK.shape[0], P):
@@ -139,17 +164,13 @@ def segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bo
     for j in own:
         rows = slice(int(starts[j]), int(starts[j] + counts[j]))
         torch.mm(x_NK[rows], w_eKP[j].t() if transpose_w else w_eKP[j], out=y_NP[rows])
+    if not small.any():
+        return y_NP
     kind = avx512_gemm.KIND_NT if transpose_w else avx512_gemm.KIND_NN
-    if small.any() and avx512_gemm.available(x_NK, w_eKP, kind):
+    if avx512_gemm.available(x_NK, w_eKP, kind):
         avx512_gemm.segment_mm(x_NK, w_eKP, torch.where(small, counts, -1), starts, transpose_w, y_NP)
-    elif small.any():
-        batch = small.nonzero().flatten()
-        size = x_NK.element_size()
-        g = batch.numel()
-        _call(False, transpose_w, counts[batch], torch.full((g,), P), torch.full((g,), K),
-              x_NK.data_ptr() + starts[batch] * (K * size), K,
-              w_eKP.data_ptr() + batch * (w_eKP.stride(0) * size), w_eKP.shape[2],
-              y_NP.data_ptr() + starts[batch] * (P * size), P)
+    else:
+        _mkl_mm(x_NK, w_eKP, counts, starts, small.nonzero().flatten(), transpose_w, y_NP)
     return y_NP
 
 
@@ -176,18 +197,13 @@ def segment_outer(x_NK: Tensor, g_NP: Tensor, counts_e: list[int], out: Tensor |
     for j in own:
         rows = slice(int(starts[j]), int(starts[j] + counts[j]))
         torch.mm(x_NK[rows].t(), g_NP[rows], out=dw_eKP[j])
-    if small.any() and avx512_gemm.available(x_NK, dw_eKP, avx512_gemm.KIND_OUTER):
+    if not small.any():
+        return dw_eKP
+    if avx512_gemm.available(x_NK, dw_eKP, avx512_gemm.KIND_OUTER):
         # zeroes its empty experts itself; shared (stride-0) buffers are timing-only anyway
         avx512_gemm.segment_outer(x_NK, g_NP, torch.where(small, counts, -1), starts, dw_eKP)
         return dw_eKP
-    if small.any():
-        batch = small.nonzero().flatten()
-        size = x_NK.element_size()
-        g = batch.numel()
-        _call(True, False, torch.full((g,), K), torch.full((g,), P), counts[batch],
-              x_NK.data_ptr() + starts[batch] * (K * size), K,
-              g_NP.data_ptr() + starts[batch] * (P * size), P,
-              dw_eKP.data_ptr() + batch * (dw_eKP.stride(0) * size), P)
+    _mkl_outer(x_NK, g_NP, counts, starts, small.nonzero().flatten(), dw_eKP)
     empty = counts == 0
     if empty.any() and not shared:  # BLAS leaves C = beta * C for k = 0; say zero explicitly
         dw_eKP[empty] = 0.0
@@ -218,7 +234,7 @@ def _expert_chunks(counts_e: list[int], num_chunks: int, min_batch: int) -> list
     unless it ends in a segment large enough to be a GEMM of its own: each run is one batch call,
     and a call of few experts leaves threads idle at its end."""
     target = max(1, -(-sum(counts_e) // num_chunks))
-    own_rows = OWN_GEMM_ROWS_PER_THREAD * torch.get_num_threads()
+    own_rows = _own_gemm_rows()
     chunks, e0, r0, r1 = [], 0, 0, 0
     for j, c in enumerate(counts_e):
         r1 += c
