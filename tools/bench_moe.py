@@ -14,7 +14,7 @@ Three cases, same shapes, fp32, same thread count, in one process:
 Time: warmup rounds, then `--repeats` timed rounds; each round runs every case once (interleaved,
 so a burst of load from other processes hits all cases alike); the median is reported.
 Peak memory: each case runs again in a fresh child process: the peak of tensor bytes held during
-a step (profiler allocation events) and the peak RSS increase (see `measure_peak_mb`).
+a step (profiler allocation events) and the peak RSS increase (tools/step_memory.py).
 Allocator: `--cpu-malloc keep` (the default, what the trainer does on CPU) has glibc keep freed
 memory, as a GPU's caching allocator does (moe_dist/train/cpu_malloc.py); `default` leaves glibc
 as it is. Both the timing and the memory children use the chosen one.
@@ -26,11 +26,8 @@ as it is. Both the timing and the memory children use the chosen one.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import logging
-import multiprocessing as mp
 import os
 import socket
 import statistics
@@ -43,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+import step_memory
 
 log = logging.getLogger("bench_moe")
 
@@ -204,67 +203,8 @@ def check_same_function(md_layer, ds_layer, spec: Spec) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak memory.
+# Peak memory: each case in a fresh process (tools/step_memory.py).
 # ---------------------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _memory_child(case: str, spec: Spec, steps: int) -> tuple[float, float]:
-    """Runs in a fresh process: build `case`, then return (peak tensor MiB, peak RSS MiB) of one
-    forward+backward step, both over what was resident before the step.
-
-    One thread whatever `--threads` says: the tensors a step allocates do not depend on it, but
-    with more threads their placement does (per-thread malloc arenas), which made repeated RSS
-    measurements of the same case differ by up to 10%; with one they agree to about 1%.
-    """
-    torch.set_num_threads(1)
-    configure_malloc(spec.cpu_malloc)
-    if case == "floor":
-        step = make_floor_step(spec)
-    else:
-        md = build_moe_dist_layer(spec)
-        if case == "moe_dist":
-            step = make_moe_dist_step(md, spec)
-        else:
-            step = make_deepspeed_step(build_deepspeed_layer(spec, md), spec)
-            del md
-    # One unmeasured step first: lazy one-time setup (thread pools, kernel workspaces) is not the
-    # layer's memory. Then hand everything freed back to the OS, so later steps cannot reuse it
-    # unseen, and restart the high-water mark at the current RSS (Linux >= 4.0: "5" > clear_refs).
-    step()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base_kb = _status_kb("VmRSS")
-    for _ in range(steps):
-        step()
-    rss_mb = (_status_kb("VmHWM") - base_kb) / 1024.0
-    return _peak_tensor_mb(step), rss_mb
-
-
-def _peak_tensor_mb(step: Callable[[], None]) -> float:
-    """Peak of the bytes held by tensors allocated during one step (what max_memory_allocated
-    minus the starting allocation is on a GPU): the running sum of the profiler's allocation
-    (+) and free (-) events, in time order. Independent of the allocator and of timing."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak / 2**20
-
 
 def configure_malloc(mode: str) -> None:
     from moe_dist.train import cpu_malloc
@@ -273,32 +213,20 @@ def configure_malloc(mode: str) -> None:
         raise RuntimeError("--cpu-malloc keep needs glibc; use --cpu-malloc default here")
 
 
-def start_memory_server() -> None:
-    """Start the forkserver that `measure_peak_mb`'s children fork from, before this process runs
-    any op. It imports the heavy modules once, so each child starts in well under a second."""
-    from multiprocessing import forkserver
+def memory_step(case: str, spec: Spec) -> Callable[[], None]:
+    """The step `step_memory` measures in its child process.
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "deepspeed", "deepspeed.moe.layer", "moe_dist.moe.layer"])
-    forkserver.ensure_running()
-
-
-def measure_peak_mb(case: str, spec: Spec, steps: int = 3) -> tuple[float, float]:
-    """(peak tensor MiB, peak RSS MiB) of one case, measured in a fresh child process.
-
-    CPU torch has no max_memory_allocated. Two measures, both of one forward+backward step:
-    - tensors: the profiler's allocation events summed in time order (`_peak_tensor_mb`), exact
-      and repeatable; the number a GPU's caching allocator would report;
-    - RSS: the kernel's resident-set high-water mark (VmHWM) over `steps` steps, i.e. what the
-      process really took from the OS, allocator fragmentation and caching included (with
-      `cpu_malloc` "keep" the heap keeps growing for a step or two before it settles).
-    A fresh process per measurement keeps one case's freed-but-cached memory from hiding another
-    case's allocations. Children come from a forkserver that has imported torch/deepspeed but
-    never run an op (forking after OpenMP has started is unsafe).
-    """
-    ctx = mp.get_context("forkserver")
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(_memory_child, (case, spec, steps))
+    One thread whatever `--threads` says: the tensors a step allocates do not depend on it, but
+    with more threads their placement does (per-thread malloc arenas), which made repeated RSS
+    measurements of the same case differ by up to 10%; with one they agree to about 1%."""
+    torch.set_num_threads(1)
+    configure_malloc(spec.cpu_malloc)
+    if case == "floor":
+        return make_floor_step(spec)
+    md = build_moe_dist_layer(spec)
+    if case == "moe_dist":
+        return make_moe_dist_step(md, spec)
+    return make_deepspeed_step(build_deepspeed_layer(spec, md), spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +279,7 @@ def bench_one(spec: Spec, warmup: int, repeats: int, memory: bool, progress: tqd
     if memory:
         log.info("E=%d: peak memory, one fresh process per case", spec.num_experts)
     for c in CASES:
-        tensor_mb, rss_mb = measure_peak_mb(c, spec) if memory else (None, None)
+        tensor_mb, rss_mb = step_memory.measure_peak_mb(memory_step, (c, spec)) if memory else (None, None)
         row[f"{c}_peak_mb"] = None if tensor_mb is None else round(tensor_mb, 1)
         row[f"{c}_peak_rss_mb"] = None if rss_mb is None else round(rss_mb, 1)
     if memory:
@@ -456,7 +384,7 @@ def _sweep(args: argparse.Namespace, results) -> list[dict]:
     torch.set_num_threads(args.threads)
     configure_malloc(args.cpu_malloc)
     if not args.no_memory:
-        start_memory_server()
+        step_memory.start_server(["torch", "deepspeed", "deepspeed.moe.layer", "moe_dist.moe.layer"])
     rows = []
     total = len(args.num_experts) * (args.warmup + args.repeats)
     with tqdm(total=total, desc="bench_moe rounds", file=sys.stderr, disable=None) as progress:

@@ -1,0 +1,81 @@
+"""Peak memory of one training step on CPU, measured in a fresh child process.
+
+CPU torch has no max_memory_allocated. Two measures, both over what was resident before the step:
+- tensors: the profiler's allocation events summed in time order (`peak_tensor_mb`), exact and
+  repeatable; the number a GPU's caching allocator would report;
+- RSS: the kernel's resident-set high-water mark (VmHWM) over a few steps, i.e. what the process
+  really took from the OS, allocator fragmentation and caching included (with glibc keeping
+  freed memory the heap grows for a step or two before it settles).
+A fresh process per measurement keeps one case's freed-but-cached memory from hiding another
+case's allocations. Children come from a forkserver that has imported the heavy modules but never
+run an op (forking after OpenMP has started is unsafe).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import multiprocessing as mp
+from typing import Callable
+
+StepBuilder = Callable[..., Callable[[], None]]
+
+
+def start_server(preload: list[str]) -> None:
+    """Start the forkserver the children fork from, before this process runs any op; `preload`
+    is imported there once, so each child starts in well under a second."""
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    forkserver.ensure_running()
+
+
+def measure_peak_mb(build_step: StepBuilder, args: tuple, steps: int = 3) -> tuple[float, float]:
+    """(peak tensor MiB, peak RSS MiB) of `build_step(*args)()`, in a fresh child process.
+    `build_step` must be a module-level function (it is pickled by reference)."""
+    ctx = mp.get_context("forkserver")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(_child, (build_step, args, steps))
+
+
+def _child(build_step: StepBuilder, args: tuple, steps: int) -> tuple[float, float]:
+    step = build_step(*args)
+    # One unmeasured step first: lazy one-time setup (thread pools, kernel workspaces) is not the
+    # step's memory. Then hand everything freed back to the OS, so later steps cannot reuse it
+    # unseen, and restart the high-water mark at the current RSS (Linux >= 4.0: "5" > clear_refs).
+    step()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base_kb = _status_kb("VmRSS")
+    for _ in range(steps):
+        step()
+    rss_mb = (_status_kb("VmHWM") - base_kb) / 1024.0
+    return peak_tensor_mb(step), rss_mb
+
+
+def peak_tensor_mb(step: Callable[[], None]) -> float:
+    """Peak of the bytes held by tensors allocated during one step (what max_memory_allocated
+    minus the starting allocation is on a GPU): the running sum of the profiler's allocation
+    (+) and free (-) events, in time order. Independent of the allocator and of timing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
