@@ -21,7 +21,7 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-from moe_dist.config_base import ConfigError  # noqa: E402
+from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
 from moe_dist.train.trainer import pretrain  # noqa: E402
 

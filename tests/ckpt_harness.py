@@ -20,16 +20,16 @@ import json
 import os
 
 import torch
+from train_harness import REPO, dump_json, tiny_config
 
 from moe_dist.checkpoint import consolidate, load_consolidated, reshard
+from moe_dist.checkpoint.layout import tag_for_step
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
-from moe_dist.train.checkpoint import tag_for_step
 from moe_dist.train.config import parse_run_config
 from moe_dist.train.preflight import preflight
 from moe_dist.train.trainer import Trainer, pretrain
-from train_harness import REPO, dump_json, tiny_config
 
 N = 2  # steps before the checkpoint that is resharded; runs go to 2N
 VOCAB, SEQ = 257, 16

@@ -4,10 +4,9 @@ fallback to MKL when they cannot be built."""
 
 import pytest
 import torch
+from gemm_check import assert_mkl_matches_the_loop
 
 from moe_dist.moe import avx512_gemm, mkl_grouped
-
-from gemm_check import assert_mkl_matches_the_loop
 
 needs_kernels = pytest.mark.skipif(avx512_gemm._library() is None,
                                    reason="no AVX-512 CPU or no C compiler here")

@@ -10,12 +10,12 @@ import os
 
 import pytest
 import torch
-
 from ckpt_harness import N, read_losses, resume_and_record, run_config, train_and_record
-from moe_dist.checkpoint import reshard
-from moe_dist.parallel import runtime
-from moe_dist.train.checkpoint import tag_for_step
 from train_harness import run_deepspeed_ranks
+
+from moe_dist.checkpoint import reshard
+from moe_dist.checkpoint.layout import tag_for_step
+from moe_dist.parallel import runtime
 
 RESUME = dict(rtol=1e-5, atol=1e-6)
 

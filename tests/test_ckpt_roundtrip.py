@@ -14,17 +14,25 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from ckpt_harness import N, fixed_tokens, read_losses, training_worker
-from moe_dist.checkpoint import (CheckpointError, ConsolidatedCheckpoint, TrainingCheckpoint, consolidate,
-                                 load_consolidated, open_checkpoint, reshard, summarize)
+from train_harness import REPO, run_deepspeed_ranks
+
+from moe_dist.checkpoint import (
+    CheckpointError,
+    ConsolidatedCheckpoint,
+    TrainingCheckpoint,
+    consolidate,
+    load_consolidated,
+    open_checkpoint,
+    reshard,
+    summarize,
+)
 from moe_dist.checkpoint.cli import main as cli_main
 from moe_dist.checkpoint.consolidated import single_rank_config
+from moe_dist.checkpoint.layout import tag_for_step
 from moe_dist.checkpoint.zero_state import read_zero_state
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
-from moe_dist.train.checkpoint import tag_for_step
-from train_harness import REPO, run_deepspeed_ranks
 
 TIGHT = dict(rtol=1e-6, atol=1e-6)  # same weights, same math, different grouping of expert GEMMs
 RESUME = dict(rtol=1e-5, atol=1e-6)  # a different EP size sums gradients in another order
@@ -67,7 +75,7 @@ def test_training_initialized_from_a_consolidated_checkpoint_starts_from_its_wei
 
 
 def test_init_from_that_is_not_a_consolidated_checkpoint_is_refused_before_training(tmp_path):
-    from moe_dist.config_base import ConfigError
+    from moe_dist.common.config import ConfigError
     from moe_dist.train.preflight import check_init_from
 
     with pytest.raises(ConfigError, match=r"train.init_from '.*nowhere' is not a directory"):

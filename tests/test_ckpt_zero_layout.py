@@ -11,8 +11,17 @@ from collections import namedtuple
 import pytest
 import torch
 
-from moe_dist.checkpoint.reshard_plan import _chunks, max_moe_group_size, plan_groups, remap_per_group
-from moe_dist.checkpoint.zero_layout import FlatGroupLayout, param_alignment_for, parameter_alignment_paddings
+from moe_dist.checkpoint.reshard_plan import (
+    _chunks,
+    max_moe_group_size,
+    plan_groups,
+    remap_per_group,
+)
+from moe_dist.checkpoint.zero_layout import (
+    FlatGroupLayout,
+    param_alignment_for,
+    parameter_alignment_paddings,
+)
 from moe_dist.checkpoint.zero_state import ZeroGroup
 
 Address = namedtuple("Address", ["start", "numel"])

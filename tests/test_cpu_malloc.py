@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from moe_dist.config_base import ConfigError
+from moe_dist.common.config import ConfigError
 from moe_dist.train import cpu_malloc, trainer
 from moe_dist.train.config import TrainSection
 

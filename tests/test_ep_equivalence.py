@@ -8,12 +8,10 @@ reference's `sum(y * G) / W + aux`.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-
 from dist_harness import run_distributed, shard
+
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer
 from moe_dist.parallel.grads import reduce_gradients

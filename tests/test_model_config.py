@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moe_dist.config_base import ConfigError
+from moe_dist.common.config import ConfigError
 from moe_dist.model.config import parse_model_config
 
 BASE = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, d_ff=64)

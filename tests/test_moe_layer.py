@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
+from gemm_check import assert_mkl_matches_the_loop
 
-from moe_dist.config_base import ConfigError
-from moe_dist.moe.config import MoEConfig
+from moe_dist.common.config import ConfigError
 from moe_dist.moe import mkl_grouped
+from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.experts import DenseFFN, GroupedExperts, grouped_matmul
 from moe_dist.moe.layer import MoELayer
-
-from gemm_check import assert_mkl_matches_the_loop
 
 
 def cfg(**kw) -> MoEConfig:
@@ -285,7 +284,7 @@ def test_layer_rejects_groups_that_disagree_with_config():
 
 
 def test_comet_mask_inside_experts_keeps_k_hidden_units():
-    from moe_dist.routing.comet_mask import active_units
+    from moe_dist.routing.comet import active_units
 
     full = MoELayer(cfg(capacity_factor=0.0), seed=6)
     masked = MoELayer(cfg(capacity_factor=0.0, comet_active_fraction=0.25), seed=6)

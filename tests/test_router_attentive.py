@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from moe_dist.config_base import ConfigError
+from moe_dist.common.config import ConfigError
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer
-from moe_dist.routing.attentive_dense import AttentiveMixture
 from moe_dist.routing.base import RoutingContext
-from moe_dist.routing.distill import fit_topk_router, route_frozen_experts, top1_agreement
 from moe_dist.routing.registry import build_router, router_config_from_dict
+from moe_dist.study.attentive_mixture import AttentiveMixture
+from moe_dist.study.distill import fit_topk_router, route_frozen_experts, top1_agreement
 
 X = torch.tensor([[1.0, 2.0]])
 EYE = torch.eye(2)

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from moe_dist.moe.experts import ffn_activation, init_generator
-from moe_dist.routing.comet_mask import (CometFFN, CometMask, expert_mask_projections, kwta_mask,
-                                         mask_expert_hidden)
+from moe_dist.common.seeding import init_generator
+from moe_dist.moe.expert_mask import expert_mask_projections, mask_expert_hidden
+from moe_dist.moe.experts import ffn_activation
+from moe_dist.routing.comet import kwta_mask
+from moe_dist.study.comet_ffn import CometFFN, CometMask
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

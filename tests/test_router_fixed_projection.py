@@ -3,14 +3,14 @@ untouched by training, fooled by a shared component unless centred, and the embe
 
 import pytest
 import torch
-
 from dist_harness import run_distributed, shard
-from moe_dist.config_base import ConfigError
+
+from moe_dist.common.config import ConfigError
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.routing.base import RoutingContext
-from moe_dist.routing.comet_mask import kwta_mask
+from moe_dist.routing.comet import kwta_mask
 from moe_dist.routing.registry import router_config_from_dict
 
 D, E = 16, 8

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_dist.config_base import ConfigError
+from moe_dist.common.config import ConfigError
 from moe_dist.routing.base import RoutingContext
 from moe_dist.routing.inhibition import top_directions
 from moe_dist.routing.registry import build_router, router_config_from_dict

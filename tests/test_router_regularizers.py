@@ -6,8 +6,12 @@ import itertools
 import pytest
 import torch
 
-from moe_dist.routing.regularizers import (normalized_distances, sample_similarity_loss,
-                                           sample_similarity_paper, subsample)
+from moe_dist.routing.regularizers import (
+    normalized_distances,
+    sample_similarity_loss,
+    subsample,
+)
+from moe_dist.study.sample_similarity_paper import sample_similarity_paper
 
 
 def batch(B=24, E=4, D=6, seed=0):

@@ -9,11 +9,11 @@ import os
 
 import pytest
 import yaml
+from train_harness import REPO
 
 from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import TrainSection, parse_run_config
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
-from train_harness import REPO
 
 WORLD = {"tiny_cpu.yaml": 2, "gpu_125m_e16.yaml": 8, "gpu_1b_active_e64.yaml": 64}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_harness import run_deepspeed_ranks
 
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
@@ -20,7 +21,6 @@ from moe_dist.train.config import TrainSection
 from moe_dist.train.ds_config import reconcile_deepspeed_config
 from moe_dist.train.engine import build_engine, optimizer_param_groups
 from moe_dist.train.schedule import build_lr_scheduler
-from train_harness import run_deepspeed_ranks
 
 V, S, MICRO, ACCUM, STEPS, SEED = 61, 16, 2, 2, 2, 21
 CLIP = 0.05  # well below the gradient norm, so clipping scales every step

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from train_harness import REPO, free_port, logged_losses, tiny_config, write_yaml
 
 

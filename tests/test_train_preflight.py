@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from train_harness import REPO, tiny_config, write_yaml
 
-from moe_dist.config_base import ConfigError
+from moe_dist.common.config import ConfigError
 from moe_dist.train.config import parse_run_config
 from moe_dist.train.preflight import preflight
-from train_harness import REPO, tiny_config, write_yaml
 
 
 def ds_json(tmp_path, **entries) -> str:

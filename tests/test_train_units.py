@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from moe_dist.checkpoint.layout import read_latest
+from moe_dist.common.atomic import write_text_atomic
 from moe_dist.moe.stats import mutual_information
-from moe_dist.train import checkpoint
 from moe_dist.train.config import TrainSection, apply_overrides
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.progress import Progress, format_duration
@@ -86,9 +87,9 @@ def test_progress_line():
 
 
 def test_latest_pointer(tmp_path):
-    assert checkpoint.read_latest(str(tmp_path)) is None
-    checkpoint._write_atomic(str(tmp_path / "latest"), "step_00000003")
-    assert checkpoint.read_latest(str(tmp_path)) == "step_00000003"
+    assert read_latest(str(tmp_path)) is None
+    write_text_atomic(str(tmp_path / "latest"), "step_00000003")
+    assert read_latest(str(tmp_path)) == "step_00000003"
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temporary file left behind
 
 

@@ -42,8 +42,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import (  # noqa: E402
-    Spec, add_spec_args, build_moe_dist_layer, check_spec_args, configure_malloc, make_inputs,
-    spec_from_args, time_cases)
+    Spec,
+    add_spec_args,
+    build_moe_dist_layer,
+    check_spec_args,
+    configure_malloc,
+    make_inputs,
+    spec_from_args,
+    time_cases,
+)
 
 from moe_dist.moe import mkl_grouped  # noqa: E402
 from moe_dist.moe.capacity import assign_slots  # noqa: E402

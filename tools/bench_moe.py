@@ -36,12 +36,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import step_memory
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-
-import step_memory
 
 log = logging.getLogger("bench_moe")
 

@@ -5,7 +5,11 @@ CLI: tools/convert_checkpoint.py; formats and mappings: docs/checkpoints.md.
 """
 
 from moe_dist.checkpoint.consolidate import consolidate
-from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint, load_consolidated, save_consolidated
+from moe_dist.checkpoint.consolidated import (
+           ConsolidatedCheckpoint,
+           load_consolidated,
+           save_consolidated,
+)
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.export_hf import export_hf
 from moe_dist.checkpoint.reshard import reshard

@@ -12,10 +12,28 @@ from dataclasses import dataclass, field
 
 from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
 from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.checkpoint.files import DTYPES, SAFETENSORS, cast_floating, write_json, write_weights
-from moe_dist.checkpoint.hf_custom import copy_modeling_files, custom_config, custom_state
-from moe_dist.checkpoint.hf_mixtral import mixtral_blockers, mixtral_config, mixtral_state
-from moe_dist.checkpoint.hf_tokenizer import sentencepiece_model, special_token_ids, write_tokenizer
+from moe_dist.checkpoint.files import (
+    DTYPES,
+    SAFETENSORS,
+    cast_floating,
+    write_json,
+    write_weights,
+)
+from moe_dist.checkpoint.hf_custom import (
+    copy_modeling_files,
+    custom_config,
+    custom_state,
+)
+from moe_dist.checkpoint.hf_mixtral import (
+    mixtral_blockers,
+    mixtral_config,
+    mixtral_state,
+)
+from moe_dist.checkpoint.hf_tokenizer import (
+    sentencepiece_model,
+    special_token_ids,
+    write_tokenizer,
+)
 from moe_dist.checkpoint.sources import full_state, open_checkpoint
 from moe_dist.checkpoint.staging import check_output, staged_directory
 

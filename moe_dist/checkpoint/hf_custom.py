@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moe_dist.checkpoint import hf_remote_code
-from moe_dist.config_base import to_dict
+from moe_dist.common.config import to_dict
 from moe_dist.model.config import ModelConfig
 
 CONFIG_MODULE, MODELING_MODULE = "configuration_moe_dist", "modeling_moe_dist"

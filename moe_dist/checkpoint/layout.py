@@ -1,4 +1,4 @@
-"""Names and places in a moe_dist training checkpoint (layout documented in
+"""Names and places in a moe_dist training checkpoint (the trainer writes them:
 moe_dist/train/checkpoint.py), and how a path given on the command line resolves to one tag.
 
     <checkpoint_dir>/latest                              tag of the last complete checkpoint
@@ -18,7 +18,31 @@ import os
 import re
 
 from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.train.checkpoint import LATEST, experts_file, rank_state_file, read_latest  # noqa: F401 (re-exported)
+
+LATEST = "latest"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(checkpoint_dir: str) -> str | None:
+    """The tag of the last completely written checkpoint, or None."""
+    path = os.path.join(checkpoint_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        tag = f.read().strip()
+    return tag or None
+
+
+def experts_file(tag_dir: str, ep_rank: int) -> str:
+    return os.path.join(tag_dir, f"moe_experts_ep{ep_rank:03d}.pt")
+
+
+def rank_state_file(tag_dir: str, rank: int) -> str:
+    return os.path.join(tag_dir, f"rank_state_{rank:05d}.pt")
+
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 # `EngineModule.model`: the prefix of every model tensor in DeepSpeed's files.

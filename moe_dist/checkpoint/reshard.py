@@ -26,17 +26,34 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from tqdm import tqdm
 
 from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.checkpoint.layout import (CLIENT_KEY, ENGINE_PREFIX, MODEL_STATES, experts_file, rank_state_file,
-                                        zero_file)
+from moe_dist.checkpoint.layout import (
+    CLIENT_KEY,
+    ENGINE_PREFIX,
+    LATEST,
+    MODEL_STATES,
+    experts_file,
+    rank_state_file,
+    zero_file,
+)
 from moe_dist.checkpoint.reshard_plan import PlannedGroup, plan_groups, remap_per_group
 from moe_dist.checkpoint.staging import check_output, staged_directory
 from moe_dist.checkpoint.training_source import TrainingCheckpoint
-from moe_dist.checkpoint.zero_layout import FlatGroupLayout, param_alignment_for, parameter_alignment_paddings
-from moe_dist.checkpoint.zero_state import (BASE_STATE, FP32_PARTITIONS, OPTIMIZER_STATE, ZERO_STATE_ORDER, ZeroState,
-                                            check_supported, read_zero_state)
-from moe_dist.config_base import ConfigError
+from moe_dist.checkpoint.zero_layout import (
+    FlatGroupLayout,
+    param_alignment_for,
+    parameter_alignment_paddings,
+)
+from moe_dist.checkpoint.zero_state import (
+    BASE_STATE,
+    FP32_PARTITIONS,
+    OPTIMIZER_STATE,
+    ZERO_STATE_ORDER,
+    ZeroState,
+    check_supported,
+    read_zero_state,
+)
+from moe_dist.common.config import ConfigError
 from moe_dist.parallel.groups import validate_parallel_sizes
-from moe_dist.train.checkpoint import LATEST
 
 
 @dataclass

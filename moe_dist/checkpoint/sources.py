@@ -4,8 +4,8 @@ ep_size=1 state dict, which is all `inspect` and `export-hf` need."""
 
 from __future__ import annotations
 
-from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
 from moe_dist.checkpoint.consolidate import model_state
+from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.training_source import TrainingCheckpoint
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 
 from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.common import atomic
 
 
 def check_output(out: str, overwrite: bool) -> None:
@@ -28,28 +27,9 @@ def check_output(out: str, overwrite: bool) -> None:
             raise CheckpointError(f"--overwrite replaces a directory, but output {out!r} is not one")
 
 
-def _sibling(out: str, label: str) -> str:
-    # Same parent as OUT, so the final rename stays on one filesystem (atomic).
-    parent, name = os.path.split(os.path.abspath(out))
-    return os.path.join(parent, f".{name}.{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 @contextlib.contextmanager
 def staged_directory(out: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield an empty temporary directory; on normal exit it becomes `out` (an old `out` is
-    removed only after the new one is complete); on any exception it is deleted."""
+    """`moe_dist.common.atomic.staged_directory` after `check_output`."""
     check_output(out, overwrite)
-    tmp = _sibling(out, "tmp")
-    os.mkdir(tmp)
-    try:
+    with atomic.staged_directory(out) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.lexists(out):
-        old = _sibling(out, "old")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

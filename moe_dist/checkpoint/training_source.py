@@ -17,9 +17,15 @@ from tqdm import tqdm
 
 from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.files import load_pt, require_keys
-from moe_dist.checkpoint.layout import (CLIENT_KEY, MODEL_STATES, experts_file, is_expert_key,
-                                        resolve_tag_dir, strip_engine_prefix)
-from moe_dist.config_base import ConfigError
+from moe_dist.checkpoint.layout import (
+    CLIENT_KEY,
+    MODEL_STATES,
+    experts_file,
+    is_expert_key,
+    resolve_tag_dir,
+    strip_engine_prefix,
+)
+from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig, parse_model_config
 
 _MAIN_KEYS = ("module", "param_shapes", "dp_world_size", "ds_config", "global_steps", CLIENT_KEY)

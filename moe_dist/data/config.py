@@ -12,11 +12,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_dist.config_base import check, check_choice, from_dict
+from moe_dist.common.config import check, check_choice, check_int, from_dict
 from moe_dist.data.labels import label_sidecar_paths
-from moe_dist.data.synthetic import ALPHABET_SIZE
 
 DATA_KINDS = ("synthetic", "megatron")
+# The synthetic corpus writes printable ASCII (bytes 32..126), so its samples decode to text.
+ALPHABET_FIRST, ALPHABET_SIZE = 32, 95
 TOKENIZER_KINDS = ("byte", "sentencepiece")
 
 
@@ -25,11 +26,6 @@ def check_nonempty_file(where: str, path: str) -> None:
     check(isinstance(path, str) and path != "", f"{where} must be a file path, got {path!r}")
     check(os.path.isfile(path), f"{where}: file {path!r} does not exist")
     check(os.path.getsize(path) > 0, f"{where}: file {path!r} is empty")
-
-
-def _check_int(where: str, value: Any, minimum: int) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-          f"{where} must be an integer >= {minimum}, got {value!r}")
 
 
 def parse_split(where: str, split: str) -> tuple[float, float]:
@@ -116,13 +112,13 @@ class SyntheticDataConfig:
     max_doc_tokens: int = 256
 
     def __post_init__(self) -> None:
-        _check_int("data.synthetic.num_domains", self.num_domains, 1)
-        _check_int("data.synthetic.branching", self.branching, 1)
+        check_int("data.synthetic.num_domains", self.num_domains, 1)
+        check_int("data.synthetic.branching", self.branching, 1)
         check(self.branching <= ALPHABET_SIZE,
               f"data.synthetic.branching ({self.branching}) must be <= the alphabet size "
               f"({ALPHABET_SIZE})")
-        _check_int("data.synthetic.min_doc_tokens", self.min_doc_tokens, 1)
-        _check_int("data.synthetic.max_doc_tokens", self.max_doc_tokens, self.min_doc_tokens)
+        check_int("data.synthetic.min_doc_tokens", self.min_doc_tokens, 1)
+        check_int("data.synthetic.max_doc_tokens", self.max_doc_tokens, self.min_doc_tokens)
 
 
 @dataclass
@@ -138,9 +134,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.kind", self.kind, DATA_KINDS)
-        _check_int("data.seq_length", self.seq_length, 1)
-        _check_int("data.seed", self.seed, 0)
-        _check_int("data.num_workers", self.num_workers, 0)
+        check_int("data.seq_length", self.seq_length, 1)
+        check_int("data.seed", self.seed, 0)
+        check_int("data.num_workers", self.num_workers, 0)
         check(isinstance(self.tokenizer, TokenizerConfig),
               f"data.tokenizer must be a mapping, got {self.tokenizer!r}")
         if self.kind == "megatron":

@@ -17,8 +17,12 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
-from moe_dist.data.labels import encode_labels, label_sidecar_paths, write_label_sidecars
-from moe_dist.data.staging import check_output_folder, staged_outputs
+from moe_dist.common.atomic import check_output_file, staged_files
+from moe_dist.data.labels import (
+    encode_labels,
+    label_sidecar_paths,
+    write_label_sidecars,
+)
 from moe_dist.data.text_sources import load_corpus
 
 
@@ -74,7 +78,7 @@ def preprocess_corpus(input_paths: Sequence[str], output_prefix: str,
     # Readers open .idx first, so it is renamed last: until then the old dataset stays whole.
     finals = ([labels_npy, labels_json] if label_key else []) + [bin_path, idx_path]
     for path in finals:
-        check_output_folder(path)
+        check_output_file(path)
     columns = [text_key] + ([label_key] if label_key else [])
     ds = load_corpus(input_paths, columns, cache_dir=cache_dir, text_sample_by=text_sample_by)
     ds = ds.map(_DocumentEncoder(tokenizer, text_key), batched=True, with_indices=True,
@@ -83,7 +87,7 @@ def preprocess_corpus(input_paths: Sequence[str], output_prefix: str,
     label_names, label_ids = encode_labels(ds[label_key]) if label_key else (None, None)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
-    with staged_outputs(finals) as staged:
+    with staged_files(finals) as staged:
         builder = IndexedDatasetBuilder(staged[bin_path], dtype=dtype)
         try:
             num_tokens = _write_documents(builder, ds, dtype, f"write {output_prefix}")

@@ -13,16 +13,12 @@ random domain and length, each followed by eod, into seq_length + 1 tokens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from moe_dist.data.config import SyntheticDataConfig
+from moe_dist.data.config import ALPHABET_FIRST, ALPHABET_SIZE, SyntheticDataConfig
 
-ALPHABET = np.arange(32, 127, dtype=np.int64)
-ALPHABET_SIZE = len(ALPHABET)
+ALPHABET = np.arange(ALPHABET_FIRST, ALPHABET_FIRST + ALPHABET_SIZE, dtype=np.int64)
 TRAIN_STREAM, VALID_STREAM = 0, 1
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import datasets
 import sentencepiece
 
-from moe_dist.data.staging import check_output_folder, staged_outputs
+from moe_dist.common.atomic import check_output_file, staged_files
 from moe_dist.data.text_sources import load_corpus
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -56,7 +56,7 @@ def train_sentencepiece(input_paths: Sequence[str], output_prefix: str, vocab_si
     if max_sentences is not None and max_sentences < 1:
         raise ValueError(f"max_sentences must be >= 1 or None, got {max_sentences}")
     model_path = output_prefix + ".model"
-    check_output_folder(model_path)
+    check_output_file(model_path)
     ds = load_corpus(input_paths, [text_key], cache_dir=cache_dir, text_sample_by=text_sample_by)
     if max_sentences is not None and max_sentences < len(ds):
         # A random subset, not the first rows: with several files the first rows all come
@@ -71,7 +71,7 @@ def train_sentencepiece(input_paths: Sequence[str], output_prefix: str, vocab_si
         # Mostly "vocab_size smaller than the required characters"; say which run failed.
         raise ValueError(f"sentencepiece {model_type} training with vocab_size {vocab_size} on "
                          f"{list(input_paths)} failed: {e}") from e
-    with staged_outputs([model_path]) as staged:
+    with staged_files([model_path]) as staged:
         with open(staged[model_path], "wb") as f:
             f.write(model_bytes.getvalue())
     return model_path

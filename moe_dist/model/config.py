@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from moe_dist.config_base import ConfigError, check, check_choice, from_dict
+from moe_dist.common.config import ConfigError, check, check_choice, from_dict
 from moe_dist.moe.config import ACTIVATIONS, MoEConfig
 
 

@@ -1,0 +1,17 @@
+"""The MoE layer: router -> capacity slots -> dispatch -> grouped experts -> combine.
+
+Shape legend, for every file of `moe_dist/moe`, `moe_dist/routing` and `moe_dist/model`: a tensor
+named `x_TD` has dims [T, D]. Each letter has one meaning (case matters: E and e differ).
+
+    B  sequences in a batch            S  positions in a sequence         T  tokens on this rank
+    D  model width                     V  vocabulary                      H  attention heads
+    A  width of one attention head     R  rotary frequencies (A / 2)      L  label (domain) classes
+    E  experts (global)                e  experts on this rank (E / P)    P  ranks in the EP group
+    K  experts chosen per token        C  capacity (slots per expert)     Q  routed pairs (T * K)
+    N  kept pairs this rank sends      M  rows this rank's experts run    U  rows the experts gather
+    F  expert hidden width (one SwiGLU branch)                               from (T at EP 1, else M)
+    G  tokens of one capacity group    X  tokens sub-sampled for the sample-similarity loss
+
+Kernels (`moe_dist/kernels`) are generic in their operands and spell their widths out (`rows`,
+`in_width`, `out_width`) instead of borrowing these letters.
+"""

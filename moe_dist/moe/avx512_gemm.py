@@ -28,11 +28,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from moe_dist.common.atomic import staged_file
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,12 @@ def build(compiler: str | None = None) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    # Concurrent ranks may build at once: each compiles to a name of its own, and a rename only
+    # ever publishes a complete library.
+    with staged_file(str(target), fsync=False) as tmp:
         proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 

@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_dist.config_base import ConfigError, check, check_choice, from_dict
-from moe_dist.routing.registry import RouterConfig, router_config_from_dict
+from moe_dist.common.config import ConfigError, check, check_choice, from_dict
+from moe_dist.routing.base import RouterConfig
+from moe_dist.routing.registry import router_config_from_dict
 
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")

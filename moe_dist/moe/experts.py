@@ -17,16 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_dist.common.seeding import init_generator
 from moe_dist.moe import mkl_grouped
-
-
-def init_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator determined by (seed, *keys): parameters drawn from it are identical on
-    every rank and for every parallel layout."""
-    value = seed
-    for k in keys:
-        value = (value * 1_000_003 + k + 1) % (2**63 - 1)
-    return torch.Generator(device="cpu").manual_seed(value)
 
 
 def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from moe_dist.common.seeding import init_generator
 from moe_dist.moe.capacity import SlotPlan, assign_slots, expert_capacity
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.dispatch import combine, dispatch
-from moe_dist.moe.experts import DenseFFN, GroupedExperts, init_generator
+from moe_dist.moe.expert_mask import ExpertCometMask
+from moe_dist.moe.experts import DenseFFN, GroupedExperts
 from moe_dist.moe.stats import route_statistics
 from moe_dist.parallel.groups import ParallelGroups, validate_parallel_sizes
 from moe_dist.routing.base import RoutingContext
-from moe_dist.routing.comet_mask import ExpertCometMask
 from moe_dist.routing.losses import routing_losses, weighted_total
 from moe_dist.routing.registry import build_router
 

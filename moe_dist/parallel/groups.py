@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_dist.config_base import ConfigError
+from moe_dist.common.config import ConfigError
 
 
 def expert_group_name(ep_size: int) -> str:

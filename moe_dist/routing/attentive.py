@@ -22,11 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_dist.config_base import check, check_choice
-from moe_dist.routing.attentive_dense import GATE_ACTIVATIONS, attention_scores
-from moe_dist.routing.base import Router, RouterOutput, RoutingContext
-from moe_dist.routing.registry import RouterConfig, register_router
+from moe_dist.common.config import check, check_choice
+from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
 from moe_dist.routing.topk import topk_from_logits
+
+GATE_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+def attention_scores(q_BH: Tensor, k_BEH: Tensor) -> Tensor:
+    """`s_BE = q . K_e / sqrt(H)`."""
+    return torch.einsum("bh,beh->be", q_BH, k_BEH) / math.sqrt(q_BH.shape[-1])
 
 
 @dataclass
@@ -44,7 +49,6 @@ class AttentiveConfig(RouterConfig):
         check_choice("router.activation", self.activation, tuple(GATE_ACTIVATIONS))
 
 
-@register_router("attentive", AttentiveConfig)
 class AttentiveRouter(Router):
     def __init__(self, cfg: AttentiveConfig, **kw) -> None:
         super().__init__(cfg, **kw)

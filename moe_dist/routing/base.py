@@ -25,6 +25,13 @@ def _identity(t: Tensor) -> Tensor:
 
 
 @dataclass
+class RouterConfig:
+    """Fields every router config has; each router subclasses it with its own fields."""
+
+    type: str = "topk"
+
+
+@dataclass
 class RoutingContext:
     """What a router may know beyond its input.
 

@@ -31,13 +31,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_dist.config_base import check, check_choice
-from moe_dist.moe.experts import init_generator
-from moe_dist.routing.base import Router, RouterOutput, RoutingContext
-from moe_dist.routing.comet_mask import FIXED_ROUTING_KEY, active_units, frozen_projection, kwta_mask
+from moe_dist.common.config import check, check_choice
+from moe_dist.common.seeding import init_generator
+from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
+from moe_dist.routing.comet import (
+    FIXED_ROUTING_KEY,
+    active_units,
+    frozen_projection,
+    kwta_mask,
+)
 from moe_dist.routing.fp32_buffers import FP32Buffers
 from moe_dist.routing.inhibition import STATISTICS, PopulationInhibition
-from moe_dist.routing.registry import RouterConfig, register_router
 from moe_dist.routing.topk import nudge_selection_bias
 
 WEIGHTS = ("uniform", "softmax")
@@ -69,7 +73,6 @@ class FixedProjectionConfig(RouterConfig):
         check(self.bias_update_rate >= 0, f"router.bias_update_rate must be >= 0, got {self.bias_update_rate!r}")
 
 
-@register_router("fixed_projection", FixedProjectionConfig)
 class FixedProjectionRouter(FP32Buffers, Router):
     def __init__(self, cfg: FixedProjectionConfig, **kw) -> None:
         super().__init__(cfg, **kw)

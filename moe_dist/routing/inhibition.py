@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_dist.config_base import check, check_choice
+from moe_dist.common.config import check, check_choice
 from moe_dist.routing.base import RouterOutput, RoutingContext
 from moe_dist.routing.fp32_buffers import FP32Buffers
-from moe_dist.routing.registry import register_router
 from moe_dist.routing.topk import TopKRouter, TopKRouterConfig
 
 INHIBITION_MODES = ("subtractive", "divisive", "rectified", "subspace")
@@ -174,7 +173,6 @@ class PopulationInhibition(FP32Buffers):
         return stats
 
 
-@register_router("inhibition", InhibitionConfig)
 class InhibitionRouter(TopKRouter):
     """`topk` (same gate, weights and aux losses) on the inhibited input."""
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from moe_dist.routing.base import RouterOutput
+from moe_dist.routing.regularizers import sample_similarity_loss
 
 
 def switch_loss(probs_TE: Tensor, global_load_E: Tensor) -> Tensor:
@@ -73,8 +74,6 @@ def routing_losses(route: RouterOutput, stats: dict[str, Tensor], dp_size: int,
         with tracked("importance"):
             losses["importance"] = importance_cv2(route.probs_TE, stats["importance"], dp_size)
         if with_sample_similarity and route.router_input_TD is not None:
-            from moe_dist.routing.regularizers import sample_similarity_loss
-
             with tracked("sample_similarity"):
                 losses["sample_similarity"] = sample_similarity_loss(
                     route.probs_TE, route.router_input_TD, num_tokens=sample_similarity_tokens,

@@ -1,57 +1,42 @@
 """Router registry: `router.type` in a config selects a (config dataclass, router module) pair.
 
-A router module's file registers itself with `@register_router("name", ConfigCls)`; the MoE
-layer builds routers only through `build_router`, so adding a router never touches dispatch.
+The built-in routers are listed here, in one table: the MoE layer builds routers only through
+`build_router`, so adding a router is a module of its own plus a row below, never a change to
+dispatch. `register_router` adds a router from outside the library (a research fork, a test).
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from moe_dist.config_base import ConfigError, from_dict
-
-
-@dataclass
-class RouterConfig:
-    """Fields every router config has; each router subclasses it with its own fields."""
-
-    type: str = "topk"
-
-
-_REGISTRY: dict[str, tuple[type[RouterConfig], type]] = {}
-
-# Modules that register the built-in routers; imported lazily to keep import order free of cycles.
-_BUILTIN_MODULES = (
-    "moe_dist.routing.topk",
-    "moe_dist.routing.inhibition",
-    "moe_dist.routing.fixed_projection",
-    "moe_dist.routing.attentive",
+from moe_dist.common.config import ConfigError, from_dict
+from moe_dist.routing.attentive import AttentiveConfig, AttentiveRouter
+from moe_dist.routing.base import Router, RouterConfig
+from moe_dist.routing.fixed_projection import (
+    FixedProjectionConfig,
+    FixedProjectionRouter,
 )
+from moe_dist.routing.inhibition import InhibitionConfig, InhibitionRouter
+from moe_dist.routing.topk import TopKRouter, TopKRouterConfig
+
+BUILTIN_ROUTERS: dict[str, tuple[type[RouterConfig], type[Router]]] = {
+    "topk": (TopKRouterConfig, TopKRouter),
+    "inhibition": (InhibitionConfig, InhibitionRouter),
+    "fixed_projection": (FixedProjectionConfig, FixedProjectionRouter),
+    "attentive": (AttentiveConfig, AttentiveRouter),
+}
+
+_REGISTRY: dict[str, tuple[type[RouterConfig], type[Router]]] = dict(BUILTIN_ROUTERS)
 
 
-def register_router(name: str, config_cls: type[RouterConfig]) -> Callable[[type], type]:
-    def wrap(router_cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name][1] is not router_cls:
-            raise ValueError(f"router type {name!r} registered twice")
-        _REGISTRY[name] = (config_cls, router_cls)
-        return router_cls
-
-    return wrap
-
-
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # a real import error inside an existing router module
-                raise
+def register_router(name: str, config_cls: type[RouterConfig], router_cls: type[Router]) -> None:
+    """Make `router.type: name` build `router_cls` from a `config_cls` (a RouterConfig subclass)."""
+    if name in _REGISTRY and _REGISTRY[name] != (config_cls, router_cls):
+        raise ValueError(f"router type {name!r} registered twice")
+    _REGISTRY[name] = (config_cls, router_cls)
 
 
 def router_types() -> list[str]:
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
@@ -60,14 +45,12 @@ def router_config_from_dict(data: dict[str, Any] | RouterConfig, where: str = "r
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping with a 'type' key, got {data!r}")
-    _load_builtins()
     kind = data.get("type", "topk")
     if kind not in _REGISTRY:
         raise ConfigError(f"{where}.type must be one of {sorted(_REGISTRY)}, got {kind!r}")
     return from_dict(_REGISTRY[kind][0], {**data, "type": kind}, f"{where}[{kind}]")
 
 
-def build_router(cfg: RouterConfig, *, d_model: int, num_experts: int, top_k: int, layer_index: int):
-    _load_builtins()
+def build_router(cfg: RouterConfig, *, d_model: int, num_experts: int, top_k: int, layer_index: int) -> Router:
     return _REGISTRY[cfg.type][1](cfg, d_model=d_model, num_experts=num_experts, top_k=top_k,
                                   layer_index=layer_index)

@@ -1,5 +1,6 @@
 """The sample-similarity regularizer L_s (Krishnamurthy, Watkins & Gärtner, arXiv 2302.14703),
-ROUTERS.md §5, in the paper's two-term form and in this project's production form.
+docs/routers/sample_similarity.md: this project's production form (the paper's two-term form, for
+the routing study, is `moe_dist/study/sample_similarity_paper.py`).
 
 Legend: T tokens on this rank, G tokens of one group (one rank's share), B tokens in a paper
 batch, S subsampled tokens, D router input width, E experts.
@@ -7,7 +8,7 @@ batch, S subsampled tokens, D router input width, E experts.
 Both forms penalise sending far-apart tokens to the same experts: with `D_ij` the distance of
 tokens i and j (Euclidean on the detached router input, divided by its max over the sample) and
 `Q = sum_ij D_ij (p_i . p_j)`, the paper's loss is an affine function of Q (see
-`sample_similarity_paper`) and the production loss is `Q / sum_ij D_ij`.
+`moe_dist.study.sample_similarity_paper`) and the production loss is `Q / sum_ij D_ij`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_dist.moe.experts import init_generator
+from moe_dist.common.seeding import init_generator
 
 # Seed of the default subsample. The subsample is a fixed pseudo-random permutation of the token
 # positions chosen by the token count alone: every rank with T tokens, and every capacity group of
@@ -74,26 +75,3 @@ def sample_similarity_loss(probs_TE: Tensor, router_input_TD: Tensor, num_tokens
             probs_GE, x_GD = probs_GE.index_select(0, pick_S), x_GD.index_select(0, pick_S)
         losses.append(_normalized_similarity(probs_GE, x_GD))
     return torch.stack(losses).mean()
-
-
-def sample_similarity_paper(probs_BE: Tensor, x_BD: Tensor, beta_s: float, beta_d: float) -> Tensor:
-    """The paper's two-term L_s on a whole batch, as ROUTERS.md §5 writes it:
-
-        S  = (1/E) sum_e sum_ij p_ie p_je D_ij                   (same expert, far apart)
-        Dd = (1/(E^2-E)) sum_{e!=e'} sum_ij p_ie p_je' D_ij       (different experts)
-        L_s = beta_s * S - beta_d * Dd / B^2
-
-    Since `sum_{e!=e'} p_ie p_je' = 1 - p_i.p_j`, with `Q = sum_ij D_ij p_i.p_j` and
-    `Sigma = sum_ij D_ij`: `L_s = (beta_s/E + beta_d/(B^2 E(E-1))) Q - beta_d Sigma/(B^2 E(E-1))`,
-    an affine function of Q whose offset has no gradient.
-    """
-    B, E = probs_BE.shape
-    if E < 2:
-        raise ValueError(f"sample_similarity_paper needs at least 2 experts, got {E}")
-    dist_BB = normalized_distances(x_BD)
-    p = probs_BE.float()
-    same = (dist_BB * (p @ p.t())).sum() / E
-    mass_B = p.sum(dim=1)
-    every_pair = mass_B @ dist_BB @ mass_B  # sum over all (e, e'), e == e' included
-    different = (every_pair - same * E) / (E * E - E)
-    return beta_s * same - beta_d * different / B**2

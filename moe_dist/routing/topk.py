@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_dist.config_base import check
-from moe_dist.routing.base import Router, RouterOutput, RoutingContext
+from moe_dist.common.config import check
+from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
 from moe_dist.routing.fp32_buffers import FP32Buffers
-from moe_dist.routing.registry import RouterConfig, register_router
 
 
 @dataclass
@@ -64,7 +63,6 @@ class LinearGate(nn.Module):
         return F.linear(x_TD.float(), self.weight_ED.float())
 
 
-@register_router("topk", TopKRouterConfig)
 class TopKRouter(FP32Buffers, Router):  # fp32 bias: bf16 would swallow its 1e-3 steps
     def __init__(self, cfg: TopKRouterConfig, **kw) -> None:
         super().__init__(cfg, **kw)

@@ -1,7 +1,7 @@
 """COMET width sweep on digits (ROUTERS.md §7; Shaier et al., arXiv 2410.08003): a one-hidden-
 layer MLP of width w, dense, vs a smaller dense MLP of width p_k * w (the same number of active
 units), vs the same width-w MLP whose hidden units are gated by COMET's fixed mask
-`kwta_{p_k}(V x)` (`moe_dist.routing.comet_mask.CometMask`, V frozen). The paper reports that
+`kwta_{p_k}(V x)` (`moe_dist.study.comet_ffn.CometMask`, V frozen). The paper reports that
 COMET's advantage over a dense MLP grows with width (widths 100-3000, p_k 0.1/0.5/0.9).
 
 Legend: B inputs, I pixels, W hidden units, O classes.
@@ -16,9 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_dist.moe.experts import init_generator
-from moe_dist.routing.comet_mask import FFN_MASK_KEY, CometMask, active_units
-from moe_dist.study.digits_data import NUM_CLASSES, NUM_PIXELS, digits_split, minibatch_indices
+from moe_dist.common.seeding import init_generator
+from moe_dist.routing.comet import FFN_MASK_KEY, active_units
+from moe_dist.study.comet_ffn import CometMask
+from moe_dist.study.digits_data import (
+    NUM_CLASSES,
+    NUM_PIXELS,
+    digits_split,
+    minibatch_indices,
+)
 from moe_dist.study.seeds import seed_stats
 from moe_dist.study.tasks import Task
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_dist.routing.attentive_dense import GATE_ACTIVATIONS, AttentiveMixtureOutput, MLPExpert, masked_softmax
+from moe_dist.routing.attentive import GATE_ACTIVATIONS
+from moe_dist.study.attentive_mixture import (
+    AttentiveMixtureOutput,
+    MLPExpert,
+    masked_softmax,
+)
 
 
 class SoftmaxGateMixture(nn.Module):

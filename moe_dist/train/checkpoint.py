@@ -1,6 +1,7 @@
 """Checkpoints through the DeepSpeed engine, plus the two things DeepSpeed cannot save for us.
 
-Layout of `<checkpoint_dir>/<tag>/`:
+Layout of `<checkpoint_dir>/<tag>/` (its names are `moe_dist/checkpoint/layout.py`'s, shared with
+the conversion tools):
 - DeepSpeed's files: `mp_rank_00_model_states.pt` (dense weights, router buffers, LR scheduler,
   and our client_state: resolved config, tokenizer reference, step, consumed samples) and one
   `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank (ZeRO partitions of fp32 master
@@ -28,42 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_dist.parallel import runtime
+from moe_dist.checkpoint.layout import (
+    LATEST,
+    experts_file,
+    rank_state_file,
+    read_latest,
+    tag_for_step,
+)
+from moe_dist.common.atomic import write_text_atomic
 from moe_dist.moe.experts import GroupedExperts
+from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
-
-LATEST = "latest"
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def read_latest(checkpoint_dir: str) -> str | None:
-    """The tag of the last completely written checkpoint, or None."""
-    path = os.path.join(checkpoint_dir, LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        tag = f.read().strip()
-    return tag or None
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def experts_file(tag_dir: str, ep_rank: int) -> str:
-    return os.path.join(tag_dir, f"moe_experts_ep{ep_rank:03d}.pt")
-
-
-def rank_state_file(tag_dir: str, rank: int) -> str:
-    return os.path.join(tag_dir, f"rank_state_{rank:05d}.pt")
 
 
 def rng_state() -> dict[str, Any]:
@@ -108,7 +84,7 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any],
     torch.save({"rng": rng_state()}, rank_state_file(tag_dir, rank))
     runtime.barrier()  # every rank's files are on disk before the tag becomes `latest`
     if rank == 0:
-        _write_atomic(os.path.join(checkpoint_dir, LATEST), tag)
+        write_text_atomic(os.path.join(checkpoint_dir, LATEST), tag)
     runtime.barrier()
     return tag
 

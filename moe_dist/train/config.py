@@ -18,9 +18,17 @@ from typing import Any
 
 import yaml
 
-from moe_dist.config_base import ConfigError, check, check_choice, from_dict, to_dict
+from moe_dist.common.config import (
+    ConfigError,
+    check,
+    check_choice,
+    check_int,
+    from_dict,
+    to_dict,
+)
 from moe_dist.data.config import DataConfig
 from moe_dist.model.config import ModelConfig, parse_model_config
+
 
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that reads `1e-3` as a float: YAML 1.1 wants a dot (`1.0e-3`) and would
@@ -43,11 +51,6 @@ def load_yaml(text_or_file):
 
 LR_DECAY_STYLES = ("cosine", "constant")
 SECTIONS = ("model", "moe", "data", "train")
-
-
-def _check_int(where: str, value: Any, minimum: int) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-          f"{where} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -87,11 +90,11 @@ class TrainSection:
         for name, minimum in (("steps", 1), ("seq_len", 1), ("micro_batch", 1), ("grad_accum", 1),
                               ("warmup_steps", 0), ("log_interval", 1), ("eval_interval", 0),
                               ("eval_iters", 1), ("checkpoint_interval", 0), ("seed", 0)):
-            _check_int(f"train.{name}", getattr(self, name), minimum)
+            check_int(f"train.{name}", getattr(self, name), minimum)
         if self.global_batch is not None:
-            _check_int("train.global_batch", self.global_batch, 1)
+            check_int("train.global_batch", self.global_batch, 1)
         if self.cpu_threads is not None:
-            _check_int("train.cpu_threads", self.cpu_threads, 1)
+            check_int("train.cpu_threads", self.cpu_threads, 1)
         check(isinstance(self.cpu_keep_freed_memory, bool),
               f"train.cpu_keep_freed_memory must be true or false, got {self.cpu_keep_freed_memory!r}")
         check(isinstance(self.deepspeed_config, str) and self.deepspeed_config != "",

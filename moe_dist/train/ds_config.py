@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from moe_dist.config_base import ConfigError, check
+from moe_dist.common.config import ConfigError, check
 from moe_dist.train.config import TrainSection
 
 SUPPORTED_ZERO_STAGES = (1, 2)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
 from torch import Tensor
 
 from moe_dist.moe.stats import entropy, mutual_information

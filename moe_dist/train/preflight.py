@@ -13,12 +13,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from moe_dist.config_base import ConfigError
+from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
+from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.layout import read_latest
+from moe_dist.common.config import ConfigError
 from moe_dist.data.config import DataConfig
 from moe_dist.data.datasets import blend_domain_names
 from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
 from moe_dist.parallel.groups import validate_parallel_sizes
-from moe_dist.train import checkpoint
 from moe_dist.train.config import RunConfig
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
 
@@ -41,13 +43,13 @@ def check_checkpoint_dir(checkpoint_dir: str | None, resume: bool) -> None:
     if resume:
         if not checkpoint_dir:
             raise ConfigError("--resume needs train.checkpoint_dir")
-        if checkpoint.read_latest(checkpoint_dir) is None:
+        if read_latest(checkpoint_dir) is None:
             raise ConfigError(f"--resume: no complete checkpoint in train.checkpoint_dir "
                               f"{checkpoint_dir!r} (no 'latest' file)")
-    elif checkpoint_dir and checkpoint.read_latest(checkpoint_dir) is not None:
+    elif checkpoint_dir and read_latest(checkpoint_dir) is not None:
         raise ConfigError(
             f"train.checkpoint_dir {checkpoint_dir!r} already holds checkpoint "
-            f"{checkpoint.read_latest(checkpoint_dir)!r}; pass --resume to continue it or choose an "
+            f"{read_latest(checkpoint_dir)!r}; pass --resume to continue it or choose an "
             f"empty folder (a fresh run would overwrite it)")
 
 
@@ -55,9 +57,6 @@ def check_init_from(path: str | None) -> None:
     """A consolidated checkpoint's metadata must be readable before any process starts."""
     if path is None:
         return
-    from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
-    from moe_dist.checkpoint.errors import CheckpointError
-
     if not os.path.isdir(path):
         raise ConfigError(f"train.init_from {path!r} is not a directory; expected the output folder of "
                           f"'tools/convert_checkpoint.py consolidate'")

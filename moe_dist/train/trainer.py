@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_dist.checkpoint.consolidated import load_consolidated
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.model.transformer import MoETransformer
@@ -21,7 +22,6 @@ from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train import checkpoint, cpu_malloc
 from moe_dist.train.config import RunConfig
-from moe_dist.checkpoint.consolidated import load_consolidated
 from moe_dist.train.engine import build_engine
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.preflight import Preflight, preflight

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_dist.routing.attentive_dense import AttentiveMixture
 from moe_dist.routing.base import RoutingContext
 from moe_dist.routing.registry import build_router
 from moe_dist.routing.topk import TopKRouter, TopKRouterConfig
+from moe_dist.study.attentive_mixture import AttentiveMixture
 
 
 @torch.no_grad()

@@ -11,24 +11,17 @@ paper's MNIST setup).
 
 W_q and W_k have no bias; the gate trunk, W_q, W_k and the experts train together with one
 optimizer. The top-k variant masks all but the k largest scores to -inf before the softmax.
-The expert-parallel router `attentive` reuses `attention_scores` with replicated key probes.
+It reuses the expert-parallel router's `attention_scores` (`moe_dist/routing/attentive.py`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-GATE_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
-
-
-def attention_scores(q_BH: Tensor, k_BEH: Tensor) -> Tensor:
-    """`s_BE = q . K_e / sqrt(H)`."""
-    return torch.einsum("bh,beh->be", q_BH, k_BEH) / math.sqrt(q_BH.shape[-1])
+from moe_dist.routing.attentive import GATE_ACTIVATIONS, attention_scores
 
 
 def masked_softmax(scores_BE: Tensor, top_k: int | None) -> Tensor:

@@ -66,5 +66,11 @@ def check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_int(where: str, value: Any, minimum: int) -> None:
+    """An integer (not a bool) >= `minimum`, else ConfigError naming `where` and the value."""
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+          f"{where} must be an integer >= {minimum}, got {value!r}")
+
+
 def check_choice(where: str, value: Any, choices: tuple) -> None:
     check(value in choices, f"{where} must be one of {list(choices)}, got {value!r}")

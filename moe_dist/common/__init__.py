@@ -1,0 +1,3 @@
+"""What every package may use and nothing in it imports back: strict configs (`config`), seeded
+generators that make weights independent of the parallel layout (`seeding`) and atomic writes
+(`atomic`)."""
