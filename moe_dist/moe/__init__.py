@@ -11,6 +11,8 @@ named `x_TD` has dims [T, D]. Each letter has one meaning (case matters: E and e
     N  kept pairs this rank sends      M  rows this rank's experts run    U  rows the experts gather
     F  expert hidden width (one SwiGLU branch)                               from (T at EP 1, else M)
     G  tokens of one capacity group    X  tokens sub-sampled for the sample-similarity loss
+    J  width of the attentive gate (trunk, query, probes, keys: the paper's h)
+    Z  shared directions removed by `inhibition`'s subspace mode (`router.rank`)
 
 Kernels (`moe_dist/kernels`) are generic in their operands and spell their widths out (`rows`,
 `in_width`, `out_width`) instead of borrowing these letters.

@@ -1,8 +1,8 @@
 """Expert capacity and slot assignment: which routed (token, choice) pairs an expert accepts.
 
-Legend: T tokens, E experts, K experts per token, P = T*K routed pairs ("slots").
+Legend: moe_dist/moe/__init__.py (Q = T*K routed (token, choice) pairs, the "slots").
 
-Pairs are numbered choice-major, `p = k*T + t`, so a stable sort by expert keeps "every first
+Pairs are numbered choice-major, `q = k*T + t`, so a stable sort by expert keeps "every first
 choice before any second choice, then token order" inside each expert: the `position` policy
 falls out of the numbering, and `probs` is a stable sort by weight before the sort by expert.
 Pure functions of tensors: the layer, the tests and the single-process reference all call them.
@@ -46,35 +46,35 @@ def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy:
     `policy="position"`: first choices before second choices, then token order.
     `policy="probs"`: highest `priority_TK` first (ties: position order).
     `num_groups` splits the T tokens into equal contiguous groups, each with its own queues and
-    `capacity`: a single process holding the tokens of N ranks uses `num_groups=N` to drop
+    `capacity`: a single process holding the tokens of n ranks uses `num_groups=n` to drop
     exactly what each rank of an expert-parallel run drops.
     """
     T, K = idx_TK.shape
     E = num_experts
     if T % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the number of tokens ({T})")
-    idx_P = idx_TK.t().reshape(-1)  # choice-major pair order
-    group_P = (torch.arange(T, device=idx_TK.device) // (T // num_groups)).repeat(K)
-    queue_P = group_P * E + idx_P  # one queue per (group, expert)
+    idx_Q = idx_TK.t().reshape(-1)  # choice-major pair order
+    group_Q = (torch.arange(T, device=idx_TK.device) // (T // num_groups)).repeat(K)
+    queue_Q = group_Q * E + idx_Q  # one queue per (group, expert)
 
     if policy == "probs":
         if priority_TK is None:
             raise ValueError("drop policy 'probs' needs priority_TK")
         by_priority = torch.sort(priority_TK.t().reshape(-1).detach(), descending=True, stable=True).indices
-        order = by_priority[torch.sort(queue_P[by_priority], stable=True).indices]
+        order = by_priority[torch.sort(queue_Q[by_priority], stable=True).indices]
     elif policy == "position":
-        order = torch.sort(queue_P, stable=True).indices
+        order = torch.sort(queue_Q, stable=True).indices
     else:
         raise ValueError(f"drop policy must be 'position' or 'probs', got {policy!r}")
 
-    queue_sizes = torch.bincount(queue_P, minlength=num_groups * E)
+    queue_sizes = torch.bincount(queue_Q, minlength=num_groups * E)
     queue_start = torch.cumsum(queue_sizes, 0) - queue_sizes
-    sorted_queue = queue_P[order]
-    slot_P = torch.empty_like(idx_P)
-    slot_P[order] = torch.arange(idx_P.numel(), device=idx_P.device) - queue_start[sorted_queue]
+    sorted_queue = queue_Q[order]
+    slot_Q = torch.empty_like(idx_Q)
+    slot_Q[order] = torch.arange(idx_Q.numel(), device=idx_Q.device) - queue_start[sorted_queue]
 
-    keep_P = torch.ones_like(idx_P, dtype=torch.bool) if capacity is None else slot_P < capacity
-    load_E = torch.bincount(idx_P, minlength=E)
-    kept_E = torch.bincount(idx_P, weights=keep_P.float(), minlength=E).long()  # no mask: no host sync
-    return SlotPlan(slot_TK=slot_P.view(K, T).t(), keep_TK=keep_P.view(K, T).t(), load_E=load_E,
+    keep_Q = torch.ones_like(idx_Q, dtype=torch.bool) if capacity is None else slot_Q < capacity
+    load_E = torch.bincount(idx_Q, minlength=E)
+    kept_E = torch.bincount(idx_Q, weights=keep_Q.float(), minlength=E).long()  # no mask: no host sync
+    return SlotPlan(slot_TK=slot_Q.view(K, T).t(), keep_TK=keep_Q.view(K, T).t(), load_E=load_E,
                     kept_E=kept_E, capacity=capacity)

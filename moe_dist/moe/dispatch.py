@@ -1,7 +1,7 @@
 """Dispatch kept (token, choice) pairs to their experts' ranks and combine the results.
 
-Legend: T tokens on this rank, D width, E experts (global), e = E/P local experts, P EP size,
-K choices per token, N kept pairs sent from this rank, M rows received by this rank.
+Legend: moe_dist/moe/__init__.py (the letters at work here: P ranks in the EP group, Q routed
+pairs, N kept pairs this rank sends, M rows its experts run, U rows they gather from).
 
 One path serves every mode: capacity only decides which pairs are kept (capacity.py), so fixed
 capacity, dropless, EP=1 and EP=P differ only in the all-to-all. Rows travel exactly: no
@@ -52,8 +52,9 @@ def _regroup_by_expert(recv_counts_Pe: Tensor) -> tuple[Tensor, Tensor]:
 def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
              groups: ParallelGroups) -> tuple[Tensor, Tensor, DispatchPlan]:
     """Returns the rows this rank's experts must process, grouped by local expert, as a source
-    and the gather index into it (`source_SD[index_N]`; the experts gather, see
-    `GroupedExperts.forward`), and the plan.
+    and the gather index into it (`source_UD[index_M]`; the experts gather, see
+    `GroupedExperts.forward`), and the plan. The source is `x_TD` itself at EP 1 (U = T, and the
+    index is `token_N`: M = N) and the received rows `x_MD` otherwise (U = M).
 
     1. Sort kept pairs by expert (dropped pairs sort last and are cut off).
     2. Gather their token rows: rows for EP rank p are contiguous, since p owns experts
@@ -65,11 +66,11 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     T, K = idx_TK.shape
     E = kept_E.numel()
     P = groups.ep_size
-    idx_P = idx_TK.t().reshape(-1)
-    sort_key_P = torch.where(keep_TK.t().reshape(-1), idx_P, E)
+    idx_Q = idx_TK.t().reshape(-1)
+    sort_key_Q = torch.where(keep_TK.t().reshape(-1), idx_Q, E)
     kept_counts = kept_E.tolist()  # the one host sync: sizes of everything below
     N = sum(kept_counts)
-    pair_N = torch.sort(sort_key_P, stable=True).indices[:N]
+    pair_N = torch.sort(sort_key_Q, stable=True).indices[:N]
     token_N = pair_N % T
     if P == 1:
         return x_TD, token_N, DispatchPlan(pair_N, token_N, [N], [N], None, kept_counts)
@@ -127,8 +128,9 @@ class _WeightedScatterAdd(torch.autograd.Function):
 def combine(y_MD: Tensor, w_TK: Tensor, plan: DispatchPlan, groups: ParallelGroups) -> Tensor:
     """Reverse of `dispatch`, then `y_t = sum_k w_tk * expert_out_tk` (dropped pairs add 0)."""
     T = w_TK.shape[0]
+    y_ND = y_MD  # EP 1: the experts ran exactly the rows this rank sends (M = N)
     if plan.unsort_M is not None:
-        y_MD = y_MD.index_select(0, plan.unsort_M)
-        y_MD = all_to_all(y_MD, plan.recv_splits, plan.send_splits, groups.ep_group)
-    w_N = w_TK.t().reshape(-1).index_select(0, plan.pair_N).to(y_MD.dtype)
-    return _WeightedScatterAdd.apply(y_MD, w_N, plan.token_N, T)
+        y_ND = all_to_all(y_MD.index_select(0, plan.unsort_M), plan.recv_splits, plan.send_splits,
+                          groups.ep_group)
+    w_N = w_TK.t().reshape(-1).index_select(0, plan.pair_N).to(y_ND.dtype)
+    return _WeightedScatterAdd.apply(y_ND, w_N, plan.token_N, T)

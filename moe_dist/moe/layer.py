@@ -1,7 +1,6 @@
 """The MoE layer: router -> capacity slots -> dispatch -> grouped experts -> combine.
 
-Legend: T tokens on this rank, D model width, E experts, K choices per token, N rows this rank's
-experts process.
+Legend: moe_dist/moe/__init__.py.
 
 The layer holds no distributed logic of its own: `dispatch`/`combine` move rows over the EP
 group and `groups.all_reduce_sum_dp` makes statistics global. With `ParallelGroups.single()` it
@@ -102,9 +101,9 @@ class MoELayer(nn.Module):
             priority_TK=route.w_TK if route.priority_TK is None else route.priority_TK,
             num_groups=capacity_groups)
 
-        source_SD, index_N, dplan = dispatch(x_TD, route.idx_TK, plan.keep_TK, plan.kept_E, self.groups)
-        y_ND = self.experts(source_SD, index_N, dplan.counts_e)
-        y_TD = combine(y_ND, route.w_TK, dplan, self.groups)
+        source_UD, index_M, dplan = dispatch(x_TD, route.idx_TK, plan.keep_TK, plan.kept_E, self.groups)
+        y_MD = self.experts(source_UD, index_M, dplan.counts_e)
+        y_TD = combine(y_MD, route.w_TK, dplan, self.groups)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
 

@@ -1,6 +1,6 @@
 """Per-layer routing statistics (ROUTERS.md §6), global over the data-parallel group.
 
-Legend: T tokens, E experts, K choices per token, L label classes.
+Legend: moe_dist/moe/__init__.py.
 
 Everything here is detached. One all-reduce per layer carries all counts, so statistics cost one
 small collective whatever is logged.
@@ -35,9 +35,9 @@ def mutual_information(joint_EL: Tensor) -> tuple[Tensor, Tensor]:
 def expert_label_counts(idx_TK: Tensor, labels_T: Tensor, num_experts: int, num_labels: int) -> Tensor:
     """Routed pairs per (expert, label); tokens labelled -1 are ignored."""
     K = idx_TK.shape[1]
-    labels_P = labels_T.reshape(-1, 1).expand(-1, K).reshape(-1)
-    valid = labels_P >= 0
-    cell = idx_TK.reshape(-1) * num_labels + labels_P.clamp_min(0)
+    labels_Q = labels_T.reshape(-1, 1).expand(-1, K).reshape(-1)
+    valid = labels_Q >= 0
+    cell = idx_TK.reshape(-1) * num_labels + labels_Q.clamp_min(0)
     return torch.bincount(cell, weights=valid.float(), minlength=num_experts * num_labels).view(num_experts, num_labels)
 
 
