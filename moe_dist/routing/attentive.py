@@ -1,13 +1,14 @@
 """`attentive`: the attentive gate for expert parallelism, with replicated key probes
 (ROUTERS.md §4; gate of Krishnamurthy, Watkins & Gärtner, arXiv 2302.14703).
 
-Legend: T tokens on this rank, D model width, E experts, K experts per token, H gate width (h).
+Legend: moe_dist/moe/__init__.py (J: the gate width, the paper's h). The parameter `probes_EHD`
+keeps its pre-legend name (there H = J) because it is a checkpoint and HF-export key.
 
 The paper's keys come from each expert's last hidden layer, which needs every expert to run on
 every token: impossible before a capacity-limited dispatch. Instead each expert e owns a small
-probe `h_e(x) = act(A_e x)`, `A_e` in R^{H x D}, replicated on every rank and trained through the
+probe `h_e(x) = act(A_e x)`, `A_e` in R^{J x D}, replicated on every rank and trained through the
 gate (E*H*D parameters per layer); then the paper's formula:
-`q = W_q act(G x + b)`, `K_e = W_k h_e(x)`, `s_e = q . K_e / sqrt(H)`, `probs = softmax(s)`.
+`q = W_q act(G x + b)`, `K_e = W_k h_e(x)`, `s_e = q . K_e / sqrt(J)`, `probs = softmax(s)`.
 The probes are this project's substitute for the expert hidden layers, not the paper's method.
 Selection and weights are `topk`'s (`renormalize: true` is the paper's top-k masking); the
 scores are the logits of the z-loss, and the aux losses are `topk`'s.
@@ -29,15 +30,15 @@ from moe_dist.routing.topk import topk_from_logits
 GATE_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
 
-def attention_scores(q_BH: Tensor, k_BEH: Tensor) -> Tensor:
-    """`s_BE = q . K_e / sqrt(H)`."""
-    return torch.einsum("bh,beh->be", q_BH, k_BEH) / math.sqrt(q_BH.shape[-1])
+def attention_scores(q_TJ: Tensor, k_TEJ: Tensor) -> Tensor:
+    """`s_TE = q . K_e / sqrt(J)`, for any rows T (the routing study passes a batch of inputs)."""
+    return torch.einsum("tj,tej->te", q_TJ, k_TEJ) / math.sqrt(q_TJ.shape[-1])
 
 
 @dataclass
 class AttentiveConfig(RouterConfig):
     type: str = "attentive"
-    hidden: int = 32  # H: width of the gate trunk, the query, the probes and the keys
+    hidden: int = 32  # J: width of the gate trunk, the query, the probes and the keys
     activation: str = "relu"
     # Renormalize the K chosen probabilities: the paper's top-k masking (softmax over the K
     # chosen scores). Off by default for the reason given in TopKRouterConfig.
@@ -52,21 +53,21 @@ class AttentiveConfig(RouterConfig):
 class AttentiveRouter(Router):
     def __init__(self, cfg: AttentiveConfig, **kw) -> None:
         super().__init__(cfg, **kw)
-        D, E, H = self.d_model, self.num_experts, cfg.hidden
+        D, E, J = self.d_model, self.num_experts, cfg.hidden
         self.act = GATE_ACTIVATIONS[cfg.activation]
-        self.gate_trunk = nn.Linear(D, H)
-        self.w_q = nn.Linear(H, H, bias=False)
-        self.w_k = nn.Linear(H, H, bias=False)
-        self.probes_EHD = nn.Parameter(torch.empty(E, H, D))
+        self.gate_trunk = nn.Linear(D, J)
+        self.w_q = nn.Linear(J, J, bias=False)
+        self.w_k = nn.Linear(J, J, bias=False)
+        self.probes_EHD = nn.Parameter(torch.empty(E, J, D))  # [E, J, D]; the name is a checkpoint key
         nn.init.uniform_(self.probes_EHD, -1.0 / math.sqrt(D), 1.0 / math.sqrt(D))  # nn.Linear's range
 
     def scores(self, x_TD: Tensor) -> Tensor:
         """`s_TE` in fp32 whatever the model's dtype (routing decisions are discontinuous)."""
         x = x_TD.float()
-        q_TH = F.linear(self.act(F.linear(x, self.gate_trunk.weight.float(), self.gate_trunk.bias.float())),
+        q_TJ = F.linear(self.act(F.linear(x, self.gate_trunk.weight.float(), self.gate_trunk.bias.float())),
                         self.w_q.weight.float())
-        probe_TEH = self.act(torch.einsum("td,ehd->teh", x, self.probes_EHD.float()))
-        return attention_scores(q_TH, F.linear(probe_TEH, self.w_k.weight.float()))
+        probe_TEJ = self.act(torch.einsum("td,ejd->tej", x, self.probes_EHD.float()))
+        return attention_scores(q_TJ, F.linear(probe_TEJ, self.w_k.weight.float()))
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         logits_TE = self.scores(x_TD)

@@ -1,8 +1,6 @@
 """The router interface: what a router receives and what it returns.
 
-Shape legend (all MoE files):
-    T  tokens on this rank          D  model width          E  experts (global)
-    K  experts chosen per token     C  capacity per expert  L  number of label classes
+Legend: moe_dist/moe/__init__.py.
 
 A router is a pure function of its input and its own parameters/buffers: it returns the chosen
 experts and weights plus what losses and statistics need, and keeps nothing else. Aux losses and

@@ -3,7 +3,9 @@ random projection and k-winners-take-all. The `fixed_projection` router selects 
 them, and the neuron-level mask inside experts (`moe_dist/moe/expert_mask.py`) selects hidden
 units with them.
 
-Legend: moe_dist/moe/__init__.py (here F is the number of units a k-WTA chooses among).
+Legend: moe_dist/moe/__init__.py. Both primitives are generic in their widths (`rows`, `cols`,
+units: the expert hidden units F in the expert mask, the stream units D in the router) and, like
+the kernels, spell them out instead of borrowing a letter.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ def active_units(width: int, active_fraction: float) -> int:
     return max(1, round(active_fraction * width))
 
 
-def kwta_mask(scores_TF: Tensor, k: int) -> Tensor:
-    """1.0 on the `k` largest scores of each row, 0.0 elsewhere.
+def kwta_mask(scores: Tensor, k: int) -> Tensor:
+    """1.0 on the `k` largest scores of each row (`scores`: [rows, units]), 0.0 elsewhere.
 
     Exactly k winners even when scores tie: a threshold test (`s >= kth value`) would let ties
     activate more than k units, which COMET excludes.
     """
-    idx_Tk = torch.topk(scores_TF, k, dim=-1).indices
-    return torch.zeros_like(scores_TF).scatter_(-1, idx_Tk, 1.0)
+    winners = torch.topk(scores, k, dim=-1).indices  # [rows, k]
+    return torch.zeros_like(scores).scatter_(-1, winners, 1.0)

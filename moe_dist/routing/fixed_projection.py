@@ -1,8 +1,8 @@
 """`fixed_projection`: block COMET, fixed random routing (ROUTERS.md §3; Shaier et al., COMET,
 arXiv 2410.08003).
 
-Legend: T tokens on this rank, D model width (also the routing stream's width), E experts,
-K experts per token, B = D/E stream units per expert block.
+Legend: moe_dist/moe/__init__.py (D is also the routing stream's width; each expert scores a block
+of D / E stream units).
 
 COMET masks single hidden units of a dense MLP; for expert parallelism each expert is a block of
 units and a frozen projection `V` picks the blocks: `s_TE = u_TD V^T`, `idx = topk(s, K)`. `V` is
@@ -102,12 +102,12 @@ class FixedProjectionRouter(FP32Buffers, Router):
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         u_TD = self._input(x_TD, ctx)
-        c_TX = u_TD @ self.v_projection.t()  # X = E (hidden) or D (embedding stream)
         stream_TD = None
         if self.cfg.source == "hidden":
-            scores_TE = c_TX
+            scores_TE = u_TD @ self.v_projection.t()  # v_projection: [E, D]
         else:
-            stream_TD = kwta_mask(c_TX, self.stream_k) * c_TX
+            c_TD = u_TD @ self.v_projection.t()  # v_projection: [D, D]
+            stream_TD = kwta_mask(c_TD, self.stream_k) * c_TD
             scores_TE = stream_TD.view(-1, self.num_experts, self.d_model // self.num_experts).sum(-1)
 
         select_TE = scores_TE + self.selection_bias_E if self.cfg.bias_balancing else scores_TE

@@ -1,8 +1,9 @@
 """`inhibition`: the neural-inhibition router, ROUTERS.md §2. This is this project's formulation
 of the idea of Zou & Zhang (arXiv 2507.03221), not the paper's exact algorithm.
 
-Legend: T tokens on this rank, D router input width, E experts, K experts per token, R shared
-directions removed (subspace mode).
+Legend: moe_dist/moe/__init__.py (Z: the shared directions removed in subspace mode; D is here the
+router input's width). The buffer `basis_DR` keeps its pre-legend name (there R = Z) because it is
+a checkpoint and HF-export key.
 
 Remove from the router's input what the token population shares, then route exactly like `topk`
 on the result. It has to act across tokens: a per-token shift of the logits changes nothing in a
@@ -77,7 +78,7 @@ def population_statistics(x_TD: Tensor, ctx: RoutingContext, mode: str) -> dict[
 
 
 def top_directions(second_DD: Tensor, rank: int) -> Tensor:
-    """`U_DR`: orthonormal eigenvectors of the `rank` largest eigenvalues.
+    """`U_DZ`: orthonormal eigenvectors of the `rank` largest eigenvalues.
 
     The matrix is the uncentred second moment E[x x^T], not the covariance about the mean: a
     component every token shares is the population mean, which the centred covariance cannot
@@ -85,9 +86,9 @@ def top_directions(second_DD: Tensor, rank: int) -> Tensor:
     fixed (largest entry positive) so that the buffer does not flip between runs or ranks whose
     statistics differ in the last bits.
     """
-    U_DR = torch.linalg.eigh(second_DD).eigenvectors[:, -rank:]
-    pivot_R = U_DR.gather(0, U_DR.abs().argmax(0, keepdim=True))
-    return U_DR * torch.sign(pivot_R)
+    U_DZ = torch.linalg.eigh(second_DD).eigenvectors[:, -rank:]
+    pivot_Z = U_DZ.gather(0, U_DZ.abs().argmax(0, keepdim=True))
+    return U_DZ * torch.sign(pivot_Z)
 
 
 def inhibit(x_TD: Tensor, mode: str, stats: dict[str, Tensor], alpha: float, eps: float) -> Tensor:
@@ -99,8 +100,8 @@ def inhibit(x_TD: Tensor, mode: str, stats: dict[str, Tensor], alpha: float, eps
         return F.relu(x - alpha * stats["mean_D"])
     if mode == "divisive":
         return (x - stats["mean_D"]) * torch.rsqrt(stats["var_D"] + eps)
-    U_DR = stats["basis_DR"]
-    return x - (x @ U_DR) @ U_DR.t()
+    U_DZ = stats["basis_DR"]
+    return x - (x @ U_DZ) @ U_DZ.t()
 
 
 class PopulationInhibition(FP32Buffers):

@@ -1,6 +1,6 @@
 """Routing auxiliary losses (unweighted), ROUTERS.md §1 and §5. Pure functions.
 
-Legend: T tokens, D width, E experts, K experts per token, S subsampled tokens.
+Legend: moe_dist/moe/__init__.py.
 
 Data parallelism: every rank computes its loss on its own tokens and the engine averages
 gradients over ranks. Each loss below is written so that the mean over ranks of the per-rank

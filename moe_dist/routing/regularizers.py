@@ -2,8 +2,8 @@
 docs/routers/sample_similarity.md: this project's production form (the paper's two-term form, for
 the routing study, is `moe_dist/study/sample_similarity_paper.py`).
 
-Legend: T tokens on this rank, G tokens of one group (one rank's share), B tokens in a paper
-batch, S subsampled tokens, D router input width, E experts.
+Legend: moe_dist/moe/__init__.py (G: one group's tokens, a rank's share; X: the tokens subsampled
+from it; D is here the router input's width).
 
 Both forms penalise sending far-apart tokens to the same experts: with `D_ij` the distance of
 tokens i and j (Euclidean on the detached router input, divided by its max over the sample) and
@@ -25,12 +25,12 @@ from moe_dist.common.seeding import init_generator
 _SUBSAMPLE_SEED = 0x5A5
 
 
-def normalized_distances(x_SD: Tensor) -> Tensor:
+def normalized_distances(x_XD: Tensor) -> Tensor:
     """`D_ij = |x_i - x_j| / max_ij |x_i - x_j|` on the detached input, fp32 (all zero if the
     tokens are identical)."""
-    x = x_SD.detach().float()
-    d_SS = torch.cdist(x, x)
-    return d_SS / d_SS.max().clamp_min(1e-12)
+    x = x_XD.detach().float()
+    d_XX = torch.cdist(x, x)
+    return d_XX / d_XX.max().clamp_min(1e-12)
 
 
 def subsample(num_tokens: int, sample_size: int, generator: torch.Generator | None = None) -> Tensor | None:
@@ -45,12 +45,12 @@ def subsample(num_tokens: int, sample_size: int, generator: torch.Generator | No
     return torch.randperm(num_tokens, generator=g)[:sample_size]
 
 
-def _normalized_similarity(probs_SE: Tensor, x_SD: Tensor) -> Tensor:
+def _normalized_similarity(probs_XE: Tensor, x_XD: Tensor) -> Tensor:
     """`mean_ij(D_ij p_i.p_j) / mean_ij(D_ij)`: 0 when only identical tokens share experts,
     1 when every token has the same routing distribution (collapse)."""
-    dist_SS = normalized_distances(x_SD)
-    overlap_SS = probs_SE.float() @ probs_SE.float().t()
-    return (dist_SS * overlap_SS).mean() / dist_SS.mean().clamp_min(1e-12)
+    dist_XX = normalized_distances(x_XD)
+    overlap_XX = probs_XE.float() @ probs_XE.float().t()
+    return (dist_XX * overlap_XX).mean() / dist_XX.mean().clamp_min(1e-12)
 
 
 def sample_similarity_loss(probs_TE: Tensor, router_input_TD: Tensor, num_tokens: int = 512,
@@ -69,9 +69,10 @@ def sample_similarity_loss(probs_TE: Tensor, router_input_TD: Tensor, num_tokens
         raise ValueError(f"num_groups ({num_groups}) must divide the number of tokens ({T})")
     losses = []
     for probs_GE, x_GD in zip(probs_TE.chunk(num_groups), router_input_TD.chunk(num_groups)):
-        pick_S = subsample(probs_GE.shape[0], num_tokens, generator)
-        if pick_S is not None:
-            pick_S = pick_S.to(probs_GE.device)
-            probs_GE, x_GD = probs_GE.index_select(0, pick_S), x_GD.index_select(0, pick_S)
-        losses.append(_normalized_similarity(probs_GE, x_GD))
+        pick_X = subsample(probs_GE.shape[0], num_tokens, generator)
+        probs_XE, x_XD = probs_GE, x_GD  # every token of the group when it has few enough
+        if pick_X is not None:
+            pick_X = pick_X.to(probs_GE.device)
+            probs_XE, x_XD = probs_GE.index_select(0, pick_X), x_GD.index_select(0, pick_X)
+        losses.append(_normalized_similarity(probs_XE, x_XD))
     return torch.stack(losses).mean()

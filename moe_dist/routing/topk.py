@@ -1,6 +1,6 @@
 """`topk`: the learned softmax top-k router (GShard / Switch / Mixtral), ROUTERS.md §1.
 
-Legend: T tokens, D model width, E experts, K experts per token.
+Legend: moe_dist/moe/__init__.py.
 """
 
 from __future__ import annotations
