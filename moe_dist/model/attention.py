@@ -1,7 +1,7 @@
 """Causal multi-head self-attention with rotary positions, through `F.scaled_dot_product_attention`
 (flash / memory-efficient kernels where the device has them, the math kernel on CPU).
 
-Legend: B batch, S sequence, D model width, H heads, Dh head width, F = Dh/2.
+Legend: moe_dist/moe/__init__.py.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ class CausalSelfAttention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=init_std)
         nn.init.normal_(self.out.weight, std=out_std)
 
-    def forward(self, x_BSD: Tensor, cos_SF: Tensor, sin_SF: Tensor) -> Tensor:
+    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
         B, S, D = x_BSD.shape
         qkv = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads)
-        q_BHSDh, k_BHSDh, v_BHSDh = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q_BHSDh = apply_rotary(q_BHSDh, cos_SF, sin_SF)
-        k_BHSDh = apply_rotary(k_BHSDh, cos_SF, sin_SF)
-        y_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True)
-        return self.out(y_BHSDh.transpose(1, 2).reshape(B, S, D))
+        q_BHSA, k_BHSA, v_BHSA = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q_BHSA = apply_rotary(q_BHSA, cos_SR, sin_SR)
+        k_BHSA = apply_rotary(k_BHSA, cos_SR, sin_SR)
+        y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BHSA, v_BHSA, is_causal=True)
+        return self.out(y_BHSA.transpose(1, 2).reshape(B, S, D))

@@ -1,7 +1,7 @@
 """One pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)), where the FFN is a
 dense `DenseFFN` or an expert-parallel `MoELayer`.
 
-Legend: B batch, S sequence, D model width, T = B*S tokens, F = head width / 2.
+Legend: moe_dist/moe/__init__.py (T = B*S).
 """
 
 from __future__ import annotations
@@ -38,19 +38,19 @@ class TransformerBlock(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, init_std=cfg.init_std)
 
-    def _attention(self, x_BSD: Tensor, cos_SF: Tensor, sin_SF: Tensor) -> Tensor:
-        return self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
+    def _attention(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
+        return self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR)
 
     def _dense_ffn(self, x_BSD: Tensor) -> Tensor:
         return self.ffn(self.ffn_norm(x_BSD))
 
-    def forward(self, x_BSD: Tensor, cos_SF: Tensor, sin_SF: Tensor, *, labels_BS: Tensor | None = None,
+    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, labels_BS: Tensor | None = None,
                 num_labels: int = 0, stream_TD: Tensor | None = None,
                 capacity_groups: int = 1) -> tuple[Tensor, MoEOutput | None]:
         if self.checkpointing and self.training:
-            x_BSD = x_BSD + checkpoint(self._attention, x_BSD, cos_SF, sin_SF, use_reentrant=False)
+            x_BSD = x_BSD + checkpoint(self._attention, x_BSD, cos_SR, sin_SR, use_reentrant=False)
         else:
-            x_BSD = x_BSD + self._attention(x_BSD, cos_SF, sin_SF)
+            x_BSD = x_BSD + self._attention(x_BSD, cos_SR, sin_SR)
         if self.moe is None:
             if self.checkpointing and self.training:
                 return x_BSD + checkpoint(self._dense_ffn, x_BSD, use_reentrant=False), None

@@ -1,6 +1,6 @@
 """RMSNorm (Zhang & Sennrich 2019), computed in fp32 whatever the parameter dtype.
 
-Legend: D model width.
+Legend: moe_dist/moe/__init__.py (`x_D`: any leading dims, width D last).
 """
 
 from __future__ import annotations

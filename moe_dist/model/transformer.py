@@ -2,7 +2,7 @@
 layer (from `moe_offset`) and dense elsewhere. Plain single-process PyTorch: expert parallelism
 lives entirely inside `MoELayer` and the `ParallelGroups` it is given.
 
-Legend: B batch, S sequence, D model width, V vocabulary, T = B*S tokens, F = head width / 2.
+Legend: moe_dist/moe/__init__.py (T = B*S).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class MoETransformer(nn.Module):
         B, S = tokens_BS.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length ({S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
-        cos_SF, sin_SF = rotary_tables(S, self.cfg.head_dim, self.cfg.rope_theta, tokens_BS.device)
+        cos_SR, sin_SR = rotary_tables(S, self.cfg.head_dim, self.cfg.rope_theta, tokens_BS.device)
         x_BSD = self.embed(tokens_BS)
         # COMET's independent routing stream starts at the token embeddings (no gradient) and is
         # handed from one MoE layer to the next; a router that does not transform it passes it on.
@@ -70,7 +70,7 @@ class MoETransformer(nn.Module):
         aux_terms: list[Tensor] = []
         moe_stats: dict[int, dict[str, Tensor]] = {}
         for block in self.blocks:
-            x_BSD, moe_out = block(x_BSD, cos_SF, sin_SF, labels_BS=domain_ids_BS,
+            x_BSD, moe_out = block(x_BSD, cos_SR, sin_SR, labels_BS=domain_ids_BS,
                                    num_labels=self.cfg.num_labels, stream_TD=stream_TD,
                                    capacity_groups=capacity_groups)
             if moe_out is None:
