@@ -13,7 +13,7 @@ import torch
 from dist_harness import run_distributed, shard
 
 from moe_dist.moe.config import MoEConfig
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 from moe_dist.parallel.grads import reduce_gradients
 from moe_dist.parallel.groups import ParallelGroups
 
@@ -85,13 +85,13 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
 
     ref = MoELayer(make_cfg(1, layer_case, router, aux_loss), seed=SEED)
     x_ref = x.clone().requires_grad_()
-    out_ref = ref(x_ref, stream=stream, capacity_groups=world)
+    out_ref = ref(x_ref, MoESideInputs(stream_TD=stream, capacity_groups=world))
     loss_ref = total_loss(out_ref, G, 1.0 / world)
     loss_ref.backward()
 
     layer = MoELayer(make_cfg(groups.ep_size, layer_case, router, aux_loss), seed=SEED, groups=groups)
     x_r = shard(x, rank, world).clone().requires_grad_()
-    out = layer(x_r, stream=shard(stream, rank, world))
+    out = layer(x_r, MoESideInputs(stream_TD=shard(stream, rank, world)))
     loss = total_loss(out, shard(G, rank, world), 1.0)
     loss.backward()
     reduce_gradients(layer, groups)

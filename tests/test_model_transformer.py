@@ -11,7 +11,7 @@ import torch
 
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 from moe_dist.parallel.groups import ParallelGroups
 
 V, B, S = 97, 2, 12
@@ -88,11 +88,11 @@ def test_routing_stream_starts_at_detached_embeddings_and_is_handed_on(monkeypat
     seen = []
     original = MoELayer.forward
 
-    def spy(self, x, **kwargs):
-        seen.append((self.layer_index, kwargs["stream"]))
-        out = original(self, x, **kwargs)
+    def spy(self, x, side=None):
+        seen.append((self.layer_index, side.stream_TD))
+        out = original(self, x, side)
         if self.layer_index == 1:  # pretend layer 1's router transformed the stream
-            out.stream = kwargs["stream"] * 2
+            out.stream = side.stream_TD * 2
         return out
 
     monkeypatch.setattr(MoELayer, "forward", spy)
@@ -105,6 +105,42 @@ def test_routing_stream_starts_at_detached_embeddings_and_is_handed_on(monkeypat
     torch.testing.assert_close(s1, emb)
     assert not s1.requires_grad
     torch.testing.assert_close(s3, 2 * emb)
+
+
+def test_side_inputs_are_built_once_and_handed_on_with_only_the_stream_changed(monkeypatch):
+    seen = []
+    original = MoELayer.forward
+
+    def spy(self, x, side=None):
+        seen.append(side)
+        out = original(self, x, side)
+        out.stream = side.stream_TD + 1.0  # a new stream from every layer
+        return out
+
+    monkeypatch.setattr(MoELayer, "forward", spy)
+    model = MoETransformer(make_cfg(), seed=0)
+    x, y, d = batch()
+    model(x, y, d, capacity_groups=2)
+    first, second = seen
+    assert torch.equal(first.labels_T, d.reshape(-1)) and second.labels_T is first.labels_T
+    assert (first.num_labels, first.capacity_groups) == (second.num_labels, second.capacity_groups) == (3, 2)
+    torch.testing.assert_close(second.stream_TD, first.stream_TD + 1.0)
+
+    seen.clear()
+    MoETransformer(make_cfg(num_labels=0), seed=0)(x, y, d)
+    assert seen[0].labels_T is None and seen[0].num_labels == 0 and seen[0].capacity_groups == 1
+
+
+def test_side_inputs_defaults_and_errors():
+    side = MoESideInputs()
+    assert (side.labels_T, side.num_labels, side.capacity_groups, side.stream_TD) == (None, 0, 1, None)
+    assert side.handed_on(None) is side
+    stream = torch.ones(3, 2)
+    assert side.handed_on(stream).stream_TD is stream and side.stream_TD is None
+    with pytest.raises(ValueError, match="capacity_groups must be an integer >= 1, got 0"):
+        MoESideInputs(capacity_groups=0)
+    with pytest.raises(ValueError, match="num_labels must be an integer >= 0, got -1"):
+        MoESideInputs(num_labels=-1)
 
 
 def test_weights_do_not_depend_on_ep_size():

@@ -11,7 +11,7 @@ from moe_dist.common.config import ConfigError
 from moe_dist.moe import mkl_grouped
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.experts import DenseFFN, GroupedExperts, grouped_matmul
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 
 
 def cfg(**kw) -> MoEConfig:
@@ -221,7 +221,7 @@ def test_statistics_values():
     x = torch.randn(40, 16)
     labels = torch.randint(0, 3, (40,))
     labels[:5] = -1  # unlabelled tokens are ignored
-    s = layer(x, labels=labels, num_labels=3).stats
+    s = layer(x, MoESideInputs(labels_T=labels, num_labels=3)).stats
     assert float(s["tokens_per_expert"].sum()) == 40
     assert float(s["dropped_fraction"]) == 0.0
     load = s["tokens_per_expert"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_dist.moe.config import MoEConfig
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 
 ROUTERS = [
     {"type": "topk", "bias_balancing": True},
@@ -25,9 +25,9 @@ def test_router_state_stays_fp32_and_routing_runs_in_a_bf16_model(router):
     for name, b in layer.router.named_buffers():
         assert torch.equal(b, before[name]) and b.dtype == before[name].dtype, name
     x, stream = torch.randn(32, 16).bfloat16(), torch.randn(32, 16).bfloat16()
-    assert layer(x, stream=stream).y.dtype == torch.bfloat16
+    assert layer(x, MoESideInputs(stream_TD=stream)).y.dtype == torch.bfloat16
     layer.eval()
-    layer(x, stream=stream)
+    layer(x, MoESideInputs(stream_TD=stream))
 
 
 def test_ema_keeps_fp32_precision_in_a_bf16_model():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_dist.moe.config import MoEConfig
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 from moe_dist.routing.base import RoutingContext
 from moe_dist.routing.registry import router_types
 
@@ -31,14 +31,14 @@ def test_eval_routes_are_deterministic(router):
     layer = MoELayer(MoEConfig.from_dict(dict(d_model=16, d_ff=12, num_experts=8, top_k=2, min_capacity=1,
                                               router=router)), seed=1)
     x, stream = torch.randn(48, 16), torch.randn(48, 16)
-    layer(x, stream=stream)  # a training forward fills the statistics buffers
+    layer(x, MoESideInputs(stream_TD=stream))  # a training forward fills the statistics buffers
     layer.eval()
     buffers = {k: v.clone() for k, v in layer.named_buffers()}
     ctx = RoutingContext(training=False, stream_TD=stream)
     outputs = []
     for seed in (0, 1):
         torch.manual_seed(seed)  # eval must draw nothing from the global RNG
-        outputs.append((layer.router(x, ctx), layer(x, stream=stream)))
+        outputs.append((layer.router(x, ctx), layer(x, MoESideInputs(stream_TD=stream))))
     (route_a, out_a), (route_b, out_b) = outputs
     assert torch.equal(route_a.idx_TK, route_b.idx_TK)
     assert torch.equal(route_a.w_TK, route_b.w_TK)

@@ -7,7 +7,7 @@ from dist_harness import run_distributed, shard
 
 from moe_dist.common.config import ConfigError
 from moe_dist.moe.config import MoEConfig
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.routing.base import RoutingContext
 from moe_dist.routing.comet import kwta_mask
@@ -47,7 +47,7 @@ def test_routes_are_unchanged_by_a_training_step(router):
     before = layer.router(x, RoutingContext(training=True, stream_TD=stream))
     v = layer.router.v_projection.clone()
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
-    out = layer(x.clone().requires_grad_(), stream=stream)
+    out = layer(x.clone().requires_grad_(), MoESideInputs(stream_TD=stream))
     (out.y.square().sum()).backward()
     opt.step()
     after = layer.router(x, RoutingContext(training=True, stream_TD=stream))
@@ -100,7 +100,7 @@ def test_embedding_stream_chains_kwta_states_and_scores_expert_blocks():
     route1 = first.router(x, RoutingContext(training=True, stream_TD=emb))
     torch.testing.assert_close(route1.stream_TD, z1)
     assert torch.equal(route1.idx_TK, idx1)
-    out1 = first(x, stream=emb)
+    out1 = first(x, MoESideInputs(stream_TD=emb))
     assert torch.equal(out1.stream, route1.stream_TD)
     z2, idx2 = expected(second.router, z1)
     route2 = second.router(tokens(seed=9), RoutingContext(training=True, stream_TD=out1.stream))
@@ -162,8 +162,8 @@ def _bitwise_worker(rank: int, world: int, ep_sizes: tuple[int, ...]) -> None:
             what = f"rank {rank} world {world} ep {ep_size} {router}"
             assert torch.equal(route.idx_TK, shard(ref_route.idx_TK, rank, world)), what
             assert torch.equal(route.w_TK, shard(ref_route.w_TK, rank, world)), what
-            out = layer(shard(x, rank, world), stream=shard(stream, rank, world))
-            out_ref = ref(x, stream=stream, capacity_groups=world)
+            out = layer(shard(x, rank, world), MoESideInputs(stream_TD=shard(stream, rank, world)))
+            out_ref = ref(x, MoESideInputs(stream_TD=stream, capacity_groups=world))
             for name in ("tokens_per_expert", "tokens_per_expert_kept"):
                 assert torch.equal(out.stats[name], out_ref.stats[name]), f"{name} {what}"
             if out.stream is not None:

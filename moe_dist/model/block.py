@@ -15,7 +15,7 @@ from moe_dist.model.attention import CausalSelfAttention
 from moe_dist.model.config import ModelConfig
 from moe_dist.model.norm import RMSNorm
 from moe_dist.moe.experts import DenseFFN
-from moe_dist.moe.layer import MoELayer, MoEOutput
+from moe_dist.moe.layer import MoELayer, MoEOutput, MoESideInputs
 from moe_dist.parallel.groups import ParallelGroups
 
 
@@ -44,9 +44,10 @@ class TransformerBlock(nn.Module):
     def _dense_ffn(self, x_BSD: Tensor) -> Tensor:
         return self.ffn(self.ffn_norm(x_BSD))
 
-    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor, *, labels_BS: Tensor | None = None,
-                num_labels: int = 0, stream_TD: Tensor | None = None,
-                capacity_groups: int = 1) -> tuple[Tensor, MoEOutput | None]:
+    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor,
+                side: MoESideInputs | None = None) -> tuple[Tensor, MoEOutput | None]:
+        """`side`: what the MoE FFN reads besides its input (`MoESideInputs`; a dense block
+        ignores it)."""
         if self.checkpointing and self.training:
             x_BSD = x_BSD + checkpoint(self._attention, x_BSD, cos_SR, sin_SR, use_reentrant=False)
         else:
@@ -57,6 +58,5 @@ class TransformerBlock(nn.Module):
             return x_BSD + self._dense_ffn(x_BSD), None
         # The MoE FFN is never recomputed: a second forward would repeat its all-to-alls and
         # statistics all-reduce in backward and update router statistic buffers twice.
-        out = self.moe(self.ffn_norm(x_BSD), labels=labels_BS if num_labels else None,
-                       num_labels=num_labels, stream=stream_TD, capacity_groups=capacity_groups)
+        out = self.moe(self.ffn_norm(x_BSD), side)
         return x_BSD + out.y, out

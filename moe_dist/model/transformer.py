@@ -17,7 +17,7 @@ from moe_dist.model.block import TransformerBlock
 from moe_dist.model.config import ModelConfig
 from moe_dist.model.norm import RMSNorm
 from moe_dist.model.rotary import rotary_tables
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 from moe_dist.parallel.groups import ParallelGroups
 
 
@@ -58,28 +58,30 @@ class MoETransformer(nn.Module):
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
                 domain_ids_BS: Tensor | None = None, *, capacity_groups: int = 1) -> ModelOutput:
         """`domain_ids_BS`: per-token domain labels (-1 = none) for I(expert; domain).
-        `capacity_groups`: see `MoELayer.forward` (single-process stand-in for several ranks)."""
+        `capacity_groups`: a single-process stand-in for that many ranks (see `MoESideInputs`)."""
         B, S = tokens_BS.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length ({S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         cos_SR, sin_SR = rotary_tables(S, self.cfg.head_dim, self.cfg.rope_theta, tokens_BS.device)
         x_BSD = self.embed(tokens_BS)
-        # COMET's independent routing stream starts at the token embeddings (no gradient) and is
-        # handed from one MoE layer to the next; a router that does not transform it passes it on.
-        stream_TD = x_BSD.detach().reshape(B * S, -1)
+        num_labels = self.cfg.num_labels
+        # The MoE layers' side inputs, built once. COMET's independent routing stream starts at the
+        # token embeddings (no gradient) and is handed from one MoE layer to the next; a router
+        # that does not transform it passes it on.
+        side = MoESideInputs(
+            labels_T=domain_ids_BS.reshape(-1) if domain_ids_BS is not None and num_labels else None,
+            num_labels=num_labels, capacity_groups=capacity_groups,
+            stream_TD=x_BSD.detach().reshape(B * S, -1))
         aux_terms: list[Tensor] = []
         moe_stats: dict[int, dict[str, Tensor]] = {}
         for block in self.blocks:
-            x_BSD, moe_out = block(x_BSD, cos_SR, sin_SR, labels_BS=domain_ids_BS,
-                                   num_labels=self.cfg.num_labels, stream_TD=stream_TD,
-                                   capacity_groups=capacity_groups)
+            x_BSD, moe_out = block(x_BSD, cos_SR, sin_SR, side)
             if moe_out is None:
                 continue
             moe_stats[block.layer_index] = moe_out.stats
             if moe_out.aux_loss is not None:
                 aux_terms.append(moe_out.aux_loss)
-            if moe_out.stream is not None:
-                stream_TD = moe_out.stream
+            side = side.handed_on(moe_out.stream)
         h_BSD = self.norm(x_BSD)
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits_BSV = h_BSD @ weight_VD.t()

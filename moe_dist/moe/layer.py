@@ -9,7 +9,7 @@ is plain single-process PyTorch, the reference every EP run is tested against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,53 @@ from moe_dist.routing.registry import build_router
 _ROUTER_KEY, _SHARED_KEY = -1, -2
 
 
+@dataclass(frozen=True, eq=False)
+class MoESideInputs:
+    """Everything an MoE layer reads besides its input `x`, in one argument.
+
+    `MoETransformer.forward` builds it once per forward and hands it down its blocks; each MoE
+    layer gets it as `MoELayer.forward(x, side)`, and the model passes the next MoE layer a copy
+    with that layer's new routing stream (`handed_on`). Frozen: a layer cannot change what later
+    layers see except through its `MoEOutput`. `MoESideInputs()` (the default of every forward)
+    means no labels, one capacity group, no stream.
+
+    - `labels_T`: a class id per token (the data's domain: language, source), in the layer's
+      token order, -1 for none. It feeds only the statistics `expert_label_counts` and
+      I(expert; label) (`moe.stats`); routing and losses never read it. None: no label statistics.
+    - `num_labels`: L, the number of classes (`model.num_labels`); 0 also turns the label
+      statistics off.
+    - `capacity_groups`: a test device. The layer splits its T tokens into this many equal
+      contiguous groups, each with its own capacity queues and its own per-rank losses, so that
+      one process holding the tokens of n ranks (`capacity_groups=n`) drops, routes and weighs
+      the losses exactly as an expert-parallel run over n ranks does: the single-process
+      reference of the EP equivalence tests. 1 in training.
+    - `stream_TD`: COMET's independent routing stream (`fixed_projection` with `source:
+      embedding`, docs/routers/fixed_projection.md): the detached token embeddings at the first
+      MoE layer, then the state the previous MoE layer's router returned (`MoEOutput.stream`).
+      Routers that do not use it ignore it and pass it on unchanged; None where no model feeds
+      one (a router that needs it then raises).
+    """
+
+    labels_T: Tensor | None = None
+    num_labels: int = 0
+    capacity_groups: int = 1
+    stream_TD: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.capacity_groups, int) and self.capacity_groups >= 1):
+            raise ValueError(f"capacity_groups must be an integer >= 1, got {self.capacity_groups!r}")
+        if not (isinstance(self.num_labels, int) and self.num_labels >= 0):
+            raise ValueError(f"num_labels must be an integer >= 0, got {self.num_labels!r}")
+
+    def handed_on(self, stream_TD: Tensor | None) -> MoESideInputs:
+        """The side inputs of the next MoE layer: this layer's new routing stream, if its router
+        returned one (the rest never changes within a forward)."""
+        return self if stream_TD is None else replace(self, stream_TD=stream_TD)
+
+
+_NO_SIDE_INPUTS = MoESideInputs()
+
+
 @dataclass
 class MoEOutput:
     y: Tensor  # same shape as the input
@@ -37,7 +84,8 @@ class MoEOutput:
     # Unweighted, for logging; those with coefficient 0 carry no autograd graph.
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached, global over DP
-    stream: Tensor | None = None  # routing-stream state for the next MoE layer (COMET embedding)
+    # Routing-stream state for the next MoE layer (COMET embedding; see MoESideInputs.handed_on).
+    stream: Tensor | None = None
 
 
 class MoELayer(nn.Module):
@@ -84,22 +132,21 @@ class MoELayer(nn.Module):
         return expert_capacity(num_tokens, self.cfg.num_experts, self.cfg.top_k, cf,
                                self.cfg.min_capacity, self.cfg.dropless)
 
-    def forward(self, x: Tensor, *, labels: Tensor | None = None, num_labels: int = 0,
-                stream: Tensor | None = None, capacity_groups: int = 1) -> MoEOutput:
-        """`x`: [..., D], the layer's (normalized) input. `labels`: optional per-token class ids
-        ([...], -1 = none) for I(expert; label). `capacity_groups`: split the tokens into this many
-        equal groups with separate capacity (and per-rank losses), as a single-process stand-in
-        for that many ranks."""
+    def forward(self, x: Tensor, side: MoESideInputs | None = None) -> MoEOutput:
+        """`x`: [..., D], the layer's (normalized) input. `side`: labels for the statistics,
+        capacity groups and the routing stream (see `MoESideInputs`); None: none of them."""
         cfg = self.cfg
+        side = _NO_SIDE_INPUTS if side is None else side
+        num_groups = side.capacity_groups
         x_TD = x.reshape(-1, cfg.d_model)
         ctx = RoutingContext(training=self.training, all_reduce_sum=self.groups.all_reduce_sum_dp,
-                             dp_size=self.groups.dp_size, stream_TD=stream)
+                             dp_size=self.groups.dp_size, stream_TD=side.stream_TD)
         route = self.router(x_TD, ctx)
         T = x_TD.shape[0]
         plan: SlotPlan = assign_slots(
-            route.idx_TK, cfg.num_experts, self.capacity(T // capacity_groups), cfg.drop_policy,
+            route.idx_TK, cfg.num_experts, self.capacity(T // num_groups), cfg.drop_policy,
             priority_TK=route.w_TK if route.priority_TK is None else route.priority_TK,
-            num_groups=capacity_groups)
+            num_groups=num_groups)
 
         source_UD, index_M, dplan = dispatch(x_TD, route.idx_TK, plan.keep_TK, plan.kept_E, self.groups)
         y_MD = self.experts(source_UD, index_M, dplan.counts_e)
@@ -107,11 +154,11 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
 
-        stats = route_statistics(route, plan, ctx, labels, num_labels)
+        stats = route_statistics(route, plan, ctx, side.labels_T, side.num_labels)
         coefficients = cfg.aux_loss.coefficients()
         losses = routing_losses(route, stats, self.groups.dp_size, cfg.aux_loss.sample_similarity_tokens,
                                 with_sample_similarity=cfg.aux_loss.sample_similarity > 0,
-                                num_groups=capacity_groups,
+                                num_groups=num_groups,
                                 weighted={name for name, c in coefficients.items() if c})
         stats.update({f"loss_{k}": v.detach() for k, v in losses.items()})
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=weighted_total(losses, coefficients),

@@ -93,9 +93,10 @@ class FixedProjectionRouter(FP32Buffers, Router):
         if self.cfg.source == "hidden":
             u_TD = x_TD.float()
         elif ctx.stream_TD is None:
-            raise ValueError("fixed_projection with source='embedding' needs the routing stream: call "
-                             "MoELayer.forward(stream=...) with the token embeddings at the first MoE "
-                             "layer and the previous MoE layer's MoEOutput.stream after it")
+            raise ValueError("fixed_projection with source='embedding' needs the routing stream: pass "
+                             "MoELayer.forward a MoESideInputs(stream_TD=...) holding the token embeddings "
+                             "at the first MoE layer and the previous MoE layer's MoEOutput.stream after "
+                             "it (MoETransformer does)")
         else:
             u_TD = ctx.stream_TD.reshape(-1, self.d_model).detach().float()
         return u_TD if self.center is None else self.center(u_TD, ctx)

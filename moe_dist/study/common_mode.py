@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_dist.moe.config import MoEConfig
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 from moe_dist.study.seeds import seed_stats
 from moe_dist.study.tasks import Task
 
@@ -114,7 +114,7 @@ def run_one(arm: str, shared_norm: float, seed: int, budget: dict[str, Any]) -> 
     layer.eval()
     x_TD, target_TD, cluster_T = sample_tokens(geo, b.eval_tokens, shared_norm, b.offset_norm, g)
     with torch.no_grad():
-        out = layer(x_TD, labels=cluster_T, num_labels=b.num_clusters)
+        out = layer(x_TD, MoESideInputs(labels_T=cluster_T, num_labels=b.num_clusters))
     return {"arm": arm, "shared_norm": shared_norm, "seed": seed,
             "mi_label_normalized": float(out.stats["mi_label_normalized"]),
             "load_cv": float(out.stats["load_cv"]),
