@@ -1,5 +1,5 @@
-"""Attentive gate (ROUTERS.md §4): hand-computed probabilities for the paper's dense form and the
-expert-parallel probe form, training paths, and distillation into a plain topk router."""
+"""Attentive gate (docs/routers/attentive.md): hand-computed probabilities for the paper's dense
+form and the expert-parallel probe form, training paths, and distillation into a plain topk router."""
 
 import math
 

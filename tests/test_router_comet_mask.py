@@ -1,4 +1,5 @@
-"""Neuron-level COMET (ROUTERS.md §3): k-WTA, the frozen mask, a dense CometFFN, masks inside experts."""
+"""Neuron-level COMET (docs/routers/fixed_projection.md, "Neuron-level COMET"): k-WTA, the frozen
+mask, a dense CometFFN, masks inside experts."""
 
 import pytest
 import torch

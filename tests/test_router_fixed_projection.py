@@ -1,5 +1,6 @@
-"""Fixed random-projection routing, block COMET (ROUTERS.md §3): frozen, identical everywhere,
-untouched by training, fooled by a shared component unless centred, and the embedding stream."""
+"""Fixed random-projection routing, block COMET (docs/routers/fixed_projection.md): frozen,
+identical everywhere, untouched by training, fooled by a shared component unless centred, and the
+embedding stream."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Neural-inhibition router (ROUTERS.md §2): the invariances and identities its math promises."""
+"""Neural-inhibition router (docs/routers/inhibition.md): the invariances and identities its math
+promises."""
 
 import pytest
 import torch

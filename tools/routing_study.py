@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run the routing study (ROUTERS.md §7) on CPU and write its JSON, figures and report page.
+"""Run the routing study (docs/routing_study.md) on CPU and write its JSON, figures and report page.
 
     python tools/routing_study.py                 # the full study (~20 min on 2 busy cores)
     python tools/routing_study.py --quick --out /tmp/study   # every arm for a few steps, 1 seed

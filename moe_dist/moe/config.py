@@ -58,7 +58,8 @@ class MoEConfig:
     ep_size: int = 1
     init_std: float = 0.02
     expert_impl: str = "auto"
-    # COMET's neuron-level mask inside each expert (ROUTERS.md §3): the fraction p_k of hidden
+    # COMET's neuron-level mask inside each expert (docs/routers/fixed_projection.md, "Neuron-level
+    # COMET"): the fraction p_k of hidden
     # units a token keeps, chosen by a frozen projection of its input. None: no mask.
     comet_active_fraction: float | None = None
 

@@ -1,4 +1,4 @@
-"""Per-layer routing statistics (ROUTERS.md §6), global over the data-parallel group.
+"""Per-layer routing statistics (docs/routers/statistics.md), global over the data-parallel group.
 
 Legend: moe_dist/moe/__init__.py.
 

@@ -1,5 +1,5 @@
 """`attentive`: the attentive gate for expert parallelism, with replicated key probes
-(ROUTERS.md §4; gate of Krishnamurthy, Watkins & Gärtner, arXiv 2302.14703).
+(docs/routers/attentive.md; gate of Krishnamurthy, Watkins & Gärtner, arXiv 2302.14703).
 
 Legend: moe_dist/moe/__init__.py (J: the gate width, the paper's h). The parameter `probes_EHD`
 keeps its pre-legend name (there H = J) because it is a checkpoint and HF-export key.

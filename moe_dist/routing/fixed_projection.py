@@ -1,5 +1,5 @@
-"""`fixed_projection`: block COMET, fixed random routing (ROUTERS.md §3; Shaier et al., COMET,
-arXiv 2410.08003).
+"""`fixed_projection`: block COMET, fixed random routing (docs/routers/fixed_projection.md; Shaier
+et al., COMET, arXiv 2410.08003).
 
 Legend: moe_dist/moe/__init__.py (D is also the routing stream's width; each expert scores a block
 of D / E stream units).
@@ -16,9 +16,9 @@ Router input (`source`):
   of its block of z_l. The router receives z_{l-1} in `ctx.stream_TD` (the token embeddings at the
   first MoE layer) and returns z_l in `RouterOutput.stream_TD`. The stream keeps the model width
   (d_route = D), so every layer's V_l is square: this project's choice.
-`center: true` first removes the population mean (the §2 statistic): a fixed projection cannot
-learn to ignore a component every token shares, which otherwise sends most tokens to the same
-experts and overflows their capacity.
+`center: true` first removes the population mean (`inhibition`'s statistic,
+docs/routers/inhibition.md): a fixed projection cannot learn to ignore a component every token
+shares, which otherwise sends most tokens to the same experts and overflows their capacity.
 
 No distribution over experts exists (the scores are not probabilities), so `probs_TE` is None and
 no aux loss is emitted; optional aux-loss-free bias balancing shifts selection, never V.

@@ -1,5 +1,5 @@
-"""`inhibition`: the neural-inhibition router, ROUTERS.md §2. This is this project's formulation
-of the idea of Zou & Zhang (arXiv 2507.03221), not the paper's exact algorithm.
+"""`inhibition`: the neural-inhibition router, docs/routers/inhibition.md. This is this project's
+formulation of the idea of Zou & Zhang (arXiv 2507.03221), not the paper's exact algorithm.
 
 Legend: moe_dist/moe/__init__.py (Z: the shared directions removed in subspace mode; D is here the
 router input's width). The buffer `basis_DR` keeps its pre-legend name (there R = Z) because it is
@@ -92,7 +92,7 @@ def top_directions(second_DD: Tensor, rank: int) -> Tensor:
 
 
 def inhibit(x_TD: Tensor, mode: str, stats: dict[str, Tensor], alpha: float, eps: float) -> Tensor:
-    """`u` from `x` and the population statistics (ROUTERS.md §2), in fp32."""
+    """`u` from `x` and the population statistics (docs/routers/inhibition.md, "Math" 4), in fp32."""
     x = x_TD.float()
     if mode == "subtractive":
         return x - alpha * stats["mean_D"]

@@ -1,4 +1,5 @@
-"""Routing auxiliary losses (unweighted), ROUTERS.md §1 and §5. Pure functions.
+"""Routing auxiliary losses (unweighted): docs/routers/topk.md ("Losses emitted") and
+docs/routers/sample_similarity.md. Pure functions.
 
 Legend: moe_dist/moe/__init__.py.
 

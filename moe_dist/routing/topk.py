@@ -1,4 +1,4 @@
-"""`topk`: the learned softmax top-k router (GShard / Switch / Mixtral), ROUTERS.md §1.
+"""`topk`: the learned softmax top-k router (GShard / Switch / Mixtral), docs/routers/topk.md.
 
 Legend: moe_dist/moe/__init__.py.
 """

@@ -1,5 +1,5 @@
 """The attentive gate of Krishnamurthy, Watkins & Gärtner (arXiv 2302.14703) in its paper form:
-a dense mixture in which every expert runs on every input (ROUTERS.md §4).
+a dense mixture in which every expert runs on every input (docs/routers/attentive.md, "Math").
 
 Legend: B inputs, I input width, O output width, E experts, H gate/key width (h, 32 in the
 paper's MNIST setup).

@@ -22,7 +22,7 @@ STILL_NEAR = 0.05  # "stays near its S = 0 value"
 @dataclass(frozen=True)
 class Claim:
     experiment: str
-    claim: str  # what the paper or ROUTERS.md says
+    claim: str  # what the paper or the router's page (docs/routers/) says
     measured: str  # the numbers the verdict rests on
     verdict: str
 
@@ -87,7 +87,8 @@ def common_mode_claims(records: list[dict[str, Any]]) -> list[Claim]:
         else:
             verdict = "not reproduced"
         claims.append(Claim("common mode", "fixed projection drops 40-50% of slots at cf 1.25 for S in [1, 3] "
-                            "without centring, ~0% with it (ROUTERS.md §3, random data)",
+                            "without centring, ~0% with it (random data; docs/routers/fixed_projection.md, "
+                            "'Why centring matters')",
                             f"dropped at S in {[f'{s:g}' for s in mid]}: {plain['mean']:.3f} without, "
                             f"{centred['mean']:.3f} with centring; centred drops change by "
                             f"{centred_flat['mean']:+.3f} from S={s0:g} to S={smax:g}", verdict))

@@ -1,8 +1,8 @@
-"""COMET width sweep on digits (ROUTERS.md §7; Shaier et al., arXiv 2410.08003): a one-hidden-
-layer MLP of width w, dense, vs a smaller dense MLP of width p_k * w (the same number of active
-units), vs the same width-w MLP whose hidden units are gated by COMET's fixed mask
-`kwta_{p_k}(V x)` (`moe_dist.study.comet_ffn.CometMask`, V frozen). The paper reports that
-COMET's advantage over a dense MLP grows with width (widths 100-3000, p_k 0.1/0.5/0.9).
+"""COMET width sweep on digits (docs/routing_study.md, "3. COMET MLP width sweep on digits"; Shaier
+et al., arXiv 2410.08003): a one-hidden-layer MLP of width w, dense, vs a smaller dense MLP of width
+p_k * w (the same number of active units), vs the same width-w MLP whose hidden units are gated by
+COMET's fixed mask `kwta_{p_k}(V x)` (`moe_dist.study.comet_ffn.CometMask`, V frozen). The paper
+reports that COMET's advantage over a dense MLP grows with width (widths 100-3000, p_k 0.1/0.5/0.9).
 
 Legend: B inputs, I pixels, W hidden units, O classes.
 """

@@ -1,5 +1,6 @@
-"""Common-mode synthetic test (ROUTERS.md §7): does a component shared by every token spoil
-routing, and does inhibition (or centring a fixed projection) undo it?
+"""Common-mode synthetic test (docs/routing_study.md, "1. Common-mode synthetic"): does a
+component shared by every token spoil routing, and does inhibition (or centring a fixed
+projection) undo it?
 
 Legend: T tokens, D width, K clusters, E experts.
 

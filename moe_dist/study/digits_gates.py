@@ -1,6 +1,6 @@
 """Digits: the original softmax gate vs the attentive gate, each alone, + L_s (sample similarity)
-or + importance, 5 experts, dense mixture and top-1/top-2 (ROUTERS.md §7; Krishnamurthy et al.,
-arXiv 2302.14703, on MNIST).
+or + importance, 5 experts, dense mixture and top-1/top-2 (docs/routing_study.md, "2. Digits";
+Krishnamurthy et al., arXiv 2302.14703, on MNIST).
 
 Legend: B inputs, I pixels, O classes, E experts.
 

@@ -1,4 +1,5 @@
-"""Distillation of a trained dense attentive gate into a plain `topk` router (ROUTERS.md §4).
+"""Distillation of a trained dense attentive gate into a plain `topk` router
+(docs/routers/attentive.md, "Math": distillation).
 
 Legend: B inputs, I input width, O output width, E experts, K experts per token.
 

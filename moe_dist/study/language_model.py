@@ -1,7 +1,7 @@
-"""Language-model comparison (ROUTERS.md §7): the same small MoE transformer (`moe_dist.model`)
-trained with each router on the multilingual fortunes (language = label) and on tiny-shakespeare,
-at equal tokens and equal active compute, plus a dense baseline whose FFN has the active width of
-the MoE (top_k * expert d_ff, so the same active FFN parameters).
+"""Language-model comparison (docs/routing_study.md, "4. Small MoE language model"): the same small
+MoE transformer (`moe_dist.model`) trained with each router on the multilingual fortunes (language =
+label) and on tiny-shakespeare, at equal tokens and equal active compute, plus a dense baseline
+whose FFN has the active width of the MoE (top_k * expert d_ff, so the same active FFN parameters).
 
 Legend: B sequences, S sequence length, V vocabulary, E experts, L domain labels.
 

@@ -1,4 +1,5 @@
-"""Routing statistics (ROUTERS.md §6) accumulated over a logging interval or an evaluation.
+"""Routing statistics (docs/routers/statistics.md) accumulated over a logging interval or an
+evaluation.
 
 Legend: E experts, L domain labels.
 

@@ -1,5 +1,6 @@
 """TensorBoard output (rank 0 only): training scalars, per-MoE-layer routing statistics
-(ROUTERS.md §6), the expert-load histogram and an expert-by-domain heatmap at evaluations.
+(docs/routers/statistics.md), the expert-load histogram and an expert-by-domain heatmap at
+evaluations.
 
 Tags:
     train/loss, train/perplexity, train/aux_loss, train/lr, train/grad_norm, train/tokens_per_s
