@@ -17,9 +17,19 @@ from moe_dist.moe.layer import MoELayer, MoESideInputs
 from moe_dist.parallel.grads import reduce_gradients
 from moe_dist.parallel.groups import ParallelGroups
 
-# d_ff 64: the experts' first projection (and the second's input gradient) run on the AVX-512 kernels
-# where they build; d_model 16 keeps the rest on MKL, so both paths cross the all-to-all.
-TOKENS_PER_RANK, D_MODEL, NUM_EXPERTS, SEED = 24, 16, 8, 11
+# Shapes are chosen for the model, so that EP=N has something to get wrong (checked in
+# check_layer_equivalence, not just claimed here):
+# - 8 experts: 4 per rank at ep 2 and 2 at ep 4, so every rank receives rows for several local
+#   experts from every source rank (expert offsets, expert-major regrouping, uneven splits), and
+#   world 4 at ep 2 has two expert-data-parallel replicas for the gradient reduction to sum.
+# - 24 tokens per rank at capacity_factor 1.0 (make_cfg), k 1 or 2: 3 or 6 slots per expert and
+#   source rank, so every capacity case drops pairs (13-46% of them at these seeds) and the
+#   drop policies decide something; dropless cases keep all of them.
+# - d_model 16: at 64 a near-zero AdamW element of the shared expert was flaky at atol 2e-6.
+# - d_ff 64 is a width every expert backend takes (a multiple of 64 and of 16). Which backend runs
+#   is not this test's business: each backend is tested against the loop in its own test.
+TOKENS_PER_RANK, D_MODEL, D_FF, NUM_EXPERTS, SEED = 24, 16, 64, 8, 11
+MIN_LOCAL_EXPERTS = 2
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 LAYER_CASES = [
@@ -59,7 +69,7 @@ ROUTER_CASES = [
 
 def make_cfg(ep_size: int, layer_case: dict, router: dict, aux_loss: dict | None = None) -> MoEConfig:
     # cf 1.0 with 24 tokens per rank and k up to 2 forces drops; min_capacity 1 keeps them.
-    return MoEConfig.from_dict(dict(d_model=D_MODEL, d_ff=64, num_experts=NUM_EXPERTS, capacity_factor=1.0,
+    return MoEConfig.from_dict(dict(d_model=D_MODEL, d_ff=D_FF, num_experts=NUM_EXPERTS, capacity_factor=1.0,
                                     min_capacity=1, ep_size=ep_size, router=router,
                                     aux_loss=dict(switch=0.1, z_loss=0.01, importance=0.1, **(aux_loss or {})),
                                     **layer_case))
@@ -96,6 +106,10 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
     loss.backward()
     reduce_gradients(layer, groups)
 
+    # The shapes above must keep the case meaningful: several experts per rank, capacity that binds.
+    assert layer.cfg.num_local_experts >= MIN_LOCAL_EXPERTS, what
+    dropless = layer_case.get("dropless", False)
+    assert (out_ref.stats["dropped_fraction"] > 0) != dropless, f"capacity must drop pairs (and only then) {what}"
     lo, hi = layer.first_expert, layer.first_expert + layer.cfg.num_local_experts
     ref_params = dict(ref.named_parameters())
 
