@@ -6,7 +6,7 @@ import pytest
 import torch
 from gemm_check import assert_mkl_matches_the_loop
 
-from moe_dist.moe import avx512_gemm, mkl_grouped
+from moe_dist.kernels.cpu import avx512_gemm, mkl_grouped
 
 needs_kernels = pytest.mark.skipif(avx512_gemm._library() is None,
                                    reason="no AVX-512 CPU or no C compiler here")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_dist.moe import mkl_grouped
+from moe_dist.kernels.cpu import mkl_grouped
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_expert_gemms.py"
 GEMMS = {"fwd1", "fwd2", "dx2", "dW2", "dx1", "dW1"}

@@ -8,7 +8,7 @@ import torch
 from gemm_check import assert_mkl_matches_the_loop
 
 from moe_dist.common.config import ConfigError
-from moe_dist.moe import mkl_grouped
+from moe_dist.kernels.cpu import mkl_grouped
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.experts import DenseFFN, GroupedExperts, grouped_matmul
 from moe_dist.moe.layer import MoELayer

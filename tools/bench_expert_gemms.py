@@ -52,7 +52,7 @@ from bench_moe import (  # noqa: E402
     time_cases,
 )
 
-from moe_dist.moe import mkl_grouped  # noqa: E402
+from moe_dist.kernels.cpu import mkl_grouped  # noqa: E402
 from moe_dist.moe.capacity import assign_slots  # noqa: E402
 from moe_dist.routing.base import RoutingContext  # noqa: E402
 

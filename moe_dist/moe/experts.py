@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_dist.common.seeding import init_generator
-from moe_dist.moe import mkl_grouped
+from moe_dist.kernels.cpu import mkl_grouped
 
 
 def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:

@@ -29,7 +29,7 @@ import sys
 import torch
 from torch import Tensor
 
-from moe_dist.moe import avx512_gemm
+from moe_dist.kernels.cpu import avx512_gemm
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _INT32_MAX = 2**31 - 1
