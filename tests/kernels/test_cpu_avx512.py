@@ -1,6 +1,6 @@
-"""The AVX-512 expert GEMMs: every kernel against torch.mm on shapes with row and column tails,
-empty and skipped experts and shared weights; the layer's grouped GEMM really using them; and the
-fallback to MKL when they cannot be built."""
+"""The CPU backend's AVX-512 expert GEMMs (`moe_dist/kernels/cpu/avx512_gemm.py`): every kernel
+against torch.mm on shapes with row and column tails, empty and skipped experts and shared
+weights; the `mkl` backend really using them; and the fallback to MKL when they cannot be built."""
 
 import pytest
 import torch
@@ -52,8 +52,8 @@ def test_nt_takes_any_number_of_output_columns_and_shared_weights():
 
 
 @needs_kernels
-def test_layer_grouped_matmul_runs_on_the_kernels(monkeypatch):
-    """With widths the kernels take, `grouped_matmul('mkl')` computes the small segments with them
+def test_mkl_backend_runs_on_the_kernels(monkeypatch):
+    """With widths the kernels take, `grouped_mm(backend='mkl')` computes the small segments with them
     (forward, input gradient, weight gradient) and agrees with the per-expert loop."""
     calls = []
     for name in ("segment_mm", "segment_outer"):
