@@ -31,7 +31,7 @@ def test_large_segments_are_gemms_of_their_own(monkeypatch):
     monkeypatch.setattr(mkl_grouped, "_call", lambda *a: (batched.append(a[2].tolist()), real_call(*a)))
     counts = [9, 3, 0, 8, 1]  # 9 and 8 rows: their own GEMMs; 3, 0 and 1: batched
     assert_mkl_matches_the_loop(torch.randn(21, 12), torch.randn(5, 12, 20), counts)
-    # forward, input gradient: rows per batched GEMM; weight gradient: its K is the rows
+    # forward, input gradient: rows per batched GEMM; weight gradient: its BLAS k is the rows
     assert batched[0] == [3, 0, 1] and batched[1] == [3, 0, 1], batched
     assert len(batched) == 3 and sorted(batched[2]) == [12, 12, 12], batched
 
@@ -73,14 +73,15 @@ def test_segment_ops_read_and_write_expanded_stacks_in_place():
     """An expanded weight stack (every expert the same matrix) is read without materialising it,
     and an expanded gradient buffer is written in place: how tools/bench_expert_gemms.py times the
     experts' GEMMs with their weights held in cache. Other layouts of `out` are refused."""
-    E, K, P = 2048, 64, 64  # the expanded stacks would be 32 MiB as copies
-    counts = [1] * E
-    x, g, w = torch.randn(E, K), torch.randn(E, P), torch.randn(K, P)
-    y = torch.empty(E, P)
-    assert peak_mib(lambda: mkl_grouped.segment_mm(x, w.expand(E, K, P), counts, False, out=y)) < 1
+    experts, in_width, out_width = 2048, 64, 64  # the expanded stacks would be 32 MiB as copies
+    counts = [1] * experts
+    x, g, w = torch.randn(experts, in_width), torch.randn(experts, out_width), torch.randn(in_width, out_width)
+    stack = w.expand(experts, in_width, out_width)
+    y = torch.empty(experts, out_width)
+    assert peak_mib(lambda: mkl_grouped.segment_mm(x, stack, counts, False, out=y)) < 1
     torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
-    assert peak_mib(lambda: mkl_grouped.segment_mm(g, w.expand(E, K, P), counts, True, out=x)) < 1
-    shared = torch.empty(K, P).expand(E, K, P)  # every expert overwrites it: timing only
+    assert peak_mib(lambda: mkl_grouped.segment_mm(g, stack, counts, True, out=x)) < 1
+    shared = torch.empty(in_width, out_width).expand(experts, in_width, out_width)  # timing only
     assert peak_mib(lambda: mkl_grouped.segment_outer(x, g, counts, out=shared)) < 1
     with pytest.raises(ValueError, match="expanded"):
-        mkl_grouped.segment_outer(x, g, counts, out=torch.empty(E, P, K).transpose(1, 2))
+        mkl_grouped.segment_outer(x, g, counts, out=torch.empty(experts, out_width, in_width).transpose(1, 2))

@@ -1,7 +1,7 @@
 """Grouped GEMM on CPU through MKL's batch API: the experts' GEMMs run side by side.
 
-Legend: e local experts, N rows grouped by expert (`counts_e[j]` rows for expert j), K input
-width, P output width.
+Operands as in `moe_dist.kernels`: `x` [rows, in_width] grouped by expert (`counts[j]` rows for
+expert j), `w_stack` [experts, in_width, out_width].
 
 Why: `torch._grouped_mm` on CPU is a loop of matmuls, each split over every thread. With the ~64
 rows per expert of a 256-expert layer, such small multi-threaded GEMMs took 1.5-1.8x the time of
@@ -57,11 +57,11 @@ def _self_check() -> bool:
     BLAS whose integer width or layout differs from what we declare is never used for real."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(7, 3, generator=g), torch.randn(3, 3, 5, generator=g)
-    counts, starts = _row_starts([4, 0, 3])
+    sizes, starts = _row_starts([4, 0, 3])
     every = torch.arange(3)
     y, dw = torch.empty(7, 5), torch.zeros(3, 3, 5)
-    _mkl_mm(x, w, counts, starts, every, False, y)
-    _mkl_outer(x, y, counts, starts, every, dw)
+    _mkl_mm(x, w, sizes, starts, every, False, y)
+    _mkl_outer(x, y, sizes, starts, every, dw)
     ref_y = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
     ref_dw = torch.stack([x[:4].t() @ ref_y[:4], torch.zeros(3, 5), x[4:].t() @ ref_y[4:]])
     return torch.allclose(y, ref_y, atol=1e-5) and torch.allclose(dw, ref_dw, atol=1e-4)
@@ -109,137 +109,140 @@ def _own_gemm_rows() -> int:
     return OWN_GEMM_ROWS_PER_THREAD * torch.get_num_threads()
 
 
-def _split_by_size(counts: Tensor) -> tuple[list[int], Tensor]:
+def _split_by_size(sizes: Tensor) -> tuple[list[int], Tensor]:
     """(experts whose segment is a GEMM of its own, the mask of the others)."""
-    own = counts >= _own_gemm_rows()
+    own = sizes >= _own_gemm_rows()
     return own.nonzero().flatten().tolist(), ~own
 
 
-def _mkl_mm(x_NK: Tensor, w_eKP: Tensor, counts: Tensor, starts: Tensor, experts: Tensor,
-            transpose_w: bool, y_NP: Tensor) -> None:
+def _mkl_mm(x: Tensor, w_stack: Tensor, sizes: Tensor, starts: Tensor, experts: Tensor,
+            transpose_w: bool, out: Tensor) -> None:
     """MKL's batch call for `experts`' segments of `segment_mm` (operands already checked)."""
-    K, P, size, g = x_NK.shape[1], y_NP.shape[1], x_NK.element_size(), experts.numel()
-    _call(False, transpose_w, counts[experts], torch.full((g,), P), torch.full((g,), K),
-          x_NK.data_ptr() + starts[experts] * (K * size), K,
-          w_eKP.data_ptr() + experts * (w_eKP.stride(0) * size), w_eKP.shape[2],
-          y_NP.data_ptr() + starts[experts] * (P * size), P)
+    in_width, out_width, size, groups = x.shape[1], out.shape[1], x.element_size(), experts.numel()
+    _call(False, transpose_w, sizes[experts], torch.full((groups,), out_width),
+          torch.full((groups,), in_width),
+          x.data_ptr() + starts[experts] * (in_width * size), in_width,
+          w_stack.data_ptr() + experts * (w_stack.stride(0) * size), w_stack.shape[2],
+          out.data_ptr() + starts[experts] * (out_width * size), out_width)
 
 
-def _mkl_outer(x_NK: Tensor, g_NP: Tensor, counts: Tensor, starts: Tensor, experts: Tensor,
-               dw_eKP: Tensor) -> None:
+def _mkl_outer(x: Tensor, grad: Tensor, sizes: Tensor, starts: Tensor, experts: Tensor,
+               out: Tensor) -> None:
     """MKL's batch call for `experts`' weight gradients of `segment_outer`."""
-    K, P, size, g = x_NK.shape[1], g_NP.shape[1], x_NK.element_size(), experts.numel()
-    _call(True, False, torch.full((g,), K), torch.full((g,), P), counts[experts],
-          x_NK.data_ptr() + starts[experts] * (K * size), K,
-          g_NP.data_ptr() + starts[experts] * (P * size), P,
-          dw_eKP.data_ptr() + experts * (dw_eKP.stride(0) * size), P)
+    in_width, out_width, size, groups = x.shape[1], grad.shape[1], x.element_size(), experts.numel()
+    _call(True, False, torch.full((groups,), in_width), torch.full((groups,), out_width), sizes[experts],
+          x.data_ptr() + starts[experts] * (in_width * size), in_width,
+          grad.data_ptr() + starts[experts] * (out_width * size), out_width,
+          out.data_ptr() + experts * (out.stride(0) * size), out_width)
 
 
-def _row_starts(counts_e: list[int]) -> tuple[Tensor, Tensor]:
+def _row_starts(counts: list[int]) -> tuple[Tensor, Tensor]:
     """(rows per segment, first row of each segment)."""
-    counts = torch.tensor(counts_e, dtype=torch.int64)
-    return counts, counts.cumsum(0) - counts
+    sizes = torch.tensor(counts, dtype=torch.int64)
+    return sizes, sizes.cumsum(0) - sizes
 
 
-def _matrices_contiguous(t_eKP: Tensor) -> bool:
-    """Each [K, P] matrix is row-major and dense; the experts' stride is free (BLAS gets one
+def _matrices_contiguous(stack: Tensor) -> bool:
+    """Each expert's matrix is row-major and dense; the experts' stride is free (BLAS gets one
     pointer per expert), so an expanded (stride-0) or sliced stack needs no copy."""
-    return t_eKP.stride(2) == 1 and t_eKP.stride(1) == t_eKP.shape[2]
+    return stack.stride(2) == 1 and stack.stride(1) == stack.shape[2]
 
 
-def segment_mm(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int], transpose_w: bool,
+def segment_mm(x: Tensor, w_stack: Tensor, counts: list[int], transpose_w: bool,
                out: Tensor | None = None) -> Tensor:
-    """y[segment j] = x[segment j] @ w[j] (or @ w[j].T, with w stored [e, P, K]); into `out`
-    (contiguous [N, P]) when given. No autograd: `segment_matmul` is the differentiable op."""
-    x_NK = x_NK.contiguous()
-    w_eKP = w_eKP if _matrices_contiguous(w_eKP) else w_eKP.contiguous()
-    P = w_eKP.shape[1] if transpose_w else w_eKP.shape[2]
-    y_NP = torch.empty(x_NK.shape[0], P, dtype=x_NK.dtype) if out is None else out
-    if not y_NP.is_contiguous() or y_NP.shape != (x_NK.shape[0], P):
-        raise ValueError(f"out must be a contiguous [{x_NK.shape[0]}, {P}] tensor, got {tuple(y_NP.shape)}")
-    if y_NP.numel() == 0:
-        return y_NP
-    counts, starts = _row_starts(counts_e)
-    own, small = _split_by_size(counts)
+    """y[segment j] = x[segment j] @ w_stack[j] (or @ w_stack[j].T, with w_stack stored
+    [experts, out_width, in_width]); into `out` (contiguous [rows, out_width]) when given. No
+    autograd: `segment_matmul` is the differentiable op."""
+    x = x.contiguous()
+    w_stack = w_stack if _matrices_contiguous(w_stack) else w_stack.contiguous()
+    out_width = w_stack.shape[1] if transpose_w else w_stack.shape[2]
+    y = torch.empty(x.shape[0], out_width, dtype=x.dtype) if out is None else out
+    if not y.is_contiguous() or y.shape != (x.shape[0], out_width):
+        raise ValueError(f"out must be a contiguous [{x.shape[0]}, {out_width}] tensor, got {tuple(y.shape)}")
+    if y.numel() == 0:
+        return y
+    sizes, starts = _row_starts(counts)
+    own, small = _split_by_size(sizes)
     for j in own:
-        rows = slice(int(starts[j]), int(starts[j] + counts[j]))
-        torch.mm(x_NK[rows], w_eKP[j].t() if transpose_w else w_eKP[j], out=y_NP[rows])
+        seg = slice(int(starts[j]), int(starts[j] + sizes[j]))
+        torch.mm(x[seg], w_stack[j].t() if transpose_w else w_stack[j], out=y[seg])
     if not small.any():
-        return y_NP
+        return y
     kind = avx512_gemm.KIND_NT if transpose_w else avx512_gemm.KIND_NN
-    if avx512_gemm.available(x_NK, w_eKP, kind):
-        avx512_gemm.segment_mm(x_NK, w_eKP, torch.where(small, counts, -1), starts, transpose_w, y_NP)
+    if avx512_gemm.available(x, w_stack, kind):
+        avx512_gemm.segment_mm(x, w_stack, torch.where(small, sizes, -1), starts, transpose_w, y)
     else:
-        _mkl_mm(x_NK, w_eKP, counts, starts, small.nonzero().flatten(), transpose_w, y_NP)
-    return y_NP
+        _mkl_mm(x, w_stack, sizes, starts, small.nonzero().flatten(), transpose_w, y)
+    return y
 
 
-def segment_outer(x_NK: Tensor, g_NP: Tensor, counts_e: list[int], out: Tensor | None = None) -> Tensor:
-    """dw[j] = x[segment j].T @ g[segment j], zero for an expert with no rows; into `out`
-    ([e, K, P], contiguous, or one [K, P] buffer expanded to e experts) when given. No autograd
-    (the weight gradient of `segment_matmul`).
+def segment_outer(x: Tensor, grad: Tensor, counts: list[int], out: Tensor | None = None) -> Tensor:
+    """dw[j] = x[segment j].T @ grad[segment j], zero for an expert with no rows; into `out`
+    ([experts, in_width, out_width], contiguous, or one [in_width, out_width] buffer expanded to
+    every expert) when given. No autograd (the weight gradient of `segment_matmul`).
 
     An expanded `out` makes every expert write the same buffer, so its content is meaningless; it
     exists for tools/bench_expert_gemms.py, which times these writes with and without the
     gradient's memory traffic."""
-    x_NK, g_NP = x_NK.contiguous(), g_NP.contiguous()
-    e, K, P = len(counts_e), x_NK.shape[1], g_NP.shape[1]
-    dw_eKP = torch.empty(e, K, P, dtype=x_NK.dtype) if out is None else out
-    if (dw_eKP.shape != (e, K, P) or not _matrices_contiguous(dw_eKP)
-            or (e > 1 and dw_eKP.stride(0) not in (0, K * P))):
-        raise ValueError(f"out must be a contiguous [{e}, {K}, {P}] tensor or an expanded [{K}, {P}] "
-                         f"one, got shape {tuple(dw_eKP.shape)} strides {dw_eKP.stride()}")
-    shared = e > 1 and dw_eKP.stride(0) == 0
-    if x_NK.shape[0] == 0:
-        return dw_eKP if shared else dw_eKP.zero_()
-    counts, starts = _row_starts(counts_e)
-    own, small = _split_by_size(counts)
+    x, grad = x.contiguous(), grad.contiguous()
+    experts, in_width, out_width = len(counts), x.shape[1], grad.shape[1]
+    dw = torch.empty(experts, in_width, out_width, dtype=x.dtype) if out is None else out
+    if (dw.shape != (experts, in_width, out_width) or not _matrices_contiguous(dw)
+            or (experts > 1 and dw.stride(0) not in (0, in_width * out_width))):
+        raise ValueError(f"out must be a contiguous [{experts}, {in_width}, {out_width}] tensor or an "
+                         f"expanded [{in_width}, {out_width}] one, got shape {tuple(dw.shape)} "
+                         f"strides {dw.stride()}")
+    shared = experts > 1 and dw.stride(0) == 0
+    if x.shape[0] == 0:
+        return dw if shared else dw.zero_()
+    sizes, starts = _row_starts(counts)
+    own, small = _split_by_size(sizes)
     for j in own:
-        rows = slice(int(starts[j]), int(starts[j] + counts[j]))
-        torch.mm(x_NK[rows].t(), g_NP[rows], out=dw_eKP[j])
+        seg = slice(int(starts[j]), int(starts[j] + sizes[j]))
+        torch.mm(x[seg].t(), grad[seg], out=dw[j])
     if not small.any():
-        return dw_eKP
-    if avx512_gemm.available(x_NK, dw_eKP, avx512_gemm.KIND_OUTER):
+        return dw
+    if avx512_gemm.available(x, dw, avx512_gemm.KIND_OUTER):
         # zeroes its empty experts itself; shared (stride-0) buffers are timing-only anyway
-        avx512_gemm.segment_outer(x_NK, g_NP, torch.where(small, counts, -1), starts, dw_eKP)
-        return dw_eKP
-    _mkl_outer(x_NK, g_NP, counts, starts, small.nonzero().flatten(), dw_eKP)
-    empty = counts == 0
+        avx512_gemm.segment_outer(x, grad, torch.where(small, sizes, -1), starts, dw)
+        return dw
+    _mkl_outer(x, grad, sizes, starts, small.nonzero().flatten(), dw)
+    empty = sizes == 0
     if empty.any() and not shared:  # BLAS leaves C = beta * C for k = 0; say zero explicitly
-        dw_eKP[empty] = 0.0
-    return dw_eKP
+        dw[empty] = 0.0
+    return dw
 
 
 class _SegmentMatmul(torch.autograd.Function):
-    """y = x @ w per segment; backward: dx = g @ w.T per segment, dw[j] = x_j.T @ g_j."""
+    """y = x @ w per segment; backward: dx = grad @ w.T per segment, dw[j] = x_j.T @ grad_j."""
 
     @staticmethod
-    def forward(ctx, x_NK: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
-        ctx.save_for_backward(x_NK, w_eKP)
-        ctx.counts_e = counts_e
-        return segment_mm(x_NK, w_eKP, counts_e, transpose_w=False)
+    def forward(ctx, x: Tensor, w_stack: Tensor, counts: list[int]) -> Tensor:
+        ctx.save_for_backward(x, w_stack)
+        ctx.counts = counts
+        return segment_mm(x, w_stack, counts, transpose_w=False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_NP: Tensor):
-        x_NK, w_eKP = ctx.saved_tensors
-        dx = segment_mm(g_NP, w_eKP, ctx.counts_e, transpose_w=True) if ctx.needs_input_grad[0] else None
-        dw = segment_outer(x_NK, g_NP, ctx.counts_e) if ctx.needs_input_grad[1] else None
+    def backward(ctx, grad: Tensor):
+        x, w_stack = ctx.saved_tensors
+        dx = segment_mm(grad, w_stack, ctx.counts, transpose_w=True) if ctx.needs_input_grad[0] else None
+        dw = segment_outer(x, grad, ctx.counts) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
-def _expert_chunks(counts_e: list[int], num_chunks: int, min_batch: int) -> list[tuple[int, int, int, int]]:
-    """Contiguous runs of experts with at least `sum(counts_e) / num_chunks` rows each, as
+def _expert_chunks(counts: list[int], num_chunks: int, min_batch: int) -> list[tuple[int, int, int, int]]:
+    """Contiguous runs of experts with at least `sum(counts) / num_chunks` rows each, as
     (first expert, end expert, first row, end row). A run also holds at least `min_batch` experts
     unless it ends in a segment large enough to be a GEMM of its own: each run is one batch call,
     and a call of few experts leaves threads idle at its end."""
-    target = max(1, -(-sum(counts_e) // num_chunks))
+    target = max(1, -(-sum(counts) // num_chunks))
     own_rows = _own_gemm_rows()
     chunks, e0, r0, r1 = [], 0, 0, 0
-    for j, c in enumerate(counts_e):
+    for j, c in enumerate(counts):
         r1 += c
         full = r1 - r0 >= target and (j + 1 - e0 >= min_batch or c >= own_rows)
-        if full or j == len(counts_e) - 1:
+        if full or j == len(counts) - 1:
             chunks.append((e0, j + 1, r0, r1))
             e0, r0 = j + 1, r1
     return chunks
@@ -252,7 +255,7 @@ class _GatherSegmentMatmul(torch.autograd.Function):
     plain gather-then-GEMM keeps that copy, its gradient and the layer's weight gradients alive
     at once (the layer's peak memory). Here the backward regathers the rows a chunk of experts at
     a time and adds their input gradient straight into `source`'s rows. The forward gathers all
-    rows at once: its copy lives only for the call and is half the size of the [N, F] activation
+    rows at once: its copy lives only for the call and is half the size of the hidden activation
     the layer keeps anyway, while each extra batch call costs idle threads at its end.
     """
 
@@ -262,43 +265,44 @@ class _GatherSegmentMatmul(torch.autograd.Function):
     MIN_EXPERTS_PER_CHUNK = 16
 
     @staticmethod
-    def forward(ctx, source_SK: Tensor, index_N: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
-        ctx.save_for_backward(source_SK, index_N, w_eKP)
-        ctx.counts_e = counts_e
-        return segment_mm(source_SK.index_select(0, index_N), w_eKP, counts_e, transpose_w=False)
+    def forward(ctx, source: Tensor, index: Tensor, w_stack: Tensor, counts: list[int]) -> Tensor:
+        ctx.save_for_backward(source, index, w_stack)
+        ctx.counts = counts
+        return segment_mm(source.index_select(0, index), w_stack, counts, transpose_w=False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_NP: Tensor):
-        source_SK, index_N, w_eKP = ctx.saved_tensors
-        g_NP, w_eKP = g_NP.contiguous(), w_eKP.contiguous()
-        d_source = torch.zeros_like(source_SK) if ctx.needs_input_grad[0] else None
-        dw_eKP = torch.empty_like(w_eKP) if ctx.needs_input_grad[2] else None
+    def backward(ctx, grad: Tensor):
+        source, index, w_stack = ctx.saved_tensors
+        grad, w_stack = grad.contiguous(), w_stack.contiguous()
+        d_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None
+        dw = torch.empty_like(w_stack) if ctx.needs_input_grad[2] else None
         cls = _GatherSegmentMatmul
-        for e0, e1, r0, r1 in _expert_chunks(ctx.counts_e, cls.CHUNKS, cls.MIN_EXPERTS_PER_CHUNK):
-            counts, rows = ctx.counts_e[e0:e1], index_N[r0:r1]
-            if dw_eKP is not None:
-                segment_outer(source_SK.index_select(0, rows), g_NP[r0:r1], counts, out=dw_eKP[e0:e1])
+        for e0, e1, r0, r1 in _expert_chunks(ctx.counts, cls.CHUNKS, cls.MIN_EXPERTS_PER_CHUNK):
+            counts, rows = ctx.counts[e0:e1], index[r0:r1]
+            if dw is not None:
+                segment_outer(source.index_select(0, rows), grad[r0:r1], counts, out=dw[e0:e1])
             if d_source is not None:
-                d_source.index_add_(0, rows, segment_mm(g_NP[r0:r1], w_eKP[e0:e1], counts, transpose_w=True))
-        return d_source, None, dw_eKP, None
+                dx = segment_mm(grad[r0:r1], w_stack[e0:e1], counts, transpose_w=True)
+                d_source.index_add_(0, rows, dx)
+        return d_source, None, dw, None
 
 
-def _check_counts(counts_e: list[int], rows: int, w_eKP: Tensor) -> None:
-    if sum(counts_e) != rows or len(counts_e) != w_eKP.shape[0]:
-        raise ValueError(f"counts {counts_e} must sum to the {rows} rows of x and have one entry "
-                         f"per expert ({w_eKP.shape[0]})")
+def _check_counts(counts: list[int], rows: int, w_stack: Tensor) -> None:
+    if sum(counts) != rows or len(counts) != w_stack.shape[0]:
+        raise ValueError(f"counts {counts} must sum to the {rows} rows of x and have one entry "
+                         f"per expert ({w_stack.shape[0]})")
 
 
-def gather_segment_matmul(source_SK: Tensor, index_N: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
-    """`segment_matmul(source_SK[index_N], w_eKP, counts_e)` with less memory in the backward
-    (see `_GatherSegmentMatmul`). Callers check `available(source_SK, w_eKP)` first."""
-    _check_counts(counts_e, index_N.numel(), w_eKP)
-    return _GatherSegmentMatmul.apply(source_SK, index_N, w_eKP, counts_e)
+def gather_segment_matmul(source: Tensor, index: Tensor, w_stack: Tensor, counts: list[int]) -> Tensor:
+    """`segment_matmul(source[index], w_stack, counts)` with less memory in the backward
+    (see `_GatherSegmentMatmul`). Callers check `available(source, w_stack)` first."""
+    _check_counts(counts, index.numel(), w_stack)
+    return _GatherSegmentMatmul.apply(source, index, w_stack, counts)
 
 
-def segment_matmul(x_NK: Tensor, w_eKP: Tensor, counts_e: list[int]) -> Tensor:
-    """Row segment j of `x_NK` (counts_e[j] rows) times `w_eKP[j]`, differentiable in both.
-    Callers check `available(x_NK, w_eKP)` first."""
-    _check_counts(counts_e, x_NK.shape[0], w_eKP)
-    return _SegmentMatmul.apply(x_NK, w_eKP, counts_e)
+def segment_matmul(x: Tensor, w_stack: Tensor, counts: list[int]) -> Tensor:
+    """Row segment j of `x` (counts[j] rows) times `w_stack[j]`, differentiable in both.
+    Callers check `available(x, w_stack)` first."""
+    _check_counts(counts, x.shape[0], w_stack)
+    return _SegmentMatmul.apply(x, w_stack, counts)
