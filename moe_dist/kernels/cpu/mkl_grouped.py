@@ -178,39 +178,36 @@ def segment_mm(x: Tensor, w_stack: Tensor, counts: list[int], transpose_w: bool,
 
 def segment_outer(x: Tensor, grad: Tensor, counts: list[int], out: Tensor | None = None) -> Tensor:
     """dw[j] = x[segment j].T @ grad[segment j], zero for an expert with no rows; into `out`
-    ([experts, in_width, out_width], contiguous, or one [in_width, out_width] buffer expanded to
-    every expert) when given. No autograd (the weight gradient of `segment_matmul`).
-
-    An expanded `out` makes every expert write the same buffer, so its content is meaningless; it
-    exists for tools/bench_expert_gemms.py, which times these writes with and without the
-    gradient's memory traffic."""
+    (contiguous [experts, in_width, out_width]) when given. No autograd (the weight gradient of
+    `segment_matmul`)."""
     x, grad = x.contiguous(), grad.contiguous()
-    experts, in_width, out_width = len(counts), x.shape[1], grad.shape[1]
-    dw = torch.empty(experts, in_width, out_width, dtype=x.dtype) if out is None else out
-    if (dw.shape != (experts, in_width, out_width) or not _matrices_contiguous(dw)
-            or (experts > 1 and dw.stride(0) not in (0, in_width * out_width))):
-        raise ValueError(f"out must be a contiguous [{experts}, {in_width}, {out_width}] tensor or an "
-                         f"expanded [{in_width}, {out_width}] one, got shape {tuple(dw.shape)} "
+    shape = (len(counts), x.shape[1], grad.shape[1])
+    dw = torch.empty(shape, dtype=x.dtype) if out is None else out
+    if dw.shape != shape or not dw.is_contiguous():
+        raise ValueError(f"out must be a contiguous {list(shape)} tensor, got shape {tuple(dw.shape)} "
                          f"strides {dw.stride()}")
-    shared = experts > 1 and dw.stride(0) == 0
     if x.shape[0] == 0:
-        return dw if shared else dw.zero_()
+        return dw.zero_()
+    return outer_products(x, grad, counts, dw)
+
+
+def outer_products(x: Tensor, grad: Tensor, counts: list[int], out: Tensor) -> Tensor:
+    """`segment_outer`'s products without its checks: `x` and `grad` contiguous, `out` any
+    [experts, in_width, out_width] stack whose matrices are each dense, in any expert stride."""
     sizes, starts = _row_starts(counts)
     own, small = _split_by_size(sizes)
     for j in own:
         seg = slice(int(starts[j]), int(starts[j] + sizes[j]))
-        torch.mm(x[seg].t(), grad[seg], out=dw[j])
+        torch.mm(x[seg].t(), grad[seg], out=out[j])
     if not small.any():
-        return dw
-    if avx512_gemm.available(x, dw, avx512_gemm.KIND_OUTER):
-        # zeroes its empty experts itself; shared (stride-0) buffers are timing-only anyway
-        avx512_gemm.segment_outer(x, grad, torch.where(small, sizes, -1), starts, dw)
-        return dw
-    _mkl_outer(x, grad, sizes, starts, small.nonzero().flatten(), dw)
-    empty = sizes == 0
-    if empty.any() and not shared:  # BLAS leaves C = beta * C for k = 0; say zero explicitly
-        dw[empty] = 0.0
-    return dw
+        return out
+    if avx512_gemm.available(x, out, avx512_gemm.KIND_OUTER):  # zeroes its empty experts itself
+        avx512_gemm.segment_outer(x, grad, torch.where(small, sizes, -1), starts, out)
+        return out
+    _mkl_outer(x, grad, sizes, starts, small.nonzero().flatten(), out)
+    for j in (sizes == 0).nonzero().flatten().tolist():  # BLAS leaves C = beta * C for k = 0
+        out[j].zero_()
+    return out
 
 
 class _SegmentMatmul(torch.autograd.Function):
