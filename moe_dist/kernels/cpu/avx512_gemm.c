@@ -7,11 +7,11 @@
  *   nt:    y[rows j] = x[rows j] @ w[j]^T        w[j]: [out_width, in_width]    (input gradient)
  *   outer: dw[j]     = x[rows j]^T @ g[rows j]   dw[j]: [in_width, out_width]   (weight gradient)
  *
- * Why not MKL: with ~64 rows per expert MKL packs each expert's weight in a memory-bound phase
- * before computing, so at 256 experts the weights' 3 GiB per step stream with the arithmetic
- * stopped. These kernels read the weights where they lie and prefetch the next rows (and, at the
- * end of an expert, the next expert's first rows) while the FMAs run; the weight gradient is
- * written with streaming stores, which need no read of the old contents.
+ * Why not MKL: with few rows per expert MKL packs each expert's weight in a memory-bound phase
+ * before computing, so the weights of many experts stream with the arithmetic stopped. These
+ * kernels read the weights where they lie and prefetch the next rows (and, at the end of an
+ * expert, the next expert's first rows) while the FMAs run; the weight gradient is written with
+ * streaming stores, which need no read of the old contents.
  *
  * Threads: the caller's count; each takes a contiguous run of experts holding an equal share of
  * the rows.

@@ -5,11 +5,11 @@ Operands: `x` [rows, in_width] grouped by expert (`counts[j]` rows from `starts[
 -1 skips the expert), outputs and gradients [rows, out_width], weights as `mkl_grouped` passes
 them.
 
-Why: MKL packs each expert's weight before computing with it, and at ~64 rows per expert that
-packing is a memory-bound phase nothing overlaps; at 256 experts the grouped GEMMs took
-1.18-1.32x the dense GEMM over the same rows while the same calls on cached weights took
-1.01-1.09x (tools/bench_expert_gemms.py). The kernels here read each weight in place and
-prefetch the rows ahead, and write weight gradients with streaming stores.
+Why: MKL packs each expert's weight before computing with it, and with few rows per expert that
+packing is a memory-bound phase nothing overlaps: the experts' GEMMs then cost what streaming E
+weight matrices costs, on top of the arithmetic (tools/bench_expert_gemms.py measures both, its
+numbers are in BENCHMARKS.md). The kernels here read each weight in place and prefetch the rows
+ahead, and write weight gradients with streaming stores.
 
 The source is compiled once per machine with the system's C compiler (`$CC`, else `cc`) into
 `$MOE_DIST_CACHE_DIR` (default `~/.cache/moe_dist`), written under a temporary name and renamed,

@@ -3,20 +3,20 @@
 Operands as in `moe_dist.kernels`: `x` [rows, in_width] grouped by expert (`counts[j]` rows for
 expert j), `w_stack` [experts, in_width, out_width].
 
-Why: `torch._grouped_mm` on CPU is a loop of matmuls, each split over every thread. With the ~64
-rows per expert of a 256-expert layer, such small multi-threaded GEMMs took 1.5-1.8x the time of
-one dense GEMM over the same rows (2 cores, see BENCHMARKS.md). MKL's `cblas_sgemm_batch` takes
-all the experts' GEMMs in one call and gives whole GEMMs to threads: 1.06-1.09x when the
-weights are in cache, 1.2-1.3x at E=256 where the E weight matrices stream from memory
-(tools/bench_expert_gemms.py). So small segments go to our own AVX-512 kernels where they build
-(`avx512_gemm`: weights read in place with prefetching, 0.89-0.95x the dense GEMM at E=16-256),
-else to MKL's batch call; segments large enough to fill every thread on their own (E=8: ~2048
-rows) run as separate multi-threaded GEMMs, where both of those are slower.
+Why: `torch._grouped_mm` on CPU is a loop of matmuls, each split over every thread, and with the
+few rows per expert of a many-expert layer such small multi-threaded GEMMs spend their time
+splitting and synchronising rather than computing. MKL's `cblas_sgemm_batch` takes all the
+experts' GEMMs in one call and gives whole GEMMs to threads. Small segments go to our own AVX-512
+kernels where they build (`avx512_gemm`: MKL packs each weight before computing with it, they
+read it in place and prefetch the next), else to MKL's batch call. Segments that fill every
+thread on their own run as GEMMs of their own, split over every thread as one dense GEMM is:
+whole GEMMs per thread, and kernels built for few rows, lose there. The measurements behind
+these choices and constants: BENCHMARKS.md, "Kernel tuning constants".
 
 PyTorch's CPU wheels link MKL statically into libtorch_cpu and export its CBLAS symbols; this
 module calls them with ctypes. Where the symbol is missing (other BLAS builds, other platforms) or
-the one-time self-check disagrees with `torch.mm`, `available()` is False and callers use
-`torch._grouped_mm` instead. fp32 only: MKL has no bf16 batch GEMM with this interface.
+the one-time self-check disagrees with `torch.mm`, `available()` is False and `moe_dist.kernels`
+picks the portable backend instead. fp32 only: MKL has no bf16 batch GEMM with this interface.
 """
 
 from __future__ import annotations
@@ -98,10 +98,9 @@ def _call(trans_a: bool, trans_b: bool, m: Tensor, n: Tensor, k: Tensor, a_ptr: 
                    groups, ptr["size"])
 
 
-# A segment of at least this many rows per thread is a GEMM of its own, split over every thread;
-# smaller ones go to one batch call, whole GEMMs per thread. On 2 cores (d 512, d_ff 1024) the
-# batch call is as fast as separate GEMMs at 1024 rows per expert and ~12% slower at 2048, where
-# separate GEMMs match one dense GEMM; at 512 rows and below separate GEMMs lose (BENCHMARKS.md).
+# A segment of at least this many rows per thread is a GEMM of its own, split over every thread:
+# it fills them all, as one dense GEMM does. Smaller ones go to one batch call (whole GEMMs per
+# thread), where separate multi-threaded GEMMs would each be too small to split well.
 OWN_GEMM_ROWS_PER_THREAD = 512
 
 
@@ -256,9 +255,10 @@ class _GatherSegmentMatmul(torch.autograd.Function):
     the layer keeps anyway, while each extra batch call costs idle threads at its end.
     """
 
-    # Two halves: the peak grows by ~1% over eight chunks (E=256: 1139 -> 1150 MiB, E=64: 371 ->
-    # 372), and each extra round of gather, GEMMs and index_add cost ~8 ms at E=256.
+    # Two halves: more chunks lower the peak only a little (one chunk's gathered rows are a
+    # small part of it), while every extra round of gather, GEMMs and index_add costs time.
     CHUNKS = 2
+    # A chunk is one batch call per product, and a call of a few GEMMs leaves threads idle.
     MIN_EXPERTS_PER_CHUNK = 16
 
     @staticmethod
