@@ -17,12 +17,6 @@ dtype and `backend`, the configured `moe.expert_impl` (one of BACKENDS):
     loop        one matmul per expert (`kernels/portable.py`)
 """
 
-from moe_dist.kernels.ops import (
-    BACKENDS,
-    check_backend,
-    gather_grouped_mm,
-    grouped_mm,
-    pick,
-)
+from moe_dist.kernels.ops import BACKENDS, check_backend, gather_grouped_mm, grouped_mm
 
-__all__ = ["BACKENDS", "check_backend", "gather_grouped_mm", "grouped_mm", "pick"]
+__all__ = ["BACKENDS", "check_backend", "gather_grouped_mm", "grouped_mm"]
