@@ -1,9 +1,11 @@
 """tools/bench_expert_gemms.py runs on a tiny configuration and reports every GEMM of the layer in
-every variant, with the streamed bytes priced at the measured bandwidth. No timing is asserted.
+every variant, with the streamed bytes priced at the measured bandwidth; its cached variant keeps
+the weights and gradients in cache. No timing is asserted.
 
-Subprocesses: the tool sets the process's thread count and glibc's allocator mode.
+Subprocesses for whole runs: the tool sets the process's thread count and glibc's allocator mode.
 """
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_dist.moe import mkl_grouped
+from moe_dist.kernels.cpu import mkl_grouped
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_expert_gemms.py"
 GEMMS = {"fwd1", "fwd2", "dx2", "dW2", "dx1", "dW1"}
@@ -58,3 +60,26 @@ def test_table_and_bad_flags():
     assert proc.stdout.startswith("| E | rows/expert") and "\n| 4 | " in proc.stdout
     bad = _run("--capacity-factor", "0", *TINY)
     assert bad.returncode == 2 and "--capacity-factor (0.0) must be > 0" in bad.stderr
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("bench_expert_gemms", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)  # puts tools/ on sys.path for its own imports
+    return module
+
+
+def test_cached_variants_read_and_write_one_matrix_in_place():
+    """The cached variant reads an expanded weight stack and writes every expert's gradient into
+    one shared buffer, without materialising either: a copy would be 32 MiB here."""
+    tool = _load_tool()
+    from step_memory import peak_tensor_mb
+
+    spec = tool.Spec(tokens=1024, d_model=64, d_ff=64, num_experts=2048, top_k=2, capacity_factor=1.0,
+                     threads=1)
+    counts = [1] * spec.num_experts
+    w = torch.randn(spec.num_experts, 64, 64)
+    for gemm in tool.GEMMS:
+        cached = tool.make_variants(gemm, spec, counts, {"w1": w, "w2": w})["cached"]
+        assert peak_tensor_mb(cached) < 1, gemm.name

@@ -9,7 +9,7 @@ import pytest
 
 from moe_dist.common.config import ConfigError
 from moe_dist.train import cpu_malloc, trainer
-from moe_dist.train.config import TrainSection
+from moe_dist.train.config import CpuSection
 
 # Page faults of allocating and filling a 64 MiB tensor, once the heap has settled: glibc's best
 # fit lets small allocations land in a freed large block, so the first few steps may still grow
@@ -42,16 +42,12 @@ def test_kept_memory_is_not_faulted_in_again():
     assert kept_faults < 1_000, kept_faults
 
 
-def _section(**kw) -> TrainSection:
-    return TrainSection(steps=1, seq_len=8, micro_batch=1, deepspeed_config="ds.json", **kw)
-
-
 @pytest.mark.parametrize("keep", [True, False])
 def test_trainer_asks_glibc_on_cpu_unless_configured_off(monkeypatch, keep):
     calls = []
     monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
-    trainer.configure_cpu_malloc(_section(cpu_keep_freed_memory=keep).cpu_keep_freed_memory)
+    trainer.configure_cpu_malloc(CpuSection(keep_freed_memory=keep).keep_freed_memory)
     assert calls == ([1] if keep else [])
     monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: True)
     trainer.configure_cpu_malloc(True)  # GPUs have PyTorch's caching allocator
@@ -59,12 +55,12 @@ def test_trainer_asks_glibc_on_cpu_unless_configured_off(monkeypatch, keep):
 
 
 def test_config_rejects_a_non_boolean():
-    with pytest.raises(ConfigError, match="cpu_keep_freed_memory must be true or false, got 'yes'"):
-        _section(cpu_keep_freed_memory="yes")
+    with pytest.raises(ConfigError, match="cpu.keep_freed_memory must be true or false, got 'yes'"):
+        CpuSection(keep_freed_memory="yes")
 
 
 def test_trainer_says_when_the_setting_could_not_be_applied(monkeypatch, capsys):
     monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda: False)
     monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
     trainer.configure_cpu_malloc(True)
-    assert "train.cpu_keep_freed_memory: not applied" in capsys.readouterr().out
+    assert "cpu.keep_freed_memory: not applied" in capsys.readouterr().out

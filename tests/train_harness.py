@@ -21,7 +21,8 @@ TINY = {
     "data": dict(kind="synthetic", tokenizer={"kind": "byte"}, synthetic={"num_domains": 4}),
     "train": dict(deepspeed_config=os.path.join(REPO, "configs/deepspeed/zero1_cpu.json"), steps=8,
                   seq_len=32, micro_batch=2, grad_accum=2, lr=3e-3, warmup_steps=2, log_interval=1,
-                  eval_interval=0, eval_iters=1, cpu_threads=1),
+                  eval_interval=0, eval_iters=1),
+    "cpu": dict(threads=1),
 }
 
 

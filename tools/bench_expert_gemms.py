@@ -2,20 +2,22 @@
 streamed from memory and with them held in cache: how much of the layer's gap to the floor is
 the E weight matrices it must read (and the E gradient matrices it must write) every step.
 
-Legend: T tokens, D model width, F expert hidden width, E experts, K experts per token, N rows the
-experts process (kept pairs, grouped by expert), R = T*K rows of the floor.
+Legend: moe_dist/moe/__init__.py (M rows the experts run: kept pairs, grouped by expert); R = T*K
+rows of the floor.
 
 Per GEMM of the layer (fwd1 x@W1, fwd2 h@W2, dx2 g@W2.T, dW2 h.T@g, dx1 gh@W1.T, dW1 x.T@gh),
 three variants, each with preallocated outputs, timed in interleaved rounds (median):
   dense    one GEMM over the floor's R rows with one [D, F] weight (tools/bench_moe.py's floor)
-  grouped  `mkl_grouped`'s segment GEMM over the layer's real per-expert row counts (the routing
-           of tools/bench_moe.py's input), every expert with its own weights: what the layer runs
+  grouped  the CPU backend's segment GEMMs (moe_dist/kernels/cpu/mkl_grouped.py) over the
+           layer's real per-expert row counts (the routing of tools/bench_moe.py's input), every
+           expert with its own weights: what the layer runs
   cached   the same call with every expert reading expert 0's weights (an expanded view)
            or writing its gradient into one shared buffer, which therefore stay in cache: the
            same arithmetic, row counts and threading without streaming E weight matrices
-`cached`'s shared gradient buffer is written by every thread at once; in one run of six that
-showed as contention between the cores (its dW GEMMs 1.6-1.8x slower), so read a `cached` dW
-far above `dense` as that, not as a bound.
+`cached`'s shared gradient buffer is written by every thread at once, which some runs showed as
+contention between the cores (BENCHMARKS.md), so read a `cached` dW far above `dense` as that,
+not as a bound. The library's `segment_outer` writes only contiguous gradient stacks; the shared
+buffer goes to its raw products (`outer_products`), which take any stack of dense matrices.
 `grouped - cached` is what streaming the weights costs; `stream_ms` is what moving their bytes at
 the measured bandwidth takes, the part a kernel that prefetched the next expert's weights during
 the current one could hide; `cached / dense` is what would remain.
@@ -52,7 +54,7 @@ from bench_moe import (  # noqa: E402
     time_cases,
 )
 
-from moe_dist.moe import mkl_grouped  # noqa: E402
+from moe_dist.kernels.cpu import mkl_grouped  # noqa: E402
 from moe_dist.moe.capacity import assign_slots  # noqa: E402
 from moe_dist.routing.base import RoutingContext  # noqa: E402
 
@@ -102,8 +104,8 @@ def make_variants(gemm: Gemm, spec: Spec, counts_e: list[int], weights: dict[str
                   ) -> dict[str, Callable[[], None]]:
     """One no-argument function per variant, each computing `gemm` into buffers made here."""
     W = weights[gemm.weight]
-    E, N, R = W.shape[0], sum(counts_e), spec.tokens * spec.top_k
-    rows, dense_rows = _rows(spec, N, 1), _rows(spec, R, 2)
+    E, M, R = W.shape[0], sum(counts_e), spec.tokens * spec.top_k
+    rows, dense_rows = _rows(spec, M, 1), _rows(spec, R, 2)
     w_dense = W[0].clone()
     transpose = gemm.kind == "mm_t"
 
@@ -113,10 +115,10 @@ def make_variants(gemm: Gemm, spec: Spec, counts_e: list[int], weights: dict[str
         dense_a, dense_b, dense_out = dense_rows[gemm.lhs], dense_rows[gemm.rhs], torch.empty_like(w_dense)
         return {"dense": lambda: torch.mm(dense_a.t(), dense_b, out=dense_out),
                 "grouped": lambda: mkl_grouped.segment_outer(a, b, counts_e, out=dW),
-                "cached": lambda: mkl_grouped.segment_outer(a, b, counts_e, out=dW_shared)}
+                "cached": lambda: mkl_grouped.outer_products(a, b, counts_e, dW_shared)}
 
-    a, P = rows[gemm.lhs], (W.shape[1] if transpose else W.shape[2])
-    y, dense_a, dense_y = torch.empty(N, P), dense_rows[gemm.lhs], torch.empty(R, P)
+    a, out_width = rows[gemm.lhs], (W.shape[1] if transpose else W.shape[2])
+    y, dense_a, dense_y = torch.empty(M, out_width), dense_rows[gemm.lhs], torch.empty(R, out_width)
     w_dense_op = w_dense.t() if transpose else w_dense
     W_shared = w_dense.expand(E, *w_dense.shape)
     return {"dense": lambda: torch.mm(dense_a, w_dense_op, out=dense_y),

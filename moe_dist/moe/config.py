@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_dist.common.config import ConfigError, check, check_choice, from_dict
+from moe_dist.kernels import BACKENDS
 from moe_dist.routing.base import RouterConfig
 from moe_dist.routing.registry import router_config_from_dict
 
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")
-EXPERT_IMPLS = ("auto", "mkl", "grouped_mm", "loop")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class MoEConfig:
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
     ep_size: int = 1
     init_std: float = 0.02
-    expert_impl: str = "auto"
+    expert_impl: str = "auto"  # the experts' GEMM backend: moe_dist.kernels.BACKENDS
     # COMET's neuron-level mask inside each expert (docs/routers/fixed_projection.md, "Neuron-level
     # COMET"): the fraction p_k of hidden
     # units a token keeps, chosen by a frozen projection of its input. None: no mask.
@@ -84,7 +84,7 @@ class MoEConfig:
               f"moe.comet_active_fraction must be in (0, 1] or null, got {self.comet_active_fraction!r}")
         check_choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice("moe.activation", self.activation, ACTIVATIONS)
-        check_choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
+        check_choice("moe.expert_impl", self.expert_impl, BACKENDS)
 
     @property
     def num_local_experts(self) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from moe_dist.common.seeding import init_generator
-from moe_dist.moe.experts import grouped_matmul
+from moe_dist.kernels import grouped_mm
 from moe_dist.routing.comet import (
     EXPERT_MASK_KEY,
     active_units,
@@ -33,14 +33,14 @@ def expert_mask_projections(num_local: int, first_expert: int, d_model: int, d_f
         for j in range(num_local)])
 
 
-def mask_expert_hidden(h_NF: Tensor, u_ND: Tensor, v_eDF: Tensor, counts_e: list[int], k: int) -> Tensor:
-    """COMET inside experts: row n of local expert j keeps the k hidden units of `kwta(u_n V_j)`.
+def mask_expert_hidden(h_MF: Tensor, u_MD: Tensor, v_eDF: Tensor, counts_e: list[int], k: int) -> Tensor:
+    """COMET inside experts: row m of local expert j keeps the k hidden units of `kwta(u_m V_j)`.
 
-    `h_NF` are the experts' hidden activations and `u_ND` the routed tokens' inputs, both grouped
+    `h_MF` are the experts' hidden activations and `u_MD` the routed tokens' inputs, both grouped
     by expert as the grouped GEMM sees them; the mask is computed with the same segment layout.
     """
-    scores_NF = grouped_matmul(u_ND.detach().float(), v_eDF.float(), counts_e)
-    return h_NF * kwta_mask(scores_NF, k).to(h_NF.dtype)
+    scores_MF = grouped_mm(u_MD.detach().float(), v_eDF.float(), counts_e)
+    return h_MF * kwta_mask(scores_MF, k).to(h_MF.dtype)
 
 
 class ExpertCometMask(torch.nn.Module):
@@ -60,5 +60,5 @@ class ExpertCometMask(torch.nn.Module):
         self.register_buffer("v_eDF", expert_mask_projections(num_local, first_expert, d_model, d_ff, seed=seed,
                                                               layer_index=layer_index), persistent=False)
 
-    def forward(self, h_NF: Tensor, u_ND: Tensor, counts_e: list[int]) -> Tensor:
-        return mask_expert_hidden(h_NF, u_ND, self.v_eDF, counts_e, self.k)
+    def forward(self, h_MF: Tensor, u_MD: Tensor, counts_e: list[int]) -> Tensor:
+        return mask_expert_hidden(h_MF, u_MD, self.v_eDF, counts_e, self.k)

@@ -1,5 +1,5 @@
-"""The training config file: top-level sections `model`, `moe`, `data`, `train` (strict: unknown
-sections and keys are errors that name the allowed ones).
+"""The training config file: top-level sections `model`, `moe`, `data`, `train`, `cpu` (strict:
+unknown sections and keys are errors that name the allowed ones).
 
 One source of truth per quantity:
 - sequence length: `train.seq_len` (a `data.seq_length` that differs is an error);
@@ -50,7 +50,9 @@ def load_yaml(text_or_file):
 
 
 LR_DECAY_STYLES = ("cosine", "constant")
-SECTIONS = ("model", "moe", "data", "train")
+SECTIONS = ("model", "moe", "data", "train", "cpu")
+# Keys that moved to another section: the old spelling is an error naming the new one.
+MOVED_KEYS = {"train.cpu_threads": "cpu.threads", "train.cpu_keep_freed_memory": "cpu.keep_freed_memory"}
 
 
 @dataclass
@@ -76,11 +78,6 @@ class TrainSection:
     checkpoint_dir: str | None = None
     tensorboard_dir: str | None = None
     seed: int = 1234  # model initialization and per-rank RNG streams
-    # CPU only: torch threads per rank (None: this node's cores / processes on it).
-    cpu_threads: int | None = None
-    # CPU only: glibc keeps freed memory for the next step instead of unmapping and faulting it in
-    # again (moe_dist/train/cpu_malloc.py); the process's resident size then does not shrink.
-    cpu_keep_freed_memory: bool = True
     # A consolidated checkpoint (tools/convert_checkpoint.py consolidate) to start from, at any
     # ep_size, with a fresh optimizer and step 0: fine-tuning. Ignored by --resume, which
     # continues the run's own checkpoint.
@@ -93,10 +90,6 @@ class TrainSection:
             check_int(f"train.{name}", getattr(self, name), minimum)
         if self.global_batch is not None:
             check_int("train.global_batch", self.global_batch, 1)
-        if self.cpu_threads is not None:
-            check_int("train.cpu_threads", self.cpu_threads, 1)
-        check(isinstance(self.cpu_keep_freed_memory, bool),
-              f"train.cpu_keep_freed_memory must be true or false, got {self.cpu_keep_freed_memory!r}")
         check(isinstance(self.deepspeed_config, str) and self.deepspeed_config != "",
               f"train.deepspeed_config must be the path of a DeepSpeed JSON, got {self.deepspeed_config!r}")
         for name in ("lr", "min_lr", "weight_decay", "adam_eps"):
@@ -115,14 +108,33 @@ class TrainSection:
 
 
 @dataclass
+class CpuSection:
+    """Settings of a training process on CPU; ignored where CUDA is available."""
+
+    # torch threads per rank (None: this node's cores / processes on it).
+    threads: int | None = None
+    # glibc keeps freed memory for the next step instead of unmapping and faulting it in again
+    # (moe_dist/train/cpu_malloc.py); the process's resident size then does not shrink.
+    keep_freed_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads is not None:
+            check_int("cpu.threads", self.threads, 1)
+        check(isinstance(self.keep_freed_memory, bool),
+              f"cpu.keep_freed_memory must be true or false, got {self.keep_freed_memory!r}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainSection
+    cpu: CpuSection = field(default_factory=CpuSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the resolved config (stored in checkpoints and logs)."""
-        out = {"model": to_dict(self.model), "data": to_dict(self.data), "train": to_dict(self.train)}
+        out = {"model": to_dict(self.model), "data": to_dict(self.data), "train": to_dict(self.train),
+               "cpu": to_dict(self.cpu)}
         out["moe"] = out["model"].pop("moe")
         return out
 
@@ -149,7 +161,11 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(raw) - set(SECTIONS))
     check(not unknown, f"unknown config section(s) {unknown}; allowed sections are {list(SECTIONS)}")
     check("model" in raw and "train" in raw, "a config needs `model:` and `train:` sections")
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        check(not (isinstance(raw.get(section), dict) and key in raw[section]), f"{old} moved to {new}")
     train = from_dict(TrainSection, raw["train"], "train")
+    cpu = from_dict(CpuSection, raw.get("cpu"), "cpu")
     model = parse_model_config(raw["model"], raw.get("moe"))
     data_raw = dict(raw.get("data") or {})
     if "seq_length" in data_raw and data_raw["seq_length"] != train.seq_len:
@@ -159,7 +175,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     data = DataConfig.from_dict(data_raw)
     check(train.seq_len <= model.max_seq_len,
           f"train.seq_len ({train.seq_len}) must be <= model.max_seq_len ({model.max_seq_len})")
-    return RunConfig(model=model, data=data, train=train)
+    return RunConfig(model=model, data=data, train=train, cpu=cpu)
 
 
 def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:

@@ -3,9 +3,9 @@
 Why: CPU PyTorch allocates every tensor with malloc. glibc serves blocks over 32 MiB with a fresh
 mmap and unmaps them on free, so every large tensor of every step is page-faulted in again. For
 an MoE layer the largest are the stacked expert weight gradients (512 MiB per projection at 256
-experts of 512 x 1024): at 256 experts that was about 0.6 s of a 1.9-2.4 s forward+backward on 2
-cores, and 0.15 s at 64 experts (BENCHMARKS.md). The dense activations of a step pay the same toll
-at a smaller scale.
+experts of 512 x 1024), and faulting them in again is a large part of a many-expert step
+(BENCHMARKS.md, `--cpu-malloc default`). The dense activations of a step pay the same toll at a
+smaller scale.
 
 With mmap off and heap trimming off, freed blocks stay in glibc's heap and the next step reuses
 the same, already mapped pages. The price is that memory freed by the process is not returned to

@@ -56,7 +56,7 @@ def configure_cpu_malloc(keep_freed: bool) -> None:
     if not keep_freed or torch.cuda.is_available():
         return
     if not cpu_malloc.keep_freed_memory():
-        log0("train.cpu_keep_freed_memory: not applied (the C library is not glibc, or it refused "
+        log0("cpu.keep_freed_memory: not applied (the C library is not glibc, or it refused "
              "the setting); the allocator is left as it is")
 
 
@@ -66,8 +66,8 @@ class Trainer:
         self.checks = checks
         self.config_path = config_path
         train = cfg.train
-        configure_cpu_threads(train.cpu_threads)
-        configure_cpu_malloc(train.cpu_keep_freed_memory)
+        configure_cpu_threads(cfg.cpu.threads)
+        configure_cpu_malloc(cfg.cpu.keep_freed_memory)
         runtime.init_distributed()
         self.rank, self.world = runtime.rank(), runtime.world_size()
         moe = cfg.model.moe

@@ -1,12 +1,12 @@
-"""The AVX-512 expert GEMMs: every kernel against torch.mm on shapes with row and column tails,
-empty and skipped experts and shared weights; the layer's grouped GEMM really using them; and the
-fallback to MKL when they cannot be built."""
+"""The CPU backend's AVX-512 expert GEMMs (`moe_dist/kernels/cpu/avx512_gemm.py`): every kernel
+against torch.mm on shapes with row and column tails, empty and skipped experts and shared
+weights; the `mkl` backend really using them; and the fallback to MKL when they cannot be built."""
 
 import pytest
 import torch
 from gemm_check import assert_mkl_matches_the_loop
 
-from moe_dist.moe import avx512_gemm, mkl_grouped
+from moe_dist.kernels.cpu import avx512_gemm, mkl_grouped
 
 needs_kernels = pytest.mark.skipif(avx512_gemm._library() is None,
                                    reason="no AVX-512 CPU or no C compiler here")
@@ -20,16 +20,17 @@ def _segments(counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[slice
 
 
 @needs_kernels
-@pytest.mark.parametrize("K,P", [(48, 64), (16, 192), (96, 128)])
-def test_kernels_match_torch_mm(K, P):
-    g = torch.Generator().manual_seed(K + P)
+@pytest.mark.parametrize("in_width,out_width", [(48, 64), (16, 192), (96, 128)])
+def test_kernels_match_torch_mm(in_width, out_width):
+    g = torch.Generator().manual_seed(in_width + out_width)
     counts = [13, 0, 6, -1, 1, 25, 5]  # tails of the 6- and 4-row tiles, an empty and a skipped expert
     c, starts, segs = _segments(counts)
     n, e = sum(s.stop - s.start for s in segs), len(counts)
-    x, dy = torch.randn(n, K, generator=g), torch.randn(n, P, generator=g)
-    w_nn, w_nt = torch.randn(e, K, P, generator=g), torch.randn(e, P, K, generator=g)
-    y_nn, y_nt = torch.full((n, P), 3.0), torch.full((n, P), 3.0)
-    dw = torch.full((e, K, P), 7.0)
+    x, dy = torch.randn(n, in_width, generator=g), torch.randn(n, out_width, generator=g)
+    w_nn = torch.randn(e, in_width, out_width, generator=g)
+    w_nt = torch.randn(e, out_width, in_width, generator=g)
+    y_nn, y_nt = torch.full((n, out_width), 3.0), torch.full((n, out_width), 3.0)
+    dw = torch.full((e, in_width, out_width), 7.0)
     avx512_gemm.segment_mm(x, w_nn, c, starts, False, y_nn)
     avx512_gemm.segment_mm(x, w_nt, c, starts, True, y_nt)
     avx512_gemm.segment_outer(x, dy, c, starts, dw)
@@ -52,8 +53,8 @@ def test_nt_takes_any_number_of_output_columns_and_shared_weights():
 
 
 @needs_kernels
-def test_layer_grouped_matmul_runs_on_the_kernels(monkeypatch):
-    """With widths the kernels take, `grouped_matmul('mkl')` computes the small segments with them
+def test_mkl_backend_runs_on_the_kernels(monkeypatch):
+    """With widths the kernels take, `grouped_mm(backend='mkl')` computes the small segments with them
     (forward, input gradient, weight gradient) and agrees with the per-expert loop."""
     calls = []
     for name in ("segment_mm", "segment_outer"):

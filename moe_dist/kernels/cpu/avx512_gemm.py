@@ -1,14 +1,15 @@
 """The experts' grouped fp32 GEMMs as AVX-512 kernels of our own (avx512_gemm.c), on CPUs that
 have AVX-512 and a C compiler.
 
-Legend: e experts, N rows grouped by expert (`counts[j]` rows from `starts[j]`; a count of -1
-skips the expert), K reduction width, P output width.
+Operands: `x` [rows, in_width] grouped by expert (`counts[j]` rows from `starts[j]`; a count of
+-1 skips the expert), outputs and gradients [rows, out_width], weights as `mkl_grouped` passes
+them.
 
-Why: MKL packs each expert's weight before computing with it, and at ~64 rows per expert that
-packing is a memory-bound phase nothing overlaps; at 256 experts the grouped GEMMs took
-1.18-1.32x the dense GEMM over the same rows while the same calls on cached weights took
-1.01-1.09x (tools/bench_expert_gemms.py). The kernels here read each weight in place and
-prefetch the rows ahead, and write weight gradients with streaming stores.
+Why: MKL packs each expert's weight before computing with it, and with few rows per expert that
+packing is a memory-bound phase nothing overlaps: the experts' GEMMs then cost what streaming E
+weight matrices costs, on top of the arithmetic (tools/bench_expert_gemms.py measures both, its
+numbers are in BENCHMARKS.md). The kernels here read each weight in place and prefetch the rows
+ahead, and write weight gradients with streaming stores.
 
 The source is compiled once per machine with the system's C compiler (`$CC`, else `cc`) into
 `$MOE_DIST_CACHE_DIR` (default `~/.cache/moe_dist`), written under a temporary name and renamed,
@@ -40,8 +41,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("avx512_gemm.c")
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-pthread")
 KIND_NN, KIND_NT, KIND_OUTER = 0, 1, 2
-PANEL = 64  # output columns per tile of nn and outer: their P must be a multiple
-VECTOR = 16  # fp32 lanes: nt's K must be a multiple
+PANEL = 64  # output columns per tile of nn and outer: their out_width must be a multiple
+VECTOR = 16  # fp32 lanes: nt's in_width must be a multiple
 
 
 def cache_dir() -> Path:
@@ -93,12 +94,12 @@ def _library():
     return fn
 
 
-def _run(kind: int, counts: Tensor, starts: Tensor, K: int, P: int, x: Tensor, w: Tensor | None,
-         g: Tensor | None, w_stride: int, out: Tensor) -> None:
+def _run(kind: int, counts: Tensor, starts: Tensor, in_width: int, out_width: int, x: Tensor,
+         w: Tensor | None, grad: Tensor | None, w_stride: int, out: Tensor) -> None:
     counts, starts = counts.to(torch.int64).contiguous(), starts.to(torch.int64).contiguous()
     _library()(kind, torch.get_num_threads(), counts.numel(), counts.data_ptr(), starts.data_ptr(),
-               K, P, x.data_ptr(), 0 if w is None else w.data_ptr(), 0 if g is None else g.data_ptr(),
-               w_stride, out.data_ptr())
+               in_width, out_width, x.data_ptr(), 0 if w is None else w.data_ptr(),
+               0 if grad is None else grad.data_ptr(), w_stride, out.data_ptr())
 
 
 @functools.cache
@@ -108,14 +109,16 @@ def _self_check() -> bool:
     counts = torch.tensor([7, 0, 13, -1, 1])
     rows = counts.clamp(min=0)
     starts = rows.cumsum(0) - rows
-    n, K, P = int(rows.sum()), 32, 128
-    x, dy = torch.randn(n, K, generator=g), torch.randn(n, P, generator=g)
-    w_nn, w_nt = torch.randn(5, K, P, generator=g), torch.randn(5, P, K, generator=g)
-    y_nn, y_nt = torch.zeros(n, P), torch.zeros(n, P)
-    dw = torch.full((5, K, P), 7.0)
-    _run(KIND_NN, counts, starts, K, P, x, w_nn, None, K * P, y_nn)
-    _run(KIND_NT, counts, starts, K, P, x, w_nt, None, K * P, y_nt)
-    _run(KIND_OUTER, counts, starts, K, P, x, None, dy, K * P, dw)
+    n, in_width, out_width = int(rows.sum()), 32, 128
+    x, dy = torch.randn(n, in_width, generator=g), torch.randn(n, out_width, generator=g)
+    w_nn = torch.randn(5, in_width, out_width, generator=g)
+    w_nt = torch.randn(5, out_width, in_width, generator=g)
+    y_nn, y_nt = torch.zeros(n, out_width), torch.zeros(n, out_width)
+    dw = torch.full((5, in_width, out_width), 7.0)
+    size = in_width * out_width
+    _run(KIND_NN, counts, starts, in_width, out_width, x, w_nn, None, size, y_nn)
+    _run(KIND_NT, counts, starts, in_width, out_width, x, w_nt, None, size, y_nt)
+    _run(KIND_OUTER, counts, starts, in_width, out_width, x, None, dy, size, dw)
     ok = True
     for j, (s, c) in enumerate(zip(starts.tolist(), counts.tolist())):
         if c < 0:
@@ -131,31 +134,29 @@ def _self_check() -> bool:
 
 
 def available(x: Tensor, w: Tensor, kind: int) -> bool:
-    """Whether the kernel `kind` takes these operands: fp32 CPU tensors, P a multiple of 64 (nn,
-    outer) or K a multiple of 16 (nt), on a machine where the kernels built and passed the check.
-    `w` is [e, K, P] for nn and outer, [e, P, K] for nt."""
+    """Whether the kernel `kind` takes these operands: fp32 CPU tensors, out_width a multiple of 64
+    (nn, outer) or in_width a multiple of 16 (nt), on a machine where the kernels built and passed
+    the check. `w` is [experts, in_width, out_width] for nn and outer (for outer: the gradient
+    buffer), [experts, out_width, in_width] for nt."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
         return False
-    P = w.shape[1] if kind == KIND_NT else w.shape[2]
-    K = w.shape[2] if kind == KIND_NT else w.shape[1]
-    if kind == KIND_NT and K % VECTOR or kind != KIND_NT and P % PANEL:
+    out_width = w.shape[1] if kind == KIND_NT else w.shape[2]
+    in_width = w.shape[2] if kind == KIND_NT else w.shape[1]
+    if kind == KIND_NT and in_width % VECTOR or kind != KIND_NT and out_width % PANEL:
         return False
     return _library() is not None and _self_check()
 
 
-def segment_mm(x_NK: Tensor, w_eKP: Tensor, counts: Tensor, starts: Tensor, transpose_w: bool,
-               out_NP: Tensor) -> None:
-    """out[segment j] = x[segment j] @ w[j] (@ w[j].T with w stored [e, P, K] when `transpose_w`)
-    for every expert whose count is not -1. Operands as `mkl_grouped.segment_mm` passes them:
-    contiguous rows, each expert's matrix dense."""
-    K = x_NK.shape[1]
-    P = out_NP.shape[1]
-    _run(KIND_NT if transpose_w else KIND_NN, counts, starts, K, P, x_NK, w_eKP, None,
-         w_eKP.stride(0), out_NP)
+def segment_mm(x: Tensor, w_stack: Tensor, counts: Tensor, starts: Tensor, transpose_w: bool,
+               out: Tensor) -> None:
+    """out[segment j] = x[segment j] @ w_stack[j] (@ w_stack[j].T with w_stack stored
+    [experts, out_width, in_width] when `transpose_w`) for every expert whose count is not -1.
+    Operands as `mkl_grouped.segment_mm` passes them: contiguous rows, each expert's matrix dense."""
+    _run(KIND_NT if transpose_w else KIND_NN, counts, starts, x.shape[1], out.shape[1], x, w_stack,
+         None, w_stack.stride(0), out)
 
 
-def segment_outer(x_NK: Tensor, g_NP: Tensor, counts: Tensor, starts: Tensor, out_eKP: Tensor) -> None:
-    """out[j] = x[segment j].T @ g[segment j] (zero for no rows) for every expert whose count is
-    not -1."""
-    _run(KIND_OUTER, counts, starts, x_NK.shape[1], g_NP.shape[1], x_NK, None, g_NP,
-         out_eKP.stride(0), out_eKP)
+def segment_outer(x: Tensor, grad: Tensor, counts: Tensor, starts: Tensor, out: Tensor) -> None:
+    """out[j] = x[segment j].T @ grad[segment j] (zero for no rows) for every expert whose count
+    is not -1."""
+    _run(KIND_OUTER, counts, starts, x.shape[1], grad.shape[1], x, None, grad, out.stride(0), out)

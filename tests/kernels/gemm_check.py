@@ -1,0 +1,40 @@
+"""Helpers shared by the kernel tests (pytest puts this folder on sys.path for them)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_dist.kernels import grouped_mm
+from moe_dist.kernels.cpu import mkl_grouped
+
+needs_mkl = pytest.mark.skipif(not mkl_grouped.available(torch.randn(1, 4), torch.randn(1, 4, 4)),
+                               reason="this PyTorch build has no usable MKL batch GEMM")
+
+
+def assert_mkl_matches_the_loop(x: torch.Tensor, w: torch.Tensor, counts: list[int],
+                                atol: float = 1e-5) -> torch.Tensor:
+    """`grouped_mm(backend='mkl')` (MKL's batch GEMM, our AVX-512 kernels or separate GEMMs,
+    whichever the sizes pick) against the per-expert loop: output, input gradient and weight
+    gradient agree; returns the `mkl` weight gradient."""
+    grad_y = torch.randn(x.shape[0], w.shape[2])
+    results = []
+    for backend in ("mkl", "loop"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = grouped_mm(xi, wi, counts, backend)
+        y.backward(grad_y)
+        results.append((y, xi.grad, wi.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+    return results[0][2]
+
+
+def peak_mib(fn) -> float:
+    """Peak MiB held by tensors allocated while `fn()` runs: the benchmarks' own measure
+    (tools/step_memory.py)."""
+    path = Path(__file__).resolve().parents[2] / "tools" / "step_memory.py"
+    spec = importlib.util.spec_from_file_location("step_memory", path)
+    step_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_memory)
+    return step_memory.peak_tensor_mb(fn)
