@@ -59,11 +59,13 @@ class AttentiveMixtureOutput:
     expert_out_BEO: Tensor  # every expert's output
 
 
-class AttentiveMixture(nn.Module):
-    """Dense mixture of `num_experts` MLP experts under the paper's attentive gate."""
+class MLPMixture(nn.Module):
+    """What the study's dense mixtures share: `num_experts` MLP experts and a gate trunk
+    `act(G x + b)` of width H; each subclass adds its gate's read-out after these (the order the
+    parameters are drawn in, so seeded runs stay reproducible)."""
 
-    def __init__(self, d_in: int, d_out: int, num_experts: int = 5, hidden: int = 32, *, expert_depth: int = 1,
-                 top_k: int | None = None, activation: str = "relu") -> None:
+    def __init__(self, d_in: int, d_out: int, num_experts: int, hidden: int, *, expert_depth: int,
+                 top_k: int | None, activation: str) -> None:
         super().__init__()
         if activation not in GATE_ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(GATE_ACTIVATIONS)}, got {activation!r}")
@@ -73,9 +75,18 @@ class AttentiveMixture(nn.Module):
         self.experts = nn.ModuleList(MLPExpert(d_in, d_out, hidden, expert_depth, activation)
                                      for _ in range(num_experts))
         self.gate_trunk = nn.Linear(d_in, hidden)
+        self.act = GATE_ACTIVATIONS[activation]
+
+
+class AttentiveMixture(MLPMixture):
+    """Dense mixture of `num_experts` MLP experts under the paper's attentive gate."""
+
+    def __init__(self, d_in: int, d_out: int, num_experts: int = 5, hidden: int = 32, *, expert_depth: int = 1,
+                 top_k: int | None = None, activation: str = "relu") -> None:
+        super().__init__(d_in, d_out, num_experts, hidden, expert_depth=expert_depth, top_k=top_k,
+                         activation=activation)
         self.w_q = nn.Linear(hidden, hidden, bias=False)
         self.w_k = nn.Linear(hidden, hidden, bias=False)
-        self.act = GATE_ACTIVATIONS[activation]
 
     def forward(self, x_BI: Tensor) -> AttentiveMixtureOutput:
         hidden_BEH = torch.stack([expert.hidden(x_BI) for expert in self.experts], dim=1)

@@ -11,26 +11,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_dist.routing.attentive import GATE_ACTIVATIONS
 from moe_dist.study.attentive_mixture import (
     AttentiveMixtureOutput,
-    MLPExpert,
+    MLPMixture,
     masked_softmax,
 )
 
 
-class SoftmaxGateMixture(nn.Module):
+class SoftmaxGateMixture(MLPMixture):
     def __init__(self, d_in: int, d_out: int, num_experts: int = 5, hidden: int = 32, *, expert_depth: int = 1,
                  top_k: int | None = None, activation: str = "relu") -> None:
-        super().__init__()
-        if top_k is not None and not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
-        self.top_k = top_k
-        self.experts = nn.ModuleList(MLPExpert(d_in, d_out, hidden, expert_depth, activation)
-                                     for _ in range(num_experts))
-        self.gate_trunk = nn.Linear(d_in, hidden)
+        super().__init__(d_in, d_out, num_experts, hidden, expert_depth=expert_depth, top_k=top_k,
+                         activation=activation)
         self.gate_out = nn.Linear(hidden, num_experts)
-        self.act = GATE_ACTIVATIONS[activation]
 
     def forward(self, x_BI: Tensor) -> AttentiveMixtureOutput:
         out_BEO = torch.stack([expert.head(expert.hidden(x_BI)) for expert in self.experts], dim=1)
