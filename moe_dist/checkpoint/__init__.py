@@ -10,8 +10,8 @@ from moe_dist.checkpoint.consolidated import (
            load_consolidated,
            save_consolidated,
 )
-from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.export_hf import export_hf
+from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.reshard import reshard
 from moe_dist.checkpoint.sources import open_checkpoint
 from moe_dist.checkpoint.summary import summarize

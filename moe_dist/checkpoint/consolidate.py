@@ -14,10 +14,17 @@ import os
 import torch
 
 from moe_dist.checkpoint.consolidated import single_rank_config, write_consolidated
-from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.checkpoint.files import DTYPES, SAFETENSORS, WEIGHT_FORMATS, cast_floating
+from moe_dist.checkpoint.files import (
+    SAFETENSORS,
+    WEIGHT_FORMATS,
+    CheckpointError,
+    cast_floating,
+    check_option,
+    check_output,
+    staged_directory,
+    torch_dtype,
+)
 from moe_dist.checkpoint.layout import ENGINE_PREFIX
-from moe_dist.checkpoint.staging import check_output, staged_directory
 from moe_dist.checkpoint.training_source import TrainingCheckpoint
 from moe_dist.checkpoint.zero_state import check_supported, read_zero_state
 
@@ -39,15 +46,13 @@ def consolidate(ckpt_path: str, out: str, *, tag: str | None = None, master_weig
                 dtype: str | None = None, fmt: str = SAFETENSORS, overwrite: bool = False,
                 progress: bool = True) -> str:
     """Write the consolidated checkpoint of `ckpt_path` to the directory `out`; returns `out`."""
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if fmt not in WEIGHT_FORMATS:
-        raise CheckpointError(f"weight format must be one of {list(WEIGHT_FORMATS)}, got {fmt!r}")
+    cast = torch_dtype(dtype)
+    check_option("weight format", fmt, WEIGHT_FORMATS)
     check_output(out, overwrite)
     ckpt = TrainingCheckpoint.open(ckpt_path, tag)
     if master_weights:
         check_supported(ckpt)
-    state = cast_floating(model_state(ckpt, master_weights, progress), DTYPES.get(dtype))
+    state = cast_floating(model_state(ckpt, master_weights, progress), cast)
     meta = {
         "config": single_rank_config(ckpt.config),
         "step": ckpt.step,

@@ -19,15 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.files import (
     SAFETENSORS,
+    CheckpointError,
     load_pt,
     read_json,
+    staged_directory,
     write_json,
     write_weights,
 )
-from moe_dist.checkpoint.staging import staged_directory
 from moe_dist.common.config import ConfigError, to_dict
 from moe_dist.model.config import ModelConfig, parse_model_config
 from moe_dist.model.transformer import MoETransformer

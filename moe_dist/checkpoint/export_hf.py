@@ -11,11 +11,14 @@ import os
 from dataclasses import dataclass, field
 
 from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
-from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.files import (
-    DTYPES,
     SAFETENSORS,
+    CheckpointError,
     cast_floating,
+    check_option,
+    check_output,
+    staged_directory,
+    torch_dtype,
     write_json,
     write_weights,
 )
@@ -35,7 +38,6 @@ from moe_dist.checkpoint.hf_tokenizer import (
     write_tokenizer,
 )
 from moe_dist.checkpoint.sources import full_state, open_checkpoint
-from moe_dist.checkpoint.staging import check_output, staged_directory
 
 ARCHITECTURES = ("auto", "mixtral", "custom")
 
@@ -51,17 +53,15 @@ class ExportResult:
 def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture: str = "auto",
               master_weights: bool = False, dtype: str | None = None, tokenizer_model: str | None = None,
               overwrite: bool = False, progress: bool = True) -> ExportResult:
-    if architecture not in ARCHITECTURES:
-        raise CheckpointError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_option("architecture", architecture, ARCHITECTURES)
+    cast = torch_dtype(dtype)
     check_output(out, overwrite)
     ckpt = open_checkpoint(ckpt_path, tag)
     cfg = ckpt.model_cfg
     recorded = ckpt.meta.get("tokenizer") if isinstance(ckpt, ConsolidatedCheckpoint) else ckpt.client.get("tokenizer")
     sp_model = sentencepiece_model((ckpt.config.get("data") or {}).get("tokenizer") or {"kind": "byte"}, recorded,
                                    tokenizer_model)
-    state = cast_floating(full_state(ckpt, master_weights, progress), DTYPES.get(dtype))
+    state = cast_floating(full_state(ckpt, master_weights, progress), cast)
     reasons = mixtral_blockers(cfg, state)
     if architecture == "mixtral" and reasons:
         raise CheckpointError(f"Mixtral cannot express the model of {ckpt_path!r}: {'; '.join(reasons)}; "

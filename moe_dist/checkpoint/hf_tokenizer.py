@@ -18,8 +18,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.checkpoint.files import write_json
+from moe_dist.checkpoint.files import CheckpointError, write_json
 
 # moe_dist.data.tokenizer.BYTE_EOD; not imported: that module pulls in Megatron-Core.
 BYTE_EOD = 256

@@ -25,7 +25,7 @@ import torch
 from deepspeed.utils.tensor_fragment import fragment_address
 from tqdm import tqdm
 
-from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.files import CheckpointError, check_output, staged_directory
 from moe_dist.checkpoint.layout import (
     CLIENT_KEY,
     ENGINE_PREFIX,
@@ -36,7 +36,6 @@ from moe_dist.checkpoint.layout import (
     zero_file,
 )
 from moe_dist.checkpoint.reshard_plan import PlannedGroup, plan_groups, remap_per_group
-from moe_dist.checkpoint.staging import check_output, staged_directory
 from moe_dist.checkpoint.training_source import TrainingCheckpoint
 from moe_dist.checkpoint.zero_layout import (
     FlatGroupLayout,

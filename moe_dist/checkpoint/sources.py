@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from moe_dist.checkpoint.consolidate import model_state
 from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
-from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.training_source import TrainingCheckpoint
 
 

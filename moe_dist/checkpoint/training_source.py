@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.checkpoint.files import load_pt, require_keys
+from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
 from moe_dist.checkpoint.layout import (
     CLIENT_KEY,
     MODEL_STATES,

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.checkpoint.files import load_pt, require_keys
+from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
 from moe_dist.checkpoint.layout import strip_engine_prefix, zero_file
 from moe_dist.checkpoint.training_source import TrainingCheckpoint
 from moe_dist.checkpoint.zero_layout import FlatGroupLayout
