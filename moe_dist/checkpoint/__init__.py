@@ -15,7 +15,7 @@ from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.reshard import reshard
 from moe_dist.checkpoint.sources import open_checkpoint
 from moe_dist.checkpoint.summary import summarize
-from moe_dist.checkpoint.training_source import TrainingCheckpoint
+from moe_dist.checkpoint.training import TrainingCheckpoint
 
 __all__ = ["CheckpointError", "ConsolidatedCheckpoint", "TrainingCheckpoint", "consolidate", "export_hf",
            "load_consolidated", "open_checkpoint", "reshard", "save_consolidated", "summarize"]

@@ -25,7 +25,7 @@ from moe_dist.checkpoint.files import (
     torch_dtype,
 )
 from moe_dist.checkpoint.layout import ENGINE_PREFIX
-from moe_dist.checkpoint.training_source import TrainingCheckpoint
+from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.checkpoint.zero_state import check_supported, read_zero_state
 
 

@@ -36,7 +36,7 @@ from moe_dist.checkpoint.layout import (
     zero_file,
 )
 from moe_dist.checkpoint.reshard_plan import PlannedGroup, plan_groups, remap_per_group
-from moe_dist.checkpoint.training_source import TrainingCheckpoint
+from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.checkpoint.zero_layout import (
     FlatGroupLayout,
     param_alignment_for,

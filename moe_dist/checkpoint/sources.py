@@ -7,7 +7,7 @@ from __future__ import annotations
 from moe_dist.checkpoint.consolidate import model_state
 from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
 from moe_dist.checkpoint.files import CheckpointError
-from moe_dist.checkpoint.training_source import TrainingCheckpoint
+from moe_dist.checkpoint.training import TrainingCheckpoint
 
 
 def open_checkpoint(path: str, tag: str | None = None) -> TrainingCheckpoint | ConsolidatedCheckpoint:

@@ -12,7 +12,7 @@ import yaml
 
 from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint, tensor_shapes
 from moe_dist.checkpoint.layout import is_expert_key, strip_engine_prefix
-from moe_dist.checkpoint.training_source import TrainingCheckpoint
+from moe_dist.checkpoint.training import TrainingCheckpoint
 
 
 def _shapes_and_dtypes(ckpt) -> tuple[dict[str, tuple[int, ...]], dict[str, str], set[str]]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
 from moe_dist.checkpoint.layout import strip_engine_prefix, zero_file
-from moe_dist.checkpoint.training_source import TrainingCheckpoint
+from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.checkpoint.zero_layout import FlatGroupLayout
 from moe_dist.parallel.groups import expert_group_name
 
