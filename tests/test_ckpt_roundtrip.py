@@ -30,7 +30,7 @@ from moe_dist.checkpoint import (
 from moe_dist.checkpoint.cli import main as cli_main
 from moe_dist.checkpoint.consolidated import single_rank_config
 from moe_dist.checkpoint.layout import tag_for_step
-from moe_dist.checkpoint.zero_state import read_zero_state
+from moe_dist.checkpoint.zero import read_zero_state
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 

@@ -17,12 +17,12 @@ from moe_dist.checkpoint.reshard_plan import (
     plan_groups,
     remap_per_group,
 )
-from moe_dist.checkpoint.zero_layout import (
+from moe_dist.checkpoint.zero import (
     FlatGroupLayout,
+    ZeroGroup,
     param_alignment_for,
     parameter_alignment_paddings,
 )
-from moe_dist.checkpoint.zero_state import ZeroGroup
 
 Address = namedtuple("Address", ["start", "numel"])
 

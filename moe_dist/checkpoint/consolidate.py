@@ -26,7 +26,7 @@ from moe_dist.checkpoint.files import (
 )
 from moe_dist.checkpoint.layout import ENGINE_PREFIX
 from moe_dist.checkpoint.training import TrainingCheckpoint
-from moe_dist.checkpoint.zero_state import check_supported, read_zero_state
+from moe_dist.checkpoint.zero import check_supported, read_zero_state
 
 
 def model_state(ckpt: TrainingCheckpoint, master_weights: bool = False, progress: bool = True) -> dict[str, torch.Tensor]:

@@ -37,18 +37,17 @@ from moe_dist.checkpoint.layout import (
 )
 from moe_dist.checkpoint.reshard_plan import PlannedGroup, plan_groups, remap_per_group
 from moe_dist.checkpoint.training import TrainingCheckpoint
-from moe_dist.checkpoint.zero_layout import (
-    FlatGroupLayout,
-    param_alignment_for,
-    parameter_alignment_paddings,
-)
-from moe_dist.checkpoint.zero_state import (
+from moe_dist.checkpoint.zero import (
     BASE_STATE,
     FP32_PARTITIONS,
     OPTIMIZER_STATE,
     ZERO_STATE_ORDER,
+    FlatGroupLayout,
     ZeroState,
     check_supported,
+    param_alignment_for,
+    parameter_alignment_paddings,
+    partition_slot,
     read_zero_state,
 )
 from moe_dist.common.config import ConfigError
@@ -71,9 +70,8 @@ class _Target:
     expert_names: set[str]
     num_local: int
 
-    def slot(self, is_moe: bool, rank: int) -> tuple[int, int]:
-        """(EP rank whose tensors the rank's partition holds, partition index)."""
-        return (rank % self.ep_size, rank // self.ep_size) if is_moe else (0, rank)
+    def slot(self, is_moe: bool, rank: int) -> tuple[int, int, int]:
+        return partition_slot(is_moe, rank, self.ep_size, self.world_size)
 
     def local(self, name: str, t: torch.Tensor, ep_rank: int) -> torch.Tensor:
         if name not in self.expert_names:
@@ -105,7 +103,7 @@ def _layouts(plan: list[PlannedGroup], shapes: dict[str, tuple[int, ...]], targe
         out.append(FlatGroupLayout(
             names=tuple(group.names), shapes=tuple(group_shapes),
             paddings=tuple(parameter_alignment_paddings([math.prod(s) for s in group_shapes], alignment)),
-            partition_count=target.world_size // target.ep_size if group.is_moe else target.world_size))
+            partition_count=target.slot(group.is_moe, 0)[2]))
     return out
 
 
@@ -126,7 +124,7 @@ def _zero_file_content(rank: int, zero: ZeroState, plan, layouts, flats, target:
                        ds_config: dict[str, Any]) -> dict[str, Any]:
     state, param_groups, fp32, paddings, slices = {}, [], [], [], []
     for k, (group, layout) in enumerate(zip(plan, layouts)):
-        ep_rank, part = target.slot(group.is_moe, rank)
+        ep_rank, part, _ = target.slot(group.is_moe, rank)
         flat = flats[(k, ep_rank)]
         fp32.append(layout.partition(flat["master"], part, lean=True))
         state[k] = {key: copy.deepcopy(v) for key, v in zero.groups[group.source].scalars.items()}

@@ -17,7 +17,7 @@ from typing import Any
 
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from moe_dist.checkpoint.zero_state import ZeroGroup
+from moe_dist.checkpoint.zero import ZeroGroup
 from moe_dist.parallel.groups import expert_group_name
 
 

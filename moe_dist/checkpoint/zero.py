@@ -18,6 +18,8 @@ fp32 gradient accumulation).
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +30,111 @@ from tqdm import tqdm
 from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
 from moe_dist.checkpoint.layout import strip_engine_prefix, zero_file
 from moe_dist.checkpoint.training import TrainingCheckpoint
-from moe_dist.checkpoint.zero_layout import FlatGroupLayout
 from moe_dist.parallel.groups import expert_group_name
+
+# ---- the flat layout ------------------------------------------------------------------------
+
+NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment / sizeof(fp16)
+
+
+def parameter_alignment_paddings(numels: list[int], param_alignment: int) -> list[int]:
+    """DeepSpeed's padding after each parameter: the next one starts at a multiple of
+    `param_alignment` (1 unless zero_optimization.parameter_alignment); none after the last."""
+    paddings, offset = [], 0
+    for i, n in enumerate(numels):
+        offset += n
+        pad = 0 if i == len(numels) - 1 else (-offset) % param_alignment
+        paddings.append(pad)
+        offset += pad
+    return paddings
+
+
+def param_alignment_for(parameter_alignment: bool, element_size: int) -> int:
+    return 16 // math.gcd(16, element_size) if parameter_alignment else 1
+
+
+def partition_slot(is_moe: bool, rank: int, ep_size: int, world: int) -> tuple[int, int, int]:
+    """Which partition of a param group rank `rank`'s file holds: (EP rank whose tensors the
+    partition holds, partition index, partition count). A dense group is partitioned over all
+    ranks; an expert group over the expert-data-parallel group of EP rank `rank % ep_size`."""
+    if is_moe:
+        return rank % ep_size, rank // ep_size, world // ep_size
+    return 0, rank, world
+
+
+@dataclass(frozen=True)
+class FlatGroupLayout:
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    paddings: tuple[int, ...]
+    partition_count: int
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def offsets(self) -> list[int]:
+        out, offset = [], 0
+        for n, pad in zip(self.numels, self.paddings):
+            out.append(offset)
+            offset += n + pad
+        return out
+
+    @property
+    def data_numel(self) -> int:
+        """Parameters plus their alignment paddings: the flat group without its tail."""
+        return sum(self.numels) + sum(self.paddings)
+
+    @property
+    def flat_numel(self) -> int:
+        alignment = NCCL_START_ALIGNMENT_FACTOR * self.partition_count
+        return math.ceil(self.data_numel / alignment) * alignment
+
+    @property
+    def partition_size(self) -> int:
+        return self.flat_numel // self.partition_count
+
+    def group_padding(self, partition: int) -> int:
+        """How much of `partition` is tail (DeepSpeed's `groups_padding` on that rank)."""
+        start = partition * self.partition_size
+        return self.partition_size - min(self.partition_size, max(0, self.data_numel - start))
+
+    def flatten(self, tensors_by_name: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+        flat = torch.zeros(self.flat_numel, dtype=dtype)
+        for name, offset, n in zip(self.names, self.offsets, self.numels):
+            flat[offset:offset + n] = tensors_by_name[name].reshape(-1)
+        return flat
+
+    def partition(self, flat: Tensor, partition: int, lean: bool) -> Tensor:
+        """Partition `partition` of a full flat tensor; `lean` cuts its tail (as master weights
+        are saved), otherwise it keeps the full partition size (as optimizer state is)."""
+        start = partition * self.partition_size
+        size = self.partition_size - (self.group_padding(partition) if lean else 0)
+        return flat[start:start + size].clone()
+
+    def unflatten(self, lean_flat: Tensor) -> dict[str, Tensor]:
+        """Parameters from the concatenated lean partitions (length `data_numel`)."""
+        if lean_flat.numel() != self.data_numel:
+            raise ValueError(f"the lean partitions hold {lean_flat.numel()} elements, the parameters "
+                             f"{list(self.names)} and their paddings need {self.data_numel}")
+        return {name: lean_flat[offset:offset + math.prod(shape)].view(shape)
+                for name, shape, offset in zip(self.names, self.shapes, self.offsets)}
+
+    def slice_mappings(self, partition: int, fragment_address) -> OrderedDict:
+        """DeepSpeed's `param_slice_mappings` entry for `partition`: the part of each parameter
+        inside it, as `fragment_address(start within the partition, numel)`."""
+        lo = partition * self.partition_size
+        hi = lo + self.partition_size
+        out = OrderedDict()
+        for name, offset, n in zip(self.names, self.offsets, self.numels):
+            start, end = max(offset, lo), min(offset + n, hi)
+            if start < end:
+                out[name] = fragment_address(start=start - lo, numel=end - start)
+        return out
+
+
+# ---- the partition files -------------------------------------------------------------------
 
 OPTIMIZER_STATE = "optimizer_state_dict"
 BASE_STATE = "base_optimizer_state"
@@ -78,13 +183,6 @@ def check_supported(ckpt: TrainingCheckpoint) -> None:
     if ds.get("use_data_before_expert_parallelism", False):
         raise CheckpointError(f"{where}: use_data_before_expert_parallelism is true; moe_dist's expert "
                               f"groups use DeepSpeed's default layout")
-
-
-def _group_slot(is_moe: bool, rank: int, ep_size: int, world: int) -> tuple[int, int, int]:
-    """(EP rank whose tensors the partition holds, partition index, partition count)."""
-    if is_moe:
-        return rank % ep_size, rank // ep_size, world // ep_size
-    return 0, rank, world
 
 
 def _layout(ckpt: TrainingCheckpoint, i: int, paddings: list[int], count: int) -> FlatGroupLayout:
@@ -136,7 +234,7 @@ def read_zero_state(ckpt: TrainingCheckpoint, progress: bool = True) -> ZeroStat
             if is_moe and hyper.get("name") != expert_group_name(P):
                 raise CheckpointError(f"{path!r}: expert param group {i} is named {hyper.get('name')!r}, expected "
                                       f"{expert_group_name(P)!r} (the config's moe.ep_size {P})")
-            ep_rank, part, count = _group_slot(is_moe, rank, P, W)
+            ep_rank, part, count = partition_slot(is_moe, rank, P, W)
             if osd["partition_count"][i] != count:
                 raise CheckpointError(f"{path!r}: param group {i} ({hyper.get('name')!r}) is split into "
                                       f"{osd['partition_count'][i]} partitions, expected {count} (world size {W}, "
