@@ -4,16 +4,16 @@ load a consolidated checkpoint into a model of any expert-parallel size.
 CLI: tools/convert_checkpoint.py; formats and mappings: docs/checkpoints.md.
 """
 
-from moe_dist.checkpoint.consolidate import consolidate
 from moe_dist.checkpoint.consolidated import (
            ConsolidatedCheckpoint,
+           consolidate,
            load_consolidated,
+           open_checkpoint,
            save_consolidated,
 )
 from moe_dist.checkpoint.export_hf import export_hf
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.reshard import reshard
-from moe_dist.checkpoint.sources import open_checkpoint
 from moe_dist.checkpoint.summary import summarize
 from moe_dist.checkpoint.training import TrainingCheckpoint
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_dist.checkpoint.consolidate import consolidate
+from moe_dist.checkpoint.consolidated import consolidate, open_checkpoint
 from moe_dist.checkpoint.export_hf import ARCHITECTURES, export_hf
 from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError
 from moe_dist.checkpoint.reshard import reshard
-from moe_dist.checkpoint.sources import open_checkpoint
 from moe_dist.checkpoint.summary import format_summary, summarize, summary_json
 
 CKPT_HELP = ("a training checkpoint directory (uses its 'latest' tag unless --tag) or one tag directory; "

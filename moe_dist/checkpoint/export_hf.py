@@ -10,7 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
+from moe_dist.checkpoint.consolidated import (
+    ConsolidatedCheckpoint,
+    full_state_dict,
+    open_checkpoint,
+)
 from moe_dist.checkpoint.files import (
     SAFETENSORS,
     CheckpointError,
@@ -37,7 +41,6 @@ from moe_dist.checkpoint.hf_tokenizer import (
     special_token_ids,
     write_tokenizer,
 )
-from moe_dist.checkpoint.sources import full_state, open_checkpoint
 
 ARCHITECTURES = ("auto", "mixtral", "custom")
 
@@ -61,7 +64,7 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
     recorded = ckpt.meta.get("tokenizer") if isinstance(ckpt, ConsolidatedCheckpoint) else ckpt.client.get("tokenizer")
     sp_model = sentencepiece_model((ckpt.config.get("data") or {}).get("tokenizer") or {"kind": "byte"}, recorded,
                                    tokenizer_model)
-    state = cast_floating(full_state(ckpt, master_weights, progress), cast)
+    state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
     reasons = mixtral_blockers(cfg, state)
     if architecture == "mixtral" and reasons:
         raise CheckpointError(f"Mixtral cannot express the model of {ckpt_path!r}: {'; '.join(reasons)}; "
