@@ -11,7 +11,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from moe_dist.checkpoint.reshard_plan import (
+from moe_dist.checkpoint.reshard import (
     _chunks,
     max_moe_group_size,
     plan_groups,

@@ -2,11 +2,19 @@
 world size), which the trainer resumes from as if it had been written by a run of that shape.
 
 Exact, not approximate: model weights are re-sliced, and the ZeRO-1/2 optimizer state (fp32
-master weights and Adam moments, flat partitions per param group) is rebuilt whole by
-`zero_state.py` and re-partitioned with DeepSpeed's layout rules (`zero_layout.py`) for the new
-world size, expert groups over their new expert-data-parallel groups (`reshard_plan.py` for the
-groups themselves). The LR scheduler, step counters and client state carry over; each rank's RNG
-state is copied for ranks that existed before (new ranks start from the trainer's seed).
+master weights and Adam moments, flat partitions per param group) is rebuilt whole by the reader
+in `zero.py` and re-partitioned with DeepSpeed's layout rules (also `zero.py`) for the new world
+size, expert groups over their new expert-data-parallel groups. The LR scheduler, step counters
+and client state carry over; each rank's RNG state is copied for ranks that existed before (new
+ranks start from the trainer's seed).
+
+The param groups. moe_dist's trainer builds its optimizer groups as `optimizer_param_groups` does
+(moe_dist/train/engine.py): dense groups, then DeepSpeed's
+`split_params_into_different_moe_groups_for_optimizer` moves the expert parameters of each group
+into a copy named `ep_size_<P>` with `moe: True` and cuts it into chunks of at most
+`max_group_size` elements of *local* parameters. At another EP size the local sizes change, so
+the chunks can too; dense groups never change. A resharded checkpoint must list exactly the
+groups the resumed run will build, or DeepSpeed's load fails (`plan_groups`).
 
 Memory: about six fp32 copies of the model (the rebuilt state and its new flat partitions).
 """
@@ -14,14 +22,17 @@ Memory: about six fp32 copies of the model (the rebuilt state and its new flat p
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils.tensor_fragment import fragment_address
 from tqdm import tqdm
 
@@ -35,7 +46,6 @@ from moe_dist.checkpoint.layout import (
     rank_state_file,
     zero_file,
 )
-from moe_dist.checkpoint.reshard_plan import PlannedGroup, plan_groups, remap_per_group
 from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.checkpoint.zero import (
     BASE_STATE,
@@ -43,6 +53,7 @@ from moe_dist.checkpoint.zero import (
     OPTIMIZER_STATE,
     ZERO_STATE_ORDER,
     FlatGroupLayout,
+    ZeroGroup,
     ZeroState,
     check_supported,
     param_alignment_for,
@@ -51,8 +62,73 @@ from moe_dist.checkpoint.zero import (
     read_zero_state,
 )
 from moe_dist.common.config import ConfigError
-from moe_dist.parallel.groups import validate_parallel_sizes
+from moe_dist.parallel.groups import expert_group_name, validate_parallel_sizes
 
+# ---- the new param groups ----------------------------------------------------------------------
+
+@dataclass
+class PlannedGroup:
+    source: int  # the checkpoint group whose hyperparameters and unpartitioned state it takes
+    hyper: dict[str, Any]
+    names: list[str]
+    is_moe: bool
+
+
+def max_moe_group_size() -> int:
+    """The chunk size the installed DeepSpeed splits expert groups at (its default argument)."""
+    return inspect.signature(split_params_into_different_moe_groups_for_optimizer).parameters["max_group_size"].default
+
+
+def _chunks(names: list[str], numel: Callable[[str], int], max_size: int) -> list[list[str]]:
+    """DeepSpeed's greedy split; it can emit an empty first chunk, which the engine drops."""
+    chunks, current, size = [], [], 0
+    for name in names:
+        n = numel(name)
+        if size + n <= max_size:
+            current.append(name)
+            size += n
+        else:
+            chunks.append(current)
+            current, size = [name], n
+    if current:
+        chunks.append(current)
+    return [c for c in chunks if c]
+
+
+def plan_groups(groups: list[ZeroGroup], local_numel: Callable[[str], int], ep_size: int,
+                max_group_size: int | None = None) -> list[PlannedGroup]:
+    """Groups for EP size `ep_size`, in the checkpoint's order. Consecutive expert groups with
+    equal hyperparameters are the chunks of one split group (the trainer derives at most one
+    expert group per dense group, and dense groups differ in weight decay) and are re-chunked
+    together with the new local sizes (`max_group_size`: DeepSpeed's default unless given)."""
+    max_group_size = max_group_size or max_moe_group_size()
+    out: list[PlannedGroup] = []
+    i = 0
+    while i < len(groups):
+        first = groups[i]
+        if not first.is_moe:
+            out.append(PlannedGroup(source=i, hyper=dict(first.hyper), names=list(first.names), is_moe=False))
+            i += 1
+            continue
+        names, j = [], i
+        while j < len(groups) and groups[j].is_moe and groups[j].hyper == first.hyper:
+            names += groups[j].names
+            j += 1
+        hyper = {**first.hyper, "name": expert_group_name(ep_size)}
+        for chunk in _chunks(names, local_numel, max_group_size):
+            out.append(PlannedGroup(source=i, hyper=hyper, names=chunk, is_moe=True))
+        i = j
+    return out
+
+
+def remap_per_group(state: dict[str, Any], n_old: int, sources: list[int]) -> dict[str, Any]:
+    """An LR scheduler state with every per-group list (length `n_old`) re-indexed to the new
+    groups: new group k takes old group `sources[k]`'s entry."""
+    return {key: [value[s] for s in sources] if isinstance(value, list) and len(value) == n_old else value
+            for key, value in state.items()}
+
+
+# ---- the new files -----------------------------------------------------------------------------
 
 @dataclass
 class ReshardResult:
