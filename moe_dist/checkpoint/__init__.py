@@ -11,8 +11,8 @@ from moe_dist.checkpoint.consolidated import (
            open_checkpoint,
            save_consolidated,
 )
-from moe_dist.checkpoint.export_hf import export_hf
 from moe_dist.checkpoint.files import CheckpointError
+from moe_dist.checkpoint.hf_export import export_hf
 from moe_dist.checkpoint.reshard import reshard
 from moe_dist.checkpoint.summary import summarize
 from moe_dist.checkpoint.training import TrainingCheckpoint

@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from moe_dist.checkpoint.consolidated import consolidate, open_checkpoint
-from moe_dist.checkpoint.export_hf import ARCHITECTURES, export_hf
 from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError
+from moe_dist.checkpoint.hf_export import ARCHITECTURES, export_hf
 from moe_dist.checkpoint.reshard import reshard
 from moe_dist.checkpoint.summary import format_summary, summarize, summary_json
 
