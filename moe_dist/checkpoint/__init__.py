@@ -4,6 +4,7 @@ load a consolidated checkpoint into a model of any expert-parallel size.
 CLI: tools/convert_checkpoint.py; formats and mappings: docs/checkpoints.md.
 """
 
+from moe_dist.checkpoint.cli import summarize
 from moe_dist.checkpoint.consolidated import (
            ConsolidatedCheckpoint,
            consolidate,
@@ -14,7 +15,6 @@ from moe_dist.checkpoint.consolidated import (
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.hf_export import export_hf
 from moe_dist.checkpoint.reshard import reshard
-from moe_dist.checkpoint.summary import summarize
 from moe_dist.checkpoint.training import TrainingCheckpoint
 
 __all__ = ["CheckpointError", "ConsolidatedCheckpoint", "TrainingCheckpoint", "consolidate", "export_hf",
