@@ -1,19 +1,34 @@
-"""Our own reader of DeepSpeed ZeRO-1/2 optimizer partitions with expert parallelism: the fp32
-master weights and the optimizer state (Adam moments) of every parameter, whole, experts
-stacked under global ids. DeepSpeed's zero_to_fp32 assumes every group is partitioned over all
-ranks and so cannot do this for expert groups.
+"""DeepSpeed's ZeRO-1/2 optimizer partitions with expert parallelism: where each parameter lives
+in a flat parameter group (`runtime/zero/stage_1_and_2.py`, as pure arithmetic: no process
+group, no optimizer), and our own reader of the partition files, which rebuilds the fp32 master
+weights and the optimizer state (Adam moments) of every parameter whole, experts stacked under
+global ids. DeepSpeed's zero_to_fp32 assumes every group is partitioned over all ranks and so
+cannot do this for expert groups.
 
-Which file holds what (W ranks, expert-parallel size P, `zero_layout.py` for the flat layout):
+The flat layout. For one optimizer param group with parameters p_0..p_{n-1} (in `param_shapes`
+order) and a partition count P (the size of the group's data-parallel group: all ranks for dense
+groups, the expert-data-parallel group for expert groups):
+
+    flat = p_0 | pad_0 | p_1 | pad_1 | ... | p_{n-1} | tail      (pad_i: parameter alignment,
+                                                                  0 unless parameter_alignment)
+    len(flat) = ceil((sum numel + sum pad) / A) * A,  A = 2 * P  (nccl_start_alignment_factor 2)
+    partition q = flat[q * S : (q + 1) * S],          S = len(flat) / P
+
+Each rank saves its partition of the fp32 master weights without the tail (`group_paddings`
+says how much was cut) and its optimizer state (Adam moments) with it, as flat tensors.
+
+Which file holds what (W ranks, expert-parallel size P):
 - dense group i: partition q is in `zero_pp_rank_q`, q = 0..W-1;
 - expert group i (`moe: True`, named `ep_size_P`): partitioned over the expert-data-parallel
   group of each EP rank p, the ranks {p, p+P, p+2P, ...} (DeepSpeed's default layout, the one
   moe_dist uses); partition q of EP rank p is in `zero_pp_rank_{q*P + p}`. Its parameters are
   that EP rank's local experts [E/P, ...].
 
-Supported: the "rigid" files of DeepSpeed 0.19.8's stage-1/2 optimizer (fp32, or bf16 with bf16
-gradient accumulation). Not supported, with an error saying so: elastic_checkpoint, round-robin
-gradients, data-before-expert parallel groups, and the BF16_Optimizer's format (bf16 + ZeRO-1 +
-fp32 gradient accumulation).
+Supported: the "rigid" files of the stage-1/2 optimizer of the DeepSpeed releases in
+`DEEPSPEED_VERSIONS` (fp32, or bf16 with bf16 gradient accumulation); a checkpoint whose
+model-states file records another `ds_version` is refused. Not supported, with an error saying
+so: elastic_checkpoint, round-robin gradients, data-before-expert parallel groups, and the
+BF16_Optimizer's format (bf16 + ZeRO-1 + fp32 gradient accumulation).
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 from torch import Tensor
 from tqdm import tqdm
 
@@ -31,6 +47,14 @@ from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
 from moe_dist.checkpoint.layout import strip_engine_prefix, zero_file
 from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.parallel.groups import expert_group_name
+
+# The DeepSpeed releases whose stage-1/2 files this module was verified against (diffing their
+# stage_1_and_2.py, engine.py, moe/utils.py and utils/groups.py with 0.19.8's, and running
+# tests/test_ckpt_roundtrip.py under each; docs/checkpoints.md): the same flat layout, alignment
+# paddings, file names and optimizer_state_dict keys. 0.19.0-0.19.6 do not record
+# param_alignment_paddings. pyproject.toml pins deepspeed to this range.
+DEEPSPEED_VERSIONS = ("0.19.7", "0.19.8")
+
 
 # ---- the flat layout ------------------------------------------------------------------------
 
@@ -139,7 +163,7 @@ class FlatGroupLayout:
 OPTIMIZER_STATE = "optimizer_state_dict"
 BASE_STATE = "base_optimizer_state"
 FP32_PARTITIONS = "single_partition_of_fp32_groups"
-# The optimizer_state_dict of DeepSpeed 0.19.8's stage-1/2 optimizer, in its order.
+# The optimizer_state_dict of DeepSpeed's stage-1/2 optimizer (DEEPSPEED_VERSIONS), in its order.
 ZERO_STATE_ORDER = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad", BASE_STATE, FP32_PARTITIONS,
                     "zero_stage", "group_paddings", "param_alignment_paddings", "partition_count", "ds_version",
                     "param_slice_mappings")
@@ -170,7 +194,22 @@ class ZeroState:
     unknown_keys: list[str] = field(default_factory=list)
 
 
+def check_deepspeed_version(ckpt: TrainingCheckpoint) -> None:
+    """The DeepSpeed that wrote the checkpoint (its `ds_version`) must be one whose partition
+    layout this reader knows."""
+    recorded = ckpt.main.get("ds_version")
+    try:
+        release = Version(str(recorded)).base_version  # "0.19.8+cu124" is 0.19.8
+    except InvalidVersion:
+        release = None
+    if release not in DEEPSPEED_VERSIONS:
+        raise CheckpointError(f"{ckpt.main_path!r} was written by DeepSpeed {recorded!r} (its ds_version); the ZeRO "
+                              f"optimizer partitions can be read for DeepSpeed {', '.join(DEEPSPEED_VERSIONS)} only, "
+                              f"the versions whose stage-1/2 layout was verified (docs/checkpoints.md)")
+
+
 def check_supported(ckpt: TrainingCheckpoint) -> None:
+    check_deepspeed_version(ckpt)
     ds = ckpt.ds_config
     zero = ds.get("zero_optimization", {})
     where = f"{ckpt.main_path!r} (ds_config)"
