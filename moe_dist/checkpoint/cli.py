@@ -24,7 +24,12 @@ from moe_dist.checkpoint.consolidated import (
     open_checkpoint,
     tensor_shapes,
 )
-from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError
+from moe_dist.checkpoint.files import (
+    DTYPES,
+    WEIGHT_FORMATS,
+    CheckpointError,
+    dtype_name,
+)
 from moe_dist.checkpoint.hf_export import ARCHITECTURES, export_hf
 from moe_dist.checkpoint.layout import is_expert_key, strip_engine_prefix
 from moe_dist.checkpoint.reshard import reshard
@@ -152,7 +157,7 @@ def _shapes_and_dtypes(ckpt) -> tuple[dict[str, tuple[int, ...]], dict[str, str]
         name = strip_engine_prefix(key, ckpt.main_path)
         shape = tuple(t.shape)
         shapes[name] = (shape[0] * ckpt.ep_size, *shape[1:]) if is_expert_key(name) else shape
-        dtypes[name] = str(t.dtype).replace("torch.", "")
+        dtypes[name] = dtype_name(t.dtype)
     buffers = {strip_engine_prefix(k, ckpt.main_path) for k in ckpt.main.get("buffer_names", [])}
     return shapes, dtypes, buffers
 

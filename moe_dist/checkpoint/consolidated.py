@@ -36,6 +36,7 @@ from moe_dist.checkpoint.files import (
     cast_floating,
     check_option,
     check_output,
+    dtype_name,
     load_pt,
     read_json,
     staged_directory,
@@ -116,6 +117,10 @@ class ConsolidatedCheckpoint:
     def step(self) -> int | None:
         return self.meta.get("step")
 
+    @property
+    def recorded_tokenizer(self) -> dict[str, Any] | None:
+        return self.meta.get("tokenizer")
+
     @classmethod
     def is_consolidated(cls, path: str) -> bool:
         return os.path.isfile(os.path.join(path, META_FILE))
@@ -181,7 +186,7 @@ class _WeightsReader:
         """torch's dtype name ("float32", "bfloat16", "int64", ...)."""
         if self._handle is not None:
             return _SAFETENSORS_DTYPES.get(self._handle.get_slice(name).get_dtype(), "unknown")
-        return str(self._state[name].dtype).replace("torch.", "")
+        return dtype_name(self._state[name].dtype)
 
     def tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
         try:
@@ -241,7 +246,7 @@ def consolidate(ckpt_path: str, out: str, *, tag: str | None = None, master_weig
     meta = {
         "config": single_rank_config(ckpt.config),
         "step": ckpt.step,
-        "tokenizer": ckpt.client.get("tokenizer"),
+        "tokenizer": ckpt.recorded_tokenizer,
         "weights": "master" if master_weights else "module",
         # Not parameters: counted apart by `inspect`, never in an optimizer.
         "buffers": sorted(n[len(ENGINE_PREFIX):] for n in ckpt.main.get("buffer_names", [])),

@@ -54,6 +54,11 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES.get(name)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype without the module ("float32", "bfloat16", "int64", ...)."""
+    return str(dtype).replace("torch.", "")
+
+
 # ---- reading ----------------------------------------------------------------------------------
 
 def load_pt(path: str, what: str) -> Any:

@@ -57,7 +57,6 @@ from torch import Tensor
 
 from moe_dist.checkpoint import hf_remote_code
 from moe_dist.checkpoint.consolidated import (
-    ConsolidatedCheckpoint,
     full_state_dict,
     open_checkpoint,
 )
@@ -67,6 +66,7 @@ from moe_dist.checkpoint.files import (
     cast_floating,
     check_option,
     check_output,
+    dtype_name,
     staged_directory,
     torch_dtype,
     write_json,
@@ -137,7 +137,7 @@ def mixtral_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: to
         "router_aux_loss_coef": moe.aux_loss.switch,
         "router_jitter_noise": moe.router.jitter_eps,
         "use_cache": True,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         **token_ids,
     }
 
@@ -179,7 +179,7 @@ def custom_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: tor
         "moe_dist_moe": moe,
         # No KV cache in the exported model: generation must recompute the sequence.
         "use_cache": False,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         **token_ids,
     }
 
@@ -275,9 +275,8 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
     check_output(out, overwrite)
     ckpt = open_checkpoint(ckpt_path, tag)
     cfg = ckpt.model_cfg
-    recorded = ckpt.meta.get("tokenizer") if isinstance(ckpt, ConsolidatedCheckpoint) else ckpt.client.get("tokenizer")
-    sp_model = sentencepiece_model((ckpt.config.get("data") or {}).get("tokenizer") or {"kind": "byte"}, recorded,
-                                   tokenizer_model)
+    sp_model = sentencepiece_model((ckpt.config.get("data") or {}).get("tokenizer") or {"kind": "byte"},
+                                   ckpt.recorded_tokenizer, tokenizer_model)
     state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
     reasons = mixtral_blockers(cfg, state)
     if architecture == "mixtral" and reasons:

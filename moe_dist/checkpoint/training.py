@@ -56,6 +56,11 @@ class TrainingCheckpoint:
         return int(self.client["step"])
 
     @property
+    def recorded_tokenizer(self) -> dict[str, Any] | None:
+        """The tokenizer identity the trainer recorded (kind, model path, sha256), if any."""
+        return self.client.get("tokenizer")
+
+    @property
     def ds_config(self) -> dict[str, Any]:
         return self.main["ds_config"]
 
