@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# ---- inspect --------------------------------------------------------------------------------------
+# ---- inspect -----------------------------------------------------------------------------------
 
 def _shapes_and_dtypes(ckpt) -> tuple[dict[str, tuple[int, ...]], dict[str, str], set[str]]:
     """Global (ep_size=1) shape and dtype of every tensor, and the names of the buffers."""

@@ -71,14 +71,15 @@ def single_rank_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def write_consolidated(out_dir: str, state: dict[str, torch.Tensor], meta: dict[str, Any],
-                       fmt: str = SAFETENSORS) -> str:
-    """Write weights and metadata into the (staged) directory `out_dir`; returns the weights path."""
-    weights = os.path.join(out_dir, WEIGHT_FILES[fmt])
-    write_weights(weights, state, fmt, metadata={"format": FORMAT} if fmt == SAFETENSORS else None)
-    write_json(os.path.join(out_dir, META_FILE), {"format": FORMAT, "format_version": FORMAT_VERSION,
+def write_consolidated(out: str, state: dict[str, torch.Tensor], meta: dict[str, Any], fmt: str,
+                       overwrite: bool) -> str:
+    """Write weights and metadata as the directory `out` (staged: all or nothing); returns `out`."""
+    with staged_directory(out, overwrite) as tmp:
+        weights = os.path.join(tmp, WEIGHT_FILES[fmt])
+        write_weights(weights, state, fmt, metadata={"format": FORMAT} if fmt == SAFETENSORS else None)
+        write_json(os.path.join(tmp, META_FILE), {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                   "weights_file": os.path.basename(weights), **meta})
-    return weights
+    return out
 
 
 def save_consolidated(model: MoETransformer, out: str, *, data: dict[str, Any] | None = None, step: int | None = None,
@@ -94,9 +95,7 @@ def save_consolidated(model: MoETransformer, out: str, *, data: dict[str, Any] |
     state = {k: v.detach() for k, v in model.state_dict().items()}
     meta = {"config": config, "step": step, "tokenizer": None, "weights": "module", "dtype": "as saved",
             "buffers": sorted(name for name, _ in model.named_buffers() if name in state), "source": None}
-    with staged_directory(out, overwrite) as tmp:
-        write_consolidated(tmp, state, meta, fmt)
-    return out
+    return write_consolidated(out, state, meta, fmt, overwrite)
 
 
 @dataclass
@@ -254,12 +253,10 @@ def consolidate(ckpt_path: str, out: str, *, tag: str | None = None, master_weig
         "source": {"checkpoint": os.path.abspath(ckpt.tag_dir), "ep_size": ckpt.ep_size,
                    "world_size": ckpt.world_size, "zero_stage": ckpt.zero_stage, "bf16": ckpt.bf16},
     }
-    with staged_directory(out, overwrite) as tmp:
-        write_consolidated(tmp, state, meta, fmt)
-    return out
+    return write_consolidated(out, state, meta, fmt, overwrite)
 
 
-# ---- into a model of any EP size -----------------------------------------------------------------
+# ---- into a model of any EP size ---------------------------------------------------------------
 
 def _check_structure(stored: dict[str, Any], cfg: ModelConfig, where: str) -> None:
     ours = {"model": to_dict(cfg), "moe": to_dict(cfg.moe) if cfg.moe else None}

@@ -59,7 +59,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-# ---- reading ----------------------------------------------------------------------------------
+# ---- reading -----------------------------------------------------------------------------------
 
 def load_pt(path: str, what: str) -> Any:
     """`torch.load` of a checkpoint file; a missing, truncated or foreign file is a
@@ -91,7 +91,7 @@ def read_json(path: str, what: str) -> Any:
         raise CheckpointError(f"{what} file {path!r} is not valid JSON: {e}") from None
 
 
-# ---- writing (into a staged directory) --------------------------------------------------------
+# ---- writing (into a staged directory) ---------------------------------------------------------
 
 def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Floating tensors to `dtype` (None: unchanged); integer buffers (counters) keep theirs."""

@@ -81,7 +81,7 @@ CONFIG_MODULE, MODELING_MODULE = "configuration_moe_dist", "modeling_moe_dist"
 BYTE_EOD = 256
 
 
-# ---- Mixtral --------------------------------------------------------------------------------------
+# ---- Mixtral -----------------------------------------------------------------------------------
 
 def mixtral_blockers(cfg: ModelConfig, state: dict[str, Tensor]) -> list[str]:
     """Why Mixtral cannot express this model (empty: it can)."""
@@ -165,7 +165,7 @@ def mixtral_state(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tenso
     return out
 
 
-# ---- the custom architecture ----------------------------------------------------------------------
+# ---- the custom architecture -------------------------------------------------------------------
 
 def custom_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: torch.dtype) -> dict[str, Any]:
     model = to_dict(cfg)
@@ -194,7 +194,7 @@ def copy_modeling_files(out_dir: str) -> None:
         shutil.copyfile(os.path.join(src, f"{module}.py"), os.path.join(out_dir, f"{module}.py"))
 
 
-# ---- the tokenizer --------------------------------------------------------------------------------
+# ---- the tokenizer -----------------------------------------------------------------------------
 
 def sentencepiece_model(tokenizer: dict[str, Any], recorded: dict[str, Any] | None, override: str | None) -> str | None:
     """Path of the SentencePiece model to export (None for the byte tokenizer), verified against
@@ -257,7 +257,7 @@ def write_tokenizer(sp_model: str | None, out_dir: str, max_length: int) -> None
     shutil.copyfile(sp_model, os.path.join(out_dir, "tokenizer.model"))
 
 
-# ---- the export -----------------------------------------------------------------------------------
+# ---- the export --------------------------------------------------------------------------------
 
 @dataclass
 class ExportResult:

@@ -56,7 +56,7 @@ from moe_dist.parallel.groups import expert_group_name
 DEEPSPEED_VERSIONS = ("0.19.7", "0.19.8")
 
 
-# ---- the flat layout ------------------------------------------------------------------------
+# ---- the flat layout ---------------------------------------------------------------------------
 
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment / sizeof(fp16)
 
@@ -158,7 +158,7 @@ class FlatGroupLayout:
         return out
 
 
-# ---- the partition files -------------------------------------------------------------------
+# ---- the partition files -----------------------------------------------------------------------
 
 OPTIMIZER_STATE = "optimizer_state_dict"
 BASE_STATE = "base_optimizer_state"
