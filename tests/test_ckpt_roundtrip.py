@@ -2,7 +2,8 @@
 consolidate -> identical logits in one process; load_consolidated at any EP size; ZeRO master
 weights; reshard 2->1 and 1->2 then resume on the un-resharded run's loss curve; reshard to the
 same layout reproduces DeepSpeed's own files; inspect; Mixtral export; the CLI; corrupted and
-partial checkpoints fail naming the file, and nothing is written to OUT unless all succeeded."""
+partial checkpoints, and ZeRO files of an unverified DeepSpeed version, fail naming the file, and
+nothing is written to OUT unless all succeeded."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from moe_dist.checkpoint import (
 from moe_dist.checkpoint.cli import main as cli_main
 from moe_dist.checkpoint.consolidated import single_rank_config
 from moe_dist.checkpoint.layout import tag_for_step
-from moe_dist.checkpoint.zero_state import read_zero_state
+from moe_dist.checkpoint.zero import DEEPSPEED_VERSIONS, read_zero_state
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 
@@ -292,6 +293,22 @@ def test_config_that_contradicts_the_expert_files_is_named(runs, tmp_path):
                                               r"ep_size 1 / ep_rank 0"):
         consolidate(src, str(tmp_path / "out"), progress=False)
     _nothing_written(tmp_path, {"copy_a"})
+
+
+@pytest.mark.parametrize("conversion", ["consolidate --master-weights", "reshard"])
+def test_checkpoint_of_an_unverified_deepspeed_version_is_refused(runs, tmp_path, conversion):
+    src = _copy(runs, tmp_path)
+    main = os.path.join(_tag_dir(src), "mp_rank_00_model_states.pt")
+    states = torch.load(main, weights_only=False)
+    assert states["ds_version"] in DEEPSPEED_VERSIONS  # what the installed DeepSpeed recorded
+    states["ds_version"] = "0.19.6"
+    torch.save(states, main)
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt' was written by DeepSpeed '0\.19\.6' "
+                                              r"\(its ds_version\); .* for DeepSpeed 0\.19\.7, 0\.19\.8 only"):
+        CONVERSIONS[conversion](src, str(tmp_path / "out"))
+    _nothing_written(tmp_path, {"copy_a"})
+    # the module weights are moe_dist's expert files and DeepSpeed's `module`: no ZeRO layout involved
+    consolidate(src, str(tmp_path / "module_weights"), progress=False)
 
 
 def test_model_that_differs_from_the_consolidated_config_is_refused(runs):

@@ -1,28 +1,33 @@
 """The pure arithmetic behind reading and writing ZeRO-1/2 partitions, against hand-computed
 layouts: flat offsets with alignment padding, partition sizes and tails (`group_paddings`),
 DeepSpeed's fragment addresses, expert-group chunking at another EP size, per-group scheduler
-lists. (That it agrees with what DeepSpeed itself writes is proven in test_ckpt_roundtrip.py by
-resharding to the same layout and comparing every file bit for bit.)"""
+lists; pyproject's DeepSpeed pin equals the versions the reader accepts. (That it agrees with
+what DeepSpeed itself writes is proven in test_ckpt_roundtrip.py by resharding to the same layout
+and comparing every file bit for bit.)"""
 
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from train_harness import REPO
 
-from moe_dist.checkpoint.reshard_plan import (
+from moe_dist.checkpoint.reshard import (
     _chunks,
     max_moe_group_size,
     plan_groups,
     remap_per_group,
 )
-from moe_dist.checkpoint.zero_layout import (
+from moe_dist.checkpoint.zero import (
+    DEEPSPEED_VERSIONS,
     FlatGroupLayout,
+    ZeroGroup,
     param_alignment_for,
     parameter_alignment_paddings,
 )
-from moe_dist.checkpoint.zero_state import ZeroGroup
 
 Address = namedtuple("Address", ["start", "numel"])
 
@@ -97,3 +102,13 @@ def test_scheduler_lists_follow_the_groups():
     state = {"base_lrs": [1.0, 2.0, 3.0, 3.0], "last_epoch": 7, "lr_lambdas": [None] * 4, "_last_lr": [1, 2, 3, 3]}
     assert remap_per_group(state, 4, [0, 1, 2]) == {"base_lrs": [1.0, 2.0, 3.0], "last_epoch": 7,
                                                      "lr_lambdas": [None] * 3, "_last_lr": [1, 2, 3]}
+
+
+def test_pyproject_pins_deepspeed_to_the_versions_the_reader_accepts():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    (pin,) = [d for d in dependencies if Requirement(d).name == "deepspeed"]
+    specifier = Requirement(pin).specifier
+    candidates = [f"0.19.{i}" for i in range(10)] + ["0.20.0"]
+    assert [v for v in candidates if v in specifier] == list(DEEPSPEED_VERSIONS)

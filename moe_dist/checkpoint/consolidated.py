@@ -5,6 +5,16 @@ metadata to rebuild it, in a directory:
                                           stacked [E, ...] under global ids, buffers included
     OUT/moe_dist.json                     config (moe.ep_size 1), step, tokenizer, provenance
 
+`consolidate` writes it from a training checkpoint (any EP size, any world size, ZeRO-1/2): the
+weights are the module's (what the model computed with), or with `master_weights` the fp32
+master copies rebuilt from the ZeRO partitions (what the optimizer holds; differs from the module
+only under bf16). Buffers (router statistics, frozen projections) are never in the optimizer and
+always come from the module. `save_consolidated` writes it from a single-process model.
+
+`open_checkpoint` opens what a user points a tool at, a consolidated directory or else a training
+checkpoint, and `full_state_dict` gives either one's whole model in this format's names: all
+that `inspect` and `export-hf` need.
+
 `load_consolidated` puts it into a model of any EP size, each rank reading only its own expert
 slice (safetensors are read lazily, so a rank never holds other ranks' experts).
 """
@@ -19,15 +29,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_dist.checkpoint.errors import CheckpointError
 from moe_dist.checkpoint.files import (
     SAFETENSORS,
+    WEIGHT_FORMATS,
+    CheckpointError,
+    cast_floating,
+    check_option,
+    check_output,
+    dtype_name,
     load_pt,
     read_json,
+    staged_directory,
+    torch_dtype,
     write_json,
     write_weights,
 )
-from moe_dist.checkpoint.staging import staged_directory
+from moe_dist.checkpoint.layout import ENGINE_PREFIX
+from moe_dist.checkpoint.training import TrainingCheckpoint
+from moe_dist.checkpoint.zero import check_supported, read_zero_state
 from moe_dist.common.config import ConfigError, to_dict
 from moe_dist.model.config import ModelConfig, parse_model_config
 from moe_dist.model.transformer import MoETransformer
@@ -52,14 +71,15 @@ def single_rank_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def write_consolidated(out_dir: str, state: dict[str, torch.Tensor], meta: dict[str, Any],
-                       fmt: str = SAFETENSORS) -> str:
-    """Write weights and metadata into the (staged) directory `out_dir`; returns the weights path."""
-    weights = os.path.join(out_dir, WEIGHT_FILES[fmt])
-    write_weights(weights, state, fmt, metadata={"format": FORMAT} if fmt == SAFETENSORS else None)
-    write_json(os.path.join(out_dir, META_FILE), {"format": FORMAT, "format_version": FORMAT_VERSION,
+def write_consolidated(out: str, state: dict[str, torch.Tensor], meta: dict[str, Any], fmt: str,
+                       overwrite: bool) -> str:
+    """Write weights and metadata as the directory `out` (staged: all or nothing); returns `out`."""
+    with staged_directory(out, overwrite) as tmp:
+        weights = os.path.join(tmp, WEIGHT_FILES[fmt])
+        write_weights(weights, state, fmt, metadata={"format": FORMAT} if fmt == SAFETENSORS else None)
+        write_json(os.path.join(tmp, META_FILE), {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                   "weights_file": os.path.basename(weights), **meta})
-    return weights
+    return out
 
 
 def save_consolidated(model: MoETransformer, out: str, *, data: dict[str, Any] | None = None, step: int | None = None,
@@ -75,9 +95,7 @@ def save_consolidated(model: MoETransformer, out: str, *, data: dict[str, Any] |
     state = {k: v.detach() for k, v in model.state_dict().items()}
     meta = {"config": config, "step": step, "tokenizer": None, "weights": "module", "dtype": "as saved",
             "buffers": sorted(name for name, _ in model.named_buffers() if name in state), "source": None}
-    with staged_directory(out, overwrite) as tmp:
-        write_consolidated(tmp, state, meta, fmt)
-    return out
+    return write_consolidated(out, state, meta, fmt, overwrite)
 
 
 @dataclass
@@ -97,6 +115,10 @@ class ConsolidatedCheckpoint:
     @property
     def step(self) -> int | None:
         return self.meta.get("step")
+
+    @property
+    def recorded_tokenizer(self) -> dict[str, Any] | None:
+        return self.meta.get("tokenizer")
 
     @classmethod
     def is_consolidated(cls, path: str) -> bool:
@@ -163,7 +185,7 @@ class _WeightsReader:
         """torch's dtype name ("float32", "bfloat16", "int64", ...)."""
         if self._handle is not None:
             return _SAFETENSORS_DTYPES.get(self._handle.get_slice(name).get_dtype(), "unknown")
-        return str(self._state[name].dtype).replace("torch.", "")
+        return dtype_name(self._state[name].dtype)
 
     def tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
         try:
@@ -181,6 +203,60 @@ def tensor_shapes(weights_path: str) -> tuple[dict[str, tuple[int, ...]], dict[s
         names = reader.names()
         return {n: reader.shape(n) for n in names}, {n: reader.dtype(n) for n in names}
 
+
+# ---- from a training checkpoint (or either kind) -----------------------------------------------
+
+def open_checkpoint(path: str, tag: str | None = None) -> TrainingCheckpoint | ConsolidatedCheckpoint:
+    if tag is None and ConsolidatedCheckpoint.is_consolidated(path):
+        return ConsolidatedCheckpoint.open(path)
+    return TrainingCheckpoint.open(path, tag)
+
+
+def full_state_dict(ckpt: TrainingCheckpoint | ConsolidatedCheckpoint, master_weights: bool = False,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """The ep_size=1 state dict of the checkpoint's model (module or fp32 master weights)."""
+    if isinstance(ckpt, ConsolidatedCheckpoint):
+        if master_weights:
+            raise CheckpointError(f"{ckpt.path!r} is already consolidated ({ckpt.meta.get('weights')} weights); "
+                                  f"--master-weights needs a training checkpoint with ZeRO files")
+        return ckpt.state_dict()
+    state = ckpt.module_state(progress)
+    if not master_weights:
+        return state
+    master = read_zero_state(ckpt, progress).master
+    unknown = sorted(set(master) - set(state))
+    if unknown:
+        raise CheckpointError(f"the ZeRO files of {ckpt.tag_dir!r} hold parameters {unknown} that "
+                              f"{ckpt.main_path!r} does not")
+    return {name: master.get(name, t) for name, t in state.items()}
+
+
+def consolidate(ckpt_path: str, out: str, *, tag: str | None = None, master_weights: bool = False,
+                dtype: str | None = None, fmt: str = SAFETENSORS, overwrite: bool = False,
+                progress: bool = True) -> str:
+    """Write the consolidated checkpoint of `ckpt_path` to the directory `out`; returns `out`."""
+    cast = torch_dtype(dtype)
+    check_option("weight format", fmt, WEIGHT_FORMATS)
+    check_output(out, overwrite)
+    ckpt = TrainingCheckpoint.open(ckpt_path, tag)
+    if master_weights:
+        check_supported(ckpt)
+    state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
+    meta = {
+        "config": single_rank_config(ckpt.config),
+        "step": ckpt.step,
+        "tokenizer": ckpt.recorded_tokenizer,
+        "weights": "master" if master_weights else "module",
+        # Not parameters: counted apart by `inspect`, never in an optimizer.
+        "buffers": sorted(n[len(ENGINE_PREFIX):] for n in ckpt.main.get("buffer_names", [])),
+        "dtype": dtype or "as saved",
+        "source": {"checkpoint": os.path.abspath(ckpt.tag_dir), "ep_size": ckpt.ep_size,
+                   "world_size": ckpt.world_size, "zero_stage": ckpt.zero_stage, "bf16": ckpt.bf16},
+    }
+    return write_consolidated(out, state, meta, fmt, overwrite)
+
+
+# ---- into a model of any EP size ---------------------------------------------------------------
 
 def _check_structure(stored: dict[str, Any], cfg: ModelConfig, where: str) -> None:
     ours = {"model": to_dict(cfg), "moe": to_dict(cfg.moe) if cfg.moe else None}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 
-from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.files import CheckpointError
 
 LATEST = "latest"
 

@@ -2,11 +2,19 @@
 world size), which the trainer resumes from as if it had been written by a run of that shape.
 
 Exact, not approximate: model weights are re-sliced, and the ZeRO-1/2 optimizer state (fp32
-master weights and Adam moments, flat partitions per param group) is rebuilt whole by
-`zero_state.py` and re-partitioned with DeepSpeed's layout rules (`zero_layout.py`) for the new
-world size, expert groups over their new expert-data-parallel groups (`reshard_plan.py` for the
-groups themselves). The LR scheduler, step counters and client state carry over; each rank's RNG
-state is copied for ranks that existed before (new ranks start from the trainer's seed).
+master weights and Adam moments, flat partitions per param group) is rebuilt whole by the reader
+in `zero.py` and re-partitioned with DeepSpeed's layout rules (also `zero.py`) for the new world
+size, expert groups over their new expert-data-parallel groups. The LR scheduler, step counters
+and client state carry over; each rank's RNG state is copied for ranks that existed before (new
+ranks start from the trainer's seed).
+
+The param groups. moe_dist's trainer builds its optimizer groups as `optimizer_param_groups` does
+(moe_dist/train/engine.py): dense groups, then DeepSpeed's
+`split_params_into_different_moe_groups_for_optimizer` moves the expert parameters of each group
+into a copy named `ep_size_<P>` with `moe: True` and cuts it into chunks of at most
+`max_group_size` elements of *local* parameters. At another EP size the local sizes change, so
+the chunks can too; dense groups never change. A resharded checkpoint must list exactly the
+groups the resumed run will build, or DeepSpeed's load fails (`plan_groups`).
 
 Memory: about six fp32 copies of the model (the rebuilt state and its new flat partitions).
 """
@@ -14,18 +22,21 @@ Memory: about six fp32 copies of the model (the rebuilt state and its new flat p
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils.tensor_fragment import fragment_address
 from tqdm import tqdm
 
-from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.files import CheckpointError, check_output, staged_directory
 from moe_dist.checkpoint.layout import (
     CLIENT_KEY,
     ENGINE_PREFIX,
@@ -35,26 +46,89 @@ from moe_dist.checkpoint.layout import (
     rank_state_file,
     zero_file,
 )
-from moe_dist.checkpoint.reshard_plan import PlannedGroup, plan_groups, remap_per_group
-from moe_dist.checkpoint.staging import check_output, staged_directory
-from moe_dist.checkpoint.training_source import TrainingCheckpoint
-from moe_dist.checkpoint.zero_layout import (
-    FlatGroupLayout,
-    param_alignment_for,
-    parameter_alignment_paddings,
-)
-from moe_dist.checkpoint.zero_state import (
+from moe_dist.checkpoint.training import TrainingCheckpoint
+from moe_dist.checkpoint.zero import (
     BASE_STATE,
     FP32_PARTITIONS,
     OPTIMIZER_STATE,
     ZERO_STATE_ORDER,
+    FlatGroupLayout,
+    ZeroGroup,
     ZeroState,
     check_supported,
+    param_alignment_for,
+    parameter_alignment_paddings,
+    partition_slot,
     read_zero_state,
 )
 from moe_dist.common.config import ConfigError
-from moe_dist.parallel.groups import validate_parallel_sizes
+from moe_dist.parallel.groups import expert_group_name, validate_parallel_sizes
 
+# ---- the new param groups ----------------------------------------------------------------------
+
+@dataclass
+class PlannedGroup:
+    source: int  # the checkpoint group whose hyperparameters and unpartitioned state it takes
+    hyper: dict[str, Any]
+    names: list[str]
+    is_moe: bool
+
+
+def max_moe_group_size() -> int:
+    """The chunk size the installed DeepSpeed splits expert groups at (its default argument)."""
+    return inspect.signature(split_params_into_different_moe_groups_for_optimizer).parameters["max_group_size"].default
+
+
+def _chunks(names: list[str], numel: Callable[[str], int], max_size: int) -> list[list[str]]:
+    """DeepSpeed's greedy split; it can emit an empty first chunk, which the engine drops."""
+    chunks, current, size = [], [], 0
+    for name in names:
+        n = numel(name)
+        if size + n <= max_size:
+            current.append(name)
+            size += n
+        else:
+            chunks.append(current)
+            current, size = [name], n
+    if current:
+        chunks.append(current)
+    return [c for c in chunks if c]
+
+
+def plan_groups(groups: list[ZeroGroup], local_numel: Callable[[str], int], ep_size: int,
+                max_group_size: int | None = None) -> list[PlannedGroup]:
+    """Groups for EP size `ep_size`, in the checkpoint's order. Consecutive expert groups with
+    equal hyperparameters are the chunks of one split group (the trainer derives at most one
+    expert group per dense group, and dense groups differ in weight decay) and are re-chunked
+    together with the new local sizes (`max_group_size`: DeepSpeed's default unless given)."""
+    max_group_size = max_group_size or max_moe_group_size()
+    out: list[PlannedGroup] = []
+    i = 0
+    while i < len(groups):
+        first = groups[i]
+        if not first.is_moe:
+            out.append(PlannedGroup(source=i, hyper=dict(first.hyper), names=list(first.names), is_moe=False))
+            i += 1
+            continue
+        names, j = [], i
+        while j < len(groups) and groups[j].is_moe and groups[j].hyper == first.hyper:
+            names += groups[j].names
+            j += 1
+        hyper = {**first.hyper, "name": expert_group_name(ep_size)}
+        for chunk in _chunks(names, local_numel, max_group_size):
+            out.append(PlannedGroup(source=i, hyper=hyper, names=chunk, is_moe=True))
+        i = j
+    return out
+
+
+def remap_per_group(state: dict[str, Any], n_old: int, sources: list[int]) -> dict[str, Any]:
+    """An LR scheduler state with every per-group list (length `n_old`) re-indexed to the new
+    groups: new group k takes old group `sources[k]`'s entry."""
+    return {key: [value[s] for s in sources] if isinstance(value, list) and len(value) == n_old else value
+            for key, value in state.items()}
+
+
+# ---- the new files -----------------------------------------------------------------------------
 
 @dataclass
 class ReshardResult:
@@ -72,9 +146,8 @@ class _Target:
     expert_names: set[str]
     num_local: int
 
-    def slot(self, is_moe: bool, rank: int) -> tuple[int, int]:
-        """(EP rank whose tensors the rank's partition holds, partition index)."""
-        return (rank % self.ep_size, rank // self.ep_size) if is_moe else (0, rank)
+    def slot(self, is_moe: bool, rank: int) -> tuple[int, int, int]:
+        return partition_slot(is_moe, rank, self.ep_size, self.world_size)
 
     def local(self, name: str, t: torch.Tensor, ep_rank: int) -> torch.Tensor:
         if name not in self.expert_names:
@@ -106,7 +179,7 @@ def _layouts(plan: list[PlannedGroup], shapes: dict[str, tuple[int, ...]], targe
         out.append(FlatGroupLayout(
             names=tuple(group.names), shapes=tuple(group_shapes),
             paddings=tuple(parameter_alignment_paddings([math.prod(s) for s in group_shapes], alignment)),
-            partition_count=target.world_size // target.ep_size if group.is_moe else target.world_size))
+            partition_count=target.slot(group.is_moe, 0)[2]))
     return out
 
 
@@ -127,7 +200,7 @@ def _zero_file_content(rank: int, zero: ZeroState, plan, layouts, flats, target:
                        ds_config: dict[str, Any]) -> dict[str, Any]:
     state, param_groups, fp32, paddings, slices = {}, [], [], [], []
     for k, (group, layout) in enumerate(zip(plan, layouts)):
-        ep_rank, part = target.slot(group.is_moe, rank)
+        ep_rank, part, _ = target.slot(group.is_moe, rank)
         flat = flats[(k, ep_rank)]
         fp32.append(layout.partition(flat["master"], part, lean=True))
         state[k] = {key: copy.deepcopy(v) for key, v in zero.groups[group.source].scalars.items()}

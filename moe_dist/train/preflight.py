@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
-from moe_dist.checkpoint.errors import CheckpointError
+from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.layout import read_latest
 from moe_dist.common.config import ConfigError
 from moe_dist.data.config import DataConfig

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.checkpoint.files import load_pt, require_keys
+from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
 from moe_dist.checkpoint.layout import (
     CLIENT_KEY,
     MODEL_STATES,
@@ -55,6 +54,11 @@ class TrainingCheckpoint:
     @property
     def step(self) -> int:
         return int(self.client["step"])
+
+    @property
+    def recorded_tokenizer(self) -> dict[str, Any] | None:
+        """The tokenizer identity the trainer recorded (kind, model path, sha256), if any."""
+        return self.client.get("tokenizer")
 
     @property
     def ds_config(self) -> dict[str, Any]:

@@ -1,41 +1,169 @@
-"""Our own reader of DeepSpeed ZeRO-1/2 optimizer partitions with expert parallelism: the fp32
-master weights and the optimizer state (Adam moments) of every parameter, whole, experts
-stacked under global ids. DeepSpeed's zero_to_fp32 assumes every group is partitioned over all
-ranks and so cannot do this for expert groups.
+"""DeepSpeed's ZeRO-1/2 optimizer partitions with expert parallelism: where each parameter lives
+in a flat parameter group (`runtime/zero/stage_1_and_2.py`, as pure arithmetic: no process
+group, no optimizer), and our own reader of the partition files, which rebuilds the fp32 master
+weights and the optimizer state (Adam moments) of every parameter whole, experts stacked under
+global ids. DeepSpeed's zero_to_fp32 assumes every group is partitioned over all ranks and so
+cannot do this for expert groups.
 
-Which file holds what (W ranks, expert-parallel size P, `zero_layout.py` for the flat layout):
+The flat layout. For one optimizer param group with parameters p_0..p_{n-1} (in `param_shapes`
+order) and a partition count P (the size of the group's data-parallel group: all ranks for dense
+groups, the expert-data-parallel group for expert groups):
+
+    flat = p_0 | pad_0 | p_1 | pad_1 | ... | p_{n-1} | tail      (pad_i: parameter alignment,
+                                                                  0 unless parameter_alignment)
+    len(flat) = ceil((sum numel + sum pad) / A) * A,  A = 2 * P  (nccl_start_alignment_factor 2)
+    partition q = flat[q * S : (q + 1) * S],          S = len(flat) / P
+
+Each rank saves its partition of the fp32 master weights without the tail (`group_paddings`
+says how much was cut) and its optimizer state (Adam moments) with it, as flat tensors.
+
+Which file holds what (W ranks, expert-parallel size P):
 - dense group i: partition q is in `zero_pp_rank_q`, q = 0..W-1;
 - expert group i (`moe: True`, named `ep_size_P`): partitioned over the expert-data-parallel
   group of each EP rank p, the ranks {p, p+P, p+2P, ...} (DeepSpeed's default layout, the one
   moe_dist uses); partition q of EP rank p is in `zero_pp_rank_{q*P + p}`. Its parameters are
   that EP rank's local experts [E/P, ...].
 
-Supported: the "rigid" files of DeepSpeed 0.19.8's stage-1/2 optimizer (fp32, or bf16 with bf16
-gradient accumulation). Not supported, with an error saying so: elastic_checkpoint, round-robin
-gradients, data-before-expert parallel groups, and the BF16_Optimizer's format (bf16 + ZeRO-1 +
-fp32 gradient accumulation).
+Supported: the "rigid" files of the stage-1/2 optimizer of the DeepSpeed releases in
+`DEEPSPEED_VERSIONS` (fp32, or bf16 with bf16 gradient accumulation); a checkpoint whose
+model-states file records another `ds_version` is refused. Not supported, with an error saying
+so: elastic_checkpoint, round-robin gradients, data-before-expert parallel groups, and the
+BF16_Optimizer's format (bf16 + ZeRO-1 + fp32 gradient accumulation).
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 from torch import Tensor
 from tqdm import tqdm
 
-from moe_dist.checkpoint.errors import CheckpointError
-from moe_dist.checkpoint.files import load_pt, require_keys
+from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
 from moe_dist.checkpoint.layout import strip_engine_prefix, zero_file
-from moe_dist.checkpoint.training_source import TrainingCheckpoint
-from moe_dist.checkpoint.zero_layout import FlatGroupLayout
+from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.parallel.groups import expert_group_name
+
+# The DeepSpeed releases whose stage-1/2 files this module was verified against (diffing their
+# stage_1_and_2.py, engine.py, moe/utils.py and utils/groups.py with 0.19.8's, and running
+# tests/test_ckpt_roundtrip.py under each; docs/checkpoints.md): the same flat layout, alignment
+# paddings, file names and optimizer_state_dict keys. 0.19.0-0.19.6 do not record
+# param_alignment_paddings. pyproject.toml pins deepspeed to this range.
+DEEPSPEED_VERSIONS = ("0.19.7", "0.19.8")
+
+
+# ---- the flat layout ---------------------------------------------------------------------------
+
+NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment / sizeof(fp16)
+
+
+def parameter_alignment_paddings(numels: list[int], param_alignment: int) -> list[int]:
+    """DeepSpeed's padding after each parameter: the next one starts at a multiple of
+    `param_alignment` (1 unless zero_optimization.parameter_alignment); none after the last."""
+    paddings, offset = [], 0
+    for i, n in enumerate(numels):
+        offset += n
+        pad = 0 if i == len(numels) - 1 else (-offset) % param_alignment
+        paddings.append(pad)
+        offset += pad
+    return paddings
+
+
+def param_alignment_for(parameter_alignment: bool, element_size: int) -> int:
+    return 16 // math.gcd(16, element_size) if parameter_alignment else 1
+
+
+def partition_slot(is_moe: bool, rank: int, ep_size: int, world: int) -> tuple[int, int, int]:
+    """Which partition of a param group rank `rank`'s file holds: (EP rank whose tensors the
+    partition holds, partition index, partition count). A dense group is partitioned over all
+    ranks; an expert group over the expert-data-parallel group of EP rank `rank % ep_size`."""
+    if is_moe:
+        return rank % ep_size, rank // ep_size, world // ep_size
+    return 0, rank, world
+
+
+@dataclass(frozen=True)
+class FlatGroupLayout:
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    paddings: tuple[int, ...]
+    partition_count: int
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def offsets(self) -> list[int]:
+        out, offset = [], 0
+        for n, pad in zip(self.numels, self.paddings):
+            out.append(offset)
+            offset += n + pad
+        return out
+
+    @property
+    def data_numel(self) -> int:
+        """Parameters plus their alignment paddings: the flat group without its tail."""
+        return sum(self.numels) + sum(self.paddings)
+
+    @property
+    def flat_numel(self) -> int:
+        alignment = NCCL_START_ALIGNMENT_FACTOR * self.partition_count
+        return math.ceil(self.data_numel / alignment) * alignment
+
+    @property
+    def partition_size(self) -> int:
+        return self.flat_numel // self.partition_count
+
+    def group_padding(self, partition: int) -> int:
+        """How much of `partition` is tail (DeepSpeed's `groups_padding` on that rank)."""
+        start = partition * self.partition_size
+        return self.partition_size - min(self.partition_size, max(0, self.data_numel - start))
+
+    def flatten(self, tensors_by_name: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
+        flat = torch.zeros(self.flat_numel, dtype=dtype)
+        for name, offset, n in zip(self.names, self.offsets, self.numels):
+            flat[offset:offset + n] = tensors_by_name[name].reshape(-1)
+        return flat
+
+    def partition(self, flat: Tensor, partition: int, lean: bool) -> Tensor:
+        """Partition `partition` of a full flat tensor; `lean` cuts its tail (as master weights
+        are saved), otherwise it keeps the full partition size (as optimizer state is)."""
+        start = partition * self.partition_size
+        size = self.partition_size - (self.group_padding(partition) if lean else 0)
+        return flat[start:start + size].clone()
+
+    def unflatten(self, lean_flat: Tensor) -> dict[str, Tensor]:
+        """Parameters from the concatenated lean partitions (length `data_numel`)."""
+        if lean_flat.numel() != self.data_numel:
+            raise ValueError(f"the lean partitions hold {lean_flat.numel()} elements, the parameters "
+                             f"{list(self.names)} and their paddings need {self.data_numel}")
+        return {name: lean_flat[offset:offset + math.prod(shape)].view(shape)
+                for name, shape, offset in zip(self.names, self.shapes, self.offsets)}
+
+    def slice_mappings(self, partition: int, fragment_address) -> OrderedDict:
+        """DeepSpeed's `param_slice_mappings` entry for `partition`: the part of each parameter
+        inside it, as `fragment_address(start within the partition, numel)`."""
+        lo = partition * self.partition_size
+        hi = lo + self.partition_size
+        out = OrderedDict()
+        for name, offset, n in zip(self.names, self.offsets, self.numels):
+            start, end = max(offset, lo), min(offset + n, hi)
+            if start < end:
+                out[name] = fragment_address(start=start - lo, numel=end - start)
+        return out
+
+
+# ---- the partition files -----------------------------------------------------------------------
 
 OPTIMIZER_STATE = "optimizer_state_dict"
 BASE_STATE = "base_optimizer_state"
 FP32_PARTITIONS = "single_partition_of_fp32_groups"
-# The optimizer_state_dict of DeepSpeed 0.19.8's stage-1/2 optimizer, in its order.
+# The optimizer_state_dict of DeepSpeed's stage-1/2 optimizer (DEEPSPEED_VERSIONS), in its order.
 ZERO_STATE_ORDER = ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad", BASE_STATE, FP32_PARTITIONS,
                     "zero_stage", "group_paddings", "param_alignment_paddings", "partition_count", "ds_version",
                     "param_slice_mappings")
@@ -66,7 +194,22 @@ class ZeroState:
     unknown_keys: list[str] = field(default_factory=list)
 
 
+def check_deepspeed_version(ckpt: TrainingCheckpoint) -> None:
+    """The DeepSpeed that wrote the checkpoint (its `ds_version`) must be one whose partition
+    layout this reader knows."""
+    recorded = ckpt.main.get("ds_version")
+    try:
+        release = Version(str(recorded)).base_version  # "0.19.8+cu124" is 0.19.8
+    except InvalidVersion:
+        release = None
+    if release not in DEEPSPEED_VERSIONS:
+        raise CheckpointError(f"{ckpt.main_path!r} was written by DeepSpeed {recorded!r} (its ds_version); the ZeRO "
+                              f"optimizer partitions can be read for DeepSpeed {', '.join(DEEPSPEED_VERSIONS)} only, "
+                              f"the versions whose stage-1/2 layout was verified (docs/checkpoints.md)")
+
+
 def check_supported(ckpt: TrainingCheckpoint) -> None:
+    check_deepspeed_version(ckpt)
     ds = ckpt.ds_config
     zero = ds.get("zero_optimization", {})
     where = f"{ckpt.main_path!r} (ds_config)"
@@ -79,13 +222,6 @@ def check_supported(ckpt: TrainingCheckpoint) -> None:
     if ds.get("use_data_before_expert_parallelism", False):
         raise CheckpointError(f"{where}: use_data_before_expert_parallelism is true; moe_dist's expert "
                               f"groups use DeepSpeed's default layout")
-
-
-def _group_slot(is_moe: bool, rank: int, ep_size: int, world: int) -> tuple[int, int, int]:
-    """(EP rank whose tensors the partition holds, partition index, partition count)."""
-    if is_moe:
-        return rank % ep_size, rank // ep_size, world // ep_size
-    return 0, rank, world
 
 
 def _layout(ckpt: TrainingCheckpoint, i: int, paddings: list[int], count: int) -> FlatGroupLayout:
@@ -137,7 +273,7 @@ def read_zero_state(ckpt: TrainingCheckpoint, progress: bool = True) -> ZeroStat
             if is_moe and hyper.get("name") != expert_group_name(P):
                 raise CheckpointError(f"{path!r}: expert param group {i} is named {hyper.get('name')!r}, expected "
                                       f"{expert_group_name(P)!r} (the config's moe.ep_size {P})")
-            ep_rank, part, count = _group_slot(is_moe, rank, P, W)
+            ep_rank, part, count = partition_slot(is_moe, rank, P, W)
             if osd["partition_count"][i] != count:
                 raise CheckpointError(f"{path!r}: param group {i} ({hyper.get('name')!r}) is split into "
                                       f"{osd['partition_count'][i]} partitions, expected {count} (world size {W}, "
