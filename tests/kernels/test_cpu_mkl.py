@@ -85,3 +85,32 @@ def test_segment_ops_read_expanded_stacks_in_place_and_write_only_contiguous_one
     for out in (shared, torch.empty(experts, out_width, in_width).transpose(1, 2)):
         with pytest.raises(ValueError, match=r"out must be a contiguous \[2048, 64, 64\] tensor"):
             mkl_grouped.segment_outer(x, g, counts, out=out)
+
+
+@needs_mkl
+def test_gather_backward_holds_one_chunk_at_a_time():
+    """The chunked backward frees each chunk's [rows, D] temporaries (its regathered rows, then
+    its input gradient) before the next one exists: its peak is the two gradients it returns plus
+    one such temporary. A name left bound to a chunk's input gradient adds a second."""
+    experts, rows_each, d_model, width = 32, 128, 64, 256
+    source = torch.randn(2048, d_model, requires_grad=True)
+    index = torch.randint(0, 2048, (experts * rows_each,))
+    w = torch.randn(experts, d_model, width, requires_grad=True)
+    counts = [rows_each] * experts
+    chunks = mkl_grouped._expert_chunks(counts, mkl_grouped._GatherSegmentMatmul.CHUNKS,
+                                        mkl_grouped._GatherSegmentMatmul.MIN_EXPERTS_PER_CHUNK)
+    assert len(chunks) == 2
+    grad = torch.randn(experts * rows_each, width)
+    mib = 2.0**-20 * 4  # fp32 bytes -> MiB
+    chunk_rows = max(r1 - r0 for _, _, r0, r1 in chunks)
+    returned = (source.numel() + w.numel()) * mib
+    one_temporary = chunk_rows * d_model * mib
+
+    def backward():
+        y = mkl_grouped.gather_segment_matmul(source, index, w, counts)
+        return peak_mib(lambda: y.backward(grad))
+
+    backward()  # warm: one-time allocations (the kernels' self-checks) are not the step's
+    source.grad = w.grad = None
+    peak = backward()
+    assert peak <= returned + one_temporary + 0.05, (peak, returned, one_temporary)

@@ -280,8 +280,9 @@ class _GatherSegmentMatmul(torch.autograd.Function):
             if dw is not None:
                 segment_outer(source.index_select(0, rows), grad[r0:r1], counts, out=dw[e0:e1])
             if d_source is not None:
-                dx = segment_mm(grad[r0:r1], w_stack[e0:e1], counts, transpose_w=True)
-                d_source.index_add_(0, rows, dx)
+                # A temporary, not a name: a chunk's input gradient must be freed before the
+                # next chunk's is computed, or two of them are alive at the layer's peak.
+                d_source.index_add_(0, rows, segment_mm(grad[r0:r1], w_stack[e0:e1], counts, transpose_w=True))
         return d_source, None, dw, None
 
 
