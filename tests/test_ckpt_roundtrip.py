@@ -18,16 +18,8 @@ import torch
 from ckpt_harness import N, fixed_tokens, read_losses, training_worker
 from train_harness import REPO, run_deepspeed_ranks
 
-from moe_dist.checkpoint import (
-    CheckpointError,
-    ConsolidatedCheckpoint,
-    TrainingCheckpoint,
-    consolidate,
-    load_consolidated,
-    open_checkpoint,
-    reshard,
-    summarize,
-)
+from moe_dist.checkpoint import (CheckpointError, ConsolidatedCheckpoint, TrainingCheckpoint, consolidate,
+                                 load_consolidated, open_checkpoint, reshard, summarize)
 from moe_dist.checkpoint.cli import main as cli_main
 from moe_dist.checkpoint.consolidated import single_rank_config
 from moe_dist.checkpoint.layout import tag_for_step

@@ -9,11 +9,7 @@ import pytest
 
 from moe_dist.common.config import ConfigError
 from moe_dist.data.config import DataConfig
-from moe_dist.data.labels import (
-    global_domain_ids,
-    label_sidecar_paths,
-    write_label_sidecars,
-)
+from moe_dist.data.labels import global_domain_ids, label_sidecar_paths, write_label_sidecars
 
 
 @pytest.fixture

@@ -6,11 +6,7 @@ import itertools
 import pytest
 import torch
 
-from moe_dist.routing.regularizers import (
-    normalized_distances,
-    sample_similarity_loss,
-    subsample,
-)
+from moe_dist.routing.regularizers import normalized_distances, sample_similarity_loss, subsample
 from moe_dist.study.sample_similarity_paper import sample_similarity_paper
 
 

@@ -12,17 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from train_harness import (
-    REPO,
-    assert_launch_ok,
-    free_port,
-    launch,
-    logged_losses,
-    tensorboard_scalars,
-    tensorboard_tags,
-    tiny_config,
-    write_yaml,
-)
+from train_harness import (REPO, assert_launch_ok, free_port, launch, logged_losses, tensorboard_scalars,
+                           tensorboard_tags, tiny_config, write_yaml)
 
 FORTUNES = sorted(glob.glob(os.path.join(REPO, "..", "shared", "data", "fortunes_*.jsonl")))
 RECORDS_PER_LANGUAGE = 300

@@ -11,13 +11,8 @@ CLI: tools/convert_checkpoint.py; formats and mappings: docs/checkpoints.md.
 """
 
 from moe_dist.checkpoint.cli import summarize
-from moe_dist.checkpoint.consolidated import (
-           ConsolidatedCheckpoint,
-           consolidate,
-           load_consolidated,
-           open_checkpoint,
-           save_consolidated,
-)
+from moe_dist.checkpoint.consolidated import (ConsolidatedCheckpoint, consolidate, load_consolidated,
+                                              open_checkpoint, save_consolidated)
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.hf_export import export_hf
 from moe_dist.checkpoint.reshard import reshard

@@ -18,18 +18,9 @@ from typing import Any
 
 import yaml
 
-from moe_dist.checkpoint.consolidated import (
-    ConsolidatedCheckpoint,
-    consolidate,
-    open_checkpoint,
-    tensor_shapes,
-)
-from moe_dist.checkpoint.files import (
-    DTYPES,
-    WEIGHT_FORMATS,
-    CheckpointError,
-    dtype_name,
-)
+from moe_dist.checkpoint.consolidated import (ConsolidatedCheckpoint, consolidate, open_checkpoint,
+                                              tensor_shapes)
+from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError, dtype_name
 from moe_dist.checkpoint.hf_export import ARCHITECTURES, export_hf
 from moe_dist.checkpoint.layout import is_expert_key, strip_engine_prefix
 from moe_dist.checkpoint.reshard import reshard

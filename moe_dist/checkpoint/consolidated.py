@@ -29,21 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_dist.checkpoint.files import (
-    SAFETENSORS,
-    WEIGHT_FORMATS,
-    CheckpointError,
-    cast_floating,
-    check_option,
-    check_output,
-    dtype_name,
-    load_pt,
-    read_json,
-    staged_directory,
-    torch_dtype,
-    write_json,
-    write_weights,
-)
+from moe_dist.checkpoint.files import (SAFETENSORS, WEIGHT_FORMATS, CheckpointError, cast_floating,
+                                       check_option, check_output, dtype_name, load_pt, read_json,
+                                       staged_directory, torch_dtype, write_json, write_weights)
 from moe_dist.checkpoint.layout import ENGINE_PREFIX
 from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.checkpoint.zero import check_supported, read_zero_state

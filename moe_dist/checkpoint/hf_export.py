@@ -56,22 +56,10 @@ import torch
 from torch import Tensor
 
 from moe_dist.checkpoint import hf_remote_code
-from moe_dist.checkpoint.consolidated import (
-    full_state_dict,
-    open_checkpoint,
-)
-from moe_dist.checkpoint.files import (
-    SAFETENSORS,
-    CheckpointError,
-    cast_floating,
-    check_option,
-    check_output,
-    dtype_name,
-    staged_directory,
-    torch_dtype,
-    write_json,
-    write_weights,
-)
+from moe_dist.checkpoint.consolidated import full_state_dict, open_checkpoint
+from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, cast_floating, check_option,
+                                       check_output, dtype_name, staged_directory, torch_dtype, write_json,
+                                       write_weights)
 from moe_dist.common.config import to_dict
 from moe_dist.model.config import ModelConfig
 

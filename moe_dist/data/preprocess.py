@@ -18,11 +18,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
 from moe_dist.common.atomic import check_output_file, staged_files
-from moe_dist.data.labels import (
-    encode_labels,
-    label_sidecar_paths,
-    write_label_sidecars,
-)
+from moe_dist.data.labels import encode_labels, label_sidecar_paths, write_label_sidecars
 from moe_dist.data.text_sources import load_corpus
 
 

@@ -16,12 +16,7 @@ from torch import Tensor
 
 from moe_dist.common.seeding import init_generator
 from moe_dist.kernels import grouped_mm
-from moe_dist.routing.comet import (
-    EXPERT_MASK_KEY,
-    active_units,
-    frozen_projection,
-    kwta_mask,
-)
+from moe_dist.routing.comet import EXPERT_MASK_KEY, active_units, frozen_projection, kwta_mask
 
 
 def expert_mask_projections(num_local: int, first_expert: int, d_model: int, d_ff: int, *, seed: int,

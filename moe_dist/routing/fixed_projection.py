@@ -34,12 +34,7 @@ from torch import Tensor
 from moe_dist.common.config import check, check_choice
 from moe_dist.common.seeding import init_generator
 from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
-from moe_dist.routing.comet import (
-    FIXED_ROUTING_KEY,
-    active_units,
-    frozen_projection,
-    kwta_mask,
-)
+from moe_dist.routing.comet import FIXED_ROUTING_KEY, active_units, frozen_projection, kwta_mask
 from moe_dist.routing.fp32_buffers import FP32Buffers
 from moe_dist.routing.inhibition import STATISTICS, PopulationInhibition
 from moe_dist.routing.topk import nudge_selection_bias

@@ -12,10 +12,7 @@ from typing import Any
 from moe_dist.common.config import ConfigError, from_dict
 from moe_dist.routing.attentive import AttentiveConfig, AttentiveRouter
 from moe_dist.routing.base import Router, RouterConfig
-from moe_dist.routing.fixed_projection import (
-    FixedProjectionConfig,
-    FixedProjectionRouter,
-)
+from moe_dist.routing.fixed_projection import FixedProjectionConfig, FixedProjectionRouter
 from moe_dist.routing.inhibition import InhibitionConfig, InhibitionRouter
 from moe_dist.routing.topk import TopKRouter, TopKRouterConfig
 

@@ -12,13 +12,7 @@ from torch import Tensor
 
 from moe_dist.common.seeding import init_generator
 from moe_dist.moe.experts import DenseFFN, ffn_activation
-from moe_dist.routing.comet import (
-    FFN_MASK_KEY,
-    FFN_WEIGHTS_KEY,
-    active_units,
-    frozen_projection,
-    kwta_mask,
-)
+from moe_dist.routing.comet import FFN_MASK_KEY, FFN_WEIGHTS_KEY, active_units, frozen_projection, kwta_mask
 from moe_dist.routing.fp32_buffers import FP32Buffers
 
 

@@ -19,12 +19,7 @@ from torch import Tensor, nn
 from moe_dist.common.seeding import init_generator
 from moe_dist.routing.comet import FFN_MASK_KEY, active_units
 from moe_dist.study.comet_ffn import CometMask
-from moe_dist.study.digits_data import (
-    NUM_CLASSES,
-    NUM_PIXELS,
-    digits_split,
-    minibatch_indices,
-)
+from moe_dist.study.digits_data import NUM_CLASSES, NUM_PIXELS, digits_split, minibatch_indices
 from moe_dist.study.seeds import seed_stats
 from moe_dist.study.tasks import Task
 

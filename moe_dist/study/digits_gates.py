@@ -26,12 +26,7 @@ from torch import Tensor
 from moe_dist.moe.stats import entropy, expert_label_counts, mutual_information
 from moe_dist.routing.losses import importance_cv2
 from moe_dist.study.attentive_mixture import AttentiveMixture
-from moe_dist.study.digits_data import (
-    NUM_CLASSES,
-    NUM_PIXELS,
-    digits_split,
-    minibatch_indices,
-)
+from moe_dist.study.digits_data import NUM_CLASSES, NUM_PIXELS, digits_split, minibatch_indices
 from moe_dist.study.sample_similarity_paper import sample_similarity_paper
 from moe_dist.study.seeds import seed_stats
 from moe_dist.study.softmax_mixture import SoftmaxGateMixture

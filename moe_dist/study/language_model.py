@@ -26,13 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist.model import MoETransformer, parse_model_config
-from moe_dist.study.lm_corpus import (
-    Corpus,
-    load_corpus,
-    prepare_corpus,
-    train_batch,
-    valid_batches,
-)
+from moe_dist.study.lm_corpus import Corpus, load_corpus, prepare_corpus, train_batch, valid_batches
 from moe_dist.study.seeds import seed_stats
 from moe_dist.study.tasks import Task
 from moe_dist.train.moe_metrics import MoEStatsAccumulator

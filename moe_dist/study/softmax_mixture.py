@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_dist.study.attentive_mixture import (
-    AttentiveMixtureOutput,
-    MLPMixture,
-    masked_softmax,
-)
+from moe_dist.study.attentive_mixture import AttentiveMixtureOutput, MLPMixture, masked_softmax
 
 
 class SoftmaxGateMixture(MLPMixture):

@@ -15,13 +15,7 @@ from typing import Any
 
 import torch
 
-from moe_dist.study import (
-    comet_width,
-    common_mode,
-    digits_gates,
-    figures,
-    language_model,
-)
+from moe_dist.study import comet_width, common_mode, digits_gates, figures, language_model
 from moe_dist.study.claims import evaluate_claims
 from moe_dist.study.report import render_report
 from moe_dist.study.tasks import run_tasks

@@ -29,13 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_dist.checkpoint.layout import (
-    LATEST,
-    experts_file,
-    rank_state_file,
-    read_latest,
-    tag_for_step,
-)
+from moe_dist.checkpoint.layout import LATEST, experts_file, rank_state_file, read_latest, tag_for_step
 from moe_dist.common.atomic import write_text_atomic
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.parallel import runtime

@@ -18,14 +18,7 @@ from typing import Any
 
 import yaml
 
-from moe_dist.common.config import (
-    ConfigError,
-    check,
-    check_choice,
-    check_int,
-    from_dict,
-    to_dict,
-)
+from moe_dist.common.config import ConfigError, check, check_choice, check_int, from_dict, to_dict
 from moe_dist.data.config import DataConfig
 from moe_dist.model.config import ModelConfig, parse_model_config
 
