@@ -55,10 +55,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
         B, S, _ = x_BSD.shape
         H, Y, A = self.n_heads, self.n_kv_heads, self.head_dim
-        q_BSHA, k_BSYA, v_BSYA = self.qkv(x_BSD).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+        # q: [B, S, H*A], k and v: [B, S, Y*A]
+        q, k, v = self.qkv(x_BSD).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         if self.qk_norm == "full":  # OLMoE: before the split into heads
-            q_BSHA, k_BSYA = self.q_norm(q_BSHA), self.k_norm(k_BSYA)
-        q_BSHA, k_BSYA, v_BSYA = q_BSHA.view(B, S, H, A), k_BSYA.view(B, S, Y, A), v_BSYA.view(B, S, Y, A)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BSHA, k_BSYA, v_BSYA = q.view(B, S, H, A), k.view(B, S, Y, A), v.view(B, S, Y, A)
         if self.qk_norm == "head":  # Qwen3: each head's width, one weight for all heads
             q_BSHA, k_BSYA = self.q_norm(q_BSHA), self.k_norm(k_BSYA)
         q_BHSA = apply_rotary(q_BSHA.transpose(1, 2), cos_SR, sin_SR)
