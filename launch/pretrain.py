@@ -7,7 +7,9 @@
 
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
-Configuration errors are reported before any process group or model exists, exit status 2.
+Configuration errors are reported before any process group or model exists, exit status 2 (so is
+a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock). A
+full disk at a checkpoint exits with status 28 (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+import pytest
 from train_harness import run_deepspeed_ranks, tiny_config
 
 from moe_dist.checkpoint import cli
@@ -60,6 +61,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             json.dump(report, f)
 
 
+@pytest.mark.slow  # ~30 s: three trainings of 2 ranks
 def test_save_before_eval_partial_tags_keep_last_and_run_id(tmp_path):
     run_deepspeed_ranks(_worker, 2, str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())

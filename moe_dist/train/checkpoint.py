@@ -120,7 +120,7 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
             fsync_file(path)
     except Exception as e:
         full = disk.no_space_error(e, checkpoint_dir, tag, latest,
-                                   disk.tree_bytes(last_dir) if last_dir else None)
+                                   disk.tree_bytes(last_dir) if last_dir else None, remove=rank == 0)
         if full is None:
             raise
         raise full from e

@@ -86,18 +86,25 @@ def probe_no_space(folder: str, size: int = MB) -> bool:
 
 
 def no_space_error(exc: BaseException, checkpoint_dir: str, tag: str, latest: str | None,
-                   needed: int | None = None) -> DiskSpaceError | None:
-    """The plain error for a save that failed because the disk is full, else None. Removes the
-    partial tag directory when it is that."""
+                   needed: int | None = None, remove: bool = True) -> DiskSpaceError | None:
+    """The plain error for a save that failed because the disk is full, else None. With `remove`
+    (rank 0 only: its probe must come before anyone frees space) the partial tag is removed; a
+    tag directory that vanished meanwhile was removed by rank 0 for this reason."""
     tag_dir = os.path.join(checkpoint_dir, tag)
-    if not (_errno_in_chain(exc) or probe_no_space(tag_dir if os.path.isdir(tag_dir) else checkpoint_dir)):
+    if not os.path.isdir(tag_dir):
+        full = not remove or _errno_in_chain(exc) or probe_no_space(checkpoint_dir)
+    else:
+        full = _errno_in_chain(exc) or probe_no_space(tag_dir)
+    if not full:
         return None
     written = tree_bytes(tag_dir)
-    shutil.rmtree(tag_dir, ignore_errors=True)
+    if remove:
+        shutil.rmtree(tag_dir, ignore_errors=True)
     free = free_bytes(checkpoint_dir)
     kept = f"the previous checkpoint {latest!r} is intact" if latest else "no checkpoint was committed"
     need = f"it needs ~{needed / MB:.1f} MB (the size of the last one), " if needed else ""
+    removed = "was removed" if remove else "is removed by rank 0"
     return DiskSpaceError(f"no space left on device while saving checkpoint {tag!r} in {checkpoint_dir!r}: "
                           f"{need}{written / MB:.1f} MB had been written, {free / MB:.1f} MB free now "
-                          f"({type(exc).__name__}: {str(exc)[:160]}); the partial tag was removed and {kept}. "
+                          f"({type(exc).__name__}: {str(exc)[:160]}); the partial tag {removed} and {kept}. "
                           f"Free space (or set train.keep_last) and resume with --resume")
