@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
 from moe_dist.train.disk import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
-from moe_dist.train.trainer import pretrain  # noqa: E402
+from moe_dist.train.run_dir import claim  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     try:
         cfg = load_run_config(args.config, overrides)
+        # The run lock before the trainer's imports (tens of seconds on a loaded node): a second
+        # job on this checkpoint_dir is refused in seconds. Preflight checks the rest under it.
+        run = claim(cfg.train.checkpoint_dir, args.resume, args.break_lock)
+        from moe_dist.train.trainer import pretrain
+
         pretrain(cfg, resume=args.resume, stop_at_step=args.stop_at_step, config_path=args.config,
-                 break_lock=args.break_lock)
+                 break_lock=args.break_lock, run=run)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -69,7 +69,7 @@ def check_init_from(path: str | None) -> None:
 
 
 def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False,
-              break_lock: bool = False) -> Preflight:
+              break_lock: bool = False, run: run_dir.RunDir | None = None) -> Preflight:
     moe = cfg.model.moe
     if moe is not None:
         validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
@@ -86,7 +86,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
                           f"model.num_labels is {cfg.model.num_labels}; set it to at least "
                           f"{len(domain_names)}")
     # The lock first: the checks of the directory's contents mean something only under it.
-    run = run_dir.claim(cfg.train.checkpoint_dir, resume, break_lock)
+    run = run or run_dir.claim(cfg.train.checkpoint_dir, resume, break_lock)
     try:
         check_checkpoint_dir(cfg.train.checkpoint_dir, resume)
         if run is not None and resume:

@@ -248,10 +248,11 @@ class Trainer:
 
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None = None,
-             config_path: str | None = None, break_lock: bool = False) -> TrainResult:
-    """Validate everything, then train. Collective: every rank calls it with the same arguments."""
+             config_path: str | None = None, break_lock: bool = False, run=None) -> TrainResult:
+    """Validate everything, then train. Collective: every rank calls it with the same arguments.
+    `run`: rank 0's claim on the checkpoint directory if the caller made it (run_dir.claim)."""
     checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume,
-                       break_lock=break_lock)
+                       break_lock=break_lock, run=run)
     try:
         trainer = Trainer(cfg, checks, config_path)
         return trainer.run(resume=resume, stop_at_step=stop_at_step)
