@@ -11,6 +11,7 @@ import time
 from collections import namedtuple
 
 import pytest
+import torch
 from fault_harness import enospc_shim, full_disk_env
 from train_harness import free_port, launch, tiny_config, write_yaml
 
@@ -26,7 +27,7 @@ MB = 1024 * 1024
 def make_tag(ckpt, step: int, complete: bool = True, size: int = 1000):
     tag_dir = ckpt / f"step_{step:08d}"
     tag_dir.mkdir(parents=True)
-    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x" * size)
+    torch.save({"run_id": "run", "pad": torch.zeros(size, dtype=torch.uint8)}, tag_dir / "mp_rank_00_model_states.pt")
     if complete:
         write_marker(str(tag_dir), "run", step)
     return tag_dir
@@ -149,3 +150,17 @@ def test_a_full_disk_during_a_save_stops_plainly_and_keeps_the_last_checkpoint(t
                    "--resume", "--break_lock"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert read_latest(str(ckpt)) == "step_00000004"
+
+
+def test_inspect_flags_a_partial_tag_and_never_calls_it_fine(tmp_path, capsys):
+    from moe_dist.checkpoint import cli
+
+    make_tag(tmp_path, 2)
+    (tmp_path / "latest").write_text("step_00000002")
+    make_tag(tmp_path, 4, complete=False)
+    assert cli.main(["inspect", str(tmp_path), "--tag", "step_00000004"]) == cli.EXIT_INCOMPLETE
+    err = capsys.readouterr().err
+    assert "tag 'step_00000004' is incomplete: no completion marker and newer than 'latest' ('step_00000002')" in err
+    report = cli.tag_report(str(tmp_path / "step_00000002"), None)
+    assert report["status"] == "complete" and report["problems"] == []
+    assert report["tags"] == {"step_00000002": "complete", "step_00000004": "partial"}
