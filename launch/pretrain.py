@@ -7,7 +7,9 @@
 
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
-Configuration errors are reported before any process group or model exists, exit status 2.
+Configuration errors are reported before any process group or model exists, exit status 2 (so is
+a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock). A
+full disk at a checkpoint exits with status 28 (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
-from moe_dist.train.trainer import pretrain  # noqa: E402
+from moe_dist.train.disk import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
+from moe_dist.train.run_dir import claim  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "schedule still spans train.steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
+    p.add_argument("--break_lock", action="store_true",
+                   help="take over train.checkpoint_dir's run.lock left by a run that is gone (never one "
+                        "that runs on this host)")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
@@ -49,10 +55,19 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     try:
         cfg = load_run_config(args.config, overrides)
-        pretrain(cfg, resume=args.resume, stop_at_step=args.stop_at_step, config_path=args.config)
+        # The run lock before the trainer's imports (tens of seconds on a loaded node): a second
+        # job on this checkpoint_dir is refused in seconds. Preflight checks the rest under it.
+        run = claim(cfg.train.checkpoint_dir, args.resume, args.break_lock)
+        from moe_dist.train.trainer import pretrain
+
+        pretrain(cfg, resume=args.resume, stop_at_step=args.stop_at_step, config_path=args.config,
+                 break_lock=args.break_lock, run=run)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    except DiskSpaceError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NO_SPACE
     return 0
 
 

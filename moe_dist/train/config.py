@@ -69,6 +69,7 @@ class TrainSection:
     eval_iters: int = 4  # validation micro batches per rank
     checkpoint_interval: int = 0  # 0: only at the end (when checkpoint_dir is set)
     checkpoint_dir: str | None = None
+    keep_last: int | None = None  # keep the newest N complete checkpoints (None: all)
     tensorboard_dir: str | None = None
     seed: int = 1234  # model initialization and per-rank RNG streams
     # A consolidated checkpoint (tools/convert_checkpoint.py consolidate) to start from, at any
@@ -83,6 +84,8 @@ class TrainSection:
             check_int(f"train.{name}", getattr(self, name), minimum)
         if self.global_batch is not None:
             check_int("train.global_batch", self.global_batch, 1)
+        if self.keep_last is not None:
+            check_int("train.keep_last", self.keep_last, 1)
         check(isinstance(self.deepspeed_config, str) and self.deepspeed_config != "",
               f"train.deepspeed_config must be the path of a DeepSpeed JSON, got {self.deepspeed_config!r}")
         for name in ("lr", "min_lr", "weight_decay", "adam_eps"):

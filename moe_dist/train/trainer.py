@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_dist.checkpoint.consolidated import load_consolidated
+from moe_dist.checkpoint.tags import RUN_ID_KEY
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.model.transformer import MoETransformer
@@ -70,6 +71,9 @@ class Trainer:
         configure_cpu_malloc(cfg.cpu.keep_freed_memory)
         runtime.init_distributed()
         self.rank, self.world = runtime.rank(), runtime.world_size()
+        # Rank 0's run id on every rank; DeepSpeed stores its config in each of its files.
+        self.run_id = runtime.broadcast_object(checks.run.run_id if checks.run else None)
+        checks.ds_config = {**checks.ds_config, RUN_ID_KEY: self.run_id}
         moe = cfg.model.moe
         self.groups = (ParallelGroups.from_deepspeed(moe.ep_size, moe.num_experts) if moe is not None
                        else ParallelGroups(world_size=self.world, rank=self.rank, ep_size=1))
@@ -108,7 +112,7 @@ class Trainer:
     def save(self) -> None:
         t0 = time.perf_counter()
         tag = checkpoint.save(self.engine, self.cfg.train.checkpoint_dir, self.step, self.client_state(),
-                              self.groups)
+                              self.groups, run_id=self.run_id, keep_last=self.cfg.train.keep_last)
         log0(f"saved checkpoint {tag} in {time.perf_counter() - t0:.1f}s")
 
     def resume(self) -> None:
@@ -218,13 +222,14 @@ class Trainer:
                 self.log_interval(progress, loss, aux_mean, lr, stats)
                 interval_lm, interval_aux, interval_steps = 0.0, 0.0, 0
                 stats.reset()
+            # Save before evaluating: a failing evaluation must not cost the step's checkpoint.
+            if train.checkpoint_dir and ((train.checkpoint_interval and self.step % train.checkpoint_interval == 0)
+                                         or self.step == end):
+                self.save()
             if (train.eval_interval and self.step % train.eval_interval == 0) or self.step == train.steps:
                 val = self.evaluate()
                 if val is not None:
                     result.val_losses[self.step] = val
-            if train.checkpoint_dir and ((train.checkpoint_interval and self.step % train.checkpoint_interval == 0)
-                                         or self.step == end):
-                self.save()
         result.step = self.step
         log0(f"done: step {self.step} in {format_duration(time.perf_counter() - t_start)}")
         self.tb.close()
@@ -243,8 +248,14 @@ class Trainer:
 
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None = None,
-             config_path: str | None = None) -> TrainResult:
-    """Validate everything, then train. Collective: every rank calls it with the same arguments."""
-    checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume)
-    trainer = Trainer(cfg, checks, config_path)
-    return trainer.run(resume=resume, stop_at_step=stop_at_step)
+             config_path: str | None = None, break_lock: bool = False, run=None) -> TrainResult:
+    """Validate everything, then train. Collective: every rank calls it with the same arguments.
+    `run`: rank 0's claim on the checkpoint directory if the caller made it (run_dir.claim)."""
+    checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume,
+                       break_lock=break_lock, run=run)
+    try:
+        trainer = Trainer(cfg, checks, config_path)
+        return trainer.run(resume=resume, stop_at_step=stop_at_step)
+    finally:
+        if checks.run is not None:
+            checks.run.release()
