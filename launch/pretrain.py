@@ -8,11 +8,15 @@
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
 Configuration errors are reported before any process group or model exists, exit status 2.
+Other exit statuses (moe_dist/train/exits.py, docs/launch.md): 3 non-finite training stopped,
+4 watchdog (no step within train.watchdog_timeout), 75 stopped by SIGTERM/SIGINT/SIGUSR1 after
+committing a checkpoint (resume with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -23,6 +27,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
+from moe_dist.train.exits import RunStopped  # noqa: E402
 from moe_dist.train.trainer import pretrain  # noqa: E402
 
 
@@ -53,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RunStopped as e:
+        print(f"rank {os.environ.get('RANK', '0')}: {e} (exit {e.code})", file=sys.stderr, flush=True)
+        return e.code
     return 0
 
 
