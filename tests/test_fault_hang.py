@@ -83,6 +83,7 @@ def test_sigstop_of_one_rank_ends_the_job_with_stacks_and_the_slowest_rank(tmp_p
         assert "slowest: rank(s) 1 (heartbeat silent" in out, out[-5000:]
         assert "most recent call first" in out  # faulthandler's stacks of rank 0's threads
         assert "moe_dist-heartbeat" in out or "Thread 0x" in out
+        print(next(line for line in out.splitlines() if line.startswith("watchdog: rank 0")))
         print(f"SIGSTOP -> job exit {returncode} after {elapsed:.1f}s (watchdog {watchdog_s}s)")
     finally:
         run.cleanup()

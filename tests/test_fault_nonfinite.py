@@ -85,7 +85,12 @@ def test_a_huge_lr_skips_counts_and_stops_with_only_finite_checkpoints(tmp_path)
     assert "skipped the optimizer step, not finite: rank 0: gradient norm" in out, out[-5000:]
     assert "max_consecutive_skips is 3" in out
     assert "| skipped 2" in out  # the log line counts them
-    assert max(v for _, v in tensorboard_scalars(str(tb))["train/skipped_steps"]) >= 2
+    scalars = tensorboard_scalars(str(tb))
+    assert max(v for _, v in scalars["train/skipped_steps"]) >= 2
+    for tag in ("train/step_time_min", "train/step_time_max", "train/step_time_slowest_rank"):
+        assert tag in scalars, f"missing {tag}: {sorted(scalars)}"
+    assert all(v in (0.0, 1.0) for _, v in scalars["train/step_time_slowest_rank"])
+    print(next(line for line in out.splitlines() if "stopping: train.max_consecutive" in line))
     tags = sorted(os.path.basename(d) for d in glob.glob(str(ckpt / "step_*")))
     assert tags and read_latest(str(ckpt)) == tags[-1]
     checked = 0
@@ -97,3 +102,70 @@ def test_a_huge_lr_skips_counts_and_stops_with_only_finite_checkpoints(tmp_path)
     stopped = int(re.search(r"step (\d+): skipped the optimizer step[^\n]*stopping: train.max_consecutive", out)[1])
     assert int(tags[-1].split("_")[1]) < stopped, "a flagged step was committed"
     assert math.isfinite(float(out.split("| loss ")[1].split()[0]))
+
+
+SKIP_AT = 2  # the optimizer step whose loss is made NaN on rank 1
+
+
+def _skip_and_resume_worker(rank: int, world: int, tmp: str) -> None:
+    import dataclasses
+    import json
+
+    from train_harness import REPO
+
+    from moe_dist.train.config import parse_run_config
+    from moe_dist.train.preflight import preflight
+    from moe_dist.train.trainer import Trainer
+
+    original = Trainer.forward
+
+    def forward(self, batch):  # NaN loss on rank 1 for every micro batch of step SKIP_AT
+        out = original(self, batch)
+        if self.rank == 1 and self.step + 1 == SKIP_AT and self.engine.training:
+            nan = torch.tensor(float("nan"))
+            out = dataclasses.replace(out, loss=out.loss * nan, lm_loss=out.lm_loss * nan)
+        return out
+
+    Trainer.forward = forward
+
+    def run(name: str, **kw):
+        cfg = parse_run_config(tiny_config(train=dict(
+            deepspeed_config=os.path.join(REPO, "configs/deepspeed/zero1_cpu.json"), steps=6,
+            checkpoint_dir=os.path.join(tmp, name))))
+        trainer = Trainer(cfg, preflight(cfg, world, cfg.train.deepspeed_config, resume=kw.get("resume", False)))
+        try:
+            result = trainer.run(**kw)
+        finally:
+            trainer.safety.close()
+        return trainer, result
+
+    full, full_result = run("full")
+    _, first = run("resumed", stop_at_step=3)
+    second, second_result = run("resumed", resume=True)
+    if rank == 0:
+        with open(os.path.join(tmp, "out.json"), "w") as f:
+            json.dump({"full": full_result.losses, "first": first.losses, "second": second_result.losses,
+                       "full_sched": full.scheduler.last_epoch, "second_sched": second.scheduler.last_epoch,
+                       "full_skipped": full.safety.skipped, "second_skipped": second.safety.skipped,
+                       "full_lr": full.optimizer.param_groups[0]["lr"],
+                       "second_lr": second.optimizer.param_groups[0]["lr"]}, f)
+
+
+@pytest.mark.slow
+def test_a_skipped_step_keeps_the_lr_schedule_and_resume_exact(tmp_path, capfd):
+    import json
+
+    from train_harness import run_deepspeed_ranks
+
+    run_deepspeed_ranks(_skip_and_resume_worker, 2, str(tmp_path))
+    out = json.loads((tmp_path / "out.json").read_text())
+    full = {int(k): v for k, v in out["full"].items()}
+    second = {int(k): v for k, v in out["second"].items()}
+    assert math.isnan(full[SKIP_AT]) and all(math.isfinite(v) for k, v in full.items() if k != SKIP_AT)
+    assert out["full_skipped"] == out["second_skipped"] == 1  # the count survives the resume
+    assert out["full_sched"] == out["second_sched"] == 6  # one scheduler step per step, skipped or not
+    assert out["full_lr"] == out["second_lr"]
+    for step in (4, 5, 6):
+        assert second[step] == full[step], f"step {step} after resume: {second[step]} != {full[step]}"
+    assert f"step {SKIP_AT}: skipped the optimizer step, not finite: rank 0: gradient norm; rank 1: LM loss, " \
+           f"gradient norm" in capfd.readouterr().out
