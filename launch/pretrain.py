@@ -28,6 +28,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
 from moe_dist.train.exits import RunStopped  # noqa: E402
+from moe_dist.train.signals import guard_launcher  # noqa: E402
 from moe_dist.train.trainer import pretrain  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_launcher()  # before the slow start-up: a rank never outlives its launcher
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.deepspeed_config:

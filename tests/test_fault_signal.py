@@ -58,7 +58,7 @@ def test_sigterm_to_the_deepspeed_runner_saves_and_leaves_no_process(tmp_path):
         gone_s = run.wait_gone(timeout=120)
         out = run.output
         stopped = int(run.wait_for(r"stopped after step (\d+)", timeout=1).group(1))
-        assert "launcher process" in out and "is gone" in out, out[-4000:]
+        assert "launcher process" in out and "is gone: treated as SIGTERM" in out, out[-4000:]
         assert f"(exit {PREEMPTED})" in out
         assert read_latest(str(tmp_path / "run")) == f"step_{stopped:08d}"
         assert max(losses_by_step(out)) == stopped  # no rank trained on past the checkpoint

@@ -123,6 +123,17 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def enforce_group_timeouts(timeout_s: float) -> int:
+    """Set `timeout_s` on any group of this process that has another (one created outside
+    `groups_created_with_timeout`); returns how many groups the process belongs to."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = {name: group for group, name in dist.distributed_c10d._world.pg_names.items()} if is_initialized() else {}
+    for name, current in group_timeouts().items():
+        if current != timeout:
+            dist.distributed_c10d._set_pg_timeout(timeout, groups[name])
+    return len(group_timeouts())
+
+
 def all_gather_row(row: torch.Tensor) -> torch.Tensor:
     """[world, n]: every rank's `row` (float64, n equal on all ranks), by one all-reduce, so a
     step's per-rank facts (flags, times) cost a single small collective."""

@@ -24,6 +24,7 @@ from moe_dist.train.watchdog import Watchdog
 
 class RunSafety:
     def __init__(self, train: TrainSection, moe_layer_ids: list[int], skipped_before: int = 0) -> None:
+        self.collective_timeout = train.collective_timeout
         self.nonfinite = NonFiniteWatch(moe_layer_ids, train.max_consecutive_skips)
         self.nonfinite.skipped = skipped_before
         self.stop = StopRequest()
@@ -33,6 +34,11 @@ class RunSafety:
         self._t = time.perf_counter()
 
     def start(self, step: int) -> RunSafety:
+        groups = runtime.enforce_group_timeouts(self.collective_timeout)
+        if runtime.rank() == 0 and groups:
+            watchdog = f"{self.watchdog.timeout_s:g}s" if self.watchdog.timeout_s else "off"
+            print(f"collective timeout {self.collective_timeout:g}s on all {groups} process groups of "
+                  f"rank 0; watchdog {watchdog}", flush=True)
         self.stop.install()
         self.watchdog.start(step)
         self._t = time.perf_counter()

@@ -10,7 +10,9 @@ SIGINT: it sends SIGTERM to every rank, waits up to 30 s for each, then SIGKILLs
     - watches the runner (its grandparent, when that is DeepSpeed's runner) from a thread, and
       treats its death like a SIGTERM;
 either way the rank finishes its step, saves and exits, so no rank outlives its launcher by more
-than a step and a save. A second signal while stopping changes nothing (SIGKILL aborts).
+than a step and a save (during start-up, before there is anything to save, it simply ends).
+`launch/pretrain.py` sets this up first thing. A second signal while stopping changes nothing
+(SIGKILL aborts).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PR_SET_PDEATHSIG = 1
@@ -67,14 +70,47 @@ def launcher_chain() -> list[int]:
     return chain
 
 
+_guarded = False
+
+
+def guard_launcher(poll_s: float = 1.0) -> None:
+    """Tie this rank's life to its launcher, first thing in the process: a SIGTERM when launch.py
+    dies (PR_SET_PDEATHSIG) or when the runner dies (a watcher thread sends it). Until the trainer
+    installs its handlers, SIGTERM's default action ends the rank at once (nothing to save yet);
+    afterwards it is a stop request. Idempotent."""
+    global _guarded
+    if _guarded:
+        return
+    _guarded = True
+    chain = launcher_chain()
+    if not chain:
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    links = [(pid, _identity(pid), child) for pid, child in zip(chain, [os.getpid(), *chain])]
+    threading.Thread(target=_watch, args=(links, poll_s), name="moe_dist-launcher-watch", daemon=True).start()
+
+
+def _watch(links: list[tuple[int, str | None, int]], poll_s: float) -> None:
+    # A launcher is gone when it is not running (dead, or a zombie its parent has not reaped) or
+    # when its child was re-parented away from it; this also covers a launch.py that died before
+    # PR_SET_PDEATHSIG was set.
+    while True:
+        time.sleep(poll_s)
+        for pid, identity, child in links:
+            if _identity(pid) != identity or _parent_of(child) != pid:
+                print(f"rank {os.environ.get('RANK', '0')}: launcher process {pid} is gone: treated as "
+                      f"SIGTERM", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
 class StopRequest:
-    """This rank's wish to stop (a signal arrived or the launcher died). Set from a signal
-    handler or the watcher thread; read by the main thread once per step."""
+    """This rank's wish to stop, set by a signal handler, read by the main thread once per step."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self._previous: dict[int, object] = {}
-        self._done = threading.Event()
 
     @property
     def requested(self) -> bool:
@@ -89,32 +125,15 @@ class StopRequest:
     def _handler(self, signum, frame) -> None:
         self.request(f"received {signal.Signals(signum).name}")
 
-    def install(self, poll_s: float = 1.0) -> StopRequest:
+    def install(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return self  # handlers can only be set from the main thread (e.g. under a test runner)
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
-        chain = launcher_chain()
-        if chain and sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if chain:
-            links = [(pid, _identity(pid), parent) for pid, parent in zip(chain, [os.getpid(), *chain])]
-            threading.Thread(target=self._watch, args=(links, poll_s), name="moe_dist-launcher-watch",
-                             daemon=True).start()
+        guard_launcher()
         return self
 
-    def _watch(self, links: list[tuple[int, str | None, int]], poll_s: float) -> None:
-        # A launcher is gone when it is not running (dead or zombie) or when its child was
-        # re-parented away from it; this also covers a parent that died before PR_SET_PDEATHSIG.
-        while not self._done.wait(poll_s):
-            for pid, identity, child in links:
-                if _identity(pid) != identity or _parent_of(child) != pid:
-                    self.request(f"launcher process {pid} is gone")
-                    return
-
     def uninstall(self) -> None:
-        self._done.set()
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

@@ -124,9 +124,11 @@ class Watchdog:
             culprit = slowest_rank(before, after, world)
         else:
             culprit = "unknown (no process group store)"
+        last = {"step": f"step {self.step}", "start": f"none since the start at step {self.step}"}.get(
+            self.what, f"step {self.step} and its {self.what}")
         print(f"watchdog: rank {self.rank}: no step completed for {idle:.0f}s (train.watchdog_timeout "
-              f"{self.timeout_s:g}s); last completed step {self.step} (then: {self.what}); slowest: "
-              f"{culprit}. Python stacks of rank {self.rank} follow.", file=sys.stderr, flush=True)
+              f"{self.timeout_s:g}s); last completed: {last}; slowest: {culprit}. Python stacks of "
+              f"rank {self.rank} follow.", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         os._exit(HUNG)
