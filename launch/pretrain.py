@@ -8,13 +8,16 @@
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
 Configuration errors are reported before any process group or model exists, exit status 2 (so is
-a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock). A
-full disk at a checkpoint exits with status 28 (docs/reliability.md).
+a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock).
+Other exit statuses (moe_dist/train/exits.py, docs/launch.md): 3 non-finite training stopped,
+4 watchdog (no step within train.watchdog_timeout), 28 disk full at a checkpoint, 75 stopped by
+SIGTERM/SIGINT/SIGUSR1 after committing a checkpoint (resume with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -26,7 +29,9 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
 from moe_dist.train.disk import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
+from moe_dist.train.exits import RunStopped  # noqa: E402
 from moe_dist.train.run_dir import claim  # noqa: E402
+from moe_dist.train.signals import guard_launcher  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_launcher()  # before the slow start-up: a rank never outlives its launcher
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.deepspeed_config:
@@ -68,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiskSpaceError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_NO_SPACE
+    except RunStopped as e:
+        print(f"rank {os.environ.get('RANK', '0')}: {e} (exit {e.code})", file=sys.stderr, flush=True)
+        return e.code
     return 0
 
 

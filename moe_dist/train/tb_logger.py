@@ -4,6 +4,7 @@ evaluations.
 
 Tags:
     train/loss, train/perplexity, train/aux_loss, train/lr, train/grad_norm, train/tokens_per_s
+    train/step_time_min, train/step_time_max, train/step_time_slowest_rank, train/skipped_steps
     val/loss, val/perplexity
     moe/layer<i>/{dropped_fraction, load_cv, load_max_over_mean, entropy_token (H_s),
                   entropy_mean (H_u), entropy_load, loss_<name>, mi_domain, mi_domain_normalized}
