@@ -5,6 +5,10 @@ Checked when the config is parsed (config.py / the data and MoE configs): unknow
 ranges, `moe.num_experts % moe.ep_size`, data and tokenizer files exist and are not empty.
 Checked here, against the launch: world size vs ep_size, batch sizes vs the DeepSpeed JSON,
 tokenizer vocabulary vs the model, domain labels vs `model.num_labels`, the checkpoint folder.
+Data (moe_dist/data/index_check.py): every `.bin` has the size its `.idx` implies, every prefix
+gives each requested split at least one document, no token id reaches the vocabulary. Start
+points: `train.init_from` holds only finite tensors (finite_check.py); `--resume` finds whole
+files and a stored config this run can continue (resume_check.py).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from moe_dist.checkpoint.layout import read_latest
 from moe_dist.common.config import ConfigError
 from moe_dist.data.config import DataConfig
 from moe_dist.data.datasets import blend_domain_names
+from moe_dist.data.index_check import check_split_shares, check_token_ids, read_index
 from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
 from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import RunConfig
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
+from moe_dist.train.finite_check import check_init_from_finite
+from moe_dist.train.resume_check import check_resume
 
 
 @dataclass
@@ -30,6 +37,10 @@ class Preflight:
     ds_config: dict[str, Any]
     tokenizer: Any
     domain_names: list[str]
+    train_samples: int = 0  # what the datasets must hold (checked against the data here)
+    valid_samples: int = 0
+    # Order- or routing-changing settings a --resume --allow_config_change accepted.
+    config_changes: list[str] | None = None
 
 
 def data_domain_names(data: DataConfig) -> list[str]:
@@ -62,11 +73,30 @@ def check_init_from(path: str | None) -> None:
                           f"'tools/convert_checkpoint.py consolidate'")
     try:
         ConsolidatedCheckpoint.open(path)
+        check_init_from_finite(path)
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
 
 
-def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False) -> Preflight:
+def check_megatron_data(data: DataConfig, tokenizer, model_vocab_size: int, train_samples: int,
+                        valid_samples: int) -> None:
+    """Index/size agreement, documents per split share, largest token id; reads each .idx and
+    at most FULL_SCAN_BYTES (else a sample) of each .bin."""
+    if data.kind != "megatron":
+        return
+    limit = min(tokenizer.vocab_size, model_vocab_size)
+    limit_name = (f"the tokenizer's vocab_size ({type(tokenizer).__name__}, data.tokenizer.kind "
+                  f"{data.tokenizer.kind!r}; model.vocab_size {model_vocab_size})")
+    requested = {"train": train_samples, "valid": valid_samples}
+    for i, prefix in enumerate(data.megatron.prefixes):
+        where = f"data.megatron.prefixes[{i}]"
+        summary = read_index(where, prefix)
+        check_split_shares(where, summary, data.megatron.split, requested)
+        check_token_ids(where, summary, limit, limit_name)
+
+
+def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False,
+              allow_config_change: bool = False) -> Preflight:
     moe = cfg.model.moe
     if moe is not None:
         validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
@@ -82,6 +112,14 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
         raise ConfigError(f"the data carries {len(domain_names)} domains {domain_names} but "
                           f"model.num_labels is {cfg.model.num_labels}; set it to at least "
                           f"{len(domain_names)}")
+    train_samples = cfg.train.steps * ds_config["train_batch_size"]
+    valid_samples = cfg.train.eval_iters * cfg.train.micro_batch * world_size
+    check_megatron_data(cfg.data, tokenizer, cfg.model.vocab_size, train_samples, valid_samples)
     check_checkpoint_dir(cfg.train.checkpoint_dir, resume)
-    check_init_from(cfg.train.init_from)
-    return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names)
+    changes = None
+    if resume:
+        changes = check_resume(cfg.train.checkpoint_dir, cfg.to_dict(), world_size, allow_config_change)
+    else:
+        check_init_from(cfg.train.init_from)  # --resume ignores init_from
+    return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names,
+                     train_samples=train_samples, valid_samples=valid_samples, config_changes=changes)

@@ -23,6 +23,7 @@ from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train import checkpoint, cpu_malloc
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
+from moe_dist.train.finite_check import check_resumed_finite
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.preflight import Preflight, preflight
 from moe_dist.train.progress import Progress, format_duration
@@ -84,8 +85,8 @@ class Trainer:
         self.device = self.engine.device
         self.global_batch = checks.ds_config["train_batch_size"]
         self.datasets = build_datasets(
-            cfg.data, cfg.model.vocab_size, train_samples=train.steps * self.global_batch,
-            valid_samples=train.eval_iters * train.micro_batch * self.world)
+            cfg.data, cfg.model.vocab_size, train_samples=checks.train_samples,
+            valid_samples=checks.valid_samples)
         self.tokenizer = self.datasets.tokenizer
         self.step = 0
         self.tb = TensorBoardLogger(train.tensorboard_dir, enabled=self.rank == 0)
@@ -113,6 +114,10 @@ class Trainer:
 
     def resume(self) -> None:
         resumed = checkpoint.load_latest(self.engine, self.cfg.train.checkpoint_dir, self.groups)
+        check_resumed_finite(self.model, self.optimizer,
+                             os.path.join(self.cfg.train.checkpoint_dir, resumed.tag))
+        for change in self.checks.config_changes or []:
+            log0(f"--allow_config_change: {change} (differs from the checkpoint)")
         state = resumed.client_state["moe_dist"]
         if state["consumed_samples"] != state["step"] * self.global_batch:
             raise ValueError(f"checkpoint {resumed.tag}: consumed_samples ({state['consumed_samples']}) "
@@ -243,8 +248,9 @@ class Trainer:
 
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None = None,
-             config_path: str | None = None) -> TrainResult:
+             config_path: str | None = None, allow_config_change: bool = False) -> TrainResult:
     """Validate everything, then train. Collective: every rank calls it with the same arguments."""
-    checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume)
+    checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume,
+                       allow_config_change=allow_config_change)
     trainer = Trainer(cfg, checks, config_path)
     return trainer.run(resume=resume, stop_at_step=stop_at_step)
