@@ -7,7 +7,8 @@
 
 Appends eod to every document. With --label-key, also writes <prefix>.labels.npy (int32 label
 id per document, -1 for none) and <prefix>.labels.json (label names). Outputs appear under
-their final names only once complete.
+their final names only once complete. Bad input (a malformed jsonl line, a non-string text,
+a file that is not a SentencePiece model) exits 2 with `error: FILE:LINE: ...`.
 """
 
 from __future__ import annotations
