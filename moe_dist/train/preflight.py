@@ -37,10 +37,13 @@ class Preflight:
     ds_config: dict[str, Any]
     tokenizer: Any
     domain_names: list[str]
-    train_samples: int = 0  # what the datasets must hold (checked against the data here)
-    valid_samples: int = 0
     # Order- or routing-changing settings a --resume --allow_config_change accepted.
     config_changes: list[str] | None = None
+
+
+def requested_samples(train, global_batch: int, world_size: int) -> tuple[int, int]:
+    """(train, valid) samples the trainer builds datasets of; the data is checked against them."""
+    return train.steps * global_batch, train.eval_iters * train.micro_batch * world_size
 
 
 def data_domain_names(data: DataConfig) -> list[str]:
@@ -112,8 +115,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
         raise ConfigError(f"the data carries {len(domain_names)} domains {domain_names} but "
                           f"model.num_labels is {cfg.model.num_labels}; set it to at least "
                           f"{len(domain_names)}")
-    train_samples = cfg.train.steps * ds_config["train_batch_size"]
-    valid_samples = cfg.train.eval_iters * cfg.train.micro_batch * world_size
+    train_samples, valid_samples = requested_samples(cfg.train, ds_config["train_batch_size"], world_size)
     check_megatron_data(cfg.data, tokenizer, cfg.model.vocab_size, train_samples, valid_samples)
     check_checkpoint_dir(cfg.train.checkpoint_dir, resume)
     changes = None
@@ -122,4 +124,4 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
     else:
         check_init_from(cfg.train.init_from)  # --resume ignores init_from
     return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names,
-                     train_samples=train_samples, valid_samples=valid_samples, config_changes=changes)
+                     config_changes=changes)

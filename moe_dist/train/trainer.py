@@ -25,7 +25,7 @@ from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
 from moe_dist.train.finite_check import check_resumed_finite
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
-from moe_dist.train.preflight import Preflight, preflight
+from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.schedule import lr_at
 from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
@@ -85,8 +85,7 @@ class Trainer:
         self.device = self.engine.device
         self.global_batch = checks.ds_config["train_batch_size"]
         self.datasets = build_datasets(
-            cfg.data, cfg.model.vocab_size, train_samples=checks.train_samples,
-            valid_samples=checks.valid_samples)
+            cfg.data, cfg.model.vocab_size, *requested_samples(train, self.global_batch, self.world))
         self.tokenizer = self.datasets.tokenizer
         self.step = 0
         self.tb = TensorBoardLogger(train.tensorboard_dir, enabled=self.rank == 0)
