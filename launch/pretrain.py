@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DeepSpeed JSON; overrides train.deepspeed_config")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in train.checkpoint_dir")
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="with --resume: continue although settings that change the data order or routing "
+                        "(seeds, top_k, capacity, ...) differ from the checkpoint's (they are listed)")
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="checkpoint and exit after this step (e.g. before a job's time limit); the LR "
                         "schedule still spans train.steps")
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from moe_dist.train.trainer import pretrain
 
         pretrain(cfg, resume=args.resume, stop_at_step=args.stop_at_step, config_path=args.config,
-                 break_lock=args.break_lock, run=run)
+                 allow_config_change=args.allow_config_change, break_lock=args.break_lock, run=run)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2

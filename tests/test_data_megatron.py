@@ -25,6 +25,7 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: E402
     IndexedDatasetBuilder,
 )
 
+from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.data.config import DataConfig  # noqa: E402
 from moe_dist.data.loader import build_dataloader  # noqa: E402
 from moe_dist.data.pipeline import build_datasets  # noqa: E402
@@ -229,10 +230,10 @@ def test_failed_preprocess_leaves_no_final_files(corpus, tmp_path, monkeypatch):
     assert {name: (out / name).read_bytes() for name in _listing(out)} == before
 
 
-def test_non_string_text_names_the_row(corpus, tmp_path):
+def test_non_string_text_names_the_file_and_line(corpus, tmp_path):
     tok = SentencePieceTokenizer(corpus["model"])
     source = _write_rows(tmp_path / "in.jsonl", [{"text": "fine"}, {"text": None}])
-    with pytest.raises(TypeError, match=r"row 1: column 'text' must hold a string"):
+    with pytest.raises(ConfigError, match=r"in.jsonl:2: column 'text' must hold a string, got NoneType"):
         preprocess_corpus([source], str(tmp_path / "out"), tok, cache_dir=corpus["cache"])
     with pytest.raises(FileNotFoundError, match=r"output folder .*/nodir' .* does not exist"):
         preprocess_corpus([source], str(tmp_path / "nodir" / "out"), tok)

@@ -7,7 +7,8 @@
 
 Appends eod to every document. With --label-key, also writes <prefix>.labels.npy (int32 label
 id per document, -1 for none) and <prefix>.labels.json (label names). Outputs appear under
-their final names only once complete.
+their final names only once complete. Bad input (a malformed jsonl line, a non-string text,
+a file that is not a SentencePiece model) exits 2 with `error: FILE:LINE: ...`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe_dist.common.config import ConfigError
 from moe_dist.data.config import TokenizerConfig
 from moe_dist.data.preprocess import preprocess_corpus
 from moe_dist.data.text_sources import add_corpus_arguments
@@ -35,12 +37,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tokenizer_cfg = (TokenizerConfig(kind="sentencepiece", model=args.tokenizer_model)
-                     if args.tokenizer_model else TokenizerConfig(kind="byte"))
-    result = preprocess_corpus(args.input, args.output_prefix, build_tokenizer(tokenizer_cfg),
-                               text_key=args.text_key, label_key=args.label_key,
-                               workers=args.workers, cache_dir=args.cache_dir,
-                               text_sample_by=args.text_sample_by)
+    try:
+        tokenizer_cfg = (TokenizerConfig(kind="sentencepiece", model=args.tokenizer_model)
+                         if args.tokenizer_model else TokenizerConfig(kind="byte"))
+        result = preprocess_corpus(args.input, args.output_prefix, build_tokenizer(tokenizer_cfg),
+                                   text_key=args.text_key, label_key=args.label_key,
+                                   workers=args.workers, cache_dir=args.cache_dir,
+                                   text_sample_by=args.text_sample_by)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     labels = f", labels {result.label_names}" if result.label_names is not None else ""
     print(f"wrote {result.prefix}.bin/.idx: {result.num_documents} documents, "
           f"{result.num_tokens} tokens ({result.dtype}){labels}")

@@ -18,6 +18,8 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
 from moe_dist.common.atomic import check_output_file, staged_files
+from moe_dist.common.config import ConfigError
+from moe_dist.data.jsonl_lines import first_bad_line
 from moe_dist.data.labels import encode_labels, label_sidecar_paths, write_label_sidecars
 from moe_dist.data.text_sources import load_corpus
 
@@ -77,9 +79,13 @@ def preprocess_corpus(input_paths: Sequence[str], output_prefix: str,
         check_output_file(path)
     columns = [text_key] + ([label_key] if label_key else [])
     ds = load_corpus(input_paths, columns, cache_dir=cache_dir, text_sample_by=text_sample_by)
-    ds = ds.map(_DocumentEncoder(tokenizer, text_key), batched=True, with_indices=True,
-                num_proc=min(workers, len(ds)) if workers > 1 else None,
-                remove_columns=[text_key], desc="tokenize")
+    try:
+        ds = ds.map(_DocumentEncoder(tokenizer, text_key), batched=True, with_indices=True,
+                    num_proc=min(workers, len(ds)) if workers > 1 else None,
+                    remove_columns=[text_key], desc="tokenize")
+    except TypeError as e:  # a row whose text is not a string: say which file and line
+        located = first_bad_line(input_paths, text_key)
+        raise ConfigError(located or str(e)) from None
     label_names, label_ids = encode_labels(ds[label_key]) if label_key else (None, None)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 import datasets
 
+from moe_dist.common.config import ConfigError
+from moe_dist.data.jsonl_lines import first_bad_line
+
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text",
             ".parquet": "parquet"}
@@ -53,14 +56,21 @@ def load_corpus(paths: Sequence[str], columns: Sequence[str], cache_dir: str | N
                 text_sample_by: str = "line") -> datasets.Dataset:
     """All rows of `paths` in file order, keeping only `columns` (each must exist).
 
-    Plain-text files have one column, "text"; `text_sample_by` says what one row is.
+    Plain-text files have one column, "text"; `text_sample_by` says what one row is. A JSON
+    Lines file that does not load is a ConfigError naming its first bad `file:line`.
     """
     fmt = check_input_files(paths)
     if text_sample_by not in TEXT_SAMPLE_BY:
         raise ValueError(f"text_sample_by must be one of {TEXT_SAMPLE_BY}, got {text_sample_by!r}")
     options = {"sample_by": text_sample_by} if fmt == "text" else {}
-    ds = datasets.load_dataset(fmt, data_files=list(paths), split="train", cache_dir=cache_dir,
-                               **options)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=list(paths), split="train", cache_dir=cache_dir,
+                                   **options)
+    except Exception as e:  # datasets wraps a parse error in DatasetGenerationError, pandas', ...
+        located = first_bad_line(paths, columns[0]) if fmt == "json" else None
+        if located is None:
+            raise
+        raise ConfigError(located) from e
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise KeyError(f"column(s) {missing} not found in {list(paths)}; "

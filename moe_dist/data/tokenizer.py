@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import sentencepiece
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from moe_dist.common.config import ConfigError
 from moe_dist.data.config import TokenizerConfig, check_nonempty_file
 
 
@@ -33,12 +34,17 @@ class SentencePieceTokenizer(_PretrainingTokenizer):
         super().__init__(model_path, {"library": "sentencepiece"})
         with open(model_path, "rb") as f:
             model_proto = f.read()
-        self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:  # sentencepiece reports a failed protobuf parse this way
+            raise ConfigError(f"data.tokenizer.model {model_path!r} is not a SentencePiece model "
+                              f"({len(model_proto)} bytes that do not parse as one: {str(e).strip()}); "
+                              f"expected the .model file written by tools/train_tokenizer.py") from None
         # Content, not path: the cached sample indices stay valid if the model file moves.
         self._digest = hashlib.sha256(model_proto).hexdigest()
         if self._sp.eos_id() < 0:
-            raise ValueError(f"sentencepiece model {model_path!r} has no end-of-sentence piece "
-                             f"(eos_id is {self._sp.eos_id()}); train it with eos_id >= 0")
+            raise ConfigError(f"sentencepiece model {model_path!r} has no end-of-sentence piece "
+                              f"(eos_id is {self._sp.eos_id()}); train it with eos_id >= 0")
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)

@@ -38,8 +38,21 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_yaml(text_or_file):
-    return yaml.load(text_or_file, Loader=_YamlLoader)
+def load_yaml(text_or_file, where: str | None = None):
+    """YAML -> Python values; a syntax error is a ConfigError `where:line:col: problem` (where:
+    the file's path, else the stream's name), so that it exits 2 like any other config error."""
+    try:
+        return yaml.load(text_or_file, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = where or getattr(text_or_file, "name", None) or "<yaml>"
+        location = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+        problem = str(e.problem or e.context)
+        if e.context and e.context_mark is not None and mark is not e.context_mark:
+            problem += f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        raise ConfigError(f"{location}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where or getattr(text_or_file, 'name', '<yaml>')}: YAML error: {e}") from None
 
 
 LR_DECAY_STYLES = ("cosine", "constant")
@@ -160,7 +173,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             check(isinstance(node, dict), f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = load_yaml(value)
+        node[keys[-1]] = load_yaml(value, where=f"--set {item!r}")
     return raw
 
 
@@ -191,7 +204,9 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
 def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     try:
         with open(path) as f:
-            raw = load_yaml(f)
+            raw = load_yaml(f, where=path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a directory") from None
     return parse_run_config(apply_overrides(raw or {}, overrides or []))

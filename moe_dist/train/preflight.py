@@ -5,6 +5,10 @@ Checked when the config is parsed (config.py / the data and MoE configs): unknow
 ranges, `moe.num_experts % moe.ep_size`, data and tokenizer files exist and are not empty.
 Checked here, against the launch: world size vs ep_size, batch sizes vs the DeepSpeed JSON,
 tokenizer vocabulary vs the model, domain labels vs `model.num_labels`, the checkpoint folder.
+Data (moe_dist/data/index_check.py): every `.bin` has the size its `.idx` implies, every prefix
+gives each requested split at least one document, no token id reaches the vocabulary. Start
+points: `train.init_from` holds only finite tensors (finite_check.py); `--resume` finds whole
+files and a stored config this run can continue (resume_check.py).
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from moe_dist.checkpoint.layout import read_latest
 from moe_dist.common.config import ConfigError
 from moe_dist.data.config import DataConfig
 from moe_dist.data.datasets import blend_domain_names
+from moe_dist.data.index_check import check_split_shares, check_token_ids, read_index
 from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
 from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import RunConfig
 from moe_dist.train import run_dir
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
+from moe_dist.train.finite_check import check_init_from_finite
+from moe_dist.train.resume_check import check_resume
 
 
 @dataclass
@@ -32,6 +39,13 @@ class Preflight:
     tokenizer: Any
     domain_names: list[str]
     run: run_dir.RunDir | None = None  # rank 0's lock on the checkpoint directory and the run id
+    # Order- or routing-changing settings a --resume --allow_config_change accepted.
+    config_changes: list[str] | None = None
+
+
+def requested_samples(train, global_batch: int, world_size: int) -> tuple[int, int]:
+    """(train, valid) samples the trainer builds datasets of; the data is checked against them."""
+    return train.steps * global_batch, train.eval_iters * train.micro_batch * world_size
 
 
 def data_domain_names(data: DataConfig) -> list[str]:
@@ -64,12 +78,31 @@ def check_init_from(path: str | None) -> None:
                           f"'tools/convert_checkpoint.py consolidate'")
     try:
         ConsolidatedCheckpoint.open(path)
+        check_init_from_finite(path)
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
 
 
+def check_megatron_data(data: DataConfig, tokenizer, model_vocab_size: int, train_samples: int,
+                        valid_samples: int) -> None:
+    """Index/size agreement, documents per split share, largest token id; reads each .idx and
+    at most FULL_SCAN_BYTES (else a sample) of each .bin."""
+    if data.kind != "megatron":
+        return
+    limit = min(tokenizer.vocab_size, model_vocab_size)
+    limit_name = (f"the tokenizer's vocab_size ({type(tokenizer).__name__}, data.tokenizer.kind "
+                  f"{data.tokenizer.kind!r}; model.vocab_size {model_vocab_size})")
+    requested = {"train": train_samples, "valid": valid_samples}
+    for i, prefix in enumerate(data.megatron.prefixes):
+        where = f"data.megatron.prefixes[{i}]"
+        summary = read_index(where, prefix)
+        check_split_shares(where, summary, data.megatron.split, requested)
+        check_token_ids(where, summary, limit, limit_name)
+
+
 def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False,
-              break_lock: bool = False, run: run_dir.RunDir | None = None) -> Preflight:
+              allow_config_change: bool = False, break_lock: bool = False,
+              run: run_dir.RunDir | None = None) -> Preflight:
     moe = cfg.model.moe
     if moe is not None:
         validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
@@ -85,17 +118,24 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
         raise ConfigError(f"the data carries {len(domain_names)} domains {domain_names} but "
                           f"model.num_labels is {cfg.model.num_labels}; set it to at least "
                           f"{len(domain_names)}")
+    train_samples, valid_samples = requested_samples(cfg.train, ds_config["train_batch_size"], world_size)
+    check_megatron_data(cfg.data, tokenizer, cfg.model.vocab_size, train_samples, valid_samples)
     # The lock first: the checks of the directory's contents mean something only under it.
     run = run or run_dir.claim(cfg.train.checkpoint_dir, resume, break_lock)
+    changes = None
     try:
         check_checkpoint_dir(cfg.train.checkpoint_dir, resume)
-        if run is not None and resume:
-            run_dir.check_resume_tag(cfg.train.checkpoint_dir)
-        check_init_from(cfg.train.init_from)
+        if resume:
+            if run is not None:
+                run_dir.check_resume_tag(cfg.train.checkpoint_dir)
+            changes = check_resume(cfg.train.checkpoint_dir, cfg.to_dict(), world_size, allow_config_change)
+        else:
+            check_init_from(cfg.train.init_from)  # --resume ignores init_from
         if run is not None:
             run.clean()
     except BaseException:
         if run is not None:
             run.release()
         raise
-    return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names, run=run)
+    return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names, run=run,
+                     config_changes=changes)

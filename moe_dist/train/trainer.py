@@ -25,8 +25,9 @@ from moe_dist.train import checkpoint, cpu_malloc
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
 from moe_dist.train.exits import PREEMPTED, RunStopped
+from moe_dist.train.finite_check import check_resumed_finite
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
-from moe_dist.train.preflight import Preflight, preflight
+from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.run_safety import RunSafety
 from moe_dist.train.schedule import lr_at
@@ -92,8 +93,7 @@ class Trainer:
         self.device = self.engine.device
         self.global_batch = checks.ds_config["train_batch_size"]
         self.datasets = build_datasets(
-            cfg.data, cfg.model.vocab_size, train_samples=train.steps * self.global_batch,
-            valid_samples=train.eval_iters * train.micro_batch * self.world)
+            cfg.data, cfg.model.vocab_size, *requested_samples(train, self.global_batch, self.world))
         self.tokenizer = self.datasets.tokenizer
         self.step = 0
         self.tb = TensorBoardLogger(train.tensorboard_dir, enabled=self.rank == 0)
@@ -126,6 +126,10 @@ class Trainer:
 
     def resume(self) -> None:
         resumed = checkpoint.load_latest(self.engine, self.cfg.train.checkpoint_dir, self.groups)
+        check_resumed_finite(self.model, self.optimizer,
+                             os.path.join(self.cfg.train.checkpoint_dir, resumed.tag))
+        for change in self.checks.config_changes or []:
+            log0(f"--allow_config_change: {change} (differs from the checkpoint)")
         state = resumed.client_state["moe_dist"]
         if state["consumed_samples"] != state["step"] * self.global_batch:
             raise ValueError(f"checkpoint {resumed.tag}: consumed_samples ({state['consumed_samples']}) "
@@ -280,11 +284,12 @@ class Trainer:
 
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None = None,
-             config_path: str | None = None, break_lock: bool = False, run=None) -> TrainResult:
+             config_path: str | None = None, allow_config_change: bool = False,
+             break_lock: bool = False, run=None) -> TrainResult:
     """Validate everything, then train. Collective: every rank calls it with the same arguments.
     `run`: rank 0's claim on the checkpoint directory if the caller made it (run_dir.claim)."""
     checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume,
-                       break_lock=break_lock, run=run)
+                       allow_config_change=allow_config_change, break_lock=break_lock, run=run)
     trainer = None
     try:
         trainer = Trainer(cfg, checks, config_path)

@@ -1,0 +1,147 @@
+"""What `--resume` checks before any process group exists: the checkpoint's files are whole, and
+the run config stored in it (client_state, written by the trainer at every save) agrees with
+this run's.
+
+Three kinds of difference (flattened `section.key` paths of `RunConfig.to_dict()`):
+- structural (the tensors' shapes or the layout of the files): refused, DeepSpeed's load would
+  fail late with a size mismatch; an `ep_size` or world-size change names the `reshard` command;
+- free (steps, LR schedule, intervals, folders, CPU settings): accepted silently, as before;
+- everything else changes the data order, the routing or the model's math (`train.seed`,
+  `data.seed`, `moe.top_k`, capacity factors, router settings, ...): refused with the list,
+  unless `--allow_config_change`, which only prints it. Keys added since the checkpoint was
+  written (absent there) are not compared: a new key's default keeps the old behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Any
+
+import torch
+
+from moe_dist.checkpoint.layout import (CLIENT_KEY, MODEL_STATES, experts_file, read_latest,
+                                        zero_file)
+from moe_dist.common.config import ConfigError
+
+STRUCTURAL = (
+    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.moe_every",
+    "model.moe_offset", "model.activation", "model.tie_embeddings", "model.n_kv_heads", "model.head_dim",
+    "model.qk_norm", "model.qkv_bias", "moe.num_experts", "moe.d_ff",
+    "moe.activation", "moe.num_shared_experts", "moe.shared_d_ff", "moe.shared_gate", "moe.router.type",
+)
+FREE_PREFIXES = (
+    "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.log_interval",
+    "train.eval_interval", "train.eval_iters", "train.checkpoint_interval", "train.checkpoint_dir",
+    "train.tensorboard_dir", "train.init_from", "train.deepspeed_config", "cpu.", "data.num_workers",
+    "data.megatron.cache_dir", "model.activation_checkpointing", "model.num_labels", "model.max_seq_len",
+    "model.init_std", "moe.init_std", "moe.expert_impl",
+)
+RESHARD = "python tools/convert_checkpoint.py reshard"
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{'moe.router.type': 'topk', ...}; a None section stays one entry ('moe': None)."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
+    return out
+
+
+def is_free(path: str) -> bool:
+    return any(path == p or (p.endswith(".") and path.startswith(p)) or path.startswith(p + ".")
+               for p in FREE_PREFIXES)
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(structural, order-or-routing) differences, each 'path: stored -> current'."""
+    old, new = flatten(stored), flatten(current)
+    structural, changed = [], []
+    if (stored.get("moe") is None) != (current.get("moe") is None):
+        structural.append(f"moe: {'absent' if stored.get('moe') is None else 'present'} -> "
+                          f"{'absent' if current.get('moe') is None else 'present'}")
+    for path in sorted(set(old) | set(new)):
+        if path in ("moe", "moe.ep_size") or path not in old or is_free(path):
+            continue
+        a, b = old[path], new.get(path)
+        if a == b:
+            continue
+        (structural if path in STRUCTURAL else changed).append(f"{path}: {a!r} -> {b!r}")
+    return structural, changed
+
+
+def check_layout(ckpt_dir: str, stored: dict[str, Any], stored_world: int, current: dict[str, Any],
+                 world_size: int) -> None:
+    """An ep_size or world-size change needs the checkpoint resharded first: say how."""
+    old_ep = (stored.get("moe") or {}).get("ep_size", 1)
+    new_ep = (current.get("moe") or {}).get("ep_size", 1)
+    if old_ep == new_ep and stored_world == world_size:
+        return
+    out = ckpt_dir.rstrip("/") + f"_ep{new_ep}_w{world_size}"
+    raise ConfigError(
+        f"--resume: {ckpt_dir!r} was written with moe.ep_size {old_ep} and world size {stored_world}, this run "
+        f"has moe.ep_size {new_ep} and world size {world_size}; expert and ZeRO files are laid out per rank, "
+        f"so convert the checkpoint first:\n  {RESHARD} {ckpt_dir} {out} --ep-size {new_ep} "
+        f"--world-size {world_size}\nand set train.checkpoint_dir to {out!r}")
+
+
+def check_file_whole(path: str, what: str) -> None:
+    """A torch `.pt` is a zip archive whose directory sits at its end: a truncated copy has lost
+    it, which zipfile sees from the last bytes alone (no tensor is read)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume: missing {what} file {path!r}")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ConfigError(f"--resume: {what} file {path!r} ({os.path.getsize(path)} bytes) is truncated or "
+                          f"corrupted ({e}); resume from an earlier tag (write its name into 'latest')") from None
+
+
+def read_stored_state(tag_dir: str) -> dict[str, Any]:
+    """The model-states file's own entries, tensors memory-mapped (not read)."""
+    path = os.path.join(tag_dir, MODEL_STATES)
+    check_file_whole(path, "DeepSpeed model states")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 (a damaged archive member, a foreign pickle: any error)
+        raise ConfigError(f"--resume: cannot read {path!r} ({type(e).__name__}: {e})") from None
+
+
+def check_resume(checkpoint_dir: str, current: dict[str, Any], world_size: int,
+                 allow_config_change: bool) -> list[str]:
+    """Refuse a checkpoint with a missing or truncated file or a config this run cannot continue;
+    returns the order- or routing-changing differences accepted under allow_config_change."""
+    tag = read_latest(checkpoint_dir)
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    if not os.path.isdir(tag_dir):
+        raise ConfigError(f"--resume: {os.path.join(checkpoint_dir, 'latest')!r} names tag {tag!r}, but "
+                          f"{tag_dir!r} does not exist")
+    main = read_stored_state(tag_dir)
+    client = main.get(CLIENT_KEY) if isinstance(main, dict) else None
+    if not isinstance(client, dict) or "config" not in client:
+        raise ConfigError(f"--resume: {os.path.join(tag_dir, MODEL_STATES)!r} holds no moe_dist client state "
+                          f"(no stored run config); expected a checkpoint written by moe_dist's trainer")
+    stored, stored_world = client["config"], int(client.get("world_size", world_size))
+    bf16 = bool((main.get("ds_config") or {}).get("bf16", {}).get("enabled", False))
+    ep = (stored.get("moe") or {}).get("ep_size", 1)
+    for r in range(stored_world):
+        check_file_whole(zero_file(tag_dir, r, bf16), f"ZeRO optimizer (rank {r})")
+    if stored.get("moe"):
+        for p in range(ep):
+            check_file_whole(experts_file(tag_dir, p), f"expert (EP rank {p})")
+    structural, changed = config_differences(stored, current)
+    if structural:
+        raise ConfigError(f"--resume: the model in {tag_dir!r} differs from this run's config in structure, "
+                          f"so its tensors cannot be loaded: " + "; ".join(structural)
+                          + "; resume with the stored values, or start a new run (train.init_from for "
+                          "weights)")
+    check_layout(checkpoint_dir, stored, stored_world, current, world_size)
+    if changed and not allow_config_change:
+        raise ConfigError(f"--resume: settings that change the data order, routing or model math differ from "
+                          f"those stored in {tag_dir!r}: " + "; ".join(changed)
+                          + "; restore them, or pass --allow_config_change to continue with the new values")
+    return changed
