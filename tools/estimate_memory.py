@@ -32,7 +32,13 @@ from moe_dist.common.config import ConfigError, from_dict
 from moe_dist.model.config import ModelConfig, parse_model_config
 from moe_dist.train.config import TrainSection, load_yaml
 from moe_dist.train.ds_config import load_json
-from moe_dist.train.memory_plan import MemoryPlan, ZeroSettings, estimate, largest_micro_batch, mode_of
+from moe_dist.train.memory_plan import (
+    MemoryPlan,
+    ZeroSettings,
+    estimate,
+    largest_micro_batch,
+    mode_of,
+)
 
 GiB = 2**30
 
