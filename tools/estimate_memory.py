@@ -7,6 +7,7 @@ Prints weights, gradients and optimizer state per rank under the DeepSpeed JSON'
 precision and the config's expert-parallel layout; the activations of one micro batch
 (`train.micro_batch` x `train.seq_len`) under each checkpointing mode (`model.activation_checkpointing`
 x `model.moe_recompute`); and, with --gpu-memory, the largest micro batch that fits each mode.
+`--device cpu` counts what the CPU expert backend keeps instead of the GPU one.
 Only the `model`, `moe` and `train` sections are read (data files need not exist yet).
 
 `--measure` (CPU, fp32 or bf16 as the JSON says) instead runs a few steps of the real DeepSpeed
@@ -211,8 +212,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("config", help="run config YAML (model, moe and train sections are read)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (GPUs) of the run")
     p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU: report the largest micro batch")
-    p.add_argument("--gpu-experts", action="store_true",
-                   help="count the gathered expert input the portable (GPU) GEMM backend keeps")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="where the run trains: on cuda the experts' GEMM (torch._grouped_mm) keeps the "
+                        "gathered expert input for its backward, the CPU backend regathers it (default cuda)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--measure", action="store_true", help="measure the real engine on CPU (small configs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -235,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"estimate {row['estimate_mib']:.1f} MiB, measured {row['measured_mib']:.1f} MiB "
                   f"(x{row['estimate_over_measured']:.3f}) for {args.config} at world {args.world_size}")
             return 0
-        plan = plan_for(model, train, ds, args.world_size, args.gpu_experts)
+        plan = plan_for(model, train, ds, args.world_size, gpu_experts=args.device == "cuda")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rep = report(plan, args.gpu_memory, mode_of(model))
+    rep["device"] = args.device
     rep["zero"] = asdict(plan.zero)
     print(json.dumps(rep, indent=1) if args.json else format_report(rep))
     return 0
