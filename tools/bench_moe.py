@@ -2,19 +2,31 @@
 
 Legend: T tokens, D model width, F expert hidden width, E experts, K experts per token.
 
-Three cases, same shapes, fp32, same thread count, in one process:
+Cases, same shapes, dtype (`--dtype`, fp32 by default) and device (`--device`, cpu by default),
+same thread count, in one process:
   moe_dist   `MoELayer` (single process, ep_size 1, GELU experts, top-k, capacity factor cf).
   deepspeed  `deepspeed.moe.layer.MoE` (ep_size 1, k=K, same cf for train and eval,
              drop_tokens=True, no random token selection, no noisy gate, no 2nd-expert sampling),
              with bias-free GELU experts and the moe_dist layer's router and expert weights copied
              in, so both layers route every token to the same experts and drop the same pairs.
+  megatron   Megatron-Core's `MoELayer` (EP=1, alltoall dispatcher, same k, cf and widths;
+             tools/bench_megatron.py says which expert MLP it builds). CUDA only: on CPU the case
+             is reported as skipped with the reason. On by default with --device cuda.
   floor      the expert work with no routing at all: T*K rows through one dense GEMM pair,
              x[T*K, D] @ W1[D, F] -> GELU -> @ W2[F, D].
 
+TFLOP/s: the expert work, 12 * T * K * D * F FLOPs per forward+backward (two GEMMs of T*K rows,
+2 FLOPs per multiply-add, the backward twice the forward), over each case's time; routing,
+dispatch and dropped pairs are not counted, so it compares cases doing the same useful work.
+With top_k > 2 DeepSpeed uses its generic top-k gate, whose drop order differs from moe_dist's:
+the routing check is skipped (same_routing null) and only the work is comparable.
+
 Time: warmup rounds, then `--repeats` timed rounds; each round runs every case once (interleaved,
 so a burst of load from other processes hits all cases alike); the median is reported.
-Peak memory: each case runs again in a fresh child process: the peak of tensor bytes held during
-a step (profiler allocation events) and the peak RSS increase (tools/step_memory.py).
+Peak memory: on CPU each case runs again in a fresh child process: the peak of tensor bytes held
+during a step (profiler allocation events) and the peak RSS increase (tools/step_memory.py); on
+CUDA, in this process, `max_memory_allocated` during a step minus what was allocated before it
+(RSS: null).
 Allocator: `--cpu-malloc keep` (the default, what the trainer does on CPU) has glibc keep freed
 memory, as a GPU's caching allocator does (moe_dist/train/cpu_malloc.py); `default` leaves glibc
 as it is. Both the timing and the memory children use the chosen one.
@@ -45,6 +57,8 @@ from tqdm import tqdm
 log = logging.getLogger("bench_moe")
 
 CASES = ("moe_dist", "deepspeed", "floor")
+GPU_CASES = ("moe_dist", "deepspeed", "megatron", "floor")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,16 @@ class Spec:
     threads: int
     seed: int = 0
     cpu_malloc: str = "keep"  # or "default" (see --cpu-malloc)
+    device: str = "cpu"  # or "cuda"
+    dtype: str = "fp32"  # or "bf16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def expert_flops(self) -> float:
+        """Forward+backward FLOPs of the expert work (module docstring)."""
+        return 12.0 * self.tokens * self.top_k * self.d_model * self.d_ff
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +93,8 @@ class Spec:
 def make_inputs(spec: Spec, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input (a leaf that needs a grad, as a layer's input in a model does) and upstream grad."""
     g = torch.Generator().manual_seed(spec.seed + 1)
-    x = torch.randn(rows, spec.d_model, generator=g).requires_grad_()
-    grad_y = torch.randn(rows, spec.d_model, generator=g)
+    x = torch.randn(rows, spec.d_model, generator=g).to(spec.device, spec.torch_dtype).requires_grad_()
+    grad_y = torch.randn(rows, spec.d_model, generator=g).to(spec.device, spec.torch_dtype)
     return x, grad_y
 
 
@@ -88,10 +112,10 @@ def build_moe_dist_layer(spec: Spec):
         # DeepSpeed's only routing loss is the Switch/GShard balance loss; the z-loss would be
         # extra work (and an extra [T, E] gradient held through the expert backward).
         aux_loss={"switch": 0.01, "z_loss": 0.0}))
-    return MoELayer(cfg, seed=spec.seed)
+    return MoELayer(cfg, seed=spec.seed).to(spec.device, spec.torch_dtype)
 
 
-def _init_deepspeed_dist() -> None:
+def _init_deepspeed_dist(device: str = "cpu") -> None:
     """DeepSpeed's MoE needs torch.distributed and its expert groups, even for one process."""
     import deepspeed
 
@@ -102,17 +126,14 @@ def _init_deepspeed_dist() -> None:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 
 def build_deepspeed_layer(spec: Spec, like):
     """DeepSpeed's MoE with `like`'s (a moe_dist MoELayer) router and expert weights."""
     from deepspeed.moe.layer import MoE
 
-    _init_deepspeed_dist()
-    if spec.top_k > 2:
-        raise ValueError(f"top_k ({spec.top_k}) > 2 uses DeepSpeed's generic topkgating, whose drop "
-                         "order differs from moe_dist's; only k=1 and k=2 are compared")
+    _init_deepspeed_dist(spec.device)
     # With k=1 DeepSpeed picks which tokens overflow by a top-k over a 0/1 mask (ties in no set
     # order), so outputs may differ on overflowing tokens; the work done is the same.
     D, Fw = spec.d_model, spec.d_ff
@@ -127,7 +148,7 @@ def build_deepspeed_layer(spec: Spec, like):
         for j, ex in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
             ex[0].weight.copy_(like.experts.w_in_eDF[j].t())
             ex[2].weight.copy_(like.experts.w_out_eFD[j].t())
-    return layer
+    return layer.to(spec.device, spec.torch_dtype)
 
 
 def _reset_grads(module: nn.Module, x: torch.Tensor) -> None:
@@ -137,7 +158,7 @@ def _reset_grads(module: nn.Module, x: torch.Tensor) -> None:
 
 def make_moe_dist_step(layer, spec: Spec) -> Callable[[], None]:
     x, grad_y = make_inputs(spec, spec.tokens)
-    one = torch.ones(())
+    one = torch.ones((), device=spec.device)
 
     def step() -> None:
         out = layer(x)
@@ -149,7 +170,7 @@ def make_moe_dist_step(layer, spec: Spec) -> Callable[[], None]:
 
 def make_deepspeed_step(layer, spec: Spec) -> Callable[[], None]:
     x, grad_y = make_inputs(spec, spec.tokens)
-    aux_coef = torch.tensor(0.01)
+    aux_coef = torch.tensor(0.01, device=spec.device)
 
     def step() -> None:
         y, l_aux, _ = layer(x)
@@ -163,8 +184,8 @@ class DenseFloor(nn.Module):
     def __init__(self, spec: Spec) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(spec.seed)
-        self.w1 = nn.Parameter(torch.randn(spec.d_model, spec.d_ff, generator=g) * 0.02)
-        self.w2 = nn.Parameter(torch.randn(spec.d_ff, spec.d_model, generator=g) * 0.02)
+        self.w1 = nn.Parameter((torch.randn(spec.d_model, spec.d_ff, generator=g) * 0.02).to(spec.device, spec.torch_dtype))
+        self.w2 = nn.Parameter((torch.randn(spec.d_ff, spec.d_model, generator=g) * 0.02).to(spec.device, spec.torch_dtype))
 
     def forward(self, x):
         return F.gelu(x @ self.w1) @ self.w2
@@ -185,10 +206,12 @@ def make_floor_step(spec: Spec) -> Callable[[], None]:
 def check_same_function(md_layer, ds_layer, spec: Spec) -> dict:
     """Fairness check: both layers route identically and agree on every token whose choices were
     all kept (tokens with a dropped choice differ by design: DeepSpeed renormalizes the weights
-    after the capacity drop, moe_dist before it)."""
+    after the capacity drop, moe_dist before it). Skipped (None) for top_k > 2 (module docstring)."""
     from moe_dist.moe.capacity import assign_slots
     from moe_dist.routing.base import RoutingContext
 
+    if spec.top_k > 2:
+        return {"same_routing": None, "max_abs_diff_kept": None, "kept_fraction": None}
     x, _ = make_inputs(spec, spec.tokens)
     out = md_layer(x)
     y_ds, _, load_ds = ds_layer(x)
@@ -196,7 +219,7 @@ def check_same_function(md_layer, ds_layer, spec: Spec) -> dict:
     plan = assign_slots(route.idx_TK, spec.num_experts, md_layer.capacity(spec.tokens), "position")
     all_kept = plan.keep_TK.all(dim=1)
     same_load = torch.equal(out.stats["tokens_per_expert"].long(), load_ds.long())
-    diff = (out.y - y_ds)[all_kept].abs().max().item() if all_kept.any() else 0.0
+    diff = (out.y - y_ds)[all_kept].abs().max().float().item() if all_kept.any() else 0.0
     return {"same_routing": bool(same_load), "max_abs_diff_kept": diff,
             "kept_fraction": float(plan.keep_TK.float().mean())}
 
@@ -245,6 +268,8 @@ def time_cases(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
         for name, step in steps.items():
             t0, c0 = time.perf_counter(), time.process_time()
             step()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # kernels are asynchronous: time them, not their launch
             if r >= warmup:
                 wall[name].append((time.perf_counter() - t0) * 1e3)
                 cpu[name].append((time.process_time() - c0) * 1e3)
@@ -254,41 +279,83 @@ def time_cases(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
     return {n: med(ts) for n, ts in wall.items()}, {n: med(ts) for n, ts in cpu.items()}
 
 
-def bench_one(spec: Spec, warmup: int, repeats: int, memory: bool, progress: tqdm | None) -> dict:
+def cuda_peak_mb(step: Callable[[], None]) -> float:
+    """Peak bytes allocated during one step over what was allocated before it (CUDA)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def build_steps(spec: Spec, cases: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """(steps by case, fairness check, skipped cases with their reason)."""
     md = build_moe_dist_layer(spec)
     ds = build_deepspeed_layer(spec, md)
     check = check_same_function(md, ds, spec)
-    if not check["same_routing"]:
+    # In bf16 the two routers may round a near-tie differently; the work stays the same, so only
+    # fp32 insists on identical routing (same_routing is reported either way).
+    if check["same_routing"] is False and spec.dtype == "fp32":
         raise RuntimeError(f"moe_dist and DeepSpeed routed differently at E={spec.num_experts}: "
                            "the comparison would not be like for like")
-    steps = {"moe_dist": make_moe_dist_step(md, spec), "deepspeed": make_deepspeed_step(ds, spec),
-             "floor": make_floor_step(spec)}
+    steps, skipped = {"moe_dist": make_moe_dist_step(md, spec), "deepspeed": make_deepspeed_step(ds, spec)}, {}
+    if "megatron" in cases:
+        import bench_megatron
+
+        try:
+            layer = bench_megatron.build_megatron_layer(spec, spec.torch_dtype)
+            steps["megatron"] = bench_megatron.make_megatron_step(layer, spec, make_inputs)
+            check["megatron_mlp"] = bench_megatron.mlp_choice()[2]
+        except bench_megatron.Unavailable as e:
+            skipped["megatron"] = str(e)
+    steps["floor"] = make_floor_step(spec)
+    return steps, check, skipped
+
+
+def bench_one(spec: Spec, warmup: int, repeats: int, memory: bool, progress: tqdm | None,
+              cases: tuple[str, ...] = CASES) -> dict:
+    steps, check, skipped = build_steps(spec, cases)
     log.info("E=%d: timing %d warmup + %d timed rounds of %s", spec.num_experts, warmup, repeats,
              ", ".join(steps))
     load_before = os.getloadavg()[0]
     ms, cpu_ms = time_cases(steps, warmup, repeats, progress)
-    del steps, md, ds
-    row = {**asdict(spec), **{f"{c}_ms": round(ms[c], 2) for c in CASES}}
+    ran = tuple(steps)
+    row = {**asdict(spec), **{f"{c}_ms": round(ms[c], 2) for c in ran}}
+    row.update({f"{c}_tflops": spec.expert_flops() / (ms[c] * 1e-3) / 1e12 for c in ran})
+    row.update({f"{c}_skipped": reason for c, reason in skipped.items()})
     row["moe_dist_over_floor"] = round(ms["moe_dist"] / ms["floor"], 3)
     row["moe_dist_over_deepspeed"] = round(ms["moe_dist"] / ms["deepspeed"], 3)
     row["deepspeed_over_floor"] = round(ms["deepspeed"] / ms["floor"], 3)
-    row.update({f"{c}_cpu_ms": round(cpu_ms[c], 2) for c in CASES})
+    if "megatron" in ms:
+        row["moe_dist_over_megatron"] = round(ms["moe_dist"] / ms["megatron"], 3)
+    row.update({f"{c}_cpu_ms": round(cpu_ms[c], 2) for c in ran})
     row["moe_dist_over_floor_cpu"] = round(cpu_ms["moe_dist"] / cpu_ms["floor"], 3)
     row["load1"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after timing
     if memory:
-        log.info("E=%d: peak memory, one fresh process per case", spec.num_experts)
-    for c in CASES:
-        tensor_mb, rss_mb = step_memory.measure_peak_mb(memory_step, (c, spec)) if memory else (None, None)
+        log.info("E=%d: peak memory%s", spec.num_experts, "" if spec.device == "cuda" else
+                 ", one fresh process per case")
+    for c in ran:
+        if not memory:
+            tensor_mb = rss_mb = None
+        elif spec.device == "cuda":
+            tensor_mb, rss_mb = cuda_peak_mb(steps[c]), None
+        else:
+            tensor_mb, rss_mb = step_memory.measure_peak_mb(memory_step, (c, spec))
         row[f"{c}_peak_mb"] = None if tensor_mb is None else round(tensor_mb, 1)
         row[f"{c}_peak_rss_mb"] = None if rss_mb is None else round(rss_mb, 1)
+    del steps
     if memory:
         row["moe_dist_over_deepspeed_peak"] = round(row["moe_dist_peak_mb"] / row["deepspeed_peak_mb"], 3)
-        row["moe_dist_over_deepspeed_peak_rss"] = round(
-            row["moe_dist_peak_rss_mb"] / row["deepspeed_peak_rss_mb"], 3)
+        if spec.device != "cuda":
+            row["moe_dist_over_deepspeed_peak_rss"] = round(
+                row["moe_dist_peak_rss_mb"] / row["deepspeed_peak_rss_mb"], 3)
     row.update(check)
     row["repeats"] = repeats
     row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # set by hand, if at all
     row["versions"] = {"torch": torch.__version__, "deepspeed": _deepspeed_version()}
+    if spec.device == "cuda":
+        row["gpu"] = torch.cuda.get_device_name()
     return row
 
 
@@ -299,7 +366,10 @@ def _deepspeed_version() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown; peak memory as tensor MiB (RSS MiB) for moe_dist / DeepSpeed / floor."""
+    """Markdown; peak memory as tensor MiB (RSS MiB) for moe_dist / DeepSpeed / floor; rows with
+    a Megatron-Core case (GPU runs) get the per-case table instead."""
+    if any("megatron_ms" in r or "megatron_skipped" in r for r in rows):
+        return format_case_table(rows)
     head = ("| E | moe_dist ms | DeepSpeed ms | floor ms | moe_dist/floor | moe_dist/DeepSpeed "
             "| peak MiB moe_dist | peak MiB DeepSpeed | peak MiB floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -308,6 +378,22 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['num_experts']} | {r['moe_dist_ms']:.1f} | {r['deepspeed_ms']:.1f} | "
                      f"{r['floor_ms']:.1f} | {r['moe_dist_over_floor']:.2f} | "
                      f"{r['moe_dist_over_deepspeed']:.2f} | {peaks} |")
+    return "\n".join(lines)
+
+
+def format_case_table(rows: list[dict]) -> str:
+    """One line per (shape, case): ms, TFLOP/s of the expert work, peak MiB; skipped cases say why."""
+    lines = ["| shape | case | ms | TFLOP/s | peak MiB | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = (f"T {r['tokens']} d {r['d_model']} d_ff {r['d_ff']} E {r['num_experts']} k {r['top_k']} "
+                 f"{r['dtype']} {r['device']}")
+        for c in GPU_CASES:
+            if f"{c}_skipped" in r:
+                lines.append(f"| {shape} | {c} | - | - | - | skipped: {r[f'{c}_skipped']} |")
+            elif f"{c}_ms" in r:
+                note = r.get("megatron_mlp", "") if c == "megatron" else ""
+                lines.append(f"| {shape} | {c} | {r[f'{c}_ms']:.2f} | {r[f'{c}_tflops']:.3g} | "
+                             f"{r.get(f'{c}_peak_mb')} | {note} |")
     return "\n".join(lines)
 
 
@@ -344,17 +430,25 @@ def check_spec_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def spec_from_args(args: argparse.Namespace, num_experts: int) -> Spec:
     return Spec(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, num_experts=num_experts,
                 top_k=args.top_k, capacity_factor=args.capacity_factor, threads=args.threads,
-                seed=args.seed, cpu_malloc=args.cpu_malloc)
+                seed=args.seed, cpu_malloc=args.cpu_malloc, device=getattr(args, "device", "cpu"),
+                dtype=getattr(args, "dtype", "fp32"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_spec_args(p)
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--megatron", choices=("auto", "on", "off"), default="auto",
+                   help="the Megatron-Core case: auto = on with --device cuda, off on CPU; on = "
+                        "always (on CPU it is reported as skipped, with the reason)")
     args = p.parse_args(argv)
     check_spec_args(p, args)
-    if args.top_k not in (1, 2):
-        p.error(f"--top-k ({args.top_k}): DeepSpeed's comparable gates are k=1 and k=2")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False here")
+    megatron = args.megatron == "on" or (args.megatron == "auto" and args.device == "cuda")
+    args.cases = GPU_CASES if megatron else CASES
     return args
 
 
@@ -382,14 +476,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _sweep(args: argparse.Namespace, results) -> list[dict]:
     torch.set_num_threads(args.threads)
     configure_malloc(args.cpu_malloc)
-    if not args.no_memory:
+    if not args.no_memory and args.device == "cpu":
         step_memory.start_server(["torch", "deepspeed", "deepspeed.moe.layer", "moe_dist.moe.layer"])
     rows = []
     total = len(args.num_experts) * (args.warmup + args.repeats)
     with tqdm(total=total, desc="bench_moe rounds", file=sys.stderr, disable=None) as progress:
         for E in args.num_experts:
             row = bench_one(spec_from_args(args, E), args.warmup, args.repeats, not args.no_memory,
-                            progress)
+                            progress, args.cases)
             log.info("E=%d: moe_dist %.1f ms, deepspeed %.1f ms, floor %.1f ms; peak tensor MiB "
                      "%s / %s / %s, peak RSS MiB %s / %s / %s", E, row["moe_dist_ms"],
                      row["deepspeed_ms"], row["floor_ms"], *(row[f"{c}_peak_mb"] for c in CASES),

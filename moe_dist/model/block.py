@@ -36,7 +36,8 @@ class TransformerBlock(nn.Module):
         if cfg.is_moe_layer(layer_index):
             # Experts and router draw from (seed, layer_index, ...) generators of their own: the
             # same weights for every ep_size, and the global RNG stream is left untouched.
-            self.moe = MoELayer(cfg.moe, layer_index=layer_index, seed=seed, groups=groups)
+            self.moe = MoELayer(cfg.moe, layer_index=layer_index, seed=seed, groups=groups,
+                                recompute=cfg.moe_recompute)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, init_std=cfg.init_std)
 
@@ -58,7 +59,8 @@ class TransformerBlock(nn.Module):
             if self.checkpointing and self.training:
                 return x_BSD + checkpoint(self._dense_ffn, x_BSD, use_reentrant=False), None
             return x_BSD + self._dense_ffn(x_BSD), None
-        # The MoE FFN is never recomputed: a second forward would repeat its all-to-alls and
-        # statistics all-reduce in backward and update router statistic buffers twice.
+        # The MoE FFN as a whole is never recomputed: a second forward would repeat its all-to-alls
+        # and statistics all-reduce in backward and update router statistic buffers twice. Its
+        # experts alone are, under `model.moe_recompute` (inside MoELayer).
         out = self.moe(self.ffn_norm(x_BSD), side)
         return x_BSD + out.y, out

@@ -12,6 +12,7 @@ from typing import Any
 
 from moe_dist.common.config import ConfigError, check, check_choice, check_int, from_dict
 from moe_dist.moe.config import ACTIVATIONS, MoEConfig
+from moe_dist.moe.recompute import RECOMPUTE_MODES
 
 QK_NORMS = ("none", "head", "full")
 
@@ -48,6 +49,10 @@ class ModelConfig:
     num_labels: int = 0
     # Recompute attention (and dense FFNs) in backward to save activation memory.
     activation_checkpointing: bool = False
+    # What of the MoE layers' expert work is recomputed in backward instead of kept: "none",
+    # "activation" (the experts' activation only) or "experts" (the whole expert FFNs); the
+    # router, dispatch and statistics never are (moe_dist/moe/recompute.py).
+    moe_recompute: str = "none"
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
@@ -75,6 +80,7 @@ class ModelConfig:
               f"model.moe_offset ({self.moe_offset!r}) must be an integer in [0, n_layers "
               f"({self.n_layers}))")
         check_choice("model.activation", self.activation, ACTIVATIONS)
+        check_choice("model.moe_recompute", self.moe_recompute, RECOMPUTE_MODES)
         check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta!r}")
         check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps!r}")
         check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std!r}")

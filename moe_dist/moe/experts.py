@@ -6,6 +6,8 @@ is 2F for SwiGLU (its gate and up branches, fused).
 
 Each projection is one grouped GEMM over those exact segments (no capacity padding is ever
 multiplied), through `moe_dist.kernels`, which picks the kernel for the device and dtype.
+`recompute` (`model.moe_recompute`) trades the activations autograd keeps for work in the
+backward (`moe_dist.moe.recompute`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from moe_dist.common.config import check_choice
 from moe_dist.common.seeding import init_generator
 from moe_dist.kernels import check_backend, gather_grouped_mm, grouped_mm
+from moe_dist.moe.recompute import RECOMPUTE_MODES, recompute_saved
 
 
 def ffn_activation(h: Tensor, activation: str) -> Tensor:
@@ -36,11 +41,14 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, num_local: int, d_model: int, d_ff: int, activation: str, *, first_expert: int,
-                 seed: int, layer_index: int, init_std: float, impl: str = "auto") -> None:
+                 seed: int, layer_index: int, init_std: float, impl: str = "auto",
+                 recompute: str = "none") -> None:
         super().__init__()
         self.activation = activation
         check_backend(impl)
+        check_choice("model.moe_recompute", recompute, RECOMPUTE_MODES)
         self.impl = impl
+        self.recompute = recompute
         in_width = 2 * d_ff if activation == "swiglu" else d_ff  # SwiGLU's gate and up, fused
         self.w_in_eDF = nn.Parameter(torch.empty(num_local, d_model, in_width))
         self.w_out_eFD = nn.Parameter(torch.empty(num_local, d_ff, d_model))
@@ -58,12 +66,29 @@ class GroupedExperts(nn.Module):
         """The experts' outputs for the rows `source_UD[index_M]`, which are grouped by local
         expert (`counts_e[j]` rows for expert j). The gather is left to the first projection, so
         a backend can keep (source, index) for the backward instead of the gathered copy."""
+        if self.recompute == "experts" and torch.is_grad_enabled():
+            # The region's inputs are the dispatched source and index: the backward regathers
+            # from them, it never dispatches again.
+            return checkpoint(self._ffn, source_UD, index_M, counts_e, use_reentrant=False)
+        return self._ffn(source_UD, index_M, counts_e)
+
+    def _ffn(self, source_UD: Tensor, index_M: Tensor, counts_e: list[int]) -> Tensor:
         w_in_eDF = self.w_in_eDF.to(source_UD.dtype)
+        w_out_eFD = self.w_out_eFD.to(source_UD.dtype)
         h_MF = gather_grouped_mm(source_UD, index_M, w_in_eDF, counts_e, self.impl)
-        h_MF = ffn_activation(h_MF, self.activation)
+        if self.recompute != "activation" or not torch.is_grad_enabled():
+            return grouped_mm(self._hidden(h_MF, source_UD, index_M, counts_e), w_out_eFD, counts_e, self.impl)
+        # Keep h only: the activation's own saved tensors are dropped by the checkpoint, and the
+        # copy the second projection saves for its weight gradient is rebuilt from h.
+        a_MF = checkpoint(self._hidden, h_MF, source_UD, index_M, counts_e, use_reentrant=False)
+        with recompute_saved(a_MF, lambda: self._hidden(h_MF, source_UD, index_M, counts_e)):
+            return grouped_mm(a_MF, w_out_eFD, counts_e, self.impl)
+
+    def _hidden(self, h_MF: Tensor, source_UD: Tensor, index_M: Tensor, counts_e: list[int]) -> Tensor:
+        a_MF = ffn_activation(h_MF, self.activation)
         if self.hidden_mask is not None:  # COMET's mask reads the rows without gradient: regather
-            h_MF = self.hidden_mask(h_MF, source_UD.index_select(0, index_M), counts_e)
-        return grouped_mm(h_MF, self.w_out_eFD.to(source_UD.dtype), counts_e, self.impl)
+            a_MF = self.hidden_mask(a_MF, source_UD.index_select(0, index_M), counts_e)
+        return a_MF
 
 
 class DenseFFN(nn.Module):

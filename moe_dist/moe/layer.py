@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moe_dist.common.seeding import init_generator
 from moe_dist.moe.capacity import SlotPlan, assign_slots, expert_capacity
@@ -90,7 +91,10 @@ class MoEOutput:
 
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, *, layer_index: int = 0, seed: int = 0,
-                 groups: ParallelGroups | None = None) -> None:
+                 groups: ParallelGroups | None = None, recompute: str = "none") -> None:
+        """`recompute`: what of the experts' work is redone in the backward instead of kept
+        (`moe_dist.moe.recompute`; `model.moe_recompute`). The router, dispatch and statistics
+        are never recomputed."""
         super().__init__()
         groups = groups or ParallelGroups.single()
         validate_parallel_sizes(groups.world_size, cfg.ep_size, cfg.num_experts)
@@ -112,7 +116,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg.num_local_experts, cfg.d_model, cfg.d_ff, cfg.activation,
                                       first_expert=self.first_expert, seed=seed,
                                       layer_index=layer_index, init_std=cfg.init_std,
-                                      impl=cfg.expert_impl)
+                                      impl=cfg.expert_impl, recompute=recompute)
         if cfg.comet_active_fraction is not None:
             self.experts.hidden_mask = ExpertCometMask(
                 cfg.num_local_experts, self.first_expert, cfg.d_model, cfg.d_ff, cfg.comet_active_fraction,
@@ -138,6 +142,12 @@ class MoELayer(nn.Module):
         return expert_capacity(num_tokens, self.cfg.num_experts, self.cfg.top_k, cf,
                                self.cfg.min_capacity, self.cfg.dropless)
 
+    def _shared_output(self, x_TD: Tensor) -> Tensor:
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return shared_TD
+
     def forward(self, x: Tensor, side: MoESideInputs | None = None) -> MoEOutput:
         """`x`: [..., D], the layer's (normalized) input. `side`: labels for the statistics,
         capacity groups and the routing stream (see `MoESideInputs`); None: none of them."""
@@ -158,10 +168,10 @@ class MoELayer(nn.Module):
         y_MD = self.experts(source_UD, index_M, dplan.counts_e)
         y_TD = combine(y_MD, route.w_TK, dplan, self.groups)
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            if self.experts.recompute == "experts" and torch.is_grad_enabled():
+                y_TD = y_TD + checkpoint(self._shared_output, x_TD, use_reentrant=False)
+            else:
+                y_TD = y_TD + self._shared_output(x_TD)
 
         stats = route_statistics(route, plan, ctx, side.labels_T, side.num_labels)
         coefficients = cfg.aux_loss.coefficients()

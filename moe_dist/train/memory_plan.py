@@ -1,0 +1,205 @@
+"""Per-rank memory of a training run before it is launched: weights, gradients and optimizer state
+under the DeepSpeed JSON's ZeRO stage and the expert-parallel layout, plus the activations of one
+micro batch under each checkpointing mode, and the largest micro batch that fits a budget.
+
+Legend: moe_dist/moe/__init__.py (T tokens of a micro batch, D, F, E, K, V). Byte counts, not
+MiB; `tools/estimate_memory.py` is the command line.
+
+What is counted, per rank (W data-parallel ranks, P = moe.ep_size, W / P expert-data-parallel
+replicas), as DeepSpeed 0.19.8's ZeRO-1/2 optimizer (`stage_1_and_2.py`) allocates it:
+- weights: the dense parameters (replicated) and E / P experts' parameters, in the run's dtype;
+- master weights and Adam's two moments: fp32, this rank's partition only. The dense group is
+  partitioned over the W DP ranks, each expert group over its W / P EDP ranks, so both come to
+  1 / W of the model's parameters. DeepSpeed clones the master copy even in fp32;
+- gradients: ZeRO-1 every local parameter's gradient in the run's dtype, ZeRO-2 only this rank's
+  partition; plus the reduction buckets (`contiguous_gradients`: `reduce_bucket_size` elements,
+  two of them with `overlap_comm`) and the fp32 gradient partition the optimizer step reads;
+- activations: what autograd keeps at the start of the backward, per token and layer, counted
+  from the ops the model runs (below), plus the output logits and their log-softmax.
+The numbers are compared with measured peak tensor memory of small CPU runs of the real engine in
+tests/test_estimate_memory.py (BENCHMARKS.md, "Memory estimate vs measured").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from moe_dist.model.config import ModelConfig
+from moe_dist.moe.recompute import RECOMPUTE_MODES
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default `reduce_bucket_size` (elements)
+
+
+@dataclass
+class ZeroSettings:
+    """What of the DeepSpeed JSON decides memory."""
+
+    stage: int = 0
+    dtype: str = "fp32"
+    contiguous_gradients: bool = True
+    overlap_comm: bool = False
+    reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET
+
+    @classmethod
+    def from_deepspeed(cls, ds: dict[str, Any]) -> ZeroSettings:
+        zero = ds.get("zero_optimization", {}) or {}
+        stage = int(zero.get("stage", 0))
+        if stage not in (0, 1, 2):
+            raise ValueError(f"zero_optimization.stage {stage}: DeepSpeed's MoE supports ZeRO 0-2 only")
+        dtype = "fp32"
+        for name in ("bf16", "fp16"):
+            if (ds.get(name) or {}).get("enabled", False):
+                dtype = name
+        return cls(stage=stage, dtype=dtype,
+                   contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
+                   overlap_comm=bool(zero.get("overlap_comm", False)),
+                   reduce_bucket_size=int(float(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET))))
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank. `activations[mode]` is one micro batch of `micro_batch` sequences."""
+
+    world_size: int
+    ep_size: int
+    micro_batch: int
+    seq_len: int
+    zero: ZeroSettings
+    dense_params: int  # replicated on every rank
+    expert_params: int  # this rank's experts (all experts / ep_size)
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    def total(self, mode: str) -> int:
+        return self.static + self.activations[mode]
+
+
+def parameter_counts(model: ModelConfig) -> tuple[int, int]:
+    """(dense parameters, expert parameters of all experts), read off the real model built on the
+    meta device (no memory, any size), so every architecture option is counted as built."""
+    from moe_dist.model.transformer import MoETransformer
+
+    cfg = model if model.moe is None else replace(model, moe=replace(model.moe, ep_size=1))
+    with torch.device("meta"):
+        built = MoETransformer(cfg)
+    dense = expert = 0
+    for p in built.parameters():
+        if getattr(p, "allreduce", True) is False:
+            expert += p.numel()
+        else:
+            dense += p.numel()
+    return dense, expert
+
+
+def mode_names(model: ModelConfig) -> list[str]:
+    """The checkpointing modes reported: `activation_checkpointing` off/on x `moe_recompute`."""
+    modes = []
+    for ckpt in (False, True):
+        for rec in RECOMPUTE_MODES if model.moe is not None else ("none",):
+            modes.append(f"ckpt={'on' if ckpt else 'off'},moe_recompute={rec}")
+    return modes
+
+
+def mode_of(model: ModelConfig) -> str:
+    return f"ckpt={'on' if model.activation_checkpointing else 'off'},moe_recompute={model.moe_recompute}"
+
+
+def _capacity_rows(model: ModelConfig, tokens: int) -> float:
+    """Routed rows an MoE layer keeps per rank (at most T * K; capacity caps it at E * C)."""
+    moe = model.moe
+    rows = tokens * moe.top_k
+    if not moe.dropless and moe.capacity_factor > 0:
+        cap = max(math.ceil(moe.capacity_factor * tokens * moe.top_k / moe.num_experts), moe.min_capacity)
+        rows = min(rows, cap * moe.num_experts)
+    return float(rows)
+
+
+def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointing: bool,
+                     recompute: str, gpu_experts: bool = False) -> int:
+    """What the backward of one micro batch of `tokens` tokens needs kept, at its start.
+
+    Per token, in elements of the run's dtype b (fp32 norm internals in 4 bytes):
+    - attention: the norm's fp32 input and normalized rows and its output (8 bytes + b per D),
+      qkv (3D), rotated q and k (2D), the attention output and its reshaped copy
+      (2D); under `activation_checkpointing` only the block input (D), with one block's worth
+      live again while it is recomputed;
+    - dense FFN: norm (3D), the fused gate/up output (2F), silu(gate) (F), the activation (F);
+    - MoE FFN: norm (3D); router logits, probabilities and their fp32 loss terms (~4E, fp32);
+      per kept routed row (R = T*K, or the capacity's E*C): the expert output (D) the combine
+      keeps, index and weight bookkeeping (3 int64 + 1 fp32), and 4F (none), 2F (activation) or
+      0 (experts) of expert activations; the portable GEMM backend (GPUs) also keeps the
+      gathered input rows (D), which the CPU backend regathers;
+    - output: logits and their log-softmax (2V in fp32, plus the bf16 logits).
+    """
+    b = DTYPE_BYTES[dtype]
+    D, V = model.d_model, model.vocab_size
+    fp32_norm = (8 + b) * D  # the fp32 input and normalized rows, the output in the run's dtype
+    attn = fp32_norm + 7 * D * b
+    dense_ffn = fp32_norm + 4 * model.d_ff * b
+    per_layer, largest_block = 0.0, 0.0
+    for i in range(model.n_layers):
+        attn_kept = D * b if checkpointing else attn
+        if model.is_moe_layer(i):
+            moe = model.moe
+            rows = _capacity_rows(model, tokens) / tokens
+            per_row = D * b + 3 * 8 + 4 + (D * b if gpu_experts else 0)
+            per_row += {"none": 4, "activation": 2, "experts": 0}[recompute] * moe.d_ff * b
+            ffn = fp32_norm + 4 * moe.num_experts * 4 + rows * per_row
+            if moe.num_shared_experts:
+                shared_ff = 4 * moe.d_ff * moe.num_shared_experts * b
+                ffn += 0 if recompute == "experts" else shared_ff
+            per_layer += attn_kept + ffn
+            largest_block = max(largest_block, attn if checkpointing else 0)
+        else:
+            per_layer += attn_kept + (D * b if checkpointing else dense_ffn)
+            largest_block = max(largest_block, (attn + dense_ffn) if checkpointing else 0)
+    logits = 2 * V * 4 + (V * b if b != 4 else 0)
+    return int(tokens * (per_layer + largest_block + logits + D * b))
+
+
+def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_batch: int, seq_len: int,
+             gpu_experts: bool = False) -> MemoryPlan:
+    """The per-rank plan of `model` under `zero` on `world_size` ranks."""
+    ep = model.moe.ep_size if model.moe is not None else 1
+    if world_size % ep:
+        raise ValueError(f"world size ({world_size}) must be a multiple of moe.ep_size ({ep})")
+    dense, expert_all = parameter_counts(model)
+    expert = expert_all // ep
+    b = DTYPE_BYTES[zero.dtype]
+    local = dense + expert
+    weights = local * b
+    partition = local if zero.stage == 0 else dense / world_size + expert / (world_size // ep)
+    optimizer = int(partition * 12)  # fp32 master copy + Adam's exp_avg and exp_avg_sq
+    grads = local * b if zero.stage < 2 else partition * b
+    if zero.stage >= 1:
+        grads += partition * 4  # the fp32 gradient partition the optimizer step reads
+        if zero.contiguous_gradients:
+            grads += zero.reduce_bucket_size * b * (2 if zero.overlap_comm else 1)
+    tokens = micro_batch * seq_len
+    acts = {}
+    for name in mode_names(model):
+        ckpt = name.startswith("ckpt=on")
+        rec = name.rsplit("=", 1)[1]
+        acts[name] = activation_bytes(model, tokens, zero.dtype, checkpointing=ckpt, recompute=rec,
+                                      gpu_experts=gpu_experts)
+    return MemoryPlan(world_size=world_size, ep_size=ep, micro_batch=micro_batch, seq_len=seq_len, zero=zero,
+                      dense_params=dense, expert_params=expert, weights=int(weights), gradients=int(grads),
+                      optimizer=optimizer, activations=acts)
+
+
+def largest_micro_batch(plan: MemoryPlan, budget_bytes: float, mode: str) -> int:
+    """The largest micro batch whose total fits `budget_bytes` under `mode` (0: not even one)."""
+    per_sequence = plan.activations[mode] / plan.micro_batch
+    room = budget_bytes - plan.static
+    return max(0, int(room // per_sequence)) if per_sequence > 0 else 0

@@ -1,0 +1,274 @@
+"""moe_dist's GPU acceptance kit: one command that checks and measures moe_dist on a GPU.
+
+    python tools/gpu_check.py --out runs/gpu_check            # on one GPU (designed for < 8 min on an H200)
+    python tools/gpu_check.py --quick --out /tmp/gpu_check    # the same parts at tiny sizes on CPU
+
+Parts (`--parts`, default all; each writes its results into OUT/gpu_check.json and a table into
+OUT/gpu_check.md):
+
+  correctness  On the device (CUDA; with --quick the CPU):
+               - layer_bf16_vs_fp32: the MoE layer in bf16 against the same layer in fp32 on the same
+                 device, same weights and input; relative Frobenius error of the output (tokens
+                 routed alike in both) <= 2e-2, of the input and expert-weight gradients <= 5e-2;
+               - grouped_mm_vs_loop: `torch._grouped_mm` (kernels backend `grouped_mm`) against one
+                 matmul per expert (`loop`): output, input and weight gradients, relative error
+                 <= 1e-2 in bf16 (<= 1e-5 in fp32); skipped, with the reason, where
+                 `torch._grouped_mm` does not take the operands;
+               - dropless / capacity: the fp32 layer against a per-token loop over its own routes
+                 and kept pairs (relative error <= 1e-5); capacity factor 1.0 must drop pairs,
+                 dropless none;
+               - eval_determinism: two eval forwards of a model give bit-identical logits;
+               - recompute_gradients: a model's loss and gradients with `model.moe_recompute`
+                 activation and experts against none, fp32: bit-equal on CPU; on CUDA within 1e-6
+                 relative (index_add_ accumulates with atomics there).
+  bench        tools/bench_moe.py --device cuda --dtype bf16 at an OLMoE-like shape (T 8192,
+               d 2048, d_ff 1024, E 64, top-8) and a Mixtral-like one scaled to fit the time (T 8192,
+               d 2048, d_ff 7168, E 8, top-2): moe_dist, DeepSpeed's MoE, Megatron-Core's MoE
+               (EP=1, alltoall dispatcher; tools/bench_megatron.py names its expert MLP) and the
+               bf16 dense GEMM floor; ms, TFLOP/s of the expert work, peak memory. --quick: fp32
+               on CPU at T 128, d 64, d_ff 128, no peak memory (it needs a child process per case
+               on CPU), Megatron-Core reported as skipped (CUDA-only).
+  pretrain     A short bf16 pretraining of configs/gpu_125m_e16_1gpu.yaml (configs/gpu_125m_e16.yaml
+               on one GPU, synthetic data) through the `deepspeed` launcher, with
+               `model.moe_recompute` none and experts: tokens/s of the last logging interval,
+               peak memory (max_memory_allocated), MFU = tokens/s * FLOPs per token / the GPU's
+               peak bf16 FLOP/s (`--peak-tflops`, default 989 for H100/H200 SXM dense bf16).
+               FLOPs per token = 6 * active parameters (dense parameters, the tied embedding once
+               as the output projection, plus top_k / E of the expert parameters; dropped pairs
+               not subtracted) + 12 * n_layers * d_model * seq_len (attention scores and values,
+               PaLM's appendix B). --quick: configs/tiny_cpu.yaml with ep_size 1 for 4 steps, fp32,
+               on CPU (peak = resident high-water mark; no MFU).
+
+On a GPU it first checks the reference packages (deepspeed, megatron-core) and refuses, exit 2,
+naming a missing one. --quick needs deepspeed only (Megatron-Core is skipped on CPU anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+PARTS = ("correctness", "bench", "pretrain")
+# Reference packages by their pip name -> the module that must import.
+REFERENCES = {"deepspeed": "deepspeed", "megatron-core": "megatron.core"}
+
+
+class MissingReference(RuntimeError):
+    pass
+
+
+def check_references(quick: bool) -> None:
+    """Refuse before any work when a reference package the run compares against is missing."""
+    needed = ["deepspeed"] if quick else list(REFERENCES)
+    missing = []
+    for name in needed:
+        try:
+            importlib.import_module(REFERENCES[name])
+        except ImportError as e:
+            missing.append(f"{name} (import {REFERENCES[name]}: {e})")
+    if missing:
+        raise MissingReference("gpu_check needs the reference package(s) " + ", ".join(missing) +
+                               "; install them (pip install deepspeed megatron-core) or run --quick on CPU")
+
+
+def run_part(name: str, fn, results: dict, *args) -> None:
+    t0 = time.perf_counter()
+    print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
+    try:
+        out = fn(*args)
+        results[name] = {"ok": not out.get("failed"), **out}
+    except Exception as e:  # a failing part is reported, the others still run
+        results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    results[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"[gpu_check] {name}: {'ok' if results[name]['ok'] else 'FAILED'} in {results[name]['seconds']} s",
+          file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+def bench_specs(quick: bool, device: str) -> list:
+    import bench_moe
+
+    if quick:
+        common = dict(tokens=128, d_model=64, d_ff=128, capacity_factor=1.25, threads=1, device="cpu", dtype="fp32")
+        return [bench_moe.Spec(num_experts=16, top_k=8, **common), bench_moe.Spec(num_experts=8, top_k=2, **common)]
+    common = dict(tokens=8192, d_model=2048, capacity_factor=1.25, threads=1, device=device, dtype="bf16")
+    return [bench_moe.Spec(d_ff=1024, num_experts=64, top_k=8, **common),  # OLMoE-like
+            bench_moe.Spec(d_ff=7168, num_experts=8, top_k=2, **common)]  # Mixtral-like, width halved
+
+
+def bench_part(quick: bool, device: str) -> dict:
+    import bench_moe
+
+    rows = []
+    for spec in bench_specs(quick, device):
+        warmup, repeats = (0, 1) if quick else (3, 10)
+        rows.append(bench_moe.bench_one(spec, warmup, repeats, memory=not quick, progress=None,
+                                        cases=bench_moe.GPU_CASES))
+    return {"rows": rows, "table": bench_moe.format_case_table(rows)}
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain
+# ---------------------------------------------------------------------------------------------
+
+def flops_per_token(config: str, overrides: list[str]) -> float:
+    from estimate_memory import load_config
+
+    from moe_dist.train.memory_plan import parameter_counts
+
+    model, train, _ = load_config(config, overrides)
+    dense, expert = parameter_counts(model)
+    active = dense + (expert * model.moe.top_k / model.moe.num_experts if model.moe else 0)
+    if not model.tie_embeddings:
+        active -= model.vocab_size * model.d_model  # the input embedding is a lookup, not a matmul
+    return 6.0 * active + 12.0 * model.n_layers * model.d_model * train.seq_len
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_part(quick: bool, out: Path, peak_tflops: float, timeout: int) -> dict:
+    if quick:
+        config = "configs/tiny_cpu.yaml"
+        overrides = ["moe.ep_size=1", "train.steps=4", "train.log_interval=2", "train.warmup_steps=1",
+                     "train.eval_iters=1", "train.checkpoint_dir=null", "train.tensorboard_dir=null"]
+    else:
+        config, overrides = "configs/gpu_125m_e16_1gpu.yaml", []
+    report = out / "pretrain_worker.json"
+    cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()),
+           str(ROOT / "tools" / "gpu_check_pretrain.py"), "--config", config, "--report", str(report),
+           "--modes", "none,experts", *[a for o in overrides for a in ("--set", o)]]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    (out / "pretrain.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the deepspeed launcher exited {proc.returncode} (log: {out / 'pretrain.log'}); "
+                           f"last lines: {(proc.stdout + proc.stderr)[-1500:]}")
+    rows = json.loads(report.read_text())
+    per_token = flops_per_token(config, overrides)
+    on_gpu = torch.cuda.is_available() and not quick
+    for row in rows.values():
+        rate = row["tokens_per_s"]
+        row["mfu"] = rate * per_token / (peak_tflops * 1e12) if (on_gpu and rate) else None
+        row["peak_memory_gib"] = row["peak_memory_bytes"] / 2**30
+    return {"config": config, "overrides": overrides, "flops_per_token": per_token,
+            "peak_tflops": peak_tflops if on_gpu else None, "modes": rows,
+            "command": " ".join(cmd)}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [f"# gpu_check ({'quick, CPU' if results['quick'] else 'GPU'})", "",
+             f"device: {env['device']}; torch {env['torch']}; deepspeed {env.get('deepspeed')}; "
+             f"megatron-core {env.get('megatron_core')}", ""]
+    corr = results.get("correctness")
+    if corr:
+        lines += ["## correctness", "", "| check | result | measured | tolerance |", "|---|---|---|---|"]
+        for check in corr.get("checks", []):
+            lines.append(f"| {check['name']} | {check['status']} | {check.get('measured', '')} | "
+                         f"{check.get('tolerance', '')} |")
+        if "error" in corr:
+            lines.append(f"\nerror: {corr['error']}")
+        lines.append("")
+    bench = results.get("bench")
+    if bench:
+        lines += ["## bench (tools/bench_moe.py)", "", bench.get("table", f"error: {bench.get('error')}"), ""]
+    pre = results.get("pretrain")
+    if pre:
+        lines += ["## pretrain", ""]
+        if pre["ok"]:
+            lines += [f"`{pre['command']}`", "", f"FLOPs per token {pre['flops_per_token']:.3e}", "",
+                      "| moe_recompute | tokens/s | MFU | peak memory GiB | steps | last loss |",
+                      "|---|---|---|---|---|---|"]
+            for mode, row in pre["modes"].items():
+                mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+                rate = "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}"
+                lines.append(f"| {mode} | {rate} | {mfu} | {row['peak_memory_gib']:.2f} | {row['steps']} | "
+                             f"{row['last_loss']} |")
+        else:
+            lines.append(f"error: {pre['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def environment(device: str) -> dict:
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+    for key, module in (("deepspeed", "deepspeed"), ("megatron_core", "megatron.core")):
+        try:
+            env[key] = getattr(importlib.import_module(module), "__version__", "?")
+        except ImportError:
+            env[key] = None
+    return env
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
+    p.add_argument("--quick", action="store_true", help="every part at tiny sizes on CPU (the test suite runs it)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's peak dense bf16 TFLOP/s for MFU (989: H100/H200 SXM)")
+    p.add_argument("--pretrain-timeout", type=int, default=420, help="seconds for the pretraining launcher")
+    args = p.parse_args(argv)
+    args.parts = [x for x in args.parts.split(",") if x]
+    bad = [x for x in args.parts if x not in PARTS]
+    if bad:
+        p.error(f"--parts: unknown part(s) {bad}; expected a subset of {list(PARTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpu_checks import correctness_part
+
+    from moe_dist.common.atomic import write_text_atomic
+
+    args = parse_args(argv)
+    device = "cpu" if args.quick else "cuda"
+    if not args.quick and not torch.cuda.is_available():
+        print("error: no CUDA device here (torch.cuda.is_available() is False); use --quick on CPU",
+              file=sys.stderr)
+        return 2
+    try:
+        check_references(args.quick)
+    except MissingReference as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"quick": args.quick, "environment": environment(device), "parts": args.parts}
+    if "correctness" in args.parts:
+        run_part("correctness", correctness_part, results, device)
+    if "bench" in args.parts:
+        run_part("bench", bench_part, results, args.quick, device)
+    if "pretrain" in args.parts:
+        run_part("pretrain", pretrain_part, results, args.quick, out, args.peak_tflops, args.pretrain_timeout)
+    write_text_atomic(str(out / "gpu_check.json"), json.dumps(results, indent=1, default=str))
+    write_text_atomic(str(out / "gpu_check.md"), markdown(results))
+    failed = [p for p in args.parts if not results[p]["ok"]]
+    print(f"[gpu_check] report: {out / 'gpu_check.md'}; " + (f"FAILED: {failed}" if failed else "all parts ok"),
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
