@@ -256,13 +256,14 @@ def special_token_ids(sp_model: str | None) -> dict[str, int | None]:
             (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()), ("pad_token_id", sp.pad_id()))}
 
 
-def write_tokenizer(sp_model: str | None, out_dir: str, max_length: int) -> None:
+def write_tokenizer(sp_model: str | None, out_dir: str, max_length: int, vocab_size: int) -> None:
     """tokenizer.json (+ tokenizer_config.json) as transformers' LlamaTokenizer converts the
     SentencePiece model, and the model itself as tokenizer.model. The fast tokenizer.json is what
     makes AutoTokenizer right whatever config.json's model_type maps to (for `mixtral` it picks
     the generic TokenizersBackend, which reads only tokenizer.json)."""
     if sp_model is None:
-        write_byte_tokenizer(out_dir, max_length)
+        if vocab_size > BYTE_EOD:  # else the model cannot read what the byte tokenizer emits
+            write_byte_tokenizer(out_dir, max_length)
         return
     try:
         from transformers import LlamaTokenizer
@@ -320,7 +321,7 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
         raise CheckpointError(f"the custom (remote-code) architecture cannot express the model of {ckpt_path!r}: "
                               f"it does not implement {'; '.join(unsupported)}; and Mixtral cannot either: "
                               f"{'; '.join(reasons)}")
-    token_ids = pad_token_ids(special_token_ids(sp_model))
+    token_ids = pad_token_ids(special_token_ids(sp_model), cfg.vocab_size)
     weight_dtype = state["embed.weight"].dtype
     with staged_directory(out, overwrite) as tmp:
         if use_mixtral:
@@ -330,7 +331,8 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
             copy_modeling_files(tmp)
         write_json(os.path.join(tmp, "config.json"), config)
         write_weights(os.path.join(tmp, "model.safetensors"), weights, SAFETENSORS, metadata={"format": "pt"})
-        write_tokenizer(sp_model, tmp, cfg.max_seq_len)
+        write_tokenizer(sp_model, tmp, cfg.max_seq_len, cfg.vocab_size)
         write_generation_config(tmp, token_ids)
     return ExportResult(out=out, architecture="mixtral" if use_mixtral else "custom",
-                        reasons=[] if use_mixtral else reasons, tokenizer=True)
+                        reasons=[] if use_mixtral else reasons,
+                        tokenizer=sp_model is not None or cfg.vocab_size > BYTE_EOD)

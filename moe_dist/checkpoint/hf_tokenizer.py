@@ -52,10 +52,12 @@ def write_byte_tokenizer(out_dir: str, max_length: int) -> None:
     fast.save_pretrained(out_dir)
 
 
-def pad_token_ids(token_ids: dict[str, int | None]) -> dict[str, int | None]:
-    """The special ids with a pad id: the tokenizer's own, else end-of-document."""
-    if token_ids.get("pad_token_id") is None:
-        return {**token_ids, "pad_token_id": token_ids.get("eos_token_id")}
+def pad_token_ids(token_ids: dict[str, int | None], vocab_size: int) -> dict[str, int | None]:
+    """The special ids with a pad id: the tokenizer's own, else end-of-document, if the model's
+    vocabulary holds it (transformers builds its embedding with `padding_idx` = pad id)."""
+    eos = token_ids.get("eos_token_id")
+    if token_ids.get("pad_token_id") is None and eos is not None and eos < vocab_size:
+        return {**token_ids, "pad_token_id": eos}
     return dict(token_ids)
 
 
