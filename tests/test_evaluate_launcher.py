@@ -1,6 +1,7 @@
 """tools/evaluate.py on a training checkpoint of the quickstart config (shortened), in one process
 and under the `deepspeed` launcher at world 2 / EP 2 (same code, sums all-reduced, ragged last
-round): the same loss and token counts; the consolidated checkpoint gives them too. The short
+round): the same loss and token counts; the consolidated checkpoint gives them too, and
+tools/generate.py the same text from both. The short
 run also checks the trainer's validation: a stated token count, its standard error, eval drops
 and load in TensorBoard."""
 
@@ -66,3 +67,15 @@ def test_launcher_ep2_equals_one_process_and_consolidated(run):
         assert b["domains"][name]["tokens"] == d["tokens"]
         assert b["domains"][name]["loss"] == pytest.approx(d["loss"], abs=1e-5)
     assert set(a["moe_layers"]) == {"0", "1", "2", "3"}
+
+
+def test_generate_on_the_training_checkpoint_equals_the_consolidated(run, capsys):
+    tmp, _, _ = run
+    if not (tmp / "consolidated").exists():
+        consolidate(str(tmp / "ckpt"), str(tmp / "consolidated"), progress=False)
+    args = ["--prompt", "abc", "--prompt", "a longer prompt", "--max-new-tokens", "20", "--json"]
+    outs = []
+    for ckpt in (tmp / "ckpt", tmp / "consolidated"):  # ep_size 2 (merged in memory), then 1
+        assert load_tool("generate").main([str(ckpt), *args]) == 0
+        outs.append([r["ids"] for r in json.loads(capsys.readouterr().out)])
+    assert outs[0] == outs[1] and all(len(ids) > 0 for ids in outs[0])
