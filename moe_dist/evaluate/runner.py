@@ -102,6 +102,11 @@ class _Totals:
                     row[name] = value if name not in row else row[name] + value
 
 
+def _sum_over_ranks(groups: ParallelGroups, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # on the model's device: NCCL reduces CUDA tensors only
+    return groups.all_reduce_sum_dp(t.to(device)).cpu()
+
+
 @torch.no_grad()
 def evaluate(model: MoETransformer, windows: Iterable[Window], domain_names: list[str], *, batch: int = 8,
              groups: ParallelGroups | None = None, progress: bool = True,
@@ -130,9 +135,9 @@ def evaluate(model: MoETransformer, windows: Iterable[Window], domain_names: lis
                 nll = F.cross_entropy(out.logits_BSV.float().transpose(1, 2), tokens[:, 1:], reduction="none")
                 totals.add_loss(nll.cpu(), labels[:, 1:].cpu())
                 round_tokens += nll.numel()
-        bar.update(int(groups.all_reduce_sum_dp(torch.tensor(float(round_tokens)))))
+        bar.update(int(_sum_over_ranks(groups, torch.tensor(float(round_tokens)), device)))
     bar.close()
-    packed = groups.all_reduce_sum_dp(torch.cat([totals.nll, totals.count, totals.windows]))
+    packed = _sum_over_ranks(groups, torch.cat([totals.nll, totals.count, totals.windows]), device)
     L1 = len(domain_names) + 1
     nll, count, win = packed[:L1], packed[L1:2 * L1], packed[2 * L1:]
     n = float(count.sum())
