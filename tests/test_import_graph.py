@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 # The layering, lowest first: a package may import only packages listed before it.
-LAYERS = ["common", "kernels", "parallel", "routing", "moe", "model", "data", "checkpoint", "train", "study"]
+LAYERS = ["common", "kernels", "parallel", "routing", "moe", "model", "data", "checkpoint", "evaluate", "train", "study"]
 # Narrower than the order: all that each of these may import (besides itself).
 ALLOWED_ONLY = {"data": {"common"}, "checkpoint": {"common", "parallel", "moe", "model"}}
 # The model math: plain single-process PyTorch; communication goes through `parallel`.

@@ -5,8 +5,8 @@ Modules: `files` (CheckpointError, file reading/writing, staged outputs), `layou
 places in a training checkpoint), `tags` (completion marker, run ids: is a tag complete and one
 run's), `training` (TrainingCheckpoint), `zero` (the ZeRO-1/2 partition
 layout and reader), `consolidated` (the format, consolidate, load/save, open_checkpoint),
-`reshard`, `hf_export` (export_hf; `hf_remote_code/` holds the files it ships), `cli` (the command
-line and the inspect summary).
+`reshard`, `hf_export` (export_hf; `hf_remote_code/` holds the files it ships; `hf_tokenizer` the
+byte tokenizer, pad ids and generation_config), `cli` (the command line and the inspect summary).
 
 CLI: tools/convert_checkpoint.py; formats and mappings: docs/checkpoints.md.
 """

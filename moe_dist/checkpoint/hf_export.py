@@ -42,8 +42,9 @@ transformers' `LlamaTokenizer` converts it to (BPE or unigram, byte fallback, no
 It reproduces moe_dist's ids except at the very start of a text that begins with whitespace:
 SentencePiece always adds its dummy-prefix piece there, while transformers skips the prefix when
 the text already starts with a space (one piece fewer). Decoding is identical. The built-in byte
-tokenizer has no transformers counterpart: the export records its special ids in config.json
-(end-of-document 256) and writes no tokenizer files.
+tokenizer is written as an equivalent fast tokenizer (`hf_tokenizer.py`). Every export has a pad
+token (the tokenizer's, else end-of-document), pads on the left, and writes
+generation_config.json naming eos and pad.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from moe_dist.checkpoint.consolidated import full_state_dict, open_checkpoint
 from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, cast_floating, check_option,
                                        check_output, dtype_name, staged_directory, torch_dtype, write_json,
                                        write_weights)
+from moe_dist.checkpoint.hf_tokenizer import pad_token_ids, write_byte_tokenizer, write_generation_config
 from moe_dist.common.config import to_dict
 from moe_dist.model.config import ModelConfig
 
@@ -206,8 +208,7 @@ def custom_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: tor
                      "AutoModelForCausalLM": f"{MODELING_MODULE}.MoEDistForCausalLM"},
         "moe_dist_model": model,
         "moe_dist_moe": moe,
-        # No KV cache in the exported model: generation must recompute the sequence.
-        "use_cache": False,
+        "use_cache": True,  # the modeling file takes transformers' Cache
         "dtype": dtype_name(dtype),
         **token_ids,
     }
@@ -255,12 +256,14 @@ def special_token_ids(sp_model: str | None) -> dict[str, int | None]:
             (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()), ("pad_token_id", sp.pad_id()))}
 
 
-def write_tokenizer(sp_model: str | None, out_dir: str, max_length: int) -> None:
+def write_tokenizer(sp_model: str | None, out_dir: str, max_length: int, vocab_size: int) -> None:
     """tokenizer.json (+ tokenizer_config.json) as transformers' LlamaTokenizer converts the
     SentencePiece model, and the model itself as tokenizer.model. The fast tokenizer.json is what
     makes AutoTokenizer right whatever config.json's model_type maps to (for `mixtral` it picks
     the generic TokenizersBackend, which reads only tokenizer.json)."""
     if sp_model is None:
+        if vocab_size > BYTE_EOD:  # else the model cannot read what the byte tokenizer emits
+            write_byte_tokenizer(out_dir, max_length)
         return
     try:
         from transformers import LlamaTokenizer
@@ -279,7 +282,8 @@ def write_tokenizer(sp_model: str | None, out_dir: str, max_length: int) -> None
         write_json(os.path.join(src, "tokenizer_config.json"), {
             "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": False, "add_eos_token": False,
             "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
-            "pad_token": piece(sp.pad_id()), "clean_up_tokenization_spaces": False})
+            "pad_token": piece(sp.pad_id()) or piece(sp.eos_id()), "padding_side": "left",
+            "clean_up_tokenization_spaces": False})
         tokenizer = LlamaTokenizer.from_pretrained(src)
     tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(out_dir)
@@ -317,7 +321,7 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
         raise CheckpointError(f"the custom (remote-code) architecture cannot express the model of {ckpt_path!r}: "
                               f"it does not implement {'; '.join(unsupported)}; and Mixtral cannot either: "
                               f"{'; '.join(reasons)}")
-    token_ids = special_token_ids(sp_model)
+    token_ids = pad_token_ids(special_token_ids(sp_model), cfg.vocab_size)
     weight_dtype = state["embed.weight"].dtype
     with staged_directory(out, overwrite) as tmp:
         if use_mixtral:
@@ -327,6 +331,8 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
             copy_modeling_files(tmp)
         write_json(os.path.join(tmp, "config.json"), config)
         write_weights(os.path.join(tmp, "model.safetensors"), weights, SAFETENSORS, metadata={"format": "pt"})
-        write_tokenizer(sp_model, tmp, cfg.max_seq_len)
+        write_tokenizer(sp_model, tmp, cfg.max_seq_len, cfg.vocab_size)
+        write_generation_config(tmp, token_ids)
     return ExportResult(out=out, architecture="mixtral" if use_mixtral else "custom",
-                        reasons=[] if use_mixtral else reasons, tokenizer=sp_model is not None)
+                        reasons=[] if use_mixtral else reasons,
+                        tokenizer=sp_model is not None or cfg.vocab_size > BYTE_EOD)

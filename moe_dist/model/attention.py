@@ -52,7 +52,10 @@ class CausalSelfAttention(nn.Module):
         elif qk_norm == "full":
             self.q_norm, self.k_norm = QKNorm(self.q_width, norm_eps), QKNorm(self.kv_width, norm_eps)
 
-    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
+    def project(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values with rotary applied: q [B, H, S, A], k and v [B, Y, S, A].
+        `cos_SR`/`sin_SR` broadcast against [B, H, S, R] ([S, R] in training, [B, 1, S, R] at
+        per-sequence positions in generation)."""
         B, S, _ = x_BSD.shape
         H, Y, A = self.n_heads, self.n_kv_heads, self.head_dim
         # q: [B, S, H*A], k and v: [B, S, Y*A]
@@ -64,12 +67,22 @@ class CausalSelfAttention(nn.Module):
             q_BSHA, k_BSYA = self.q_norm(q_BSHA), self.k_norm(k_BSYA)
         q_BHSA = apply_rotary(q_BSHA.transpose(1, 2), cos_SR, sin_SR)
         k_BYSA = apply_rotary(k_BSYA.transpose(1, 2), cos_SR, sin_SR)
-        v_BYSA = v_BSYA.transpose(1, 2)
+        return q_BHSA, k_BYSA, v_BSYA.transpose(1, 2)
+
+    def attend(self, q_BHSA: Tensor, k_BYWA: Tensor, v_BYWA: Tensor, mask_BSW: Tensor | None = None) -> Tensor:
+        """Attention of S queries over W keys, then the output projection: causal (W = S) without
+        a mask, else where the boolean `mask_BSW` ([B, 1, S, W]) is True."""
+        H, Y = self.n_heads, self.n_kv_heads
+        B, _, S, A = q_BHSA.shape
+        mask = {"is_causal": True} if mask_BSW is None else {"attn_mask": mask_BSW}
         if Y == H:
-            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYSA, v_BYSA, is_causal=True)
+            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYWA, v_BYWA, **mask)
         elif _SDPA_GQA:
-            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYSA, v_BYSA, is_causal=True, enable_gqa=True)
+            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYWA, v_BYWA, enable_gqa=True, **mask)
         else:
-            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYSA.repeat_interleave(H // Y, dim=1),
-                                                    v_BYSA.repeat_interleave(H // Y, dim=1), is_causal=True)
+            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYWA.repeat_interleave(H // Y, dim=1),
+                                                    v_BYWA.repeat_interleave(H // Y, dim=1), **mask)
         return self.out(y_BHSA.transpose(1, 2).reshape(B, S, H * A))
+
+    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
+        return self.attend(*self.project(x_BSD, cos_SR, sin_SR))

@@ -21,3 +21,13 @@ def apply_rotary(x_BHSA: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
     x1, x2 = x_BHSA.float().chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos_SR - x2 * sin_SR, x1 * sin_SR + x2 * cos_SR], dim=-1)
     return rotated.to(x_BHSA.dtype)
+
+
+def rotary_at(positions_BS: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """fp32 (cos, sin) [B, 1, S, R] at each token's own position (generation: left-padded
+    prompts, a KV cache, positions past max_seq_len). The same angles as `rotary_tables` at
+    positions 0..S-1."""
+    device = positions_BS.device
+    inv_freq_R = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles_BSR = positions_BS.to(torch.float32)[..., None] * inv_freq_R
+    return angles_BSR.cos()[:, None], angles_BSR.sin()[:, None]

@@ -47,7 +47,9 @@ class MoEConfig:
     num_experts: int
     top_k: int = 2
     capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
+    # <= 0: no limit at eval, the function Hugging Face exports, tools/evaluate.py and generation
+    # compute (docs/training.md, "Eval-time capacity"); a capacity here is an opt-in.
+    eval_capacity_factor: float = 0.0
     min_capacity: int = 4
     drop_policy: str = "position"
     dropless: bool = False

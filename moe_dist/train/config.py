@@ -80,6 +80,9 @@ class TrainSection:
     log_interval: int = 10
     eval_interval: int = 0  # 0: only at the end
     eval_iters: int = 4  # validation micro batches per rank
+    # Validation tokens per evaluation over all ranks (rounded up to whole micro batches); when
+    # set, it replaces eval_iters. The logged standard error says what precision it gives.
+    eval_tokens: int | None = None
     checkpoint_interval: int = 0  # 0: only at the end (when checkpoint_dir is set)
     checkpoint_dir: str | None = None
     keep_last: int | None = None  # keep the newest N complete checkpoints (None: all)
@@ -108,6 +111,8 @@ class TrainSection:
             check_int("train.global_batch", self.global_batch, 1)
         if self.keep_last is not None:
             check_int("train.keep_last", self.keep_last, 1)
+        if self.eval_tokens is not None:
+            check_int("train.eval_tokens", self.eval_tokens, 1)
         check(isinstance(self.deepspeed_config, str) and self.deepspeed_config != "",
               f"train.deepspeed_config must be the path of a DeepSpeed JSON, got {self.deepspeed_config!r}")
         for name in ("lr", "min_lr", "weight_decay", "adam_eps"):
@@ -128,6 +133,13 @@ class TrainSection:
               and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas),
               f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         self.adam_betas = [float(b) for b in self.adam_betas]
+
+
+    def eval_batches(self, world_size: int) -> int:
+        """Validation micro batches per rank: eval_iters, or enough for eval_tokens."""
+        if self.eval_tokens is None:
+            return self.eval_iters
+        return -(-self.eval_tokens // (self.micro_batch * self.seq_len * world_size))
 
 
 @dataclass

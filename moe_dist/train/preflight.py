@@ -45,7 +45,7 @@ class Preflight:
 
 def requested_samples(train, global_batch: int, world_size: int) -> tuple[int, int]:
     """(train, valid) samples the trainer builds datasets of; the data is checked against them."""
-    return train.steps * global_batch, train.eval_iters * train.micro_batch * world_size
+    return train.steps * global_batch, train.eval_batches(world_size) * train.micro_batch * world_size
 
 
 def data_domain_names(data: DataConfig) -> list[str]:

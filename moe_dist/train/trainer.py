@@ -18,6 +18,7 @@ from moe_dist.checkpoint.consolidated import load_consolidated
 from moe_dist.checkpoint.tags import RUN_ID_KEY
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
+from moe_dist.evaluate.precision import sequence_loss_sums, standard_error
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
@@ -171,34 +172,39 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation LM loss over eval_iters micro batches per rank (the same batches at
-        every evaluation), plus the expert-by-domain heatmaps."""
+        """Mean validation LM loss over train.eval_batches micro batches per rank (the same
+        batches at every evaluation), its standard error, and the eval's routing statistics."""
         valid = self.datasets.valid
         if valid is None or len(valid) < self.cfg.train.micro_batch * self.world:
             return None
         self.engine.eval()
         stats = MoEStatsAccumulator()
         loader = build_dataloader(valid, self.cfg.train.micro_batch, self.rank, self.world)
-        total, count = torch.zeros(()), 0
+        sums = torch.zeros(4, dtype=torch.float64)  # tokens, sequences, sum and sum of squares of sequence losses
         for i, batch in enumerate(loader):
-            if i == self.cfg.train.eval_iters:
+            if i == self.cfg.train.eval_batches(self.world):
                 break
             out = self.forward(batch)
-            total += float(out.lm_loss)
-            count += 1
+            sums += sequence_loss_sums(out.logits_BSV, batch["tokens"][:, 1:].to(out.logits_BSV.device))
             stats.add(out.moe_stats)
         self.engine.train()
-        loss = float(runtime.all_reduce_mean(total / max(count, 1)))
+        sums = runtime.all_reduce_mean(sums) * self.world
+        loss = float(sums[2] / sums[1].clamp_min(1))
+        sem = standard_error(float(sums[1]), float(sums[2]), float(sums[3]))
         summary = stats.summary()
         for layer, row in summary.items():
+            self.tb.scalars(self.step, {f"moe/layer{layer}/val_dropped_fraction": row["dropped_fraction"],
+                                        f"moe/layer{layer}/val_load_cv": row["load_cv"]})
             if "expert_label_counts" in row:
                 self.tb.expert_domain_heatmap(self.step, layer, row["expert_label_counts"],
                                               self.checks.domain_names)
                 if "mi_domain_normalized" in row:
                     self.tb.scalars(self.step, {f"moe/layer{layer}/val_mi_domain_normalized":
                                                 row["mi_domain_normalized"]})
-        self.tb.scalars(self.step, {"val/loss": loss, "val/perplexity": perplexity(loss)})
-        log0(f"step {self.step} | validation loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
+        self.tb.scalars(self.step, {"val/loss": loss, "val/perplexity": perplexity(loss), "val/loss_sem": sem})
+        drops = " ".join(f"{row['dropped_fraction']:.3f}" for row in summary.values())
+        log0(f"step {self.step} | validation loss {loss:.4f} ± {sem:.4f} over {int(sums[0]):,} tokens | "
+             f"perplexity {perplexity(loss):.2f} | dropped per MoE layer {drops or '-'}")
         return loss
 
     def grad_norm(self) -> float | None:

@@ -11,12 +11,18 @@ bias). Self-contained: torch and transformers only. Tensor names and math mirror
   optional renormalization), `inhibition` (EMA population statistics with bias correction),
   `fixed_projection` (frozen projection, optional centering and COMET routing stream),
   `attentive` (gate trunk, query, per-expert key probes);
-- dropless: every token reaches its top-k experts (moe_dist's eval capacity may drop; the two
-  agree when it drops nothing);
-- no padding mask and no KV cache (generation recomputes the sequence: pass use_cache=False).
+- dropless: every token reaches its top-k experts (moe_dist's eval default; a capacity set with
+  moe.eval_capacity_factor > 0 would drop, and the two agree when it drops nothing);
+- `attention_mask` (left or right padding), a KV cache through transformers' `Cache` (`generate`
+  creates a `DynamicCache`), and positions from the mask (a left-padded prompt's first real
+  token is position 0, as alone); rotary angles are computed for any position, so sequences may
+  run past max_seq_len as RoPE models do (quality there is whatever the model learned).
 
-Legend: B batch, S sequence, D model width, T = B*S tokens, E experts, K experts per token,
-F FFN hidden width, H gate width, R shared directions.
+Every eval-form router and expert computes each token on its own: padding changes no real token.
+
+Legend: B batch, S sequence (new tokens), P positions in the cache (past + new), D model width,
+T = B*S tokens, E experts, K experts per token, F FFN hidden width, H gate width, R shared
+directions (or rotary frequencies in the attention).
 """
 
 import math
@@ -27,15 +33,46 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+try:
+    from transformers.cache_utils import DynamicCache
+except ImportError:  # very old transformers: generation recomputes (use_cache=False)
+    DynamicCache = None
+
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 from .configuration_moe_dist import MoEDistConfig
 
 GATE_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
 
-def rotary_tables(seq_len, head_dim, theta, device):
-    inv_freq_F = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles_SF = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq_F)
-    return angles_SF.cos(), angles_SF.sin()
+def rotary_tables(positions_BS, head_dim, theta):
+    """fp32 cos/sin [B, 1, S, head_dim / 2] at each token's position."""
+    device = positions_BS.device
+    inv_freq_R = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles_BSR = positions_BS.float()[..., None] * inv_freq_R
+    return angles_BSR.cos()[:, None], angles_BSR.sin()[:, None]
+
+
+def token_positions(attention_mask_BP, past_len, seq_len, device):
+    """Each new token's position: the count of real tokens before it (so left padding does not
+    shift a prompt), or past_len + i without a mask."""
+    if attention_mask_BP is None:
+        return (past_len + torch.arange(seq_len, device=device))[None]
+    positions_BP = attention_mask_BP.long().cumsum(-1) - 1
+    return positions_BP.clamp_min(0)[:, -seq_len:]
+
+
+def attention_bias(attention_mask_BP, past_len, seq_len, device):
+    """Boolean [B, 1, S, P] (True: may attend): causal over the cache and the new tokens, padding
+    keys masked. Each query may always see itself, so a padding query's row is never empty."""
+    P = past_len + seq_len
+    q_S1 = past_len + torch.arange(seq_len, device=device)[:, None]
+    k_1P = torch.arange(P, device=device)[None]
+    allowed_SP = k_1P <= q_S1
+    if attention_mask_BP is None:
+        return allowed_SP[None, None]
+    keys_BP = attention_mask_BP[:, -P:].bool()
+    return ((allowed_SP[None] & keys_BP[:, None]) | (k_1P == q_S1)[None])[:, None]
 
 
 def apply_rotary(x, cos_SF, sin_SF):
@@ -63,17 +100,22 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model, n_heads):
+    def __init__(self, d_model, n_heads, layer_idx):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.layer_idx = n_heads, layer_idx
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BSD, cos_SF, sin_SF):
+    def forward(self, x_BSD, cos, sin, bias, cache):
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(apply_rotary(q, cos_SF, sin_SF), apply_rotary(k, cos_SF, sin_SF), v,
-                                           is_causal=True)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # k, v become [B, H, P, A]: the cached positions, then these
+            k, v = cache.update(k, v, self.layer_idx)
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -269,16 +311,16 @@ class MoELayer(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c, m, is_moe):
+    def __init__(self, c, m, is_moe, layer_idx):
         super().__init__()
         self.attn_norm = RMSNorm(c["d_model"], c["norm_eps"])
-        self.attn = Attention(c["d_model"], c["n_heads"])
+        self.attn = Attention(c["d_model"], c["n_heads"], layer_idx)
         self.ffn_norm = RMSNorm(c["d_model"], c["norm_eps"])
         self.moe = MoELayer(m) if is_moe else None
         self.ffn = None if is_moe else DenseFFN(c["d_model"], c["d_ff"], c["activation"])
 
-    def forward(self, x, cos_SF, sin_SF, stream_TD):
-        x = x + self.attn(self.attn_norm(x), cos_SF, sin_SF)
+    def forward(self, x, cos, sin, bias, cache, stream_TD):
+        x = x + self.attn(self.attn_norm(x), cos, sin, bias, cache)
         if self.moe is None:
             return x + self.ffn(self.ffn_norm(x)), stream_TD
         y, stream_TD = self.moe(self.ffn_norm(x), stream_TD)
@@ -298,20 +340,24 @@ class MoEDistModel(nn.Module):
         c, m = config.moe_dist_model, config.moe_dist_moe
         self.c = c
         self.embed = nn.Embedding(c["vocab_size"], c["d_model"])
-        self.blocks = nn.ModuleList(Block(c, m, is_moe_layer(c, m, i)) for i in range(c["n_layers"]))
+        self.blocks = nn.ModuleList(Block(c, m, is_moe_layer(c, m, i), i) for i in range(c["n_layers"]))
         self.norm = RMSNorm(c["d_model"], c["norm_eps"])
         self.lm_head = None if c["tie_embeddings"] else nn.Linear(c["d_model"], c["vocab_size"], bias=False)
 
-    def forward(self, tokens_BS):
+    def forward(self, tokens_BS, attention_mask_BP=None, cache=None, positions_BS=None):
         B, S = tokens_BS.shape
-        if S > self.c["max_seq_len"]:
-            raise ValueError(f"sequence length ({S}) exceeds max_seq_len ({self.c['max_seq_len']})")
-        cos_SF, sin_SF = rotary_tables(S, self.c["d_model"] // self.c["n_heads"], self.c["rope_theta"],
-                                       tokens_BS.device)
+        past = cache.get_seq_length() if cache is not None else 0
+        device = tokens_BS.device
+        if positions_BS is None:
+            positions_BS = token_positions(attention_mask_BP, past, S, device)
+        cos, sin = rotary_tables(positions_BS, self.c["d_model"] // self.c["n_heads"], self.c["rope_theta"])
+        # Without padding and cache the causal kernel needs no mask (the training-time path).
+        plain = past == 0 and (attention_mask_BP is None or bool(attention_mask_BP.all()))
+        bias = None if plain else attention_bias(attention_mask_BP, past, S, device)
         x = self.embed(tokens_BS)
         stream_TD = x.detach().reshape(B * S, -1)
         for block in self.blocks:
-            x, stream_TD = block(x, cos_SF, sin_SF, stream_TD)
+            x, stream_TD = block(x, cos, sin, bias, cache, stream_TD)
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return self.norm(x) @ weight_VD.t()
 
@@ -320,6 +366,7 @@ class MoEDistForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MoEDistConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
+    _supports_cache_class = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -339,12 +386,15 @@ class MoEDistForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("this model has no padding mask: pass unpadded sequences (attention_mask all ones)")
-        logits = self.model(input_ids)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, cache=None, past_key_values=None,
+                position_ids=None, use_cache=None, **kwargs):
+        # transformers 5 names the cache `cache`, transformers 4 `past_key_values`.
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None and DynamicCache is not None:
+            cache = DynamicCache()
+        logits = self.model(input_ids, attention_mask, cache, position_ids)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})

@@ -1,0 +1,35 @@
+"""How precise a loss estimate is: the standard error of the mean loss over windows (sequences).
+
+Tokens of one sequence are correlated (they share context), so the per-token spread over the
+square root of the token count would overstate the precision; the sequences are the independent
+draws. With n sequences whose mean losses have standard deviation s, the mean loss has standard
+error s / sqrt(n): to halve it, evaluate four times the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def standard_error(count: float, total: float, total_sq: float) -> float:
+    """Standard error of the mean of `count` values with sum `total` and sum of squares
+    `total_sq` (nan for fewer than two values)."""
+    if count < 2:
+        return float("nan")
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0) * count / (count - 1)
+    return math.sqrt(var / count)
+
+
+def sequence_loss_sums(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """float64 [4]: tokens, sequences, and the sum and sum of squares of the sequences' mean
+    losses, to be summed over batches and ranks (the mean of the sequence means is the mean
+    loss: every sequence has S tokens)."""
+    nll_BS = F.cross_entropy(logits_BSV.float().transpose(1, 2), targets_BS, reduction="none")
+    means_B = nll_BS.double().mean(1).cpu()
+    return torch.stack([torch.tensor(float(nll_BS.numel()), dtype=torch.float64),
+                        torch.tensor(float(means_B.numel()), dtype=torch.float64), means_B.sum(),
+                        means_B.square().sum()])

@@ -1,0 +1,173 @@
+"""The loss and the routing statistics of a model over evaluation windows, in one process or on
+every rank under the launcher (same code; sums are reduced over the data-parallel group).
+
+Under the launcher each round takes `world * batch` windows from the stream (every rank reads
+the same stream) and rank r runs windows r, r + world, ...; windows of one forward have one
+length (only the stream's last window is shorter). Every rank of an expert-parallel group must
+run the same number of forwards (the all-to-alls), so a rank with fewer windows in the last round
+runs a one-token padding forward that adds nothing to the loss; its routed pairs are counted in
+the load statistics (at most world - 1 tokens per eval). With dropless eval capacity the loss
+does not depend on batching, so any world and EP size gives the one-process number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from moe_dist.evaluate.precision import standard_error
+from moe_dist.evaluate.sources import Window
+from moe_dist.model.transformer import MoETransformer
+from moe_dist.moe.stats import mutual_information
+from moe_dist.parallel.groups import ParallelGroups
+
+_SUMMED = ("tokens_per_expert", "tokens_per_expert_kept", "expert_label_counts")
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+@dataclass
+class EvalResult:
+    tokens: int
+    loss: float
+    loss_sem: float  # standard error of the mean loss over windows (precision.py)
+    windows: int
+    domain_names: list[str]
+    # name -> {"tokens", "loss", "perplexity"}; "(unlabelled)" for tokens without a label
+    domains: dict[str, dict[str, float]] = field(default_factory=dict)
+    moe_layers: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "loss": self.loss, "perplexity": self.perplexity,
+                "loss_sem": self.loss_sem, "windows": self.windows, "domain_names": self.domain_names,
+                "domains": self.domains, "moe_layers": {str(k): v for k, v in self.moe_layers.items()}}
+
+
+def _length_runs(chunk: list[Window], batch: int) -> list[list[Window]]:
+    runs: list[list[Window]] = []
+    for w in chunk:
+        if runs and len(runs[-1]) < batch and runs[-1][0].tokens.numel() == w.tokens.numel():
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    return runs
+
+
+def _rounds(windows: Iterable[Window], batch: int, world: int, rank: int) -> Iterator[tuple[list[list[Window]], int]]:
+    """Per round: this rank's forwards (lists of equal-length windows) and the number of
+    forwards every rank runs."""
+    it = iter(windows)
+    while chunk := list(islice(it, batch * world)):
+        mine = _length_runs(chunk[rank::world], batch)
+        yield mine, max(len(_length_runs(chunk[r::world], batch)) for r in range(world))
+
+
+class _Totals:
+    def __init__(self, num_domains: int) -> None:
+        # per domain (last: unlabelled): summed NLL, tokens; then windows, sum and sum of squares
+        # of window means
+        self.nll = torch.zeros(num_domains + 1, dtype=torch.float64)
+        self.count = torch.zeros(num_domains + 1, dtype=torch.float64)
+        self.windows = torch.zeros(3, dtype=torch.float64)
+        self.routing: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add_loss(self, nll_BS: torch.Tensor, labels_BS: torch.Tensor) -> None:
+        L = self.nll.numel() - 1
+        cell = torch.where(labels_BS >= 0, labels_BS, L).reshape(-1)
+        self.nll.index_add_(0, cell, nll_BS.reshape(-1).double())
+        self.count.index_add_(0, cell, torch.ones_like(cell, dtype=torch.float64))
+        means = nll_BS.double().mean(1)
+        self.windows += torch.stack([torch.tensor(float(means.numel()), dtype=torch.float64),
+                                     means.sum(), means.square().sum()])
+
+    def add_routing(self, moe_stats: dict[int, dict[str, torch.Tensor]]) -> None:
+        for layer, stats in moe_stats.items():
+            row = self.routing.setdefault(layer, {})
+            for name in _SUMMED:
+                if name in stats:
+                    value = stats[name].detach().double().cpu()
+                    row[name] = value if name not in row else row[name] + value
+
+
+def _sum_over_ranks(groups: ParallelGroups, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # on the model's device: NCCL reduces CUDA tensors only
+    return groups.all_reduce_sum_dp(t.to(device)).cpu()
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, windows: Iterable[Window], domain_names: list[str], *, batch: int = 8,
+             groups: ParallelGroups | None = None, progress: bool = True,
+             total_tokens: int | None = None) -> EvalResult:
+    """Loss per domain and routing statistics over `windows` (on every rank: collective).
+
+    `model.cfg.num_labels` must be len(domain_names) for the label statistics (0: none)."""
+    groups = groups or ParallelGroups.single()
+    world, rank = groups.dp_size, groups.rank if groups.dp_size > 1 else 0
+    device = next(model.parameters()).device
+    model.eval()
+    totals = _Totals(len(domain_names))
+    bar = tqdm(total=total_tokens, unit="tok", desc="evaluate", disable=not progress or rank != 0)
+    for mine, calls in _rounds(windows, batch, world, rank):
+        round_tokens = 0
+        for i in range(calls):
+            if i < len(mine):
+                tokens = torch.stack([w.tokens for w in mine[i]]).to(device)
+                labels = torch.stack([w.domain_ids for w in mine[i]]).to(device)
+            else:  # padding forward, see the module docstring
+                tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
+                labels = torch.full_like(tokens, -1)
+            out = model(tokens[:, :-1], domain_ids_BS=labels[:, :-1])
+            totals.add_routing(out.moe_stats)
+            if i < len(mine):
+                nll = F.cross_entropy(out.logits_BSV.float().transpose(1, 2), tokens[:, 1:], reduction="none")
+                totals.add_loss(nll.cpu(), labels[:, 1:].cpu())
+                round_tokens += nll.numel()
+        bar.update(int(_sum_over_ranks(groups, torch.tensor(float(round_tokens)), device)))
+    bar.close()
+    packed = _sum_over_ranks(groups, torch.cat([totals.nll, totals.count, totals.windows]), device)
+    L1 = len(domain_names) + 1
+    nll, count, win = packed[:L1], packed[L1:2 * L1], packed[2 * L1:]
+    n = float(count.sum())
+    if n == 0:
+        raise ValueError("the evaluation data holds no token to predict (each document needs at least one token)")
+    domains = {}
+    for j, name in enumerate([*domain_names, "(unlabelled)"]):
+        if float(count[j]) > 0:
+            loss_j = float(nll[j] / count[j])
+            domains[name] = {"tokens": int(count[j]), "loss": loss_j, "perplexity": perplexity(loss_j)}
+    return EvalResult(tokens=int(n), loss=float(nll.sum()) / n,
+                      loss_sem=standard_error(float(win[0]), float(win[1]), float(win[2])),
+                      windows=int(win[0]), domain_names=list(domain_names), domains=domains,
+                      moe_layers={layer: routing_summary(row) for layer, row in sorted(totals.routing.items())})
+
+
+def routing_summary(row: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Dropped fraction, load CV, max/mean load, and with labels I(expert; domain) and the
+    expert-by-domain table, from summed counts (ratios of sums, not means of ratios)."""
+    load_E, kept_E = row["tokens_per_expert"], row["tokens_per_expert_kept"]
+    mean = float(load_E.mean().clamp_min(1e-12))
+    out: dict[str, Any] = {
+        "dropped_fraction": float(1.0 - kept_E.sum() / load_E.sum().clamp_min(1.0)),
+        "load_cv": float(load_E.std(unbiased=False)) / mean,
+        "load_max_over_mean": float(load_E.max()) / mean,
+        "tokens_per_expert": [int(v) for v in load_E.tolist()],
+    }
+    joint_EL = row.get("expert_label_counts")
+    if joint_EL is not None and float(joint_EL.sum()) > 0:
+        mi, mi_norm = mutual_information(joint_EL)
+        out["mi_domain"], out["mi_domain_normalized"] = float(mi), float(mi_norm)
+        out["expert_domain_counts"] = [[int(v) for v in r] for r in joint_EL.tolist()]
+    return out

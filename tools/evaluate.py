@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Loss and perplexity of a checkpoint on any data, per domain, with the eval's routing statistics.
+
+    python tools/evaluate.py runs/tiny_cpu/checkpoints --data held_out.jsonl --label-key lang
+    python tools/evaluate.py out/consolidated --data data/valid_text_document --tokens 1000000 --json
+    python tools/evaluate.py runs/tiny_cpu/checkpoints --data configs/tiny_cpu.yaml --tokens 65536
+    deepspeed --num_gpus 2 tools/evaluate.py runs/tiny_cpu/checkpoints --data held_out.txt
+
+CHECKPOINT is a training checkpoint (its latest tag, or --tag) at any EP size, or a consolidated
+directory. --data takes text files (.txt: one document per line, or --text-sample-by),
+.jsonl/.json/.parquet (--text-key, optional --label-key for per-domain numbers) and Megatron
+prefixes (PREFIX.bin/.idx, with the label sidecars preprocess_data.py writes), or a training
+config (.yaml): the validation split of its data, e.g. the quickstart's synthetic domains, which
+needs --tokens. Under the launcher
+every rank evaluates its share and the sums are all-reduced: the same numbers as one process.
+By default every token reaches its top-k experts (--capacity dropless), the function the
+Hugging Face exports and tools/generate.py compute; --capacity config applies the checkpoint's
+moe.eval_capacity_factor. Exit 2 on bad input (checkpoint, data, options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from moe_dist.checkpoint.consolidated import open_checkpoint
+from moe_dist.checkpoint.files import CheckpointError
+from moe_dist.common.config import ConfigError
+from moe_dist.evaluate import sources
+from moe_dist.evaluate.loading import CAPACITY_CHOICES, checkpoint_tokenizer, load_model
+from moe_dist.evaluate.runner import EvalResult, evaluate
+from moe_dist.parallel import runtime
+from moe_dist.parallel.groups import ParallelGroups
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="training checkpoint directory or consolidated directory")
+    p.add_argument("--tag", default=None, help="tag of a training checkpoint (default: its latest)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="text/.jsonl/.json/.parquet files, Megatron prefixes, or one training config (.yaml)")
+    p.add_argument("--text-key", default="text", help="column holding the text (json/parquet)")
+    p.add_argument("--label-key", default=None, help="column holding the domain label (json/parquet)")
+    p.add_argument("--text-sample-by", default="line", choices=("line", "paragraph", "document"),
+                   help="what one document of a .txt file is")
+    p.add_argument("--tokens", default="all", help="number of tokens to predict, or 'all' (default)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's train.seq_len)")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward per rank")
+    p.add_argument("--capacity", choices=CAPACITY_CHOICES, default="dropless",
+                   help="eval-time capacity: dropless (default) or the checkpoint's eval_capacity_factor")
+    p.add_argument("--ep-size", type=int, default=None,
+                   help="expert-parallel size under the launcher (default: the world size if it divides the "
+                        "experts, else 1)")
+    p.add_argument("--tokenizer-model", default=None, help="SentencePiece model, if it moved since training")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the result as JSON to PATH (no PATH: to stdout, instead of the table)")
+    p.add_argument("--heatmap", default=None, metavar="PNG",
+                   help="write the expert-by-domain heatmaps (one panel per MoE layer) to this PNG")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def parse_budget(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"--tokens must be a positive number of tokens or 'all', got {text!r}")
+    return value
+
+
+def default_ep_size(world: int, num_experts: int | None) -> int:
+    return world if num_experts and num_experts % world == 0 else 1
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def format_table(result: EvalResult, header: str) -> str:
+    lines = [header, (f"tokens {result.tokens:,} in {result.windows:,} windows | loss {result.loss:.4f} "
+                      f"± {result.loss_sem:.4f} (standard error) | perplexity {result.perplexity:.3f}")]
+    if len(result.domains) > 1 or result.domain_names:
+        lines.append(f"{'domain':<24}{'tokens':>12}{'loss':>10}{'perplexity':>12}")
+        for name, d in result.domains.items():
+            lines.append(f"{name:<24}{d['tokens']:>12,}{d['loss']:>10.4f}{d['perplexity']:>12.3f}")
+    for layer, row in result.moe_layers.items():
+        mi = f" | I(expert; domain)/H(domain) {row['mi_domain_normalized']:.3f}" if "mi_domain" in row else ""
+        lines.append(f"MoE layer {layer}: dropped {row['dropped_fraction']:.4f} | load CV {row['load_cv']:.3f} | "
+                     f"max/mean {row['load_max_over_mean']:.2f}{mi}")
+    return "\n".join(lines)
+
+
+def write_heatmap(path: str, result: EvalResult) -> None:
+    """P(expert | domain) per MoE layer, columns summing to 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from moe_dist.common.atomic import staged_file
+
+    layers = [(k, np.array(v["expert_domain_counts"], dtype=float)) for k, v in result.moe_layers.items()
+              if "expert_domain_counts" in v]
+    if not layers:
+        raise ConfigError("--heatmap needs domain labels (--label-key, or prefixes with label sidecars)")
+    E, L = layers[0][1].shape
+    fig, axes = plt.subplots(1, len(layers), figsize=(1.5 + (1.2 + 0.6 * L) * len(layers), 1.5 + 0.3 * E),
+                             squeeze=False)
+    for ax, (layer, joint) in zip(axes[0], layers):
+        p = joint / np.maximum(joint.sum(0, keepdims=True), 1.0)
+        im = ax.imshow(p, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(p.max()), 1e-6))
+        ax.set_xticks(range(L), labels=result.domain_names, rotation=45, ha="right")
+        ax.set_yticks(range(E))
+        ax.set_xlabel("domain")
+        ax.set_ylabel("expert")
+        ax.set_title(f"layer {layer}: P(expert | domain)")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> EvalResult:
+    budget = parse_budget(args.tokens)
+    sources.check_sources(args.data)
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+    ckpt = open_checkpoint(args.checkpoint, args.tag)  # cheap checks first: config, files present
+    cfg = ckpt.model_cfg
+    seq_len = args.seq_len or (ckpt.config.get("train") or {}).get("seq_len") or cfg.max_seq_len
+    if not 1 <= seq_len <= cfg.max_seq_len:
+        raise ConfigError(f"--seq-len ({seq_len}) must be in [1, model.max_seq_len ({cfg.max_seq_len})]")
+    tokenizer = checkpoint_tokenizer(ckpt.config, args.tokenizer_model)
+    if sources.is_run_config(args.data[0]):
+        if budget is None:
+            raise ConfigError(f"--data {args.data[0]} (a run's validation split) needs a --tokens budget")
+        names, windows = sources.run_split_windows(args.data[0], cfg.vocab_size, seq_len, budget)
+    else:
+        names = sources.domain_names(args.data, args.label_key)
+        docs = sources.documents(args.data, tokenizer, names, text_key=args.text_key, label_key=args.label_key,
+                                 text_sample_by=args.text_sample_by)
+        windows = sources.windows(docs, seq_len, budget)
+
+    if runtime.env_world_size() > 1:
+        runtime.init_distributed()
+    world = runtime.world_size()
+    num_experts = cfg.moe.num_experts if cfg.moe else None
+    ep_size = args.ep_size or default_ep_size(world, num_experts)
+    groups = ParallelGroups.build(ep_size, num_experts) if world > 1 else ParallelGroups.single()
+    loaded = load_model(args.checkpoint, tag=args.tag, groups=groups, capacity=args.capacity,
+                        num_labels=len(names), device=default_device(), progress=not args.no_progress and runtime.rank() == 0)
+    return evaluate(loaded.model, windows, names, batch=args.batch,
+                    groups=groups, progress=not args.no_progress, total_tokens=budget)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if runtime.rank() == 0:
+        if args.json == "-":
+            print(json.dumps(result.to_json(), indent=1))
+        else:
+            print(format_table(result, f"{args.checkpoint} on {', '.join(args.data)}"))
+            if args.json:
+                from moe_dist.common.atomic import write_text_atomic
+
+                write_text_atomic(args.json, json.dumps(result.to_json(), indent=1) + "\n")
+        if args.heatmap:
+            write_heatmap(args.heatmap, result)
+    runtime.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
