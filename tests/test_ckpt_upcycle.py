@@ -158,7 +158,7 @@ def test_hf_source_records_its_tokenizer(tmp_path, monkeypatch):
     os.makedirs(hf)
     (hf / "config.json").write_text("{}")
     (hf / "tokenizer.json").write_text("{}")
-    monkeypatch.setattr(up, "_read_hf", lambda path: (dense.cfg, dense.state_dict()))
+    monkeypatch.setattr(up, "_read_hf", lambda path, spec: (dense.cfg, dense.state_dict()))
     out = str(tmp_path / "moe")
     assert upcycle(str(hf), out, 4, 2, progress=False).source_kind == "hf"
     meta = read_meta(out)

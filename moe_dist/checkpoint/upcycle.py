@@ -227,13 +227,18 @@ def _hf_tokenizer_section(hf_dir: str) -> dict[str, Any]:
     return {}
 
 
-def _read_hf(src: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _read_hf(src: str, spec: UpcycleSpec) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     try:
-        from moe_dist.checkpoint.hf_import import read_hf_model
+        from moe_dist.checkpoint import hf_import
     except ImportError:
         raise CheckpointError(f"{src!r} is a Hugging Face directory, but this moe_dist has no Hugging Face "
                               f"import (moe_dist.checkpoint.hf_import)") from None
-    return read_hf_model(src)
+    peek = getattr(hf_import, "hf_model_config", None)  # config.json only: fail before the tensors
+    if peek is not None:
+        upcycled_config(peek(src)[1], spec, repr(src))
+    cfg, state = hf_import.read_hf_model(src)
+    upcycled_config(cfg, spec, repr(src))
+    return cfg, state
 
 
 def upcycle(src: str, out: str, num_experts: int, top_k: int, granularity: int = 1, *, tag: str | None = None,
@@ -248,8 +253,7 @@ def upcycle(src: str, out: str, num_experts: int, top_k: int, granularity: int =
                               f"training) or a Hugging Face model directory")
     if tag is None and _is_hf_dir(src):
         kind, data, recorded, step = "hf", _hf_tokenizer_section(src), None, None
-        cfg, state = _read_hf(src)
-        upcycled_config(cfg, spec, repr(src))
+        cfg, state = _read_hf(src, spec)
     else:
         ckpt = open_checkpoint(src, tag)
         kind = "consolidated" if isinstance(ckpt, ConsolidatedCheckpoint) else "training"
