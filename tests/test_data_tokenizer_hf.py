@@ -56,6 +56,7 @@ def test_ids_vocab_and_eod_are_the_transformers_tokenizer_s(tok_dir):
     # len() counts the added token, which the base vocabulary's vocab_size leaves out.
     assert tok.vocab_size == len(ref) == ref.vocab_size + 1
     assert tok.eod == ref.eos_token_id == ref.convert_tokens_to_ids("</s>")
+    assert ref("x").input_ids[0] == ref.bos_token_id  # the post-processor's <s>, which documents leave out
     for text in TEXTS:
         assert tok.tokenize(text) == ref.encode(text, add_special_tokens=False)
         assert tok.eod not in tok.tokenize(text)

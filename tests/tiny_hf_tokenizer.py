@@ -1,6 +1,7 @@
 """A tiny Hugging Face tokenizer built locally (nothing downloaded): a byte-level BPE trained with
 `tokenizers` on a few lines, wrapped in PreTrainedTokenizerFast and saved with save_pretrained,
-with <s> / </s> / <unk> and one added token, as a model directory ships them."""
+with <s> / </s> / <unk>, one added token and a Llama-style post-processor that prepends <s> (so
+`add_special_tokens` matters), as a model directory ships them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ ADDED = "<|sep|>"
 
 
 def build_tokenizer_dir(path: str, vocab_size: int = 320, with_eos: bool = True) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -20,6 +21,8 @@ def build_tokenizer_dir(path: str, vocab_size: int = 320, with_eos: bool = True)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(LINES, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     specials = {"bos_token": "<s>", "eos_token": "</s>"} if with_eos else {"bos_token": "<s>"}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **specials)
     fast.add_tokens([ADDED])
