@@ -17,7 +17,7 @@ fuses on load and transformers 4, vLLM and llama.cpp read as is:
 
     embed.weight                          -> model.embed_tokens.weight
     blocks.i.attn_norm.weight_D           -> model.layers.i.input_layernorm.weight
-    blocks.i.attn.qkv.weight [3D, D]      -> model.layers.i.self_attn.{q,k,v}_proj.weight (rows 0:D, D:2D, 2D:3D)
+    blocks.i.attn.qkv.weight [(H+2Y)A, D] -> model.layers.i.self_attn.{q,k,v}_proj.weight (rows [q: H*A; k: Y*A; v: Y*A])
     blocks.i.attn.out.weight              -> model.layers.i.self_attn.o_proj.weight
     blocks.i.ffn_norm.weight_D            -> model.layers.i.post_attention_layernorm.weight
     blocks.i.moe.router.gate.weight_ED    -> model.layers.i.block_sparse_moe.gate.weight
@@ -31,7 +31,10 @@ The custom architecture (`auto_map` in config.json) loads with
 modeling file (`hf_remote_code/modeling_moe_dist.py`, copied into OUT) mirrors `MoETransformer`
 module for module, so the mapping is the identity plus a prefix: moe_dist's ep_size=1 tensor
 `<name>` is `model.<name>` (router statistics buffers included), and config.json carries
-moe_dist's `model` and `moe` sections as `moe_dist_model` / `moe_dist_moe`.
+moe_dist's `model` and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It implements
+multi-head attention without bias or q/k norm, softmax routers and ungated shared experts of
+width d_ff * num_shared_experts; a model using a feature beyond that (`custom_blockers`) and that
+Mixtral cannot express either is refused, naming the fields.
 
 The tokenizer. A checkpoint trained with a SentencePiece model gets `tokenizer.model` (the same
 file, checked against the digest the trainer recorded) and the fast `tokenizer.json` that
@@ -83,13 +86,22 @@ def mixtral_blockers(cfg: ModelConfig, state: dict[str, Tensor]) -> list[str]:
         reasons.append(f"experts use {moe.activation!r}; Mixtral's experts are SwiGLU")
     if moe.num_shared_experts:
         reasons.append(f"{moe.num_shared_experts} shared expert(s); Mixtral has none")
+    if cfg.qk_norm != "none":
+        reasons.append(f"model.qk_norm is {cfg.qk_norm!r}; Mixtral has no q/k norm")
+    if cfg.qkv_bias:
+        reasons.append("model.qkv_bias is true; Mixtral's q/k/v projections have no bias")
     router = moe.router
     if router.type != "topk":
         reasons.append(f"router type {router.type!r}; Mixtral has the learned softmax top-k router only")
         return reasons
-    if not router.renormalize and moe.top_k > 1:
+    if router.score != "softmax":
+        reasons.append(f"router.score is {router.score!r}; Mixtral's router is a softmax")
+    if router.scale != 1.0:
+        reasons.append(f"router.scale is {router.scale!r}; Mixtral's weights are not scaled")
+    # The softmax over the K chosen logits is the renormalized top-k probabilities: both are Mixtral.
+    if not (router.renormalize or router.score_after_topk) and moe.top_k > 1:
         reasons.append("router.renormalize is false; Mixtral renormalizes the top-k probabilities")
-    if not router.renormalize and moe.top_k == 1:
+    if not (router.renormalize or router.score_after_topk) and moe.top_k == 1:
         reasons.append("router.renormalize is false with top_k 1 (weight p, not 1 as in Mixtral)")
     if router.bias_balancing and any(bool(state[f"blocks.{i}.moe.router.selection_bias_E"].any())
                                      for i in cfg.moe_layer_indices):
@@ -107,7 +119,7 @@ def mixtral_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: to
         "intermediate_size": moe.d_ff,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
@@ -131,15 +143,15 @@ def mixtral_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: to
 
 
 def mixtral_state(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    D, F = cfg.d_model, cfg.moe.d_ff
+    F = cfg.moe.d_ff
+    widths = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight_D"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     for i in range(cfg.n_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        qkv = state[src + "attn.qkv.weight"]
-        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[f"{dst}self_attn.{name}.weight"] = qkv[j * D:(j + 1) * D]
+        for name, rows in zip(("q_proj", "k_proj", "v_proj"), state[src + "attn.qkv.weight"].split(widths)):
+            out[f"{dst}self_attn.{name}.weight"] = rows
         out[dst + "self_attn.o_proj.weight"] = state[src + "attn.out.weight"]
         out[dst + "input_layernorm.weight"] = state[src + "attn_norm.weight_D"]
         out[dst + "post_attention_layernorm.weight"] = state[src + "ffn_norm.weight_D"]
@@ -154,6 +166,35 @@ def mixtral_state(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tenso
 
 
 # ---- the custom architecture -------------------------------------------------------------------
+
+def custom_blockers(cfg: ModelConfig) -> list[str]:
+    """The config fields whose non-default values `hf_remote_code/modeling_moe_dist.py` does not
+    implement (empty: it computes this model): exporting would silently compute another model."""
+    reasons = []
+    if cfg.n_kv_heads != cfg.n_heads:
+        reasons.append(f"model.n_kv_heads {cfg.n_kv_heads} (n_heads {cfg.n_heads})")
+    if cfg.head_dim * cfg.n_heads != cfg.d_model:
+        reasons.append(f"model.head_dim {cfg.head_dim} (d_model / n_heads is {cfg.d_model / cfg.n_heads:g})")
+    if cfg.qk_norm != "none":
+        reasons.append(f"model.qk_norm {cfg.qk_norm!r}")
+    if cfg.qkv_bias:
+        reasons.append("model.qkv_bias true")
+    moe = cfg.moe
+    if moe is not None:
+        if moe.num_shared_experts and moe.shared_d_ff != moe.d_ff * moe.num_shared_experts:
+            reasons.append(f"moe.shared_d_ff {moe.shared_d_ff} (d_ff * num_shared_experts is "
+                           f"{moe.d_ff * moe.num_shared_experts})")
+        if moe.shared_gate:
+            reasons.append("moe.shared_gate true")
+        router = moe.router
+        if getattr(router, "score", "softmax") != "softmax":
+            reasons.append(f"moe.router.score {router.score!r}")
+        if getattr(router, "score_after_topk", False):
+            reasons.append("moe.router.score_after_topk true")
+        if getattr(router, "scale", 1.0) != 1.0:
+            reasons.append(f"moe.router.scale {router.scale!r}")
+    return reasons
+
 
 def custom_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: torch.dtype) -> dict[str, Any]:
     model = to_dict(cfg)
@@ -271,6 +312,11 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
         raise CheckpointError(f"Mixtral cannot express the model of {ckpt_path!r}: {'; '.join(reasons)}; "
                               f"export with --architecture custom (or auto)")
     use_mixtral = architecture == "mixtral" or (architecture == "auto" and not reasons)
+    unsupported = [] if use_mixtral else custom_blockers(cfg)
+    if unsupported:
+        raise CheckpointError(f"the custom (remote-code) architecture cannot express the model of {ckpt_path!r}: "
+                              f"it does not implement {'; '.join(unsupported)}; and Mixtral cannot either: "
+                              f"{'; '.join(reasons)}")
     token_ids = special_token_ids(sp_model)
     weight_dtype = state["embed.weight"].dtype
     with staged_directory(out, overwrite) as tmp:
