@@ -39,8 +39,8 @@ def test_a_valid_megatron_config(prefix):
     ({"seq_len": 8}, "data: unknown key(s) ['seq_len']; allowed keys are ['kind', 'megatron', "
                      "'num_workers', 'seed', 'seq_length', 'synthetic', 'tokenizer']"),
     ({"synthetic": {"domains": 2}}, "data.synthetic: unknown key(s) ['domains']; allowed keys"),
-    ({"tokenizer": {"path": "x"}}, "data.tokenizer: unknown key(s) ['path']; allowed keys are "
-                                   "['kind', 'model']"),
+    ({"tokenizer": {"file": "x"}}, "data.tokenizer: unknown key(s) ['file']; allowed keys are "
+                                   "['add_bos', 'kind', 'model', 'path']"),
     ({"kind": "hf"}, "data.kind must be one of ['synthetic', 'megatron'], got 'hf'"),
     ({"seq_length": -4}, "data.seq_length must be an integer >= 1, got -4"),
     ({"num_workers": 1.5}, "data.num_workers must be an integer >= 0, got 1.5"),

@@ -5,7 +5,11 @@
         --output-prefix data/fortunes --tokenizer-model tok/fortunes.model \
         --workers 4 --label-key lang
 
-Appends eod to every document. With --label-key, also writes <prefix>.labels.npy (int32 label
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
+        --hf-tokenizer models/Qwen3-0.6B
+
+Appends eod to every document (a Hugging Face tokenizer's eos_token; --add-bos also leads each
+document with its bos_token). With --label-key, also writes <prefix>.labels.npy (int32 label
 id per document, -1 for none) and <prefix>.labels.json (label names). Outputs appear under
 their final names only once complete. Bad input (a malformed jsonl line, a non-string text,
 a file that is not a SentencePiece model) exits 2 with `error: FILE:LINE: ...`.
@@ -29,18 +33,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
     p.add_argument("--tokenizer-model", default=None,
                    help="SentencePiece .model file; omit for the built-in byte tokenizer")
+    p.add_argument("--hf-tokenizer", default=None, metavar="DIR",
+                   help="a local Hugging Face tokenizer directory (tokenizer.json / tokenizer_config.json)")
+    p.add_argument("--add-bos", action="store_true",
+                   help="with --hf-tokenizer: lead every document with the tokenizer's bos_token")
     p.add_argument("--label-key", default=None,
                    help="column with a per-document label (e.g. lang) for the label sidecar")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     return p.parse_args(argv)
 
 
+def tokenizer_config(args: argparse.Namespace) -> TokenizerConfig:
+    if args.tokenizer_model and args.hf_tokenizer:
+        raise ConfigError(f"give one tokenizer: --tokenizer-model {args.tokenizer_model!r} or --hf-tokenizer "
+                          f"{args.hf_tokenizer!r}, not both")
+    if args.add_bos and not args.hf_tokenizer:
+        raise ConfigError("--add-bos needs --hf-tokenizer")
+    if args.hf_tokenizer:
+        return TokenizerConfig(kind="hf", path=args.hf_tokenizer, add_bos=args.add_bos)
+    if args.tokenizer_model:
+        return TokenizerConfig(kind="sentencepiece", model=args.tokenizer_model)
+    return TokenizerConfig(kind="byte")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        tokenizer_cfg = (TokenizerConfig(kind="sentencepiece", model=args.tokenizer_model)
-                         if args.tokenizer_model else TokenizerConfig(kind="byte"))
-        result = preprocess_corpus(args.input, args.output_prefix, build_tokenizer(tokenizer_cfg),
+        tokenizer = build_tokenizer(tokenizer_config(args))
+        result = preprocess_corpus(args.input, args.output_prefix, tokenizer,
                                    text_key=args.text_key, label_key=args.label_key,
                                    workers=args.workers, cache_dir=args.cache_dir,
                                    text_sample_by=args.text_sample_by)

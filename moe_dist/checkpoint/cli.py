@@ -29,6 +29,7 @@ from moe_dist.checkpoint.layout import is_expert_key, read_latest, strip_engine_
 from moe_dist.checkpoint.reshard import reshard
 from moe_dist.checkpoint.tags import COMPLETE, PARTIAL, list_tags, tag_problems, tag_state, tag_step
 from moe_dist.checkpoint.training import TrainingCheckpoint
+from moe_dist.checkpoint.upcycle import SLICE_SCALES, upcycle
 
 EXIT_INCOMPLETE = 3  # inspect: the tag is partial or its files disagree
 
@@ -46,6 +47,9 @@ renamed into place only when the whole conversion succeeded; OUT must not exist 
                included; resume from it with --set moe.ep_size=N --set train.checkpoint_dir=OUT
   export-hf    a Hugging Face directory: MixtralForCausalLM when Mixtral expresses the model
                exactly, else custom modeling code (trust_remote_code=True)
+  upcycle      a dense model (moe_dist checkpoint or local HF Llama/Qwen2/Qwen3 directory) into a
+               consolidated MoE checkpoint that computes the dense function at step 0; train it
+               with train.init_from=OUT
 """
 
 
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors")
     p.add_argument("--tokenizer-model", default=None,
                    help="the SentencePiece .model file, if it moved since training (checked by sha256)")
+    _add_upcycle(sub)
     return parser
 
 
@@ -125,6 +130,35 @@ def tag_report(path: str, tag: str | None) -> dict[str, Any] | None:
                             f"start of the run removes"))
     return {"tag": tag, "status": state.status, "run_id": state.run_id, "problems": problems,
             "tags": {s.tag: s.status for s in list_tags(checkpoint_dir)}}
+
+
+def _add_upcycle(sub) -> int:
+    p = sub.add_parser("upcycle", help="a dense model into an MoE model (sparse upcycling)",
+                       description="Every chosen FFN layer becomes an MoE layer whose experts are copies of the "
+                       "dense FFN (or, with --granularity G, of its G hidden-unit slices), with a renormalized "
+                       "top-k router initialised so that the MoE model computes the dense model's function at "
+                       "step 0 (dropless). Writes a consolidated checkpoint; see docs/checkpoints.md, upcycle.")
+    p.add_argument("ckpt", metavar="SRC", help="a dense moe_dist checkpoint (consolidated or training directory) "
+                   "or a local Hugging Face Llama/Qwen2/Qwen3 directory")
+    p.add_argument("out", metavar="OUT", help="output directory (must not exist)")
+    p.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer (copies x granularity)")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token (a multiple of --granularity)")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="split the dense FFN's hidden units into G slices, each expert one slice (Megatron's "
+                        "--moe-upcycling-granularity); default 1: every expert a full copy")
+    p.add_argument("--router-std", type=float, default=None,
+                   help="std of the random router rows (default 1/sqrt(d_model), a fresh topk router's)")
+    p.add_argument("--expert-noise", type=float, default=0.0,
+                   help="Gaussian noise per expert, relative to each dense weight's std (default 0: step 0 exact)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the router rows and the noise")
+    p.add_argument("--moe-every", type=int, default=1, help="every N-th FFN layer becomes MoE (default 1: all)")
+    p.add_argument("--moe-offset", type=int, default=0, help="the first MoE layer (default 0)")
+    p.add_argument("--slice-scale", choices=SLICE_SCALES, default="router",
+                   help="with G > 1, where the factor G goes: the router's scale (default) or the experts' "
+                        "output projections")
+    p.add_argument("--tag", default=None, help="tag of a training checkpoint SRC instead of 'latest'")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,6 +203,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {result.out}: {how}{', tokenizer files' if result.tokenizer else ''}")
         for reason in result.reasons:
             print(f"  - not Mixtral: {reason}")
+    elif args.command == "upcycle":
+        result = upcycle(args.ckpt, args.out, args.num_experts, args.top_k, args.granularity, tag=args.tag,
+                         overwrite=args.overwrite, progress=progress, router_std=args.router_std,
+                         expert_noise=args.expert_noise, seed=args.seed, moe_every=args.moe_every,
+                         moe_offset=args.moe_offset, slice_scale=args.slice_scale)
+        print(f"wrote {result.out}: {args.num_experts} experts, top-{args.top_k}, granularity {args.granularity} "
+              f"on layers {result.moe_layers} ({result.num_parameters:,} parameters) from the {result.source_kind} "
+              f"model {args.ckpt}; train it with train.init_from={result.out}")
     return 0
 
 

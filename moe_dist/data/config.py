@@ -18,7 +18,9 @@ from moe_dist.data.labels import label_sidecar_paths
 DATA_KINDS = ("synthetic", "megatron")
 # The synthetic corpus writes printable ASCII (bytes 32..126), so its samples decode to text.
 ALPHABET_FIRST, ALPHABET_SIZE = 32, 95
-TOKENIZER_KINDS = ("byte", "sentencepiece")
+TOKENIZER_KINDS = ("byte", "sentencepiece", "hf")
+# One of these marks a directory as a Hugging Face tokenizer (what save_pretrained writes).
+HF_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 
 
 def check_nonempty_file(where: str, path: str) -> None:
@@ -26,6 +28,16 @@ def check_nonempty_file(where: str, path: str) -> None:
     check(isinstance(path, str) and path != "", f"{where} must be a file path, got {path!r}")
     check(os.path.isfile(path), f"{where}: file {path!r} does not exist")
     check(os.path.getsize(path) > 0, f"{where}: file {path!r} is empty")
+
+
+def check_hf_tokenizer_dir(where: str, path: str | None) -> None:
+    """Raise ConfigError unless `path` is a directory with tokenizer.json or tokenizer_config.json."""
+    check(isinstance(path, str) and path != "",
+          f"{where} must name a Hugging Face tokenizer directory, got {path!r}")
+    check(os.path.isdir(path), f"{where}: directory {path!r} does not exist")
+    check(any(os.path.isfile(os.path.join(path, m)) for m in HF_TOKENIZER_MARKERS),
+          f"{where}: directory {path!r} holds none of {list(HF_TOKENIZER_MARKERS)}; expected a Hugging Face "
+          f"tokenizer saved with save_pretrained")
 
 
 def parse_split(where: str, split: str) -> tuple[float, float]:
@@ -42,14 +54,28 @@ def parse_split(where: str, split: str) -> tuple[float, float]:
 
 @dataclass
 class TokenizerConfig:
-    """`byte`: the built-in byte-level tokenizer (vocab 257); `sentencepiece`: a .model file."""
+    """`byte`: the built-in byte-level tokenizer (vocab 257); `sentencepiece`: a .model file;
+    `hf`: a local Hugging Face tokenizer directory (`path`)."""
 
     kind: str = "byte"
     model: str | None = None
+    # kind hf: the directory holding tokenizer.json / tokenizer_config.json (a model directory does).
+    path: str | None = None
+    # kind hf: lead every document with the tokenizer's bos_token (Llama-style pretraining).
+    add_bos: bool = False
 
     def __post_init__(self) -> None:
         check_choice("data.tokenizer.kind", self.kind, TOKENIZER_KINDS)
-        if self.kind == "sentencepiece":
+        check(isinstance(self.add_bos, bool), f"data.tokenizer.add_bos must be true or false, got {self.add_bos!r}")
+        if self.kind != "hf":
+            check(self.path is None, f"data.tokenizer.path is only for kind 'hf' (a Hugging Face tokenizer "
+                                     f"directory), got {self.path!r} with kind {self.kind!r}")
+            check(not self.add_bos, f"data.tokenizer.add_bos is only for kind 'hf', got kind {self.kind!r}")
+        if self.kind == "hf":
+            check(self.model is None, f"data.tokenizer.model is for kind 'sentencepiece'; kind 'hf' reads "
+                                      f"data.tokenizer.path, got model {self.model!r}")
+            check_hf_tokenizer_dir("data.tokenizer.path", self.path)
+        elif self.kind == "sentencepiece":
             check(self.model is not None,
                   "data.tokenizer.model must name a .model file when kind is 'sentencepiece'")
             check_nonempty_file("data.tokenizer.model", self.model)

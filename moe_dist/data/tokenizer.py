@@ -1,4 +1,5 @@
-"""Tokenizers usable by Megatron-Core's GPTDataset: SentencePiece (.model) and built-in bytes.
+"""Tokenizers usable by Megatron-Core's GPTDataset: SentencePiece (.model), built-in bytes, and a
+local Hugging Face tokenizer directory (hf_tokenizer.py).
 
 In megatron-core 0.16 `megatron.core.tokenizers.MegatronTokenizer` is only a factory (its
 __init__ raises and `from_pretrained` reads a metadata.json); the class that GPTDatasetConfig
@@ -105,7 +106,12 @@ def build_tokenizer(cfg: TokenizerConfig) -> MegatronTokenizerBase:
         return SentencePieceTokenizer(cfg.model)
     if cfg.kind == "byte":
         return ByteTokenizer()
-    raise ValueError(f"tokenizer kind must be 'byte' or 'sentencepiece', got {cfg.kind!r}")
+    if cfg.kind == "hf":
+        # Imported here: hf_tokenizer subclasses this module's base, and transformers is slow to import.
+        from moe_dist.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(cfg.path, add_bos=cfg.add_bos)
+    raise ValueError(f"tokenizer kind must be 'byte', 'sentencepiece' or 'hf', got {cfg.kind!r}")
 
 
 def validate_tokenizer_vocab(tokenizer: MegatronTokenizerBase, model_vocab_size: int) -> None:
