@@ -91,7 +91,9 @@ class _Fields:
             return self.config[key]
         return self.arch.defaults.get(key, default)
 
-    def required(self, key: str) -> Any:
+    def required(self, key: str, alias: str | None = None) -> Any:
+        if key not in self.config and alias in self.config:
+            key = alias
         value = self.config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             self.problems.append(f"{key} is {value!r}, expected an integer >= 1"
@@ -226,7 +228,9 @@ def moe_dist_sections(config: dict[str, Any], path: str) -> tuple[Arch, dict[str
     if arch.moe:
         model["moe_every"], model["moe_offset"] = _moe_layer_pattern(f, L)
         renormalize = True if arch.renormalize_key is None else bool(f.get(arch.renormalize_key))
-        moe = {"num_experts": f.required(arch.num_experts_key), "top_k": f.required("num_experts_per_tok"),
+        # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (its attribute_map).
+        other = "num_experts" if arch.num_experts_key == "num_local_experts" else "num_local_experts"
+        moe = {"num_experts": f.required(arch.num_experts_key, other), "top_k": f.required("num_experts_per_tok"),
                "d_ff": f.required(arch.expert_ff_key), "activation": "swiglu", "dropless": True,
                "init_std": init_std, "ep_size": 1,
                "router": {"type": "topk", "renormalize": renormalize,
