@@ -60,9 +60,9 @@ _DEFAULTS = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, 
              "router_aux_loss_coef": 0.001, "decoder_sparse_step": 1, "mlp_only_layers": [],
              "max_position_embeddings": 2048}
 ARCHS = {a.name: a for a in (
-    Arch("mixtral", "Mixtral", "mixtral", "MixtralForCausalLM", True, moe_block="block_sparse_moe", expert_proj=("w1", "w3", "w2"),
-         num_experts_key="num_local_experts", expert_ff_key="intermediate_size", renormalize_key=None,
-         sliding_flag=False, defaults={**_DEFAULTS, "rms_norm_eps": 1e-5, "rope_theta": 1e6}),
+    Arch("mixtral", "Mixtral", "mixtral", "MixtralForCausalLM", True, moe_block="block_sparse_moe",
+         expert_proj=("w1", "w3", "w2"), num_experts_key="num_local_experts", expert_ff_key="intermediate_size",
+         renormalize_key=None, sliding_flag=False, defaults={**_DEFAULTS, "rms_norm_eps": 1e-5, "rope_theta": 1e6}),
     Arch("qwen2_moe", "Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM", True, qkv_bias="field", shared_expert=True,
          layer_pattern=True, defaults=_DEFAULTS),
     Arch("qwen3_moe", "Qwen3-MoE", "qwen3_moe", "Qwen3MoeForCausalLM", True, qk_norm="head", layer_pattern=True,

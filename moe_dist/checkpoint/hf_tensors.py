@@ -56,7 +56,8 @@ def _copy(target: str, src: HFTensor) -> Mapping:
 
 def _rows(target: str, srcs: list[HFTensor]) -> Mapping:
     sizes = [s.shape[0] for s in srcs]
-    return Mapping(target, tuple(srcs), lambda xs: torch.cat(xs, dim=0), lambda t: [p.contiguous() for p in t.split(sizes)])
+    return Mapping(target, tuple(srcs), lambda xs: torch.cat(xs, dim=0),
+                   lambda t: [p.contiguous() for p in t.split(sizes)])
 
 
 def _swiglu(prefix: str, gate: HFTensor, up: HFTensor, down: HFTensor, w_in: str, w_out: str) -> list[Mapping]:
@@ -94,78 +95,80 @@ def expert_names(arch: Arch, layer: int, layout: str) -> list[str]:
     return [f"{p}{arch.moe_block}.experts.0.{arch.expert_proj[0]}.weight"]
 
 
+class _Dims:
+    """The sizes of one model, each with the config.json field (and value) it comes from, so an
+    HF tensor's expected shape and the reason for it are written once: `dims.t(name, "HA", "D")`."""
+
+    def __init__(self, arch: Arch, cfg) -> None:
+        D, H, A = cfg.d_model, cfg.n_heads, cfg.head_dim
+        Y = getattr(cfg, "n_kv_heads", None) or H
+        self.size = {"V": cfg.vocab_size, "D": D, "HA": H * A, "YA": Y * A, "A": A, "F": cfg.d_ff, "1": 1}
+        self.field = {"V": f"vocab_size {cfg.vocab_size}", "D": f"hidden_size {D}",
+                      "HA": f"num_attention_heads {H} x head_dim {A}", "YA": f"num_key_value_heads {Y} x head_dim {A}",
+                      "A": f"head_dim {A}", "F": f"intermediate_size {cfg.d_ff}", "1": "1"}
+        if cfg.moe is not None:
+            moe, ne, ff = cfg.moe, arch.num_experts_key, arch.expert_ff_key
+            self.size.update(E=moe.num_experts, Fe=moe.d_ff, Fe2=2 * moe.d_ff, S=shared_width(moe))
+            self.field.update(E=f"{ne} {moe.num_experts}", Fe=f"{ff} {moe.d_ff}", Fe2=f"2 x {ff} {moe.d_ff}",
+                              S=f"shared_expert_intermediate_size {shared_width(moe)}")
+
+    def t(self, name: str, *dims: str) -> HFTensor:
+        return HFTensor(name, tuple(self.size[d] for d in dims), ", ".join(self.field[d] for d in dims))
+
+
 def tensor_plan(arch: Arch, cfg, layout: str = HUB) -> list[Mapping]:
     """The moe_dist tensors of `cfg` (ep_size 1, buffers included) from the HF tensors of `arch`."""
-    D, V, H, Y, A = cfg.d_model, cfg.vocab_size, cfg.n_heads, getattr(cfg, 'n_kv_heads', None) or cfg.n_heads, cfg.head_dim
-    hd = "num_attention_heads x head_dim, hidden_size"
-    kvd = "num_key_value_heads x head_dim, hidden_size"
-    plan = [_copy("embed.weight", HFTensor("model.embed_tokens.weight", (V, D), "vocab_size, hidden_size"))]
+    d = _Dims(arch, cfg)
+    plan = [_copy("embed.weight", d.t("model.embed_tokens.weight", "V", "D"))]
     for i in range(cfg.n_layers):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
         att = src + "self_attn."
-        plan += [
-            _copy(dst + "attn_norm.weight_D", HFTensor(src + "input_layernorm.weight", (D,), "hidden_size")),
-            _rows(dst + "attn.qkv.weight", [HFTensor(att + "q_proj.weight", (H * A, D), hd),
-                                            HFTensor(att + "k_proj.weight", (Y * A, D), kvd),
-                                            HFTensor(att + "v_proj.weight", (Y * A, D), kvd)]),
-        ]
-        if getattr(cfg, 'qkv_bias', False):
-            plan.append(_rows(dst + "attn.qkv.bias", [HFTensor(att + "q_proj.bias", (H * A,), "num_attention_heads x head_dim"),
-                                                      HFTensor(att + "k_proj.bias", (Y * A,), "num_key_value_heads x head_dim"),
-                                                      HFTensor(att + "v_proj.bias", (Y * A,), "num_key_value_heads x head_dim")]))
-        if getattr(cfg, 'qk_norm', 'none') != "none":
+        plan += [_copy(dst + "attn_norm.weight_D", d.t(src + "input_layernorm.weight", "D")),
+                 _rows(dst + "attn.qkv.weight", [d.t(att + "q_proj.weight", "HA", "D"),
+                                                 d.t(att + "k_proj.weight", "YA", "D"),
+                                                 d.t(att + "v_proj.weight", "YA", "D")])]
+        if getattr(cfg, "qkv_bias", False):
+            plan.append(_rows(dst + "attn.qkv.bias", [d.t(att + "q_proj.bias", "HA"), d.t(att + "k_proj.bias", "YA"),
+                                                      d.t(att + "v_proj.bias", "YA")]))
+        if getattr(cfg, "qk_norm", "none") != "none":
             head = cfg.qk_norm == "head"
-            plan += [_copy(dst + "attn.q_norm.weight", HFTensor(att + "q_norm.weight", (A,) if head else (H * A,),
-                                                                "head_dim" if head else "hidden_size")),
-                     _copy(dst + "attn.k_norm.weight", HFTensor(att + "k_norm.weight", (A,) if head else (Y * A,),
-                                                                "head_dim" if head else "num_key_value_heads x head_dim"))]
-        plan += [
-            _copy(dst + "attn.out.weight", HFTensor(att + "o_proj.weight", (D, H * A), "hidden_size, " + hd.split(",")[0])),
-            _copy(dst + "ffn_norm.weight_D", HFTensor(src + "post_attention_layernorm.weight", (D,), "hidden_size")),
-        ]
+            plan += [_copy(dst + "attn.q_norm.weight", d.t(att + "q_norm.weight", "A" if head else "HA")),
+                     _copy(dst + "attn.k_norm.weight", d.t(att + "k_norm.weight", "A" if head else "YA"))]
+        plan += [_copy(dst + "attn.out.weight", d.t(att + "o_proj.weight", "D", "HA")),
+                 _copy(dst + "ffn_norm.weight_D", d.t(src + "post_attention_layernorm.weight", "D"))]
         if cfg.is_moe_layer(i):
-            plan += _moe_layer(arch, cfg, i, layout)
+            plan += _moe_layer(arch, cfg, d, i, layout)
         else:
-            F, ff = cfg.d_ff, "intermediate_size, hidden_size"
             mlp = src + "mlp."
-            plan += _swiglu(dst + "ffn.", HFTensor(mlp + "gate_proj.weight", (F, D), ff),
-                            HFTensor(mlp + "up_proj.weight", (F, D), ff),
-                            HFTensor(mlp + "down_proj.weight", (D, F), "hidden_size, intermediate_size"),
+            plan += _swiglu(dst + "ffn.", d.t(mlp + "gate_proj.weight", "F", "D"),
+                            d.t(mlp + "up_proj.weight", "F", "D"), d.t(mlp + "down_proj.weight", "D", "F"),
                             "w_in_DF", "w_out_FD")
-    plan.append(_copy("norm.weight_D", HFTensor("model.norm.weight", (D,), "hidden_size")))
+    plan.append(_copy("norm.weight_D", d.t("model.norm.weight", "D")))
     if not cfg.tie_embeddings:
-        plan.append(_copy("lm_head.weight", HFTensor("lm_head.weight", (V, D), "vocab_size, hidden_size")))
+        plan.append(_copy("lm_head.weight", d.t("lm_head.weight", "V", "D")))
     return plan
 
 
-def _moe_layer(arch: Arch, cfg, i: int, layout: str) -> list[Mapping]:
-    moe, D = cfg.moe, cfg.d_model
-    E, F = moe.num_experts, moe.d_ff
-    ne, ff = arch.num_experts_key, arch.expert_ff_key
+def _moe_layer(arch: Arch, cfg, d: _Dims, i: int, layout: str) -> list[Mapping]:
+    moe = cfg.moe
+    E = moe.num_experts
     dst = f"blocks.{i}.moe."
     block = f"model.layers.{i}.{arch.moe_block if layout == HUB else 'mlp'}."
-    E_bias = E
-    plan = [_copy(dst + "router.gate.weight_ED", HFTensor(block + "gate.weight", (E, D), f"{ne}, hidden_size")),
-            Mapping(dst + "router.selection_bias_E", (), lambda xs: torch.zeros(E_bias), lambda t: [])]
+    plan = [_copy(dst + "router.gate.weight_ED", d.t(block + "gate.weight", "E", "D")),
+            Mapping(dst + "router.selection_bias_E", (), lambda xs: torch.zeros(E), lambda t: [])]
+    ex = block + "experts."
     if layout == FUSED:
-        plan += _fused_experts(dst + "experts.", HFTensor(block + "experts.gate_up_proj", (E, 2 * F, D),
-                                                          f"{ne}, 2 x {ff}, hidden_size"),
-                               HFTensor(block + "experts.down_proj", (E, D, F), f"{ne}, hidden_size, {ff}"))
+        plan += _fused_experts(dst + "experts.", d.t(ex + "gate_up_proj", "E", "Fe2", "D"),
+                               d.t(ex + "down_proj", "E", "D", "Fe"))
     else:
-        g, u, d = arch.expert_proj
-        ex = block + "experts."
-        plan += _hub_experts(dst + "experts.",
-                             [HFTensor(f"{ex}{e}.{g}.weight", (F, D), f"{ff}, hidden_size") for e in range(E)],
-                             [HFTensor(f"{ex}{e}.{u}.weight", (F, D), f"{ff}, hidden_size") for e in range(E)],
-                             [HFTensor(f"{ex}{e}.{d}.weight", (D, F), f"hidden_size, {ff}") for e in range(E)])
+        g, u, dn = arch.expert_proj
+        plan += _hub_experts(dst + "experts.", [d.t(f"{ex}{e}.{g}.weight", "Fe", "D") for e in range(E)],
+                             [d.t(f"{ex}{e}.{u}.weight", "Fe", "D") for e in range(E)],
+                             [d.t(f"{ex}{e}.{dn}.weight", "D", "Fe") for e in range(E)])
     if moe.num_shared_experts:
-        S, sf = shared_width(moe), "shared_expert_intermediate_size, hidden_size"
         sh = block + "shared_expert."
-        plan += _swiglu(dst + "shared.", HFTensor(sh + "gate_proj.weight", (S, D), sf),
-                        HFTensor(sh + "up_proj.weight", (S, D), sf),
-                        HFTensor(sh + "down_proj.weight", (D, S), "hidden_size, shared_expert_intermediate_size"),
-                        "w_in_DF", "w_out_FD")
-    if getattr(moe, 'shared_gate', False):
-        plan.append(_copy(dst + "shared_gate.weight", HFTensor(block + "shared_expert_gate.weight", (1, D),
-                                                               "hidden_size")))
+        plan += _swiglu(dst + "shared.", d.t(sh + "gate_proj.weight", "S", "D"), d.t(sh + "up_proj.weight", "S", "D"),
+                        d.t(sh + "down_proj.weight", "D", "S"), "w_in_DF", "w_out_FD")
+    if getattr(moe, "shared_gate", False):
+        plan.append(_copy(dst + "shared_gate.weight", d.t(block + "shared_expert_gate.weight", "1", "D")))
     return plan
