@@ -247,11 +247,6 @@ def moe_dist_sections(config: dict[str, Any], path: str) -> tuple[Arch, dict[str
 
 # ---- moe_dist -> config.json --------------------------------------------------------------------
 
-def shared_width(moe) -> int:
-    """The shared expert's hidden width (moe_dist's shared experts are one FFN that wide)."""
-    return getattr(moe, 'shared_d_ff', None) or moe.d_ff * moe.num_shared_experts
-
-
 def export_blockers(arch: Arch, cfg, selection_bias_active: bool) -> list[str]:
     """Why `arch` cannot express the moe_dist model `cfg` exactly (empty: it can).
     `selection_bias_active`: some MoE layer selects experts with a nonzero selection bias."""
@@ -271,15 +266,15 @@ def export_blockers(arch: Arch, cfg, selection_bias_active: bool) -> list[str]:
     if arch.shared_expert:
         if not moe.num_shared_experts:
             reasons.append(f"no shared expert; {name} always has one")
-        elif not getattr(moe, 'shared_gate', False):
+        elif not moe.shared_gate:
             reasons.append(f"the shared expert has no sigmoid gate (moe.shared_gate false); {name}'s has one")
     elif moe.num_shared_experts:
         reasons.append(f"{moe.num_shared_experts} shared expert(s); {name} has none")
-    qk_norm = getattr(cfg, "qk_norm", "none")
-    if qk_norm != arch.qk_norm:
-        reasons.append(f"model.qk_norm is {qk_norm!r}; {name}'s is {arch.qk_norm!r}")
-    if getattr(cfg, "qkv_bias", False) and arch.qkv_bias == "none":
-        reasons.append(f"q/k/v biases (model.qkv_bias); {name} has none")
+    if cfg.qk_norm != arch.qk_norm:
+        reasons.append(f"model.qk_norm is {cfg.qk_norm!r}; " + (f"{name} has no q/k norm" if arch.qk_norm == "none"
+                                                                else f"{name}'s is {arch.qk_norm!r}"))
+    if cfg.qkv_bias and arch.qkv_bias == "none":
+        reasons.append(f"model.qkv_bias is true; {name}'s q/k/v projections have no bias")
     if arch.qk_norm == "full" and cfg.n_heads * cfg.head_dim != cfg.d_model:
         reasons.append(f"n_heads * head_dim ({cfg.n_heads} * {cfg.head_dim}) differs from d_model "
                        f"({cfg.d_model}); {name}'s q_norm is d_model wide")
@@ -287,10 +282,10 @@ def export_blockers(arch: Arch, cfg, selection_bias_active: bool) -> list[str]:
     if router.type != "topk":
         reasons.append(f"router type {router.type!r}; {name} has the learned softmax top-k router only")
         return reasons
-    if getattr(router, "score", "softmax") != "softmax":
-        reasons.append(f"router.score is {router.score!r}; {name} scores by softmax")
-    if getattr(router, "scale", 1.0) != 1.0:
-        reasons.append(f"router.scale is {router.scale}; {name} does not scale the combine weights")
+    if router.score != "softmax":
+        reasons.append(f"router.score is {router.score!r}; {name}'s router is a softmax")
+    if router.scale != 1.0:
+        reasons.append(f"router.scale is {router.scale!r}; {name}'s weights are not scaled")
     if arch.renormalize_key is None and not renormalized(router):
         reasons.append(f"router.renormalize is false with top_k 1 (weight p, not 1 as in {name})" if moe.top_k == 1
                        else f"router.renormalize is false; {name} renormalizes the top-k probabilities")
@@ -301,7 +296,7 @@ def export_blockers(arch: Arch, cfg, selection_bias_active: bool) -> list[str]:
 
 def renormalized(router) -> bool:
     # The softmax over the K chosen logits is the renormalized top-k of the softmax.
-    return bool(router.renormalize or getattr(router, 'score_after_topk', False))
+    return bool(router.renormalize or router.score_after_topk)
 
 
 def hf_config(arch: Arch, cfg, token_ids: dict[str, int | None], dtype_name: str) -> dict[str, Any]:
@@ -310,7 +305,7 @@ def hf_config(arch: Arch, cfg, token_ids: dict[str, int | None], dtype_name: str
     out = {
         "architectures": [arch.hf_class], "model_type": arch.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": getattr(cfg, "n_kv_heads", None) or cfg.n_heads, "head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         # transformers 5 reads rope_parameters, transformers 4 rope_theta
@@ -331,11 +326,11 @@ def hf_config(arch: Arch, cfg, token_ids: dict[str, int | None], dtype_name: str
         out.update(intermediate_size=cfg.d_ff, decoder_sparse_step=1,
                    mlp_only_layers=[i for i in range(cfg.n_layers) if i not in moe_layers])
     if arch.qkv_bias == "field":
-        out["qkv_bias"] = bool(getattr(cfg, "qkv_bias", False))
+        out["qkv_bias"] = bool(cfg.qkv_bias)
     elif arch.qkv_bias == "none":
         out["attention_bias"] = False
     if arch.shared_expert:
-        out["shared_expert_intermediate_size"] = shared_width(moe)
+        out["shared_expert_intermediate_size"] = moe.shared_d_ff
     if arch.name == "olmoe":
         out["clip_qkv"] = None
     return out

@@ -16,7 +16,10 @@ The custom architecture (`auto_map` in config.json) loads with
 modeling file (`hf_remote_code/modeling_moe_dist.py`, copied into OUT) mirrors `MoETransformer`
 module for module, so the mapping is the identity plus a prefix: moe_dist's ep_size=1 tensor
 `<name>` is `model.<name>` (router statistics buffers included), and config.json carries
-moe_dist's `model` and `moe` sections as `moe_dist_model` / `moe_dist_moe`.
+moe_dist's `model` and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It implements
+multi-head attention without bias or q/k norm, softmax routers and ungated shared experts of
+width d_ff * num_shared_experts; a model using a feature beyond that (`custom_blockers`) that no
+native class expresses either is refused, naming the fields.
 
 The tokenizer. A checkpoint trained with a SentencePiece model gets `tokenizer.model` (the same
 file, checked against the digest the trainer recorded) and the fast `tokenizer.json` that
@@ -88,6 +91,35 @@ def native_state(arch_name: str, cfg: ModelConfig, state: dict[str, Tensor]) -> 
 
 
 # ---- the custom architecture -------------------------------------------------------------------
+
+def custom_blockers(cfg: ModelConfig) -> list[str]:
+    """The config fields whose non-default values `hf_remote_code/modeling_moe_dist.py` does not
+    implement (empty: it computes this model): exporting would silently compute another model."""
+    reasons = []
+    if cfg.n_kv_heads != cfg.n_heads:
+        reasons.append(f"model.n_kv_heads {cfg.n_kv_heads} (n_heads {cfg.n_heads})")
+    if cfg.head_dim * cfg.n_heads != cfg.d_model:
+        reasons.append(f"model.head_dim {cfg.head_dim} (d_model / n_heads is {cfg.d_model / cfg.n_heads:g})")
+    if cfg.qk_norm != "none":
+        reasons.append(f"model.qk_norm {cfg.qk_norm!r}")
+    if cfg.qkv_bias:
+        reasons.append("model.qkv_bias true")
+    moe = cfg.moe
+    if moe is not None:
+        if moe.num_shared_experts and moe.shared_d_ff != moe.d_ff * moe.num_shared_experts:
+            reasons.append(f"moe.shared_d_ff {moe.shared_d_ff} (d_ff * num_shared_experts is "
+                           f"{moe.d_ff * moe.num_shared_experts})")
+        if moe.shared_gate:
+            reasons.append("moe.shared_gate true")
+        router = moe.router
+        if getattr(router, "score", "softmax") != "softmax":
+            reasons.append(f"moe.router.score {router.score!r}")
+        if getattr(router, "score_after_topk", False):
+            reasons.append("moe.router.score_after_topk true")
+        if getattr(router, "scale", 1.0) != 1.0:
+            reasons.append(f"moe.router.scale {router.scale!r}")
+    return reasons
+
 
 def custom_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: torch.dtype) -> dict[str, Any]:
     model = to_dict(cfg)
@@ -243,6 +275,12 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
     state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
     blockers = native_blockers(cfg, state)
     native = _native_choice(architecture, blockers, ckpt_path)
+    unsupported = [] if native else custom_blockers(cfg)
+    if unsupported:
+        why_not = "; ".join(f"{ARCHS[name].display}: {', '.join(r)}" for name, r in blockers.items())
+        raise CheckpointError(f"the custom (remote-code) architecture cannot express the model of {ckpt_path!r}: "
+                              f"it does not implement {'; '.join(unsupported)}; and no native class can either "
+                              f"({why_not})")
     token_ids = hf_token_ids(hf_tokenizer) if hf_tokenizer else special_token_ids(sp_model)
     weight_dtype = state["embed.weight"].dtype
     with staged_directory(out, overwrite) as tmp:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_dist.checkpoint.hf_arch import Arch, shared_width
+from moe_dist.checkpoint.hf_arch import Arch
 
 HUB, FUSED = "hub", "fused"
 # Non-persistent buffers older transformers saved; they are recomputed, so never read.
@@ -101,16 +101,16 @@ class _Dims:
 
     def __init__(self, arch: Arch, cfg) -> None:
         D, H, A = cfg.d_model, cfg.n_heads, cfg.head_dim
-        Y = getattr(cfg, "n_kv_heads", None) or H
+        Y = cfg.n_kv_heads
         self.size = {"V": cfg.vocab_size, "D": D, "HA": H * A, "YA": Y * A, "A": A, "F": cfg.d_ff, "1": 1}
         self.field = {"V": f"vocab_size {cfg.vocab_size}", "D": f"hidden_size {D}",
                       "HA": f"num_attention_heads {H} x head_dim {A}", "YA": f"num_key_value_heads {Y} x head_dim {A}",
                       "A": f"head_dim {A}", "F": f"intermediate_size {cfg.d_ff}", "1": "1"}
         if cfg.moe is not None:
             moe, ne, ff = cfg.moe, arch.num_experts_key, arch.expert_ff_key
-            self.size.update(E=moe.num_experts, Fe=moe.d_ff, Fe2=2 * moe.d_ff, S=shared_width(moe))
+            self.size.update(E=moe.num_experts, Fe=moe.d_ff, Fe2=2 * moe.d_ff, S=moe.shared_d_ff)
             self.field.update(E=f"{ne} {moe.num_experts}", Fe=f"{ff} {moe.d_ff}", Fe2=f"2 x {ff} {moe.d_ff}",
-                              S=f"shared_expert_intermediate_size {shared_width(moe)}")
+                              S=f"shared_expert_intermediate_size {moe.shared_d_ff}")
 
     def t(self, name: str, *dims: str) -> HFTensor:
         return HFTensor(name, tuple(self.size[d] for d in dims), ", ".join(self.field[d] for d in dims))
@@ -127,10 +127,10 @@ def tensor_plan(arch: Arch, cfg, layout: str = HUB) -> list[Mapping]:
                  _rows(dst + "attn.qkv.weight", [d.t(att + "q_proj.weight", "HA", "D"),
                                                  d.t(att + "k_proj.weight", "YA", "D"),
                                                  d.t(att + "v_proj.weight", "YA", "D")])]
-        if getattr(cfg, "qkv_bias", False):
+        if cfg.qkv_bias:
             plan.append(_rows(dst + "attn.qkv.bias", [d.t(att + "q_proj.bias", "HA"), d.t(att + "k_proj.bias", "YA"),
                                                       d.t(att + "v_proj.bias", "YA")]))
-        if getattr(cfg, "qk_norm", "none") != "none":
+        if cfg.qk_norm != "none":
             head = cfg.qk_norm == "head"
             plan += [_copy(dst + "attn.q_norm.weight", d.t(att + "q_norm.weight", "A" if head else "HA")),
                      _copy(dst + "attn.k_norm.weight", d.t(att + "k_norm.weight", "A" if head else "YA"))]
@@ -169,6 +169,6 @@ def _moe_layer(arch: Arch, cfg, d: _Dims, i: int, layout: str) -> list[Mapping]:
         sh = block + "shared_expert."
         plan += _swiglu(dst + "shared.", d.t(sh + "gate_proj.weight", "S", "D"), d.t(sh + "up_proj.weight", "S", "D"),
                         d.t(sh + "down_proj.weight", "D", "S"), "w_in_DF", "w_out_FD")
-    if getattr(moe, "shared_gate", False):
+    if moe.shared_gate:
         plan.append(_copy(dst + "shared_gate.weight", d.t(block + "shared_expert_gate.weight", "1", "D")))
     return plan

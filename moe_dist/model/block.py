@@ -27,7 +27,9 @@ class TransformerBlock(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # GPT-2's scaling of residual-branch outputs keeps the stream's variance flat in depth.
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, init_std=cfg.init_std,
-                                        out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+                                        out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
+                                        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, qk_norm=cfg.qk_norm,
+                                        qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe: MoELayer | None = None
         self.ffn: DenseFFN | None = None

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from moe_dist.common.config import ConfigError, check, check_choice, from_dict
+from moe_dist.common.config import ConfigError, check, check_choice, check_int, from_dict
 from moe_dist.moe.config import ACTIVATIONS, MoEConfig
+
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclass
@@ -22,6 +24,16 @@ class ModelConfig:
     n_heads: int
     d_ff: int  # hidden width of the dense FFN layers (per SwiGLU branch)
     max_seq_len: int = 2048
+    # Key/value heads (grouped-query attention; 1: multi-query). None: n_heads (multi-head).
+    # Resolved in __post_init__, so after parsing it is always an int (as is head_dim).
+    n_kv_heads: int | None = None
+    # Width of one attention head. None: d_model // n_heads. The attention's inner width
+    # n_heads * head_dim may differ from d_model (Qwen3).
+    head_dim: int | None = None
+    # RMSNorm of queries and keys before rotary: "head" (one weight of width head_dim shared by
+    # the heads, Qwen3-MoE) or "full" (over the whole q and the whole k projection, OLMoE).
+    qk_norm: str = "none"
+    qkv_bias: bool = False  # a bias on the fused q/k/v projection (Qwen2)
     # Layer i has an MoE FFN when i >= moe_offset and (i - moe_offset) % moe_every == 0;
     # moe_every 0 (or no `moe:` section) makes every layer dense.
     moe_every: int = 1
@@ -43,11 +55,20 @@ class ModelConfig:
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                   f"model.{name} must be an integer >= 1, got {value!r}")
-        check(self.d_model % self.n_heads == 0,
-              f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
-        check((self.d_model // self.n_heads) % 2 == 0,
-              f"the head width d_model / n_heads ({self.d_model} / {self.n_heads}) must be even "
-              f"for rotary embeddings")
+        if self.head_dim is None:
+            check(self.d_model % self.n_heads == 0,
+                  f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}), "
+                  f"or set model.head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        check_int("model.head_dim", self.head_dim, 2)
+        check(self.head_dim % 2 == 0, f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        check_int("model.n_kv_heads", self.n_kv_heads, 1)
+        check(self.n_heads % self.n_kv_heads == 0,
+              f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
+        check_choice("model.qk_norm", self.qk_norm, QK_NORMS)
+        check(isinstance(self.qkv_bias, bool), f"model.qkv_bias must be true or false, got {self.qkv_bias!r}")
         check(isinstance(self.moe_every, int) and self.moe_every >= 0,
               f"model.moe_every must be an integer >= 0, got {self.moe_every!r}")
         check(isinstance(self.moe_offset, int) and 0 <= self.moe_offset < self.n_layers,
@@ -76,10 +97,6 @@ class ModelConfig:
     @property
     def moe_layer_indices(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
 
 def parse_model_config(model: dict[str, Any] | None, moe: dict[str, Any] | None = None) -> ModelConfig:

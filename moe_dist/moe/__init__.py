@@ -13,6 +13,7 @@ named `x_TD` has dims [T, D]. Each letter has one meaning (case matters: E and e
     G  tokens of one capacity group    X  tokens sub-sampled for the sample-similarity loss
     J  width of the attentive gate (trunk, query, probes, keys: the paper's h)
     Z  shared directions removed by `inhibition`'s subspace mode (`router.rank`)
+    Y  key/value heads (`model.n_kv_heads`; Y = H without grouped-query attention)
 
 Kernels (`moe_dist/kernels`) are generic in their operands and spell their widths out (`rows`,
 `in_width`, `out_width`) instead of borrowing these letters.

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_dist.common.config import ConfigError, check, check_choice, from_dict
+from moe_dist.common.config import ConfigError, check, check_choice, check_int, from_dict
 from moe_dist.kernels import BACKENDS
 from moe_dist.routing.base import RouterConfig
 from moe_dist.routing.registry import router_config_from_dict
@@ -53,6 +53,11 @@ class MoEConfig:
     dropless: bool = False
     activation: str = "swiglu"
     num_shared_experts: int = 0
+    # Hidden width (per SwiGLU branch) of the one FFN that holds the shared experts. None:
+    # d_ff * num_shared_experts (filled in when there are shared experts).
+    shared_d_ff: int | None = None
+    # Scale the shared experts' output by sigmoid(x @ w), w one [1, D] weight (Qwen2-MoE).
+    shared_gate: bool = False
     router: RouterConfig = field(default_factory=lambda: router_config_from_dict({"type": "topk"}))
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
     ep_size: int = 1
@@ -79,6 +84,16 @@ class MoEConfig:
               f"moe.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
         check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,
               f"moe.num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
+        if self.num_shared_experts:
+            if self.shared_d_ff is None:
+                self.shared_d_ff = self.d_ff * self.num_shared_experts
+            check_int("moe.shared_d_ff", self.shared_d_ff, 1)
+        else:
+            check(self.shared_d_ff is None,
+                  f"moe.shared_d_ff ({self.shared_d_ff!r}) needs moe.num_shared_experts >= 1 (it is 0)")
+        check(isinstance(self.shared_gate, bool), f"moe.shared_gate must be true or false, got {self.shared_gate!r}")
+        check(not self.shared_gate or self.num_shared_experts >= 1,
+              "moe.shared_gate needs a shared expert: set moe.num_shared_experts >= 1")
         check(self.init_std > 0, f"moe.init_std must be > 0, got {self.init_std!r}")
         check(self.comet_active_fraction is None or 0.0 < self.comet_active_fraction <= 1.0,
               f"moe.comet_active_fraction must be in (0, 1] or null, got {self.comet_active_fraction!r}")

@@ -27,7 +27,7 @@ from moe_dist.routing.losses import routing_losses, weighted_total
 from moe_dist.routing.registry import build_router
 
 # Keys of init_generator reserved for the non-expert parts of a layer (experts use their ids).
-_ROUTER_KEY, _SHARED_KEY = -1, -2
+_ROUTER_KEY, _SHARED_KEY, _SHARED_GATE_KEY = -1, -2, -3
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,11 +121,17 @@ class MoELayer(nn.Module):
             # DeepSpeed's contract: not all-reduced over DP, reduced over this EDP group instead.
             p.allreduce = False
             p.group_name = groups.group_name
+        # Shared experts (and their gate) are ordinary replicated parameters, reduced over DP.
         self.shared = None
+        self.shared_gate = None
         if cfg.num_shared_experts:
-            self.shared = DenseFFN(cfg.d_model, cfg.d_ff * cfg.num_shared_experts, cfg.activation,
-                                   init_std=cfg.init_std,
+            self.shared = DenseFFN(cfg.d_model, cfg.shared_d_ff, cfg.activation, init_std=cfg.init_std,
                                    generator=init_generator(seed, layer_index, _SHARED_KEY))
+        if cfg.shared_gate:
+            self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
+            with torch.no_grad():
+                self.shared_gate.weight.copy_(torch.randn(
+                    1, cfg.d_model, generator=init_generator(seed, layer_index, _SHARED_GATE_KEY)) * cfg.init_std)
 
     def capacity(self, num_tokens: int) -> int | None:
         cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
@@ -152,7 +158,10 @@ class MoELayer(nn.Module):
         y_MD = self.experts(source_UD, index_M, dplan.counts_e)
         y_TD = combine(y_MD, route.w_TK, dplan, self.groups)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
 
         stats = route_statistics(route, plan, ctx, side.labels_T, side.num_labels)
         coefficients = cfg.aux_loss.coefficients()
