@@ -233,3 +233,26 @@ def test_export_without_the_shared_gate_falls_back_to_custom_with_reasons(tmp_pa
     assert result.architecture == "custom"
     assert "the shared expert has no sigmoid gate (moe.shared_gate false); Qwen2-MoE's has one" in \
         result.blockers["qwen2_moe"]
+
+
+def test_the_hf_tokenizer_travels_from_import_to_export(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "</s>", "<s>"] + [f"w{i}" for i in range(40)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
+                                                bos_token="<s>")
+    src = save_hf(build_hf("olmoe", bos_token_id=2, eos_token_id=1, pad_token_id=None), str(tmp_path / "hf"))
+    fast.save_pretrained(src)
+    import_hf(src, str(tmp_path / "cons"), dtype="bf16", progress=False)
+    with open(os.path.join(tmp_path / "cons", RUN_CONFIG_FILE)) as f:
+        assert yaml.safe_load(f)["train"]["deepspeed_config"] == "configs/deepspeed/zero2_bf16.json"
+    result = export_hf(str(tmp_path / "cons"), str(tmp_path / "back"), progress=False)
+    assert result.architecture == "olmoe" and result.tokenizer
+    with open(tmp_path / "back" / "config.json") as f:
+        config = json.load(f)
+    assert (config["bos_token_id"], config["eos_token_id"], config["dtype"]) == (2, 1, "bfloat16")
+    text = "w3 w17 w5 nope w39"
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))(text)["input_ids"] == \
+        fast(text)["input_ids"] == [6, 20, 8, 0, 42]
