@@ -88,12 +88,14 @@ def test_import_then_export_is_native_and_lossless(tmp_path, name):
         assert torch.equal(exported[key], t), key
 
 
-def test_import_writes_a_loadable_checkpoint_and_a_run_config(tmp_path):
+def test_import_writes_a_loadable_checkpoint_and_a_run_config(tmp_path, capsys):
     from moe_dist.train.config import parse_run_config
 
     hf = build_hf("qwen2_moe")
     src, out = save_hf(hf, str(tmp_path / "hf")), str(tmp_path / "cons")
     assert cli_main(["import-hf", src, out, "--quiet"]) == 0
+    assert cli_main(["inspect", out]) == 0
+    assert f"imported from: {os.path.abspath(src)} (Qwen2MoeForCausalLM)" in capsys.readouterr().out
     with open(os.path.join(out, RUN_CONFIG_FILE)) as f:
         run = yaml.safe_load(f)
     assert run["train"]["init_from"] == os.path.abspath(out)

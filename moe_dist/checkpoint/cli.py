@@ -213,8 +213,11 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{s['zero_stage']}, bf16 {s['bf16']}")
     else:
         src = s.get("source") or {}
-        lines.append(f"  consolidated from: ep_size {src.get('ep_size')}, world size {src.get('world_size')} "
-                     f"({s.get('weights')} weights)")
+        if "hf_dir" in src:  # import-hf
+            lines.append(f"  imported from: {src['hf_dir']} ({src.get('architecture')})")
+        else:
+            lines.append(f"  consolidated from: ep_size {src.get('ep_size')}, world size {src.get('world_size')} "
+                         f"({s.get('weights')} weights)")
     lines += [
         f"  layers: {s['layers']} ({len(s['moe_layers'])} MoE: {s['moe_layers']})",
         f"  experts per MoE layer: {sorted(set(s['experts_per_layer'].values()))}, top_k {s['top_k']}",

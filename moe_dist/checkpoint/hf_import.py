@@ -82,8 +82,14 @@ def read_hf_model(hf_dir: str, *, dtype: str | None = None,
     """(ModelConfig, ep_size-1 state dict) of the Hugging Face model in `hf_dir`, buffers included,
     so `MoETransformer(cfg).load_state_dict(state)` takes it. `dtype` ("fp32", "bf16") casts the
     floating tensors; default: as stored."""
+    _, cfg, _, state = _read(hf_dir, dtype, progress)
+    return cfg, state
+
+
+def _read(hf_dir: str, dtype: str | None, progress: bool) -> tuple[Arch, ModelConfig, dict[str, Any],
+                                                                   dict[str, Tensor]]:
     cast = torch_dtype(dtype)
-    arch, cfg, _ = hf_model_config(hf_dir)
+    arch, cfg, sections = hf_model_config(hf_dir)
     config_path = os.path.join(hf_dir, CONFIG_FILE)
     state: dict[str, Tensor] = {}
     with HFWeights(hf_dir) as weights:
@@ -98,7 +104,7 @@ def read_hf_model(hf_dir: str, *, dtype: str | None = None,
                 weights.tensor("lm_head.weight"), weights.tensor("model.embed_tokens.weight")):
             raise CheckpointError(f"{config_path!r} sets tie_word_embeddings, but lm_head.weight in "
                                   f"{weights.path_of('lm_head.weight')!r} differs from model.embed_tokens.weight")
-    return cfg, state
+    return arch, cfg, sections, state
 
 
 def run_config(cfg_sections: dict[str, Any], hf_dir: str, out: str, bf16: bool) -> str:
@@ -133,17 +139,14 @@ def import_hf(hf_dir: str, out: str, *, dtype: str | None = None, overwrite: boo
     """Write the consolidated checkpoint of `hf_dir` and its run config (OUT/run_config.yaml) to
     the directory `out` (staged: nothing is written unless everything succeeded); returns `out`."""
     check_output(out, overwrite)
-    cfg, state = read_hf_model(hf_dir, dtype=dtype, progress=progress)
-    arch, _, minimal = hf_model_config(hf_dir)
+    arch, cfg, minimal, state = _read(hf_dir, dtype, progress)
     sections = {"model": to_dict(cfg)}
     sections["moe"] = sections["model"].pop("moe")
     # The HF directory is the tokenizer (export-hf copies its files and special ids back).
     data = {"tokenizer": {"kind": "hf", "path": os.path.abspath(hf_dir)}}
-    hf_config = read_hf_config(hf_dir)
     meta = {"config": {**sections, "data": data}, "step": None, "tokenizer": None, "weights": "module",
             "dtype": dtype or "as saved", "buffers": sorted(m.target for m in tensor_plan(arch, cfg) if not m.sources),
-            "source": {"hf_dir": os.path.abspath(hf_dir), "architecture": arch.hf_class,
-                       "token_ids": {k: hf_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}}
+            "source": {"hf_dir": os.path.abspath(hf_dir), "architecture": arch.hf_class}}
     bf16 = state["embed.weight"].dtype == torch.bfloat16
     with staged_directory(out, overwrite) as tmp:
         weights = os.path.join(tmp, WEIGHT_FILES[SAFETENSORS])
