@@ -83,8 +83,12 @@ def mixtral_blockers(cfg: ModelConfig, state: dict[str, Tensor]) -> list[str]:
 
 def native_state(arch_name: str, cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The HF tensors of `arch_name` (Hub layout) from moe_dist's ep_size=1 state dict."""
+    plan = tensor_plan(ARCHS[arch_name], cfg, HUB)
+    unmapped = sorted(set(state) - {m.target for m in plan})
+    if unmapped:  # never drop a tensor silently
+        raise CheckpointError(f"{ARCHS[arch_name].display} has no place for the tensors {unmapped}")
     out = {}
-    for m in tensor_plan(ARCHS[arch_name], cfg, HUB):
+    for m in plan:
         for src, t in zip(m.sources, m.to_hf(state[m.target])):
             out[src.name] = t
     return out
