@@ -7,12 +7,17 @@
 
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
-Configuration errors are reported before any process group or model exists, exit status 2.
+Configuration errors are reported before any process group or model exists, exit status 2 (so is
+a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock).
+Other exit statuses (moe_dist/train/exits.py, docs/launch.md): 3 non-finite training stopped,
+4 watchdog (no step within train.watchdog_timeout), 28 disk full at a checkpoint, 75 stopped by
+SIGTERM/SIGINT/SIGUSR1 after committing a checkpoint (resume with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -23,7 +28,10 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
-from moe_dist.train.trainer import pretrain  # noqa: E402
+from moe_dist.train.disk import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
+from moe_dist.train.exits import RunStopped  # noqa: E402
+from moe_dist.train.run_dir import claim  # noqa: E402
+from moe_dist.train.signals import guard_launcher  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,21 +46,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "schedule still spans train.steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
+    p.add_argument("--break_lock", action="store_true",
+                   help="take over train.checkpoint_dir's run.lock left by a run that is gone (never one "
+                        "that runs on this host)")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_launcher()  # before the slow start-up: a rank never outlives its launcher
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     try:
         cfg = load_run_config(args.config, overrides)
-        pretrain(cfg, resume=args.resume, stop_at_step=args.stop_at_step, config_path=args.config)
+        # The run lock before the trainer's imports (tens of seconds on a loaded node): a second
+        # job on this checkpoint_dir is refused in seconds. Preflight checks the rest under it.
+        run = claim(cfg.train.checkpoint_dir, args.resume, args.break_lock)
+        from moe_dist.train.trainer import pretrain
+
+        pretrain(cfg, resume=args.resume, stop_at_step=args.stop_at_step, config_path=args.config,
+                 break_lock=args.break_lock, run=run)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    except DiskSpaceError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NO_SPACE
+    except RunStopped as e:
+        print(f"rank {os.environ.get('RANK', '0')}: {e} (exit {e.code})", file=sys.stderr, flush=True)
+        return e.code
     return 0
 
 

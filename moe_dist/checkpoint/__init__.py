@@ -2,7 +2,8 @@
 load a consolidated checkpoint into a model of any expert-parallel size.
 
 Modules: `files` (CheckpointError, file reading/writing, staged outputs), `layout` (names and
-places in a training checkpoint), `training` (TrainingCheckpoint), `zero` (the ZeRO-1/2 partition
+places in a training checkpoint), `tags` (completion marker, run ids: is a tag complete and one
+run's), `training` (TrainingCheckpoint), `zero` (the ZeRO-1/2 partition
 layout and reader), `consolidated` (the format, consolidate, load/save, open_checkpoint),
 `reshard`, `hf_export` (export_hf; `hf_remote_code/` holds the files it ships), `hf_import`
 (import_hf, read_hf_model) with `hf_files` (a local HF directory's config and safetensors),

@@ -5,7 +5,9 @@ with status 2.
 `inspect` (`summarize`) tells what a checkpoint holds from its metadata and tensor shapes (no
 tensor data is needed beyond what the model-states file already holds): layers, experts, the
 parallel layout it was saved with, routers, dtypes, parameter counts (total and active per
-token), step, config.
+token), step, config. For a training checkpoint it also says whether the tag is complete
+(moe_dist/checkpoint/tags.py) and lists the directory's tags; a partial tag (a save that did not
+finish) or one whose files disagree exits with status 3 (EXIT_INCOMPLETE), whatever it holds.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -24,9 +27,12 @@ from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError, d
 from moe_dist.checkpoint.hf_arch import ARCHS
 from moe_dist.checkpoint.hf_export import ARCHITECTURES, export_hf
 from moe_dist.checkpoint.hf_import import RUN_CONFIG_FILE, import_hf
-from moe_dist.checkpoint.layout import is_expert_key, strip_engine_prefix
+from moe_dist.checkpoint.layout import is_expert_key, read_latest, strip_engine_prefix
 from moe_dist.checkpoint.reshard import reshard
+from moe_dist.checkpoint.tags import COMPLETE, PARTIAL, list_tags, tag_problems, tag_state, tag_step
 from moe_dist.checkpoint.training import TrainingCheckpoint
+
+EXIT_INCOMPLETE = 3  # inspect: the tag is partial or its files disagree
 
 CKPT_HELP = ("a training checkpoint directory (uses its 'latest' tag unless --tag) or one tag directory; "
              "inspect and export-hf also take a consolidated directory")
@@ -119,11 +125,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def tag_report(path: str, tag: str | None) -> dict[str, Any] | None:
+    """Completeness of the training tag `path` (and `tag`) resolves to, and of its siblings; None
+    for a consolidated checkpoint or a path that is no checkpoint directory."""
+    if tag is None and ConsolidatedCheckpoint.is_consolidated(path):
+        return None
+    base = os.path.basename(os.path.normpath(path))
+    if tag is None and tag_step(base) is not None and os.path.isdir(path):
+        checkpoint_dir, tag = os.path.dirname(os.path.abspath(path)), base
+    else:
+        checkpoint_dir, tag = path, tag or (read_latest(path) if os.path.isdir(path) else None)
+    if tag is None or not os.path.isdir(os.path.join(checkpoint_dir, tag)):
+        return None
+    state = tag_state(checkpoint_dir, tag)
+    problems = tag_problems(os.path.join(checkpoint_dir, tag)) if state.status == COMPLETE else []
+    if state.status == PARTIAL:
+        problems.insert(0, (f"tag {tag!r} is incomplete: no completion marker and newer than 'latest' "
+                            f"({read_latest(checkpoint_dir)!r}); a save that did not finish, which the next "
+                            f"start of the run removes"))
+    return {"tag": tag, "status": state.status, "run_id": state.run_id, "problems": problems,
+            "tags": {s.tag: s.status for s in list_tags(checkpoint_dir)}}
+
+
+def run(args: argparse.Namespace) -> int:
     progress = not getattr(args, "quiet", False)
     if args.command == "inspect":
-        summary = summarize(open_checkpoint(args.ckpt, args.tag))
-        print(summary_json(summary) if args.json else format_summary(summary))
+        report = tag_report(args.ckpt, args.tag)
+        bad = report is not None and bool(report["problems"])
+        try:
+            summary = summarize(open_checkpoint(args.ckpt, args.tag))
+        except CheckpointError as e:
+            if not bad:
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            summary = {"kind": "training", "path": args.ckpt}
+        if report is not None:
+            summary["tag_status"] = report
+        if "step" in summary:
+            print(summary_json(summary) if args.json else format_summary(summary))
+        elif args.json:
+            print(summary_json(summary))
+        if bad:
+            for problem in report["problems"]:
+                print(f"error: {problem}", file=sys.stderr, flush=True)
+            return EXIT_INCOMPLETE
     elif args.command == "consolidate":
         consolidate(args.ckpt, args.out, tag=args.tag, master_weights=args.master_weights, dtype=args.dtype,
                     fmt=args.fmt, overwrite=args.overwrite, progress=progress)
@@ -148,16 +193,16 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "import-hf":
         import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
         print(f"wrote consolidated checkpoint {args.out} and its run config {args.out}/{RUN_CONFIG_FILE}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        return run(args)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    return 0
 
 
 # ---- inspect -----------------------------------------------------------------------------------
@@ -208,6 +253,11 @@ def summarize(ckpt: TrainingCheckpoint | ConsolidatedCheckpoint) -> dict[str, An
 
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"{s['kind']} checkpoint {s['path']}", f"  step: {s['step']}"]
+    report = s.get("tag_status")
+    if report is not None:
+        ok = "" if not report["problems"] else " -- NOT SOUND: " + "; ".join(report["problems"])
+        lines.append(f"  tag: {report['tag']} ({report['status']}, run id {report['run_id']}){ok}")
+        lines.append("  tags in the directory: " + ", ".join(f"{t} ({st})" for t, st in report["tags"].items()))
     if s["kind"] == "training":
         lines.append(f"  saved with: ep_size {s['ep_size']}, world size {s['world_size']}, ZeRO stage "
                      f"{s['zero_stage']}, bf16 {s['bf16']}")

@@ -278,7 +278,8 @@ def reshard(ckpt_path: str, out: str, *, ep_size: int, world_size: int | None = 
         torch.save(_model_states(ckpt, module, plan, layouts, target), os.path.join(tag_dir, MODEL_STATES))
         for p in range(ep_size if target.expert_names else 0):
             experts = {ENGINE_PREFIX + n: target.local(n, module[n], p).clone() for n in ckpt.expert_names()}
-            torch.save({"ep_size": ep_size, "ep_rank": p, "experts": experts}, experts_file(tag_dir, p))
+            torch.save({"ep_size": ep_size, "ep_rank": p, "run_id": ckpt.client.get("run_id"),  # tags.py
+                        "experts": experts}, experts_file(tag_dir, p))
         for rank in tqdm(range(world), desc="new ZeRO partitions", unit="file", disable=not progress):
             torch.save(_zero_file_content(rank, zero, plan, layouts, flats, target, ckpt.ds_config),
                        zero_file(tag_dir, rank, ckpt.bf16))

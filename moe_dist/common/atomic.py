@@ -83,14 +83,27 @@ def write_text_atomic(path: str, text: str) -> None:
         f.write(text)
 
 
+def fsync_tree(root: str) -> None:
+    """fsync every file under `root`, then every folder (their entries), deepest first."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+        fsync_file(folder)
+
+
 @contextlib.contextmanager
-def staged_directory(out: str) -> Iterator[str]:
-    """Yield an empty temporary directory beside `out`; on normal exit it becomes `out` (an old
-    `out` is removed only after the new one is in place); on any exception it is deleted."""
+def staged_directory(out: str, *, fsync: bool = True) -> Iterator[str]:
+    """Yield an empty temporary directory beside `out`; on normal exit its files are fsynced
+    (unless `fsync=False`) and it becomes `out` (an old `out` is removed only after the new one is
+    in place); on any exception it is deleted."""
     tmp = temporary_sibling(out)
     os.mkdir(tmp)
     try:
         yield tmp
+        if fsync:
+            fsync_tree(tmp)  # the rename must never publish data still in the page cache
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -99,5 +112,7 @@ def staged_directory(out: str) -> Iterator[str]:
         old = temporary_sibling(out, "old")
         os.rename(out, old)
     os.rename(tmp, out)
+    if fsync:
+        fsync_file(os.path.dirname(os.path.abspath(out)))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,8 @@ process group too (one process), so the same trainer code runs single-process re
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 
 import torch
@@ -27,17 +29,65 @@ def env_local_size() -> int:
     return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
     """DeepSpeed's process-group start-up (gloo on its CPU accelerator, NCCL on GPUs). On GPUs the
     rank's device is selected first, so that groups and buffers created before the engine exists
-    do not all land on GPU 0."""
+    do not all land on GPU 0. `timeout_s`: the WORLD group's collective timeout (None: DeepSpeed's
+    default, `DEEPSPEED_TIMEOUT` minutes); a group that already exists gets it set."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed()
+    if timeout_s is None:
+        deepspeed.init_distributed()
+        return
+    already = is_initialized()
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    if already:  # started by someone else (a test harness): the timeout must still apply
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), dist.group.WORLD)
+
+
+@contextlib.contextmanager
+def groups_created_with_timeout(timeout_s: float | None):
+    """Every process group created inside gets `timeout_s` unless its creator passes one.
+
+    DeepSpeed creates its expert, expert-data-parallel and data-parallel groups with
+    `torch.distributed.new_group(ranks)` and no timeout (torch's default: 30 minutes on gloo),
+    whatever timeout WORLD has; it looks `new_group` up on the module at each call, so wrapping
+    the module attribute reaches every such call."""
+    if timeout_s is None or not is_initialized():
+        yield
+        return
+    original = dist.new_group
+    timeout = datetime.timedelta(seconds=timeout_s)
+
+    def new_group(*args, **kwargs):
+        if kwargs.get("timeout") is None and len(args) < 2:
+            kwargs["timeout"] = timeout
+        return original(*args, **kwargs)
+
+    dist.new_group = new_group
+    try:
+        yield
+    finally:
+        dist.new_group = original
+
+
+def group_timeouts() -> dict[str, datetime.timedelta]:
+    """Collective timeout of every process group this process belongs to, by group name (WORLD
+    included): what the run's hang protection actually got."""
+    if not is_initialized():
+        return {}
+    c10d = dist.distributed_c10d
+    out = {}
+    for group, name in c10d._world.pg_names.items():
+        if c10d._rank_not_in_group(group):
+            continue
+        backend = group._get_backend(torch.device("cuda" if dist.get_backend(group) == "nccl" else "cpu"))
+        out[name] = backend.options._timeout
+    return out
 
 
 def is_initialized() -> bool:
@@ -71,6 +121,43 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
+
+
+def enforce_group_timeouts(timeout_s: float) -> int:
+    """Set `timeout_s` on any group of this process that has another (one created outside
+    `groups_created_with_timeout`); returns how many groups the process belongs to."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = {name: group for group, name in dist.distributed_c10d._world.pg_names.items()} if is_initialized() else {}
+    for name, current in group_timeouts().items():
+        if current != timeout:
+            dist.distributed_c10d._set_pg_timeout(timeout, groups[name])
+    return len(group_timeouts())
+
+
+def all_gather_row(row: torch.Tensor) -> torch.Tensor:
+    """[world, n]: every rank's `row` (float64, n equal on all ranks), by one all-reduce, so a
+    step's per-rank facts (flags, times) cost a single small collective."""
+    row = row.detach().to(torch.float64).flatten()
+    table = torch.zeros(world_size(), row.numel(), dtype=torch.float64)
+    table[rank()] = row
+    if is_initialized():
+        table = table.to(_collective_device())
+        dist.all_reduce(table, op=dist.ReduceOp.SUM)
+    return table.cpu()
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def default_store():
+    """The key-value store the process group was started with (TCPStore under the deepspeed
+    launcher), or None without a process group."""
+    if not is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_store()
 
 
 def broadcast_object(obj, src: int = 0):

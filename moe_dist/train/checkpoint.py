@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from moe_dist.checkpoint.layout import LATEST, experts_file, rank_state_file, read_latest, tag_for_step
-from moe_dist.common.atomic import write_text_atomic
+from moe_dist.checkpoint.files import CheckpointError
+from moe_dist.checkpoint.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
+                                        read_latest, tag_for_step)
+from moe_dist.checkpoint.tags import run_id_problems, write_marker
+from moe_dist.common.atomic import fsync_file, write_text_atomic
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.train import disk, retention
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,21 +70,73 @@ class Resumed:
     client_state: dict[str, Any]
 
 
-def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any],
-         groups: ParallelGroups) -> str:
-    """Write checkpoint `step` on every rank (collective) and commit it; returns its tag."""
+def _own_files(tag_dir: str, rank: int) -> list[str]:
+    """The files of the tag that this rank wrote (DeepSpeed's by its naming, and ours)."""
+    mine = re.compile(rf"(^|_)zero_pp_rank_{rank}_|^rank_state_{rank:05d}\.pt$")
+    names = [n for n in os.listdir(tag_dir) if mine.search(n)]
+    if rank == 0:
+        names.append(MODEL_STATES)
+    return [os.path.join(tag_dir, n) for n in names if os.path.isfile(os.path.join(tag_dir, n))]
+
+
+def _commit(checkpoint_dir: str, tag: str, step: int, run_id: str | None) -> None:
+    """Rank 0, once every rank's files are written and fsynced: refuse a tag that another run
+    wrote into, then the marker, then `latest` (each write atomic and fsynced)."""
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    problems = run_id_problems(tag_dir, run_id)
+    if problems:
+        raise CheckpointError(f"checkpoint {tag_dir!r} holds files of another run (this run's id is {run_id!r}); "
+                              f"'latest' was not moved: " + "; ".join(problems))
+    fsync_file(tag_dir)  # the directory entries of the files
+    write_marker(tag_dir, run_id, step)
+    write_text_atomic(os.path.join(checkpoint_dir, LATEST), tag)
+    fsync_file(checkpoint_dir)
+
+
+def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], groups: ParallelGroups,
+         run_id: str | None = None, keep_last: int | None = None) -> str:
+    """Write checkpoint `step` on every rank (collective) and commit it; returns its tag. A disk
+    too full for it (before or during the save) is a DiskSpaceError on every rank that sees it,
+    with `latest` and the previous checkpoint untouched."""
     tag = tag_for_step(step)
-    engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
     tag_dir = os.path.join(checkpoint_dir, tag)
     rank = runtime.rank()
-    if rank // groups.ep_size == 0:  # the first EDP replica of each EP rank
-        torch.save({"ep_size": groups.ep_size, "ep_rank": groups.ep_rank,
-                    "experts": expert_state(engine.module)}, experts_file(tag_dir, groups.ep_rank))
-    torch.save({"rng": rng_state()}, rank_state_file(tag_dir, rank))
+    latest = read_latest(checkpoint_dir)
+    last_dir = os.path.join(checkpoint_dir, latest) if latest else None
+    shortfall = disk.space_shortfall(checkpoint_dir, last_dir) if rank == 0 else None
+    shortfall = runtime.broadcast_object(shortfall)  # every rank stops at the same place
+    if shortfall is not None:
+        raise disk.DiskSpaceError(disk.shortfall_message(checkpoint_dir, tag, *shortfall, latest))
+    client_state = {**client_state, CLIENT_KEY: {**client_state.get(CLIENT_KEY, {}), "run_id": run_id}}
+    try:
+        engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
+        written = []
+        if rank // groups.ep_size == 0:  # the first EDP replica of each EP rank
+            written.append(experts_file(tag_dir, groups.ep_rank))
+            torch.save({"ep_size": groups.ep_size, "ep_rank": groups.ep_rank, "run_id": run_id,
+                        "experts": expert_state(engine.module)}, written[-1])
+        torch.save({"rng": rng_state(), "run_id": run_id, "step": step}, rank_state_file(tag_dir, rank))
+        for path in set(written + _own_files(tag_dir, rank)):
+            fsync_file(path)
+    except Exception as e:
+        full = disk.no_space_error(e, checkpoint_dir, tag, latest,
+                                   disk.tree_bytes(last_dir) if last_dir else None, remove=rank == 0)
+        if full is None:
+            raise
+        raise full from e
     runtime.barrier()  # every rank's files are on disk before the tag becomes `latest`
+    error = None
     if rank == 0:
-        write_text_atomic(os.path.join(checkpoint_dir, LATEST), tag)
-    runtime.barrier()
+        try:
+            _commit(checkpoint_dir, tag, step, run_id)
+            for old in retention.apply_keep_last(checkpoint_dir, keep_last):
+                print(f"train.keep_last={keep_last}: deleted checkpoint {old}", flush=True)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            full = disk.no_space_error(e, checkpoint_dir, tag, latest) if not isinstance(e, CheckpointError) else None
+            error = (type(full or e).__name__, str(full or e))
+    error = runtime.broadcast_object(error)
+    if error is not None:
+        raise (disk.DiskSpaceError if error[0] == "DiskSpaceError" else CheckpointError)(error[1])
     return tag
 
 

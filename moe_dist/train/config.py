@@ -69,12 +69,22 @@ class TrainSection:
     eval_iters: int = 4  # validation micro batches per rank
     checkpoint_interval: int = 0  # 0: only at the end (when checkpoint_dir is set)
     checkpoint_dir: str | None = None
+    keep_last: int | None = None  # keep the newest N complete checkpoints (None: all)
     tensorboard_dir: str | None = None
     seed: int = 1234  # model initialization and per-rank RNG streams
     # A consolidated checkpoint (tools/convert_checkpoint.py consolidate) to start from, at any
     # ep_size, with a fresh optimizer and step 0: fine-tuning. Ignored by --resume, which
     # continues the run's own checkpoint.
     init_from: str | None = None
+    # Run safety (docs/reliability.md). Seconds before a collective on any process group (WORLD
+    # and DeepSpeed's expert groups) fails instead of waiting; DeepSpeed's own default is 600.
+    collective_timeout: float = 600.0
+    # Seconds without a completed step (or evaluation, or save) before every rank prints its
+    # stacks and the job exits 4 naming the slowest rank; 0 disables.
+    watchdog_timeout: float = 1800.0
+    # Consecutive optimizer steps skipped for a non-finite loss or gradient norm before the run
+    # stops with exit status 3.
+    max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("seq_len", 1), ("micro_batch", 1), ("grad_accum", 1),
@@ -83,6 +93,8 @@ class TrainSection:
             check_int(f"train.{name}", getattr(self, name), minimum)
         if self.global_batch is not None:
             check_int("train.global_batch", self.global_batch, 1)
+        if self.keep_last is not None:
+            check_int("train.keep_last", self.keep_last, 1)
         check(isinstance(self.deepspeed_config, str) and self.deepspeed_config != "",
               f"train.deepspeed_config must be the path of a DeepSpeed JSON, got {self.deepspeed_config!r}")
         for name in ("lr", "min_lr", "weight_decay", "adam_eps"):
@@ -94,6 +106,11 @@ class TrainSection:
         check(self.warmup_steps <= self.steps,
               f"train.warmup_steps ({self.warmup_steps}) must be <= train.steps ({self.steps})")
         check_choice("train.lr_decay", self.lr_decay, LR_DECAY_STYLES)
+        for name, minimum in (("collective_timeout", 1e-3), ("watchdog_timeout", 0.0)):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum,
+                  f"train.{name} must be a number of seconds >= {minimum:g}, got {value!r}")
+        check_int("train.max_consecutive_skips", self.max_consecutive_skips, 1)
         check(isinstance(self.adam_betas, (list, tuple)) and len(self.adam_betas) == 2
               and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas),
               f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")

@@ -22,6 +22,7 @@ from moe_dist.data.datasets import blend_domain_names
 from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
 from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import RunConfig
+from moe_dist.train import run_dir
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
 
 
@@ -30,6 +31,7 @@ class Preflight:
     ds_config: dict[str, Any]
     tokenizer: Any
     domain_names: list[str]
+    run: run_dir.RunDir | None = None  # rank 0's lock on the checkpoint directory and the run id
 
 
 def data_domain_names(data: DataConfig) -> list[str]:
@@ -66,7 +68,8 @@ def check_init_from(path: str | None) -> None:
         raise ConfigError(f"train.init_from: {e}") from None
 
 
-def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False) -> Preflight:
+def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False,
+              break_lock: bool = False, run: run_dir.RunDir | None = None) -> Preflight:
     moe = cfg.model.moe
     if moe is not None:
         validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
@@ -82,6 +85,17 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
         raise ConfigError(f"the data carries {len(domain_names)} domains {domain_names} but "
                           f"model.num_labels is {cfg.model.num_labels}; set it to at least "
                           f"{len(domain_names)}")
-    check_checkpoint_dir(cfg.train.checkpoint_dir, resume)
-    check_init_from(cfg.train.init_from)
-    return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names)
+    # The lock first: the checks of the directory's contents mean something only under it.
+    run = run or run_dir.claim(cfg.train.checkpoint_dir, resume, break_lock)
+    try:
+        check_checkpoint_dir(cfg.train.checkpoint_dir, resume)
+        if run is not None and resume:
+            run_dir.check_resume_tag(cfg.train.checkpoint_dir)
+        check_init_from(cfg.train.init_from)
+        if run is not None:
+            run.clean()
+    except BaseException:
+        if run is not None:
+            run.release()
+        raise
+    return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names, run=run)

@@ -4,16 +4,23 @@ evaluations.
 
 Tags:
     train/loss, train/perplexity, train/aux_loss, train/lr, train/grad_norm, train/tokens_per_s
+    train/step_time_min, train/step_time_max, train/step_time_slowest_rank, train/skipped_steps
     val/loss, val/perplexity
     moe/layer<i>/{dropped_fraction, load_cv, load_max_over_mean, entropy_token (H_s),
                   entropy_mean (H_u), entropy_load, loss_<name>, mi_domain, mi_domain_normalized}
     moe/layer<i>/expert_load          histogram: bucket e holds expert e's routed tokens
     moe/layer<i>/val_mi_domain_normalized, image moe/layer<i>/expert_by_domain   (evaluations)
+
+A failing write (a full disk, a vanished folder) must not end a training run: the first failure
+prints one warning and turns TensorBoard output off for the rest of the run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -21,14 +28,40 @@ from torch import Tensor
 SKIP = ("load_E", "expert_label_counts")
 
 
+def _tolerant(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.writer is None:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of a logging side channel
+            self.disable(f"{method.__name__}: {type(e).__name__}: {e}")
+            return None
+    return wrapper
+
+
 class TensorBoardLogger:
     def __init__(self, log_dir: str | None, enabled: bool) -> None:
         self.writer = None
+        self.log_dir = log_dir
         if log_dir and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=log_dir)
+            try:
+                self.writer = SummaryWriter(log_dir=log_dir)
+            except Exception as e:  # noqa: BLE001 - as for every later write
+                self.disable(f"opening: {type(e).__name__}: {e}")
 
+    def disable(self, reason: str) -> None:
+        writer, self.writer = self.writer, None
+        print(f"warning: TensorBoard writing to {self.log_dir!r} failed ({reason}); TensorBoard output is off "
+              f"for the rest of this run, training goes on", file=sys.stderr, flush=True)
+        if writer is not None:
+            with contextlib.suppress(Exception):  # the writer is already broken
+                writer.close()
+
+    @_tolerant
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.writer is None:
             return
@@ -36,6 +69,7 @@ class TensorBoardLogger:
             if value is not None:
                 self.writer.add_scalar(tag, float(value), step)
 
+    @_tolerant
     def moe(self, step: int, summary: dict[int, dict[str, Tensor | float]], prefix: str = "") -> None:
         if self.writer is None:
             return
@@ -59,6 +93,7 @@ class TensorBoardLogger:
             bucket_limits=[i + 0.5 for i in range(load.numel())], bucket_counts=load.tolist(),
             global_step=step)
 
+    @_tolerant
     def expert_domain_heatmap(self, step: int, layer: int, joint_EL: Tensor, domain_names: list[str]) -> None:
         """P(expert | domain) as an image: columns are domains, each sums to 1."""
         if self.writer is None:
@@ -82,10 +117,12 @@ class TensorBoardLogger:
         fig.tight_layout()
         self.writer.add_figure(f"moe/layer{layer}/expert_by_domain", fig, step, close=True)
 
+    @_tolerant
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
 
+    @_tolerant
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_dist.checkpoint.consolidated import load_consolidated
+from moe_dist.checkpoint.tags import RUN_ID_KEY
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.model.transformer import MoETransformer
@@ -23,9 +24,11 @@ from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train import checkpoint, cpu_malloc
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
+from moe_dist.train.exits import PREEMPTED, RunStopped
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.preflight import Preflight, preflight
 from moe_dist.train.progress import Progress, format_duration
+from moe_dist.train.run_safety import RunSafety
 from moe_dist.train.schedule import lr_at
 from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
 
@@ -68,11 +71,15 @@ class Trainer:
         train = cfg.train
         configure_cpu_threads(cfg.cpu.threads)
         configure_cpu_malloc(cfg.cpu.keep_freed_memory)
-        runtime.init_distributed()
+        runtime.init_distributed(train.collective_timeout)
         self.rank, self.world = runtime.rank(), runtime.world_size()
+        # Rank 0's run id on every rank; DeepSpeed stores its config in each of its files.
+        self.run_id = runtime.broadcast_object(checks.run.run_id if checks.run else None)
+        checks.ds_config = {**checks.ds_config, RUN_ID_KEY: self.run_id}
         moe = cfg.model.moe
-        self.groups = (ParallelGroups.from_deepspeed(moe.ep_size, moe.num_experts) if moe is not None
-                       else ParallelGroups(world_size=self.world, rank=self.rank, ep_size=1))
+        with runtime.groups_created_with_timeout(train.collective_timeout):  # DeepSpeed's groups too
+            self.groups = (ParallelGroups.from_deepspeed(moe.ep_size, moe.num_experts) if moe is not None
+                           else ParallelGroups(world_size=self.world, rank=self.rank, ep_size=1))
         # Per-rank RNG streams (router jitter and the like); model weights use their own seeds.
         torch.manual_seed(train.seed * 100_003 + self.rank)
         self.model = MoETransformer(cfg.model, seed=train.seed, groups=self.groups)
@@ -80,7 +87,8 @@ class Trainer:
             # Before the engine exists: ZeRO's fp32 master copies are taken from these weights.
             load_consolidated(self.model, train.init_from)
             log0(f"initialized from consolidated checkpoint {train.init_from}")
-        self.engine, self.optimizer, self.scheduler = build_engine(self.model, train, checks.ds_config)
+        with runtime.groups_created_with_timeout(train.collective_timeout):
+            self.engine, self.optimizer, self.scheduler = build_engine(self.model, train, checks.ds_config)
         self.device = self.engine.device
         self.global_batch = checks.ds_config["train_batch_size"]
         self.datasets = build_datasets(
@@ -89,6 +97,7 @@ class Trainer:
         self.tokenizer = self.datasets.tokenizer
         self.step = 0
         self.tb = TensorBoardLogger(train.tensorboard_dir, enabled=self.rank == 0)
+        self.safety = RunSafety(train, [i for i, _ in self.model.moe_layers()])
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -103,13 +112,17 @@ class Trainer:
                           "unique_identifiers": dict(self.tokenizer.unique_identifiers),
                           "vocab_size": self.tokenizer.vocab_size},
             "world_size": self.world,
+            "skipped_steps": self.safety.skipped,
         }}
 
-    def save(self) -> None:
+    def save(self) -> str:
         t0 = time.perf_counter()
+        self.safety.before_save(self.engine.module, self.step)
         tag = checkpoint.save(self.engine, self.cfg.train.checkpoint_dir, self.step, self.client_state(),
-                              self.groups)
+                              self.groups, run_id=self.run_id, keep_last=self.cfg.train.keep_last)
         log0(f"saved checkpoint {tag} in {time.perf_counter() - t0:.1f}s")
+        self.safety.progress(self.step, "save")
+        return tag
 
     def resume(self) -> None:
         resumed = checkpoint.load_latest(self.engine, self.cfg.train.checkpoint_dir, self.groups)
@@ -119,6 +132,7 @@ class Trainer:
                              f"!= step ({state['step']}) * global batch ({self.global_batch}); the global "
                              f"batch size changed since it was written")
         self.step = state["step"]
+        self.safety.nonfinite.skipped = state.get("skipped_steps", 0)
         # The restored optimizer holds the LR its run scheduled for this step; if train.steps or
         # the schedule changed since (extending a run), the schedule of this config applies.
         for group in self.optimizer.param_groups:
@@ -140,6 +154,7 @@ class Trainer:
             out = self.forward(next(batches))
             self.engine.backward(out.loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.engine.step()  # the optimizer steps only at the accumulation boundary
+            self.safety.observe(out)
             lm += float(out.lm_loss.detach())
             aux += float(out.aux_loss.detach())
             step_stats.append(out.moe_stats)
@@ -206,45 +221,76 @@ class Trainer:
              f"ep_size {self.groups.ep_size}, global batch {self.global_batch} x {train.seq_len} tokens, "
              f"{sum(p.numel() for p in self.model.parameters()):,} parameters on rank 0")
         t_start = time.perf_counter()
+        self.safety.start(self.step)
         while self.step < end:
             lr = self.optimizer.param_groups[0]["lr"]
             lm, aux = self.train_step(batches, stats)
             self.step += 1
+            stop = self.safety.end_step(self.step, self.engine, self.scheduler)
             interval_lm, interval_aux, interval_steps = interval_lm + lm, interval_aux + aux, interval_steps + 1
-            if self.step % train.log_interval == 0 or self.step == end:
+            if self.step % train.log_interval == 0 or self.step == end or stop:
                 losses = runtime.all_reduce_mean(torch.tensor([interval_lm, interval_aux]) / interval_steps)
                 loss, aux_mean = float(losses[0]), float(losses[1])
                 result.losses[self.step] = loss
                 self.log_interval(progress, loss, aux_mean, lr, stats)
                 interval_lm, interval_aux, interval_steps = 0.0, 0.0, 0
                 stats.reset()
+            if stop:
+                self.stop_after_signal()
+            # Save before evaluating: a failing evaluation must not cost the step's checkpoint.
+            if train.checkpoint_dir and ((train.checkpoint_interval and self.step % train.checkpoint_interval == 0)
+                                         or self.step == end):
+                self.save()
             if (train.eval_interval and self.step % train.eval_interval == 0) or self.step == train.steps:
                 val = self.evaluate()
                 if val is not None:
                     result.val_losses[self.step] = val
-            if train.checkpoint_dir and ((train.checkpoint_interval and self.step % train.checkpoint_interval == 0)
-                                         or self.step == end):
-                self.save()
+                self.safety.progress(self.step, "evaluation")
+        self.safety.close()
         result.step = self.step
         log0(f"done: step {self.step} in {format_duration(time.perf_counter() - t_start)}")
         self.tb.close()
         return result
 
+    def stop_after_signal(self) -> None:
+        """Every rank agreed to stop after this step: save it (no evaluation: the time before a
+        scheduler's SIGKILL is short) and leave with the preemption status."""
+        saved = self.save() if self.cfg.train.checkpoint_dir else None
+        where = (f"checkpoint {saved} committed; continue with --resume" if saved
+                 else "no train.checkpoint_dir: nothing saved")
+        self.tb.close()
+        raise RunStopped(PREEMPTED, f"stopped after step {self.step}: {self.safety.stop_reason}; {where}")
+
     def log_interval(self, progress: Progress, loss: float, aux: float, lr: float,
                      stats: MoEStatsAccumulator) -> None:
         tokens_per_s, sec_per_step = progress.interval(self.step)
         grad_norm = self.grad_norm()
+        times = self.safety.times.take()
         self.tb.scalars(self.step, {"train/loss": loss, "train/perplexity": perplexity(loss),
                                     "train/aux_loss": aux, "train/lr": lr, "train/grad_norm": grad_norm,
-                                    "train/tokens_per_s": tokens_per_s})
+                                    "train/tokens_per_s": tokens_per_s,
+                                    "train/skipped_steps": self.safety.skipped})
+        if times is not None:
+            self.tb.scalars(self.step, {"train/step_time_min": times.min, "train/step_time_max": times.max,
+                                        "train/step_time_slowest_rank": times.max_rank})
         self.tb.moe(self.step, stats.summary())
         self.tb.flush()
-        log0(progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step))
+        log0(progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step, times,
+                           self.safety.skipped))
 
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None = None,
-             config_path: str | None = None) -> TrainResult:
-    """Validate everything, then train. Collective: every rank calls it with the same arguments."""
-    checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume)
-    trainer = Trainer(cfg, checks, config_path)
-    return trainer.run(resume=resume, stop_at_step=stop_at_step)
+             config_path: str | None = None, break_lock: bool = False, run=None) -> TrainResult:
+    """Validate everything, then train. Collective: every rank calls it with the same arguments.
+    `run`: rank 0's claim on the checkpoint directory if the caller made it (run_dir.claim)."""
+    checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume,
+                       break_lock=break_lock, run=run)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, checks, config_path)
+        return trainer.run(resume=resume, stop_at_step=stop_at_step)
+    finally:
+        if trainer is not None:
+            trainer.safety.close()  # signal handlers and watchdog end with the run, however it ends
+        if checks.run is not None:
+            checks.run.release()

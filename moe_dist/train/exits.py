@@ -1,0 +1,27 @@
+"""Why a run ends early, and the exit status `launch/pretrain.py` returns for each (docs/launch.md).
+
+    0   finished (train.steps or --stop_at_step reached)
+    1   any other error (a traceback; a collective timeout is one)
+    2   configuration error, before any process group exists
+    3   stopped: train.max_consecutive_skips non-finite steps in a row, or weights not finite at a
+        save (nothing committed; `latest` stays on the last good checkpoint). Do not requeue as is.
+    4   the watchdog: no step completed within train.watchdog_timeout (stacks on stderr)
+    75  stopped by SIGTERM, SIGINT or SIGUSR1 (or the launcher's death) after a checkpoint of the
+        step reached was committed: `--resume` continues exactly. 75 is sysexits' EX_TEMPFAIL
+        ("try again later"), so a scheduler script can requeue on it, and it differs from 143 /
+        130 (killed by the signal without saving).
+"""
+
+from __future__ import annotations
+
+NONFINITE = 3
+HUNG = 4
+PREEMPTED = 75
+
+
+class RunStopped(Exception):
+    """The run stopped on purpose; `code` is the process's exit status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
