@@ -24,7 +24,9 @@ import yaml
 from moe_dist.checkpoint.consolidated import (ConsolidatedCheckpoint, consolidate, open_checkpoint,
                                               tensor_shapes)
 from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError, dtype_name
+from moe_dist.checkpoint.hf_arch import ARCHS
 from moe_dist.checkpoint.hf_export import ARCHITECTURES, export_hf
+from moe_dist.checkpoint.hf_import import RUN_CONFIG_FILE, import_hf
 from moe_dist.checkpoint.layout import is_expert_key, read_latest, strip_engine_prefix
 from moe_dist.checkpoint.reshard import reshard
 from moe_dist.checkpoint.tags import COMPLETE, PARTIAL, list_tags, tag_problems, tag_state, tag_step
@@ -45,8 +47,11 @@ renamed into place only when the whole conversion succeeded; OUT must not exist 
                moe_dist.checkpoint.load_consolidated(model, OUT) at any EP size
   reshard      the checkpoint for another expert-parallel size / world size, optimizer state
                included; resume from it with --set moe.ep_size=N --set train.checkpoint_dir=OUT
-  export-hf    a Hugging Face directory: MixtralForCausalLM when Mixtral expresses the model
-               exactly, else custom modeling code (trust_remote_code=True)
+  export-hf    a Hugging Face directory: a native class (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)
+               when one expresses the model exactly, else custom modeling code
+               (trust_remote_code=True)
+  import-hf    a local Hugging Face directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; dense
+               Llama, Qwen2, Qwen3) -> a consolidated checkpoint + OUT/run_config.yaml
   upcycle      a dense model (moe_dist checkpoint or local HF Llama/Qwen2/Qwen3 directory) into a
                consolidated MoE checkpoint that computes the dense function at step 0; train it
                with train.init_from=OUT
@@ -95,17 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="new world size (default: unchanged)")
 
     p = sub.add_parser("export-hf", help="a Hugging Face transformers directory",
-                       description="Write config.json, model.safetensors and (for SentencePiece checkpoints) "
-                       "tokenizer files. Mixtral when it expresses the model exactly (every layer MoE, SwiGLU, "
-                       "topk router with renormalize, no shared experts, no active selection bias), else a "
-                       "self-contained custom architecture loaded with trust_remote_code=True.")
+                       description="Write config.json, model.safetensors and tokenizer files (SentencePiece or "
+                       "Hugging Face tokenizers). The native MixtralForCausalLM, Qwen2MoeForCausalLM, "
+                       "Qwen3MoeForCausalLM or OlmoeForCausalLM when one computes the model exactly "
+                       "(docs/checkpoints.md), else a self-contained custom architecture loaded with "
+                       "trust_remote_code=True.")
     _common(p)
     p.add_argument("--architecture", choices=ARCHITECTURES, default="auto",
-                   help="auto: Mixtral when possible; mixtral: fail unless possible; custom: always custom code")
+                   help="auto: the first native class that expresses the model, else custom code; a native "
+                        "name: fail unless it does; custom: always custom code")
     p.add_argument("--master-weights", action="store_true", help="as for consolidate")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors")
     p.add_argument("--tokenizer-model", default=None,
                    help="the SentencePiece .model file, if it moved since training (checked by sha256)")
+
+    p = sub.add_parser("import-hf", help="a local Hugging Face model -> a consolidated checkpoint",
+                       description="Read a local Hugging Face directory (config.json and safetensors, one file or "
+                       "sharded with model.safetensors.index.json; nothing is downloaded) of "
+                       f"{', '.join(a.hf_class for a in ARCHS.values())} and write OUT as a consolidated "
+                       f"checkpoint (train.init_from reads it) plus OUT/{RUN_CONFIG_FILE}, a run config for "
+                       "continued pretraining. A config.json field moe_dist cannot compute exactly is an error "
+                       "naming it; every tensor's shape is checked against config.json before any is read.")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model directory")
+    p.add_argument("out", metavar="OUT", help="output directory (must not exist)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default: as stored)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_upcycle(sub)
     return parser
 
@@ -198,11 +218,15 @@ def run(args: argparse.Namespace) -> int:
         result = export_hf(args.ckpt, args.out, tag=args.tag, architecture=args.architecture,
                            master_weights=args.master_weights, dtype=args.dtype,
                            tokenizer_model=args.tokenizer_model, overwrite=args.overwrite, progress=progress)
-        how = ("MixtralForCausalLM (no custom code)" if result.architecture == "mixtral"
+        how = (f"{ARCHS[result.architecture].hf_class} (no custom code)" if result.architecture in ARCHS
                else "custom MoEDistForCausalLM (load with trust_remote_code=True)")
         print(f"wrote {result.out}: {how}{', tokenizer files' if result.tokenizer else ''}")
-        for reason in result.reasons:
-            print(f"  - not Mixtral: {reason}")
+        for name, reasons in result.blockers.items():
+            for reason in reasons:
+                print(f"  - not {ARCHS[name].display}: {reason}")
+    elif args.command == "import-hf":
+        import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+        print(f"wrote consolidated checkpoint {args.out} and its run config {args.out}/{RUN_CONFIG_FILE}")
     elif args.command == "upcycle":
         result = upcycle(args.ckpt, args.out, args.num_experts, args.top_k, args.granularity, tag=args.tag,
                          overwrite=args.overwrite, progress=progress, router_std=args.router_std,
@@ -281,8 +305,11 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{s['zero_stage']}, bf16 {s['bf16']}")
     else:
         src = s.get("source") or {}
-        lines.append(f"  consolidated from: ep_size {src.get('ep_size')}, world size {src.get('world_size')} "
-                     f"({s.get('weights')} weights)")
+        if "hf_dir" in src:  # import-hf
+            lines.append(f"  imported from: {src['hf_dir']} ({src.get('architecture')})")
+        else:
+            lines.append(f"  consolidated from: ep_size {src.get('ep_size')}, world size {src.get('world_size')} "
+                         f"({s.get('weights')} weights)")
     lines += [
         f"  layers: {s['layers']} ({len(s['moe_layers'])} MoE: {s['moe_layers']})",
         f"  experts per MoE layer: {sorted(set(s['experts_per_layer'].values()))}, top_k {s['top_k']}",

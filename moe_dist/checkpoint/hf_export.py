@@ -1,30 +1,15 @@
 """`export-hf`: a training or consolidated checkpoint -> a directory transformers loads:
 config.json, model.safetensors and, for a checkpoint trained with a SentencePiece model,
-tokenizer files. Mixtral when it can express the model exactly (no custom code), otherwise the
-self-contained custom architecture (`trust_remote_code=True`).
+tokenizer files. A native transformers class (no custom code) when one computes the model
+exactly: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM, the
+first of these whose `export_blockers` (hf_arch.py) are empty with `--architecture auto`;
+otherwise the self-contained custom architecture (`trust_remote_code=True`).
 
-Mixtral (transformers' modeling_mixtral.py) computes, per layer: x + attn(rmsnorm(x)), then
-x + moe(rmsnorm(x)) with router `softmax(x W_g^T)` in fp32, top-k, renormalized to sum 1, and
-SwiGLU experts `w2(silu(w1 x) * w3 x)`; rotary half-split (rotate_half) with theta; RMSNorm in
-fp32 then times weight. Expressible moe_dist models therefore have: every layer MoE (moe_every 1,
-moe_offset 0), SwiGLU experts, the `topk` router with renormalize true (top-1 included) and no
-active selection bias, no shared experts. Attention (MHA, no bias, causal, 1/sqrt(d) scale),
-rotary layout, RMSNorm and tied/untied embeddings map one to one. Mixtral never drops tokens, so
-its logits equal moe_dist's when moe_dist's eval capacity drops nothing.
-
-Weights are written in the Hub's Mixtral layout (per expert w1/w2/w3), which transformers 5
-fuses on load and transformers 4, vLLM and llama.cpp read as is:
-
-    embed.weight                          -> model.embed_tokens.weight
-    blocks.i.attn_norm.weight_D           -> model.layers.i.input_layernorm.weight
-    blocks.i.attn.qkv.weight [(H+2Y)A, D] -> model.layers.i.self_attn.{q,k,v}_proj.weight (rows [q: H*A; k: Y*A; v: Y*A])
-    blocks.i.attn.out.weight              -> model.layers.i.self_attn.o_proj.weight
-    blocks.i.ffn_norm.weight_D            -> model.layers.i.post_attention_layernorm.weight
-    blocks.i.moe.router.gate.weight_ED    -> model.layers.i.block_sparse_moe.gate.weight
-    blocks.i.moe.experts.w_in_eDF [E,D,2F] -> ...experts.e.w1.weight = w_in[e][:, :F]^T (gate), w3 = w_in[e][:, F:]^T (up)
-    blocks.i.moe.experts.w_out_eFD [E,F,D] -> ...experts.e.w2.weight = w_out[e]^T
-    norm.weight_D                         -> model.norm.weight
-    lm_head.weight (untied only)          -> lm_head.weight
+Native exports: config.json from `hf_arch.hf_config`, weights by running `hf_tensors.tensor_plan`
+backward, in the Hub's per-expert layout (transformers 5 fuses it on load; transformers 4, vLLM
+and llama.cpp read it as is); docs/checkpoints.md has each architecture's table. What the
+architectures compute and which moe_dist settings each expresses: hf_arch.py. They never drop
+tokens, so their logits equal moe_dist's when moe_dist's eval capacity drops nothing.
 
 The custom architecture (`auto_map` in config.json) loads with
 `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` without moe_dist installed. Its
@@ -33,8 +18,8 @@ module for module, so the mapping is the identity plus a prefix: moe_dist's ep_s
 `<name>` is `model.<name>` (router statistics buffers included), and config.json carries
 moe_dist's `model` and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It implements
 multi-head attention without bias or q/k norm, softmax routers and ungated shared experts of
-width d_ff * num_shared_experts; a model using a feature beyond that (`custom_blockers`) and that
-Mixtral cannot express either is refused, naming the fields.
+width d_ff * num_shared_experts; a model using a feature beyond that (`custom_blockers`) that no
+native class expresses either is refused, naming the fields.
 
 The tokenizer. A checkpoint trained with a SentencePiece model gets `tokenizer.model` (the same
 file, checked against the digest the trainer recorded) and the fast `tokenizer.json` that
@@ -42,9 +27,10 @@ transformers' `LlamaTokenizer` converts it to (BPE or unigram, byte fallback, no
 It reproduces moe_dist's ids except at the very start of a text that begins with whitespace:
 SentencePiece always adds its dummy-prefix piece there, while transformers skips the prefix when
 the text already starts with a space (one piece fewer). Decoding is identical. The built-in byte
-tokenizer is written as an equivalent fast tokenizer (`hf_tokenizer.py`). Every export has a pad
-token (the tokenizer's, else end-of-document), pads on the left, and writes
-generation_config.json naming eos and pad.
+tokenizer is written as an equivalent fast tokenizer (`hf_tokenizer.py`). A Hugging Face tokenizer
+(`kind: hf`, e.g. after `import-hf`) has its files copied from its directory, with the special ids
+of that directory's config.json. Every export has a pad token (the tokenizer's, else
+end-of-document), pads on the left, and writes generation_config.json naming eos and pad.
 """
 
 from __future__ import annotations
@@ -62,108 +48,50 @@ from torch import Tensor
 from moe_dist.checkpoint import hf_remote_code
 from moe_dist.checkpoint.consolidated import full_state_dict, open_checkpoint
 from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, cast_floating, check_option,
-                                       check_output, dtype_name, staged_directory, torch_dtype, write_json,
-                                       write_weights)
+                                       check_output, dtype_name, read_json, staged_directory, torch_dtype,
+                                       write_json, write_weights)
+from moe_dist.checkpoint.hf_arch import ARCHS, MOE_ARCHS, export_blockers, hf_config
+from moe_dist.checkpoint.hf_tensors import HUB, tensor_plan
 from moe_dist.checkpoint.hf_tokenizer import pad_token_ids, write_byte_tokenizer, write_generation_config
 from moe_dist.common.config import to_dict
 from moe_dist.model.config import ModelConfig
 
-ARCHITECTURES = ("auto", "mixtral", "custom")
+ARCHITECTURES = ("auto", *MOE_ARCHS, "custom")
 CONFIG_MODULE, MODELING_MODULE = "configuration_moe_dist", "modeling_moe_dist"
 # moe_dist.data.tokenizer.BYTE_EOD; not imported: that module pulls in Megatron-Core.
 BYTE_EOD = 256
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                      "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
-# ---- Mixtral -----------------------------------------------------------------------------------
+# ---- native transformers classes ---------------------------------------------------------------
+
+def _selection_bias_active(cfg: ModelConfig, state: dict[str, Tensor]) -> bool:
+    return any(bool(state[f"blocks.{i}.moe.router.selection_bias_E"].any()) for i in cfg.moe_layer_indices
+               if f"blocks.{i}.moe.router.selection_bias_E" in state)
+
+
+def native_blockers(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Per native architecture, why it cannot express this model (empty list: it can)."""
+    active = _selection_bias_active(cfg, state)
+    return {name: export_blockers(ARCHS[name], cfg, active) for name in MOE_ARCHS}
+
 
 def mixtral_blockers(cfg: ModelConfig, state: dict[str, Tensor]) -> list[str]:
     """Why Mixtral cannot express this model (empty: it can)."""
-    moe = cfg.moe
-    if moe is None:
-        return ["the model has no MoE layers"]
-    reasons = []
-    if cfg.moe_layer_indices != list(range(cfg.n_layers)):
-        reasons.append(f"not every layer is an MoE layer (moe_every {cfg.moe_every}, moe_offset {cfg.moe_offset})")
-    if moe.activation != "swiglu":
-        reasons.append(f"experts use {moe.activation!r}; Mixtral's experts are SwiGLU")
-    if moe.num_shared_experts:
-        reasons.append(f"{moe.num_shared_experts} shared expert(s); Mixtral has none")
-    if cfg.qk_norm != "none":
-        reasons.append(f"model.qk_norm is {cfg.qk_norm!r}; Mixtral has no q/k norm")
-    if cfg.qkv_bias:
-        reasons.append("model.qkv_bias is true; Mixtral's q/k/v projections have no bias")
-    router = moe.router
-    if router.type != "topk":
-        reasons.append(f"router type {router.type!r}; Mixtral has the learned softmax top-k router only")
-        return reasons
-    if router.score != "softmax":
-        reasons.append(f"router.score is {router.score!r}; Mixtral's router is a softmax")
-    if router.scale != 1.0:
-        reasons.append(f"router.scale is {router.scale!r}; Mixtral's weights are not scaled")
-    # The softmax over the K chosen logits is the renormalized top-k probabilities: both are Mixtral.
-    if not (router.renormalize or router.score_after_topk) and moe.top_k > 1:
-        reasons.append("router.renormalize is false; Mixtral renormalizes the top-k probabilities")
-    if not (router.renormalize or router.score_after_topk) and moe.top_k == 1:
-        reasons.append("router.renormalize is false with top_k 1 (weight p, not 1 as in Mixtral)")
-    if router.bias_balancing and any(bool(state[f"blocks.{i}.moe.router.selection_bias_E"].any())
-                                     for i in cfg.moe_layer_indices):
-        reasons.append("the aux-loss-free selection bias is nonzero; Mixtral selects by probability alone")
-    return reasons
+    return native_blockers(cfg, state)["mixtral"]
 
 
-def mixtral_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: torch.dtype) -> dict[str, Any]:
-    moe = cfg.moe
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": moe.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        # transformers 5 reads rope_parameters, transformers 4 rope_theta
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "sliding_window": None,
-        "attention_dropout": 0.0,
-        "num_local_experts": moe.num_experts,
-        "num_experts_per_tok": moe.top_k,
-        "output_router_logits": False,
-        "router_aux_loss_coef": moe.aux_loss.switch,
-        "router_jitter_noise": moe.router.jitter_eps,
-        "use_cache": True,
-        "dtype": dtype_name(dtype),
-        **token_ids,
-    }
-
-
-def mixtral_state(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    F = cfg.moe.d_ff
-    widths = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
-    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight_D"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
-    for i in range(cfg.n_layers):
-        src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        for name, rows in zip(("q_proj", "k_proj", "v_proj"), state[src + "attn.qkv.weight"].split(widths)):
-            out[f"{dst}self_attn.{name}.weight"] = rows
-        out[dst + "self_attn.o_proj.weight"] = state[src + "attn.out.weight"]
-        out[dst + "input_layernorm.weight"] = state[src + "attn_norm.weight_D"]
-        out[dst + "post_attention_layernorm.weight"] = state[src + "ffn_norm.weight_D"]
-        out[dst + "block_sparse_moe.gate.weight"] = state[src + "moe.router.gate.weight_ED"]
-        w_in_EDF, w_out_EFD = state[src + "moe.experts.w_in_eDF"], state[src + "moe.experts.w_out_eFD"]
-        for e in range(cfg.moe.num_experts):
-            expert = f"{dst}block_sparse_moe.experts.{e}."
-            out[expert + "w1.weight"] = w_in_EDF[e, :, :F].t()
-            out[expert + "w3.weight"] = w_in_EDF[e, :, F:].t()
-            out[expert + "w2.weight"] = w_out_EFD[e].t()
+def native_state(arch_name: str, cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The HF tensors of `arch_name` (Hub layout) from moe_dist's ep_size=1 state dict."""
+    plan = tensor_plan(ARCHS[arch_name], cfg, HUB)
+    unmapped = sorted(set(state) - {m.target for m in plan})
+    if unmapped:  # never drop a tensor silently
+        raise CheckpointError(f"{ARCHS[arch_name].display} has no place for the tensors {unmapped}")
+    out = {}
+    for m in plan:
+        for src, t in zip(m.sources, m.to_hf(state[m.target])):
+            out[src.name] = t
     return out
 
 
@@ -290,14 +218,54 @@ def write_tokenizer(sp_model: str | None, out_dir: str, max_length: int, vocab_s
     shutil.copyfile(sp_model, os.path.join(out_dir, "tokenizer.model"))
 
 
+def hf_tokenizer_dir(tokenizer: dict[str, Any]) -> str | None:
+    """The directory of a Hugging Face tokenizer (`kind: hf`), None for the other kinds."""
+    if tokenizer.get("kind") != "hf":
+        return None
+    path = tokenizer.get("path")
+    if not path or not os.path.isdir(path):
+        raise CheckpointError(f"the checkpoint's tokenizer is the Hugging Face tokenizer directory {path!r}, "
+                              f"which does not exist here")
+    return path
+
+
+def hf_token_ids(path: str) -> dict[str, int | None]:
+    """bos/eos/pad ids of a Hugging Face tokenizer directory's model config (None where absent)."""
+    config_path = os.path.join(path, "config.json")
+    config = read_json(config_path, "Hugging Face model config") if os.path.isfile(config_path) else {}
+    return {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+def copy_hf_tokenizer(path: str | None, out_dir: str) -> bool:
+    """Copy a Hugging Face tokenizer's files into the export; whether there were any."""
+    names = [n for n in HF_TOKENIZER_FILES if path and os.path.isfile(os.path.join(path, n))]
+    for name in names:
+        shutil.copyfile(os.path.join(path, name), os.path.join(out_dir, name))
+    return bool(names)
+
+
 # ---- the export --------------------------------------------------------------------------------
 
 @dataclass
 class ExportResult:
     out: str
-    architecture: str  # "mixtral" or "custom"
+    architecture: str  # "mixtral", "qwen2_moe", "qwen3_moe", "olmoe" or "custom"
     reasons: list[str] = field(default_factory=list)  # why not Mixtral (custom exports)
     tokenizer: bool = False  # tokenizer files written
+    # Custom exports: per native architecture, why it cannot express the model.
+    blockers: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _native_choice(architecture: str, blockers: dict[str, list[str]], ckpt_path: str) -> str | None:
+    """The native architecture to write (None: the custom one)."""
+    if architecture in MOE_ARCHS:
+        if blockers[architecture]:
+            raise CheckpointError(f"{ARCHS[architecture].display} cannot express the model of {ckpt_path!r}: "
+                                  f"{'; '.join(blockers[architecture])}; export with --architecture custom (or auto)")
+        return architecture
+    if architecture == "auto":
+        return next((name for name in MOE_ARCHS if not blockers[name]), None)
+    return None
 
 
 def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture: str = "auto",
@@ -308,31 +276,34 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
     check_output(out, overwrite)
     ckpt = open_checkpoint(ckpt_path, tag)
     cfg = ckpt.model_cfg
-    sp_model = sentencepiece_model((ckpt.config.get("data") or {}).get("tokenizer") or {"kind": "byte"},
-                                   ckpt.recorded_tokenizer, tokenizer_model)
+    tokenizer = (ckpt.config.get("data") or {}).get("tokenizer") or {"kind": "byte"}
+    sp_model = sentencepiece_model(tokenizer, ckpt.recorded_tokenizer, tokenizer_model)
+    hf_tokenizer = hf_tokenizer_dir(tokenizer)
     state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
-    reasons = mixtral_blockers(cfg, state)
-    if architecture == "mixtral" and reasons:
-        raise CheckpointError(f"Mixtral cannot express the model of {ckpt_path!r}: {'; '.join(reasons)}; "
-                              f"export with --architecture custom (or auto)")
-    use_mixtral = architecture == "mixtral" or (architecture == "auto" and not reasons)
-    unsupported = [] if use_mixtral else custom_blockers(cfg)
+    blockers = native_blockers(cfg, state)
+    native = _native_choice(architecture, blockers, ckpt_path)
+    unsupported = [] if native else custom_blockers(cfg)
     if unsupported:
+        why_not = "; ".join(f"{ARCHS[name].display}: {', '.join(r)}" for name, r in blockers.items())
         raise CheckpointError(f"the custom (remote-code) architecture cannot express the model of {ckpt_path!r}: "
-                              f"it does not implement {'; '.join(unsupported)}; and Mixtral cannot either: "
-                              f"{'; '.join(reasons)}")
-    token_ids = pad_token_ids(special_token_ids(sp_model), cfg.vocab_size)
+                              f"it does not implement {'; '.join(unsupported)}; and no native class can either "
+                              f"({why_not})")
+    token_ids = pad_token_ids(hf_token_ids(hf_tokenizer) if hf_tokenizer else special_token_ids(sp_model),
+                              cfg.vocab_size)
     weight_dtype = state["embed.weight"].dtype
     with staged_directory(out, overwrite) as tmp:
-        if use_mixtral:
-            config, weights = mixtral_config(cfg, token_ids, weight_dtype), mixtral_state(cfg, state)
+        if native:
+            config = hf_config(ARCHS[native], cfg, token_ids, dtype_name(weight_dtype))
+            weights = native_state(native, cfg, state)
         else:
             config, weights = custom_config(cfg, token_ids, weight_dtype), custom_state(state)
             copy_modeling_files(tmp)
         write_json(os.path.join(tmp, "config.json"), config)
         write_weights(os.path.join(tmp, "model.safetensors"), weights, SAFETENSORS, metadata={"format": "pt"})
-        write_tokenizer(sp_model, tmp, cfg.max_seq_len, cfg.vocab_size)
+        copied = copy_hf_tokenizer(hf_tokenizer, tmp)
+        if not copied:
+            write_tokenizer(sp_model, tmp, cfg.max_seq_len, cfg.vocab_size)
         write_generation_config(tmp, token_ids)
-    return ExportResult(out=out, architecture="mixtral" if use_mixtral else "custom",
-                        reasons=[] if use_mixtral else reasons,
-                        tokenizer=sp_model is not None or cfg.vocab_size > BYTE_EOD)
+    return ExportResult(out=out, architecture=native or "custom", reasons=[] if native else blockers["mixtral"],
+                        tokenizer=sp_model is not None or copied or cfg.vocab_size > BYTE_EOD,
+                        blockers={} if native else blockers)

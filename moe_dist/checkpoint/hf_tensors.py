@@ -1,0 +1,174 @@
+"""Every tensor of a moe_dist model (ep_size 1 names) and the Hugging Face tensors it is made of,
+for the architectures of hf_arch.py: one `Mapping` per moe_dist tensor, with the HF names and
+shapes (from the config, for checking a directory before reading it) and the transform each way.
+`import-hf` runs them forward, `export-hf` backward; docs/checkpoints.md has the table.
+
+The layouts (moe_dist `x @ W` weights are `[in, out]`, HF Linear weights `[out, in]`):
+- attention: `attn.qkv.weight` rows = [q_proj; k_proj; v_proj] (head-major in both, and the same
+  rotary pairing, so no row permutation), `.bias` likewise, `attn.out.weight` = o_proj;
+- SwiGLU FFN: `w_in_DF` = [gate_proj^T | up_proj^T] (columns), `w_out_FD` = down_proj^T;
+- experts stacked [E, ...] in expert order, each as a SwiGLU FFN. On disk HF has two layouts:
+  "hub", one Linear per expert (`experts.e.{gate_proj,up_proj,down_proj}`, Mixtral `w1,w3,w2`
+  under `block_sparse_moe`), what the Hub holds and what transformers 5's save_pretrained writes
+  by default; and "fused", transformers 5's in-memory parameters (`mlp.experts.gate_up_proj`
+  `[E, 2F, D]`, `down_proj` `[E, D, F]`), written by `save_pretrained(save_original_format=False)`.
+  Import reads either; export writes "hub", which transformers 4 and 5 both load.
+- router buffers that HF models do not have (the topk router's `selection_bias_E`) start at 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moe_dist.checkpoint.hf_arch import Arch
+
+HUB, FUSED = "hub", "fused"
+# Non-persistent buffers older transformers saved; they are recomputed, so never read.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    name: str
+    shape: tuple[int, ...]
+    fields: str  # the config.json fields the shape follows from, for error messages
+
+
+@dataclass(frozen=True)
+class Mapping:
+    target: str  # the moe_dist tensor
+    sources: tuple[HFTensor, ...]
+    to_moe_dist: Callable[[list[Tensor]], Tensor]
+    to_hf: Callable[[Tensor], list[Tensor]]
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.t().contiguous()
+
+
+def _copy(target: str, src: HFTensor) -> Mapping:
+    return Mapping(target, (src,), lambda xs: xs[0], lambda t: [t])
+
+
+def _rows(target: str, srcs: list[HFTensor]) -> Mapping:
+    sizes = [s.shape[0] for s in srcs]
+    return Mapping(target, tuple(srcs), lambda xs: torch.cat(xs, dim=0),
+                   lambda t: [p.contiguous() for p in t.split(sizes)])
+
+
+def _swiglu(prefix: str, gate: HFTensor, up: HFTensor, down: HFTensor, w_in: str, w_out: str) -> list[Mapping]:
+    F = gate.shape[0]
+    return [Mapping(prefix + w_in, (gate, up), lambda xs: torch.cat([xs[0].t(), xs[1].t()], dim=1),
+                    lambda t: [_t(t[:, :F]), _t(t[:, F:])]),
+            Mapping(prefix + w_out, (down,), lambda xs: _t(xs[0]), lambda t: [_t(t)])]
+
+
+def _hub_experts(prefix: str, gates: list[HFTensor], ups: list[HFTensor], downs: list[HFTensor]) -> list[Mapping]:
+    E, F = len(gates), gates[0].shape[0]
+
+    def w_in(xs: list[Tensor]) -> Tensor:
+        return torch.stack([torch.cat([g.t(), u.t()], dim=1) for g, u in zip(xs[:E], xs[E:])])
+
+    return [Mapping(prefix + "w_in_eDF", (*gates, *ups), w_in,
+                    lambda t: [_t(t[e, :, :F]) for e in range(E)] + [_t(t[e, :, F:]) for e in range(E)]),
+            Mapping(prefix + "w_out_eFD", tuple(downs), lambda xs: torch.stack([x.t() for x in xs]),
+                    lambda t: [_t(t[e]) for e in range(E)])]
+
+
+def _fused_experts(prefix: str, gate_up: HFTensor, down: HFTensor) -> list[Mapping]:
+    def swap(xs: list[Tensor]) -> Tensor:
+        return xs[0].transpose(1, 2).contiguous()
+
+    return [Mapping(prefix + "w_in_eDF", (gate_up,), swap, lambda t: [t.transpose(1, 2).contiguous()]),
+            Mapping(prefix + "w_out_eFD", (down,), swap, lambda t: [t.transpose(1, 2).contiguous()])]
+
+
+def expert_names(arch: Arch, layer: int, layout: str) -> list[str]:
+    """The names that tell a layer's expert layout (for detection and messages)."""
+    p = f"model.layers.{layer}."
+    if layout == FUSED:
+        return [p + "mlp.experts.gate_up_proj", p + "mlp.experts.down_proj"]
+    return [f"{p}{arch.moe_block}.experts.0.{arch.expert_proj[0]}.weight"]
+
+
+class _Dims:
+    """The sizes of one model, each with the config.json field (and value) it comes from, so an
+    HF tensor's expected shape and the reason for it are written once: `dims.t(name, "HA", "D")`."""
+
+    def __init__(self, arch: Arch, cfg) -> None:
+        D, H, A = cfg.d_model, cfg.n_heads, cfg.head_dim
+        Y = cfg.n_kv_heads
+        self.size = {"V": cfg.vocab_size, "D": D, "HA": H * A, "YA": Y * A, "A": A, "F": cfg.d_ff, "1": 1}
+        self.field = {"V": f"vocab_size {cfg.vocab_size}", "D": f"hidden_size {D}",
+                      "HA": f"num_attention_heads {H} x head_dim {A}", "YA": f"num_key_value_heads {Y} x head_dim {A}",
+                      "A": f"head_dim {A}", "F": f"intermediate_size {cfg.d_ff}", "1": "1"}
+        if cfg.moe is not None:
+            moe, ne, ff = cfg.moe, arch.num_experts_key, arch.expert_ff_key
+            self.size.update(E=moe.num_experts, Fe=moe.d_ff, Fe2=2 * moe.d_ff, S=moe.shared_d_ff)
+            self.field.update(E=f"{ne} {moe.num_experts}", Fe=f"{ff} {moe.d_ff}", Fe2=f"2 x {ff} {moe.d_ff}",
+                              S=f"shared_expert_intermediate_size {moe.shared_d_ff}")
+
+    def t(self, name: str, *dims: str) -> HFTensor:
+        return HFTensor(name, tuple(self.size[d] for d in dims), ", ".join(self.field[d] for d in dims))
+
+
+def tensor_plan(arch: Arch, cfg, layout: str = HUB) -> list[Mapping]:
+    """The moe_dist tensors of `cfg` (ep_size 1, buffers included) from the HF tensors of `arch`."""
+    d = _Dims(arch, cfg)
+    plan = [_copy("embed.weight", d.t("model.embed_tokens.weight", "V", "D"))]
+    for i in range(cfg.n_layers):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        att = src + "self_attn."
+        plan += [_copy(dst + "attn_norm.weight_D", d.t(src + "input_layernorm.weight", "D")),
+                 _rows(dst + "attn.qkv.weight", [d.t(att + "q_proj.weight", "HA", "D"),
+                                                 d.t(att + "k_proj.weight", "YA", "D"),
+                                                 d.t(att + "v_proj.weight", "YA", "D")])]
+        if cfg.qkv_bias:
+            plan.append(_rows(dst + "attn.qkv.bias", [d.t(att + "q_proj.bias", "HA"), d.t(att + "k_proj.bias", "YA"),
+                                                      d.t(att + "v_proj.bias", "YA")]))
+        if cfg.qk_norm != "none":
+            head = cfg.qk_norm == "head"
+            plan += [_copy(dst + "attn.q_norm.weight", d.t(att + "q_norm.weight", "A" if head else "HA")),
+                     _copy(dst + "attn.k_norm.weight", d.t(att + "k_norm.weight", "A" if head else "YA"))]
+        plan += [_copy(dst + "attn.out.weight", d.t(att + "o_proj.weight", "D", "HA")),
+                 _copy(dst + "ffn_norm.weight_D", d.t(src + "post_attention_layernorm.weight", "D"))]
+        if cfg.is_moe_layer(i):
+            plan += _moe_layer(arch, cfg, d, i, layout)
+        else:
+            mlp = src + "mlp."
+            plan += _swiglu(dst + "ffn.", d.t(mlp + "gate_proj.weight", "F", "D"),
+                            d.t(mlp + "up_proj.weight", "F", "D"), d.t(mlp + "down_proj.weight", "D", "F"),
+                            "w_in_DF", "w_out_FD")
+    plan.append(_copy("norm.weight_D", d.t("model.norm.weight", "D")))
+    if not cfg.tie_embeddings:
+        plan.append(_copy("lm_head.weight", d.t("lm_head.weight", "V", "D")))
+    return plan
+
+
+def _moe_layer(arch: Arch, cfg, d: _Dims, i: int, layout: str) -> list[Mapping]:
+    moe = cfg.moe
+    E = moe.num_experts
+    dst = f"blocks.{i}.moe."
+    block = f"model.layers.{i}.{arch.moe_block if layout == HUB else 'mlp'}."
+    plan = [_copy(dst + "router.gate.weight_ED", d.t(block + "gate.weight", "E", "D")),
+            Mapping(dst + "router.selection_bias_E", (), lambda xs: torch.zeros(E), lambda t: [])]
+    ex = block + "experts."
+    if layout == FUSED:
+        plan += _fused_experts(dst + "experts.", d.t(ex + "gate_up_proj", "E", "Fe2", "D"),
+                               d.t(ex + "down_proj", "E", "D", "Fe"))
+    else:
+        g, u, dn = arch.expert_proj
+        plan += _hub_experts(dst + "experts.", [d.t(f"{ex}{e}.{g}.weight", "Fe", "D") for e in range(E)],
+                             [d.t(f"{ex}{e}.{u}.weight", "Fe", "D") for e in range(E)],
+                             [d.t(f"{ex}{e}.{dn}.weight", "D", "Fe") for e in range(E)])
+    if moe.num_shared_experts:
+        sh = block + "shared_expert."
+        plan += _swiglu(dst + "shared.", d.t(sh + "gate_proj.weight", "S", "D"), d.t(sh + "up_proj.weight", "S", "D"),
+                        d.t(sh + "down_proj.weight", "D", "S"), "w_in_DF", "w_out_FD")
+    if moe.shared_gate:
+        plan.append(_copy(dst + "shared_gate.weight", d.t(block + "shared_expert_gate.weight", "1", "D")))
+    return plan
