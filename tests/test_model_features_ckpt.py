@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from ckpt_harness import read_losses
+from ckpt_harness import eval_logits, read_losses
 from train_harness import REPO, dump_json, run_deepspeed_ranks, tiny_config
 
 from moe_dist.checkpoint import (CheckpointError, ConsolidatedCheckpoint, TrainingCheckpoint, consolidate,
@@ -41,16 +41,6 @@ def run_config(ep_size: int, checkpoint_dir: str, steps: int = 2 * N):
                  shared_gate=True, router={"type": "topk", "score": "sigmoid", "renormalize": True, "scale": 2.0}),
         train=dict(deepspeed_config=os.path.join(REPO, "configs/deepspeed/zero1_cpu.json"), steps=steps,
                    seq_len=SEQ, micro_batch=2, grad_accum=1, checkpoint_interval=N, checkpoint_dir=checkpoint_dir)))
-
-
-def fixed_tokens() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
-
-
-def eval_logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(fixed_tokens()).logits_BSV
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:

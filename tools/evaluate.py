@@ -110,6 +110,7 @@ def write_heatmap(path: str, result: EvalResult) -> None:
     import numpy as np
 
     from moe_dist.common.atomic import staged_file
+    from moe_dist.evaluate.heatmap import draw_expert_by_domain
 
     layers = [(k, np.array(v["expert_domain_counts"], dtype=float)) for k, v in result.moe_layers.items()
               if "expert_domain_counts" in v]
@@ -119,14 +120,7 @@ def write_heatmap(path: str, result: EvalResult) -> None:
     fig, axes = plt.subplots(1, len(layers), figsize=(1.5 + (1.2 + 0.6 * L) * len(layers), 1.5 + 0.3 * E),
                              squeeze=False)
     for ax, (layer, joint) in zip(axes[0], layers):
-        p = joint / np.maximum(joint.sum(0, keepdims=True), 1.0)
-        im = ax.imshow(p, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(p.max()), 1e-6))
-        ax.set_xticks(range(L), labels=result.domain_names, rotation=45, ha="right")
-        ax.set_yticks(range(E))
-        ax.set_xlabel("domain")
-        ax.set_ylabel("expert")
-        ax.set_title(f"layer {layer}: P(expert | domain)")
-        fig.colorbar(im, ax=ax)
+        draw_expert_by_domain(fig, ax, joint, result.domain_names, layer)
     fig.tight_layout()
     with staged_file(path) as tmp:
         fig.savefig(tmp, format="png")

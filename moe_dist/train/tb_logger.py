@@ -103,17 +103,11 @@ class TensorBoardLogger:
         matplotlib.use("Agg")  # no display on training nodes
         import matplotlib.pyplot as plt
 
+        from moe_dist.evaluate.heatmap import draw_expert_by_domain
+
         E, L = joint_EL.shape
-        p_EL = (joint_EL / joint_EL.sum(0, keepdim=True).clamp_min(1.0)).numpy()
         fig, ax = plt.subplots(figsize=(1.5 + 0.6 * L, 1.0 + 0.3 * E))
-        im = ax.imshow(p_EL, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(p_EL.max()), 1e-6))
-        ax.set_xticks(range(L), labels=(domain_names + [str(i) for i in range(len(domain_names), L)])[:L],
-                      rotation=45, ha="right")
-        ax.set_yticks(range(E))
-        ax.set_xlabel("domain")
-        ax.set_ylabel("expert")
-        ax.set_title(f"layer {layer}: P(expert | domain)")
-        fig.colorbar(im, ax=ax)
+        draw_expert_by_domain(fig, ax, joint_EL.numpy(), domain_names, layer)
         fig.tight_layout()
         self.writer.add_figure(f"moe/layer{layer}/expert_by_domain", fig, step, close=True)
 
