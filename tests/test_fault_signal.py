@@ -48,8 +48,30 @@ def losses_by_step(output: str) -> dict[int, float]:
     return dict(zip(steps, logged_losses(output)))
 
 
+def assert_resume_is_exact(tmp_path, config: str, first: dict[int, float], stopped: int) -> None:
+    """`--resume` of the stopped run and an uninterrupted reference agree on every logged loss."""
+    end = stopped + 3
+    resumed = LiveLaunch(config, "--resume", "--stop_at_step", str(end))
+    reference = LiveLaunch(run_config(tmp_path, "reference"), "--stop_at_step", str(end))
+    try:
+        assert resumed.proc.wait(timeout=600) == 0, resumed.output[-4000:]
+        assert reference.proc.wait(timeout=600) == 0, reference.output[-4000:]
+        resumed.eof.wait(30)
+        reference.eof.wait(30)
+    finally:
+        resumed.cleanup()
+        reference.cleanup()
+    after = losses_by_step(resumed.output)
+    full = losses_by_step(reference.output)
+    assert sorted(after) == list(range(stopped + 1, end + 1))
+    for step in range(1, stopped + 1):
+        assert first[step] == full[step], f"step {step}: {first[step]} != {full[step]}"
+    for step in after:
+        assert after[step] == full[step], f"step {step} after resume: {after[step]} != {full[step]}"
+
+
 @pytest.mark.slow
-def test_sigterm_to_the_deepspeed_runner_saves_and_leaves_no_process(tmp_path):
+def test_sigterm_to_the_deepspeed_runner_saves_leaves_no_process_and_resume_is_exact(tmp_path):
     run = LiveLaunch(run_config(tmp_path, "run"))
     try:
         run.wait_for(r"^step 4/", timeout=400)
@@ -61,11 +83,13 @@ def test_sigterm_to_the_deepspeed_runner_saves_and_leaves_no_process(tmp_path):
         assert "launcher process" in out and "is gone: treated as SIGTERM" in out, out[-4000:]
         assert f"(exit {PREEMPTED})" in out
         assert read_latest(str(tmp_path / "run")) == f"step_{stopped:08d}"
-        assert max(losses_by_step(out)) == stopped  # no rank trained on past the checkpoint
+        first = losses_by_step(out)
+        assert max(first) == stopped  # no rank trained on past the checkpoint
         print(f"SIGTERM to the runner -> checkpoint at step {stopped}, no process left after "
               f"{gone_s:.1f}s ({time.monotonic() - t0:.1f}s)")
     finally:
         run.cleanup()
+    assert_resume_is_exact(tmp_path, run.config, first, stopped)
 
 
 @pytest.mark.slow
@@ -86,22 +110,5 @@ def test_sigusr1_to_one_rank_stops_all_with_exit_75_and_resume_is_exact(tmp_path
     first = losses_by_step(run.output)
     assert max(first) == stopped
 
-    end = stopped + 3
-    resumed = LiveLaunch(run.config, "--resume", "--stop_at_step", str(end))
-    reference = LiveLaunch(run_config(tmp_path, "reference"), "--stop_at_step", str(end))
-    try:
-        assert resumed.proc.wait(timeout=600) == 0, resumed.output[-4000:]
-        assert reference.proc.wait(timeout=600) == 0, reference.output[-4000:]
-        resumed.eof.wait(30)
-        reference.eof.wait(30)
-    finally:
-        resumed.cleanup()
-        reference.cleanup()
-    after = losses_by_step(resumed.output)
-    full = losses_by_step(reference.output)
-    assert sorted(after) == list(range(stopped + 1, end + 1))
-    for step in range(1, stopped + 1):
-        assert first[step] == full[step], f"step {step}: {first[step]} != {full[step]}"
-    for step in after:
-        assert after[step] == full[step], f"step {step} after resume: {after[step]} != {full[step]}"
+    assert_resume_is_exact(tmp_path, run.config, first, stopped)
     print(f"SIGUSR1 to rank 1 -> every rank stopped at step {stopped}, exit 75 after {took:.1f}s")
