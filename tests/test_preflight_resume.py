@@ -66,6 +66,8 @@ def test_same_config_and_free_changes_pass(ckpt):
     changed = run_cfg(ckpt, train=dict(steps=STEPS + 4, lr=1e-3, log_interval=2, tensorboard_dir="/tmp/x"),
                       cpu=dict(threads=2))
     assert resume_preflight(changed).config_changes == []
+    # The same global batch split otherwise (as after a reshard to another world size).
+    assert resume_preflight(run_cfg(ckpt, train=dict(micro_batch=1, grad_accum=4))).config_changes == []
 
 
 @pytest.mark.parametrize("sections,difference", [
@@ -91,6 +93,8 @@ def test_ep_size_change_names_the_reshard_command(ckpt):
     (dict(data=dict(seed=5)), "data.seed: 1234 -> 5"),
     (dict(moe=dict(top_k=1)), "moe.top_k: 2 -> 1"),
     (dict(moe=dict(capacity_factor=2.0)), "moe.capacity_factor: 1.25 -> 2.0"),
+    (dict(train=dict(grad_accum=4)),
+     "global batch (train.micro_batch x train.grad_accum x world size): 2 x 2 x 2 = 8 -> 2 x 4 x 2 = 16"),
 ])
 def test_order_or_routing_change_needs_the_flag(ckpt, sections, difference):
     cfg = run_cfg(ckpt, **sections)

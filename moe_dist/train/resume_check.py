@@ -56,15 +56,35 @@ def is_free(path: str) -> bool:
                for p in FREE_PREFIXES)
 
 
-def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(structural, order-or-routing) differences, each 'path: stored -> current'."""
+BATCH_SPLIT = ("train.micro_batch", "train.grad_accum")
+
+
+def global_batch(flat: dict[str, Any], world_size: int) -> int | None:
+    try:
+        return int(flat["train.micro_batch"]) * int(flat["train.grad_accum"]) * world_size
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def config_differences(stored: dict[str, Any], current: dict[str, Any], stored_world: int = 1,
+                       world_size: int = 1) -> tuple[list[str], list[str]]:
+    """(structural, order-or-routing) differences, each 'path: stored -> current'.
+
+    How the global batch is split (micro_batch x grad_accum x world) is free: each step still
+    reads the same samples (a resharded checkpoint resumed at another world size needs this);
+    a different global batch changes the data order and is listed as one difference."""
     old, new = flatten(stored), flatten(current)
     structural, changed = [], []
+    old_batch, new_batch = global_batch(old, stored_world), global_batch(new, world_size)
+    if old_batch is not None and old_batch != new_batch:
+        changed.append(f"global batch (train.micro_batch x train.grad_accum x world size): "
+                       f"{old['train.micro_batch']} x {old['train.grad_accum']} x {stored_world} = {old_batch} -> "
+                       f"{new.get('train.micro_batch')} x {new.get('train.grad_accum')} x {world_size} = {new_batch}")
     if (stored.get("moe") is None) != (current.get("moe") is None):
         structural.append(f"moe: {'absent' if stored.get('moe') is None else 'present'} -> "
                           f"{'absent' if current.get('moe') is None else 'present'}")
     for path in sorted(set(old) | set(new)):
-        if path in ("moe", "moe.ep_size") or path not in old or is_free(path):
+        if path in ("moe", "moe.ep_size") or path not in old or is_free(path) or path in BATCH_SPLIT:
             continue
         a, b = old[path], new.get(path)
         if a == b:
@@ -133,7 +153,7 @@ def check_resume(checkpoint_dir: str, current: dict[str, Any], world_size: int,
     if stored.get("moe"):
         for p in range(ep):
             check_file_whole(experts_file(tag_dir, p), f"expert (EP rank {p})")
-    structural, changed = config_differences(stored, current)
+    structural, changed = config_differences(stored, current, stored_world, world_size)
     if structural:
         raise ConfigError(f"--resume: the model in {tag_dir!r} differs from this run's config in structure, "
                           f"so its tensors cannot be loaded: " + "; ".join(structural)
