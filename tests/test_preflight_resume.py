@@ -94,7 +94,7 @@ def test_ep_size_change_names_the_reshard_command(ckpt):
     (dict(moe=dict(top_k=1)), "moe.top_k: 2 -> 1"),
     (dict(moe=dict(capacity_factor=2.0)), "moe.capacity_factor: 1.25 -> 2.0"),
     (dict(train=dict(grad_accum=4)),
-     "global batch (train.micro_batch x train.grad_accum x world size): 2 x 2 x 2 = 8 -> 2 x 4 x 2 = 16"),
+     "global batch (train.micro_batch x train.grad_accum x world size): 8 -> 2 x 4 x 2 = 16"),
 ])
 def test_order_or_routing_change_needs_the_flag(ckpt, sections, difference):
     cfg = run_cfg(ckpt, **sections)

@@ -67,18 +67,21 @@ def global_batch(flat: dict[str, Any], world_size: int) -> int | None:
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any], stored_world: int = 1,
-                       world_size: int = 1) -> tuple[list[str], list[str]]:
+                       world_size: int = 1, stored_batch: int | None = None) -> tuple[list[str], list[str]]:
     """(structural, order-or-routing) differences, each 'path: stored -> current'.
 
     How the global batch is split (micro_batch x grad_accum x world) is free: each step still
     reads the same samples (a resharded checkpoint resumed at another world size needs this);
-    a different global batch changes the data order and is listed as one difference."""
+    a different global batch changes the data order and is listed as one difference.
+    `stored_batch`: the global batch the checkpoint was trained with (its DeepSpeed config's
+    train_batch_size; after `reshard` to another world size the stored config's split no longer
+    multiplies out to it), else computed from the stored config."""
     old, new = flatten(stored), flatten(current)
     structural, changed = [], []
-    old_batch, new_batch = global_batch(old, stored_world), global_batch(new, world_size)
+    old_batch = stored_batch if stored_batch is not None else global_batch(old, stored_world)
+    new_batch = global_batch(new, world_size)
     if old_batch is not None and old_batch != new_batch:
-        changed.append(f"global batch (train.micro_batch x train.grad_accum x world size): "
-                       f"{old['train.micro_batch']} x {old['train.grad_accum']} x {stored_world} = {old_batch} -> "
+        changed.append(f"global batch (train.micro_batch x train.grad_accum x world size): {old_batch} -> "
                        f"{new.get('train.micro_batch')} x {new.get('train.grad_accum')} x {world_size} = {new_batch}")
     if (stored.get("moe") is None) != (current.get("moe") is None):
         structural.append(f"moe: {'absent' if stored.get('moe') is None else 'present'} -> "
@@ -146,14 +149,17 @@ def check_resume(checkpoint_dir: str, current: dict[str, Any], world_size: int,
         raise ConfigError(f"--resume: {os.path.join(tag_dir, MODEL_STATES)!r} holds no moe_dist client state "
                           f"(no stored run config); expected a checkpoint written by moe_dist's trainer")
     stored, stored_world = client["config"], int(client.get("world_size", world_size))
-    bf16 = bool((main.get("ds_config") or {}).get("bf16", {}).get("enabled", False))
+    ds_config = main.get("ds_config") or {}
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    stored_batch = ds_config.get("train_batch_size")
+    stored_batch = int(stored_batch) if isinstance(stored_batch, int) else None
     ep = (stored.get("moe") or {}).get("ep_size", 1)
     for r in range(stored_world):
         check_file_whole(zero_file(tag_dir, r, bf16), f"ZeRO optimizer (rank {r})")
     if stored.get("moe"):
         for p in range(ep):
             check_file_whole(experts_file(tag_dir, p), f"expert (EP rank {p})")
-    structural, changed = config_differences(stored, current, stored_world, world_size)
+    structural, changed = config_differences(stored, current, stored_world, world_size, stored_batch)
     if structural:
         raise ConfigError(f"--resume: the model in {tag_dir!r} differs from this run's config in structure, "
                           f"so its tensors cannot be loaded: " + "; ".join(structural)
