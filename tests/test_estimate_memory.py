@@ -59,6 +59,8 @@ CASES = {
 def test_estimate_within_15_percent_of_measured(tmp_path, name):
     stage, model, moe = CASES[name]
     row = load_tool().compare(write_run(tmp_path, name, stage, model, moe), world=2)
+    print(f"{name}: estimate {row['estimate_mib']:.2f} MiB, measured {row['measured_mib']:.2f} MiB "
+          f"(rank {row['measured_rank']}), ratio {row['estimate_over_measured']:.3f}")
     assert 0.85 <= row["estimate_over_measured"] <= 1.15, row
 
 
