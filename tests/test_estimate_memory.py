@@ -59,6 +59,8 @@ CASES = {
 def test_estimate_within_15_percent_of_measured(tmp_path, name):
     stage, model, moe = CASES[name]
     row = load_tool().compare(write_run(tmp_path, name, stage, model, moe), world=2)
+    print(f"{name}: estimate {row['estimate_mib']:.2f} MiB, measured {row['measured_mib']:.2f} MiB "
+          f"(rank {row['measured_rank']}), ratio {row['estimate_over_measured']:.3f}")
     assert 0.85 <= row["estimate_over_measured"] <= 1.15, row
 
 
@@ -121,3 +123,38 @@ def test_cli_report_and_bad_config_exit_2(tmp_path):
                    "train: {deepspeed_config: x.json, steps: 1, seq_len: 4, micro_batch: 1}\n")
     proc = subprocess.run([sys.executable, str(TOOL), str(bad)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "moe_recompute" in proc.stderr and "bad.yaml" in proc.stderr, proc.stderr
+
+
+def _unrecorded_free_bytes(rank: int, init: str, settle: bool, results: str) -> None:
+    """A rank of the test below: 40 all-to-alls whose tensors are dropped as soon as they return,
+    under the memory profiler; writes the bytes allocated and never seen freed."""
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        if settle:
+            load_tool().settle_collectives()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for _ in range(40):
+                out = torch.empty(2, 65536)
+                dist.all_to_all_single(out, torch.ones(2, 65536))
+                del out
+        held = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        Path(f"{results}.{rank}").write_text(str(held))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_settled_collectives_let_the_profiler_see_every_free(tmp_path):
+    """Without `settle_collectives` gloo's worker thread sometimes drops the last reference to a
+    collective's tensor, the free is not recorded, and the measured peak grows by run-to-run
+    chance (6-20 of every 40 calls here, on each rank). Settled, a rare one still slips through
+    (about one rank in ten sees one of its 40), which this bound allows."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_unrecorded_free_bytes, args=(str(tmp_path / "rv"), True, str(tmp_path / "held")), nprocs=2)
+    held = [int((tmp_path / f"held.{r}").read_text()) for r in range(2)]
+    assert sum(held) <= 2 * 65536 * 4, held  # at most one of the 80 transfers' tensors

@@ -92,12 +92,12 @@ def format_report(rep: dict) -> str:
     rep = {k: v * scale if k.endswith("_gib") else v for k, v in rep.items()}
     rep["modes"] = {m: {k: v * scale if k.endswith("_gib") else v for k, v in row.items()}
                     for m, row in rep["modes"].items()}
-    lines = [f"per rank: world {rep['world_size']}, ep {rep['ep_size']}, ZeRO-{rep['zero_stage']}, "
-             f"{rep['dtype']}, micro batch {rep['micro_batch']} x {rep['seq_len']} tokens",
-             f"  parameters: {rep['dense_params']:,} dense (replicated) + "
-             f"{rep['expert_params_per_rank']:,} expert (this rank's experts)",
-             f"  weights {rep['weights_gib']:.3f} {unit}, gradients {rep['gradients_gib']:.3f} {unit}, "
-             f"optimizer {rep['optimizer_gib']:.3f} {unit}: static {rep['static_gib']:.3f} {unit}", "",
+    lines = [(f"per rank: world {rep['world_size']}, ep {rep['ep_size']}, ZeRO-{rep['zero_stage']}, "
+             f"{rep['dtype']}, micro batch {rep['micro_batch']} x {rep['seq_len']} tokens"),
+             (f"  parameters: {rep['dense_params']:,} dense (replicated) + "
+             f"{rep['expert_params_per_rank']:,} expert (this rank's experts)"),
+             (f"  weights {rep['weights_gib']:.3f} {unit}, gradients {rep['gradients_gib']:.3f} {unit}, "
+             f"optimizer {rep['optimizer_gib']:.3f} {unit}: static {rep['static_gib']:.3f} {unit}"), "",
              f"| checkpointing | activations {unit} | total {unit} | largest micro batch |", "|---|---|---|---|"]
     for mode, row in rep["modes"].items():
         mark = " (config)" if mode == rep["config_mode"] else ""
@@ -128,6 +128,46 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
+_COLLECTIVES = ("all_to_all_single", "all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+                "reduce_scatter", "reduce_scatter_tensor", "_all_gather_base", "_reduce_scatter_base")
+
+
+def settle_collectives() -> None:
+    """Make every synchronous gloo collective return only once gloo's worker thread has dropped its
+    references to the collective's tensors. Otherwise the last reference to a tensor that autograd
+    frees right after its all-to-all is sometimes gloo's, the free happens on gloo's thread, and the
+    profiler (whose state is thread-local) never records it: the tensor stays counted for the rest
+    of the step, by a different amount in every run. The memory is really freed at that moment."""
+    import time
+
+    import torch.distributed as dist
+
+    def tensors(args, kwargs):
+        for a in list(args) + list(kwargs.values()):
+            for t in (a if isinstance(a, (list, tuple)) else [a]):
+                if isinstance(t, torch.Tensor):
+                    yield t
+
+    def use_count(t: torch.Tensor) -> tuple[int, int]:
+        """References to the tensor and to its storage (gloo may hold either)."""
+        return t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+    def settled(fn):
+        def call(*args, **kwargs):
+            before = [(s, use_count(s)) for s in tensors(args, kwargs)]
+            out = fn(*args, **kwargs)
+            deadline = time.monotonic() + 10.0
+            while not kwargs.get("async_op") and time.monotonic() < deadline \
+                    and any(max(a - b for a, b in zip(use_count(s), n)) > 0 for s, n in before):
+                time.sleep(0)
+            return out
+        return call
+
+    for name in _COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, settled(getattr(dist, name)))
+
+
 def measure_rank(model: ModelConfig, train: TrainSection, ds: dict, world: int, steps: int = 2) -> dict:
     """On an initialised gloo group: build the engine, run `steps` warm-up steps, then measure
     (live bytes between steps + peak of one step's allocations)."""
@@ -138,6 +178,7 @@ def measure_rank(model: ModelConfig, train: TrainSection, ds: dict, world: int, 
     from moe_dist.train.ds_config import reconcile_deepspeed_config
     from moe_dist.train.engine import build_engine
 
+    settle_collectives()
     torch.manual_seed(0)
     groups = (ParallelGroups.from_deepspeed(model.moe.ep_size, model.moe.num_experts)
               if model.moe is not None else ParallelGroups.build(1))
@@ -194,17 +235,20 @@ def _spawned(rank: int, world: int, init: str, path: str, overrides: list[str], 
 
 
 def compare(path: str, world: int, overrides: list[str] | None = None) -> dict:
-    """Estimate vs measured (rank 0; ranks are alike in these layouts) for one config."""
+    """Estimate vs the measured rank with the most memory, for one config."""
     model, train, ds = load_config(path, overrides)
     plan = plan_for(model, train, ds, world)
     est = plan.total(mode_of(model))
     rows = measure(path, world, overrides)
-    meas = max(r["measured"] for r in rows)
+    # Ranks differ by their experts' share of the routed rows: the largest is the one that must fit.
+    top = max(range(len(rows)), key=lambda r: rows[r]["measured"])
+    meas = rows[top]["measured"]
     return {"config": path, "overrides": overrides or [], "world_size": world, "zero_stage": plan.zero.stage,
             "mode": mode_of(model), "estimate_mib": est / 2**20, "measured_mib": meas / 2**20,
             "estimate_over_measured": est / meas, "static_estimate_mib": plan.static / 2**20,
-            "live_between_steps_mib": rows[0]["live_between_steps"] / 2**20,
-            "step_peak_mib": rows[0]["step_peak"] / 2**20}
+            "measured_rank": top, "live_between_steps_mib": rows[top]["live_between_steps"] / 2**20,
+            "step_peak_mib": rows[top]["step_peak"] / 2**20,
+            "measured_mib_per_rank": [r["measured"] / 2**20 for r in rows]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

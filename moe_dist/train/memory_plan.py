@@ -140,6 +140,9 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
       keeps, index and weight bookkeeping (3 int64 + 1 fp32), and 4F (none), 2F (activation) or
       0 (experts) of expert activations; the portable GEMM backend (GPUs) also keeps the
       gathered input rows (D), which the CPU backend regathers;
+      the expert activations a recompute mode drops (2F or 4F per row, and the shared expert's
+      4F per token under `experts`) are rebuilt in the backward one layer at a time, so the
+      largest of them is counted once, like one checkpointed block;
     - output: logits and their log-softmax (2V in fp32, plus the bf16 logits).
     """
     b = DTYPE_BYTES[dtype]
@@ -154,13 +157,17 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
             moe = model.moe
             rows = _capacity_rows(model, tokens) / tokens
             per_row = D * b + 3 * 8 + 4 + (D * b if gpu_experts else 0)
-            per_row += {"none": 4, "activation": 2, "experts": 0}[recompute] * moe.d_ff * b
+            kept_ff = {"none": 4, "activation": 2, "experts": 0}[recompute]
+            per_row += kept_ff * moe.d_ff * b
             ffn = fp32_norm + 4 * moe.num_experts * 4 + rows * per_row
+            # What the experts' backward rebuilds lives again while that one layer is differentiated.
+            rebuilt = rows * (4 - kept_ff) * moe.d_ff * b
             if moe.num_shared_experts:
                 shared_ff = 4 * moe.d_ff * moe.num_shared_experts * b
                 ffn += 0 if recompute == "experts" else shared_ff
+                rebuilt += shared_ff if recompute == "experts" else 0
             per_layer += attn_kept + ffn
-            largest_block = max(largest_block, attn if checkpointing else 0)
+            largest_block = max(largest_block, attn if checkpointing else 0, rebuilt)
         else:
             per_layer += attn_kept + (D * b if checkpointing else dense_ffn)
             largest_block = max(largest_block, (attn + dense_ffn) if checkpointing else 0)
