@@ -119,6 +119,8 @@ def _init_deepspeed_dist(device: str = "cpu") -> None:
     """DeepSpeed's MoE needs torch.distributed and its expert groups, even for one process."""
     import deepspeed
 
+    from moe_dist.parallel import runtime
+
     if torch.distributed.is_initialized():
         return
     with socket.socket() as s:  # a free port: several children may initialise one after another
@@ -126,6 +128,8 @@ def _init_deepspeed_dist(device: str = "cpu") -> None:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
+    if device != "cuda":
+        runtime.skip_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 

@@ -29,6 +29,23 @@ def env_local_size() -> int:
     return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed's CPU accelerator from building and starting its shared-memory all-reduce.
+
+    DeepSpeed starts it in `init_distributed` on CPU for `inference_all_reduce` (its inference
+    tensor parallelism), which training never calls. Starting it costs a C++ build on a machine's
+    first run, under a lock file that a process killed mid-build leaves behind, after which every
+    later start waits on it for ever; under the `deepspeed` launcher, 66 MiB of /dev/shm per rank
+    that nothing unlinks, so each run leaks them; and a wait for every local peer's segment with
+    no timeout and the GIL held, which neither the watchdog nor a signal handler can interrupt.
+    On GPUs DeepSpeed has no such op and this changes nothing. Call before the first start-up."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    # DeepSpeed caches its op-compatibility table in the module and reads it at start-up.
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def init_distributed(timeout_s: float | None = None) -> None:
     """DeepSpeed's process-group start-up (gloo on its CPU accelerator, NCCL on GPUs). On GPUs the
     rank's device is selected first, so that groups and buffers created before the engine exists
@@ -40,6 +57,8 @@ def init_distributed(timeout_s: float | None = None) -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        skip_shared_memory_allreduce()
     if timeout_s is None:
         deepspeed.init_distributed()
         return
