@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 
 import pytest
 from train_harness import REPO, launch, tiny_config, write_yaml
@@ -169,7 +170,7 @@ def test_yaml_error_exits_2_from_the_entry_point(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  steps: 3\n   seq_len: 4\n")
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(["python", "launch/pretrain.py", "--config", str(path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "launch/pretrain.py", "--config", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"config error: {path}:3:" in proc.stderr

@@ -144,6 +144,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _deepspeed_launcher() -> list[str]:
+    """The `deepspeed` script of this Python's environment, which PATH may not lead to (a venv used
+    without activating it); its runner module where the script is absent."""
+    script = Path(sys.executable).with_name("deepspeed")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
 def pretrain_part(quick: bool, out: Path, peak_tflops: float, timeout: int) -> dict:
     if quick:
         config = "configs/tiny_cpu.yaml"
@@ -152,7 +159,7 @@ def pretrain_part(quick: bool, out: Path, peak_tflops: float, timeout: int) -> d
     else:
         config, overrides = "configs/gpu_125m_e16_1gpu.yaml", []
     report = out / "pretrain_worker.json"
-    cmd = ["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()),
+    cmd = [*_deepspeed_launcher(), "--num_gpus", "1", "--master_port", str(_free_port()),
            str(ROOT / "tools" / "gpu_check_pretrain.py"), "--config", config, "--report", str(report),
            "--modes", "none,experts", *[a for o in overrides for a in ("--set", o)]]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
