@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from moe_dist.common.cpus import usable_cpus
+
 log = logging.getLogger("bench_moe")
 
 CASES = ("moe_dist", "deepspeed", "floor")
@@ -411,7 +413,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=usable_cpus())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep",
                    help="keep: glibc keeps freed memory, as the trainer has it on CPU (default); "

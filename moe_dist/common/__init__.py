@@ -1,3 +1,3 @@
 """What every package may use and nothing in it imports back: strict configs (`config`), seeded
-generators that make weights independent of the parallel layout (`seeding`) and atomic writes
-(`atomic`)."""
+generators that make weights independent of the parallel layout (`seeding`), atomic writes
+(`atomic`) and the CPUs a process may use (`cpus`)."""

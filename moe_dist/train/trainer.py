@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_dist.checkpoint.consolidated import load_consolidated
+from moe_dist.common.cpus import usable_cpus
 from moe_dist.checkpoint.tags import RUN_ID_KEY
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
@@ -52,7 +53,7 @@ def configure_cpu_threads(requested: int | None) -> None:
     makes every rank wait on the slowest, and gloo collectives amplify it."""
     if torch.cuda.is_available():
         return
-    threads = requested or max(1, (os.cpu_count() or 1) // runtime.env_local_size())
+    threads = requested or max(1, usable_cpus() // runtime.env_local_size())
     torch.set_num_threads(threads)
 
 
