@@ -23,7 +23,7 @@ from moe_dist.checkpoint import (CheckpointError, ConsolidatedCheckpoint, Traini
 from moe_dist.checkpoint.cli import main as cli_main
 from moe_dist.checkpoint.consolidated import single_rank_config
 from moe_dist.checkpoint.layout import tag_for_step
-from moe_dist.checkpoint.tags import MARKER
+from moe_dist.checkpoint.tags import COMPLETE, MARKER, tag_problems, tag_state
 from moe_dist.checkpoint.zero import DEEPSPEED_VERSIONS, read_zero_state
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
@@ -160,7 +160,9 @@ def test_reshard_through_four_ranks_and_back_is_lossless(runs, tmp_path):
     wide, back = str(tmp_path / "ep4"), str(tmp_path / "back")
     reshard(str(runs / "a"), wide, ep_size=4, world_size=4, tag=tag_for_step(N), progress=False)
     ckpt = TrainingCheckpoint.open(wide)
-    assert (ckpt.ep_size, ckpt.world_size, len(os.listdir(ckpt.tag_dir))) == (4, 4, 1 + 4 + 4 + 2)
+    assert (ckpt.ep_size, ckpt.world_size, len(os.listdir(ckpt.tag_dir))) == (4, 4, 1 + 4 + 4 + 2 + 1)
+    assert tag_state(wide, tag_for_step(N)).status == COMPLETE  # its marker, with the source's run id
+    assert tag_problems(ckpt.tag_dir) == []
     reshard(wide, back, ep_size=2, world_size=2, progress=False)
     _all_files_equal(str(runs / "a" / tag_for_step(N)), os.path.join(back, tag_for_step(N)))
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from moe_dist.checkpoint.files import CheckpointError, check_output, staged_directory
 from moe_dist.checkpoint.layout import (CLIENT_KEY, ENGINE_PREFIX, LATEST, MODEL_STATES, experts_file,
                                         rank_state_file, zero_file)
+from moe_dist.checkpoint.tags import write_marker
 from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.checkpoint.zero import (BASE_STATE, FP32_PARTITIONS, OPTIMIZER_STATE, ZERO_STATE_ORDER,
                                       FlatGroupLayout, ZeroGroup, ZeroState, check_supported,
@@ -286,6 +287,9 @@ def reshard(ckpt_path: str, out: str, *, ep_size: int, world_size: int | None = 
         for rank in range(min(world, ckpt.world_size)):
             if os.path.isfile(rank_state_file(ckpt.tag_dir, rank)):
                 shutil.copyfile(rank_state_file(ckpt.tag_dir, rank), rank_state_file(tag_dir, rank))
+        # Complete, with the source run's id that every file above carries: `inspect` and
+        # --resume check the resharded tag as they check the trainer's own.
+        write_marker(tag_dir, ckpt.client.get("run_id"), ckpt.step)
         with open(os.path.join(tmp, LATEST), "w") as f:
             f.write(tag)
     return ReshardResult(out=out, tag=tag, ep_size=ep_size, world_size=world, notes=_resume_notes(ckpt, target, out))

@@ -8,7 +8,7 @@ only then moves `latest`. So:
 - partial: no marker and the tag is newer than `latest` (or there is no `latest`): a save that
   crashed or ran out of space. The next start removes it; `inspect` flags it;
 - legacy: no marker but not newer than `latest`: written before markers existed (or by
-  `reshard`); trusted as before.
+  an older `reshard`); trusted as before.
 
 Every file of a tag records the run id of the run that wrote it: `rank_state_*` and
 `moe_experts_*` as `run_id`, DeepSpeed's files inside the DeepSpeed config they store
