@@ -43,16 +43,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import (  # noqa: E402
-    Spec,
-    add_spec_args,
-    build_moe_dist_layer,
-    check_spec_args,
-    configure_malloc,
-    make_inputs,
-    spec_from_args,
-    time_cases,
-)
+from bench_layers import Spec, build_moe_dist_layer, make_inputs  # noqa: E402
+from bench_moe import add_spec_args, check_spec_args, configure_malloc, spec_from_args, time_cases  # noqa: E402
 
 from moe_dist.kernels.cpu import mkl_grouped  # noqa: E402
 from moe_dist.moe.capacity import assign_slots  # noqa: E402

@@ -100,14 +100,14 @@ def run_part(name: str, fn, results: dict, *args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def bench_specs(quick: bool, device: str) -> list:
-    import bench_moe
+    from bench_layers import Spec
 
     if quick:
         common = dict(tokens=128, d_model=64, d_ff=128, capacity_factor=1.25, threads=1, device="cpu", dtype="fp32")
-        return [bench_moe.Spec(num_experts=16, top_k=8, **common), bench_moe.Spec(num_experts=8, top_k=2, **common)]
+        return [Spec(num_experts=16, top_k=8, **common), Spec(num_experts=8, top_k=2, **common)]
     common = dict(tokens=8192, d_model=2048, capacity_factor=1.25, threads=1, device=device, dtype="bf16")
-    return [bench_moe.Spec(d_ff=1024, num_experts=64, top_k=8, **common),  # OLMoE-like
-            bench_moe.Spec(d_ff=7168, num_experts=8, top_k=2, **common)]  # Mixtral-like, width halved
+    return [Spec(d_ff=1024, num_experts=64, top_k=8, **common),  # OLMoE-like
+            Spec(d_ff=7168, num_experts=8, top_k=2, **common)]  # Mixtral-like, width halved
 
 
 def bench_part(quick: bool, device: str) -> dict:
