@@ -73,9 +73,9 @@ def test_init_from_that_is_not_a_consolidated_checkpoint_is_refused_before_train
     from moe_dist.train.preflight import check_init_from
 
     with pytest.raises(ConfigError, match=r"train.init_from '.*nowhere' is not a directory"):
-        check_init_from(str(tmp_path / "nowhere"))
+        check_init_from(str(tmp_path / "nowhere"), None, 0)
     with pytest.raises(ConfigError, match=r"train.init_from: .*moe_dist.json"):
-        check_init_from(str(tmp_path))
+        check_init_from(str(tmp_path), None, 0)
 
 
 def test_load_consolidated_at_any_ep_size(runs):

@@ -51,6 +51,24 @@ _STRUCTURE = {"model": ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", 
               "moe": ("num_experts", "d_ff", "activation", "num_shared_experts")}
 
 
+def model_seed(config: dict[str, Any]) -> int:
+    """The seed the model of a checkpoint's run config was built with (`MoETransformer(seed=)`):
+    the trainer's `train.seed`, which every stored run config holds resolved; 0 for a model saved
+    without one (`MoETransformer`'s default)."""
+    return int((config.get("train") or {}).get("seed", 0))
+
+
+def check_same_frozen_constants(stored: dict[str, Any], cfg: ModelConfig, seed: int, where: str) -> None:
+    """COMET's expert-mask projections are drawn from the model seed and not saved: a model built
+    with another seed computes other masks with the checkpoint's weights."""
+    if cfg.moe is None or cfg.moe.comet_active_fraction is None or model_seed(stored) == seed:
+        return
+    raise CheckpointError(f"{where}: its COMET expert masks (moe.comet_active_fraction) were drawn with seed "
+                          f"{model_seed(stored)} (train.seed of the run that wrote it), this model's with seed "
+                          f"{seed}; build the model with seed {model_seed(stored)} (train.seed: "
+                          f"{model_seed(stored)}) to compute the trained function")
+
+
 def single_rank_config(config: dict[str, Any]) -> dict[str, Any]:
     """The run config with moe.ep_size 1: the layout the consolidated tensors are in."""
     config = copy.deepcopy(config)
@@ -78,7 +96,8 @@ def save_consolidated(model: MoETransformer, out: str, *, data: dict[str, Any] |
     if model.cfg.moe is not None and model.cfg.moe.ep_size != 1:
         raise CheckpointError(f"save_consolidated needs an ep_size 1 model (all experts in one process), got "
                               f"ep_size {model.cfg.moe.ep_size}; use `consolidate` on a training checkpoint")
-    config = {"model": to_dict(model.cfg), "data": data or {"tokenizer": {"kind": "byte", "model": None}}}
+    config = {"model": to_dict(model.cfg), "data": data or {"tokenizer": {"kind": "byte", "model": None}},
+              "train": {"seed": model.seed}}  # model_seed
     config["moe"] = config["model"].pop("moe")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     meta = {"config": config, "step": step, "tokenizer": None, "weights": "module", "dtype": "as saved",
@@ -283,6 +302,7 @@ def load_consolidated(model: nn.Module, path: str) -> None:
     if os.path.isdir(path):
         ckpt = ConsolidatedCheckpoint.open(path)
         _check_structure(ckpt.config, target.cfg, os.path.join(path, META_FILE))
+        check_same_frozen_constants(ckpt.config, target.cfg, target.seed, os.path.join(path, META_FILE))
         weights = ckpt.weights_path
     else:
         weights = path

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint, full_state_dict, open_checkpoint
+from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint, full_state_dict, model_seed, open_checkpoint
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.common.config import from_dict
@@ -87,7 +87,7 @@ def load_model(path: str, *, tag: str | None = None, groups: ParallelGroups | No
     if cfg.moe is not None and cfg.moe.ep_size != groups.ep_size:
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, ep_size=groups.ep_size))
     state = full_state_dict(ckpt, progress=progress)
-    model = MoETransformer(cfg, groups=groups)
+    model = MoETransformer(cfg, seed=model_seed(ckpt.config), groups=groups)
     load_state(model, state, repr(path))
     if dtype is not None:
         model.to(dtype)

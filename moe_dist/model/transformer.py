@@ -38,6 +38,9 @@ class MoETransformer(nn.Module):
         super().__init__()
         groups = groups or ParallelGroups.single()
         self.cfg = cfg
+        # Besides the initial weights, the seed draws frozen constants no checkpoint carries
+        # (COMET's expert-mask projections): a loader must rebuild the model with the same one.
+        self.seed = seed
         # Dense weights come from the global RNG seeded here, so every rank builds the same ones
         # (MoE layers draw from generators of their own, see TransformerBlock); fork_rng leaves
         # the caller's RNG state as it was.

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint
+from moe_dist.checkpoint.consolidated import META_FILE, ConsolidatedCheckpoint, check_same_frozen_constants
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.layout import read_latest
 from moe_dist.common.config import ConfigError
@@ -25,9 +25,10 @@ from moe_dist.data.config import DataConfig
 from moe_dist.data.datasets import blend_domain_names
 from moe_dist.data.index_check import check_split_shares, check_token_ids, read_index
 from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
+from moe_dist.model.config import ModelConfig
 from moe_dist.parallel.groups import validate_parallel_sizes
-from moe_dist.train.config import RunConfig
 from moe_dist.train import run_dir
+from moe_dist.train.config import RunConfig
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
 from moe_dist.train.finite_check import check_init_from_finite
 from moe_dist.train.resume_check import check_resume
@@ -69,15 +70,17 @@ def check_checkpoint_dir(checkpoint_dir: str | None, resume: bool) -> None:
             f"empty folder (a fresh run would overwrite it)")
 
 
-def check_init_from(path: str | None) -> None:
-    """A consolidated checkpoint's metadata must be readable before any process starts."""
+def check_init_from(path: str | None, model: ModelConfig, seed: int) -> None:
+    """A consolidated checkpoint's metadata must be readable, its tensors finite and its frozen
+    constants drawable by this run's model (`seed`: train.seed) before any process starts."""
     if path is None:
         return
     if not os.path.isdir(path):
         raise ConfigError(f"train.init_from {path!r} is not a directory; expected the output folder of "
                           f"'tools/convert_checkpoint.py consolidate'")
     try:
-        ConsolidatedCheckpoint.open(path)
+        ckpt = ConsolidatedCheckpoint.open(path)
+        check_same_frozen_constants(ckpt.config, model, seed, os.path.join(path, META_FILE))
         check_init_from_finite(path)
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
@@ -130,7 +133,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
                 run_dir.check_resume_tag(cfg.train.checkpoint_dir)
             changes = check_resume(cfg.train.checkpoint_dir, cfg.to_dict(), world_size, allow_config_change)
         else:
-            check_init_from(cfg.train.init_from)  # --resume ignores init_from
+            check_init_from(cfg.train.init_from, cfg.model, cfg.train.seed)  # --resume ignores init_from
         if run is not None:
             run.clean()
     except BaseException:
