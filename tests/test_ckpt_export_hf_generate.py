@@ -1,8 +1,9 @@
 """Exports that behave like Hugging Face models in `generate`: tools/generate.py's greedy output
 equals transformers' `generate` on the export (Mixtral and remote code) for a left-padded batch
 running past max_seq_len; the remote-code model's KV cache (multi-head, and grouped-query with
-q/k norms and q/k/v bias) equals recomputation and its right padding leaves real tokens' logits alone; exported tokenizers load with AutoTokenizer without
-any input, have a pad token and pad a batch; generation_config names eos and pad; the
+q/k norms and q/k/v bias) equals recomputation and its right padding leaves real tokens' logits
+alone; exported tokenizers load with AutoTokenizer without any input, have a pad token and pad a
+batch; generation_config names eos and pad; the
 quickstart config exports as Mixtral."""
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ NEW = 14  # prompt 9 + 14 > max_seq_len 16
 # kind: (model options, the architecture `auto` exports). custom_gqa: the remote code's grouped
 # key/value heads in the cache, with q/k norms and q/k/v bias (Qwen3 has no bias, Qwen2 no norm).
 KINDS = {"custom": (dict(moe_every=2), "custom"), "mixtral": (dict(moe_every=1), "mixtral"),
-         "custom_gqa": (dict(moe_every=2, n_heads=4, n_kv_heads=2, qk_norm="head", qkv_bias=True), "custom")}
+         "custom_gqa": (dict(moe_every=2, n_heads=4, n_kv_heads=2, qk_norm="head", qkv_bias=True),
+                        "custom")}
 
 
 def build(kind: str) -> MoETransformer:

@@ -103,7 +103,7 @@ class MoELayer(nn.Module):
         y_TD = self.experts(x_TD, idx_TK, w_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:  # Qwen2-MoE's sigmoid gate, in the model's dtype
+            if self.shared_gate is not None:  # model dtype, not fp32: moe_dist's gate is a plain Linear
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
         return y_TD.view(x.shape), stream_TD
