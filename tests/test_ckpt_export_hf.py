@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 
-from moe_dist.checkpoint import CheckpointError, export_hf, save_consolidated
+from moe_dist.checkpoint import CheckpointError, export_hf, hf_remote_code, save_consolidated
 from moe_dist.checkpoint.hf_export import mixtral_blockers
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
@@ -42,6 +42,22 @@ CASES = {
     "topk-dense-shared-gelu-bias": (dict(n_layers=3, moe_every=2, activation="gelu", tie_embeddings=False),
                                     dict(activation="gelu", num_shared_experts=1,
                                          router={"type": "topk", "bias_balancing": True})),
+    # Attention and MoE options beside research routers: no native class takes these either.
+    "inhibition-gqa-headnorm-qkvbias": (dict(n_kv_heads=2, qk_norm="head", qkv_bias=True),
+                                        dict(router={"type": "inhibition", "momentum": 0.5, "score": "sigmoid",
+                                                     "scale": 1.5})),
+    "inhibition-divisive-score_after_topk": ({}, dict(router={"type": "inhibition", "mode": "divisive",
+                                                              "momentum": 0.5, "score_after_topk": True})),
+    "attentive-mqa-fullnorm-headdim": (dict(n_kv_heads=1, qk_norm="full", head_dim=12),
+                                       dict(router={"type": "attentive", "hidden": 8})),
+    "fixed_projection-gated-shared-width": ({}, dict(num_shared_experts=1, shared_d_ff=20, shared_gate=True,
+                                                     router={"type": "fixed_projection", "seed": 5})),
+    "topk-dense-sigmoid-scaled": (dict(n_layers=3, moe_every=2, n_kv_heads=2),
+                                  dict(router={"type": "topk", "score": "sigmoid", "scale": 2.5,
+                                               "bias_balancing": True})),
+    "topk-dense-score_after_topk-scaled": (dict(n_layers=3, moe_every=2, moe_offset=1, head_dim=4),
+                                           dict(num_shared_experts=2, shared_gate=True,
+                                                router={"type": "topk", "score_after_topk": True, "scale": 2.5})),
 }
 
 
@@ -56,6 +72,9 @@ def build(model_kw: dict, moe_kw: dict) -> MoETransformer:
         for _, moe in model.moe_layers():
             if getattr(moe.router.cfg, "bias_balancing", False):
                 moe.router.selection_bias_E.copy_(torch.randn(E, generator=g) * 0.2)
+        for p in model.parameters():  # norm weights and biases away from their ones / zeros
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
     return model.eval()
 
 
@@ -90,6 +109,8 @@ def test_custom_export_loads_with_remote_code_and_matches(tmp_path, case):
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["auto_map"]["AutoModelForCausalLM"] == "modeling_moe_dist.MoEDistForCausalLM"
     assert imported_packages(out) <= {"math", "torch", "transformers"}  # no moe_dist: loads where it is absent
+    shipped = {n for n in os.listdir(os.path.dirname(hf_remote_code.__file__)) if n.endswith(".py")}
+    assert {n for n in os.listdir(out) if n.endswith(".py")} == shipped - {"__init__.py"}
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
                                                                  output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -3,7 +3,8 @@ key/value rows, the shared expert's gate and width): a real 2-rank training run 
 ZeRO-1, ep_size 2) with all of them is consolidated (module and fp32 master weights), loaded
 back at ep_size 2 and 1, and resharded 2 -> 1 and resumed on the original loss curve. Export:
 Mixtral expresses grouped-query attention and an explicit head_dim (transformers' own class gives
-moe_dist's logits); the rest is refused by name, nothing written."""
+moe_dist's logits); the rest exports as the custom remote-code architecture, which gives them too;
+COMET's expert masks, which it does not compute, are refused by name, nothing written."""
 
 from __future__ import annotations
 
@@ -126,17 +127,27 @@ def test_mixtral_export_expresses_grouped_query_attention_and_head_dim(tmp_path)
         torch.testing.assert_close(hf(tokens).logits, model(tokens).logits_BSV, rtol=1e-5, atol=1e-5)
 
 
-def test_export_of_a_feature_neither_architecture_computes_is_refused_by_name(tmp_path):
+def test_export_of_features_no_native_class_computes_is_custom_and_gives_the_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
     cfg = parse_model_config(dict(MODEL, n_heads=4, qk_norm="full", qkv_bias=True),
                              dict(MIXTRAL_MOE, num_shared_experts=1, shared_gate=True,
                                   router={"type": "topk", "score": "sigmoid", "scale": 2.0}))
-    assert custom_blockers(cfg) == ["model.qk_norm 'full'", "model.qkv_bias true", "moe.shared_gate true",
-                                    "moe.router.score 'sigmoid'", "moe.router.scale 2.0"]
+    assert custom_blockers(cfg) == []
     assert "model.qk_norm is 'full'; Mixtral has no q/k norm" in mixtral_blockers(cfg, {})
+    model = MoETransformer(cfg, seed=4).eval()
+    save_consolidated(model, str(tmp_path / "c"))
+    assert export_hf(str(tmp_path / "c"), str(tmp_path / "hf"), progress=False).architecture == "custom"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    tokens = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens).logits_BSV, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_comet_expert_masks_is_refused_by_name_and_writes_nothing(tmp_path):
+    cfg = parse_model_config(dict(MODEL, n_heads=4), dict(MIXTRAL_MOE, comet_active_fraction=0.5))
+    assert custom_blockers(cfg) == ["moe.comet_active_fraction 0.5 (COMET's mask inside experts)"]
     save_consolidated(MoETransformer(cfg), str(tmp_path / "c"))
-    with pytest.raises(CheckpointError, match=r"remote-code\) architecture cannot express .*model.qk_norm 'full'"):
+    with pytest.raises(CheckpointError, match=r"remote-code\) architecture cannot express .*"
+                                              r"moe.comet_active_fraction 0.5"):
         export_hf(str(tmp_path / "c"), str(tmp_path / "hf"), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["c"]
-    gqa = parse_model_config(dict(MODEL, n_heads=4, n_kv_heads=1),
-                             dict(MIXTRAL_MOE, num_shared_experts=1, router={"type": "topk"}))
-    assert custom_blockers(gqa) == ["model.n_kv_heads 1 (n_heads 4)"]

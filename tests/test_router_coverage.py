@@ -1,10 +1,11 @@
 """Every registered router is covered where a new router is easy to forget: an EP-equivalence case
 (tests/test_ep_equivalence.py's ROUTER_CASES), a counterpart in the Hugging Face remote code
-(hf_remote_code/modeling_moe_dist.py's ROUTERS table, without which its export cannot load) and a
+(hf_remote_code/moe_dist_routers.py's ROUTERS table, without which its export cannot load) and a
 custom-export case that loads that code and compares logits (tests/test_ckpt_export_hf.py's CASES).
 
-The remote-code file and the export test are read with `ast` (the first is standalone code with a
-relative import, the second skips itself without transformers); ROUTER_CASES is imported.
+The remote-code file and the export test are read with `ast` (the first is standalone code shipped
+into exports, not importable as part of moe_dist; the second skips itself without transformers);
+ROUTER_CASES is imported.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from moe_dist.routing import registry
 from moe_dist.routing.base import Router, RouterConfig
 
 REPO = Path(__file__).resolve().parents[1]
-HF_MODELING = REPO / "moe_dist" / "checkpoint" / "hf_remote_code" / "modeling_moe_dist.py"
+HF_ROUTERS = REPO / "moe_dist" / "checkpoint" / "hf_remote_code" / "moe_dist_routers.py"
 EXPORT_TEST = REPO / "tests" / "test_ckpt_export_hf.py"
 DEFAULT_ROUTER = "topk"  # router_config_from_dict's type when a router mapping has none
 
@@ -44,8 +45,8 @@ def ep_case_router_types() -> set[str]:
 
 def hf_router_types() -> set[str]:
     """The keys of the remote code's `ROUTERS = {...}` table."""
-    table = _assignment(HF_MODELING, "ROUTERS")
-    assert isinstance(table, ast.Dict), f"{HF_MODELING.relative_to(REPO)}: ROUTERS is not a dict literal"
+    table = _assignment(HF_ROUTERS, "ROUTERS")
+    assert isinstance(table, ast.Dict), f"{HF_ROUTERS.relative_to(REPO)}: ROUTERS is not a dict literal"
     return set(_str_keys(table))
 
 
@@ -69,7 +70,7 @@ def coverage_gaps(router_type: str) -> list[str]:
         gaps.append(f"router {router_type!r} has no case in tests/test_ep_equivalence.py ROUTER_CASES")
     if router_type not in hf_router_types():
         gaps.append(f"router {router_type!r} is not in the ROUTERS table of "
-                    f"{HF_MODELING.relative_to(REPO)} (its export would not load)")
+                    f"{HF_ROUTERS.relative_to(REPO)} (its export would not load)")
     if router_type not in export_case_router_types():
         gaps.append(f"router {router_type!r} has no case in tests/test_ckpt_export_hf.py CASES")
     return gaps

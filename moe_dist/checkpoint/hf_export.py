@@ -14,12 +14,11 @@ tokens, so their logits equal moe_dist's when moe_dist's eval capacity drops not
 The custom architecture (`auto_map` in config.json) loads with
 `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` without moe_dist installed. Its
 modeling file (`hf_remote_code/modeling_moe_dist.py`, copied into OUT) mirrors `MoETransformer`
-module for module, so the mapping is the identity plus a prefix: moe_dist's ep_size=1 tensor
-`<name>` is `model.<name>` (router statistics buffers included), and config.json carries
-moe_dist's `model` and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It implements
-multi-head attention without bias or q/k norm, softmax routers and ungated shared experts of
-width d_ff * num_shared_experts; a model using a feature beyond that (`custom_blockers`) that no
-native class expresses either is refused, naming the fields.
+module for module (its attention and routers in files of their own beside it, copied along), so
+the mapping is the identity plus a prefix: moe_dist's ep_size=1 tensor `<name>` is
+`model.<name>` (router statistics buffers included), and config.json carries moe_dist's `model`
+and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It computes every model moe_dist builds
+but one with COMET's mask inside experts (`custom_blockers`), which is refused, naming the field.
 
 The tokenizer. A checkpoint trained with a SentencePiece model gets `tokenizer.model` (the same
 file, checked against the digest the trainer recorded) and the fast `tokenizer.json` that
@@ -98,32 +97,13 @@ def native_state(arch_name: str, cfg: ModelConfig, state: dict[str, Tensor]) -> 
 # ---- the custom architecture -------------------------------------------------------------------
 
 def custom_blockers(cfg: ModelConfig) -> list[str]:
-    """The config fields whose non-default values `hf_remote_code/modeling_moe_dist.py` does not
-    implement (empty: it computes this model): exporting would silently compute another model."""
-    reasons = []
-    if cfg.n_kv_heads != cfg.n_heads:
-        reasons.append(f"model.n_kv_heads {cfg.n_kv_heads} (n_heads {cfg.n_heads})")
-    if cfg.head_dim * cfg.n_heads != cfg.d_model:
-        reasons.append(f"model.head_dim {cfg.head_dim} (d_model / n_heads is {cfg.d_model / cfg.n_heads:g})")
-    if cfg.qk_norm != "none":
-        reasons.append(f"model.qk_norm {cfg.qk_norm!r}")
-    if cfg.qkv_bias:
-        reasons.append("model.qkv_bias true")
-    moe = cfg.moe
-    if moe is not None:
-        if moe.num_shared_experts and moe.shared_d_ff != moe.d_ff * moe.num_shared_experts:
-            reasons.append(f"moe.shared_d_ff {moe.shared_d_ff} (d_ff * num_shared_experts is "
-                           f"{moe.d_ff * moe.num_shared_experts})")
-        if moe.shared_gate:
-            reasons.append("moe.shared_gate true")
-        router = moe.router
-        if getattr(router, "score", "softmax") != "softmax":
-            reasons.append(f"moe.router.score {router.score!r}")
-        if getattr(router, "score_after_topk", False):
-            reasons.append("moe.router.score_after_topk true")
-        if getattr(router, "scale", 1.0) != 1.0:
-            reasons.append(f"moe.router.scale {router.scale!r}")
-    return reasons
+    """What `hf_remote_code/` does not compute (empty: it computes this model); exporting such a
+    model would silently compute another one. COMET's expert mask projections are not in the
+    state dict but rebuilt from the seed the model was built with, which a checkpoint does not
+    reliably record."""
+    if cfg.moe is not None and cfg.moe.comet_active_fraction is not None:
+        return [f"moe.comet_active_fraction {cfg.moe.comet_active_fraction!r} (COMET's mask inside experts)"]
+    return []
 
 
 def custom_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: torch.dtype) -> dict[str, Any]:
@@ -147,9 +127,12 @@ def custom_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def copy_modeling_files(out_dir: str) -> None:
+    """Every file of hf_remote_code/ but its __init__: the modeling file imports the others
+    relatively, and transformers' loader resolves those imports in the export's directory."""
     src = os.path.dirname(hf_remote_code.__file__)
-    for module in (CONFIG_MODULE, MODELING_MODULE):
-        shutil.copyfile(os.path.join(src, f"{module}.py"), os.path.join(out_dir, f"{module}.py"))
+    for name in sorted(os.listdir(src)):
+        if name.endswith(".py") and name != "__init__.py":
+            shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
 
 
 # ---- the tokenizer -----------------------------------------------------------------------------

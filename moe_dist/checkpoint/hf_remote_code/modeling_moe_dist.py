@@ -1,16 +1,18 @@
 """A moe_dist MoE language model for Hugging Face transformers (inference and fine-tuning).
 
-Written by moe_dist's `export-hf` for architectures Mixtral cannot express (research routers,
-dense layers between MoE layers, shared experts, GELU experts, unrenormalized top-k, selection
-bias). Self-contained: torch and transformers only. Tensor names and math mirror moe_dist's
-`MoETransformer` at ep_size 1 in eval mode, so the exported weights load one to one:
+Written by moe_dist's `export-hf` for models no native transformers class expresses (research
+routers, dense layers between MoE layers, shared experts, GELU experts, unrenormalized or sigmoid
+top-k, selection bias, and any attention moe_dist has beside them). Self-contained: torch and
+transformers only, plus its own files (`moe_dist_attention.py`, `moe_dist_routers.py`). Tensor
+names and math mirror moe_dist's `MoETransformer` at ep_size 1 in eval mode, so the exported
+weights load one to one:
 
 - pre-norm blocks: x + attn(rmsnorm(x)); x + ffn(rmsnorm(x)), the FFN dense or MoE;
-- RMSNorm and rotary embeddings (half-split layout) computed in fp32; causal SDPA attention;
-- router scores in fp32; routers in their eval form: `topk` (softmax, optional selection bias,
-  optional renormalization), `inhibition` (EMA population statistics with bias correction),
-  `fixed_projection` (frozen projection, optional centering and COMET routing stream),
-  `attentive` (gate trunk, query, per-expert key probes);
+- attention (moe_dist_attention.py): multi-head or grouped-query, any head width, optional
+  q/k/v bias and q/k RMSNorm; rotary in fp32; causal SDPA;
+- routers in their eval form (moe_dist_routers.py), scores in fp32;
+- MoE FFN: the routed experts plus an optional shared expert of width `shared_d_ff`, optionally
+  scaled by a sigmoid gate (Qwen2-MoE);
 - dropless: every token reaches its top-k experts (moe_dist's eval default; a capacity set with
   moe.eval_capacity_factor > 0 would drop, and the two agree when it drops nothing);
 - `attention_mask` (left or right padding), a KV cache through transformers' `Cache` (`generate`
@@ -21,11 +23,8 @@ bias). Self-contained: torch and transformers only. Tensor names and math mirror
 Every eval-form router and expert computes each token on its own: padding changes no real token.
 
 Legend: B batch, S sequence (new tokens), P positions in the cache (past + new), D model width,
-T = B*S tokens, E experts, K experts per token, F FFN hidden width, H gate width, R shared
-directions (or rotary frequencies in the attention).
+T = B*S tokens, E experts, K experts per token, F FFN hidden width.
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -41,43 +40,8 @@ except ImportError:  # very old transformers: generation recomputes (use_cache=F
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 from .configuration_moe_dist import MoEDistConfig
-
-GATE_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
-
-
-def rotary_tables(positions_BS, head_dim, theta):
-    """fp32 cos/sin [B, 1, S, head_dim / 2] at each token's position."""
-    device = positions_BS.device
-    inv_freq_R = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles_BSR = positions_BS.float()[..., None] * inv_freq_R
-    return angles_BSR.cos()[:, None], angles_BSR.sin()[:, None]
-
-
-def token_positions(attention_mask_BP, past_len, seq_len, device):
-    """Each new token's position: the count of real tokens before it (so left padding does not
-    shift a prompt), or past_len + i without a mask."""
-    if attention_mask_BP is None:
-        return (past_len + torch.arange(seq_len, device=device))[None]
-    positions_BP = attention_mask_BP.long().cumsum(-1) - 1
-    return positions_BP.clamp_min(0)[:, -seq_len:]
-
-
-def attention_bias(attention_mask_BP, past_len, seq_len, device):
-    """Boolean [B, 1, S, P] (True: may attend): causal over the cache and the new tokens, padding
-    keys masked. Each query may always see itself, so a padding query's row is never empty."""
-    P = past_len + seq_len
-    q_S1 = past_len + torch.arange(seq_len, device=device)[:, None]
-    k_1P = torch.arange(P, device=device)[None]
-    allowed_SP = k_1P <= q_S1
-    if attention_mask_BP is None:
-        return allowed_SP[None, None]
-    keys_BP = attention_mask_BP[:, -P:].bool()
-    return ((allowed_SP[None] & keys_BP[:, None]) | (k_1P == q_S1)[None])[:, None]
-
-
-def apply_rotary(x, cos_SF, sin_SF):
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos_SF - x2 * sin_SF, x1 * sin_SF + x2 * cos_SF], dim=-1).to(x.dtype)
+from .moe_dist_attention import Attention, QKNorm, RMSNorm, attention_bias, rotary_tables, token_positions
+from .moe_dist_routers import ROUTERS
 
 
 def ffn_activation(h, activation):
@@ -85,38 +49,6 @@ def ffn_activation(h, activation):
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
     return F.gelu(h)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d_model, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight_D = nn.Parameter(torch.ones(d_model))
-
-    def forward(self, x):
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight_D.float()).to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, d_model, n_heads, layer_idx):
-        super().__init__()
-        self.n_heads, self.layer_idx = n_heads, layer_idx
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-
-    def forward(self, x_BSD, cos, sin, bias, cache):
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:  # k, v become [B, H, P, A]: the cached positions, then these
-            k, v = cache.update(k, v, self.layer_idx)
-        if bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 
 class DenseFFN(nn.Module):
@@ -152,143 +84,6 @@ class Experts(nn.Module):
         return y_TD
 
 
-def topk_from_logits(logits_TE, top_k, renormalize, selection_bias_E=None):
-    probs_TE = torch.softmax(logits_TE, dim=-1)
-    select_TE = probs_TE if selection_bias_E is None else probs_TE + selection_bias_E
-    idx_TK = torch.topk(select_TE, top_k, dim=-1).indices
-    w_TK = probs_TE.gather(1, idx_TK)
-    if renormalize:
-        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
-    return idx_TK, w_TK
-
-
-class PopulationStatistics(nn.Module):
-    """The inhibition statistics' EMA buffers and their bias-corrected values (eval form)."""
-
-    def __init__(self, width, mode, momentum, rank):
-        super().__init__()
-        self.mode, self.momentum = mode, momentum
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        if mode == "subspace":
-            self.register_buffer("ema_second_DD", torch.zeros(width, width))
-            self.register_buffer("basis_DR", torch.zeros(width, rank))
-        else:
-            self.register_buffer("ema_mean_D", torch.zeros(width))
-            if mode == "divisive":
-                self.register_buffer("ema_var_D", torch.zeros(width))
-
-    def _corrected(self, name, default):
-        t = self.num_updates
-        value = getattr(self, f"ema_{name}") / (1.0 - self.momentum ** t.float()).clamp_min(1e-12)
-        return torch.where(t > 0, value, torch.full_like(value, default))
-
-    def inhibit(self, x_TD, alpha, eps):
-        x = x_TD.float()
-        if self.mode == "subspace":
-            return x - (x @ self.basis_DR) @ self.basis_DR.t()
-        mean_D = self._corrected("mean_D", 0.0)
-        if self.mode == "subtractive":
-            return x - alpha * mean_D
-        if self.mode == "rectified":
-            return F.relu(x - alpha * mean_D)
-        return (x - mean_D) * torch.rsqrt(self._corrected("var_D", 1.0) + eps)
-
-
-class LinearGate(nn.Module):
-    def __init__(self, d_model, num_experts):
-        super().__init__()
-        self.weight_ED = nn.Parameter(torch.empty(num_experts, d_model))
-
-    def forward(self, x_TD):
-        return F.linear(x_TD.float(), self.weight_ED.float())
-
-
-class TopKRouter(nn.Module):
-    def __init__(self, r, d_model, num_experts, top_k):
-        super().__init__()
-        self.r, self.top_k = r, top_k
-        self.gate = LinearGate(d_model, num_experts)
-        self.register_buffer("selection_bias_E", torch.zeros(num_experts))
-
-    def route(self, x_TD):
-        bias = self.selection_bias_E if self.r.get("bias_balancing", False) else None
-        return topk_from_logits(self.gate(x_TD), self.top_k, self.r.get("renormalize", False), bias)
-
-    def forward(self, x_TD, stream_TD):
-        idx_TK, w_TK = self.route(x_TD)
-        return idx_TK, w_TK, stream_TD
-
-
-class InhibitionRouter(TopKRouter):
-    def __init__(self, r, d_model, num_experts, top_k):
-        super().__init__(r, d_model, num_experts, top_k)
-        self.inhibition = PopulationStatistics(d_model, r.get("mode", "subtractive"), r.get("momentum", 0.99),
-                                               r.get("rank", 1))
-
-    def forward(self, x_TD, stream_TD):
-        u_TD = self.inhibition.inhibit(x_TD, self.r.get("alpha", 1.0), self.r.get("eps", 1e-5))
-        idx_TK, w_TK = self.route(u_TD)
-        return idx_TK, w_TK, stream_TD
-
-
-class FixedProjectionRouter(nn.Module):
-    def __init__(self, r, d_model, num_experts, top_k):
-        super().__init__()
-        self.r, self.top_k, self.num_experts, self.d_model = r, top_k, num_experts, d_model
-        self.from_stream = r.get("source", "hidden") == "embedding"
-        self.register_buffer("v_projection", torch.zeros(d_model if self.from_stream else num_experts, d_model))
-        self.stream_k = max(1, round(r.get("stream_active_fraction", 0.5) * d_model))
-        self.center = (PopulationStatistics(d_model, "subtractive", r.get("center_momentum", 0.99), 1)
-                       if r.get("center", False) else None)
-        self.register_buffer("selection_bias_E", torch.zeros(num_experts))
-
-    def forward(self, x_TD, stream_TD):
-        u_TD = stream_TD.reshape(-1, self.d_model).detach().float() if self.from_stream else x_TD.float()
-        if self.center is not None:
-            u_TD = self.center.inhibit(u_TD, 1.0, 1e-5)
-        if self.from_stream:
-            c_TD = u_TD @ self.v_projection.t()
-            winners = torch.topk(c_TD, self.stream_k, dim=-1).indices
-            stream_TD = torch.zeros_like(c_TD).scatter_(-1, winners, 1.0) * c_TD
-            scores_TE = stream_TD.view(-1, self.num_experts, self.d_model // self.num_experts).sum(-1)
-        else:
-            scores_TE = u_TD @ self.v_projection.t()
-        select_TE = scores_TE + self.selection_bias_E if self.r.get("bias_balancing", False) else scores_TE
-        idx_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
-        chosen_TK = scores_TE.gather(1, idx_TK)
-        if self.r.get("weights", "uniform") == "softmax":
-            w_TK = torch.softmax(chosen_TK, dim=-1)
-        else:
-            w_TK = torch.ones_like(chosen_TK)
-        return idx_TK, w_TK, stream_TD
-
-
-class AttentiveRouter(nn.Module):
-    def __init__(self, r, d_model, num_experts, top_k):
-        super().__init__()
-        self.r, self.top_k = r, top_k
-        hidden = r.get("hidden", 32)
-        self.act = GATE_ACTIVATIONS[r.get("activation", "relu")]
-        self.gate_trunk = nn.Linear(d_model, hidden)
-        self.w_q = nn.Linear(hidden, hidden, bias=False)
-        self.w_k = nn.Linear(hidden, hidden, bias=False)
-        self.probes_EHD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-
-    def forward(self, x_TD, stream_TD):
-        x = x_TD.float()
-        q_TH = F.linear(self.act(F.linear(x, self.gate_trunk.weight.float(), self.gate_trunk.bias.float())),
-                        self.w_q.weight.float())
-        probe_TEH = self.act(torch.einsum("td,ehd->teh", x, self.probes_EHD.float()))
-        k_TEH = F.linear(probe_TEH, self.w_k.weight.float())
-        scores_TE = torch.einsum("th,teh->te", q_TH, k_TEH) / math.sqrt(q_TH.shape[-1])
-        idx_TK, w_TK = topk_from_logits(scores_TE, self.top_k, self.r.get("renormalize", False))
-        return idx_TK, w_TK, stream_TD
-
-
-ROUTERS = {"topk": TopKRouter, "inhibition": InhibitionRouter, "fixed_projection": FixedProjectionRouter,
-           "attentive": AttentiveRouter}
-
-
 class MoELayer(nn.Module):
     def __init__(self, m):
         super().__init__()
@@ -298,15 +93,19 @@ class MoELayer(nn.Module):
             raise ValueError(f"router type {router['type']!r} is not one of {sorted(ROUTERS)}")
         self.router = ROUTERS[router["type"]](router, m["d_model"], m["num_experts"], m["top_k"])
         self.experts = Experts(m["num_experts"], m["d_model"], m["d_ff"], m["activation"])
-        self.shared = (DenseFFN(m["d_model"], m["d_ff"] * m["num_shared_experts"], m["activation"])
-                       if m.get("num_shared_experts", 0) else None)
+        self.shared = (DenseFFN(m["d_model"], m["shared_d_ff"], m["activation"])
+                       if m["num_shared_experts"] else None)
+        self.shared_gate = nn.Linear(m["d_model"], 1, bias=False) if m["shared_gate"] else None
 
     def forward(self, x, stream_TD):
         x_TD = x.reshape(-1, self.d_model)
         idx_TK, w_TK, stream_TD = self.router(x_TD, stream_TD)
         y_TD = self.experts(x_TD, idx_TK, w_TK)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:  # model dtype, not fp32: moe_dist's gate is a plain Linear
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         return y_TD.view(x.shape), stream_TD
 
 
@@ -314,7 +113,7 @@ class Block(nn.Module):
     def __init__(self, c, m, is_moe, layer_idx):
         super().__init__()
         self.attn_norm = RMSNorm(c["d_model"], c["norm_eps"])
-        self.attn = Attention(c["d_model"], c["n_heads"], layer_idx)
+        self.attn = Attention(c, layer_idx)
         self.ffn_norm = RMSNorm(c["d_model"], c["norm_eps"])
         self.moe = MoELayer(m) if is_moe else None
         self.ffn = None if is_moe else DenseFFN(c["d_model"], c["d_ff"], c["activation"])
@@ -350,7 +149,7 @@ class MoEDistModel(nn.Module):
         device = tokens_BS.device
         if positions_BS is None:
             positions_BS = token_positions(attention_mask_BP, past, S, device)
-        cos, sin = rotary_tables(positions_BS, self.c["d_model"] // self.c["n_heads"], self.c["rope_theta"])
+        cos, sin = rotary_tables(positions_BS, self.c["head_dim"], self.c["rope_theta"])
         # Without padding and cache the causal kernel needs no mask (the training-time path).
         plain = past == 0 and (attention_mask_BP is None or bool(attention_mask_BP.all()))
         bias = None if plain else attention_bias(attention_mask_BP, past, S, device)
@@ -376,7 +175,7 @@ class MoEDistForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         std = self.config.moe_dist_model.get("init_std", 0.02)
         for name, p in module.named_parameters(recurse=False):
-            if name == "weight_D":
+            if name == "weight_D" or isinstance(module, QKNorm):
                 nn.init.ones_(p)
             elif name == "bias":
                 nn.init.zeros_(p)
