@@ -98,9 +98,9 @@ def native_state(arch_name: str, cfg: ModelConfig, state: dict[str, Tensor]) -> 
 
 def custom_blockers(cfg: ModelConfig) -> list[str]:
     """What `hf_remote_code/` does not compute (empty: it computes this model); exporting such a
-    model would silently compute another one. COMET's expert mask projections are not in the
-    state dict but rebuilt from the seed the model was built with, which a checkpoint does not
-    reliably record."""
+    model would silently compute another one. COMET's expert mask is not implemented there: its
+    projections are no tensors of the state dict but drawn from the model seed at build time
+    (`checkpoint.consolidated.model_seed`), and the remote code would have to draw them alike."""
     if cfg.moe is not None and cfg.moe.comet_active_fraction is not None:
         return [f"moe.comet_active_fraction {cfg.moe.comet_active_fraction!r} (COMET's mask inside experts)"]
     return []
