@@ -191,7 +191,7 @@ def bench_one(spec: Spec, warmup: int, repeats: int, memory: bool, progress: tqd
     del steps
     if memory:
         row["moe_dist_over_deepspeed_peak"] = round(row["moe_dist_peak_mb"] / row["deepspeed_peak_mb"], 3)
-        if spec.device != "cuda":
+        if spec.device != "cuda" and None not in (row["moe_dist_peak_rss_mb"], row["deepspeed_peak_rss_mb"]):
             row["moe_dist_over_deepspeed_peak_rss"] = round(
                 row["moe_dist_peak_rss_mb"] / row["deepspeed_peak_rss_mb"], 3)
     row.update(check)

@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for ckpt, recompute in MODES:
         tensor_mb, rss_mb = step_memory.measure_peak_mb(build_step, (args, ckpt, recompute))
         rows.append({**args, "activation_checkpointing": ckpt, "moe_recompute": recompute,
-                     "peak_tensor_mb": round(tensor_mb, 1), "peak_rss_mb": round(rss_mb, 1)})
-        print(f"ckpt {ckpt} moe_recompute {recompute}: {tensor_mb:.1f} MiB tensors, {rss_mb:.1f} MiB RSS",
-              file=sys.stderr, flush=True)
+                     "peak_tensor_mb": round(tensor_mb, 1),
+                     "peak_rss_mb": None if rss_mb is None else round(rss_mb, 1)})
+        print(f"ckpt {ckpt} moe_recompute {recompute}: {tensor_mb:.1f} MiB tensors, "
+              f"{rows[-1]['peak_rss_mb']} MiB RSS", file=sys.stderr, flush=True)
     base = rows[0]["peak_tensor_mb"]
     for r in rows:
         r["over_none"] = round(r["peak_tensor_mb"] / base, 3)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 StepBuilder = Callable[..., Callable[[], None]]
@@ -31,15 +33,21 @@ def start_server(preload: list[str]) -> None:
     forkserver.ensure_running()
 
 
-def measure_peak_mb(build_step: StepBuilder, args: tuple, steps: int = 3) -> tuple[float, float]:
-    """(peak tensor MiB, peak RSS MiB) of `build_step(*args)()`, in a fresh child process.
+def measure_peak_mb(build_step: StepBuilder, args: tuple, steps: int = 3) -> tuple[float, float | None]:
+    """(peak tensor MiB, peak RSS MiB or None where the kernel cannot reset its high-water mark)
+    of `build_step(*args)()`, in a fresh child process.
     `build_step` must be a module-level function (it is pickled by reference)."""
-    ctx = mp.get_context("forkserver")
-    with ctx.Pool(1, maxtasksperchild=1) as pool:
-        return pool.apply(_child, (build_step, args, steps))
+    # An executor, not a Pool: a child that dies (killed for memory, a crash in a kernel) raises
+    # BrokenProcessPool here, where Pool.apply would wait for its result for ever.
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver")) as pool:  # one fresh worker
+        try:
+            return pool.submit(_child, build_step, args, steps).result()
+        except BrokenProcessPool:
+            raise RuntimeError(f"the memory-measuring child process died running {build_step.__name__}{args} "
+                               f"(killed for memory, or a crash)") from None
 
 
-def _child(build_step: StepBuilder, args: tuple, steps: int) -> tuple[float, float]:
+def _child(build_step: StepBuilder, args: tuple, steps: int) -> tuple[float, float | None]:
     step = build_step(*args)
     # One unmeasured step first: lazy one-time setup (thread pools, kernel workspaces) is not the
     # step's memory. Then hand everything freed back to the OS, so later steps cannot reuse it
@@ -47,8 +55,11 @@ def _child(build_step: StepBuilder, args: tuple, steps: int) -> tuple[float, flo
     step()
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # a sandbox that hides it: the high-water mark would include set-up's peak
+        return peak_tensor_mb(step), None
     base_kb = _status_kb("VmRSS")
     for _ in range(steps):
         step()
