@@ -3,7 +3,8 @@ layers, shared GELU experts, no renormalization and an active selection bias) ex
 self-contained custom architecture, loads with trust_remote_code and gives moe_dist's logits;
 router statistics buffers (EMAs, projections, biases) are populated first so the eval paths
 that read them are exercised. SentencePiece checkpoints get tokenizer files that transformers
-loads. (The Mixtral path on a real training checkpoint: test_ckpt_roundtrip.py.)"""
+loads. COMET's expert masks are computed from the projections the export writes. (The Mixtral
+path on a real training checkpoint: test_ckpt_roundtrip.py.)"""
 
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ CASES = {
     "topk-dense-score_after_topk-scaled": (dict(n_layers=3, moe_every=2, moe_offset=1, head_dim=4),
                                            dict(num_shared_experts=2, shared_gate=True,
                                                 router={"type": "topk", "score_after_topk": True, "scale": 2.5})),
+    # COMET's mask inside experts, projections drawn from the model seed (3, not the default 0):
+    # on SwiGLU's product and on GELU, beside a shared expert it never masks.
+    "inhibition-comet-swiglu": ({}, dict(comet_active_fraction=0.25, router={"type": "inhibition", "momentum": 0.5})),
+    "fixed_projection-comet-gelu-shared": (dict(activation="gelu"),
+                                           dict(activation="gelu", num_shared_experts=1, comet_active_fraction=0.5,
+                                                router={"type": "fixed_projection", "seed": 5})),
 }
 
 

@@ -1,10 +1,10 @@
 """Exports that behave like Hugging Face models in `generate`: tools/generate.py's greedy output
-equals transformers' `generate` on the export (Mixtral and remote code) for a left-padded batch
-running past max_seq_len; the remote-code model's KV cache (multi-head, and grouped-query with
-q/k norms and q/k/v bias) equals recomputation and its right padding leaves real tokens' logits
-alone; exported tokenizers load with AutoTokenizer without any input, have a pad token and pad a
-batch; generation_config names eos and pad; the
-quickstart config exports as Mixtral."""
+equals transformers' `generate` on the export (Mixtral and remote code, also with COMET's expert
+masks) for a left-padded batch running past max_seq_len; the remote-code model's KV cache
+(multi-head, grouped-query with q/k norms and q/k/v bias, and COMET-masked experts) equals
+recomputation and its right padding leaves real tokens' logits alone; exported tokenizers load
+with AutoTokenizer without any input, have a pad token and pad a batch; generation_config names
+eos and pad; the quickstart config exports as Mixtral."""
 
 from __future__ import annotations
 
@@ -27,17 +27,21 @@ transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["abcab cab", "x"]
 NEW = 14  # prompt 9 + 14 > max_seq_len 16
-# kind: (model options, the architecture `auto` exports). custom_gqa: the remote code's grouped
-# key/value heads in the cache, with q/k norms and q/k/v bias (Qwen3 has no bias, Qwen2 no norm).
-KINDS = {"custom": (dict(moe_every=2), "custom"), "mixtral": (dict(moe_every=1), "mixtral"),
-         "custom_gqa": (dict(moe_every=2, n_heads=4, n_kv_heads=2, qk_norm="head", qkv_bias=True),
-                        "custom")}
+# kind: (model options, moe options, the architecture `auto` exports). custom_gqa: the remote
+# code's grouped key/value heads in the cache, with q/k norms and q/k/v bias (Qwen3 has no bias,
+# Qwen2 no norm). custom_comet: COMET's expert masks of the model seed (8), which
+# tools/generate.py redraws from the checkpoint and the export carries.
+KINDS = {"custom": (dict(moe_every=2), {}, "custom"), "mixtral": (dict(moe_every=1), {}, "mixtral"),
+         "custom_gqa": (dict(moe_every=2, n_heads=4, n_kv_heads=2, qk_norm="head", qkv_bias=True), {},
+                        "custom"),
+         "custom_comet": (dict(moe_every=2), dict(comet_active_fraction=0.25), "custom")}
 
 
 def build(kind: str) -> MoETransformer:
     cfg = parse_model_config({"vocab_size": 257, "d_model": 32, "n_layers": 3, "n_heads": 2, "d_ff": 48,
                               "max_seq_len": 16, **KINDS[kind][0]},
-                             {"num_experts": 4, "top_k": 2, "d_ff": 16, "router": {"type": "topk", "renormalize": True}})
+                             {"num_experts": 4, "top_k": 2, "d_ff": 16, "router": {"type": "topk", "renormalize": True},
+                              **KINDS[kind][1]})
     model = MoETransformer(cfg, seed=8).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # larger weights than init: decisive logits, no near-ties in greedy
@@ -53,8 +57,8 @@ def exported(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     ckpt = save_consolidated(build(request.param), str(tmp / "ckpt"))
     result = export_hf(ckpt, str(tmp / "hf"), progress=False)
-    assert result.architecture == KINDS[request.param][1] and result.tokenizer
-    return KINDS[request.param][1], ckpt, str(tmp / "hf")
+    assert result.architecture == KINDS[request.param][2] and result.tokenizer
+    return KINDS[request.param][2], ckpt, str(tmp / "hf")
 
 
 def load_hf(out: str):

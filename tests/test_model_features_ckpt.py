@@ -4,7 +4,8 @@ ZeRO-1, ep_size 2) with all of them is consolidated (module and fp32 master weig
 back at ep_size 2 and 1, and resharded 2 -> 1 and resumed on the original loss curve. Export:
 Mixtral expresses grouped-query attention and an explicit head_dim (transformers' own class gives
 moe_dist's logits); the rest exports as the custom remote-code architecture, which gives them too;
-COMET's expert masks, which it does not compute, are refused by name, nothing written."""
+COMET's expert-mask projections, which no state dict holds, are written by the export (the
+model seed's, fp32) and load into the remote code."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch
 from ckpt_harness import eval_logits, read_losses
 from train_harness import REPO, dump_json, run_deepspeed_ranks, tiny_config
 
-from moe_dist.checkpoint import (CheckpointError, ConsolidatedCheckpoint, TrainingCheckpoint, consolidate,
-                                 export_hf, load_consolidated, reshard, save_consolidated)
-from moe_dist.checkpoint.hf_export import custom_blockers, mixtral_blockers
+from moe_dist.checkpoint import (ConsolidatedCheckpoint, TrainingCheckpoint, consolidate, export_hf,
+                                 load_consolidated, reshard, save_consolidated)
+from moe_dist.checkpoint.hf_export import mixtral_blockers
 from moe_dist.checkpoint.layout import tag_for_step
 from moe_dist.checkpoint.zero import read_zero_state
 from moe_dist.model.config import parse_model_config
@@ -132,7 +133,6 @@ def test_export_of_features_no_native_class_computes_is_custom_and_gives_the_log
     cfg = parse_model_config(dict(MODEL, n_heads=4, qk_norm="full", qkv_bias=True),
                              dict(MIXTRAL_MOE, num_shared_experts=1, shared_gate=True,
                                   router={"type": "topk", "score": "sigmoid", "scale": 2.0}))
-    assert custom_blockers(cfg) == []
     assert "model.qk_norm is 'full'; Mixtral has no q/k norm" in mixtral_blockers(cfg, {})
     model = MoETransformer(cfg, seed=4).eval()
     save_consolidated(model, str(tmp_path / "c"))
@@ -143,11 +143,25 @@ def test_export_of_features_no_native_class_computes_is_custom_and_gives_the_log
         torch.testing.assert_close(hf(tokens).logits, model(tokens).logits_BSV, rtol=1e-5, atol=1e-5)
 
 
-def test_export_of_comet_expert_masks_is_refused_by_name_and_writes_nothing(tmp_path):
+def test_export_of_comet_expert_masks_carries_the_projections_of_the_model_seed(tmp_path):
+    """moe_dist keeps COMET's projections out of its state dict (drawn from the seed at build):
+    the custom export writes each MoE layer's, of the checkpoint's seed, in fp32 even for a bf16
+    export, and they load into the remote code as they are."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
     cfg = parse_model_config(dict(MODEL, n_heads=4), dict(MIXTRAL_MOE, comet_active_fraction=0.5))
-    assert custom_blockers(cfg) == ["moe.comet_active_fraction 0.5 (COMET's mask inside experts)"]
-    save_consolidated(MoETransformer(cfg), str(tmp_path / "c"))
-    with pytest.raises(CheckpointError, match=r"remote-code\) architecture cannot express .*"
-                                              r"moe.comet_active_fraction 0.5"):
-        export_hf(str(tmp_path / "c"), str(tmp_path / "hf"), progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["c"]
+    assert "experts mask hidden units (moe.comet_active_fraction); Mixtral's do not" in mixtral_blockers(cfg, {})
+    model = MoETransformer(cfg, seed=1234).eval()
+    save_consolidated(model, str(tmp_path / "c"))
+    assert export_hf(str(tmp_path / "c"), str(tmp_path / "hf"), dtype="bf16", progress=False).architecture == "custom"
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert weights["model.embed.weight"].dtype == torch.bfloat16
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    for i, moe in model.moe_layers():
+        name = f"model.blocks.{i}.moe.experts.hidden_mask.v_eDF"
+        assert weights[name].dtype == torch.float32 and torch.equal(weights[name], moe.experts.hidden_mask.v_eDF)
+        assert torch.equal(hf.get_buffer(name), weights[name])  # fp32 beside bf16 weights
+    tokens = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # fp32 mask scores of bf16 activations (the logits at fp32: test_ckpt_export_hf.py)
+        assert torch.isfinite(hf(tokens).logits).all()

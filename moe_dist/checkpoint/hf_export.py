@@ -17,8 +17,9 @@ modeling file (`hf_remote_code/modeling_moe_dist.py`, copied into OUT) mirrors `
 module for module (its attention and routers in files of their own beside it, copied along), so
 the mapping is the identity plus a prefix: moe_dist's ep_size=1 tensor `<name>` is
 `model.<name>` (router statistics buffers included), and config.json carries moe_dist's `model`
-and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It computes every model moe_dist builds
-but one with COMET's mask inside experts (`custom_blockers`), which is refused, naming the field.
+and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It computes every model moe_dist builds.
+The one addition to the state dict is COMET's expert-mask projections (`comet_mask_state`),
+which moe_dist redraws from the checkpoint's model seed and the remote code cannot.
 
 The tokenizer. A checkpoint trained with a SentencePiece model gets `tokenizer.model` (the same
 file, checked against the digest the trainer recorded) and the fast `tokenizer.json` that
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from moe_dist.checkpoint import hf_remote_code
-from moe_dist.checkpoint.consolidated import full_state_dict, open_checkpoint
+from moe_dist.checkpoint.consolidated import full_state_dict, model_seed, open_checkpoint
 from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, cast_floating, check_option,
                                        check_output, dtype_name, read_json, staged_directory, torch_dtype,
                                        write_json, write_weights)
@@ -54,6 +55,7 @@ from moe_dist.checkpoint.hf_tensors import HUB, tensor_plan
 from moe_dist.checkpoint.hf_tokenizer import pad_token_ids, write_byte_tokenizer, write_generation_config
 from moe_dist.common.config import to_dict
 from moe_dist.model.config import ModelConfig
+from moe_dist.moe.expert_mask import expert_mask_projections
 
 ARCHITECTURES = ("auto", *MOE_ARCHS, "custom")
 CONFIG_MODULE, MODELING_MODULE = "configuration_moe_dist", "modeling_moe_dist"
@@ -96,14 +98,20 @@ def native_state(arch_name: str, cfg: ModelConfig, state: dict[str, Tensor]) -> 
 
 # ---- the custom architecture -------------------------------------------------------------------
 
-def custom_blockers(cfg: ModelConfig) -> list[str]:
-    """What `hf_remote_code/` does not compute (empty: it computes this model); exporting such a
-    model would silently compute another one. COMET's expert mask is not implemented there: its
-    projections are no tensors of the state dict but drawn from the model seed at build time
-    (`checkpoint.consolidated.model_seed`), and the remote code would have to draw them alike."""
-    if cfg.moe is not None and cfg.moe.comet_active_fraction is not None:
-        return [f"moe.comet_active_fraction {cfg.moe.comet_active_fraction!r} (COMET's mask inside experts)"]
-    return []
+def comet_mask_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
+    """COMET's expert-mask projections (`moe.comet_active_fraction`) as tensors of moe_dist's names.
+
+    moe_dist keeps them out of its state dict and redraws them from the model seed at build time;
+    the remote code cannot (no moe_dist there), so the export carries them, for every expert (the
+    draw is per global expert id, so this is what every EP rank computed). Always fp32, whatever
+    `--dtype`: moe_dist draws the matrix in fp32 and scores the mask in fp32 (`mask_expert_hidden`);
+    a bf16 copy would move the k-WTA winners of near-tied units, for a few MB per layer saved."""
+    moe = cfg.moe
+    if moe is None or moe.comet_active_fraction is None:
+        return {}
+    return {f"blocks.{i}.moe.experts.hidden_mask.v_eDF":
+            expert_mask_projections(moe.num_experts, 0, moe.d_model, moe.d_ff, seed=seed, layer_index=i)
+            for i in cfg.moe_layer_indices}
 
 
 def custom_config(cfg: ModelConfig, token_ids: dict[str, int | None], dtype: torch.dtype) -> dict[str, Any]:
@@ -265,12 +273,6 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
     state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
     blockers = native_blockers(cfg, state)
     native = _native_choice(architecture, blockers, ckpt_path)
-    unsupported = [] if native else custom_blockers(cfg)
-    if unsupported:
-        why_not = "; ".join(f"{ARCHS[name].display}: {', '.join(r)}" for name, r in blockers.items())
-        raise CheckpointError(f"the custom (remote-code) architecture cannot express the model of {ckpt_path!r}: "
-                              f"it does not implement {'; '.join(unsupported)}; and no native class can either "
-                              f"({why_not})")
     token_ids = pad_token_ids(hf_token_ids(hf_tokenizer) if hf_tokenizer else special_token_ids(sp_model),
                               cfg.vocab_size)
     weight_dtype = state["embed.weight"].dtype
@@ -279,7 +281,8 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
             config = hf_config(ARCHS[native], cfg, token_ids, dtype_name(weight_dtype))
             weights = native_state(native, cfg, state)
         else:
-            config, weights = custom_config(cfg, token_ids, weight_dtype), custom_state(state)
+            config = custom_config(cfg, token_ids, weight_dtype)
+            weights = custom_state({**state, **comet_mask_state(cfg, model_seed(ckpt.config))})
             copy_modeling_files(tmp)
         write_json(os.path.join(tmp, "config.json"), config)
         write_weights(os.path.join(tmp, "model.safetensors"), weights, SAFETENSORS, metadata={"format": "pt"})

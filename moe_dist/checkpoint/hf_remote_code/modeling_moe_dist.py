@@ -11,8 +11,9 @@ weights load one to one:
 - attention (moe_dist_attention.py): multi-head or grouped-query, any head width, optional
   q/k/v bias and q/k RMSNorm; rotary in fp32; causal SDPA;
 - routers in their eval form (moe_dist_routers.py), scores in fp32;
-- MoE FFN: the routed experts plus an optional shared expert of width `shared_d_ff`, optionally
-  scaled by a sigmoid gate (Qwen2-MoE);
+- MoE FFN: the routed experts, optionally with COMET's k-WTA mask on their hidden units, plus
+  an optional shared expert of width `shared_d_ff`, optionally scaled by a sigmoid gate
+  (Qwen2-MoE);
 - dropless: every token reaches its top-k experts (moe_dist's eval default; a capacity set with
   moe.eval_capacity_factor > 0 would drop, and the two agree when it drops nothing);
 - `attention_mask` (left or right padding), a KV cache through transformers' `Cache` (`generate`
@@ -62,15 +63,35 @@ class DenseFFN(nn.Module):
         return ffn_activation(x @ self.w_in_DF.to(x.dtype), self.activation) @ self.w_out_FD.to(x.dtype)
 
 
+class ExpertMask(nn.Module):
+    """COMET's mask inside experts (moe.comet_active_fraction): expert e keeps the k hidden units
+    of kwta_k(u V_e) for its input u, exactly k winners (ties broken by topk, as in moe_dist).
+    moe_dist draws V_eDF from its model seed and keeps it out of its state dict; the export
+    writes it, so here it is a persistent buffer (fp32, the matrix moe_dist scores with)."""
+
+    def __init__(self, num_experts, d_model, d_ff, active_fraction):
+        super().__init__()
+        self.k = max(1, round(active_fraction * d_ff))
+        self.register_buffer("v_eDF", torch.zeros(num_experts, d_model, d_ff, dtype=torch.float32))
+
+    def forward(self, a_NF, u_ND, e):
+        # fp32 scores whatever the model dtype: a rounded score can change the winners.
+        scores_NF = u_ND.float() @ self.v_eDF[e].float()
+        winners_NK = torch.topk(scores_NF, self.k, dim=-1).indices
+        return a_NF * torch.zeros_like(scores_NF).scatter_(-1, winners_NK, 1.0).to(a_NF.dtype)
+
+
 class Experts(nn.Module):
     """E FFN experts in stacked tensors; every token's K chosen experts, weighted and summed."""
 
-    def __init__(self, num_experts, d_model, d_ff, activation):
+    def __init__(self, num_experts, d_model, d_ff, activation, comet_active_fraction=None):
         super().__init__()
         self.activation = activation
         in_width = 2 * d_ff if activation == "swiglu" else d_ff
         self.w_in_eDF = nn.Parameter(torch.empty(num_experts, d_model, in_width))
         self.w_out_eFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.hidden_mask = (None if comet_active_fraction is None
+                            else ExpertMask(num_experts, d_model, d_ff, comet_active_fraction))
 
     def forward(self, x_TD, idx_TK, w_TK):
         y_TD = torch.zeros_like(x_TD)
@@ -78,8 +99,11 @@ class Experts(nn.Module):
             token_N, k_N = (idx_TK == e).nonzero(as_tuple=True)
             if token_N.numel() == 0:
                 continue
-            h = ffn_activation(x_TD[token_N] @ self.w_in_eDF[e].to(x_TD.dtype), self.activation)
-            out_ND = h @ self.w_out_eFD[e].to(x_TD.dtype)
+            x_ND = x_TD[token_N]
+            a_NF = ffn_activation(x_ND @ self.w_in_eDF[e].to(x_TD.dtype), self.activation)
+            if self.hidden_mask is not None:  # after the activation, on the SwiGLU product alike
+                a_NF = self.hidden_mask(a_NF, x_ND, e)
+            out_ND = a_NF @ self.w_out_eFD[e].to(x_TD.dtype)
             y_TD.index_add_(0, token_N, out_ND * w_TK[token_N, k_N].to(out_ND.dtype)[:, None])
         return y_TD
 
@@ -92,7 +116,8 @@ class MoELayer(nn.Module):
         if router["type"] not in ROUTERS:
             raise ValueError(f"router type {router['type']!r} is not one of {sorted(ROUTERS)}")
         self.router = ROUTERS[router["type"]](router, m["d_model"], m["num_experts"], m["top_k"])
-        self.experts = Experts(m["num_experts"], m["d_model"], m["d_ff"], m["activation"])
+        self.experts = Experts(m["num_experts"], m["d_model"], m["d_ff"], m["activation"],
+                               m.get("comet_active_fraction"))
         self.shared = (DenseFFN(m["d_model"], m["shared_d_ff"], m["activation"])
                        if m["num_shared_experts"] else None)
         self.shared_gate = nn.Linear(m["d_model"], 1, bias=False) if m["shared_gate"] else None
