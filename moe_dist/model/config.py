@@ -91,8 +91,8 @@ class ModelConfig:
             check(self.moe.d_model == self.d_model,
                   f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")
             check(self.moe_every >= 1,
-                  f"model.moe_every is 0 (no MoE layers) but a moe section is given; set "
-                  f"moe_every >= 1 or remove the moe section")
+                  "model.moe_every is 0 (no MoE layers) but a moe section is given; set "
+                  "moe_every >= 1 or remove the moe section")
 
     def is_moe_layer(self, layer_index: int) -> bool:
         if self.moe is None or self.moe_every == 0:

@@ -116,7 +116,7 @@ def _language_model_lines(summary: dict[str, Any]) -> list[str]:
         if with_mi:
             lines.append(f"- LM {corpus}: I(expert; language)/H(language), best layer: "
                          + ", ".join(f"{a} {v:.3f}" for a, v in sorted(with_mi.items(), key=lambda kv: -kv[1]))
-                         + (f": experts are at most weakly language-specific at this scale" if max(with_mi.values())
+                         + (": experts are at most weakly language-specific at this scale" if max(with_mi.values())
                             < 0.3 else "") + ".")
     return lines
 
