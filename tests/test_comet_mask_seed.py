@@ -61,3 +61,13 @@ def test_without_comet_the_seed_does_not_matter(tmp_path):
 def test_the_seed_of_a_run_config():
     assert model_seed({"train": {"seed": 99}, "model": {}}) == 99
     assert model_seed({"model": {}}) == 0  # saved without one: MoETransformer's default
+
+
+def test_the_projections_stay_fp32_when_the_model_is_cast_to_bf16():
+    """DeepSpeed's bf16 mode calls module.bfloat16(): a rounded matrix would pick other winners
+    than the fp32 one evaluation and the exports draw."""
+    model = MoETransformer(cfg(), seed=5)
+    before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("hidden_mask.v_eDF")}
+    model.bfloat16()
+    after = dict(model.named_buffers())
+    assert before and all(after[n].dtype == torch.float32 and torch.equal(after[n], b) for n, b in before.items())

@@ -17,6 +17,7 @@ from torch import Tensor
 from moe_dist.common.seeding import init_generator
 from moe_dist.kernels import grouped_mm
 from moe_dist.routing.comet import EXPERT_MASK_KEY, active_units, frozen_projection, kwta_mask
+from moe_dist.routing.fp32_buffers import FP32Buffers
 
 
 def expert_mask_projections(num_local: int, first_expert: int, d_model: int, d_ff: int, *, seed: int,
@@ -38,8 +39,11 @@ def mask_expert_hidden(h_MF: Tensor, u_MD: Tensor, v_eDF: Tensor, counts_e: list
     return h_MF * kwta_mask(scores_MF, k).to(h_MF.dtype)
 
 
-class ExpertCometMask(torch.nn.Module):
+class ExpertCometMask(FP32Buffers):
     """COMET's neuron mask inside every local expert (`moe.comet_active_fraction`).
+
+    Its projections stay fp32 under bf16 training (`FP32Buffers`), as the routers' do: the matrix
+    the seed defines, so training, evaluation and the exports pick the same k winners.
 
     The projections are a non-persistent buffer: they are a function of (seed, layer, global
     expert id), rebuilt identically at construction, so checkpoints need not carry them, and a
