@@ -74,10 +74,8 @@ def build_moe_dist_layer(spec: Spec):
     return MoELayer(cfg, seed=spec.seed).to(spec.device, spec.torch_dtype)
 
 
-def _init_deepspeed_dist(device: str = "cpu") -> None:
+def _init_deepspeed_dist() -> None:
     """DeepSpeed's MoE needs torch.distributed and its expert groups, even for one process."""
-    import deepspeed
-
     from moe_dist.parallel import runtime
 
     if torch.distributed.is_initialized():
@@ -87,16 +85,14 @@ def _init_deepspeed_dist(device: str = "cpu") -> None:
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
-    if device != "cuda":
-        runtime.skip_shared_memory_allreduce()
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    runtime.init_distributed()  # DeepSpeed's backend for the device (gloo on CPU, NCCL on CUDA)
 
 
 def build_deepspeed_layer(spec: Spec, like):
     """DeepSpeed's MoE with `like`'s (a moe_dist MoELayer) router and expert weights."""
     from deepspeed.moe.layer import MoE
 
-    _init_deepspeed_dist(spec.device)
+    _init_deepspeed_dist()
     # With k=1 DeepSpeed picks which tokens overflow by a top-k over a 0/1 mask (ties in no set
     # order), so outputs may differ on overflowing tokens; the work done is the same.
     D, Fw = spec.d_model, spec.d_ff

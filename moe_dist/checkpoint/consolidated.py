@@ -61,12 +61,12 @@ def model_seed(config: dict[str, Any]) -> int:
 def check_same_frozen_constants(stored: dict[str, Any], cfg: ModelConfig, seed: int, where: str) -> None:
     """COMET's expert-mask projections are drawn from the model seed and not saved: a model built
     with another seed computes other masks with the checkpoint's weights."""
-    if cfg.moe is None or cfg.moe.comet_active_fraction is None or model_seed(stored) == seed:
+    drawn = model_seed(stored)
+    if cfg.moe is None or cfg.moe.comet_active_fraction is None or drawn == seed:
         return
     raise CheckpointError(f"{where}: its COMET expert masks (moe.comet_active_fraction) were drawn with seed "
-                          f"{model_seed(stored)} (train.seed of the run that wrote it), this model's with seed "
-                          f"{seed}; build the model with seed {model_seed(stored)} (train.seed: "
-                          f"{model_seed(stored)}) to compute the trained function")
+                          f"{drawn} (train.seed of the run that wrote it), this model's with seed {seed}; build "
+                          f"the model with seed {drawn} (train.seed: {drawn}) to compute the trained function")
 
 
 def single_rank_config(config: dict[str, Any]) -> dict[str, Any]:
