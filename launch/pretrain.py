@@ -9,7 +9,7 @@ On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU acceler
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
 Configuration errors are reported before any process group or model exists, exit status 2 (so is
 a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock).
-Other exit statuses (moe_dist/train/exits.py, docs/launch.md): 3 non-finite training stopped,
+Other exit statuses (moe_dist/train/safety/exits.py, docs/launch.md): 3 non-finite training stopped,
 4 watchdog (no step within train.watchdog_timeout), 28 disk full at a checkpoint, 75 stopped by
 SIGTERM/SIGINT/SIGUSR1 after committing a checkpoint (resume with --resume).
 """
@@ -28,10 +28,10 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
-from moe_dist.train.disk import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
-from moe_dist.train.exits import RunStopped  # noqa: E402
-from moe_dist.train.run_dir import claim  # noqa: E402
-from moe_dist.train.signals import guard_launcher  # noqa: E402
+from moe_dist.checkpoint.training import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
+from moe_dist.train.safety.exits import RunStopped  # noqa: E402
+from moe_dist.train.safety.run_dir import claim  # noqa: E402
+from moe_dist.train.safety.signals import guard_launcher  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,7 +23,7 @@ import torch
 from train_harness import REPO, dump_json, tiny_config
 
 from moe_dist.checkpoint import consolidate, load_consolidated, reshard
-from moe_dist.checkpoint.layout import tag_for_step
+from moe_dist.checkpoint.training.layout import tag_for_step
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups

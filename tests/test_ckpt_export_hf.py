@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moe_dist.checkpoint import CheckpointError, export_hf, hf_remote_code, save_consolidated
-from moe_dist.checkpoint.hf_export import mixtral_blockers
+from moe_dist.checkpoint.hf.exporter import mixtral_blockers
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 

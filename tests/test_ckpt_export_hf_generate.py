@@ -19,7 +19,7 @@ import yaml
 from test_evaluate import REPO, load_tool
 
 from moe_dist.checkpoint import export_hf, save_consolidated
-from moe_dist.checkpoint.hf_export import mixtral_blockers
+from moe_dist.checkpoint.hf.exporter import mixtral_blockers
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 

@@ -18,7 +18,7 @@ from hf_harness import MODELS, MOE_MODELS, build_hf, hf_logits, save_hf, tokens
 
 from moe_dist.checkpoint import CheckpointError, export_hf, import_hf, load_consolidated, read_hf_model
 from moe_dist.checkpoint.cli import main as cli_main
-from moe_dist.checkpoint.hf_import import RUN_CONFIG_FILE
+from moe_dist.checkpoint.hf.importer import RUN_CONFIG_FILE
 from moe_dist.model.transformer import MoETransformer
 
 transformers = pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ from train_harness import REPO, assert_launch_ok, free_port, launch, logged_loss
 
 from moe_dist.checkpoint import export_hf, import_hf, open_checkpoint
 from moe_dist.checkpoint.consolidated import full_state_dict, single_rank_config
-from moe_dist.checkpoint.hf_import import RUN_CONFIG_FILE
+from moe_dist.checkpoint.hf.importer import RUN_CONFIG_FILE
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 

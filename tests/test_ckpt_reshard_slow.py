@@ -14,7 +14,7 @@ from ckpt_harness import N, read_losses, resume_and_record, run_config, train_an
 from train_harness import run_deepspeed_ranks
 
 from moe_dist.checkpoint import reshard
-from moe_dist.checkpoint.layout import tag_for_step
+from moe_dist.checkpoint.training.layout import tag_for_step
 from moe_dist.parallel import runtime
 
 RESUME = dict(rtol=1e-5, atol=1e-6)

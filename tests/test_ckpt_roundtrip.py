@@ -22,9 +22,9 @@ from moe_dist.checkpoint import (CheckpointError, ConsolidatedCheckpoint, Traini
                                  load_consolidated, open_checkpoint, reshard, summarize)
 from moe_dist.checkpoint.cli import main as cli_main
 from moe_dist.checkpoint.consolidated import single_rank_config
-from moe_dist.checkpoint.layout import tag_for_step
-from moe_dist.checkpoint.tags import COMPLETE, MARKER, tag_problems, tag_state
-from moe_dist.checkpoint.zero import DEEPSPEED_VERSIONS, read_zero_state
+from moe_dist.checkpoint.training.layout import tag_for_step
+from moe_dist.checkpoint.training.tags import COMPLETE, MARKER, tag_problems, tag_state
+from moe_dist.checkpoint.training.zero import DEEPSPEED_VERSIONS, read_zero_state
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 
@@ -70,7 +70,7 @@ def test_training_initialized_from_a_consolidated_checkpoint_starts_from_its_wei
 
 def test_init_from_that_is_not_a_consolidated_checkpoint_is_refused_before_training(tmp_path):
     from moe_dist.common.config import ConfigError
-    from moe_dist.train.preflight import check_init_from
+    from moe_dist.train.preflight.start import check_init_from
 
     with pytest.raises(ConfigError, match=r"train.init_from '.*nowhere' is not a directory"):
         check_init_from(str(tmp_path / "nowhere"), None, 0)

@@ -149,7 +149,7 @@ def test_cli_writes_a_checkpoint_inspect_reads(dense_ckpt, tmp_path, capsys):
 
 
 def test_hf_source_records_its_tokenizer(tmp_path, monkeypatch):
-    """The HF path (moe_dist.checkpoint.hf_import.read_hf_model stubbed with a dense moe_dist
+    """The HF path (moe_dist.checkpoint.hf.importer.read_hf_model stubbed with a dense moe_dist
     model): its directory becomes the run's `tokenizer: {kind: hf}`."""
     import moe_dist.checkpoint.upcycle as up
 

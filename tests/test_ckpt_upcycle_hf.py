@@ -2,7 +2,7 @@
 built from transformers' own config classes, nothing downloaded): the upcycled moe_dist model's
 logits equal transformers' dense model's at step 0, for full copies and for slices, and the
 directory's tokenizer becomes the run's `tokenizer: {kind: hf}`. Needs the HF reader
-(moe_dist.checkpoint.hf_import, the hf-convert branch)."""
+(moe_dist.checkpoint.hf.importer, the hf-convert branch)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-pytest.importorskip("moe_dist.checkpoint.hf_import")
+pytest.importorskip("moe_dist.checkpoint.hf.importer")
 
 from tiny_hf_tokenizer import build_tokenizer_dir  # noqa: E402
 

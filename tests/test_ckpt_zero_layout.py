@@ -15,8 +15,8 @@ import torch
 from packaging.requirements import Requirement
 from train_harness import REPO
 
-from moe_dist.checkpoint.reshard import _chunks, max_moe_group_size, plan_groups, remap_per_group
-from moe_dist.checkpoint.zero import (DEEPSPEED_VERSIONS, FlatGroupLayout, ZeroGroup, param_alignment_for,
+from moe_dist.checkpoint.training.reshard import _chunks, max_moe_group_size, plan_groups, remap_per_group
+from moe_dist.checkpoint.training.zero import (DEEPSPEED_VERSIONS, FlatGroupLayout, ZeroGroup, param_alignment_for,
                                       parameter_alignment_paddings)
 
 Address = namedtuple("Address", ["start", "numel"])

@@ -14,7 +14,7 @@ from moe_dist.common.config import ConfigError
 from moe_dist.evaluate.loading import load_model
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
-from moe_dist.train.preflight import check_init_from
+from moe_dist.train.preflight.start import check_init_from
 
 V, S = 50, 8
 MODEL = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=S)

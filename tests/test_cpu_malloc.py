@@ -8,7 +8,8 @@ import textwrap
 import pytest
 
 from moe_dist.common.config import ConfigError
-from moe_dist.train import cpu_malloc, trainer
+from moe_dist.common import malloc as cpu_malloc
+from moe_dist.common import process
 from moe_dist.train.config import CpuSection
 
 # Page faults of allocating and filling a 64 MiB tensor, once the heap has settled: glibc's best
@@ -16,7 +17,7 @@ from moe_dist.train.config import CpuSection
 # the heap; the number of steps that takes is not the point, its ending is.
 _PROBE = textwrap.dedent("""
     import resource, sys, torch
-    from moe_dist.train import cpu_malloc
+    from moe_dist.common import malloc as cpu_malloc
     applied = cpu_malloc.keep_freed_memory() if sys.argv[1] == "keep" else None
     def faults_of_one_step():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -46,11 +47,11 @@ def test_kept_memory_is_not_faulted_in_again():
 def test_trainer_asks_glibc_on_cpu_unless_configured_off(monkeypatch, keep):
     calls = []
     monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
-    trainer.configure_cpu_malloc(CpuSection(keep_freed_memory=keep).keep_freed_memory)
+    monkeypatch.setattr(process.torch.cuda, "is_available", lambda: False)
+    process.keep_freed_memory(CpuSection(keep_freed_memory=keep).keep_freed_memory)
     assert calls == ([1] if keep else [])
-    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: True)
-    trainer.configure_cpu_malloc(True)  # GPUs have PyTorch's caching allocator
+    monkeypatch.setattr(process.torch.cuda, "is_available", lambda: True)
+    process.keep_freed_memory(True)  # GPUs have PyTorch's caching allocator
     assert calls == ([1] if keep else [])
 
 
@@ -59,8 +60,7 @@ def test_config_rejects_a_non_boolean():
         CpuSection(keep_freed_memory="yes")
 
 
-def test_trainer_says_when_the_setting_could_not_be_applied(monkeypatch, capsys):
+def test_trainer_says_when_the_setting_could_not_be_applied(monkeypatch):
     monkeypatch.setattr(cpu_malloc, "keep_freed_memory", lambda: False)
-    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
-    trainer.configure_cpu_malloc(True)
-    assert "cpu.keep_freed_memory: not applied" in capsys.readouterr().out
+    monkeypatch.setattr(process.torch.cuda, "is_available", lambda: False)
+    assert "cpu.keep_freed_memory: not applied" in process.keep_freed_memory(True)

@@ -14,8 +14,8 @@ import pytest
 from train_harness import run_deepspeed_ranks, tiny_config
 
 from moe_dist.checkpoint import cli
-from moe_dist.checkpoint.layout import read_latest
-from moe_dist.checkpoint.tags import MARKER, file_run_ids, list_tags, read_marker, tag_problems
+from moe_dist.checkpoint.training.layout import read_latest
+from moe_dist.checkpoint.training.tags import MARKER, file_run_ids, list_tags, read_marker, tag_problems
 from moe_dist.parallel import runtime
 from moe_dist.train.config import parse_run_config
 from moe_dist.train.trainer import Trainer, pretrain

@@ -17,7 +17,7 @@ import torch
 from fault_harness import LiveLaunch
 from train_harness import run_deepspeed_ranks, tiny_config, write_yaml
 
-from moe_dist.train.watchdog import slowest_rank
+from moe_dist.train.safety.watchdog import slowest_rank
 
 TIMEOUT_S = 7.0
 

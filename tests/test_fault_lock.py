@@ -1,5 +1,5 @@
-"""One writer per checkpoint directory: the run lock (moe_dist/train/run_lock.py) directly, the run
-id check of a tag (moe_dist/checkpoint/tags.py), and two jobs started together on one directory
+"""One writer per checkpoint directory: the run lock (moe_dist/train/safety/lock.py) directly, the run
+id check of a tag (moe_dist/checkpoint/training/tags.py), and two jobs started together on one directory
 through the real `deepspeed` launcher (slow): one is refused within seconds, naming the holder, and
 every tag of the other carries one run id."""
 
@@ -17,9 +17,9 @@ import pytest
 import torch
 from train_harness import REPO, free_port, tiny_config, write_yaml
 
-from moe_dist.checkpoint.tags import MARKER, list_tags, tag_problems, write_marker
-from moe_dist.train import run_lock
-from moe_dist.train.run_lock import RunDirLocked
+from moe_dist.checkpoint.training.tags import MARKER, list_tags, tag_problems, write_marker
+from moe_dist.train.safety import lock as run_lock
+from moe_dist.train.safety.lock import RunDirLocked
 
 
 def dead_pid() -> int:
@@ -84,7 +84,7 @@ def test_release_leaves_a_lock_that_is_not_ours(tmp_path):
 
 def test_racing_acquires_give_one_holder(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    script = ("import sys, time; from moe_dist.train import run_lock\n"
+    script = ("import sys, time; from moe_dist.train.safety import lock as run_lock\n"
               "try:\n    run_lock.acquire(sys.argv[1], sys.argv[2]); print('got', flush=True); time.sleep(3)\n"
               "except run_lock.RunDirLocked:\n    print('refused', flush=True)\n")
     procs = [subprocess.Popen([sys.executable, "-c", script, ckpt, f"r{i}"], stdout=subprocess.PIPE, text=True,

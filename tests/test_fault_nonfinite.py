@@ -13,9 +13,9 @@ import pytest
 import torch
 from train_harness import free_port, launch, tensorboard_scalars, tiny_config, write_yaml
 
-from moe_dist.checkpoint.layout import read_latest
-from moe_dist.train.exits import NONFINITE, RunStopped
-from moe_dist.train.nonfinite import GRAD, LM, NonFiniteWatch, refuse_nonfinite_save
+from moe_dist.checkpoint.training.layout import read_latest
+from moe_dist.train.safety.exits import NONFINITE, RunStopped
+from moe_dist.train.safety.nonfinite import GRAD, LM, NonFiniteWatch, refuse_nonfinite_save
 
 
 def output(lm: float, aux: float = 0.0, layer_losses: dict | None = None):

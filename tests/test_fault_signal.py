@@ -12,9 +12,9 @@ import pytest
 from fault_harness import LiveLaunch
 from train_harness import logged_losses, tiny_config, write_yaml
 
-from moe_dist.checkpoint.layout import read_latest
-from moe_dist.train.exits import PREEMPTED
-from moe_dist.train.signals import StopRequest, launcher_chain
+from moe_dist.checkpoint.training.layout import read_latest
+from moe_dist.train.safety.exits import PREEMPTED
+from moe_dist.train.safety.signals import StopRequest, launcher_chain
 
 STEPS = 400  # more than any test reaches: runs end by a signal or --stop_at_step
 

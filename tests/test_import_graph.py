@@ -32,7 +32,7 @@ MODEL_MATH = ["common", "kernels", "routing", "moe", "model"]
 # The only package that may import torch.distributed.
 DISTRIBUTED_PACKAGES = {"parallel"}
 # Shipped into Hugging Face exports and loaded where moe_dist is not installed.
-STANDALONE_DIRS = ["checkpoint/hf_remote_code"]
+STANDALONE_DIRS = ["checkpoint/hf/remote_code"]
 MAX_LINES = 400
 DESIGN_SECTION = "Packages and the direction of imports"
 
@@ -353,7 +353,7 @@ def test_resolution_of_relative_and_aliased_imports(tmp_path):
         "moe_dist/moe/layer.py": "import torch\nfrom torch import distributed\nx = torch.distributed.is_initialized\n",
         "moe_dist/model/m.py": "import importlib\nimportlib.import_module('moe_dist.study.x')\nimport torch.distributed as d\n",
         "moe_dist/stray.py": "",
-        "moe_dist/checkpoint/hf_remote_code/modeling.py": "from .configuration import C\nimport moe_dist.model.m\n",
+        "moe_dist/checkpoint/hf/remote_code/modeling.py": "from .configuration import C\nimport moe_dist.model.m\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ from train_harness import REPO, dump_json, run_deepspeed_ranks, tiny_config
 
 from moe_dist.checkpoint import (ConsolidatedCheckpoint, TrainingCheckpoint, consolidate, export_hf,
                                  load_consolidated, reshard, save_consolidated)
-from moe_dist.checkpoint.hf_export import mixtral_blockers
-from moe_dist.checkpoint.layout import tag_for_step
-from moe_dist.checkpoint.zero import read_zero_state
+from moe_dist.checkpoint.hf.exporter import mixtral_blockers
+from moe_dist.checkpoint.training.layout import tag_for_step
+from moe_dist.checkpoint.training.zero import read_zero_state
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime

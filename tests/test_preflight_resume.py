@@ -15,7 +15,7 @@ import torch
 from train_harness import assert_launch_ok, free_port, launch, logged_losses, tiny_config, write_yaml
 
 from moe_dist.checkpoint import save_consolidated
-from moe_dist.checkpoint.layout import MODEL_STATES, read_latest
+from moe_dist.checkpoint.training.layout import MODEL_STATES, read_latest
 from moe_dist.common.config import ConfigError
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.train.config import parse_run_config

@@ -15,7 +15,7 @@ import os
 import pytest
 from train_harness import REPO, run_deepspeed_ranks, tiny_config
 
-from moe_dist.checkpoint.layout import read_latest
+from moe_dist.checkpoint.training.layout import read_latest
 from moe_dist.train.config import parse_run_config
 from moe_dist.train.trainer import pretrain
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from moe_dist.checkpoint.layout import read_latest
+from moe_dist.checkpoint.training.layout import read_latest
 from moe_dist.common.atomic import write_text_atomic
 from moe_dist.moe.stats import mutual_information
 from moe_dist.train.config import TrainSection, apply_overrides

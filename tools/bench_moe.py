@@ -28,7 +28,7 @@ during a step (profiler allocation events) and the peak RSS increase (tools/step
 CUDA, in this process, `max_memory_allocated` during a step minus what was allocated before it
 (RSS: null).
 Allocator: `--cpu-malloc keep` (the default, what the trainer does on CPU) has glibc keep freed
-memory, as a GPU's caching allocator does (moe_dist/train/cpu_malloc.py); `default` leaves glibc
+memory, as a GPU's caching allocator does (moe_dist/common/malloc.py); `default` leaves glibc
 as it is. Both the timing and the memory children use the chosen one.
 
     python tools/bench_moe.py                      # default sweep E = 8, 64, 256, table on stdout
@@ -73,7 +73,7 @@ GPU_CASES = ("moe_dist", "deepspeed", "megatron", "floor")
 # ---------------------------------------------------------------------------------------------
 
 def configure_malloc(mode: str) -> None:
-    from moe_dist.train import cpu_malloc
+    from moe_dist.common import malloc as cpu_malloc
 
     if mode == "keep" and not cpu_malloc.keep_freed_memory():
         raise RuntimeError("--cpu-malloc keep needs glibc; use --cpu-malloc default here")

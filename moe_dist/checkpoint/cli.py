@@ -2,35 +2,24 @@
 what `inspect` prints. Conversion errors (CheckpointError) print one line naming the file and exit
 with status 2.
 
-`inspect` (`summarize`) tells what a checkpoint holds from its metadata and tensor shapes (no
-tensor data is needed beyond what the model-states file already holds): layers, experts, the
-parallel layout it was saved with, routers, dtypes, parameter counts (total and active per
-token), step, config. For a training checkpoint it also says whether the tag is complete
-(moe_dist/checkpoint/tags.py) and lists the directory's tags; a partial tag (a save that did not
-finish) or one whose files disagree exits with status 3 (EXIT_INCOMPLETE), whatever it holds.
+`inspect` prints what a checkpoint holds (moe_dist/checkpoint/inspect.py) and, for a training
+checkpoint, whether the tag is complete and the directory's tags (`tag_report`); a partial tag (a
+save that did not finish) or one whose files disagree exits with status 3 (EXIT_INCOMPLETE),
+whatever it holds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
-from typing import Any
 
-import yaml
-
-from moe_dist.checkpoint.consolidated import (ConsolidatedCheckpoint, consolidate, open_checkpoint,
-                                              tensor_shapes)
-from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError, dtype_name
-from moe_dist.checkpoint.hf_arch import ARCHS
-from moe_dist.checkpoint.hf_export import ARCHITECTURES, export_hf
-from moe_dist.checkpoint.hf_import import RUN_CONFIG_FILE, import_hf
-from moe_dist.checkpoint.layout import is_expert_key, read_latest, strip_engine_prefix
-from moe_dist.checkpoint.reshard import reshard
-from moe_dist.checkpoint.tags import COMPLETE, PARTIAL, list_tags, tag_problems, tag_state, tag_step
-from moe_dist.checkpoint.training import TrainingCheckpoint
+from moe_dist.checkpoint.consolidated import consolidate, open_checkpoint
+from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError
+from moe_dist.checkpoint.hf.arch import ARCHS
+from moe_dist.checkpoint.hf.exporter import ARCHITECTURES, export_hf
+from moe_dist.checkpoint.hf.importer import RUN_CONFIG_FILE, import_hf
+from moe_dist.checkpoint.inspect import format_summary, summarize, summary_json
+from moe_dist.checkpoint.training import reshard, tag_report
 from moe_dist.checkpoint.upcycle import SLICE_SCALES, upcycle
 
 EXIT_INCOMPLETE = 3  # inspect: the tag is partial or its files disagree
@@ -130,28 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tag_report(path: str, tag: str | None) -> dict[str, Any] | None:
-    """Completeness of the training tag `path` (and `tag`) resolves to, and of its siblings; None
-    for a consolidated checkpoint or a path that is no checkpoint directory."""
-    if tag is None and ConsolidatedCheckpoint.is_consolidated(path):
-        return None
-    base = os.path.basename(os.path.normpath(path))
-    if tag is None and tag_step(base) is not None and os.path.isdir(path):
-        checkpoint_dir, tag = os.path.dirname(os.path.abspath(path)), base
-    else:
-        checkpoint_dir, tag = path, tag or (read_latest(path) if os.path.isdir(path) else None)
-    if tag is None or not os.path.isdir(os.path.join(checkpoint_dir, tag)):
-        return None
-    state = tag_state(checkpoint_dir, tag)
-    problems = tag_problems(os.path.join(checkpoint_dir, tag)) if state.status == COMPLETE else []
-    if state.status == PARTIAL:
-        problems.insert(0, (f"tag {tag!r} is incomplete: no completion marker and newer than 'latest' "
-                            f"({read_latest(checkpoint_dir)!r}); a save that did not finish, which the next "
-                            f"start of the run removes"))
-    return {"tag": tag, "status": state.status, "run_id": state.run_id, "problems": problems,
-            "tags": {s.tag: s.status for s in list_tags(checkpoint_dir)}}
-
-
 def _add_upcycle(sub) -> int:
     p = sub.add_parser("upcycle", help="a dense model into an MoE model (sparse upcycling)",
                        description="Every chosen FFN layer becomes an MoE layer whose experts are copies of the "
@@ -245,83 +212,3 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-
-
-# ---- inspect -----------------------------------------------------------------------------------
-
-def _shapes_and_dtypes(ckpt) -> tuple[dict[str, tuple[int, ...]], dict[str, str], set[str]]:
-    """Global (ep_size=1) shape and dtype of every tensor, and the names of the buffers."""
-    if isinstance(ckpt, ConsolidatedCheckpoint):
-        shapes, dtypes = tensor_shapes(ckpt.weights_path)
-        return shapes, dtypes, set(ckpt.meta.get("buffers", []))
-    shapes, dtypes = {}, {}
-    for key, t in ckpt.main["module"].items():
-        name = strip_engine_prefix(key, ckpt.main_path)
-        shape = tuple(t.shape)
-        shapes[name] = (shape[0] * ckpt.ep_size, *shape[1:]) if is_expert_key(name) else shape
-        dtypes[name] = dtype_name(t.dtype)
-    buffers = {strip_engine_prefix(k, ckpt.main_path) for k in ckpt.main.get("buffer_names", [])}
-    return shapes, dtypes, buffers
-
-
-def summarize(ckpt: TrainingCheckpoint | ConsolidatedCheckpoint) -> dict[str, Any]:
-    cfg = ckpt.model_cfg
-    shapes, dtypes, buffers = _shapes_and_dtypes(ckpt)
-    params = {n: math.prod(s) for n, s in shapes.items() if n not in buffers}
-    expert = sum(n for name, n in params.items() if is_expert_key(name))
-    moe = cfg.moe
-    active = sum(params.values()) - expert + (expert * moe.top_k // moe.num_experts if moe else 0)
-    out: dict[str, Any] = {
-        "kind": "consolidated" if isinstance(ckpt, ConsolidatedCheckpoint) else "training",
-        "path": ckpt.path if isinstance(ckpt, ConsolidatedCheckpoint) else ckpt.tag_dir,
-        "step": ckpt.step,
-        "layers": cfg.n_layers,
-        "moe_layers": cfg.moe_layer_indices,
-        "experts_per_layer": {i: moe.num_experts for i in cfg.moe_layer_indices},
-        "top_k": moe.top_k if moe else None,
-        "router_types": {i: moe.router.type for i in cfg.moe_layer_indices},
-        "dtypes": sorted(set(dtypes.values())),
-        "parameters_total": sum(params.values()),
-        "parameters_active_per_token": active,
-        "parameters_experts": expert,
-        "config": ckpt.config,
-    }
-    if isinstance(ckpt, TrainingCheckpoint):
-        out.update(ep_size=ckpt.ep_size, world_size=ckpt.world_size, zero_stage=ckpt.zero_stage, bf16=ckpt.bf16)
-    else:
-        out.update(weights=ckpt.meta.get("weights"), source=ckpt.meta.get("source"))
-    return out
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"{s['kind']} checkpoint {s['path']}", f"  step: {s['step']}"]
-    report = s.get("tag_status")
-    if report is not None:
-        ok = "" if not report["problems"] else " -- NOT SOUND: " + "; ".join(report["problems"])
-        lines.append(f"  tag: {report['tag']} ({report['status']}, run id {report['run_id']}){ok}")
-        lines.append("  tags in the directory: " + ", ".join(f"{t} ({st})" for t, st in report["tags"].items()))
-    if s["kind"] == "training":
-        lines.append(f"  saved with: ep_size {s['ep_size']}, world size {s['world_size']}, ZeRO stage "
-                     f"{s['zero_stage']}, bf16 {s['bf16']}")
-    else:
-        src = s.get("source") or {}
-        if "hf_dir" in src:  # import-hf
-            lines.append(f"  imported from: {src['hf_dir']} ({src.get('architecture')})")
-        else:
-            lines.append(f"  consolidated from: ep_size {src.get('ep_size')}, world size {src.get('world_size')} "
-                         f"({s.get('weights')} weights)")
-    lines += [
-        f"  layers: {s['layers']} ({len(s['moe_layers'])} MoE: {s['moe_layers']})",
-        f"  experts per MoE layer: {sorted(set(s['experts_per_layer'].values()))}, top_k {s['top_k']}",
-        f"  routers: {sorted(set(s['router_types'].values()))}",
-        f"  dtypes: {s['dtypes']}",
-        f"  parameters: {s['parameters_total']:,} total, {s['parameters_active_per_token']:,} active per token "
-        f"({s['parameters_experts']:,} in experts)",
-        "  config:",
-    ]
-    lines += ["    " + line for line in yaml.safe_dump(s["config"], sort_keys=False).splitlines()]
-    return "\n".join(lines)
-
-
-def summary_json(s: dict[str, Any]) -> str:
-    return json.dumps(s, indent=2, default=str)

@@ -32,9 +32,7 @@ from torch import nn
 from moe_dist.checkpoint.files import (SAFETENSORS, WEIGHT_FORMATS, CheckpointError, cast_floating,
                                        check_option, check_output, dtype_name, load_pt, read_json,
                                        staged_directory, torch_dtype, write_json, write_weights)
-from moe_dist.checkpoint.layout import ENGINE_PREFIX
-from moe_dist.checkpoint.training import TrainingCheckpoint
-from moe_dist.checkpoint.zero import check_supported, read_zero_state
+from moe_dist.checkpoint.training import ENGINE_PREFIX, TrainingCheckpoint, check_supported, read_zero_state
 from moe_dist.common.config import ConfigError, to_dict
 from moe_dist.model.config import ModelConfig, parse_model_config
 from moe_dist.model.transformer import MoETransformer

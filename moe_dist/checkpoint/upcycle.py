@@ -36,7 +36,7 @@ from tqdm import tqdm
 from moe_dist.checkpoint.consolidated import (ConsolidatedCheckpoint, full_state_dict, open_checkpoint,
                                               write_consolidated)
 from moe_dist.checkpoint.files import SAFETENSORS, CheckpointError, check_output
-from moe_dist.checkpoint.layout import read_latest
+from moe_dist.checkpoint.training import read_latest
 from moe_dist.common.config import ConfigError, to_dict
 from moe_dist.common.seeding import init_generator
 from moe_dist.model.config import ModelConfig, parse_model_config
@@ -229,10 +229,10 @@ def _hf_tokenizer_section(hf_dir: str) -> dict[str, Any]:
 
 def _read_hf(src: str, spec: UpcycleSpec) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     try:
-        from moe_dist.checkpoint import hf_import
+        from moe_dist.checkpoint.hf import importer as hf_import
     except ImportError:
         raise CheckpointError(f"{src!r} is a Hugging Face directory, but this moe_dist has no Hugging Face "
-                              f"import (moe_dist.checkpoint.hf_import)") from None
+                              f"import (moe_dist.checkpoint.hf.importer)") from None
     peek = getattr(hf_import, "hf_model_config", None)  # config.json only: fail before the tensors
     if peek is not None:
         upcycled_config(peek(src)[1], spec, repr(src))

@@ -149,7 +149,7 @@ class CpuSection:
     # torch threads per rank (None: this node's cores / processes on it).
     threads: int | None = None
     # glibc keeps freed memory for the next step instead of unmapping and faulting it in again
-    # (moe_dist/train/cpu_malloc.py); the process's resident size then does not shrink.
+    # (moe_dist/common/malloc.py); the process's resident size then does not shrink.
     keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:

@@ -15,23 +15,22 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_dist.checkpoint.consolidated import load_consolidated
-from moe_dist.common.cpus import usable_cpus
-from moe_dist.checkpoint.tags import RUN_ID_KEY
+from moe_dist.common import process
+from moe_dist.checkpoint import training as checkpoint
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.evaluate.precision import sequence_loss_sums, standard_error
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
-from moe_dist.train import checkpoint, cpu_malloc
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
-from moe_dist.train.exits import PREEMPTED, RunStopped
-from moe_dist.train.finite_check import check_resumed_finite
+from moe_dist.train.safety.exits import PREEMPTED, RunStopped
+from moe_dist.train.preflight.finite import check_resumed_finite
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
-from moe_dist.train.run_safety import RunSafety
+from moe_dist.train.safety.guard import RunSafety
 from moe_dist.train.schedule import lr_at
 from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
 
@@ -48,37 +47,20 @@ def log0(message: str) -> None:
         print(message, flush=True)
 
 
-def configure_cpu_threads(requested: int | None) -> None:
-    """Ranks sharing a node's cores must not each start one thread per core: oversubscription
-    makes every rank wait on the slowest, and gloo collectives amplify it."""
-    if torch.cuda.is_available():
-        return
-    threads = requested or max(1, usable_cpus() // runtime.env_local_size())
-    torch.set_num_threads(threads)
-
-
-def configure_cpu_malloc(keep_freed: bool) -> None:
-    """CPU has no caching allocator; see `cpu_malloc` for what glibc is asked to do instead."""
-    if not keep_freed or torch.cuda.is_available():
-        return
-    if not cpu_malloc.keep_freed_memory():
-        log0("cpu.keep_freed_memory: not applied (the C library is not glibc, or it refused "
-             "the setting); the allocator is left as it is")
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, checks: Preflight, config_path: str | None = None) -> None:
         self.cfg = cfg
         self.checks = checks
         self.config_path = config_path
         train = cfg.train
-        configure_cpu_threads(cfg.cpu.threads)
-        configure_cpu_malloc(cfg.cpu.keep_freed_memory)
+        process.set_cpu_threads(cfg.cpu.threads, runtime.env_local_size())
+        if note := process.keep_freed_memory(cfg.cpu.keep_freed_memory):
+            log0(note)
         runtime.init_distributed(train.collective_timeout)
         self.rank, self.world = runtime.rank(), runtime.world_size()
         # Rank 0's run id on every rank; DeepSpeed stores its config in each of its files.
         self.run_id = runtime.broadcast_object(checks.run.run_id if checks.run else None)
-        checks.ds_config = {**checks.ds_config, RUN_ID_KEY: self.run_id}
+        checks.ds_config = {**checks.ds_config, checkpoint.RUN_ID_KEY: self.run_id}
         moe = cfg.model.moe
         with runtime.groups_created_with_timeout(train.collective_timeout):  # DeepSpeed's groups too
             self.groups = (ParallelGroups.from_deepspeed(moe.ep_size, moe.num_experts) if moe is not None

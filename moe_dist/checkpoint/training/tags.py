@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from moe_dist.checkpoint.layout import CLIENT_KEY, read_latest
+from moe_dist.checkpoint.training.layout import CLIENT_KEY, read_latest
 from moe_dist.common.atomic import write_text_atomic
+from moe_dist.common.config import ConfigError
 
 MARKER = "moe_dist_complete.json"
 RUN_ID_KEY = "moe_dist_run_id"  # in the DeepSpeed config dict DeepSpeed stores in its files
@@ -145,3 +146,41 @@ def tag_problems(tag_dir: str) -> list[str]:
     problems += [p + f", expected {marker.get('run_id')!r} ({MARKER})"
                  for p in run_id_problems(tag_dir, marker.get("run_id"))]
     return problems
+
+
+def latest_run_id(checkpoint_dir: str) -> str | None:
+    """The run id in the marker of the tag `latest` names: a resumed run keeps its id."""
+    latest = read_latest(checkpoint_dir)
+    marker = read_marker(os.path.join(checkpoint_dir, latest)) if latest else None
+    return marker.get("run_id") if marker else None
+
+
+def check_latest_tag(checkpoint_dir: str) -> None:
+    """The tag --resume loads was committed by one run and has not changed since."""
+    latest = read_latest(checkpoint_dir)
+    if latest is None or not os.path.isdir(os.path.join(checkpoint_dir, latest)):
+        return  # check_checkpoint_dir / the load name this
+    problems = tag_problems(os.path.join(checkpoint_dir, latest))
+    if problems:
+        raise ConfigError(f"--resume: checkpoint {os.path.join(checkpoint_dir, latest)!r} ('latest') is not one "
+                          f"run's complete checkpoint: " + "; ".join(problems))
+
+
+def tag_report(path: str, tag: str | None) -> dict[str, Any] | None:
+    """Completeness of the training tag `path` (and `tag`) resolves to, and of its siblings; None
+    for a path that holds no training tag (a consolidated checkpoint, say)."""
+    base = os.path.basename(os.path.normpath(path))
+    if tag is None and tag_step(base) is not None and os.path.isdir(path):
+        checkpoint_dir, tag = os.path.dirname(os.path.abspath(path)), base
+    else:
+        checkpoint_dir, tag = path, tag or (read_latest(path) if os.path.isdir(path) else None)
+    if tag is None or not os.path.isdir(os.path.join(checkpoint_dir, tag)):
+        return None
+    state = tag_state(checkpoint_dir, tag)
+    problems = tag_problems(os.path.join(checkpoint_dir, tag)) if state.status == COMPLETE else []
+    if state.status == PARTIAL:
+        problems.insert(0, (f"tag {tag!r} is incomplete: no completion marker and newer than 'latest' "
+                            f"({read_latest(checkpoint_dir)!r}); a save that did not finish, which the next "
+                            f"start of the run removes"))
+    return {"tag": tag, "status": state.status, "run_id": state.run_id, "problems": problems,
+            "tags": {s.tag: s.status for s in list_tags(checkpoint_dir)}}

@@ -1,5 +1,5 @@
 """What the trainer deletes in its checkpoint directory, and nothing else: partial tags a crashed
-save left (moe_dist/checkpoint/tags.py says which those are) at the next start, and the oldest
+save left (moe_dist/checkpoint/training/tags.py says which those are) at the next start, and the oldest
 complete tags beyond `train.keep_last` after `latest` has moved.
 
 A tag is deleted by renaming it to a hidden `.deleting-<tag>-...` name first and removing that:
@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from moe_dist.checkpoint.layout import read_latest
-from moe_dist.checkpoint.tags import COMPLETE, PARTIAL, list_tags
+from moe_dist.checkpoint.training.layout import read_latest
+from moe_dist.checkpoint.training.tags import COMPLETE, PARTIAL, list_tags
 from moe_dist.common.atomic import temporary_sibling
 
 DELETING = "deleting"

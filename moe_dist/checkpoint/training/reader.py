@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
-from moe_dist.checkpoint.layout import (CLIENT_KEY, MODEL_STATES, experts_file, is_expert_key,
+from moe_dist.checkpoint.files import CheckpointError, dtype_name, load_pt, require_keys
+from moe_dist.checkpoint.training.layout import (CLIENT_KEY, MODEL_STATES, experts_file, is_expert_key,
                                         resolve_tag_dir, strip_engine_prefix)
 from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig, parse_model_config
@@ -103,6 +103,18 @@ class TrainingCheckpoint:
         if list(saved) != expected:
             raise CheckpointError(f"{self.main_path!r}: DeepSpeed's num_experts is {saved}, but the stored "
                                   f"config gives {expected} (moe.num_experts, MoE layers {layers})")
+
+    def shapes_dtypes_and_buffers(self) -> tuple[dict[str, tuple[int, ...]], dict[str, str], set[str]]:
+        """Global (ep_size=1) shape and dtype of every tensor, and the names of the buffers, from the
+        model-states file alone (EP rank 0's experts stand for every rank's)."""
+        shapes, dtypes = {}, {}
+        for key, t in self.main["module"].items():
+            name = strip_engine_prefix(key, self.main_path)
+            shape = tuple(t.shape)
+            shapes[name] = (shape[0] * self.ep_size, *shape[1:]) if is_expert_key(name) else shape
+            dtypes[name] = dtype_name(t.dtype)
+        buffers = {strip_engine_prefix(k, self.main_path) for k in self.main.get("buffer_names", [])}
+        return shapes, dtypes, buffers
 
     def expert_names(self) -> list[str]:
         """Bare names of the stacked expert tensors, in the model-states file's order."""

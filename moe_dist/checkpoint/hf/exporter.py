@@ -2,18 +2,18 @@
 config.json, model.safetensors and, for a checkpoint trained with a SentencePiece model,
 tokenizer files. A native transformers class (no custom code) when one computes the model
 exactly: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM, the
-first of these whose `export_blockers` (hf_arch.py) are empty with `--architecture auto`;
+first of these whose `export_blockers` (arch.py) are empty with `--architecture auto`;
 otherwise the self-contained custom architecture (`trust_remote_code=True`).
 
-Native exports: config.json from `hf_arch.hf_config`, weights by running `hf_tensors.tensor_plan`
+Native exports: config.json from `arch.hf_config`, weights by running `tensors.tensor_plan`
 backward, in the Hub's per-expert layout (transformers 5 fuses it on load; transformers 4, vLLM
 and llama.cpp read it as is); docs/checkpoints.md has each architecture's table. What the
-architectures compute and which moe_dist settings each expresses: hf_arch.py. They never drop
+architectures compute and which moe_dist settings each expresses: arch.py. They never drop
 tokens, so their logits equal moe_dist's when moe_dist's eval capacity drops nothing.
 
 The custom architecture (`auto_map` in config.json) loads with
 `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` without moe_dist installed. Its
-modeling file (`hf_remote_code/modeling_moe_dist.py`, copied into OUT) mirrors `MoETransformer`
+modeling file (`remote_code/modeling_moe_dist.py`, copied into OUT) mirrors `MoETransformer`
 module for module (its attention and routers in files of their own beside it, copied along), so
 the mapping is the identity plus a prefix: moe_dist's ep_size=1 tensor `<name>` is
 `model.<name>` (router statistics buffers included), and config.json carries moe_dist's `model`
@@ -27,7 +27,7 @@ transformers' `LlamaTokenizer` converts it to (BPE or unigram, byte fallback, no
 It reproduces moe_dist's ids except at the very start of a text that begins with whitespace:
 SentencePiece always adds its dummy-prefix piece there, while transformers skips the prefix when
 the text already starts with a space (one piece fewer). Decoding is identical. The built-in byte
-tokenizer is written as an equivalent fast tokenizer (`hf_tokenizer.py`). A Hugging Face tokenizer
+tokenizer is written as an equivalent fast tokenizer (`tokenizer.py`). A Hugging Face tokenizer
 (`kind: hf`, e.g. after `import-hf`) has its files copied from its directory, with the special ids
 of that directory's config.json. Every export has a pad token (the tokenizer's, else
 end-of-document), pads on the left, and writes generation_config.json naming eos and pad.
@@ -45,14 +45,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_dist.checkpoint import hf_remote_code
+from moe_dist.checkpoint.hf import remote_code
 from moe_dist.checkpoint.consolidated import full_state_dict, model_seed, open_checkpoint
 from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, cast_floating, check_option,
                                        check_output, dtype_name, read_json, staged_directory, torch_dtype,
                                        write_json, write_weights)
-from moe_dist.checkpoint.hf_arch import ARCHS, MOE_ARCHS, export_blockers, hf_config
-from moe_dist.checkpoint.hf_tensors import HUB, tensor_plan
-from moe_dist.checkpoint.hf_tokenizer import pad_token_ids, write_byte_tokenizer, write_generation_config
+from moe_dist.checkpoint.hf.arch import ARCHS, MOE_ARCHS, export_blockers, hf_config
+from moe_dist.checkpoint.hf.tensors import HUB, tensor_plan
+from moe_dist.checkpoint.hf.tokenizer import pad_token_ids, write_byte_tokenizer, write_generation_config
 from moe_dist.common.config import to_dict
 from moe_dist.model.config import ModelConfig
 from moe_dist.moe.expert_mask import expert_mask_projections
@@ -135,7 +135,7 @@ def custom_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def copy_modeling_files(out_dir: str) -> None:
-    """Every file of hf_remote_code/ but its __init__: the modeling file imports the others
+    """Every file of remote_code/ but its __init__: the modeling file imports the others
     relatively, and transformers' loader resolves those imports in the export's directory."""
     src = os.path.dirname(hf_remote_code.__file__)
     for name in sorted(os.listdir(src)):

@@ -44,8 +44,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from moe_dist.checkpoint.files import CheckpointError, load_pt, require_keys
-from moe_dist.checkpoint.layout import strip_engine_prefix, zero_file
-from moe_dist.checkpoint.training import TrainingCheckpoint
+from moe_dist.checkpoint.training.layout import strip_engine_prefix, zero_file
+from moe_dist.checkpoint.training.reader import TrainingCheckpoint
 from moe_dist.parallel.groups import expert_group_name
 
 # The DeepSpeed releases whose stage-1/2 files this module was verified against (diffing their

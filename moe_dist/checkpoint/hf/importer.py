@@ -4,10 +4,10 @@ Qwen3ForCausalLM, for upcycling) -> a consolidated moe_dist checkpoint (what `tr
 and `load_consolidated` read) and a run config for continued pretraining.
 
 `read_hf_model(hf_dir)` is the reader behind it (also `upcycle`'s source of dense weights):
-config.json -> ModelConfig (hf_arch.py: unsupported fields are errors naming them), then every
+config.json -> ModelConfig (arch.py: unsupported fields are errors naming them), then every
 name and shape the config implies checked against the safetensors headers (a missing, extra or
 mis-shaped tensor is an error naming the file and the config fields), then the tensors read one
-moe_dist tensor at a time (hf_tensors.py). The imported model is dropless, as the HF models
+moe_dist tensor at a time (tensors.py). The imported model is dropless, as the HF models
 are, so its logits equal transformers' (tests/test_ckpt_import_hf*.py).
 """
 
@@ -23,9 +23,9 @@ from torch import Tensor
 from moe_dist.checkpoint.consolidated import FORMAT, FORMAT_VERSION, META_FILE, WEIGHT_FILES
 from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, check_output, staged_directory, torch_dtype,
                                        write_json, write_weights)
-from moe_dist.checkpoint.hf_arch import Arch, moe_dist_sections
-from moe_dist.checkpoint.hf_files import CONFIG_FILE, HFWeights, read_hf_config
-from moe_dist.checkpoint.hf_tensors import FUSED, HUB, IGNORED_SUFFIXES, Mapping, expert_names, tensor_plan
+from moe_dist.checkpoint.hf.arch import Arch, moe_dist_sections
+from moe_dist.checkpoint.hf.files import CONFIG_FILE, HFWeights, read_hf_config
+from moe_dist.checkpoint.hf.tensors import FUSED, HUB, IGNORED_SUFFIXES, Mapping, expert_names, tensor_plan
 from moe_dist.common.config import ConfigError, to_dict
 from moe_dist.model.config import ModelConfig, parse_model_config
 

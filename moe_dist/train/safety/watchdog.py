@@ -22,7 +22,7 @@ import threading
 import time
 
 from moe_dist.parallel import runtime
-from moe_dist.train.exits import HUNG
+from moe_dist.train.safety.exits import HUNG
 
 KEY = "moe_dist/heartbeat/{rank}"
 

@@ -1,6 +1,6 @@
 """Checkpoints through the DeepSpeed engine, plus the two things DeepSpeed cannot save for us.
 
-Layout of `<checkpoint_dir>/<tag>/` (its names are `moe_dist/checkpoint/layout.py`'s, shared with
+Layout of `<checkpoint_dir>/<tag>/` (its names are `moe_dist/checkpoint/training/layout.py`'s, shared with
 the conversion tools):
 - DeepSpeed's files: `mp_rank_00_model_states.pt` (dense weights, router buffers, LR scheduler,
   and our client_state: resolved config, tokenizer reference, step, consumed samples) and one
@@ -31,14 +31,14 @@ import numpy as np
 import torch
 
 from moe_dist.checkpoint.files import CheckpointError
-from moe_dist.checkpoint.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
+from moe_dist.checkpoint.training.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
                                         read_latest, tag_for_step)
-from moe_dist.checkpoint.tags import run_id_problems, write_marker
+from moe_dist.checkpoint.training.tags import run_id_problems, write_marker
 from moe_dist.common.atomic import fsync_file, write_text_atomic
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
-from moe_dist.train import disk, retention
+from moe_dist.checkpoint.training import disk, retention
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Every tensor of a moe_dist model (ep_size 1 names) and the Hugging Face tensors it is made of,
-for the architectures of hf_arch.py: one `Mapping` per moe_dist tensor, with the HF names and
+for the architectures of arch.py: one `Mapping` per moe_dist tensor, with the HF names and
 shapes (from the config, for checking a directory before reading it) and the transform each way.
 `import-hf` runs them forward, `export-hf` backward; docs/checkpoints.md has the table.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_dist.checkpoint.hf_arch import Arch
+from moe_dist.checkpoint.hf.arch import Arch
 
 HUB, FUSED = "hub", "fused"
 # Non-persistent buffers older transformers saved; they are recomputed, so never read.

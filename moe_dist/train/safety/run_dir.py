@@ -13,11 +13,9 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from moe_dist.checkpoint.layout import read_latest
-from moe_dist.checkpoint.tags import read_marker, tag_problems
-from moe_dist.common.config import ConfigError
+from moe_dist.checkpoint.training import latest_run_id, remove_partial_tags
 from moe_dist.parallel import runtime
-from moe_dist.train import retention, run_lock
+from moe_dist.train.safety import lock as run_lock
 
 
 @dataclass
@@ -34,26 +32,9 @@ class RunDir:
     def clean(self) -> None:
         """Remove partial tags (after the checks of the directory have passed)."""
         if self.checkpoint_dir:
-            for tag in retention.remove_partial_tags(self.checkpoint_dir):
+            for tag in remove_partial_tags(self.checkpoint_dir):
                 print(f"removed partial checkpoint {os.path.join(self.checkpoint_dir, tag)} (no completion "
                       f"marker: a save that did not finish)", flush=True)
-
-
-def resumed_run_id(checkpoint_dir: str) -> str | None:
-    latest = read_latest(checkpoint_dir)
-    marker = read_marker(os.path.join(checkpoint_dir, latest)) if latest else None
-    return marker.get("run_id") if marker else None
-
-
-def check_resume_tag(checkpoint_dir: str) -> None:
-    """The tag --resume loads was committed by one run and has not changed since."""
-    latest = read_latest(checkpoint_dir)
-    if latest is None or not os.path.isdir(os.path.join(checkpoint_dir, latest)):
-        return  # check_checkpoint_dir / the load name this
-    problems = tag_problems(os.path.join(checkpoint_dir, latest))
-    if problems:
-        raise ConfigError(f"--resume: checkpoint {os.path.join(checkpoint_dir, latest)!r} ('latest') is not one "
-                          f"run's complete checkpoint: " + "; ".join(problems))
 
 
 def claim(checkpoint_dir: str | None, resume: bool, break_lock: bool = False) -> RunDir | None:
@@ -61,7 +42,7 @@ def claim(checkpoint_dir: str | None, resume: bool, break_lock: bool = False) ->
     rank 0 has passed preflight and joined the process group)."""
     if runtime.env_rank() != 0:
         return None
-    run_id = (resumed_run_id(checkpoint_dir) if resume and checkpoint_dir else None) or uuid.uuid4().hex[:16]
+    run_id = (latest_run_id(checkpoint_dir) if resume and checkpoint_dir else None) or uuid.uuid4().hex[:16]
     run = RunDir(checkpoint_dir=checkpoint_dir, run_id=run_id)
     if checkpoint_dir and (os.path.isdir(checkpoint_dir) or not resume):  # else the resume check fails next
         run.lock = run_lock.acquire(checkpoint_dir, run_id, break_lock)

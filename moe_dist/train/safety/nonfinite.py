@@ -24,7 +24,7 @@ import math
 import torch
 
 from moe_dist.parallel import runtime
-from moe_dist.train.exits import NONFINITE, RunStopped
+from moe_dist.train.safety.exits import NONFINITE, RunStopped
 
 LM, GRAD, AUX = 1, 2, 4  # mask bits; MoE layer i of the model's MoE layers: bit 3 + i
 

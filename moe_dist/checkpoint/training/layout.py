@@ -1,5 +1,5 @@
 """Names and places in a moe_dist training checkpoint (the trainer writes them:
-moe_dist/train/checkpoint.py), and how a path given on the command line resolves to one tag.
+moe_dist/checkpoint/training/writer.py), and how a path given on the command line resolves to one tag.
 
     <checkpoint_dir>/latest                              tag of the last complete checkpoint
     <checkpoint_dir>/<tag>/mp_rank_00_model_states.pt    DeepSpeed: dense weights, buffers, EP rank

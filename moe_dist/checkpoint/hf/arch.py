@@ -1,6 +1,6 @@
 """The Hugging Face architectures moe_dist reads and writes, and their config.json <-> moe_dist's
-`model:` / `moe:` sections, shared by `import-hf` (hf_import.py) and `export-hf` (hf_export.py).
-The tensors are in hf_tensors.py; the full tables are in docs/checkpoints.md.
+`model:` / `moe:` sections, shared by `import-hf` (importer.py) and `export-hf` (exporter.py).
+The tensors are in tensors.py; the full tables are in docs/checkpoints.md.
 
 What each computes (transformers' modeling files, checked against moe_dist by logits in
 tests/test_ckpt_import_hf*.py): pre-norm blocks, RMSNorm in fp32 times weight, rotary with
