@@ -19,7 +19,7 @@ buffers is a bug class of its own, OLMo PR #639). The gather source is an input 
 recomputed region, never rebuilt by a second dispatch.
 
 Recomputed values are bit-identical to the first computation (the same ops on the same inputs),
-so losses and gradients equal those without recompute exactly (tests/test_recompute.py).
+so losses and gradients equal those without recompute exactly (tests/unit/moe/test_recompute.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ replicas), as DeepSpeed 0.19.8's ZeRO-1/2 optimizer (`stage_1_and_2.py`) allocat
 - activations: what autograd keeps at the start of the backward, per token and layer, counted
   from the ops the model runs (below), plus the output logits and their log-softmax.
 The numbers are compared with measured peak tensor memory of small CPU runs of the real engine in
-tests/test_estimate_memory.py (BENCHMARKS.md, "Memory estimate vs measured").
+tests/unit/tools/test_estimate_memory.py (BENCHMARKS.md, "Memory estimate vs measured").
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def custom_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def copy_modeling_files(out_dir: str) -> None:
     """Every file of remote_code/ but its __init__: the modeling file imports the others
     relatively, and transformers' loader resolves those imports in the export's directory."""
-    src = os.path.dirname(hf_remote_code.__file__)
+    src = os.path.dirname(remote_code.__file__)
     for name in sorted(os.listdir(src)):
         if name.endswith(".py") and name != "__init__.py":
             shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))

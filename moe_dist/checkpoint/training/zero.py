@@ -50,7 +50,7 @@ from moe_dist.parallel.groups import expert_group_name
 
 # The DeepSpeed releases whose stage-1/2 files this module was verified against (diffing their
 # stage_1_and_2.py, engine.py, moe/utils.py and utils/groups.py with 0.19.8's, and running
-# tests/test_ckpt_roundtrip.py under each; docs/checkpoints.md): the same flat layout, alignment
+# tests/distributed/test_checkpoint_roundtrip.py under each; docs/checkpoints.md): the same flat layout, alignment
 # paddings, file names and optimizer_state_dict keys. 0.19.0-0.19.6 do not record
 # param_alignment_paddings. pyproject.toml pins deepspeed to this range.
 DEEPSPEED_VERSIONS = ("0.19.7", "0.19.8")

@@ -1,0 +1,71 @@
+"""From a Hugging Face model to training and back, through the real `deepspeed` launcher on gloo
+(`-m slow`, about a minute per architecture): import-hf a tiny random model of each MoE
+architecture; train from it with `train.init_from` at EP=2 on 2 processes and at EP=1 on one
+(same global batch): the first-step losses agree and both train; export-hf of the EP=2 run
+loads with the native transformers class and its logits equal moe_dist's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+from tests.harness.hf import MODELS, MOE_MODELS, SEQ, build_hf, save_hf, tokens
+from tests.harness.train import REPO, assert_launch_ok, free_port, launch, logged_losses, write_yaml
+
+from moe_dist.checkpoint import export_hf, import_hf, open_checkpoint
+from moe_dist.checkpoint.consolidated import full_state_dict, single_rank_config
+from moe_dist.checkpoint.hf.importer import RUN_CONFIG_FILE
+from moe_dist.model.config import parse_model_config
+from moe_dist.model.transformer import MoETransformer
+
+transformers = pytest.importorskip("transformers")
+STEPS, GLOBAL_BATCH = 3, 4
+
+
+def train_from(cons: str, tmp, world: int) -> tuple[list[float], str]:
+    """Launch the imported run config (synthetic byte corpus, tiny sizes) on `world` processes at
+    ep_size `world`; returns the logged losses and the checkpoint directory."""
+    with open(os.path.join(cons, RUN_CONFIG_FILE)) as f:
+        run = yaml.safe_load(f)
+    ckpt = str(tmp / f"ckpt_ep{world}")
+    run["moe"]["ep_size"] = world
+    run["data"] = {"kind": "synthetic", "tokenizer": {"kind": "byte"}}
+    run["train"].update(deepspeed_config=os.path.join(REPO, "configs/deepspeed/zero1_cpu.json"), steps=STEPS,
+                        seq_len=SEQ, micro_batch=GLOBAL_BATCH // world, grad_accum=1, lr=1e-3, min_lr=1e-4,
+                        warmup_steps=0, log_interval=1, eval_interval=0, eval_iters=1, checkpoint_interval=0,
+                        checkpoint_dir=ckpt, tensorboard_dir=None)
+    run["cpu"] = {"threads": 1}
+    config = write_yaml(str(tmp / f"run_ep{world}.yaml"), run)
+    proc = launch(["--num_gpus", str(world), "--master_port", str(free_port()), "launch/pretrain.py",
+                   "--config", config])
+    assert_launch_ok(proc)
+    assert f"world {world}, ep_size {world}" in proc.stdout
+    return logged_losses(proc.stdout), ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_train_ep2_from_import_then_export_native(tmp_path, name):
+    src = save_hf(build_hf(name), str(tmp_path / "hf"))
+    cons = str(tmp_path / "cons")
+    import_hf(src, cons, progress=False)
+    losses_1, _ = train_from(cons, tmp_path, 1)
+    losses_2, ckpt = train_from(cons, tmp_path, 2)
+    assert len(losses_1) == len(losses_2) == STEPS
+    assert abs(losses_1[0] - losses_2[0]) <= 2e-4, (losses_1, losses_2)  # 4 printed decimals
+    assert all(torch.isfinite(torch.tensor(losses_2)))
+    assert losses_2 != [losses_2[0]] * STEPS  # it trained: the weights moved
+
+    back = str(tmp_path / "back")
+    result = export_hf(ckpt, back, progress=False)
+    assert result.architecture == name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    assert type(hf).__name__ == MODELS[name][2]
+    trained = open_checkpoint(ckpt)
+    config = single_rank_config(trained.config)
+    model = MoETransformer(parse_model_config(config["model"], config["moe"])).eval()
+    model.load_state_dict(full_state_dict(trained, progress=False), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens()).logits, model(tokens()).logits_BSV, rtol=1e-4, atol=1e-4)

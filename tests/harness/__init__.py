@@ -1,0 +1,23 @@
+"""Helpers the tests share, imported as `tests.harness.<name>`: `dist` (spawn gloo ranks), `train`
+(the trainer on gloo ranks, the launcher, configs, logs), `ckpt` (training runs that record what
+they saw, for the checkpoint tools), `fault` (launches to interrupt, the ENOSPC shim), `hf`
+(Hugging Face models built from their config classes), `gemm_check` (the kernels' reference),
+`tiny_hf_tokenizer`.
+"""
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The corpora beside the checkout (../shared/data); tests that read them skip where it is absent.
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module: the user commands are scripts (`python tools/evaluate.py`), not
+    a package, so tests load them by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

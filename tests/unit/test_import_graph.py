@@ -1,0 +1,374 @@
+"""Imports flow one way between moe_dist's packages (docs/design.md, "Packages and the direction of
+imports"), checked on the source with `ast` alone: nothing of the library is imported, so the test
+runs in well under a second and also on a tree whose imports are broken.
+
+Every `import` and `from ... import` counts, at any depth (inside functions, under
+`if TYPE_CHECKING:`), relative ones resolved against the file's package, and so do
+`importlib.import_module("...")` / `__import__("...")` calls with a literal name. A module belongs to
+its top-level package: `moe_dist/moe/layer.py` is `moe`; a file directly under `moe_dist/` is a
+package of its own and must be in LAYERS like any other.
+
+`MOE_DIST_GRAPH_ROOT=/some/checkout pytest tests/unit/test_import_graph.py` checks another tree (one
+with `moe_dist/` and `docs/design.md` in it); `violations(root)` returns every rule's findings.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# The layering, lowest first: a package may import only packages listed before it.
+LAYERS = ["common", "kernels", "parallel", "routing", "moe", "model", "data", "checkpoint", "evaluate", "train", "study"]
+# Narrower than the order: all that each of these may import (besides itself).
+ALLOWED_ONLY = {"data": {"common"}, "checkpoint": {"common", "parallel", "moe", "model"}}
+# The model math: plain single-process PyTorch; communication goes through `parallel`.
+MODEL_MATH = ["common", "kernels", "routing", "moe", "model"]
+# The only package that may import torch.distributed.
+DISTRIBUTED_PACKAGES = {"parallel"}
+# Shipped into Hugging Face exports and loaded where moe_dist is not installed.
+STANDALONE_DIRS = ["checkpoint/hf/remote_code"]
+MAX_LINES = 400
+DESIGN_SECTION = "Packages and the direction of imports"
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def root() -> Path:
+    return Path(os.environ.get("MOE_DIST_GRAPH_ROOT", REPO)).resolve()
+
+
+@dataclass(frozen=True)
+class Import:
+    file: str  # relative to the root, e.g. moe_dist/moe/layer.py
+    line: int
+    source: str  # the statement as written
+    target: str  # the absolute module imported, e.g. moe_dist.parallel.groups or torch.distributed
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.source}"
+
+
+def library_files(base: Path) -> list[Path]:
+    return sorted((base / "moe_dist").rglob("*.py"))
+
+
+def module_name(base: Path, path: Path) -> str:
+    parts = list(path.relative_to(base).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_of(module: str) -> str | None:
+    """`moe_dist.x.y` -> `x` (a file directly under moe_dist/ is its own package); None outside."""
+    parts = module.split(".")
+    if parts[0] != "moe_dist":
+        return None
+    return parts[1] if len(parts) > 1 else "moe_dist"
+
+
+def _resolve_from(node: ast.ImportFrom, current: str, is_package: bool) -> list[str]:
+    """The modules a `from X import a, b` may load: X itself and, where a name is a submodule, X.a."""
+    if node.level:
+        base = current.split(".") if is_package else current.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        module = ".".join(base + ([node.module] if node.module else []))
+    else:
+        module = node.module or ""
+    # `from moe_dist import train` / `from moe_dist.x import y`: y may be a module; for the package
+    # map only `from moe_dist import <package>` adds information, the rest is in X already.
+    if module == "moe_dist":
+        return [f"moe_dist.{a.name}" for a in node.names if a.name != "*"] or [module]
+    if module == "torch":
+        return [f"torch.{a.name}" if a.name == "distributed" else module for a in node.names]
+    return [module]
+
+
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """The statement's source on one line (`ast.get_source_segment` rescans the file on each call;
+    ast's column offsets count UTF-8 bytes)."""
+    rows = [line.encode() for line in lines[node.lineno - 1: node.end_lineno]]
+    rows[-1] = rows[-1][: node.end_col_offset]
+    rows[0] = rows[0][node.col_offset:]
+    return " ".join(b" ".join(rows).decode(errors="replace").split())
+
+
+def _is_import_call(node: ast.AST) -> bool:
+    """`importlib.import_module("literal")`, `import_module("literal")` or `__import__("literal")`."""
+    return (isinstance(node, ast.Call) and bool(node.args) and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                 or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__"))))
+
+
+@functools.cache
+def _parsed(path: Path, mtime_ns: int, size: int) -> tuple[list[str], ast.Module]:
+    text = path.read_text()
+    return text.splitlines(), ast.parse(text, filename=str(path))
+
+
+def parsed(path: Path) -> tuple[list[str], ast.Module]:
+    """The file's lines and tree, parsed once however many rules read it."""
+    stat = path.stat()
+    return _parsed(path, stat.st_mtime_ns, stat.st_size)
+
+
+def imports_of(base: Path, path: Path) -> list[Import]:
+    stat = path.stat()
+    return _imports_of(base, path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _imports_of(base: Path, path: Path, mtime_ns: int, size: int) -> list[Import]:
+    rel = path.relative_to(base).as_posix()
+    lines, tree = parsed(path)
+    current, is_package = module_name(base, path), path.name == "__init__.py"
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [Import(rel, node.lineno, _segment(lines, node), alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found += [Import(rel, node.lineno, _segment(lines, node), target)
+                      for target in _resolve_from(node, current, is_package)]
+        elif _is_import_call(node):
+            found.append(Import(rel, node.lineno, _segment(lines, node), node.args[0].value))
+    return found
+
+
+def all_imports(base: Path) -> list[Import]:
+    return [imp for path in library_files(base) for imp in imports_of(base, path)]
+
+
+def file_package(file: str) -> str:
+    parts = file.removesuffix(".py").split("/")
+    return package_of(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+
+
+def package_edges(base: Path) -> list[tuple[str, str, Import]]:
+    """(importing package, imported package, the import) for every import between two packages."""
+    edges = []
+    for imp in all_imports(base):
+        src, dst = file_package(imp.file), package_of(imp.target)
+        if dst is not None and dst != "moe_dist" and src != dst:
+            edges.append((src, dst, imp))
+    return edges
+
+
+def is_distributed(target: str) -> bool:
+    return target == "torch.distributed" or target.startswith("torch.distributed.")
+
+
+# ---- the rules: each returns its findings, one line per offending import ----------------------
+
+
+def unlisted_packages(base: Path) -> list[str]:
+    found = {}
+    for path in library_files(base):
+        rel = path.relative_to(base).as_posix()
+        pkg = file_package(rel)
+        if pkg == "moe_dist":
+            continue  # the root's own __init__.py, if any: root_init_imports
+        if pkg not in LAYERS:
+            found.setdefault(pkg, rel)
+    return [f"{rel}: package {pkg!r} is not in the layering {LAYERS} (add it to LAYERS and "
+            f"docs/design.md, or move the file into a package)" for pkg, rel in sorted(found.items())]
+
+
+def root_init_imports(base: Path) -> list[str]:
+    """moe_dist/__init__.py runs on every import of the library: it may import none of it."""
+    return [f"{imp}: moe_dist/__init__.py runs for every import of moe_dist and must not import "
+            f"{imp.target}" for imp in all_imports(base)
+            if imp.file == "moe_dist/__init__.py" and package_of(imp.target) not in (None, "moe_dist")]
+
+
+def package_cycles(base: Path) -> list[str]:
+    graph: dict[str, dict[str, Import]] = {}
+    for src, dst, imp in package_edges(base):
+        graph.setdefault(src, {}).setdefault(dst, imp)
+    # Tarjan's strongly connected components; a component of two or more packages is a cycle.
+    index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [f"import cycle between packages {sorted(c)}; its edges:\n" + "\n".join(
+        f"    {src} -> {dst}: {imp}" for src in sorted(c) for dst, imp in sorted(graph[src].items()) if dst in c)
+        for c in components]
+
+
+def upward_imports(base: Path) -> list[str]:
+    """A package imports only packages below it (and, for ALLOWED_ONLY, only those listed)."""
+    found = []
+    for src, dst, imp in package_edges(base):
+        if src not in LAYERS or dst not in LAYERS:
+            continue  # unlisted_packages names these
+        if LAYERS.index(dst) > LAYERS.index(src):
+            found.append(f"{imp}: {src} imports {dst}, which is above it ({' < '.join(LAYERS)})")
+        elif src in ALLOWED_ONLY and dst not in ALLOWED_ONLY[src]:
+            found.append(f"{imp}: {src} may import only {sorted(ALLOWED_ONLY[src])}, not {dst}")
+    return found
+
+
+def routing_imports_moe(base: Path) -> list[str]:
+    return [f"{imp}: routing must never import moe (routers are pure functions the MoE layer calls)"
+            for src, dst, imp in package_edges(base) if (src, dst) == ("routing", "moe")]
+
+
+def checkpoint_imports_train(base: Path) -> list[str]:
+    return [f"{imp}: checkpoint must never import train (train imports checkpoint)"
+            for src, dst, imp in package_edges(base) if (src, dst) == ("checkpoint", "train")]
+
+
+def library_imports_study(base: Path) -> list[str]:
+    return [f"{imp}: only study itself (and tools/tests) may import study; {src} does"
+            for src, dst, imp in package_edges(base) if dst == "study"]
+
+
+def lower_imports_upper(base: Path) -> list[str]:
+    lower, upper = LAYERS[: LAYERS.index("model") + 1], {"data", "checkpoint", "train", "study"}
+    return [f"{imp}: {src} is below data/checkpoint/train/study and must not import {dst}"
+            for src, dst, imp in package_edges(base) if src in lower and dst in upper]
+
+
+def distributed_imports(base: Path) -> list[str]:
+    found = []
+    for imp in all_imports(base):
+        pkg = file_package(imp.file)
+        if is_distributed(imp.target) and pkg not in DISTRIBUTED_PACKAGES:
+            kind = "model math " if pkg in MODEL_MATH else ""
+            found.append(f"{imp}: {kind}package {pkg} imports torch.distributed; only "
+                         f"{sorted(DISTRIBUTED_PACKAGES)} may (call moe_dist.parallel instead)")
+    return found
+
+
+def distributed_attributes(base: Path) -> list[str]:
+    """`torch.distributed.x` reached through a plain `import torch`, outside DISTRIBUTED_PACKAGES."""
+    found = []
+    for path in library_files(base):
+        rel = path.relative_to(base).as_posix()
+        if file_package(rel) in DISTRIBUTED_PACKAGES:
+            continue
+        lines, tree = parsed(path)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr == "distributed"
+                    and isinstance(node.value, ast.Name) and node.value.id == "torch"):
+                found.append(f"{rel}:{node.lineno}: {_segment(lines, node)}: only "
+                             f"{sorted(DISTRIBUTED_PACKAGES)} may use torch.distributed")
+    return found
+
+
+def standalone_imports(base: Path) -> list[str]:
+    """Files shipped into exports import nothing of moe_dist (relative imports of each other are fine)."""
+    found = []
+    for folder in STANDALONE_DIRS:
+        own = "moe_dist." + folder.replace("/", ".")
+        for imp in all_imports(base):
+            if (imp.file.startswith(f"moe_dist/{folder}/") and package_of(imp.target) is not None
+                    and imp.target != own and not imp.target.startswith(own + ".")):
+                found.append(f"{imp}: moe_dist/{folder}/ is copied into Hugging Face exports and loaded "
+                             f"without moe_dist; it must not import {imp.target}")
+    return found
+
+
+def long_files(base: Path) -> list[str]:
+    found = []
+    for path in library_files(base):
+        n = len(parsed(path)[0])
+        if n > MAX_LINES:
+            found.append(f"{path.relative_to(base).as_posix()}: {n} lines (the limit is {MAX_LINES})")
+    return found
+
+
+RULES = [unlisted_packages, root_init_imports, package_cycles, upward_imports, routing_imports_moe,
+         checkpoint_imports_train, library_imports_study, lower_imports_upper, distributed_imports,
+         distributed_attributes, standalone_imports, long_files]
+
+
+def violations(base: Path | None = None) -> dict[str, list[str]]:
+    base = root() if base is None else Path(base)
+    return {rule.__name__: found for rule in RULES if (found := rule(base))}
+
+
+def design_layers(base: Path) -> list[str]:
+    """The packages in design.md's section, in the order it lists them: lines `N. \\`name\\` ...`."""
+    text = (base / "docs" / "design.md").read_text()
+    match = re.search(rf"^## {re.escape(DESIGN_SECTION)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"docs/design.md has no section '## {DESIGN_SECTION}'"
+    return re.findall(r"^\d+\. `(\w+)`", match.group(1), re.M)
+
+
+# ---- tests ----------------------------------------------------------------------------------
+
+
+def test_the_tree_has_a_library():
+    assert library_files(root()), f"no moe_dist/**/*.py under {root()}"
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
+def test_rule(rule):
+    found = rule(root())
+    assert not found, f"{rule.__name__} ({len(found)}):\n" + "\n".join(found)
+
+
+def test_design_doc_states_the_same_layering():
+    assert design_layers(root()) == LAYERS, (
+        f"docs/design.md '{DESIGN_SECTION}' lists {design_layers(root())}, the test enforces {LAYERS}")
+    for pkg, allowed in ALLOWED_ONLY.items():  # the narrower lists stay inside the order
+        assert allowed <= set(LAYERS[: LAYERS.index(pkg)]), (pkg, allowed)
+
+
+def test_resolution_of_relative_and_aliased_imports(tmp_path):
+    """The parser itself, on a small tree: relative imports, `from moe_dist import pkg`, imports in
+    functions, import_module, and torch.distributed in its three spellings."""
+    files = {
+        "moe_dist/routing/__init__.py": "",
+        "moe_dist/routing/a.py": "def f():\n    from ..moe import layer\n",
+        "moe_dist/routing/b.py": "from . import a\nfrom .a import f\n",
+        "moe_dist/moe/__init__.py": "from moe_dist import train\n",
+        "moe_dist/moe/layer.py": "import torch\nfrom torch import distributed\nx = torch.distributed.is_initialized\n",
+        "moe_dist/model/m.py": "import importlib\nimportlib.import_module('moe_dist.study.x')\nimport torch.distributed as d\n",
+        "moe_dist/stray.py": "",
+        "moe_dist/checkpoint/hf/remote_code/modeling.py": "from .configuration import C\nimport moe_dist.model.m\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = violations(tmp_path)
+    assert [line.split(":")[:2] for line in found["routing_imports_moe"]] == [["moe_dist/routing/a.py", "2"]]
+    assert sorted(line.split(":")[0] for line in found["lower_imports_upper"]) == ["moe_dist/model/m.py",
+                                                                                   "moe_dist/moe/__init__.py"]
+    assert [line.split(":")[:2] for line in found["library_imports_study"]] == [["moe_dist/model/m.py", "2"]]
+    assert {line.split(":")[0] for line in found["distributed_imports"]} == {"moe_dist/moe/layer.py",
+                                                                             "moe_dist/model/m.py"}
+    assert found["distributed_attributes"][0].startswith("moe_dist/moe/layer.py:3:")
+    assert "'stray'" in found["unlisted_packages"][0]
+    assert len(found["standalone_imports"]) == 1 and "moe_dist.model.m" in found["standalone_imports"][0]
+    assert "package_cycles" not in found and "checkpoint_imports_train" not in found
+    (tmp_path / "moe_dist/moe/back.py").write_text("from ..routing import b\n")
+    cycles = violations(tmp_path)["package_cycles"]
+    assert len(cycles) == 1 and "['moe', 'routing']" in cycles[0] and "moe_dist/moe/back.py:1:" in cycles[0]
