@@ -3,12 +3,14 @@
 Legend: moe_dist/moe/__init__.py.
 
 Everything here is detached. One all-reduce per layer carries all counts, so statistics cost one
-small collective whatever is logged.
+small collective whatever is logged. `route_statistics` runs in every forward and stays on the
+device; `interval_summary` reads the host and runs once per log interval or evaluation.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -77,3 +79,30 @@ def route_statistics(route: RouterOutput, plan: SlotPlan, ctx: RoutingContext,
         stats["mi_label"], stats["mi_label_normalized"] = mutual_information(joint_EL)
     stats["entropy_max"] = torch.tensor(math.log(E))
     return stats
+
+
+@dataclass(frozen=True)
+class IntervalSummary:
+    """Load balance and I(expert; domain) of counts summed over a log interval or an evaluation."""
+    dropped_fraction: float
+    load_cv: float  # std / mean of the pre-drop load, population std
+    load_max_over_mean: float
+    entropy_load: float  # of where the routed pairs went
+    mi_domain: float | None = None  # None: no label table, or no labelled pair in it
+    mi_domain_normalized: float | None = None
+
+
+def interval_summary(load_E: Tensor, kept_E: Tensor, joint_EL: Tensor | None = None) -> IntervalSummary:
+    """Ratios of the summed counts, not means of per-batch ratios (which would weight a small batch
+    like a large one). Computed in the counts' dtype: the trainer sums in float32, evaluation in
+    float64."""
+    mean_load = float(load_E.mean().clamp_min(1e-12))
+    mi = mi_norm = None
+    if joint_EL is not None and float(joint_EL.sum()) > 0:
+        mi, mi_norm = (float(v) for v in mutual_information(joint_EL))
+    return IntervalSummary(
+        dropped_fraction=float(1.0 - kept_E.sum() / load_E.sum().clamp_min(1.0)),
+        load_cv=float(load_E.std(unbiased=False)) / mean_load,
+        load_max_over_mean=float(load_E.max()) / mean_load,
+        entropy_load=float(entropy(load_E / load_E.sum().clamp_min(1.0))),
+        mi_domain=mi, mi_domain_normalized=mi_norm)
