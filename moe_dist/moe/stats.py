@@ -31,7 +31,9 @@ def mutual_information(joint_EL: Tensor) -> tuple[Tensor, Tensor]:
     p_E, p_L = p_EL.sum(1), p_EL.sum(0)
     mi = (p_EL * (torch.log(p_EL.clamp_min(1e-30)) - torch.log((p_E[:, None] * p_L[None, :]).clamp_min(1e-30)))).sum()
     h_L = entropy(p_L)
-    return mi, mi / h_L if float(h_L) > 0 else torch.zeros_like(mi)
+    # torch.where, not a Python branch: route_statistics calls this in every labelled forward,
+    # where reading h_L on the host would wait for the device.
+    return mi, torch.where(h_L > 0, mi / h_L, torch.zeros_like(mi))
 
 
 def expert_label_counts(idx_TK: Tensor, labels_T: Tensor, num_experts: int, num_labels: int) -> Tensor:
