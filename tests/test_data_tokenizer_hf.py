@@ -17,9 +17,8 @@ from tiny_hf_tokenizer import ADDED, LINES, build_tokenizer_dir, reference_ids, 
 
 from moe_dist.common.config import ConfigError
 from moe_dist.data.config import DataConfig, TokenizerConfig
-from moe_dist.data.hf_tokenizer import HFTokenizer
 from moe_dist.data.pipeline import build_datasets
-from moe_dist.data.tokenizer import build_tokenizer
+from moe_dist.data.tokenizers import HFTokenizer, build_tokenizer
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 TEXTS = [*LINES[:40], f"two documents{ADDED}in one row", "unseen: Zwölf Boxkämpfer 😀\n\tjagen Viktor", ""]

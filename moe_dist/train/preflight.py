@@ -24,7 +24,7 @@ from moe_dist.common.config import ConfigError
 from moe_dist.data.config import DataConfig
 from moe_dist.data.datasets import blend_domain_names
 from moe_dist.data.index_check import check_split_shares, check_token_ids, read_index
-from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
+from moe_dist.data.tokenizers import build_tokenizer, validate_tokenizer_vocab
 from moe_dist.model.config import ModelConfig
 from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train import run_dir
