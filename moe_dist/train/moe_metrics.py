@@ -42,9 +42,9 @@ class MoEStatsAccumulator:
                     self.means[layer][name] += float(value)
 
     def summary(self) -> dict[int, dict[str, Tensor | float]]:
-        """Per layer: load_E, kept_E, dropped_fraction, load_cv, load_max_over_mean,
-        entropy_load, the averaged entropies and losses, and (with labels) the label table
-        `expert_label_counts` with mi_domain and mi_domain_normalized."""
+        """Per layer: load_E, `moe.stats.interval_summary`'s dropped_fraction, load_cv,
+        load_max_over_mean and entropy_load, the averaged entropies and losses, and (with labels)
+        the label table `expert_label_counts` with mi_domain and mi_domain_normalized."""
         out: dict[int, dict[str, Tensor | float]] = {}
         for layer, sums in self.sums.items():
             load_E = sums["tokens_per_expert"]
