@@ -24,7 +24,7 @@ from moe_dist.common.config import ConfigError
 from moe_dist.data.config import TokenizerConfig
 from moe_dist.data.preprocess import preprocess_corpus
 from moe_dist.data.text_sources import add_corpus_arguments
-from moe_dist.data.tokenizer import build_tokenizer
+from moe_dist.data.tokenizers import build_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from moe_dist.data.config import DataConfig
 from moe_dist.data.datasets import TrainValidDatasets, build_megatron_datasets
 from moe_dist.data.synthetic import TRAIN_STREAM, VALID_STREAM, SyntheticCorpus
-from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
+from moe_dist.data.tokenizers import build_tokenizer, validate_tokenizer_vocab
 
 
 def build_datasets(cfg: DataConfig, model_vocab_size: int, train_samples: int,

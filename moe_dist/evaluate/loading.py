@@ -22,7 +22,7 @@ from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.training import TrainingCheckpoint
 from moe_dist.common.config import from_dict
 from moe_dist.data.config import TokenizerConfig
-from moe_dist.data.tokenizer import build_tokenizer
+from moe_dist.data.tokenizers import build_tokenizer
 from moe_dist.model.config import ModelConfig
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel.groups import ParallelGroups

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from moe_dist.evaluate.precision import standard_error
 from moe_dist.evaluate.sources import Window
 from moe_dist.model.transformer import MoETransformer
-from moe_dist.moe.stats import mutual_information
+from moe_dist.moe.stats import interval_summary
 from moe_dist.parallel.groups import ParallelGroups
 
 _SUMMED = ("tokens_per_expert", "tokens_per_expert_kept", "expert_label_counts")
@@ -157,17 +157,14 @@ def evaluate(model: MoETransformer, windows: Iterable[Window], domain_names: lis
 def routing_summary(row: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Dropped fraction, load CV, max/mean load, and with labels I(expert; domain) and the
     expert-by-domain table, from summed counts (ratios of sums, not means of ratios)."""
-    load_E, kept_E = row["tokens_per_expert"], row["tokens_per_expert_kept"]
-    mean = float(load_E.mean().clamp_min(1e-12))
+    load_E = row["tokens_per_expert"]
+    summary = interval_summary(load_E, row["tokens_per_expert_kept"], row.get("expert_label_counts"))
     out: dict[str, Any] = {
-        "dropped_fraction": float(1.0 - kept_E.sum() / load_E.sum().clamp_min(1.0)),
-        "load_cv": float(load_E.std(unbiased=False)) / mean,
-        "load_max_over_mean": float(load_E.max()) / mean,
+        "dropped_fraction": summary.dropped_fraction, "load_cv": summary.load_cv,
+        "load_max_over_mean": summary.load_max_over_mean,
         "tokens_per_expert": [int(v) for v in load_E.tolist()],
     }
-    joint_EL = row.get("expert_label_counts")
-    if joint_EL is not None and float(joint_EL.sum()) > 0:
-        mi, mi_norm = mutual_information(joint_EL)
-        out["mi_domain"], out["mi_domain_normalized"] = float(mi), float(mi_norm)
-        out["expert_domain_counts"] = [[int(v) for v in r] for r in joint_EL.tolist()]
+    if summary.mi_domain is not None:
+        out["mi_domain"], out["mi_domain_normalized"] = summary.mi_domain, summary.mi_domain_normalized
+        out["expert_domain_counts"] = [[int(v) for v in r] for r in row["expert_label_counts"].tolist()]
     return out

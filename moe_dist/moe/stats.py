@@ -3,12 +3,14 @@
 Legend: moe_dist/moe/__init__.py.
 
 Everything here is detached. One all-reduce per layer carries all counts, so statistics cost one
-small collective whatever is logged.
+small collective whatever is logged. `route_statistics` runs in every forward and stays on the
+device; `interval_summary` reads the host and runs once per log interval or evaluation.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,7 +31,9 @@ def mutual_information(joint_EL: Tensor) -> tuple[Tensor, Tensor]:
     p_E, p_L = p_EL.sum(1), p_EL.sum(0)
     mi = (p_EL * (torch.log(p_EL.clamp_min(1e-30)) - torch.log((p_E[:, None] * p_L[None, :]).clamp_min(1e-30)))).sum()
     h_L = entropy(p_L)
-    return mi, mi / h_L if float(h_L) > 0 else torch.zeros_like(mi)
+    # torch.where, not a Python branch: route_statistics calls this in every labelled forward,
+    # where reading h_L on the host would wait for the device.
+    return mi, torch.where(h_L > 0, mi / h_L, torch.zeros_like(mi))
 
 
 def expert_label_counts(idx_TK: Tensor, labels_T: Tensor, num_experts: int, num_labels: int) -> Tensor:
@@ -77,3 +81,30 @@ def route_statistics(route: RouterOutput, plan: SlotPlan, ctx: RoutingContext,
         stats["mi_label"], stats["mi_label_normalized"] = mutual_information(joint_EL)
     stats["entropy_max"] = torch.tensor(math.log(E))
     return stats
+
+
+@dataclass(frozen=True)
+class IntervalSummary:
+    """Load balance and I(expert; domain) of counts summed over a log interval or an evaluation."""
+    dropped_fraction: float
+    load_cv: float  # std / mean of the pre-drop load, population std
+    load_max_over_mean: float
+    entropy_load: float  # of where the routed pairs went
+    mi_domain: float | None = None  # None: no label table, or no labelled pair in it
+    mi_domain_normalized: float | None = None
+
+
+def interval_summary(load_E: Tensor, kept_E: Tensor, joint_EL: Tensor | None = None) -> IntervalSummary:
+    """Ratios of the summed counts, not means of per-batch ratios (which would weight a small batch
+    like a large one). Computed in the counts' dtype: the trainer sums in float32, evaluation in
+    float64."""
+    mean_load = float(load_E.mean().clamp_min(1e-12))
+    mi = mi_norm = None
+    if joint_EL is not None and float(joint_EL.sum()) > 0:
+        mi, mi_norm = (float(v) for v in mutual_information(joint_EL))
+    return IntervalSummary(
+        dropped_fraction=float(1.0 - kept_E.sum() / load_E.sum().clamp_min(1.0)),
+        load_cv=float(load_E.std(unbiased=False)) / mean_load,
+        load_max_over_mean=float(load_E.max()) / mean_load,
+        entropy_load=float(entropy(load_E / load_E.sum().clamp_min(1.0))),
+        mi_domain=mi, mi_domain_normalized=mi_norm)

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from torch import Tensor
 
-from moe_dist.moe.stats import entropy, mutual_information
+from moe_dist.moe.stats import interval_summary
 
 SUMMED = ("tokens_per_expert", "tokens_per_expert_kept", "expert_label_counts")
 AVERAGED = ("entropy_token", "entropy_mean")
@@ -42,29 +42,24 @@ class MoEStatsAccumulator:
                     self.means[layer][name] += float(value)
 
     def summary(self) -> dict[int, dict[str, Tensor | float]]:
-        """Per layer: load_E, kept_E, dropped_fraction, load_cv, load_max_over_mean,
-        entropy_load, the averaged entropies and losses, and (with labels) the label table
-        `expert_label_counts` with mi_domain and mi_domain_normalized."""
+        """Per layer: load_E, `moe.stats.interval_summary`'s dropped_fraction, load_cv,
+        load_max_over_mean and entropy_load, the averaged entropies and losses, and (with labels)
+        the label table `expert_label_counts` with mi_domain and mi_domain_normalized."""
         out: dict[int, dict[str, Tensor | float]] = {}
         for layer, sums in self.sums.items():
             load_E = sums["tokens_per_expert"]
-            kept_E = sums["tokens_per_expert_kept"]
-            mean_load = float(load_E.mean().clamp_min(1e-12))
+            joint_EL = sums.get("expert_label_counts")
+            summary = interval_summary(load_E, sums["tokens_per_expert_kept"], joint_EL)
             row: dict[str, Tensor | float] = {
-                "load_E": load_E,
-                "dropped_fraction": float(1.0 - kept_E.sum() / load_E.sum().clamp_min(1.0)),
-                "load_cv": float(load_E.std(unbiased=False)) / mean_load,
-                "load_max_over_mean": float(load_E.max()) / mean_load,
-                "entropy_load": float(entropy(load_E / load_E.sum().clamp_min(1.0))),
+                "load_E": load_E, "dropped_fraction": summary.dropped_fraction, "load_cv": summary.load_cv,
+                "load_max_over_mean": summary.load_max_over_mean, "entropy_load": summary.entropy_load,
             }
             for name, total in self.means[layer].items():
                 row[name] = total / max(self.batches, 1)
-            if "expert_label_counts" in sums:
-                joint_EL = sums["expert_label_counts"]
+            if joint_EL is not None:
                 row["expert_label_counts"] = joint_EL
-                if float(joint_EL.sum()) > 0:
-                    mi, mi_norm = mutual_information(joint_EL)
-                    row["mi_domain"], row["mi_domain_normalized"] = float(mi), float(mi_norm)
+                if summary.mi_domain is not None:
+                    row["mi_domain"], row["mi_domain_normalized"] = summary.mi_domain, summary.mi_domain_normalized
             out[layer] = row
         return out
 

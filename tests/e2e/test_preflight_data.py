@@ -24,7 +24,7 @@ from moe_dist.data.config import DataConfig
 from moe_dist.data.index_check import split_document_counts
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.data.preprocess import preprocess_corpus
-from moe_dist.data.tokenizer import ByteTokenizer
+from moe_dist.data.tokenizers import ByteTokenizer
 from moe_dist.train.config import load_run_config, parse_run_config
 from moe_dist.train.preflight import preflight
 

@@ -6,7 +6,8 @@ Every `import` and `from ... import` counts, at any depth (inside functions, und
 `if TYPE_CHECKING:`), relative ones resolved against the file's package, and so do
 `importlib.import_module("...")` / `__import__("...")` calls with a literal name. A module belongs to
 its top-level package: `moe_dist/moe/layer.py` is `moe`; a file directly under `moe_dist/` is a
-package of its own and must be in LAYERS like any other.
+package of its own and must be in LAYERS like any other. Between modules too there is no circle
+(`module_cycles`): an import inside a function still ties the two files together.
 
 `MOE_DIST_GRAPH_ROOT=/some/checkout pytest tests/unit/test_import_graph.py` checks another tree (one
 with `moe_dist/` and `docs/design.md` in it); `violations(root)` returns every rule's findings.
@@ -71,14 +72,18 @@ def package_of(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else "moe_dist"
 
 
+def _from_module(node: ast.ImportFrom, current: str, is_package: bool) -> str:
+    """X of `from X import a`, relative ones resolved against the importing module."""
+    if not node.level:
+        return node.module or ""
+    base = current.split(".") if is_package else current.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _resolve_from(node: ast.ImportFrom, current: str, is_package: bool) -> list[str]:
     """The modules a `from X import a, b` may load: X itself and, where a name is a submodule, X.a."""
-    if node.level:
-        base = current.split(".") if is_package else current.split(".")[:-1]
-        base = base[: len(base) - (node.level - 1)]
-        module = ".".join(base + ([node.module] if node.module else []))
-    else:
-        module = node.module or ""
+    module = _from_module(node, current, is_package)
     # `from moe_dist import train` / `from moe_dist.x import y`: y may be a module; for the package
     # map only `from moe_dist import <package>` adds information, the rest is in X already.
     if module == "moe_dist":
@@ -185,11 +190,8 @@ def root_init_imports(base: Path) -> list[str]:
             if imp.file == "moe_dist/__init__.py" and package_of(imp.target) not in (None, "moe_dist")]
 
 
-def package_cycles(base: Path) -> list[str]:
-    graph: dict[str, dict[str, Import]] = {}
-    for src, dst, imp in package_edges(base):
-        graph.setdefault(src, {}).setdefault(dst, imp)
-    # Tarjan's strongly connected components; a component of two or more packages is a cycle.
+def strongly_connected(graph: dict[str, dict[str, Import]]) -> list[set[str]]:
+    """Tarjan's strongly connected components of two or more nodes: each is a cycle or several."""
     index, low, stack, on_stack, components = {}, {}, [], set(), []
 
     def visit(v: str) -> None:
@@ -216,9 +218,62 @@ def package_cycles(base: Path) -> list[str]:
     for v in sorted(graph):
         if v not in index:
             visit(v)
-    return [f"import cycle between packages {sorted(c)}; its edges:\n" + "\n".join(
+    return components
+
+
+def _cycle_report(kind: str, graph: dict[str, dict[str, Import]]) -> list[str]:
+    return [f"import cycle between {kind} {sorted(c)}; its edges:\n" + "\n".join(
         f"    {src} -> {dst}: {imp}" for src in sorted(c) for dst, imp in sorted(graph[src].items()) if dst in c)
-        for c in components]
+        for c in strongly_connected(graph)]
+
+
+def package_cycles(base: Path) -> list[str]:
+    graph: dict[str, dict[str, Import]] = {}
+    for src, dst, imp in package_edges(base):
+        graph.setdefault(src, {}).setdefault(dst, imp)
+    return _cycle_report("packages", graph)
+
+
+def module_edges(base: Path) -> list[tuple[str, str, Import]]:
+    """(importing module, imported module, the import) between two modules of moe_dist, at any
+    depth. `from X import a` names X.a where that is a module, else X; a name that is no module
+    counts as its longest prefix that is. Only the module named counts, not the packages above
+    it that Python runs first: else every `__init__.py` re-exporting its submodules would close
+    a circle with each of them."""
+    modules = {module_name(base, path): path for path in library_files(base)}
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges = []
+    for current, path in modules.items():
+        rel = path.relative_to(base).as_posix()
+        lines, tree = parsed(path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [(alias.name, node) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = _from_module(node, current, path.name == "__init__.py")
+                targets = [(f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module, node)
+                           for a in node.names]
+            elif _is_import_call(node):
+                targets = [(node.args[0].value, node)]
+            else:
+                continue
+            for target, at in targets:
+                dst = known(target) if package_of(target) is not None else None
+                if dst is not None and dst != current:
+                    edges.append((current, dst, Import(rel, at.lineno, _segment(lines, at), dst)))
+    return edges
+
+
+def module_cycles(base: Path) -> list[str]:
+    graph: dict[str, dict[str, Import]] = {}
+    for src, dst, imp in module_edges(base):
+        graph.setdefault(src, {}).setdefault(dst, imp)
+    return _cycle_report("modules", graph)
 
 
 def upward_imports(base: Path) -> list[str]:
@@ -304,7 +359,7 @@ def long_files(base: Path) -> list[str]:
     return found
 
 
-RULES = [unlisted_packages, root_init_imports, package_cycles, upward_imports, routing_imports_moe,
+RULES = [unlisted_packages, root_init_imports, package_cycles, module_cycles, upward_imports, routing_imports_moe,
          checkpoint_imports_train, library_imports_study, lower_imports_upper, distributed_imports,
          distributed_attributes, standalone_imports, long_files]
 
@@ -342,6 +397,12 @@ def test_design_doc_states_the_same_layering():
         assert allowed <= set(LAYERS[: LAYERS.index(pkg)]), (pkg, allowed)
 
 
+def write_tree(base: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_text(text)
+
+
 def test_resolution_of_relative_and_aliased_imports(tmp_path):
     """The parser itself, on a small tree: relative imports, `from moe_dist import pkg`, imports in
     functions, import_module, and torch.distributed in its three spellings."""
@@ -355,9 +416,7 @@ def test_resolution_of_relative_and_aliased_imports(tmp_path):
         "moe_dist/stray.py": "",
         "moe_dist/checkpoint/hf/remote_code/modeling.py": "from .configuration import C\nimport moe_dist.model.m\n",
     }
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+    write_tree(tmp_path, files)
     found = violations(tmp_path)
     assert [line.split(":")[:2] for line in found["routing_imports_moe"]] == [["moe_dist/routing/a.py", "2"]]
     assert sorted(line.split(":")[0] for line in found["lower_imports_upper"]) == ["moe_dist/model/m.py",
@@ -372,3 +431,34 @@ def test_resolution_of_relative_and_aliased_imports(tmp_path):
     (tmp_path / "moe_dist/moe/back.py").write_text("from ..routing import b\n")
     cycles = violations(tmp_path)["package_cycles"]
     assert len(cycles) == 1 and "['moe', 'routing']" in cycles[0] and "moe_dist/moe/back.py:1:" in cycles[0]
+
+
+def test_module_cycles_count_imports_inside_functions(tmp_path):
+    """The circle data/tokenizer.py and data/hf_tokenizer.py once made (the factory imported the
+    subclass lazily, the subclass imported the factory's module for its base), and what is no circle:
+    a package's `__init__.py` re-exporting its submodules, and submodules importing each other one way."""
+    files = {
+        "moe_dist/data/__init__.py": "",
+        "moe_dist/data/tokenizer.py": "class Base:\n    pass\n\n\ndef build():\n"
+                                      "    from moe_dist.data.hf_tokenizer import HF\n    return HF()\n",
+        "moe_dist/data/hf_tokenizer.py": "from moe_dist.data.tokenizer import Base\n\n\nclass HF(Base):\n    pass\n",
+        "moe_dist/data/tokenizers/__init__.py": "from .base import Base\nfrom moe_dist.data.tokenizers.build import build\n",
+        "moe_dist/data/tokenizers/base.py": "class Base:\n    pass\n",
+        "moe_dist/data/tokenizers/hf.py": "from moe_dist.data.tokenizers.base import Base\n",
+        "moe_dist/data/tokenizers/build.py": "from moe_dist.data.tokenizers import hf\n",
+    }
+    write_tree(tmp_path, files)
+    edges = {(src, dst) for src, dst, _ in module_edges(tmp_path)}
+    assert ("moe_dist.data.tokenizers.build", "moe_dist.data.tokenizers.hf") in edges  # `from pkg import module`
+    assert ("moe_dist.data.tokenizers", "moe_dist.data.tokenizers.base") in edges  # relative
+    cycles = violations(tmp_path)["module_cycles"]
+    assert len(cycles) == 1 and "['moe_dist.data.hf_tokenizer', 'moe_dist.data.tokenizer']" in cycles[0]
+    assert "moe_dist/data/tokenizer.py:6: from moe_dist.data.hf_tokenizer import HF" in cycles[0]
+    assert "moe_dist/data/hf_tokenizer.py:1: from moe_dist.data.tokenizer import Base" in cycles[0]
+    assert "package_cycles" not in violations(tmp_path)
+    # a submodule importing its package back, whose __init__.py imports it: a circle
+    (tmp_path / "moe_dist/data/tokenizers/hf.py").write_text("from moe_dist.data.tokenizers import Base\n")
+    (tmp_path / "moe_dist/data/tokenizers/build.py").write_text("def build():\n    from . import hf\n")
+    cycles = violations(tmp_path)["module_cycles"]
+    assert len(cycles) == 2 and any("moe_dist.data.tokenizers.build -> moe_dist.data.tokenizers.hf" in c
+                                    for c in cycles)

@@ -59,7 +59,7 @@ from moe_dist.moe.expert_mask import expert_mask_projections
 
 ARCHITECTURES = ("auto", *MOE_ARCHS, "custom")
 CONFIG_MODULE, MODELING_MODULE = "configuration_moe_dist", "modeling_moe_dist"
-# moe_dist.data.tokenizer.BYTE_EOD; not imported: that module pulls in Megatron-Core.
+# moe_dist.data.tokenizers.ByteTokenizer.EOD; not imported: that package pulls in Megatron-Core.
 BYTE_EOD = 256
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                       "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")

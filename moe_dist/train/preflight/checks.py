@@ -9,7 +9,7 @@ from typing import Any
 
 from moe_dist.checkpoint.training import check_latest_tag, check_resume
 from moe_dist.common.config import ConfigError
-from moe_dist.data.tokenizer import build_tokenizer, validate_tokenizer_vocab
+from moe_dist.data.tokenizers import build_tokenizer, validate_tokenizer_vocab
 from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import RunConfig
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config

@@ -29,7 +29,7 @@ from moe_dist.data.config import DataConfig  # noqa: E402
 from moe_dist.data.loader import build_dataloader  # noqa: E402
 from moe_dist.data.pipeline import build_datasets  # noqa: E402
 from moe_dist.data.preprocess import preprocess_corpus  # noqa: E402
-from moe_dist.data.tokenizer import SentencePieceTokenizer  # noqa: E402
+from moe_dist.data.tokenizers import SentencePieceTokenizer  # noqa: E402
 
 
 

@@ -13,8 +13,8 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 
 from moe_dist.data.config import TokenizerConfig
 from moe_dist.data.text_sources import check_input_files, load_corpus
-from moe_dist.data.tokenizer import (ByteTokenizer, SentencePieceTokenizer, build_tokenizer,
-                                     validate_tokenizer_vocab)
+from moe_dist.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, build_tokenizer,
+                                      validate_tokenizer_vocab)
 from moe_dist.data.tokenizer_training import MIN_VOCAB_SIZE, train_sentencepiece
 
 TEXTS = [f"Dokument {i}: Über {i * 7} Äpfel\n\tand {i % 5} pears, naïve café." for i in range(60)]

@@ -16,9 +16,8 @@ from tests.harness.tiny_hf_tokenizer import ADDED, LINES, build_tokenizer_dir, r
 
 from moe_dist.common.config import ConfigError
 from moe_dist.data.config import DataConfig, TokenizerConfig
-from moe_dist.data.hf_tokenizer import HFTokenizer
 from moe_dist.data.pipeline import build_datasets
-from moe_dist.data.tokenizer import build_tokenizer
+from moe_dist.data.tokenizers import HFTokenizer, build_tokenizer
 from tests.harness import load_tool
 
 TEXTS = [*LINES[:40], f"two documents{ADDED}in one row", "unseen: Zwölf Boxkämpfer 😀\n\tjagen Viktor", ""]

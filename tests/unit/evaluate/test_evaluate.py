@@ -111,7 +111,7 @@ def test_token_budget(setup):
 
 def test_megatron_prefix_gives_the_jsonl_numbers(setup):
     from moe_dist.data.preprocess import preprocess_corpus
-    from moe_dist.data.tokenizer import ByteTokenizer
+    from moe_dist.data.tokenizers import ByteTokenizer
 
     _, ckpt, data, tmp = setup
     prefix = str(tmp / "held_out")

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from moe_dist.common.config import ConfigError
-from moe_dist.data.tokenizer import _PretrainingTokenizer
+from moe_dist.data.tokenizers.base import PretrainingTokenizer
 
 # What a tokenizer directory may hold that decides the ids (a model directory also holds
 # gigabytes of weights, which must not be hashed).
@@ -39,7 +39,7 @@ def tokenizer_digest(path: str) -> str:
     return h.hexdigest()
 
 
-class HFTokenizer(_PretrainingTokenizer):
+class HFTokenizer(PretrainingTokenizer):
     """`AutoTokenizer.from_pretrained(path, local_files_only=True)`; nothing is downloaded. A directory
 that does not load, or a tokenizer without the special tokens needed, is a ConfigError naming it."""
 
