@@ -34,6 +34,17 @@ MODEL_MATH = ["common", "kernels", "routing", "moe", "model"]
 DISTRIBUTED_PACKAGES = {"parallel"}
 # Shipped into Hugging Face exports and loaded where moe_dist is not installed.
 STANDALONE_DIRS = ["checkpoint/hf/remote_code"]
+# Inside a package: its parts (sub-packages and modules directly under it), lowest first; a part
+# imports only parts listed before it. The package's own __init__.py may import any of them.
+PARTS = {
+    "checkpoint": ["files", "training", "consolidated", "hf", "upcycle", "inspect", "cli"],
+    "train": ["config", "ds_config", "schedule", "progress", "memory_plan", "moe_metrics", "tb_logger", "safety",
+              "preflight", "engine", "trainer"],
+}
+# The training-checkpoint format has one home: outside it, only the package's own names are used
+# (its __init__.py), never its modules; library, tools and launch scripts alike.
+FORMAT_PACKAGE = "moe_dist.checkpoint.training"
+SCRIPT_DIRS = ["tools", "launch"]
 MAX_LINES = 400
 DESIGN_SECTION = "Packages and the direction of imports"
 
@@ -359,8 +370,49 @@ def long_files(base: Path) -> list[str]:
     return found
 
 
+def part_of(module: str) -> tuple[str, str] | None:
+    """`moe_dist.checkpoint.training.writer` -> ('checkpoint', 'training'); None for a package's own
+    __init__ and for packages without PARTS."""
+    parts = module.split(".")
+    if len(parts) < 3 or parts[0] != "moe_dist" or parts[1] not in PARTS:
+        return None
+    return parts[1], parts[2]
+
+
+def unlisted_parts(base: Path) -> list[str]:
+    found = {}
+    for path in library_files(base):
+        where = part_of(module_name(base, path))
+        if where is not None and where[1] not in PARTS[where[0]]:
+            found.setdefault(where, path.relative_to(base).as_posix())
+    return [f"{rel}: {pkg}/{part} is not in PARTS[{pkg!r}] (place it in the order there and in docs/design.md)"
+            for (pkg, part), rel in sorted(found.items())]
+
+
+def upward_part_imports(base: Path) -> list[str]:
+    """Inside a package with PARTS, a part imports only parts listed before it."""
+    found = []
+    for src, dst, imp in module_edges(base):
+        a, b = part_of(src), part_of(dst)
+        if a is None or b is None or a[0] != b[0] or a[1] == b[1]:
+            continue
+        order = PARTS[a[0]]
+        if a[1] in order and b[1] in order and order.index(b[1]) > order.index(a[1]):
+            found.append(f"{imp}: {a[0]}/{a[1]} imports {a[0]}/{b[1]}, which is above it ({' < '.join(order)})")
+    return found
+
+
+def format_imported_around_its_package(base: Path) -> list[str]:
+    """Outside checkpoint/training/, the training format is reached through the package's names."""
+    files = library_files(base) + [p for d in SCRIPT_DIRS for p in sorted((base / d).rglob("*.py"))]
+    inside = "moe_dist/" + FORMAT_PACKAGE.removeprefix("moe_dist.").replace(".", "/") + "/"
+    return [f"{imp}: use `from {FORMAT_PACKAGE} import ...` (its __init__.py is the format's interface), not "
+            f"{imp.target}" for path in files for imp in imports_of(base, path)
+            if not imp.file.startswith(inside) and imp.target.startswith(FORMAT_PACKAGE + ".")]
+
+
 RULES = [unlisted_packages, root_init_imports, package_cycles, module_cycles, upward_imports, routing_imports_moe,
-         checkpoint_imports_train, library_imports_study, lower_imports_upper, distributed_imports,
+         checkpoint_imports_train, unlisted_parts, upward_part_imports, format_imported_around_its_package, library_imports_study, lower_imports_upper, distributed_imports,
          distributed_attributes, standalone_imports, long_files]
 
 
@@ -462,3 +514,53 @@ def test_module_cycles_count_imports_inside_functions(tmp_path):
     cycles = violations(tmp_path)["module_cycles"]
     assert len(cycles) == 2 and any("moe_dist.data.tokenizers.build -> moe_dist.data.tokenizers.hf" in c
                                     for c in cycles)
+
+
+def test_parts_and_the_format_boundary(tmp_path):
+    """Inside checkpoint/ and train/ imports flow up PARTS; the training format is used through its
+    package's names, from the library and from tools/ and launch/ alike."""
+    write_tree(tmp_path, {
+        "moe_dist/checkpoint/__init__.py": "from moe_dist.checkpoint.cli import main\n",
+        "moe_dist/checkpoint/files.py": "",
+        "moe_dist/checkpoint/training/__init__.py": "from .writer import save\n",
+        "moe_dist/checkpoint/training/writer.py": "from moe_dist.checkpoint.files import x\n",
+        "moe_dist/checkpoint/training/tags.py": "def f():\n    from moe_dist.checkpoint import consolidated\n",
+        "moe_dist/checkpoint/consolidated.py": "from moe_dist.checkpoint.training import save\n",
+        "moe_dist/checkpoint/cli.py": "from moe_dist.checkpoint.training.tags import f\n",
+        "moe_dist/checkpoint/stray.py": "",
+        "moe_dist/train/__init__.py": "",
+        "moe_dist/train/trainer.py": "from moe_dist.checkpoint.training import save\n",
+        "moe_dist/train/safety/lock.py": "from moe_dist.train.preflight import checks\n",
+        "moe_dist/train/preflight/checks.py": "from moe_dist.train.safety import lock\n",
+        "tools/convert.py": "from moe_dist.checkpoint.training.writer import save\n",
+    })
+    found = violations(tmp_path)
+    assert sorted(line.split(":")[0] for line in found["upward_part_imports"]) == [
+        "moe_dist/checkpoint/training/tags.py", "moe_dist/train/safety/lock.py"]
+    assert sorted(line.split(":")[0] for line in found["format_imported_around_its_package"]) == [
+        "moe_dist/checkpoint/cli.py", "tools/convert.py"]
+    assert len(found["unlisted_parts"]) == 1 and "checkpoint/stray" in found["unlisted_parts"][0]
+
+
+def test_design_map_names_every_package():
+    """The map at the top of docs/design.md names every package and sub-package of the tree, and
+    nothing that is gone."""
+    base = root()
+    text = (base / "docs" / "design.md").read_text()
+    block = re.search(r"^## The packages at a glance\n+```\n(.*?)```", text, re.M | re.S)
+    assert block, "docs/design.md has no '## The packages at a glance' block"
+    mapped, stack = set(), []
+    for line in block.group(1).splitlines():
+        names = []  # a line starts with its folder, then that folder's sub-folders: `data/  tokenizers/`
+        for token in line.split():
+            if not token.endswith("/"):
+                break
+            names.append(token.rstrip("/"))
+        if names:
+            stack = stack[: (len(line) - len(line.lstrip())) // 2] + [names[0]]
+            mapped.update(["/".join(stack)] + ["/".join(stack + [n]) for n in names[1:]])
+    packages = {p.parent.relative_to(base).as_posix() for p in (base / "moe_dist").rglob("__init__.py")}
+    packages.discard("moe_dist")
+    assert packages <= mapped, f"docs/design.md's map lacks {sorted(packages - mapped)}"
+    stale = {m for m in mapped if m.startswith("moe_dist/") and m not in packages}
+    assert not stale, f"docs/design.md's map names packages that do not exist: {sorted(stale)}"
