@@ -137,3 +137,16 @@ def staged_directory(out: str, overwrite: bool = False) -> Iterator[str]:
     check_output(out, overwrite)
     with atomic.staged_directory(out) as tmp:
         yield tmp
+
+
+MAX_NAMED = 8  # tensors named in one message; the count says how many more
+
+
+def is_non_finite(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+
+def name_some(names: list[str]) -> str:
+    """The first MAX_NAMED names and how many more: a message stays readable for any model size."""
+    more = f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
+    return ", ".join(names[:MAX_NAMED]) + more

@@ -8,7 +8,6 @@ or any dataset index exists.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +25,6 @@ from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
 from moe_dist.train.safety.exits import PREEMPTED, RunStopped
-from moe_dist.train.preflight.finite import check_resumed_finite
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
@@ -110,8 +108,6 @@ class Trainer:
 
     def resume(self) -> None:
         resumed = checkpoint.load_latest(self.engine, self.cfg.train.checkpoint_dir, self.groups)
-        check_resumed_finite(self.model, self.optimizer,
-                             os.path.join(self.cfg.train.checkpoint_dir, resumed.tag))
         for change in self.checks.config_changes or []:
             log0(f"--allow_config_change: {change} (differs from the checkpoint)")
         state = resumed.client_state["moe_dist"]

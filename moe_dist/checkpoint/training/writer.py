@@ -33,6 +33,7 @@ import torch
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.training.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
                                         read_latest, tag_for_step)
+from moe_dist.checkpoint.training.finite import check_resumed_finite
 from moe_dist.checkpoint.training.tags import run_id_problems, write_marker
 from moe_dist.common.atomic import fsync_file, write_text_atomic
 from moe_dist.moe.experts import GroupedExperts
@@ -165,4 +166,5 @@ def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
     rank_path = rank_state_file(tag_dir, runtime.rank())
     if os.path.isfile(rank_path):
         set_rng_state(torch.load(rank_path, map_location="cpu", weights_only=False)["rng"])
+    check_resumed_finite(engine.module, engine.optimizer, tag_dir)
     return Resumed(tag=tag, client_state=client_state)
