@@ -1,6 +1,7 @@
-"""What `--resume` checks before any process group exists: the checkpoint's files are whole, and
-the run config stored in it (client_state, written by the trainer at every save) agrees with
-this run's.
+"""Whether a run may write or resume its checkpoint folder (`check_checkpoint_dir`: a fresh run
+never overwrites a checkpoint, `--resume` needs one), and what `--resume` checks before any
+process group exists: the checkpoint's files are whole, and the run config stored in it
+(client_state, written by the trainer at every save) agrees with this run's.
 
 Three kinds of difference (flattened `section.key` paths of `RunConfig.to_dict()`):
 - structural (the tensors' shapes or the layout of the files): refused, DeepSpeed's load would
@@ -38,6 +39,20 @@ FREE_PREFIXES = (
     "model.init_std", "moe.init_std", "moe.expert_impl",
 )
 RESHARD = "python tools/convert_checkpoint.py reshard"
+
+
+def check_checkpoint_dir(checkpoint_dir: str | None, resume: bool) -> None:
+    if resume:
+        if not checkpoint_dir:
+            raise ConfigError("--resume needs train.checkpoint_dir")
+        if read_latest(checkpoint_dir) is None:
+            raise ConfigError(f"--resume: no complete checkpoint in train.checkpoint_dir "
+                              f"{checkpoint_dir!r} (no 'latest' file)")
+    elif checkpoint_dir and read_latest(checkpoint_dir) is not None:
+        raise ConfigError(
+            f"train.checkpoint_dir {checkpoint_dir!r} already holds checkpoint "
+            f"{read_latest(checkpoint_dir)!r}; pass --resume to continue it or choose an "
+            f"empty folder (a fresh run would overwrite it)")
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
