@@ -4,8 +4,9 @@ layouts its raw segment GEMMs read and write."""
 
 import pytest
 import torch
-from gemm_check import assert_mkl_matches_the_loop, needs_mkl, peak_mib
+from gemm_check import assert_mkl_matches_the_loop, needs_mkl
 
+from moe_dist.common.tensor_memory import peak_tensor_mb
 from moe_dist.kernels import grouped_mm
 from moe_dist.kernels.cpu import mkl_grouped
 
@@ -78,9 +79,9 @@ def test_segment_ops_read_expanded_stacks_in_place_and_write_only_contiguous_one
     x, g, w = torch.randn(experts, in_width), torch.randn(experts, out_width), torch.randn(in_width, out_width)
     stack = w.expand(experts, in_width, out_width)
     y = torch.empty(experts, out_width)
-    assert peak_mib(lambda: mkl_grouped.segment_mm(x, stack, counts, False, out=y)) < 1
+    assert peak_tensor_mb(lambda: mkl_grouped.segment_mm(x, stack, counts, False, out=y)) < 1
     torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
-    assert peak_mib(lambda: mkl_grouped.segment_mm(g, stack, counts, True, out=x)) < 1
+    assert peak_tensor_mb(lambda: mkl_grouped.segment_mm(g, stack, counts, True, out=x)) < 1
     shared = torch.empty(in_width, out_width).expand(experts, in_width, out_width)
     for out in (shared, torch.empty(experts, out_width, in_width).transpose(1, 2)):
         with pytest.raises(ValueError, match=r"out must be a contiguous \[2048, 64, 64\] tensor"):
@@ -108,7 +109,7 @@ def test_gather_backward_holds_one_chunk_at_a_time():
 
     def backward():
         y = mkl_grouped.gather_segment_matmul(source, index, w, counts)
-        return peak_mib(lambda: y.backward(grad))
+        return peak_tensor_mb(lambda: y.backward(grad))
 
     backward()  # warm: one-time allocations (the kernels' self-checks) are not the step's
     source.grad = w.grad = None
