@@ -1,4 +1,4 @@
-"""tools/gpu_check.py: `--quick` runs every part on CPU (correctness checks, the layer benchmark
+"""tools/bench/gpu_check.py: `--quick` runs every part on CPU (correctness checks, the layer benchmark
 with Megatron-Core reported as skipped, a short pretraining through the deepspeed launcher with
 and without expert recompute) and writes its JSON and markdown reports; `--help` documents every
 part; on a GPU a missing reference package is refused, by name, before any work."""
@@ -13,20 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from tools.bench import gpu_check
+
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "gpu_check.py"
+TOOL = ["-m", "tools.bench.gpu_check"]
 CHECKS = {"layer_bf16_vs_fp32", "grouped_mm_vs_loop", "dropless", "capacity", "eval_determinism",
           "recompute_gradients[activation]", "recompute_gradients[experts]"}
 
 
-def load_tool():
-    if str(TOOL.parent) not in sys.path:
-        sys.path.insert(0, str(TOOL.parent))
-    return importlib.import_module("gpu_check")
-
-
 def test_quick_runs_every_part_and_writes_the_reports(tmp_path):
-    proc = subprocess.run([sys.executable, str(TOOL), "--quick", "--out", str(tmp_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, *TOOL, "--quick", "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -47,7 +43,7 @@ def test_quick_runs_every_part_and_writes_the_reports(tmp_path):
 
 
 def test_help_documents_every_part():
-    proc = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, *TOOL, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0
     for word in ("correctness", "bench", "pretrain", "--quick", "MFU", "FLOPs per token", *CHECKS - {
             "recompute_gradients[activation]", "recompute_gradients[experts]"}, "recompute_gradients"):
@@ -56,7 +52,7 @@ def test_help_documents_every_part():
 
 @pytest.mark.parametrize("missing,name", [("megatron.core", "megatron-core"), ("deepspeed", "deepspeed")])
 def test_refuses_a_missing_reference_package_on_gpu(monkeypatch, capsys, tmp_path, missing, name):
-    tool = load_tool()
+    tool = gpu_check
     real_import = importlib.import_module
 
     def fake_import(module, *args, **kwargs):
