@@ -73,7 +73,7 @@ def test_gather_segment_matmul_matches_gather_then_matmul(monkeypatch):
 def test_segment_ops_read_expanded_stacks_in_place_and_write_only_contiguous_ones():
     """An expanded weight stack (every expert the same matrix) is read without materialising it.
     A weight gradient is written only into a contiguous stack: an expanded buffer, which
-    tools/bench_expert_gemms.py writes for its cached variant, and other layouts are refused."""
+    tools/bench/expert_gemms.py writes for its cached variant, and other layouts are refused."""
     experts, in_width, out_width = 2048, 64, 64  # the expanded stacks would be 32 MiB as copies
     counts = [1] * experts
     x, g, w = torch.randn(experts, in_width), torch.randn(experts, out_width), torch.randn(in_width, out_width)
