@@ -68,8 +68,7 @@ def test_table_and_bad_flags():
 def test_cached_variants_read_and_write_one_matrix_in_place():
     """The cached variant reads an expanded weight stack and writes every expert's gradient into
     one shared buffer, without materialising either: a copy would be 32 MiB here."""
-    spec = Spec(tokens=1024, d_model=64, d_ff=64, num_experts=2048, top_k=2, capacity_factor=1.0,
-                     threads=1)
+    spec = Spec(tokens=1024, d_model=64, d_ff=64, num_experts=2048, top_k=2, capacity_factor=1.0, threads=1)
     counts = [1] * spec.num_experts
     w = torch.randn(spec.num_experts, 64, 64)
     for gemm in expert_gemms.GEMMS:

@@ -52,7 +52,6 @@ def test_help_documents_every_part():
 
 @pytest.mark.parametrize("missing,name", [("megatron.core", "megatron-core"), ("deepspeed", "deepspeed")])
 def test_refuses_a_missing_reference_package_on_gpu(monkeypatch, capsys, tmp_path, missing, name):
-    tool = gpu_check
     real_import = importlib.import_module
 
     def fake_import(module, *args, **kwargs):
@@ -60,12 +59,12 @@ def test_refuses_a_missing_reference_package_on_gpu(monkeypatch, capsys, tmp_pat
             raise ModuleNotFoundError(f"No module named '{missing}'")
         return real_import(module, *args, **kwargs)
 
-    monkeypatch.setattr(tool.importlib, "import_module", fake_import)
-    monkeypatch.setattr(tool.torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-    assert tool.main(["--out", str(tmp_path / "out")]) == 2
+    monkeypatch.setattr(gpu_check.importlib, "import_module", fake_import)
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert name in err and missing in err, err
     assert not (tmp_path / "out").exists()  # refused before any work
     # --quick needs only deepspeed.
     if missing == "megatron.core":
-        tool.check_references(quick=True)
+        gpu_check.check_references(quick=True)
