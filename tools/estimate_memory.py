@@ -14,8 +14,8 @@ Only the `model`, `moe` and `train` sections are read (data files need not exist
 engine on `--world-size` gloo processes and prints, per rank, the estimate next to the measured
 peak tensor memory: the bytes of every live tensor between steps (weights, optimizer state:
 each storage once, found by the garbage collector) plus the peak of the profiler's allocation
-events during one step (forward, backward, optimizer step; tools/step_memory.py). Use small
-configs: it allocates what it measures.
+events during one step (forward, backward, optimizer step; moe_dist/common/tensor_memory.py).
+Use small configs: it allocates what it measures.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from moe_dist.common.config import ConfigError, from_dict
 from moe_dist.model.config import ModelConfig, parse_model_config
-from moe_dist.train.config import TrainSection, load_yaml
+from moe_dist.train.config import TrainSection, read_config_file
 from moe_dist.train.ds_config import load_json
 from moe_dist.train.memory_plan import (
     MemoryPlan,
@@ -46,16 +46,7 @@ GiB = 2**30
 
 def load_config(path: str, overrides: list[str] | None = None) -> tuple[ModelConfig, TrainSection, dict]:
     """(model, train, DeepSpeed JSON) of a run config; ConfigError names the file."""
-    from moe_dist.train.config import apply_overrides
-
-    try:
-        with open(path) as f:
-            raw = load_yaml(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with model/moe/train sections")
-    raw = apply_overrides(raw, overrides or [])
+    raw = read_config_file(path, overrides)
     try:
         model = parse_model_config(raw.get("model"), raw.get("moe"))
         train = from_dict(TrainSection, raw.get("train") or {}, "train")
@@ -171,8 +162,7 @@ def settle_collectives() -> None:
 def measure_rank(model: ModelConfig, train: TrainSection, ds: dict, world: int, steps: int = 2) -> dict:
     """On an initialised gloo group: build the engine, run `steps` warm-up steps, then measure
     (live bytes between steps + peak of one step's allocations)."""
-    import step_memory
-
+    from moe_dist.common.tensor_memory import peak_tensor_mb
     from moe_dist.model.transformer import MoETransformer
     from moe_dist.parallel.groups import ParallelGroups
     from moe_dist.train.ds_config import reconcile_deepspeed_config
@@ -196,7 +186,7 @@ def measure_rank(model: ModelConfig, train: TrainSection, ds: dict, world: int, 
     for _ in range(steps):
         step()
     static = live_tensor_bytes()
-    peak = step_memory.peak_tensor_mb(step) * 2**20
+    peak = peak_tensor_mb(step) * 2**20
     return {"live_between_steps": static, "step_peak": int(peak), "measured": int(static + peak)}
 
 

@@ -213,7 +213,9 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     return RunConfig(model=model, data=data, train=train, cpu=cpu)
 
 
-def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+def read_config_file(path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The config file's sections, unchecked, with the `section.key=value` overrides applied; for
+    tools that read only some sections (tools/estimate_memory.py needs no data files)."""
     try:
         with open(path) as f:
             raw = load_yaml(f, where=path)
@@ -221,4 +223,10 @@ def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path!r} is a directory") from None
-    return parse_run_config(apply_overrides(raw or {}, overrides or []))
+    check(isinstance(raw, (dict, type(None))),
+          f"{path}: a config file must hold a mapping of sections, got {type(raw).__name__}")
+    return apply_overrides(raw or {}, overrides or [])
+
+
+def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+    return parse_run_config(read_config_file(path, overrides))

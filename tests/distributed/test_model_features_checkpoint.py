@@ -163,5 +163,5 @@ def test_export_of_comet_expert_masks_carries_the_projections_of_the_model_seed(
         assert weights[name].dtype == torch.float32 and torch.equal(weights[name], moe.experts.hidden_mask.v_eDF)
         assert torch.equal(hf.get_buffer(name), weights[name])  # fp32 beside bf16 weights
     tokens = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # fp32 mask scores of bf16 activations (the logits at fp32: test_ckpt_export_hf.py)
+    with torch.no_grad():  # fp32 mask scores of bf16 activations (the logits at fp32: tests/unit/checkpoint/test_export_hf.py)
         assert torch.isfinite(hf(tokens).logits).all()

@@ -1,8 +1,5 @@
 """Helpers shared by the kernel tests (pytest puts this folder on sys.path for them)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -29,12 +26,3 @@ def assert_mkl_matches_the_loop(x: torch.Tensor, w: torch.Tensor, counts: list[i
         torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
     return results[0][2]
 
-
-def peak_mib(fn) -> float:
-    """Peak MiB held by tensors allocated while `fn()` runs: the benchmarks' own measure
-    (tools/step_memory.py)."""
-    path = Path(__file__).resolve().parents[2] / "tools" / "step_memory.py"
-    spec = importlib.util.spec_from_file_location("step_memory", path)
-    step_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_memory)
-    return step_memory.peak_tensor_mb(fn)

@@ -3,7 +3,7 @@
 The tensors are in tensors.py; the full tables are in docs/checkpoints.md.
 
 What each computes (transformers' modeling files, checked against moe_dist by logits in
-tests/test_ckpt_import_hf*.py): pre-norm blocks, RMSNorm in fp32 times weight, rotary with
+tests/unit/checkpoint/test_import_hf.py, tests/e2e/test_import_hf_train.py): pre-norm blocks, RMSNorm in fp32 times weight, rotary with
 `rotate_half` over each head's two halves (moe_dist's `apply_rotary` is the same rotation, so
 q/k rows map without a permutation), SDPA attention with 1/sqrt(head_dim), grouped-query heads
 by `repeat_kv` (query head h reads key/value head h // (H / Y)), SwiGLU `down(silu(gate x) * up x)`.

@@ -8,7 +8,7 @@ config.json -> ModelConfig (arch.py: unsupported fields are errors naming them),
 name and shape the config implies checked against the safetensors headers (a missing, extra or
 mis-shaped tensor is an error naming the file and the config fields), then the tensors read one
 moe_dist tensor at a time (tensors.py). The imported model is dropless, as the HF models
-are, so its logits equal transformers' (tests/test_ckpt_import_hf*.py).
+are, so its logits equal transformers' (tests/unit/checkpoint/test_import_hf.py, tests/e2e/test_import_hf_train.py).
 """
 
 from __future__ import annotations

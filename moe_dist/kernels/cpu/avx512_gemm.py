@@ -7,7 +7,7 @@ them.
 
 Why: MKL packs each expert's weight before computing with it, and with few rows per expert that
 packing is a memory-bound phase nothing overlaps: the experts' GEMMs then cost what streaming E
-weight matrices costs, on top of the arithmetic (tools/bench_expert_gemms.py measures both, its
+weight matrices costs, on top of the arithmetic (tools/bench/expert_gemms.py measures both, its
 numbers are in BENCHMARKS.md). The kernels here read each weight in place and prefetch the rows
 ahead, and write weight gradients with streaming stores.
 

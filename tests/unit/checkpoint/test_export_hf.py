@@ -4,7 +4,7 @@ self-contained custom architecture, loads with trust_remote_code and gives moe_d
 router statistics buffers (EMAs, projections, biases) are populated first so the eval paths
 that read them are exercised. SentencePiece checkpoints get tokenizer files that transformers
 loads. COMET's expert masks are computed from the projections the export writes. (The Mixtral
-path on a real training checkpoint: test_ckpt_roundtrip.py.)"""
+path on a real training checkpoint: tests/distributed/test_checkpoint_roundtrip.py.)"""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ settings): the imported model's logits equal transformers' (dropless, one proces
 of it loads with the native class and gives the same logits and the very tensors it was
 imported from; dense Llama/Qwen2/Qwen3 import for upcycling; sharded, fused-expert and tied
 inputs; every bad input is an error naming the file and field, and leaves nothing behind.
-(EP=2 training from an import through the deepspeed launcher: test_ckpt_import_hf_slow.py.)"""
+(EP=2 training from an import through the deepspeed launcher: tests/e2e/test_import_hf_train.py.)"""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 layouts: flat offsets with alignment padding, partition sizes and tails (`group_paddings`),
 DeepSpeed's fragment addresses, expert-group chunking at another EP size, per-group scheduler
 lists; pyproject's DeepSpeed pin equals the versions the reader accepts. (That it agrees with
-what DeepSpeed itself writes is proven in test_ckpt_roundtrip.py by resharding to the same layout
+what DeepSpeed itself writes is proven in tests/distributed/test_checkpoint_roundtrip.py by resharding to the same layout
 and comparing every file bit for bit.)"""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Tokenizers, tokenizer training and local-corpus reading, on tiny files written by the tests
-(the fortunes-based round trip is in test_data_megatron.py)."""
+(the fortunes-based round trip is in tests/unit/data/test_megatron.py)."""
 
 from __future__ import annotations
 

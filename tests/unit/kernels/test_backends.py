@@ -3,8 +3,9 @@ the backend choice, the refusals, and the memory the gather-fused first projecti
 
 import pytest
 import torch
-from tests.harness.gemm_check import needs_mkl, peak_mib
+from tests.harness.gemm_check import needs_mkl
 
+from moe_dist.common.tensor_memory import peak_tensor_mb
 from moe_dist.kernels import gather_grouped_mm, grouped_mm
 from moe_dist.kernels.cpu import avx512_gemm, mkl_grouped
 from moe_dist.moe.config import MoEConfig
@@ -29,7 +30,7 @@ def test_grouped_mm_matches_per_expert_matmul(impl, width):
 
 def _peak_step_mib(layer: MoELayer, x: torch.Tensor) -> float:
     """Peak bytes held by tensors allocated during one forward+backward (profiler events)."""
-    return peak_mib(lambda: layer(x).y.square().sum().backward())
+    return peak_tensor_mb(lambda: layer(x).y.square().sum().backward())
 
 
 @needs_mkl

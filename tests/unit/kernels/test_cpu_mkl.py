@@ -4,8 +4,9 @@ layouts its raw segment GEMMs read and write."""
 
 import pytest
 import torch
-from tests.harness.gemm_check import assert_mkl_matches_the_loop, needs_mkl, peak_mib
+from tests.harness.gemm_check import assert_mkl_matches_the_loop, needs_mkl
 
+from moe_dist.common.tensor_memory import peak_tensor_mb
 from moe_dist.kernels import grouped_mm
 from moe_dist.kernels.cpu import mkl_grouped
 
@@ -72,15 +73,15 @@ def test_gather_segment_matmul_matches_gather_then_matmul(monkeypatch):
 def test_segment_ops_read_expanded_stacks_in_place_and_write_only_contiguous_ones():
     """An expanded weight stack (every expert the same matrix) is read without materialising it.
     A weight gradient is written only into a contiguous stack: an expanded buffer, which
-    tools/bench_expert_gemms.py writes for its cached variant, and other layouts are refused."""
+    tools/bench/expert_gemms.py writes for its cached variant, and other layouts are refused."""
     experts, in_width, out_width = 2048, 64, 64  # the expanded stacks would be 32 MiB as copies
     counts = [1] * experts
     x, g, w = torch.randn(experts, in_width), torch.randn(experts, out_width), torch.randn(in_width, out_width)
     stack = w.expand(experts, in_width, out_width)
     y = torch.empty(experts, out_width)
-    assert peak_mib(lambda: mkl_grouped.segment_mm(x, stack, counts, False, out=y)) < 1
+    assert peak_tensor_mb(lambda: mkl_grouped.segment_mm(x, stack, counts, False, out=y)) < 1
     torch.testing.assert_close(y, x @ w, rtol=1e-5, atol=1e-5)
-    assert peak_mib(lambda: mkl_grouped.segment_mm(g, stack, counts, True, out=x)) < 1
+    assert peak_tensor_mb(lambda: mkl_grouped.segment_mm(g, stack, counts, True, out=x)) < 1
     shared = torch.empty(in_width, out_width).expand(experts, in_width, out_width)
     for out in (shared, torch.empty(experts, out_width, in_width).transpose(1, 2)):
         with pytest.raises(ValueError, match=r"out must be a contiguous \[2048, 64, 64\] tensor"):
@@ -108,7 +109,7 @@ def test_gather_backward_holds_one_chunk_at_a_time():
 
     def backward():
         y = mkl_grouped.gather_segment_matmul(source, index, w, counts)
-        return peak_mib(lambda: y.backward(grad))
+        return peak_tensor_mb(lambda: y.backward(grad))
 
     backward()  # warm: one-time allocations (the kernels' self-checks) are not the step's
     source.grad = w.grad = None

@@ -7,13 +7,11 @@ tests/distributed/test_recompute_ep.py.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from moe_dist.common.config import ConfigError
+from moe_dist.common.tensor_memory import peak_tensor_mb
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.moe.recompute import recompute_saved
@@ -113,17 +111,8 @@ def test_recompute_saved_rebuilds_views_of_the_dropped_tensor():
     torch.testing.assert_close(w.grad, torch.tanh(h).detach().t() @ torch.ones(6, 3))
 
 
-def _step_memory():
-    path = Path(__file__).resolve().parents[3] / "tools" / "step_memory.py"
-    spec = importlib.util.spec_from_file_location("step_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_recompute_lowers_peak_tensor_memory_of_an_all_moe_model():
     """All-MoE model, top-4 of 8, d_ff twice d_model: the experts' activations dominate."""
-    peak_tensor_mb = _step_memory().peak_tensor_mb
     peaks = {}
     for mode in ("none", *MODES):
         cfg = make_cfg(mode, dict(capacity_factor=2.0, d_ff=128), d_model=64, moe_every=1, n_layers=4,

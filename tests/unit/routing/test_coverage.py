@@ -22,7 +22,7 @@ from moe_dist.routing.base import Router, RouterConfig
 
 REPO = Path(__file__).resolve().parents[3]
 HF_ROUTERS = REPO / "moe_dist" / "checkpoint" / "hf_remote_code" / "moe_dist_routers.py"
-EXPORT_TEST = REPO / "tests" / "test_ckpt_export_hf.py"
+EXPORT_TEST = REPO / "tests" / "tests/unit/checkpoint/test_export_hf.py"
 DEFAULT_ROUTER = "topk"  # router_config_from_dict's type when a router mapping has none
 
 
@@ -122,7 +122,7 @@ def test_a_new_router_without_cases_is_reported_missing_everywhere(probe_router)
     assert len(gaps[probe_router]) == 3
     assert "ROUTER_CASES" in gaps[probe_router][0]
     assert "ROUTERS table" in gaps[probe_router][1]
-    assert "test_ckpt_export_hf.py CASES" in gaps[probe_router][2]
+    assert "tests/unit/checkpoint/test_export_hf.py CASES" in gaps[probe_router][2]
 
 
 def test_the_registry_is_restored_after_the_probe():

@@ -1,11 +1,10 @@
-"""tools/bench_expert_gemms.py runs on a tiny configuration and reports every GEMM of the layer in
+"""tools/bench/expert_gemms.py runs on a tiny configuration and reports every GEMM of the layer in
 every variant, with the streamed bytes priced at the measured bandwidth; its cached variant keeps
 the weights and gradients in cache. No timing is asserted.
 
 Subprocesses for whole runs: the tool sets the process's thread count and glibc's allocator mode.
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_dist.common.tensor_memory import peak_tensor_mb
 from moe_dist.kernels.cpu import mkl_grouped
+from tools.bench import expert_gemms
+from tools.bench.spec import Spec
 
-TOOL = Path(__file__).resolve().parents[3] / "tools" / "bench_expert_gemms.py"
+ROOT = Path(__file__).resolve().parents[3]
 GEMMS = {"fwd1", "fwd2", "dx2", "dW2", "dx1", "dW1"}
 VARIANT_KEYS = {"dense_ms", "grouped_ms", "cached_ms", "stream_ms"}
 TINY = ["--tokens", "64", "--d-model", "32", "--d-ff", "48", "--repeats", "1", "--warmup", "0",
@@ -25,7 +27,8 @@ TINY = ["--tokens", "64", "--d-model", "32", "--d-ff", "48", "--repeats", "1", "
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "tools.bench.expert_gemms", *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
 
 
 @pytest.fixture(autouse=True)
@@ -62,24 +65,12 @@ def test_table_and_bad_flags():
     assert bad.returncode == 2 and "--capacity-factor (0.0) must be > 0" in bad.stderr
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("bench_expert_gemms", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)  # puts tools/ on sys.path for its own imports
-    return module
-
-
 def test_cached_variants_read_and_write_one_matrix_in_place():
     """The cached variant reads an expanded weight stack and writes every expert's gradient into
     one shared buffer, without materialising either: a copy would be 32 MiB here."""
-    tool = _load_tool()
-    from step_memory import peak_tensor_mb
-
-    spec = tool.Spec(tokens=1024, d_model=64, d_ff=64, num_experts=2048, top_k=2, capacity_factor=1.0,
-                     threads=1)
+    spec = Spec(tokens=1024, d_model=64, d_ff=64, num_experts=2048, top_k=2, capacity_factor=1.0, threads=1)
     counts = [1] * spec.num_experts
     w = torch.randn(spec.num_experts, 64, 64)
-    for gemm in tool.GEMMS:
-        cached = tool.make_variants(gemm, spec, counts, {"w1": w, "w2": w})["cached"]
+    for gemm in expert_gemms.GEMMS:
+        cached = expert_gemms.make_variants(gemm, spec, counts, {"w1": w, "w2": w})["cached"]
         assert peak_tensor_mb(cached) < 1, gemm.name

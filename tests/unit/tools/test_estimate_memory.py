@@ -8,7 +8,6 @@ profiler's allocation events during one step (tools/estimate_memory.py, `measure
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -18,17 +17,10 @@ import pytest
 
 from moe_dist.model.config import parse_model_config
 from moe_dist.train.memory_plan import ZeroSettings, estimate, largest_micro_batch, parameter_counts
+from tools import estimate_memory
 
 ROOT = Path(__file__).resolve().parents[3]
 TOOL = ROOT / "tools" / "estimate_memory.py"
-
-
-def load_tool():
-    """The tool as an importable module: its spawned ranks unpickle its functions by name, and it
-    imports tools/step_memory.py."""
-    if str(TOOL.parent) not in sys.path:
-        sys.path.insert(0, str(TOOL.parent))
-    return importlib.import_module("estimate_memory")
 
 
 def write_run(tmp_path: Path, name: str, stage: int, model: dict, moe: dict | None, micro_batch: int = 8) -> str:
@@ -58,7 +50,7 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_estimate_within_15_percent_of_measured(tmp_path, name):
     stage, model, moe = CASES[name]
-    row = load_tool().compare(write_run(tmp_path, name, stage, model, moe), world=2)
+    row = estimate_memory.compare(write_run(tmp_path, name, stage, model, moe), world=2)
     print(f"{name}: estimate {row['estimate_mib']:.2f} MiB, measured {row['measured_mib']:.2f} MiB "
           f"(rank {row['measured_rank']}), ratio {row['estimate_over_measured']:.3f}")
     assert 0.85 <= row["estimate_over_measured"] <= 1.15, row
@@ -136,7 +128,7 @@ def _unrecorded_free_bytes(rank: int, init: str, settle: bool, results: str) -> 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
         if settle:
-            load_tool().settle_collectives()
+            estimate_memory.settle_collectives()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             for _ in range(40):
                 out = torch.empty(2, 65536)

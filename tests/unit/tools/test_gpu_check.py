@@ -1,4 +1,4 @@
-"""tools/gpu_check.py: `--quick` runs every part on CPU (correctness checks, the layer benchmark
+"""tools/bench/gpu_check.py: `--quick` runs every part on CPU (correctness checks, the layer benchmark
 with Megatron-Core reported as skipped, a short pretraining through the deepspeed launcher with
 and without expert recompute) and writes its JSON and markdown reports; `--help` documents every
 part; on a GPU a missing reference package is refused, by name, before any work."""
@@ -13,20 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from tools.bench import gpu_check
+
 ROOT = Path(__file__).resolve().parents[3]
-TOOL = ROOT / "tools" / "gpu_check.py"
+TOOL = ["-m", "tools.bench.gpu_check"]
 CHECKS = {"layer_bf16_vs_fp32", "grouped_mm_vs_loop", "dropless", "capacity", "eval_determinism",
           "recompute_gradients[activation]", "recompute_gradients[experts]"}
 
 
-def load_tool():
-    if str(TOOL.parent) not in sys.path:
-        sys.path.insert(0, str(TOOL.parent))
-    return importlib.import_module("gpu_check")
-
-
 def test_quick_runs_every_part_and_writes_the_reports(tmp_path):
-    proc = subprocess.run([sys.executable, str(TOOL), "--quick", "--out", str(tmp_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, *TOOL, "--quick", "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -47,7 +43,7 @@ def test_quick_runs_every_part_and_writes_the_reports(tmp_path):
 
 
 def test_help_documents_every_part():
-    proc = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, *TOOL, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0
     for word in ("correctness", "bench", "pretrain", "--quick", "MFU", "FLOPs per token", *CHECKS - {
             "recompute_gradients[activation]", "recompute_gradients[experts]"}, "recompute_gradients"):
@@ -56,7 +52,6 @@ def test_help_documents_every_part():
 
 @pytest.mark.parametrize("missing,name", [("megatron.core", "megatron-core"), ("deepspeed", "deepspeed")])
 def test_refuses_a_missing_reference_package_on_gpu(monkeypatch, capsys, tmp_path, missing, name):
-    tool = load_tool()
     real_import = importlib.import_module
 
     def fake_import(module, *args, **kwargs):
@@ -64,12 +59,12 @@ def test_refuses_a_missing_reference_package_on_gpu(monkeypatch, capsys, tmp_pat
             raise ModuleNotFoundError(f"No module named '{missing}'")
         return real_import(module, *args, **kwargs)
 
-    monkeypatch.setattr(tool.importlib, "import_module", fake_import)
-    monkeypatch.setattr(tool.torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-    assert tool.main(["--out", str(tmp_path / "out")]) == 2
+    monkeypatch.setattr(gpu_check.importlib, "import_module", fake_import)
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert name in err and missing in err, err
     assert not (tmp_path / "out").exists()  # refused before any work
     # --quick needs only deepspeed.
     if missing == "megatron.core":
-        tool.check_references(quick=True)
+        gpu_check.check_references(quick=True)

@@ -1,17 +1,14 @@
-"""tools/step_memory.py measures a step in a fresh child process, and a child that dies is an
+"""tools/bench/step_memory.py measures a step in a fresh child process, and a child that dies is an
 error naming the step, not a wait for ever (multiprocessing.Pool.apply never returns then)."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
-import step_memory  # noqa: E402
+from tools.bench import step_memory
 
 
 def allocating_step(mib: int):

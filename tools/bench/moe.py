@@ -10,7 +10,7 @@ same thread count, in one process:
              with bias-free GELU experts and the moe_dist layer's router and expert weights copied
              in, so both layers route every token to the same experts and drop the same pairs.
   megatron   Megatron-Core's `MoELayer` (EP=1, alltoall dispatcher, same k, cf and widths;
-             tools/bench_megatron.py says which expert MLP it builds). CUDA only: on CPU the case
+             tools/bench/megatron.py says which expert MLP it builds). CUDA only: on CPU the case
              is reported as skipped with the reason. On by default with --device cuda.
   floor      the expert work with no routing at all: T*K rows through one dense GEMM pair,
              x[T*K, D] @ W1[D, F] -> GELU -> @ W2[F, D].
@@ -24,15 +24,15 @@ the routing check is skipped (same_routing null) and only the work is comparable
 Time: warmup rounds, then `--repeats` timed rounds; each round runs every case once (interleaved,
 so a burst of load from other processes hits all cases alike); the median is reported.
 Peak memory: on CPU each case runs again in a fresh child process: the peak of tensor bytes held
-during a step (profiler allocation events) and the peak RSS increase (tools/step_memory.py); on
+during a step (profiler allocation events) and the peak RSS increase (tools/bench/step_memory.py); on
 CUDA, in this process, `max_memory_allocated` during a step minus what was allocated before it
 (RSS: null).
 Allocator: `--cpu-malloc keep` (the default, what the trainer does on CPU) has glibc keep freed
 memory, as a GPU's caching allocator does (moe_dist/common/malloc.py); `default` leaves glibc
 as it is. Both the timing and the memory children use the chosen one.
 
-    python tools/bench_moe.py                      # default sweep E = 8, 64, 256, table on stdout
-    python tools/bench_moe.py --json               # one JSON object per configuration
+    python -m tools.bench.moe                      # default sweep E = 8, 64, 256, table on stdout
+    python -m tools.bench.moe --json               # one JSON object per configuration
 """
 
 from __future__ import annotations
@@ -41,17 +41,15 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
-import time
 from dataclasses import asdict
 from typing import Callable
 
-import step_memory
 import torch
-from bench_layers import (
-    DTYPES,
-    Spec,
+from tqdm import tqdm
+
+from . import megatron, step_memory
+from .layers import (
     build_deepspeed_layer,
     build_moe_dist_layer,
     check_same_function,
@@ -60,23 +58,13 @@ from bench_layers import (
     make_inputs,
     make_moe_dist_step,
 )
-from tqdm import tqdm
-
-from moe_dist.common.cpus import usable_cpus
+from .spec import DTYPES, Spec, add_spec_args, check_spec_args, configure_malloc, spec_from_args
+from .timing import cuda_peak_mb, time_cases
 
 log = logging.getLogger("bench_moe")
 
 CASES = ("moe_dist", "deepspeed", "floor")
 GPU_CASES = ("moe_dist", "deepspeed", "megatron", "floor")
-# ---------------------------------------------------------------------------------------------
-# Peak memory: each case in a fresh process (tools/step_memory.py).
-# ---------------------------------------------------------------------------------------------
-
-def configure_malloc(mode: str) -> None:
-    from moe_dist.common import malloc as cpu_malloc
-
-    if mode == "keep" and not cpu_malloc.keep_freed_memory():
-        raise RuntimeError("--cpu-malloc keep needs glibc; use --cpu-malloc default here")
 
 
 def memory_step(case: str, spec: Spec) -> Callable[[], None]:
@@ -95,44 +83,6 @@ def memory_step(case: str, spec: Spec) -> Callable[[], None]:
     return make_deepspeed_step(build_deepspeed_layer(spec, md), spec)
 
 
-# ---------------------------------------------------------------------------------------------
-# Timing and the sweep.
-# ---------------------------------------------------------------------------------------------
-
-def time_cases(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
-               progress: tqdm | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall and process-CPU milliseconds per step of each case; rounds interleave the cases.
-
-    CPU time is a diagnostic for a shared machine: with one thread it excludes the time another
-    process held the core; with several it also counts OpenMP threads spinning at barriers.
-    """
-    wall: dict[str, list[float]] = {name: [] for name in steps}
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(warmup + repeats):
-        for name, step in steps.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()  # kernels are asynchronous: time them, not their launch
-            if r >= warmup:
-                wall[name].append((time.perf_counter() - t0) * 1e3)
-                cpu[name].append((time.process_time() - c0) * 1e3)
-        if progress is not None:
-            progress.update(1)
-    med = statistics.median
-    return {n: med(ts) for n, ts in wall.items()}, {n: med(ts) for n, ts in cpu.items()}
-
-
-def cuda_peak_mb(step: Callable[[], None]) -> float:
-    """Peak bytes allocated during one step over what was allocated before it (CUDA)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def build_steps(spec: Spec, cases: tuple[str, ...]) -> tuple[dict, dict, dict]:
     """(steps by case, fairness check, skipped cases with their reason)."""
     md = build_moe_dist_layer(spec)
@@ -145,13 +95,11 @@ def build_steps(spec: Spec, cases: tuple[str, ...]) -> tuple[dict, dict, dict]:
                            "the comparison would not be like for like")
     steps, skipped = {"moe_dist": make_moe_dist_step(md, spec), "deepspeed": make_deepspeed_step(ds, spec)}, {}
     if "megatron" in cases:
-        import bench_megatron
-
         try:
-            layer = bench_megatron.build_megatron_layer(spec, spec.torch_dtype)
-            steps["megatron"] = bench_megatron.make_megatron_step(layer, spec, make_inputs)
-            check["megatron_mlp"] = bench_megatron.mlp_choice()[2]
-        except bench_megatron.Unavailable as e:
+            layer = megatron.build_megatron_layer(spec, spec.torch_dtype)
+            steps["megatron"] = megatron.make_megatron_step(layer, spec, make_inputs)
+            check["megatron_mlp"] = megatron.mlp_choice()[2]
+        except megatron.Unavailable as e:
             skipped["megatron"] = str(e)
     steps["floor"] = make_floor_step(spec)
     return steps, check, skipped
@@ -241,45 +189,9 @@ def format_case_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def add_spec_args(p: argparse.ArgumentParser) -> None:
-    """The layer shape, timing and allocator flags (shared with tools/bench_expert_gemms.py)."""
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--d-ff", type=int, default=1024)
-    p.add_argument("--num-experts", type=int, nargs="+", default=[8, 64, 256])
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=1.25)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=usable_cpus())
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep",
-                   help="keep: glibc keeps freed memory, as the trainer has it on CPU (default); "
-                        "default: glibc unchanged (large blocks unmapped on free)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
-
-
-def check_spec_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.repeats < 1 or args.warmup < 0:
-        p.error(f"--repeats ({args.repeats}) must be >= 1 and --warmup ({args.warmup}) >= 0")
-    if min(args.threads, args.tokens, args.d_model, args.d_ff, args.top_k) < 1:
-        p.error(f"--threads ({args.threads}), --tokens ({args.tokens}), --d-model ({args.d_model}), "
-                f"--d-ff ({args.d_ff}) and --top-k ({args.top_k}) must be >= 1")
-    if min(args.num_experts) < max(2, args.top_k):
-        p.error(f"--num-experts {args.num_experts}: each must be >= 2 and >= --top-k ({args.top_k})")
-    if args.capacity_factor <= 0:
-        p.error(f"--capacity-factor ({args.capacity_factor}) must be > 0 (drop_tokens=True)")
-
-
-def spec_from_args(args: argparse.Namespace, num_experts: int) -> Spec:
-    return Spec(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, num_experts=num_experts,
-                top_k=args.top_k, capacity_factor=args.capacity_factor, threads=args.threads,
-                seed=args.seed, cpu_malloc=args.cpu_malloc, device=getattr(args, "device", "cpu"),
-                dtype=getattr(args, "dtype", "fp32"))
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench.moe",
+                                description=__doc__.split("\n\n")[0])
     add_spec_args(p)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

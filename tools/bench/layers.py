@@ -1,7 +1,7 @@
-"""The layers tools/bench_moe.py puts side by side, built with the same weights and routing:
+"""The layers tools/bench/moe.py puts side by side, built with the same weights and routing:
 moe_dist's `MoELayer`, DeepSpeed's `MoE` and the dense floor of the same expert work (the cases
-and the fairness rules: bench_moe.py's docstring), each as a `step()` of forward+backward, and the
-check that moe_dist and DeepSpeed compute the same function.
+and the fairness rules: tools/bench/moe.py's docstring), each as a `step()` of forward+backward,
+and the check that moe_dist and DeepSpeed compute the same function.
 
 Legend: T tokens, D model width, F expert hidden width, E experts, K experts per token.
 """
@@ -10,37 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Spec:
-    tokens: int
-    d_model: int
-    d_ff: int
-    num_experts: int
-    top_k: int
-    capacity_factor: float
-    threads: int
-    seed: int = 0
-    cpu_malloc: str = "keep"  # or "default" (see --cpu-malloc)
-    device: str = "cpu"  # or "cuda"
-    dtype: str = "fp32"  # or "bf16"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def expert_flops(self) -> float:
-        """Forward+backward FLOPs of the expert work (module docstring)."""
-        return 12.0 * self.tokens * self.top_k * self.d_model * self.d_ff
+from .spec import Spec
 
 
 # ---------------------------------------------------------------------------------------------

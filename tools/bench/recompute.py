@@ -1,9 +1,9 @@
 """Peak memory of one forward+backward of an all-MoE model under each `model.moe_recompute` mode
 (and with attention checkpointing), measured on CPU in a fresh child process per mode with
-tools/step_memory.py: peak tensor bytes (profiler allocation events) and peak RSS increase.
+tools/bench/step_memory.py: peak tensor bytes (profiler allocation events) and peak RSS increase.
 
-    python tools/bench_recompute.py                  # d 256, 4 layers all MoE, E 16 top-4, 8 x 256 tokens
-    python tools/bench_recompute.py --top-k 8 --json
+    python -m tools.bench.recompute                  # d 256, 4 layers all MoE, E 16 top-4, 8 x 256 tokens
+    python -m tools.bench.recompute --top-k 8 --json
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import argparse
 import json
 import sys
 
-import step_memory
 import torch
+
+from . import step_memory
 
 MODES = [("off", "none"), ("off", "activation"), ("off", "experts"), ("on", "none"), ("on", "experts")]
 
@@ -40,7 +41,8 @@ def build_step(args: dict, ckpt: str, recompute: str):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench.recompute",
+                                description=__doc__.split("\n\n")[0])
     for name, default in (("d-model", 256), ("d-ff", 512), ("layers", 4), ("experts", 16), ("top-k", 4),
                           ("batch", 8), ("seq", 256), ("vocab", 1024)):
         p.add_argument(f"--{name}", type=int, default=default)

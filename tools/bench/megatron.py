@@ -1,4 +1,4 @@
-"""Megatron-Core's MoE layer as a case of tools/bench_moe.py (GPU only).
+"""Megatron-Core's MoE layer as a case of tools/bench/moe.py (GPU only).
 
 Built as Megatron's GPT layer spec builds it: `MoELayer` with its top-k router (softmax, aux loss
 0.01), the `alltoall` token dispatcher at EP=1 and no tensor parallelism, bias-free GELU experts of
@@ -45,7 +45,7 @@ def _init_parallel_state(seed: int) -> None:
 
 
 def build_megatron_layer(spec, dtype: torch.dtype):
-    """Megatron-Core's MoELayer for `spec` (tools/bench_moe.Spec) on the current CUDA device."""
+    """Megatron-Core's MoELayer for `spec` (tools/bench/spec.py) on the current CUDA device."""
     if spec.device != "cuda" or not torch.cuda.is_available():
         raise Unavailable("Megatron-Core's MoE layer and alltoall dispatcher are CUDA-only "
                           "(they call torch.cuda unconditionally)")

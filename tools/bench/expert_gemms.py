@@ -7,9 +7,9 @@ rows of the floor.
 
 Per GEMM of the layer (fwd1 x@W1, fwd2 h@W2, dx2 g@W2.T, dW2 h.T@g, dx1 gh@W1.T, dW1 x.T@gh),
 three variants, each with preallocated outputs, timed in interleaved rounds (median):
-  dense    one GEMM over the floor's R rows with one [D, F] weight (tools/bench_moe.py's floor)
+  dense    one GEMM over the floor's R rows with one [D, F] weight (tools/bench/moe.py's floor)
   grouped  the CPU backend's segment GEMMs (moe_dist/kernels/cpu/mkl_grouped.py) over the
-           layer's real per-expert row counts (the routing of tools/bench_moe.py's input), every
+           layer's real per-expert row counts (the routing of tools/bench/moe.py's input), every
            expert with its own weights: what the layer runs
   cached   the same call with every expert reading expert 0's weights (an expanded view)
            or writing its gradient into one shared buffer, which therefore stay in cache: the
@@ -22,9 +22,9 @@ buffer goes to its raw products (`outer_products`), which take any stack of dens
 the measured bandwidth takes, the part a kernel that prefetched the next expert's weights during
 the current one could hide; `cached / dense` is what would remain.
 
-    python tools/bench_expert_gemms.py --threads 2            # E = 8, 64, 256; table on stdout
-    python tools/bench_expert_gemms.py --threads 2 --json     # one JSON object per E
-    MOE_DIST_AVX512_GEMM=0 python tools/bench_expert_gemms.py --threads 2   # MKL instead of our kernels
+    python -m tools.bench.expert_gemms --threads 2            # E = 8, 64, 256; table on stdout
+    python -m tools.bench.expert_gemms --threads 2 --json     # one JSON object per E
+    MOE_DIST_AVX512_GEMM=0 python -m tools.bench.expert_gemms --threads 2   # MKL instead of our kernels
 """
 
 from __future__ import annotations
@@ -36,19 +36,18 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_layers import Spec, build_moe_dist_layer, make_inputs  # noqa: E402
-from bench_moe import add_spec_args, check_spec_args, configure_malloc, spec_from_args, time_cases  # noqa: E402
+from moe_dist.kernels.cpu import mkl_grouped
+from moe_dist.moe.capacity import assign_slots
+from moe_dist.routing.base import RoutingContext
 
-from moe_dist.kernels.cpu import mkl_grouped  # noqa: E402
-from moe_dist.moe.capacity import assign_slots  # noqa: E402
-from moe_dist.routing.base import RoutingContext  # noqa: E402
+from .layers import build_moe_dist_layer, make_inputs
+from .spec import Spec, add_spec_args, check_spec_args, configure_malloc, spec_from_args
+from .timing import time_cases
 
 log = logging.getLogger("bench_expert_gemms")
 
@@ -76,7 +75,7 @@ GEMMS = (
 
 @torch.no_grad()
 def routed_counts(spec: Spec) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """Rows per expert after the capacity drop for tools/bench_moe.py's input, and the layer's
+    """Rows per expert after the capacity drop for tools/bench/moe.py's input, and the layer's
     expert weights (w1 [E, D, F], w2 [E, F, D])."""
     layer = build_moe_dist_layer(spec)
     x, _ = make_inputs(spec, spec.tokens)
@@ -178,7 +177,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench.expert_gemms",
+                                description=__doc__.split("\n\n")[0])
     add_spec_args(p)
     args = p.parse_args(argv)
     check_spec_args(p, args)

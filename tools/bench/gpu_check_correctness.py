@@ -1,7 +1,7 @@
-"""The correctness part of tools/gpu_check.py: each check runs on `device` and returns a row
-{name, status (pass / fail / skipped: reason), measured, tolerance}. Tolerances and what is
-compared: tools/gpu_check.py's docstring. Sizes are small enough for CPU and meaningful on a GPU
-(several experts, drops that bind, top-k > 1).
+"""The correctness part of tools/bench/gpu_check.py: each check runs on `device` and returns a
+row {name, status (pass / fail / skipped: reason), measured, tolerance}. Tolerances and what is
+compared: tools/bench/gpu_check.py's docstring. Sizes are small enough for CPU and meaningful on a
+GPU (several experts, drops that bind, top-k > 1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """moe_dist's GPU acceptance kit: one command that checks and measures moe_dist on a GPU.
 
-    python tools/gpu_check.py --out runs/gpu_check            # on one GPU (designed for < 8 min on an H200)
-    python tools/gpu_check.py --quick --out /tmp/gpu_check    # the same parts at tiny sizes on CPU
+    python -m tools.bench.gpu_check --out runs/gpu_check          # on one GPU (designed for < 8 min on an H200)
+    python -m tools.bench.gpu_check --quick --out /tmp/gpu_check  # the same parts at tiny sizes on CPU
 
 Parts (`--parts`, default all; each writes its results into OUT/gpu_check.json and a table into
 OUT/gpu_check.md):
@@ -21,10 +21,10 @@ OUT/gpu_check.md):
                - recompute_gradients: a model's loss and gradients with `model.moe_recompute`
                  activation and experts against none, fp32: bit-equal on CPU; on CUDA within 1e-6
                  relative (index_add_ accumulates with atomics there).
-  bench        tools/bench_moe.py --device cuda --dtype bf16 at an OLMoE-like shape (T 8192,
+  bench        tools/bench/moe.py --device cuda --dtype bf16 at an OLMoE-like shape (T 8192,
                d 2048, d_ff 1024, E 64, top-8) and a Mixtral-like one scaled to fit the time (T 8192,
                d 2048, d_ff 7168, E 8, top-2): moe_dist, DeepSpeed's MoE, Megatron-Core's MoE
-               (EP=1, alltoall dispatcher; tools/bench_megatron.py names its expert MLP) and the
+               (EP=1, alltoall dispatcher; tools/bench/megatron.py names its expert MLP) and the
                bf16 dense GEMM floor; ms, TFLOP/s of the expert work, peak memory. --quick: fp32
                on CPU at T 128, d 64, d_ff 128, no peak memory (it needs a child process per case
                on CPU), Megatron-Core reported as skipped (CUDA-only).
@@ -48,17 +48,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from moe_dist.common.atomic import write_text_atomic
+
+from .gpu_check_correctness import correctness_part
+from .gpu_check_pretrain import pretrain_part
+from .moe import GPU_CASES, bench_one, format_case_table
+from .spec import Spec
+
 PARTS = ("correctness", "bench", "pretrain")
 # Reference packages by their pip name -> the module that must import.
 REFERENCES = {"deepspeed": "deepspeed", "megatron-core": "megatron.core"}
@@ -99,9 +101,7 @@ def run_part(name: str, fn, results: dict, *args) -> None:
 # bench
 # ---------------------------------------------------------------------------------------------
 
-def bench_specs(quick: bool, device: str) -> list:
-    from bench_layers import Spec
-
+def bench_specs(quick: bool, device: str) -> list[Spec]:
     if quick:
         common = dict(tokens=128, d_model=64, d_ff=128, capacity_factor=1.25, threads=1, device="cpu", dtype="fp32")
         return [Spec(num_experts=16, top_k=8, **common), Spec(num_experts=8, top_k=2, **common)]
@@ -111,73 +111,11 @@ def bench_specs(quick: bool, device: str) -> list:
 
 
 def bench_part(quick: bool, device: str) -> dict:
-    import bench_moe
-
     rows = []
     for spec in bench_specs(quick, device):
         warmup, repeats = (0, 1) if quick else (3, 10)
-        rows.append(bench_moe.bench_one(spec, warmup, repeats, memory=not quick, progress=None,
-                                        cases=bench_moe.GPU_CASES))
-    return {"rows": rows, "table": bench_moe.format_case_table(rows)}
-
-
-# ---------------------------------------------------------------------------------------------
-# pretrain
-# ---------------------------------------------------------------------------------------------
-
-def flops_per_token(config: str, overrides: list[str]) -> float:
-    from estimate_memory import load_config
-
-    from moe_dist.train.memory_plan import parameter_counts
-
-    model, train, _ = load_config(config, overrides)
-    dense, expert = parameter_counts(model)
-    active = dense + (expert * model.moe.top_k / model.moe.num_experts if model.moe else 0)
-    if not model.tie_embeddings:
-        active -= model.vocab_size * model.d_model  # the input embedding is a lookup, not a matmul
-    return 6.0 * active + 12.0 * model.n_layers * model.d_model * train.seq_len
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed_launcher() -> list[str]:
-    """The `deepspeed` script of this Python's environment, which PATH may not lead to (a venv used
-    without activating it); its runner module where the script is absent."""
-    script = Path(sys.executable).with_name("deepspeed")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def pretrain_part(quick: bool, out: Path, peak_tflops: float, timeout: int) -> dict:
-    if quick:
-        config = "configs/tiny_cpu.yaml"
-        overrides = ["moe.ep_size=1", "train.steps=4", "train.log_interval=2", "train.warmup_steps=1",
-                     "train.eval_iters=1", "train.checkpoint_dir=null", "train.tensorboard_dir=null"]
-    else:
-        config, overrides = "configs/gpu_125m_e16_1gpu.yaml", []
-    report = out / "pretrain_worker.json"
-    cmd = [*_deepspeed_launcher(), "--num_gpus", "1", "--master_port", str(_free_port()),
-           str(ROOT / "tools" / "gpu_check_pretrain.py"), "--config", config, "--report", str(report),
-           "--modes", "none,experts", *[a for o in overrides for a in ("--set", o)]]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    (out / "pretrain.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the deepspeed launcher exited {proc.returncode} (log: {out / 'pretrain.log'}); "
-                           f"last lines: {(proc.stdout + proc.stderr)[-1500:]}")
-    rows = json.loads(report.read_text())
-    per_token = flops_per_token(config, overrides)
-    on_gpu = torch.cuda.is_available() and not quick
-    for row in rows.values():
-        rate = row["tokens_per_s"]
-        row["mfu"] = rate * per_token / (peak_tflops * 1e12) if (on_gpu and rate) else None
-        row["peak_memory_gib"] = row["peak_memory_bytes"] / 2**30
-    return {"config": config, "overrides": overrides, "flops_per_token": per_token,
-            "peak_tflops": peak_tflops if on_gpu else None, "modes": rows,
-            "command": " ".join(cmd)}
+        rows.append(bench_one(spec, warmup, repeats, memory=not quick, progress=None, cases=GPU_CASES))
+    return {"rows": rows, "table": format_case_table(rows)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +138,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     bench = results.get("bench")
     if bench:
-        lines += ["## bench (tools/bench_moe.py)", "", bench.get("table", f"error: {bench.get('error')}"), ""]
+        lines += ["## bench (tools/bench/moe.py)", "", bench.get("table", f"error: {bench.get('error')}"), ""]
     pre = results.get("pretrain")
     if pre:
         lines += ["## pretrain", ""]
@@ -229,7 +167,8 @@ def environment(device: str) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.bench.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     p.add_argument("--quick", action="store_true", help="every part at tiny sizes on CPU (the test suite runs it)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
@@ -245,10 +184,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpu_checks import correctness_part
-
-    from moe_dist.common.atomic import write_text_atomic
-
     args = parse_args(argv)
     device = "cpu" if args.quick else "cuda"
     if not args.quick and not torch.cuda.is_available():

@@ -1,8 +1,9 @@
 """Peak memory of one training step on CPU, measured in a fresh child process.
 
 CPU torch has no max_memory_allocated. Two measures, both over what was resident before the step:
-- tensors: the profiler's allocation events summed in time order (`peak_tensor_mb`), exact and
-  repeatable; the number a GPU's caching allocator would report;
+- tensors: the profiler's allocation events summed in time order
+  (moe_dist/common/tensor_memory.py), exact and repeatable; the number a GPU's caching allocator
+  would report;
 - RSS: the kernel's resident-set high-water mark (VmHWM) over a few steps, i.e. what the process
   really took from the OS, allocator fragmentation and caching included (with glibc keeping
   freed memory the heap grows for a step or two before it settles).
@@ -19,6 +20,8 @@ import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
+
+from moe_dist.common.tensor_memory import peak_tensor_mb
 
 StepBuilder = Callable[..., Callable[[], None]]
 
@@ -65,23 +68,6 @@ def _child(build_step: StepBuilder, args: tuple, steps: int) -> tuple[float, flo
         step()
     rss_mb = (_status_kb("VmHWM") - base_kb) / 1024.0
     return peak_tensor_mb(step), rss_mb
-
-
-def peak_tensor_mb(step: Callable[[], None]) -> float:
-    """Peak of the bytes held by tensors allocated during one step (what max_memory_allocated
-    minus the starting allocation is on a GPU): the running sum of the profiler's allocation
-    (+) and free (-) events, in time order. Independent of the allocator and of timing."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak / 2**20
 
 
 def _status_kb(field: str) -> int:

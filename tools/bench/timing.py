@@ -1,0 +1,44 @@
+"""Timing of benchmark cases: interleaved rounds, the median per case."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+
+def time_cases(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
+               progress: tqdm | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU milliseconds per step of each case; rounds interleave the cases.
+
+    CPU time is a diagnostic for a shared machine: with one thread it excludes the time another
+    process held the core; with several it also counts OpenMP threads spinning at barriers.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + repeats):
+        for name, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # kernels are asynchronous: time them, not their launch
+            if r >= warmup:
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+        if progress is not None:
+            progress.update(1)
+    med = statistics.median
+    return {n: med(ts) for n, ts in wall.items()}, {n: med(ts) for n, ts in cpu.items()}
+
+
+def cuda_peak_mb(step: Callable[[], None]) -> float:
+    """Peak bytes allocated during one step over what was allocated before it (CUDA)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
