@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_dist.checkpoint.consolidated import load_consolidated
+from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common.cpus import usable_cpus
 from moe_dist.checkpoint.tags import RUN_ID_KEY
 from moe_dist.data.loader import build_dataloader
@@ -128,15 +129,15 @@ class Trainer:
 
     def resume(self) -> None:
         resumed = checkpoint.load_latest(self.engine, self.cfg.train.checkpoint_dir, self.groups)
-        check_resumed_finite(self.model, self.optimizer,
-                             os.path.join(self.cfg.train.checkpoint_dir, resumed.tag))
+        tag_dir = os.path.join(self.cfg.train.checkpoint_dir, resumed.tag)
+        check_resumed_finite(self.model, self.optimizer, tag_dir)
         for change in self.checks.config_changes or []:
             log0(f"--allow_config_change: {change} (differs from the checkpoint)")
         state = resumed.client_state["moe_dist"]
         if state["consumed_samples"] != state["step"] * self.global_batch:
-            raise ValueError(f"checkpoint {resumed.tag}: consumed_samples ({state['consumed_samples']}) "
-                             f"!= step ({state['step']}) * global batch ({self.global_batch}); the global "
-                             f"batch size changed since it was written")
+            raise CheckpointError(f"checkpoint {tag_dir!r}: consumed_samples ({state['consumed_samples']}) "
+                                  f"!= step ({state['step']}) * global batch ({self.global_batch}); the global "
+                                  f"batch size changed since it was written")
         self.step = state["step"]
         self.safety.nonfinite.skipped = state.get("skipped_steps", 0)
         # The restored optimizer holds the LR its run scheduled for this step; if train.steps or
