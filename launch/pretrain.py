@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     try:
         cfg = load_run_config(args.config, overrides)
-        # The run lock before the trainer's imports (tens of seconds on a loaded node): a second
-        # job on this checkpoint_dir is refused in seconds. Preflight checks the rest under it.
+        # The run lock before the trainer's imports (torch, DeepSpeed and Megatron-Core: most of a
+        # start-up): a second job on this checkpoint_dir is refused before it pays for them.
+        # Preflight checks the rest under it.
         run = claim(cfg.train.checkpoint_dir, args.resume, args.break_lock)
         from moe_dist.train.trainer import pretrain
 

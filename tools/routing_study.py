@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the routing study (docs/routing_study.md) on CPU and write its JSON, figures and report page.
 
-    python tools/routing_study.py                 # the full study (~20 min on 2 busy cores)
+    python tools/routing_study.py                 # the full study (its wall time: docs/routing_study.md)
     python tools/routing_study.py --quick --out /tmp/study   # every arm for a few steps, 1 seed
 
 Experiments: common-mode synthetic, digits gates, COMET width sweep, small MoE LM on the fortunes

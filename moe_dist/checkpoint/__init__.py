@@ -11,8 +11,8 @@ files -> training -> consolidated -> hf, upcycle -> inspect -> cli (tests/unit/t
 CLI: tools/convert_checkpoint.py; formats and mappings: docs/checkpoints.md.
 """
 
-from moe_dist.checkpoint.consolidated import (ConsolidatedCheckpoint, consolidate, load_consolidated,
-                                              open_checkpoint, save_consolidated)
+from moe_dist.checkpoint.consolidated import (ConsolidatedCheckpoint, consolidate, load_consolidated, open_checkpoint,
+                                              save_consolidated)
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.hf import export_hf, import_hf, read_hf_model
 from moe_dist.checkpoint.inspect import summarize

@@ -21,6 +21,7 @@ slice (safetensors are read lazily, so a rank never holds other ranks' experts).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -159,6 +160,7 @@ class _WeightsReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self._handle = None
+        self._open_handle = contextlib.ExitStack()  # closes the safetensors handle
         self._state: dict[str, torch.Tensor] | None = None
 
     def __enter__(self) -> "_WeightsReader":
@@ -166,7 +168,7 @@ class _WeightsReader:
             from safetensors import safe_open
 
             try:
-                self._handle = safe_open(self.path, framework="pt").__enter__()
+                self._handle = self._open_handle.enter_context(safe_open(self.path, framework="pt"))
             except Exception as e:  # SafetensorError for a bad header, OSError for a short file
                 raise CheckpointError(f"cannot read weights file {self.path!r} ({type(e).__name__}: {e}); "
                                       f"the file is truncated or corrupted") from None
@@ -175,8 +177,7 @@ class _WeightsReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(*exc)
+        self._open_handle.close()
 
     def names(self) -> list[str]:
         return list(self._handle.keys()) if self._handle is not None else list(self._state)

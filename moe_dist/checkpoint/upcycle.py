@@ -163,11 +163,12 @@ def _slices(w_in_DF: torch.Tensor, w_out_FD: torch.Tensor, activation: str,
     return torch.stack(w_in), torch.stack([w_out_FD[s * f:(s + 1) * f] for s in range(G)])
 
 
-def _noisy(w_eXY: torch.Tensor, like: torch.Tensor, rel_std: float, g: torch.Generator) -> torch.Tensor:
+def _noisy(w_stack: torch.Tensor, like: torch.Tensor, rel_std: float, g: torch.Generator) -> torch.Tensor:
+    """`w_stack` (experts stacked on dim 0) plus noise of `rel_std` times the dense weight `like`'s std."""
     if rel_std == 0:
-        return w_eXY
-    noise = torch.randn(w_eXY.shape, generator=g, dtype=torch.float32) * (rel_std * like.float().std())
-    return (w_eXY.float() + noise).to(w_eXY.dtype)
+        return w_stack
+    noise = torch.randn(w_stack.shape, generator=g, dtype=torch.float32) * (rel_std * like.float().std())
+    return (w_stack.float() + noise).to(w_stack.dtype)
 
 
 def upcycle_state(cfg: ModelConfig, state: dict[str, torch.Tensor], num_experts: int, top_k: int,
@@ -184,18 +185,19 @@ def upcycle_state(cfg: ModelConfig, state: dict[str, torch.Tensor], num_experts:
     out = {name: t for name, t in state.items() if name not in ffn_keys}
     for i in tqdm(moe_layers, desc="upcycle", unit="layer", disable=not progress):
         w_in_DF, w_out_FD = state[f"blocks.{i}.ffn.w_in_DF"], state[f"blocks.{i}.ffn.w_out_FD"]
-        w_in_sDF, w_out_sFD = _slices(w_in_DF, w_out_FD, cfg.activation, G)
+        w_in_slices, w_out_slices = _slices(w_in_DF, w_out_FD, cfg.activation, G)
         if spec.slice_scale == "output" and G > 1:
-            w_out_sFD = w_out_sFD * G
+            w_out_slices = w_out_slices * G
         noise = init_generator(spec.seed, i, _NOISE_KEY)
         # Expert c * G + s is copy c of slice s.
         prefix = f"blocks.{i}.moe."
-        out[prefix + "experts.w_in_eDF"] = _noisy(w_in_sDF.repeat(copies, 1, 1).contiguous(), w_in_DF,
+        out[prefix + "experts.w_in_eDF"] = _noisy(w_in_slices.repeat(copies, 1, 1).contiguous(), w_in_DF,
                                                   spec.expert_noise, noise)
-        out[prefix + "experts.w_out_eFD"] = _noisy(w_out_sFD.repeat(copies, 1, 1).contiguous(), w_out_FD,
+        out[prefix + "experts.w_out_eFD"] = _noisy(w_out_slices.repeat(copies, 1, 1).contiguous(), w_out_FD,
                                                    spec.expert_noise, noise)
-        rows_cD = torch.randn(copies, D, generator=init_generator(spec.seed, i, _ROUTER_KEY)) * router_std
-        out[prefix + "router.gate.weight_ED"] = rows_cD.repeat_interleave(G, dim=0)
+        # One router row per copy ([copies, D]), repeated for each of the copy's G slices.
+        copy_rows = torch.randn(copies, D, generator=init_generator(spec.seed, i, _ROUTER_KEY)) * router_std
+        out[prefix + "router.gate.weight_ED"] = copy_rows.repeat_interleave(G, dim=0)
         out[prefix + "router.selection_bias_E"] = torch.zeros(spec.num_experts)
     _check_state(out, moe_cfg, "the upcycled state dict")
     return moe_cfg, out

@@ -13,6 +13,8 @@ import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 
+from moe_dist.common.config import ConfigError
+
 
 def temporary_sibling(final_path: str, label: str = "tmp") -> str:
     """A hidden, unique name beside `final_path` (same folder, so a rename onto it is atomic)."""
@@ -22,12 +24,12 @@ def temporary_sibling(final_path: str, label: str = "tmp") -> str:
 
 def check_output_file(final_path: str) -> None:
     """Fail before the expensive work, not at the rename after it: the folder must exist and the
-    path must not be a directory."""
+    path must not be a directory. Either is the user's choice of output, so a ConfigError."""
     folder = os.path.dirname(os.path.abspath(final_path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder {folder!r} for {final_path!r} does not exist")
+        raise ConfigError(f"output folder {folder!r} for {final_path!r} does not exist; create it first")
     if os.path.isdir(final_path):
-        raise IsADirectoryError(f"output {final_path!r} is a directory")
+        raise ConfigError(f"output {final_path!r} is a directory; expected a file path")
 
 
 def fsync_file(path: str) -> None:

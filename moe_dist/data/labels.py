@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from moe_dist.common.config import ConfigError
+
 NO_LABEL = -1
 
 
@@ -57,14 +59,14 @@ def global_domain_ids(prefix: str, domain_names: Sequence[str], num_documents: i
         meta = json.load(f)
     local_ids = np.load(npy_path)
     if local_ids.shape != (num_documents,) or meta["num_documents"] != num_documents:
-        raise ValueError(
+        raise ConfigError(
             f"label sidecar {npy_path!r} holds {local_ids.shape[0]} labels "
             f"(json says {meta['num_documents']}) but {prefix!r} holds {num_documents} documents; "
             f"rerun tools/preprocess_data.py for this prefix")
     missing = [n for n in meta["names"] if n not in domain_names]
     if missing:
-        raise ValueError(f"labels {missing} of {json_path!r} are not in domain names "
-                         f"{list(domain_names)}")
+        raise ConfigError(f"labels {missing} of {json_path!r} are not in domain names "
+                          f"{list(domain_names)}")
     # Position len(names) of the lookup table holds NO_LABEL, so -1 maps onto itself.
     lookup = np.array([list(domain_names).index(n) for n in meta["names"]] + [NO_LABEL],
                       dtype=np.int64)

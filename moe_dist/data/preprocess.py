@@ -68,9 +68,9 @@ def preprocess_corpus(input_paths: Sequence[str], output_prefix: str,
                       text_sample_by: str = "line") -> PreprocessResult:
     """Write `<output_prefix>.bin/.idx` (+ label sidecars when `label_key` is given)."""
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     if label_key == text_key:
-        raise ValueError(f"label_key and text_key must differ, both are {text_key!r}")
+        raise ConfigError(f"label_key and text_key must differ, both are {text_key!r}")
     bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
     labels_npy, labels_json = label_sidecar_paths(output_prefix)
     # Readers open .idx first, so it is renamed last: until then the old dataset stays whole.

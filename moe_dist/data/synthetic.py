@@ -48,9 +48,9 @@ class SyntheticCorpus(torch.utils.data.Dataset):
         # The chains depend on the seed only, so train and valid streams share the domains.
         rng = np.random.default_rng([seed, 1 << 20])
         shape = (cfg.num_domains, ALPHABET_SIZE, ALPHABET_SIZE)
-        order_DAA = np.argsort(rng.random(shape), axis=-1)
-        self.successors_DAK = order_DAA[..., : cfg.branching]
-        self.cum_probs_K = np.cumsum(successor_probs(cfg.branching))
+        # successors[domain, symbol, j]: the symbol that follows `symbol` on choice j of the chain.
+        self.successors = np.argsort(rng.random(shape), axis=-1)[..., : cfg.branching]
+        self.cum_probs = np.cumsum(successor_probs(cfg.branching))  # [branching]
         self.domain_names = [f"domain{d}" for d in range(cfg.num_domains)]
 
     def __len__(self) -> int:
@@ -58,13 +58,13 @@ class SyntheticCorpus(torch.utils.data.Dataset):
 
     def _document(self, rng: np.random.Generator, domain: int, length: int) -> np.ndarray:
         """`length` symbols of domain `domain`'s chain, as byte ids."""
-        choice_L = np.searchsorted(self.cum_probs_K, rng.random(length), side="right")
-        choice_L = np.minimum(choice_L, self.cfg.branching - 1)  # guards float round-off at 1.0
-        successors_AK = self.successors_DAK[domain].tolist()
+        choices = np.searchsorted(self.cum_probs, rng.random(length), side="right")
+        choices = np.minimum(choices, self.cfg.branching - 1)  # guards float round-off at 1.0
+        chain = self.successors[domain].tolist()
         state = int(rng.integers(ALPHABET_SIZE))
         states = [state]
-        for j in choice_L[1:].tolist():
-            state = successors_AK[state][j]
+        for j in choices[1:].tolist():
+            state = chain[state][j]
             states.append(state)
         return ALPHABET[states]
 

@@ -30,25 +30,25 @@ def file_format(path: str) -> str:
             stem = stem[: -len(suffix)]
     ext = os.path.splitext(stem)[1].lower()
     if ext not in _FORMATS:
-        raise ValueError(f"input {path!r}: unknown file type {ext!r}; expected one of "
-                         f"{sorted(_FORMATS)} (optionally compressed with {list(_COMPRESSIONS)})")
+        raise ConfigError(f"input {path!r}: unknown file type {ext!r}; expected one of "
+                          f"{sorted(_FORMATS)} (optionally compressed with {list(_COMPRESSIONS)})")
     return _FORMATS[ext]
 
 
 def check_input_files(paths: Sequence[str]) -> str:
-    """Validate local input files and return their common format."""
+    """Validate local input files and return their common format; a bad input is a ConfigError."""
     if not paths:
-        raise ValueError("no input files given")
+        raise ConfigError("no input files given")
     for path in paths:
         if "://" in path:
-            raise ValueError(f"input {path!r} is a URL; only local files are read")
+            raise ConfigError(f"input {path!r} is a URL; only local files are read")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"input file {path!r} does not exist")
+            raise ConfigError(f"input file {path!r} does not exist")
         if os.path.getsize(path) == 0:
-            raise ValueError(f"input file {path!r} is empty")
+            raise ConfigError(f"input file {path!r} is empty")
     formats = {path: file_format(path) for path in paths}
     if len(set(formats.values())) != 1:
-        raise ValueError(f"inputs mix file types {formats}; preprocess each type separately")
+        raise ConfigError(f"inputs mix file types {formats}; preprocess each type separately")
     return next(iter(formats.values()))
 
 
@@ -61,7 +61,7 @@ def load_corpus(paths: Sequence[str], columns: Sequence[str], cache_dir: str | N
     """
     fmt = check_input_files(paths)
     if text_sample_by not in TEXT_SAMPLE_BY:
-        raise ValueError(f"text_sample_by must be one of {TEXT_SAMPLE_BY}, got {text_sample_by!r}")
+        raise ConfigError(f"text_sample_by must be one of {TEXT_SAMPLE_BY}, got {text_sample_by!r}")
     options = {"sample_by": text_sample_by} if fmt == "text" else {}
     try:
         ds = datasets.load_dataset(fmt, data_files=list(paths), split="train", cache_dir=cache_dir,
@@ -73,10 +73,10 @@ def load_corpus(paths: Sequence[str], columns: Sequence[str], cache_dir: str | N
         raise ConfigError(located) from e
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise KeyError(f"column(s) {missing} not found in {list(paths)}; "
-                       f"available columns: {ds.column_names}")
+        raise ConfigError(f"column(s) {missing} not found in {list(paths)}; "
+                          f"available columns: {ds.column_names}")
     if len(ds) == 0:
-        raise ValueError(f"inputs {list(paths)} hold no rows")
+        raise ConfigError(f"inputs {list(paths)} hold no rows")
     return ds.select_columns(list(columns))
 
 

@@ -20,7 +20,7 @@ import torch
 from moe_dist.checkpoint.consolidated import ConsolidatedCheckpoint, full_state_dict, model_seed, open_checkpoint
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.checkpoint.training import TrainingCheckpoint
-from moe_dist.common.config import from_dict
+from moe_dist.common.config import check_choice, from_dict
 from moe_dist.data.config import TokenizerConfig
 from moe_dist.data.tokenizers import build_tokenizer
 from moe_dist.model.config import ModelConfig
@@ -50,8 +50,7 @@ class LoadedModel:
 def eval_model_config(cfg: ModelConfig, capacity: str, num_labels: int | None = None) -> ModelConfig:
     """`cfg` with the eval capacity chosen (`CAPACITY_CHOICES`) and, when given, `num_labels`
     (the number of domains of the eval data: statistics only, no weight depends on it)."""
-    if capacity not in CAPACITY_CHOICES:
-        raise ValueError(f"capacity must be one of {CAPACITY_CHOICES}, got {capacity!r}")
+    check_choice("capacity", capacity, CAPACITY_CHOICES)
     changes: dict[str, Any] = {}
     if num_labels is not None:
         changes["num_labels"] = num_labels

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moe_dist.common.config import ConfigError
 from moe_dist.data.labels import NO_LABEL, global_domain_ids, read_label_names
 from moe_dist.data.text_sources import file_format, load_corpus
 
@@ -40,17 +41,17 @@ def check_sources(paths: Sequence[str]) -> None:
     """Every path is a Megatron prefix or a readable file of a known type (checked before any
     model is loaded)."""
     if not paths:
-        raise ValueError("no evaluation data given")
+        raise ConfigError("no evaluation data given: expected at least one --data source")
     configs = [p for p in paths if is_run_config(p)]
     if configs and len(paths) > 1:
-        raise ValueError(f"a training config ({configs[0]!r}) must be the only --data source (its validation "
-                         f"split is the data)")
+        raise ConfigError(f"a training config ({configs[0]!r}) must be the only --data source (its validation "
+                          f"split is the data)")
     for path in paths:
         if is_megatron_prefix(path) or (is_run_config(path) and os.path.isfile(path)):
             continue
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"evaluation data {path!r} is neither a file nor a Megatron prefix "
-                                    f"({path}.bin and {path}.idx)")
+            raise ConfigError(f"evaluation data {path!r} is neither a file nor a Megatron prefix "
+                              f"({path}.bin and {path}.idx)")
         file_format(path)
 
 
@@ -133,13 +134,13 @@ def run_split_windows(run_config_path: str, model_vocab_size: int, seq_len: int,
     with open(run_config_path) as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
-        raise TypeError(f"{run_config_path!r} is not a training config (a mapping of sections)")
+        raise ConfigError(f"{run_config_path!r} is not a training config (a mapping of sections)")
     section = {**(raw.get("data") or {}), "seq_length": seq_len}
     num_samples = -(-max_targets // seq_len)
     data = build_datasets(DataConfig.from_dict(section), model_vocab_size, train_samples=1,
                           valid_samples=num_samples)
     if data.valid is None or len(data.valid) == 0:
-        raise ValueError(f"{run_config_path!r}: its data has no validation split (data.megatron.split)")
+        raise ConfigError(f"{run_config_path!r}: its data has no validation split (data.megatron.split)")
 
     def gen() -> Iterator[Window]:
         remaining = max_targets

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_dist.common.config import check_choice
+from moe_dist.common.config import ConfigError, check_choice
 from moe_dist.kernels import portable
 from moe_dist.kernels.cpu import mkl_grouped
 
@@ -20,8 +20,8 @@ def check_backend(backend: str) -> None:
     would otherwise fail at the first step."""
     check_choice("moe.expert_impl", backend, BACKENDS)
     if backend == "mkl" and not mkl_grouped.available(torch.empty(1, 1), torch.empty(1, 1, 1)):
-        raise ValueError("moe.expert_impl 'mkl': this PyTorch build has no usable MKL batch GEMM "
-                         "(use 'auto', 'grouped_mm' or 'loop')")
+        raise ConfigError("moe.expert_impl 'mkl': this PyTorch build has no usable MKL batch GEMM "
+                          "(use 'auto', 'grouped_mm' or 'loop')")
 
 
 def pick(x: Tensor, w_stack: Tensor, backend: str) -> str:
@@ -31,8 +31,8 @@ def pick(x: Tensor, w_stack: Tensor, backend: str) -> str:
     if backend in ("auto", "mkl") and mkl_grouped.available(x, w_stack):
         return "mkl"
     if backend == "mkl":
-        raise RuntimeError(f"expert_impl 'mkl' needs fp32 CPU tensors and PyTorch's MKL; got "
-                           f"{x.dtype} on {x.device} (use 'auto')")
+        raise ConfigError(f"moe.expert_impl 'mkl' needs fp32 CPU tensors and PyTorch's MKL; got "
+                          f"{x.dtype} on {x.device} (use 'auto')")
     if backend == "auto":
         return "grouped_mm" if portable.torch_grouped_mm_supported(x, w_stack) else "loop"
     return backend

@@ -86,13 +86,19 @@ class ModelConfig:
         check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std!r}")
         check(isinstance(self.num_labels, int) and self.num_labels >= 0,
               f"model.num_labels must be an integer >= 0, got {self.num_labels!r}")
-        if self.moe is not None:
-            check(isinstance(self.moe, MoEConfig), f"model.moe must be a MoEConfig, got {self.moe!r}")
-            check(self.moe.d_model == self.d_model,
-                  f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")
-            check(self.moe_every >= 1,
-                  "model.moe_every is 0 (no MoE layers) but a moe section is given; set "
-                  "moe_every >= 1 or remove the moe section")
+        self.check_moe_section()
+
+    def check_moe_section(self) -> None:
+        """The rules that tie the `moe:` section to this one. `parse_model_config` attaches the
+        section after construction (its d_model default comes from here), so it calls this again."""
+        if self.moe is None:
+            return
+        check(isinstance(self.moe, MoEConfig), f"model.moe must be a MoEConfig, got {self.moe!r}")
+        check(self.moe.d_model == self.d_model,
+              f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")
+        check(self.moe_every >= 1,
+              "model.moe_every is 0 (no MoE layers) but a moe section is given; set "
+              "moe_every >= 1 or remove the moe section")
 
     def is_moe_layer(self, layer_index: int) -> bool:
         if self.moe is None or self.moe_every == 0:
@@ -115,5 +121,5 @@ def parse_model_config(model: dict[str, Any] | None, moe: dict[str, Any] | None 
         moe = dict(moe)
         moe.setdefault("d_model", cfg.d_model)
         cfg.moe = MoEConfig.from_dict(moe, "moe")
-        cfg.__post_init__()  # the rules that involve the moe section
+        cfg.check_moe_section()
     return cfg

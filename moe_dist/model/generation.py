@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moe_dist.common.config import ConfigError
 from moe_dist.model.rotary import rotary_at
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.moe.layer import MoESideInputs
@@ -52,8 +53,8 @@ class KVCache:
 def check_batch_independent(model: MoETransformer) -> None:
     moe = model.cfg.moe
     if moe is not None and not moe.dropless and moe.eval_capacity_factor > 0:
-        raise ValueError(f"generation needs MoE layers that drop nothing at eval (moe.eval_capacity_factor is "
-                         f"{moe.eval_capacity_factor}); set it to 0 (moe_dist.evaluate.loading does by default)")
+        raise ConfigError(f"generation needs MoE layers that drop nothing at eval (moe.eval_capacity_factor is "
+                          f"{moe.eval_capacity_factor}); set it to 0 (moe_dist.evaluate.loading does by default)")
 
 
 def attention_mask(mask_BW: Tensor, past: int, S: int) -> Tensor:
@@ -106,8 +107,8 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling needs max_new_tokens >= 0, temperature >= 0, top_k >= 0 and top_p in "
-                             f"(0, 1]; got {self.max_new_tokens}, {self.temperature}, {self.top_k}, {self.top_p}")
+            raise ConfigError(f"sampling needs max_new_tokens >= 0, temperature >= 0, top_k >= 0 and top_p in "
+                              f"(0, 1]; got {self.max_new_tokens}, {self.temperature}, {self.top_k}, {self.top_p}")
 
 
 def next_tokens(logits_BV: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:

@@ -90,7 +90,7 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
 
 # Row chunk for the [N, D] elementwise work of the combine: temporaries of this size stay in
 # cache and in the allocator's reused heap; whole [N, D] temporaries are fresh pages to fault in
-# every step on CPU (3-6x slower at N = 16384, D = 512; tools/bench/moe.py).
+# every step on CPU (the measurement: BENCHMARKS.md, "Kernel tuning constants").
 _CHUNK_ROWS = 2048
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moe_dist.common.config import ConfigError
 from moe_dist.common.seeding import init_generator
 from moe_dist.moe.capacity import SlotPlan, assign_slots, expert_capacity
 from moe_dist.moe.config import MoEConfig
@@ -99,8 +100,8 @@ class MoELayer(nn.Module):
         groups = groups or ParallelGroups.single()
         validate_parallel_sizes(groups.world_size, cfg.ep_size, cfg.num_experts)
         if groups.ep_size != cfg.ep_size:
-            raise ValueError(f"moe.ep_size ({cfg.ep_size}) differs from the process groups' ep_size "
-                             f"({groups.ep_size})")
+            raise ConfigError(f"moe.ep_size ({cfg.ep_size}) differs from the process groups' ep_size "
+                              f"({groups.ep_size})")
         self.cfg = cfg
         self.groups = groups
         self.layer_index = layer_index

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_dist.common.config import check, check_choice
+from moe_dist.common.config import ConfigError, check, check_choice
 from moe_dist.common.seeding import init_generator
 from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
 from moe_dist.routing.comet import FIXED_ROUTING_KEY, active_units, frozen_projection, kwta_mask
@@ -74,8 +74,8 @@ class FixedProjectionRouter(FP32Buffers, Router):
         D, E = self.d_model, self.num_experts
         from_stream = cfg.source == "embedding"
         if from_stream and D % E:
-            raise ValueError(f"fixed_projection with source='embedding' splits the d_model ({D}) stream "
-                             f"units into num_experts ({E}) equal blocks: d_model must be divisible by it")
+            raise ConfigError(f"fixed_projection with source='embedding' splits the d_model ({D}) stream "
+                              f"units into num_experts ({E}) equal blocks: d_model must be divisible by it")
         rows = D if from_stream else E
         g = init_generator(cfg.seed, self.layer_index, FIXED_ROUTING_KEY)
         self.register_buffer("v_projection", frozen_projection(rows, D, g), persistent=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_dist.common.config import check, check_choice
+from moe_dist.common.config import ConfigError, check, check_choice
 from moe_dist.routing.base import RouterOutput, RoutingContext
 from moe_dist.routing.fp32_buffers import FP32Buffers
 from moe_dist.routing.topk import TopKRouter, TopKRouterConfig
@@ -114,7 +114,7 @@ class PopulationInhibition(FP32Buffers):
                  alpha: float = 1.0, eps: float = 1e-5, rank: int = 1, refresh_every: int = 100) -> None:
         super().__init__()
         if mode == "subspace" and not rank < width:
-            raise ValueError(f"inhibition rank ({rank}) must be < the router input width ({width})")
+            raise ConfigError(f"inhibition rank ({rank}, router.rank) must be < the router input width ({width})")
         self.mode, self.stat, self.momentum = mode, stat, momentum
         self.alpha, self.eps, self.rank, self.refresh_every = alpha, eps, rank, refresh_every
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=True)

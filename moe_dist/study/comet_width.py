@@ -4,7 +4,7 @@ p_k * w (the same number of active units), vs the same width-w MLP whose hidden 
 COMET's fixed mask `kwta_{p_k}(V x)` (`moe_dist.study.comet_ffn.CometMask`, V frozen). The paper
 reports that COMET's advantage over a dense MLP grows with width (widths 100-3000, p_k 0.1/0.5/0.9).
 
-Legend: B inputs, I pixels, W hidden units, O classes.
+Legend: B inputs, I pixels, F hidden units, O classes.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ class MaskedMLP(nn.Module):
         self.hidden = nn.Linear(NUM_PIXELS, width)
         self.out = nn.Linear(width, NUM_CLASSES)
 
-    def forward(self, x_BI: Tensor, mask_BW: Tensor | None = None) -> Tensor:
-        h_BW = F.relu(self.hidden(x_BI))
-        return self.out(h_BW if mask_BW is None else h_BW * mask_BW)
+    def forward(self, x_BI: Tensor, mask_BF: Tensor | None = None) -> Tensor:
+        h_BF = F.relu(self.hidden(x_BI))
+        return self.out(h_BF if mask_BF is None else h_BF * mask_BF)
 
 
 def hidden_width(model: str, width: int, active_fraction: float) -> int:
@@ -65,22 +65,22 @@ def run_one(model: str, width: int, active_fraction: float, seed: int, budget: d
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = MaskedMLP(hidden_width(model, width, active_fraction))
-    mask_train_BW = mask_test_BW = None
+    mask_train_BF = mask_test_BF = None
     if model == "comet":
         # V is frozen and the inputs are fixed images, so each image's mask is computed once
         # (the same values as computing it every step, without a k-WTA per batch).
         comet = CometMask(NUM_PIXELS, width, active_fraction, init_generator(seed, 0, FFN_MASK_KEY))
-        mask_train_BW, mask_test_BW = comet(data.x_train_BI), comet(data.x_test_BI)
+        mask_train_BF, mask_test_BF = comet(data.x_train_BI), comet(data.x_test_BI)
     opt = torch.optim.Adam(net.parameters(), lr=b.lr)
     g = torch.Generator().manual_seed(seed)
     for idx in minibatch_indices(len(data.y_train_B), b.batch_size, b.steps, g):
-        mask_BW = None if mask_train_BW is None else mask_train_BW[idx]
-        loss = F.cross_entropy(net(data.x_train_BI[idx], mask_BW), data.y_train_B[idx])
+        mask_BF = None if mask_train_BF is None else mask_train_BF[idx]
+        loss = F.cross_entropy(net(data.x_train_BI[idx], mask_BF), data.y_train_B[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        error = float((net(data.x_test_BI, mask_test_BW).argmax(-1) != data.y_test_B).float().mean())
+        error = float((net(data.x_test_BI, mask_test_BF).argmax(-1) != data.y_test_B).float().mean())
     return {"model": model, "width": width, "active_fraction": active_fraction, "seed": seed, "test_error": error}
 
 

@@ -2,14 +2,15 @@
 component shared by every token spoil routing, and does inhibition (or centring a fixed
 projection) undo it?
 
-Legend: T tokens, D width, K clusters, E experts.
+Legend: T tokens, D width, E experts (moe_dist/moe/__init__.py's letters); the clusters are
+spelled out, since K there is the experts chosen per token.
 
-Data: K unit-norm cluster centres, a within-cluster offset of norm `offset_norm`, and one shared
-vector of norm S (a random unit direction times S) added to every token. The task is a small
-MoE regressor: the target is a cluster-specific linear map of the token's offset, so the best
-routing gives each cluster its own expert. One `MoELayer` (top-1, K = E) is fitted by AdamW with
-the layer's default aux losses; routers with no trainable parameters still run the same loop (their
-experts train, and a centring statistic adapts). Measured on fresh held-out tokens in eval mode
+Data: `num_clusters` unit-norm cluster centres, a within-cluster offset of norm `offset_norm`,
+and one shared vector of norm S (a random unit direction times S) added to every token. The task
+is a small MoE regressor: the target is a cluster-specific linear map of the token's offset, so
+the best routing gives each cluster its own expert. One `MoELayer` (top-1, as many experts as
+clusters) is fitted by AdamW with the layer's default aux losses; routers with no trainable
+parameters still run the same loop (their experts train, and a centring statistic adapts). Measured on fresh held-out tokens in eval mode
 with the layer's own statistics: I(expert; cluster) / H(cluster), load CV, dropped fraction, at the
 training capacity factor.
 """
@@ -63,16 +64,16 @@ QUICK = CommonModeBudget(shared_norms=(0.0, 4.0), seeds=(0,), steps=3, batch_tok
 
 @dataclass(frozen=True)
 class Geometry:
-    centers_KD: Tensor
+    cluster_centers: Tensor  # [clusters, D]
     shared_D: Tensor  # unit direction of the common mode
-    maps_KDD: Tensor  # per-cluster target maps
+    cluster_maps: Tensor  # per-cluster target maps, [clusters, D, D]
 
 
 def make_geometry(seed: int, num_clusters: int, width: int) -> Geometry:
     g = torch.Generator().manual_seed(seed)
-    return Geometry(centers_KD=F.normalize(torch.randn(num_clusters, width, generator=g), dim=1),
+    return Geometry(cluster_centers=F.normalize(torch.randn(num_clusters, width, generator=g), dim=1),
                     shared_D=F.normalize(torch.randn(width, generator=g), dim=0),
-                    maps_KDD=torch.randn(num_clusters, width, width, generator=g) / math.sqrt(width))
+                    cluster_maps=torch.randn(num_clusters, width, width, generator=g) / math.sqrt(width))
 
 
 def sample_tokens(geo: Geometry, num_tokens: int, shared_norm: float, offset_norm: float,
@@ -80,12 +81,12 @@ def sample_tokens(geo: Geometry, num_tokens: int, shared_norm: float, offset_nor
     """(x_TD, target_TD, cluster_T). Tokens are RMS-normalised like a pre-norm's output (which
     rescales each token but keeps the common mode), so experts see inputs of one scale at
     every S and any degradation is the router's."""
-    K, D = geo.centers_KD.shape
-    cluster_T = torch.randint(K, (num_tokens,), generator=g)
+    num_clusters, D = geo.cluster_centers.shape
+    cluster_T = torch.randint(num_clusters, (num_tokens,), generator=g)
     offset_TD = torch.randn(num_tokens, D, generator=g) * (offset_norm / math.sqrt(D))
-    raw_TD = geo.centers_KD[cluster_T] + offset_TD + shared_norm * geo.shared_D
+    raw_TD = geo.cluster_centers[cluster_T] + offset_TD + shared_norm * geo.shared_D
     x_TD = raw_TD * torch.rsqrt(raw_TD.square().mean(-1, keepdim=True))
-    target_TD = torch.einsum("tij,tj->ti", geo.maps_KDD[cluster_T], x_TD)
+    target_TD = torch.einsum("tij,tj->ti", geo.cluster_maps[cluster_T], x_TD)
     return x_TD, target_TD, cluster_T
 
 

@@ -6,10 +6,11 @@ Legend: B sequences, S sequence length.
 
 Tokenizers: bytes, with the ids of `moe_dist.data.tokenizers.ByteTokenizer` (UTF-8 bytes 0..255,
 256 ends a document; written out here because importing that package pulls in Megatron-Core,
-~15 s), or a SentencePiece BPE model trained in the run on the training documents only, with
-the project's trainer (`moe_dist.data.tokenizer_training`). Batches are windows drawn from the
-streams directly (no .bin/.idx preprocessing), each from a uniformly drawn domain, so every
-language gets the same share of the training tokens whatever its corpus size.
+whose slow import every study worker would then pay), or a SentencePiece BPE model trained in
+the run on the training documents only, with the project's trainer
+(`moe_dist.data.tokenizer_training`). Batches are windows drawn from the streams directly (no
+.bin/.idx preprocessing), each from a uniformly drawn domain, so every language gets the same
+share of the training tokens whatever its corpus size.
 """
 
 from __future__ import annotations

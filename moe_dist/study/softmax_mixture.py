@@ -3,7 +3,7 @@ as `AttentiveMixture`, but the gate is a plain softmax over a linear read-out of
 `p(e|x) = softmax(W_g act(G x + b))`, instead of query-key attention (this study's choice of
 "original gate": a trunk of the same width keeps the comparison about attention, not depth).
 
-Legend: B inputs, I input width, O output width, E experts, H gate/expert hidden width.
+Legend: B inputs, I input width, O output width, E experts, J gate/expert hidden width (moe_dist/moe/__init__.py's J).
 """
 
 from __future__ import annotations

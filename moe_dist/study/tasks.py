@@ -67,7 +67,7 @@ def run_tasks(tasks: list[Task], workers: int, log: Callable[[str], None] = prin
               progress_every_s: float = 10.0) -> list[dict[str, Any]]:
     """Results in the order of `tasks`. `workers` 1 runs in this process (no start-up cost), with
     one intra-op thread like a worker for the duration (the caller's setting is restored: idle
-    intra-op threads spin, and on a busy machine that made the quick run up to 10x slower); more
+    intra-op threads spin, which on a busy machine slows the quick run down many times); more
     use spawned processes (a forked copy of a process that has run torch's thread pools can
     deadlock)."""
     if workers < 1:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig
 from moe_dist.moe.recompute import RECOMPUTE_MODES
 
@@ -50,7 +51,7 @@ class ZeroSettings:
         zero = ds.get("zero_optimization", {}) or {}
         stage = int(zero.get("stage", 0))
         if stage not in (0, 1, 2):
-            raise ValueError(f"zero_optimization.stage {stage}: DeepSpeed's MoE supports ZeRO 0-2 only")
+            raise ConfigError(f"zero_optimization.stage {stage}: DeepSpeed's MoE supports ZeRO 0-2 only")
         dtype = "fp32"
         for name in ("bf16", "fp16"):
             if (ds.get(name) or {}).get("enabled", False):
@@ -180,7 +181,7 @@ def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_b
     """The per-rank plan of `model` under `zero` on `world_size` ranks."""
     ep = model.moe.ep_size if model.moe is not None else 1
     if world_size % ep:
-        raise ValueError(f"world size ({world_size}) must be a multiple of moe.ep_size ({ep})")
+        raise ConfigError(f"world size ({world_size}) must be a multiple of moe.ep_size ({ep})")
     dense, expert_all = parameter_counts(model)
     expert = expert_all // ep
     b = DTYPE_BYTES[zero.dtype]

@@ -8,14 +8,16 @@ or any dataset index exists.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from moe_dist.checkpoint.consolidated import load_consolidated
-from moe_dist.common import process
 from moe_dist.checkpoint import training as checkpoint
+from moe_dist.checkpoint.consolidated import load_consolidated
+from moe_dist.checkpoint.files import CheckpointError
+from moe_dist.common import process
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.evaluate.precision import sequence_loss_sums, standard_error
@@ -24,10 +26,10 @@ from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
-from moe_dist.train.safety.exits import PREEMPTED, RunStopped
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
 from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
+from moe_dist.train.safety.exits import PREEMPTED, RunStopped
 from moe_dist.train.safety.guard import RunSafety
 from moe_dist.train.schedule import lr_at
 from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
@@ -112,9 +114,10 @@ class Trainer:
             log0(f"--allow_config_change: {change} (differs from the checkpoint)")
         state = resumed.client_state["moe_dist"]
         if state["consumed_samples"] != state["step"] * self.global_batch:
-            raise ValueError(f"checkpoint {resumed.tag}: consumed_samples ({state['consumed_samples']}) "
-                             f"!= step ({state['step']}) * global batch ({self.global_batch}); the global "
-                             f"batch size changed since it was written")
+            tag_dir = os.path.join(self.cfg.train.checkpoint_dir, resumed.tag)
+            raise CheckpointError(f"checkpoint {tag_dir!r}: consumed_samples ({state['consumed_samples']}) "
+                                  f"!= step ({state['step']}) * global batch ({self.global_batch}); the global "
+                                  f"batch size changed since it was written")
         self.step = state["step"]
         self.safety.nonfinite.skipped = state.get("skipped_steps", 0)
         # The restored optimizer holds the LR its run scheduled for this step; if train.steps or

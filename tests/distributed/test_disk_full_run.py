@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             json.dump(report, f)
 
 
-@pytest.mark.slow  # ~30 s: three trainings of 2 ranks
+@pytest.mark.slow  # three trainings of 2 ranks
 def test_save_before_eval_partial_tags_keep_last_and_run_id(tmp_path):
     run_deepspeed_ranks(_worker, 2, str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())

@@ -15,10 +15,10 @@ import torch
 from tests.harness.fault import enospc_shim, full_disk_env
 from tests.harness.train import free_port, launch, tiny_config, write_yaml
 
+from moe_dist.checkpoint.training import disk, retention
 from moe_dist.checkpoint.training.layout import read_latest
 from moe_dist.checkpoint.training.tags import MARKER, list_tags, tag_problems, write_marker
 from moe_dist.common import atomic
-from moe_dist.checkpoint.training import disk, retention
 from moe_dist.train.tb_logger import TensorBoardLogger
 
 MB = 1024 * 1024

@@ -1,5 +1,5 @@
 """From a Hugging Face model to training and back, through the real `deepspeed` launcher on gloo
-(`-m slow`, about a minute per architecture): import-hf a tiny random model of each MoE
+(`-m slow`: two launches per architecture): import-hf a tiny random model of each MoE
 architecture; train from it with `train.init_from` at EP=2 on 2 processes and at EP=1 on one
 (same global batch): the first-step losses agree and both train; export-hf of the EP=2 run
 loads with the native transformers class and its logits equal moe_dist's."""

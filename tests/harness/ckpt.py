@@ -5,7 +5,7 @@ trained model's eval logits on a fixed batch) so conversions can be checked agai
 The model is Mixtral-shaped on purpose (every layer MoE, SwiGLU, renormalized top-2 softmax,
 eval capacity that drops nothing), so the same checkpoint also serves the Hugging Face export.
 
-Runs (all in one spawn; start-up dominates, each run takes about a second):
+Runs (all in one spawn, so the process start-up, which dominates, is paid once):
   a: ep_size 2, ZeRO-1, fp32, 2N steps, checkpoints at N and 2N
   b: a@N resharded to ep_size 1, resumed to 2N
   c: ep_size 1, ZeRO-2, fp32, 2N steps (expert group partitioned over 2 EDP ranks)

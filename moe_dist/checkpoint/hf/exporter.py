@@ -45,11 +45,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_dist.checkpoint.hf import remote_code
 from moe_dist.checkpoint.consolidated import full_state_dict, model_seed, open_checkpoint
-from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, cast_floating, check_option,
-                                       check_output, dtype_name, read_json, staged_directory, torch_dtype,
-                                       write_json, write_weights)
+from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, cast_floating, check_option, check_output,
+                                       dtype_name, read_json, staged_directory, torch_dtype, write_json, write_weights)
+from moe_dist.checkpoint.hf import remote_code
 from moe_dist.checkpoint.hf.arch import ARCHS, MOE_ARCHS, export_blockers, hf_config
 from moe_dist.checkpoint.hf.tensors import HUB, tensor_plan
 from moe_dist.checkpoint.hf.tokenizer import pad_token_ids, write_byte_tokenizer, write_generation_config

@@ -13,6 +13,7 @@ directory with those alone is an error that says how to convert it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -52,6 +53,7 @@ class HFWeights:
         check_hf_dir(hf_dir)
         self.hf_dir = hf_dir
         self._handles: dict[str, Any] = {}  # shard file name -> safe_open handle
+        self._open_handles = contextlib.ExitStack()  # closes them
         self._file_of: dict[str, str] = {}  # tensor name -> shard file name
 
     # ---- opening ------------------------------------------------------------------------------
@@ -68,8 +70,7 @@ class HFWeights:
         self.close()
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
+        self._open_handles.close()
         self._handles.clear()
 
     def _open(self) -> None:
@@ -112,7 +113,7 @@ class HFWeights:
 
         path = os.path.join(self.hf_dir, name)
         try:
-            handle = safe_open(path, framework="pt").__enter__()
+            handle = self._open_handles.enter_context(safe_open(path, framework="pt"))
         except Exception as e:  # SafetensorError for a bad header, OSError for a short file
             raise CheckpointError(f"cannot read safetensors file {path!r} ({type(e).__name__}: {e}); the file is "
                                   f"truncated or corrupted") from None

@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from moe_dist.checkpoint.files import CheckpointError, dtype_name, load_pt, require_keys
-from moe_dist.checkpoint.training.layout import (CLIENT_KEY, MODEL_STATES, experts_file, is_expert_key,
-                                        resolve_tag_dir, strip_engine_prefix)
+from moe_dist.checkpoint.training.layout import (CLIENT_KEY, MODEL_STATES, experts_file, is_expert_key, resolve_tag_dir,
+                                                 strip_engine_prefix)
 from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig, parse_model_config
 

@@ -38,13 +38,13 @@ from tqdm import tqdm
 
 from moe_dist.checkpoint.files import CheckpointError, check_output, staged_directory
 from moe_dist.checkpoint.training.layout import (CLIENT_KEY, ENGINE_PREFIX, LATEST, MODEL_STATES, experts_file,
-                                        rank_state_file, zero_file)
-from moe_dist.checkpoint.training.tags import write_marker
+                                                 rank_state_file, zero_file)
 from moe_dist.checkpoint.training.reader import TrainingCheckpoint
+from moe_dist.checkpoint.training.tags import write_marker
 from moe_dist.checkpoint.training.zero import (BASE_STATE, FP32_PARTITIONS, OPTIMIZER_STATE, ZERO_STATE_ORDER,
-                                      FlatGroupLayout, ZeroGroup, ZeroState, check_supported,
-                                      param_alignment_for, parameter_alignment_paddings, partition_slot,
-                                      read_zero_state)
+                                               FlatGroupLayout, ZeroGroup, ZeroState, check_supported,
+                                               param_alignment_for, parameter_alignment_paddings, partition_slot,
+                                               read_zero_state)
 from moe_dist.common.config import ConfigError
 from moe_dist.parallel.groups import expert_group_name, validate_parallel_sizes
 

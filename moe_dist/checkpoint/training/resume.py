@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from moe_dist.checkpoint.training.layout import (CLIENT_KEY, MODEL_STATES, experts_file, read_latest,
-                                        zero_file)
+from moe_dist.checkpoint.training.layout import CLIENT_KEY, MODEL_STATES, experts_file, read_latest, zero_file
 from moe_dist.common.config import ConfigError
 
 STRUCTURAL = (

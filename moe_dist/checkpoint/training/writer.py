@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 from moe_dist.checkpoint.files import CheckpointError
-from moe_dist.checkpoint.training.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
-                                        read_latest, tag_for_step)
+from moe_dist.checkpoint.training import disk, retention
 from moe_dist.checkpoint.training.finite import check_resumed_finite
+from moe_dist.checkpoint.training.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
+                                                 read_latest, tag_for_step)
 from moe_dist.checkpoint.training.tags import run_id_problems, write_marker
 from moe_dist.common.atomic import fsync_file, write_text_atomic
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
-from moe_dist.checkpoint.training import disk, retention
 
 
 def rng_state() -> dict[str, Any]:
@@ -143,16 +143,19 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
 
 def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
     """Load the latest complete checkpoint into the engine (weights, ZeRO optimizer state, LR
-    scheduler), this EP rank's experts and this rank's RNG; returns the client state."""
+    scheduler), this EP rank's experts and this rank's RNG; returns the client state. A checkpoint
+    that cannot be resumed is a CheckpointError (preflight's resume checks catch these earlier)."""
     tag = read_latest(checkpoint_dir)
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir!r} (no {LATEST!r} file)")
+        raise CheckpointError(f"no complete checkpoint in {checkpoint_dir!r}: expected a {LATEST!r} file "
+                              f"naming the last committed tag")
     tag_dir = os.path.join(checkpoint_dir, tag)
     experts_path = experts_file(tag_dir, groups.ep_rank)
     saved = torch.load(experts_path, map_location="cpu", weights_only=False)
     if saved["ep_size"] != groups.ep_size:
-        raise ValueError(f"checkpoint {tag_dir!r} was written with ep_size {saved['ep_size']}, this run "
-                         f"has ep_size {groups.ep_size}")
+        raise CheckpointError(f"{experts_path!r} was written with ep_size {saved['ep_size']}, this run has "
+                              f"ep_size {groups.ep_size}; reshard the checkpoint (tools/convert_checkpoint.py "
+                              f"reshard) to resume it at this ep_size")
 
     def load_module(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
         # The module file holds EP rank 0's experts; this rank's come from its own file.
@@ -162,7 +165,8 @@ def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
 
     load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, custom_load_fn=load_module)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir!r}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir!r} (its load_checkpoint "
+                              f"returned no path): expected DeepSpeed's model and optimizer states there")
     rank_path = rank_state_file(tag_dir, runtime.rank())
     if os.path.isfile(rank_path):
         set_rng_state(torch.load(rank_path, map_location="cpu", weights_only=False)["rng"])

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from moe_dist.common.atomic import staged_file
+from moe_dist.common.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _library():
         return None
     try:
         lib = ctypes.CDLL(str(build()))
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ConfigError) as e:  # ConfigError: the cached name is a directory
         log.info("moe_dist AVX-512 expert GEMMs unavailable, using MKL: %s", e)
         return None
     fn = lib.grouped_gemm

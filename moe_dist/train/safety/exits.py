@@ -2,7 +2,9 @@
 
     0   finished (train.steps or --stop_at_step reached)
     1   any other error (a traceback; a collective timeout is one)
-    2   configuration error, before any process group exists
+    2   configuration error (a ConfigError), before any process group exists; the few that only
+        building the model or the data finds (a router setting that does not fit model.d_model,
+        moe.expert_impl 'mkl' without MKL, label sidecars that disagree with their data) after
     3   stopped: train.max_consecutive_skips non-finite steps in a row, or weights not finite at a
         save (nothing committed; `latest` stays on the last good checkpoint). Do not requeue as is.
     4   the watchdog: no step completed within train.watchdog_timeout (stacks on stderr)

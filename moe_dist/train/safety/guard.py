@@ -16,8 +16,8 @@ import torch
 
 from moe_dist.parallel import runtime
 from moe_dist.train.config import TrainSection
-from moe_dist.train.safety.nonfinite import NonFiniteWatch, refuse_nonfinite_save
 from moe_dist.train.progress import StepTimes
+from moe_dist.train.safety.nonfinite import NonFiniteWatch, refuse_nonfinite_save
 from moe_dist.train.safety.signals import StopRequest
 from moe_dist.train.safety.watchdog import Watchdog
 

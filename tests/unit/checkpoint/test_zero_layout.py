@@ -17,7 +17,7 @@ from tests.harness.train import REPO
 
 from moe_dist.checkpoint.training.reshard import _chunks, max_moe_group_size, plan_groups, remap_per_group
 from moe_dist.checkpoint.training.zero import (DEEPSPEED_VERSIONS, FlatGroupLayout, ZeroGroup, param_alignment_for,
-                                      parameter_alignment_paddings)
+                                               parameter_alignment_paddings)
 
 Address = namedtuple("Address", ["start", "numel"])
 

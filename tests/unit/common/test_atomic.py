@@ -5,6 +5,7 @@ import os
 import pytest
 
 from moe_dist.common import atomic
+from moe_dist.common.config import ConfigError
 
 
 def test_staged_files_publish_in_order_and_leave_nothing_else(tmp_path):
@@ -38,11 +39,11 @@ def test_a_temporary_that_was_never_written_is_an_error(tmp_path):
 
 
 def test_outputs_are_checked_before_any_work(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         with atomic.staged_file(str(tmp_path / "missing" / "x")):
             raise AssertionError("the body must not run")
     (tmp_path / "d").mkdir()
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(ConfigError, match="is a directory"):
         atomic.check_output_file(str(tmp_path / "d"))
 
 

@@ -108,5 +108,5 @@ def test_labels_map_onto_the_blend_domain_names(prefix):
     ids = global_domain_ids(prefix, ["de", "en", "fr"], num_documents=3)
     assert ids.tolist() == [2, -1, 0]
     assert global_domain_ids(prefix + "_unlabelled", ["de"], 2).tolist() == [-1, -1]
-    with pytest.raises(ValueError, match=r"holds 3 labels .* holds 4 documents"):
+    with pytest.raises(ConfigError, match=r"holds 3 labels .* holds 4 documents"):
         global_domain_ids(prefix, ["de", "en", "fr"], num_documents=4)

@@ -228,6 +228,6 @@ def test_non_string_text_names_the_file_and_line(corpus, tmp_path):
     source = _write_rows(tmp_path / "in.jsonl", [{"text": "fine"}, {"text": None}])
     with pytest.raises(ConfigError, match=r"in.jsonl:2: column 'text' must hold a string, got NoneType"):
         preprocess_corpus([source], str(tmp_path / "out"), tok, cache_dir=corpus["cache"])
-    with pytest.raises(FileNotFoundError, match=r"output folder .*/nodir' .* does not exist"):
+    with pytest.raises(ConfigError, match=r"output folder .*/nodir' .* does not exist"):
         preprocess_corpus([source], str(tmp_path / "nodir" / "out"), tok)
     assert _listing(tmp_path) == ["in.jsonl"]

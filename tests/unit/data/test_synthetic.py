@@ -55,16 +55,16 @@ def test_each_domain_follows_its_own_chain():
         for s in range(len(symbols) - 1):
             if EOD - ALPHABET[0] in (symbols[s], symbols[s + 1]):
                 continue
-            successors = corpus.successors_DAK[sample["domain_ids"][s], symbols[s]]
+            successors = corpus.successors[sample["domain_ids"][s], symbols[s]]
             assert symbols[s + 1] in successors
     assert np.isclose(successor_probs(3).sum(), 1.0)
-    assert not np.array_equal(corpus.successors_DAK[0], corpus.successors_DAK[1])
+    assert not np.array_equal(corpus.successors[0], corpus.successors[1])
 
 
 @pytest.fixture
 def one_torch_thread():
-    # Tiny matmuls on a shared 2-core machine: a second intra-op thread only waits on the first
-    # (100x slower under load).
+    # Tiny matmuls on a shared 2-core machine: a second intra-op thread only waits on the first,
+    # and under load that wait is most of the test's time.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

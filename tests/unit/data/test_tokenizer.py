@@ -11,6 +11,7 @@ import datasets
 import pytest
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from moe_dist.common.config import ConfigError
 from moe_dist.data.config import TokenizerConfig
 from moe_dist.data.text_sources import check_input_files, load_corpus
 from moe_dist.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, build_tokenizer,
@@ -67,7 +68,7 @@ def test_max_sentences_and_plain_text(corpora):
     (dict(vocab_size=270), ValueError, "bpe training with vocab_size 270 on"),
     (dict(model_type="wordpiece"), ValueError, "model_type must be one of ('bpe', 'unigram')"),
     (dict(max_sentences=0), ValueError, "max_sentences must be >= 1 or None, got 0"),
-    (dict(text_key="text"), KeyError, "column(s) ['text'] not found"),
+    (dict(text_key="text"), ConfigError, "column(s) ['text'] not found"),
 ])
 def test_training_rejects_bad_arguments(corpora, kwargs, error, message):
     args = dict(vocab_size=300, text_key="body") | kwargs
@@ -78,15 +79,15 @@ def test_training_rejects_bad_arguments(corpora, kwargs, error, message):
 
 
 def test_input_files_are_checked_before_loading(corpora):
-    with pytest.raises(FileNotFoundError, match="input file '/nonexistent.jsonl' does not exist"):
+    with pytest.raises(ConfigError, match="input file '/nonexistent.jsonl' does not exist"):
         check_input_files(["/nonexistent.jsonl"])
-    with pytest.raises(ValueError, match="empty.jsonl' is empty"):
+    with pytest.raises(ConfigError, match="empty.jsonl' is empty"):
         check_input_files([str(corpora / "empty.jsonl")])
-    with pytest.raises(ValueError, match="is a URL; only local files are read"):
+    with pytest.raises(ConfigError, match="is a URL; only local files are read"):
         check_input_files(["https://example.com/x.jsonl"])
-    with pytest.raises(ValueError, match="inputs mix file types"):
+    with pytest.raises(ConfigError, match="inputs mix file types"):
         check_input_files([str(corpora / "a.jsonl"), str(corpora / "b.txt")])
-    with pytest.raises(ValueError, match=r"unknown file type '\.csv'"):
+    with pytest.raises(ConfigError, match=r"unknown file type '\.csv'"):
         check_input_files([str(corpora / "d.csv")])
 
 

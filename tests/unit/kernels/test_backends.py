@@ -5,6 +5,7 @@ import pytest
 import torch
 from tests.harness.gemm_check import needs_mkl
 
+from moe_dist.common.config import ConfigError
 from moe_dist.common.tensor_memory import peak_tensor_mb
 from moe_dist.kernels import gather_grouped_mm, grouped_mm
 from moe_dist.kernels.cpu import avx512_gemm, mkl_grouped
@@ -50,13 +51,13 @@ def test_fused_gather_lowers_the_layers_peak_memory():
 
 def test_mkl_impl_is_refused_at_build_without_mkl(monkeypatch):
     monkeypatch.setattr(mkl_grouped, "available", lambda x, w: False)
-    with pytest.raises(ValueError, match="expert_impl 'mkl'"):
+    with pytest.raises(ConfigError, match="moe.expert_impl 'mkl': this PyTorch build has no usable MKL"):
         MoELayer(cfg(expert_impl="mkl"), seed=0)
     MoELayer(cfg(expert_impl="auto"), seed=0)  # auto falls back
 
 
 def test_mkl_impl_refuses_what_it_cannot_run():
-    with pytest.raises(RuntimeError, match="expert_impl 'mkl'"):
+    with pytest.raises(ConfigError, match="moe.expert_impl 'mkl' needs fp32 CPU tensors"):
         grouped_mm(torch.randn(3, 4, dtype=torch.float64), torch.randn(1, 4, 4, dtype=torch.float64), [3], "mkl")
     with pytest.raises(ValueError, match="must sum to the 3 rows"):
         mkl_grouped.segment_matmul(torch.randn(3, 4), torch.randn(2, 4, 4), [1, 1])

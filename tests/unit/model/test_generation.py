@@ -12,6 +12,7 @@ import torch
 from tests.harness import load_tool
 
 from moe_dist.checkpoint import save_consolidated
+from moe_dist.common.config import ConfigError
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.generation import SamplingConfig, generate, next_tokens
 from moe_dist.model.transformer import MoETransformer
@@ -82,7 +83,7 @@ def test_sampling_is_seeded_and_filtered():
 
 def test_refuses_a_capacity_that_depends_on_the_batch():
     model = model_for("mha-dense-between", eval_capacity_factor=1.0)
-    with pytest.raises(ValueError, match="eval_capacity_factor is 1.0"):
+    with pytest.raises(ConfigError, match="eval_capacity_factor is 1.0"):
         generate(model, PROMPTS, SamplingConfig(max_new_tokens=2))
 
 

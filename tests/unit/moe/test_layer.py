@@ -136,8 +136,11 @@ def test_config_errors_name_the_value(bad, message):
 def test_layer_rejects_groups_that_disagree_with_config():
     from moe_dist.parallel.groups import ParallelGroups
 
-    with pytest.raises(ValueError, match=r"ep_size \(2\)"):
+    with pytest.raises(ConfigError, match=r"world size \(1\) must be divisible by ep_size \(2\)"):
         MoELayer(cfg(ep_size=2), groups=ParallelGroups.single())
+    # Sizes that divide, but groups built for another ep_size: the same class of error.
+    with pytest.raises(ConfigError, match=r"moe.ep_size \(2\) differs from the process groups' ep_size \(1\)"):
+        MoELayer(cfg(ep_size=2), groups=ParallelGroups(world_size=2, rank=0, ep_size=1))
 
 
 def test_comet_mask_inside_experts_keeps_k_hidden_units():

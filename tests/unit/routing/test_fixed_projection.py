@@ -113,7 +113,7 @@ def test_embedding_stream_errors():
     layer = MoELayer(layer_cfg({"source": "embedding"}))
     with pytest.raises(ValueError, match="needs the routing stream"):
         layer(tokens())
-    with pytest.raises(ValueError, match=r"d_model \(16\) .* num_experts \(6\) equal blocks"):
+    with pytest.raises(ConfigError, match=r"d_model \(16\) .* num_experts \(6\) equal blocks"):
         MoELayer(layer_cfg({"source": "embedding"}, num_experts=6))
 
 

@@ -177,7 +177,7 @@ def test_config_errors_name_the_value(bad, message):
 
 
 def test_subspace_rank_must_be_below_the_input_width():
-    with pytest.raises(ValueError, match=r"inhibition rank \(16\) must be < the router input width \(16\)"):
+    with pytest.raises(ConfigError, match=r"inhibition rank \(16, router.rank\) must be < the router input width \(16\)"):
         make_router(mode="subspace", rank=16)
 
 
