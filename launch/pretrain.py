@@ -28,6 +28,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
+from moe_dist.checkpoint.files import CheckpointError  # noqa: E402
 from moe_dist.checkpoint.training import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
 from moe_dist.train.safety.exits import RunStopped  # noqa: E402
 from moe_dist.train.safety.run_dir import claim  # noqa: E402
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiskSpaceError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_NO_SPACE
+    except CheckpointError as e:  # what preflight could not see: a load that failed, a tag changed since
+        print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        return 2
     except RunStopped as e:
         print(f"rank {os.environ.get('RANK', '0')}: {e} (exit {e.code})", file=sys.stderr, flush=True)
         return e.code

@@ -12,12 +12,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
-def load_tool(name: str):
-    """tools/<name>.py as a module: the user commands are scripts (`python tools/evaluate.py`), not
-    a package, so tests load them by path."""
+def load_script(path: str):
+    """A script of the repository (`tools/evaluate.py`, `launch/pretrain.py`) as a module: the user
+    commands are scripts, not a package, so tests load them by path."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    name = os.path.splitext(path)[0].replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module."""
+    return load_script(f"tools/{name}.py")

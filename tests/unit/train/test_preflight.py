@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from tests.harness import load_script
 from tests.harness.train import REPO, tiny_config, write_yaml
 
 from moe_dist.common.config import ConfigError
@@ -162,3 +163,22 @@ def test_entry_point_reports_config_errors_before_any_process_group(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error: batch sizes disagree" in proc.stderr
     assert "train_batch_size = 64 but the training config implies 8" in proc.stderr
+
+
+def test_entry_point_reports_a_checkpoint_that_cannot_resume(tmp_path, monkeypatch, capsys):
+    """A CheckpointError once training started (DeepSpeed's load failed, a tag changed after
+    preflight) is exit 2 with one line naming it, as a config error is, not a traceback."""
+    from moe_dist.checkpoint.files import CheckpointError
+    from moe_dist.train import trainer
+
+    def cannot_resume(*args, **kwargs):
+        raise CheckpointError("DeepSpeed could not load checkpoint '/runs/x/step_00000004'")
+
+    monkeypatch.setattr(trainer, "pretrain", cannot_resume)
+    monkeypatch.setenv("RANK", "1")  # no rank-0 claim on a checkpoint folder
+    entry = load_script("launch/pretrain.py")
+    monkeypatch.setattr(entry, "guard_launcher", lambda: None)
+    path = write_yaml(str(tmp_path / "run.yaml"), tiny_config())
+    assert entry.main(["--config", path, "--resume"]) == 2
+    assert ("checkpoint error: DeepSpeed could not load checkpoint '/runs/x/step_00000004'"
+            in capsys.readouterr().err)
