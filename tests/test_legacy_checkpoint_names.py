@@ -31,7 +31,7 @@ from moe_dist.evaluate.loading import load_model
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.moe.legacy_names import LEGACY_NAMES, current_name, migrate_keys
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "legacy_names")
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "legacy_names")
 TRAINING, CONSOLIDATED = os.path.join(FIXTURE, "attentive"), os.path.join(FIXTURE, "inhibition")
 LOGITS = {TRAINING: "attentive_logits.pt", CONSOLIDATED: "inhibition_logits.pt"}
 OLD, NEW = set(LEGACY_NAMES), set(LEGACY_NAMES.values())
@@ -99,6 +99,9 @@ def test_load_state_dict_and_load_consolidated_migrate_old_names():
     again = MoETransformer(loaded.model.cfg, seed=loaded.model.seed)
     load_consolidated(again, CONSOLIDATED)
     torch.testing.assert_close(logits_of(again), recorded_logits(CONSOLIDATED), rtol=1e-6, atol=1e-6)
+    both = {**raw, "blocks.1.moe.experts.w_in_EDI": raw["blocks.1.moe.experts.w_in_eDF"]}
+    with pytest.raises(ValueError, match=r"holds both '\S+w_in_eDF' .* and '\S+w_in_EDI'"):
+        fresh.load_state_dict(both, strict=True)
 
 
 def test_inspect_counts_buffers_under_their_new_names():
