@@ -17,6 +17,9 @@ that `inspect` and `export-hf` need.
 
 `load_consolidated` puts it into a model of any EP size, each rank reading only its own expert
 slice (safetensors are read lazily, so a rank never holds other ranks' experts).
+
+Names are today's: a file written before the parameters' rename (`moe_dist.moe.legacy_names`) is
+read under the new names (its weights by `_WeightsReader`, its buffer list when opened).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from moe_dist.checkpoint.training import ENGINE_PREFIX, TrainingCheckpoint, chec
 from moe_dist.common.config import ConfigError, to_dict
 from moe_dist.model.config import ModelConfig, parse_model_config
 from moe_dist.model.transformer import MoETransformer
+from moe_dist.moe.legacy_names import migrate_keys, migrate_names
 
 META_FILE = "moe_dist.json"
 FORMAT = "moe_dist.consolidated"
@@ -144,6 +148,8 @@ class ConsolidatedCheckpoint:
             model_cfg = parse_model_config(meta["config"]["model"], meta["config"].get("moe"))
         except (ConfigError, KeyError, TypeError) as e:
             raise CheckpointError(f"{meta_path!r}: the stored model config is invalid: {e}") from None
+        if meta.get("buffers") is not None:
+            meta["buffers"] = migrate_names(meta["buffers"])
         ckpt = cls(path=path, meta=meta, model_cfg=model_cfg)
         if not os.path.isfile(ckpt.weights_path):
             raise CheckpointError(f"missing weights file {ckpt.weights_path!r} (named by {meta_path!r})")
@@ -155,13 +161,14 @@ class ConsolidatedCheckpoint:
 
 
 class _WeightsReader:
-    """Tensors (or dim-0 slices of them) of a safetensors or torch weights file by name."""
+    """Tensors (or dim-0 slices of them) of a safetensors or torch weights file by (today's) name."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._handle = None
         self._open_handle = contextlib.ExitStack()  # closes the safetensors handle
         self._state: dict[str, torch.Tensor] | None = None
+        self._stored: dict[str, str] = {}  # today's name -> the name in the file
 
     def __enter__(self) -> "_WeightsReader":
         if self.path.endswith(".safetensors"):
@@ -174,26 +181,34 @@ class _WeightsReader:
                                       f"the file is truncated or corrupted") from None
         else:
             self._state = load_pt(self.path, "consolidated weights")
+        stored = self._handle.keys() if self._handle is not None else self._state
+        try:
+            self._stored = migrate_keys({name: name for name in stored}, repr(self.path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         return self
 
     def __exit__(self, *exc) -> None:
         self._open_handle.close()
 
     def names(self) -> list[str]:
-        return list(self._handle.keys()) if self._handle is not None else list(self._state)
+        return list(self._stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        name = self._stored.get(name, name)
         if self._handle is not None:
             return tuple(self._handle.get_slice(name).get_shape())
         return tuple(self._state[name].shape)
 
     def dtype(self, name: str) -> str:
         """torch's dtype name ("float32", "bfloat16", "int64", ...)."""
+        name = self._stored.get(name, name)
         if self._handle is not None:
             return _SAFETENSORS_DTYPES.get(self._handle.get_slice(name).get_dtype(), "unknown")
         return dtype_name(self._state[name].dtype)
 
     def tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        name = self._stored.get(name, name)
         try:
             if self._handle is not None:
                 return self._handle.get_slice(name)[rows] if rows else self._handle.get_tensor(name)

@@ -150,16 +150,16 @@ def _check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, what: str) ->
             raise CheckpointError(f"{what}: {name} has shape {tuple(state[name].shape)}, its config implies {shape}")
 
 
-def _slices(w_in_DF: torch.Tensor, w_out_FD: torch.Tensor, activation: str,
+def _slices(w_in_DI: torch.Tensor, w_out_FD: torch.Tensor, activation: str,
             G: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense FFN's G hidden-unit slices as experts: w_in [G, D, (2)F/G], w_out [G, F/G, D]."""
     F = w_out_FD.shape[0]
     f = F // G
     if activation == "swiglu":  # the fused [gate | up] columns: slice s takes its units of both
-        gate, up = w_in_DF[:, :F], w_in_DF[:, F:]
+        gate, up = w_in_DI[:, :F], w_in_DI[:, F:]
         w_in = [torch.cat([gate[:, s * f:(s + 1) * f], up[:, s * f:(s + 1) * f]], dim=1) for s in range(G)]
     else:
-        w_in = [w_in_DF[:, s * f:(s + 1) * f] for s in range(G)]
+        w_in = [w_in_DI[:, s * f:(s + 1) * f] for s in range(G)]
     return torch.stack(w_in), torch.stack([w_out_FD[s * f:(s + 1) * f] for s in range(G)])
 
 
@@ -181,19 +181,19 @@ def upcycle_state(cfg: ModelConfig, state: dict[str, torch.Tensor], num_experts:
     G, copies, D = spec.granularity, spec.copies, cfg.d_model
     router_std = spec.router_std if spec.router_std is not None else 1.0 / math.sqrt(D)
     moe_layers = moe_cfg.moe_layer_indices
-    ffn_keys = {f"blocks.{i}.ffn.{n}" for i in moe_layers for n in ("w_in_DF", "w_out_FD")}
+    ffn_keys = {f"blocks.{i}.ffn.{n}" for i in moe_layers for n in ("w_in_DI", "w_out_FD")}
     out = {name: t for name, t in state.items() if name not in ffn_keys}
     for i in tqdm(moe_layers, desc="upcycle", unit="layer", disable=not progress):
-        w_in_DF, w_out_FD = state[f"blocks.{i}.ffn.w_in_DF"], state[f"blocks.{i}.ffn.w_out_FD"]
-        w_in_slices, w_out_slices = _slices(w_in_DF, w_out_FD, cfg.activation, G)
+        w_in_DI, w_out_FD = state[f"blocks.{i}.ffn.w_in_DI"], state[f"blocks.{i}.ffn.w_out_FD"]
+        w_in_slices, w_out_slices = _slices(w_in_DI, w_out_FD, cfg.activation, G)
         if spec.slice_scale == "output" and G > 1:
             w_out_slices = w_out_slices * G
         noise = init_generator(spec.seed, i, _NOISE_KEY)
         # Expert c * G + s is copy c of slice s.
         prefix = f"blocks.{i}.moe."
-        out[prefix + "experts.w_in_eDF"] = _noisy(w_in_slices.repeat(copies, 1, 1).contiguous(), w_in_DF,
+        out[prefix + "experts.w_in_EDI"] = _noisy(w_in_slices.repeat(copies, 1, 1).contiguous(), w_in_DI,
                                                   spec.expert_noise, noise)
-        out[prefix + "experts.w_out_eFD"] = _noisy(w_out_slices.repeat(copies, 1, 1).contiguous(), w_out_FD,
+        out[prefix + "experts.w_out_EFD"] = _noisy(w_out_slices.repeat(copies, 1, 1).contiguous(), w_out_FD,
                                                    spec.expert_noise, noise)
         # One router row per copy ([copies, D]), repeated for each of the copy's G slices.
         copy_rows = torch.randn(copies, D, generator=init_generator(spec.seed, i, _ROUTER_KEY)) * router_std

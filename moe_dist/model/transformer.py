@@ -18,6 +18,7 @@ from moe_dist.model.config import ModelConfig
 from moe_dist.model.norm import RMSNorm
 from moe_dist.model.rotary import rotary_tables
 from moe_dist.moe.layer import MoELayer, MoESideInputs
+from moe_dist.moe.legacy_names import migrate_state_dict_in_place
 from moe_dist.parallel.groups import ParallelGroups
 
 
@@ -31,6 +32,10 @@ class ModelOutput:
     # including the unweighted aux losses as `loss_<name>` (moe_dist.moe.stats,
     # docs/routers/statistics.md).
     moe_stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def _migrate_legacy_names(module, state_dict, prefix, *_) -> None:
+    migrate_state_dict_in_place(state_dict, prefix, f"the state dict loaded into {type(module).__name__}")
 
 
 class MoETransformer(nn.Module):
@@ -55,6 +60,9 @@ class MoETransformer(nn.Module):
             if not cfg.tie_embeddings:
                 self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
                 nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        # Checkpoints written before the parameters' rename load too, by any path that ends in
+        # load_state_dict (DeepSpeed's engine included).
+        self.register_load_state_dict_pre_hook(_migrate_legacy_names)
 
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         return [(b.layer_index, b.moe) for b in self.blocks if b.moe is not None]

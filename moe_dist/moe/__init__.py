@@ -10,11 +10,17 @@ named `x_TD` has dims [T, D]. Each letter has one meaning (case matters: E and e
     K  experts chosen per token        C  capacity (slots per expert)     Q  routed pairs (T * K)
     N  kept pairs this rank sends      M  rows this rank's experts run    U  rows the experts gather
     F  expert hidden width (one SwiGLU branch)                               from (T at EP 1, else M)
+    I  width of the experts' first projection (2F: SwiGLU's gate and up fused; F with GELU)
     G  tokens of one capacity group    X  tokens sub-sampled for the sample-similarity loss
     J  width of the attentive gate (trunk, query, probes, keys: the paper's h)
     Z  shared directions removed by `inhibition`'s subspace mode (`router.rank`)
     Y  key/value heads (`model.n_kv_heads`; Y = H without grouped-query attention)
     W  key positions attended to in generation (the KV cache's past positions + the new ones)
+
+Persistent parameters and buffers (state-dict keys, hence checkpoint keys) are named by the
+shape of the whole, consolidated tensor: `GroupedExperts.w_in_EDI` holds a rank's [e, D, I] slice
+of the [E, D, I] tensor that a consolidated checkpoint stores under that name. Names from before
+that rule are migrated on load (`moe_dist.moe.legacy_names`).
 
 Kernels (`moe_dist/kernels`) are generic in their operands and spell their widths out (`rows`,
 `in_width`, `out_width`) instead of borrowing these letters.

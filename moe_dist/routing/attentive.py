@@ -1,13 +1,12 @@
 """`attentive`: the attentive gate for expert parallelism, with replicated key probes
 (docs/routers/attentive.md; gate of Krishnamurthy, Watkins & Gärtner, arXiv 2302.14703).
 
-Legend: moe_dist/moe/__init__.py (J: the gate width, the paper's h). The parameter `probes_EHD`
-keeps its pre-legend name (there H = J) because it is a checkpoint and HF-export key.
+Legend: moe_dist/moe/__init__.py (J: the gate width, the paper's h).
 
 The paper's keys come from each expert's last hidden layer, which needs every expert to run on
 every token: impossible before a capacity-limited dispatch. Instead each expert e owns a small
 probe `h_e(x) = act(A_e x)`, `A_e` in R^{J x D}, replicated on every rank and trained through the
-gate (E*H*D parameters per layer); then the paper's formula:
+gate (E*J*D parameters per layer); then the paper's formula:
 `q = W_q act(G x + b)`, `K_e = W_k h_e(x)`, `s_e = q . K_e / sqrt(J)`, `probs = softmax(s)`.
 The probes are this project's substitute for the expert hidden layers, not the paper's method.
 Selection and weights are `topk`'s (`renormalize: true` is the paper's top-k masking); the
@@ -58,15 +57,15 @@ class AttentiveRouter(Router):
         self.gate_trunk = nn.Linear(D, J)
         self.w_q = nn.Linear(J, J, bias=False)
         self.w_k = nn.Linear(J, J, bias=False)
-        self.probes_EHD = nn.Parameter(torch.empty(E, J, D))  # [E, J, D]; the name is a checkpoint key
-        nn.init.uniform_(self.probes_EHD, -1.0 / math.sqrt(D), 1.0 / math.sqrt(D))  # nn.Linear's range
+        self.probes_EJD = nn.Parameter(torch.empty(E, J, D))
+        nn.init.uniform_(self.probes_EJD, -1.0 / math.sqrt(D), 1.0 / math.sqrt(D))  # nn.Linear's range
 
     def scores(self, x_TD: Tensor) -> Tensor:
         """`s_TE` in fp32 whatever the model's dtype (routing decisions are discontinuous)."""
         x = x_TD.float()
         q_TJ = F.linear(self.act(F.linear(x, self.gate_trunk.weight.float(), self.gate_trunk.bias.float())),
                         self.w_q.weight.float())
-        probe_TEJ = self.act(torch.einsum("td,ejd->tej", x, self.probes_EHD.float()))
+        probe_TEJ = self.act(torch.einsum("td,ejd->tej", x, self.probes_EJD.float()))
         return attention_scores(q_TJ, F.linear(probe_TEJ, self.w_k.weight.float()))
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:

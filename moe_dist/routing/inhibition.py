@@ -2,8 +2,7 @@
 formulation of the idea of Zou & Zhang (arXiv 2507.03221), not the paper's exact algorithm.
 
 Legend: moe_dist/moe/__init__.py (Z: the shared directions removed in subspace mode; D is here the
-router input's width). The buffer `basis_DR` keeps its pre-legend name (there R = Z) because it is
-a checkpoint and HF-export key.
+router input's width).
 
 Remove from the router's input what the token population shares, then route exactly like `topk`
 on the result. It has to act across tokens: a per-token shift of the logits changes nothing in a
@@ -100,7 +99,7 @@ def inhibit(x_TD: Tensor, mode: str, stats: dict[str, Tensor], alpha: float, eps
         return F.relu(x - alpha * stats["mean_D"])
     if mode == "divisive":
         return (x - stats["mean_D"]) * torch.rsqrt(stats["var_D"] + eps)
-    U_DZ = stats["basis_DR"]
+    U_DZ = stats["basis_DZ"]
     return x - (x @ U_DZ) @ U_DZ.t()
 
 
@@ -124,7 +123,7 @@ class PopulationInhibition(FP32Buffers):
         for name, shape in shapes.items():
             self.register_buffer(f"ema_{name}", torch.zeros(shape), persistent=True)
         if mode == "subspace":
-            self.register_buffer("basis_DR", torch.zeros(width, rank), persistent=True)
+            self.register_buffer("basis_DZ", torch.zeros(width, rank), persistent=True)
 
     def _ema_shapes(self, width: int) -> dict[str, tuple[int, ...]]:
         if self.mode == "subspace":
@@ -143,7 +142,7 @@ class PopulationInhibition(FP32Buffers):
         self._fold(batch)
         if self.mode == "subspace":
             if self.stat == "batch":
-                return {"basis_DR": top_directions(batch["second_DD"], self.rank)}
+                return {"basis_DZ": top_directions(batch["second_DD"], self.rank)}
             return self.ema_statistics()
         return batch if self.stat == "batch" else self.ema_statistics()
 
@@ -154,7 +153,7 @@ class PopulationInhibition(FP32Buffers):
             getattr(self, f"ema_{name}").lerp_(batch[name], 1.0 - self.momentum)
         # The host read happens only in subspace mode, where the refresh needs a step count.
         if self.mode == "subspace" and (int(self.num_updates) - 1) % self.refresh_every == 0:
-            self.basis_DR.copy_(top_directions(self._corrected("second_DD", 0.0), self.rank))
+            self.basis_DZ.copy_(top_directions(self._corrected("second_DD", 0.0), self.rank))
 
     def _corrected(self, name: str, default: float) -> Tensor:
         """Bias-corrected EMA `ema / (1 - m^t)`; `default` (no inhibition) before any update."""
@@ -167,7 +166,7 @@ class PopulationInhibition(FP32Buffers):
         if self.mode == "subspace":
             # A copy: autograd keeps U for the backward, and a later forward refreshes the buffer
             # in place (two forwards before one backward would otherwise fail).
-            return {"basis_DR": self.basis_DR.clone()}
+            return {"basis_DZ": self.basis_DZ.clone()}
         stats = {"mean_D": self._corrected("mean_D", 0.0)}
         if self.mode == "divisive":
             stats["var_D"] = self._corrected("var_D", 1.0)

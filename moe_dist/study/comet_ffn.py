@@ -41,5 +41,5 @@ class CometFFN(DenseFFN):
         self.mask = CometMask(d_model, d_ff, active_fraction, init_generator(seed, layer_index, FFN_MASK_KEY))
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        h_TF = ffn_activation(x_TD @ self.w_in_DF.to(x_TD.dtype), self.activation)
+        h_TF = ffn_activation(x_TD @ self.w_in_DI.to(x_TD.dtype), self.activation)
         return (h_TF * self.mask(x_TD).to(h_TF.dtype)) @ self.w_out_FD.to(x_TD.dtype)

@@ -1,4 +1,4 @@
-"""Checkpoint tools on real training checkpoints (ckpt_harness: 2 gloo ranks, trainer API):
+"""Checkpoint tools on real training checkpoints (tests/harness/ckpt.py: 2 gloo ranks, trainer API):
 consolidate -> identical logits in one process; load_consolidated at any EP size; ZeRO master
 weights; reshard 2->1 and 1->2 then resume on the un-resharded run's loss curve; reshard to the
 same layout reproduces DeepSpeed's own files; inspect; Mixtral export; the CLI; corrupted and

@@ -32,7 +32,7 @@ from moe_dist.train.trainer import Trainer, pretrain
 N, VOCAB, SEQ = 2, 257, 16
 FEATURES = dict(n_heads=4, n_kv_heads=2, head_dim=6, qk_norm="head", qkv_bias=True)
 NEW_TENSORS = ("blocks.0.attn.qkv.bias", "blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight",
-               "blocks.1.moe.shared_gate.weight", "blocks.1.moe.shared.w_in_DF")
+               "blocks.1.moe.shared_gate.weight", "blocks.1.moe.shared.w_in_DI")
 TIGHT = dict(rtol=1e-6, atol=1e-6)
 
 
@@ -159,7 +159,7 @@ def test_export_of_comet_expert_masks_carries_the_projections_of_the_model_seed(
     assert weights["model.embed.weight"].dtype == torch.bfloat16
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     for i, moe in model.moe_layers():
-        name = f"model.blocks.{i}.moe.experts.hidden_mask.v_eDF"
+        name = f"model.blocks.{i}.moe.experts.hidden_mask.v_EDF"
         assert weights[name].dtype == torch.float32 and torch.equal(weights[name], moe.experts.hidden_mask.v_eDF)
         assert torch.equal(hf.get_buffer(name), weights[name])  # fp32 beside bf16 weights
     tokens = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -1,5 +1,5 @@
 """Real training checkpoints for the checkpoint-tool tests: tiny runs through the trainer's own
-API on 2 gloo processes (train_harness), recording what training saw (per-step losses, the
+API on 2 gloo processes (harness.train), recording what training saw (per-step losses, the
 trained model's eval logits on a fixed batch) so conversions can be checked against it.
 
 The model is Mixtral-shaped on purpose (every layer MoE, SwiGLU, renormalized top-2 softmax,

@@ -81,7 +81,7 @@ def routed_counts(spec: Spec) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     x, _ = make_inputs(spec, spec.tokens)
     route = layer.router(x, RoutingContext(training=True))
     plan = assign_slots(route.idx_TK, spec.num_experts, layer.capacity(spec.tokens), "position")
-    return plan.kept_E.tolist(), layer.experts.w_in_eDF.detach(), layer.experts.w_out_eFD.detach()
+    return plan.kept_E.tolist(), layer.experts.w_in_EDI.detach(), layer.experts.w_out_EFD.detach()
 
 
 def _rows(spec: Spec, n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -55,7 +55,7 @@ def layer_bf16_vs_fp32(device: str) -> dict:
         ctx = RoutingContext(training=True)
         same = (ref.router(x, ctx).idx_TK == low.router(x.to(torch.bfloat16), ctx).idx_TK).all(dim=1)
     measured = {"output": rel(y16[same], y32[same]), "input_grad": rel(x16.grad, x32.grad),
-                "w_in_grad": rel(low.experts.w_in_eDF.grad, ref.experts.w_in_eDF.grad),
+                "w_in_grad": rel(low.experts.w_in_EDI.grad, ref.experts.w_in_EDI.grad),
                 "tokens_routed_alike": float(same.float().mean())}
     ok = measured["output"] <= 2e-2 and max(measured["input_grad"], measured["w_in_grad"]) <= 5e-2
     return row("layer_bf16_vs_fp32", ok, measured, "output <= 2e-2 (tokens routed alike), grads <= 5e-2")
@@ -88,7 +88,7 @@ def loop_reference(layer: MoELayer, x: torch.Tensor) -> tuple[torch.Tensor, floa
         plan = assign_slots(route.idx_TK, E, layer.capacity(x.shape[0]), layer.cfg.drop_policy,
                             priority_TK=route.w_TK)
         y = torch.zeros_like(x)
-        w_in, w_out = layer.experts.w_in_eDF, layer.experts.w_out_eFD
+        w_in, w_out = layer.experts.w_in_EDI, layer.experts.w_out_EFD
         for e in range(E):
             t, k = ((route.idx_TK == e) & plan.keep_TK).nonzero(as_tuple=True)
             h = ffn_activation(x[t] @ w_in[e], layer.cfg.activation) @ w_out[e]

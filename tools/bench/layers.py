@@ -81,8 +81,8 @@ def build_deepspeed_layer(spec: Spec, like):
     with torch.no_grad():
         layer.deepspeed_moe.gate.wg.weight.copy_(like.router.gate.weight_ED)
         for j, ex in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
-            ex[0].weight.copy_(like.experts.w_in_eDF[j].t())
-            ex[2].weight.copy_(like.experts.w_out_eFD[j].t())
+            ex[0].weight.copy_(like.experts.w_in_EDI[j].t())
+            ex[2].weight.copy_(like.experts.w_out_EFD[j].t())
     return layer.to(spec.device, spec.torch_dtype)
 
 

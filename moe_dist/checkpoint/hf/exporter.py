@@ -98,7 +98,8 @@ def native_state(arch_name: str, cfg: ModelConfig, state: dict[str, Tensor]) -> 
 # ---- the custom architecture -------------------------------------------------------------------
 
 def comet_mask_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
-    """COMET's expert-mask projections (`moe.comet_active_fraction`) as tensors of moe_dist's names.
+    """COMET's expert-mask projections (`moe.comet_active_fraction`) under moe_dist's module names,
+    all E experts' (`v_EDF`, the whole of what each rank's `v_eDF` buffer slices).
 
     moe_dist keeps them out of its state dict and redraws them from the model seed at build time;
     the remote code cannot (no moe_dist there), so the export carries them, for every expert (the
@@ -108,7 +109,7 @@ def comet_mask_state(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
     moe = cfg.moe
     if moe is None or moe.comet_active_fraction is None:
         return {}
-    return {f"blocks.{i}.moe.experts.hidden_mask.v_eDF":
+    return {f"blocks.{i}.moe.experts.hidden_mask.v_EDF":
             expert_mask_projections(moe.num_experts, 0, moe.d_model, moe.d_ff, seed=seed, layer_index=i)
             for i in cfg.moe_layer_indices}
 

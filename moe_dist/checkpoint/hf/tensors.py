@@ -6,7 +6,7 @@ shapes (from the config, for checking a directory before reading it) and the tra
 The layouts (moe_dist `x @ W` weights are `[in, out]`, HF Linear weights `[out, in]`):
 - attention: `attn.qkv.weight` rows = [q_proj; k_proj; v_proj] (head-major in both, and the same
   rotary pairing, so no row permutation), `.bias` likewise, `attn.out.weight` = o_proj;
-- SwiGLU FFN: `w_in_DF` = [gate_proj^T | up_proj^T] (columns), `w_out_FD` = down_proj^T;
+- SwiGLU FFN: `w_in_DI` = [gate_proj^T | up_proj^T] (columns), `w_out_FD` = down_proj^T;
 - experts stacked [E, ...] in expert order, each as a SwiGLU FFN. On disk HF has two layouts:
   "hub", one Linear per expert (`experts.e.{gate_proj,up_proj,down_proj}`, Mixtral `w1,w3,w2`
   under `block_sparse_moe`), what the Hub holds and what transformers 5's save_pretrained writes
@@ -73,9 +73,9 @@ def _hub_experts(prefix: str, gates: list[HFTensor], ups: list[HFTensor], downs:
     def w_in(xs: list[Tensor]) -> Tensor:
         return torch.stack([torch.cat([g.t(), u.t()], dim=1) for g, u in zip(xs[:E], xs[E:])])
 
-    return [Mapping(prefix + "w_in_eDF", (*gates, *ups), w_in,
+    return [Mapping(prefix + "w_in_EDI", (*gates, *ups), w_in,
                     lambda t: [_t(t[e, :, :F]) for e in range(E)] + [_t(t[e, :, F:]) for e in range(E)]),
-            Mapping(prefix + "w_out_eFD", tuple(downs), lambda xs: torch.stack([x.t() for x in xs]),
+            Mapping(prefix + "w_out_EFD", tuple(downs), lambda xs: torch.stack([x.t() for x in xs]),
                     lambda t: [_t(t[e]) for e in range(E)])]
 
 
@@ -83,8 +83,8 @@ def _fused_experts(prefix: str, gate_up: HFTensor, down: HFTensor) -> list[Mappi
     def swap(xs: list[Tensor]) -> Tensor:
         return xs[0].transpose(1, 2).contiguous()
 
-    return [Mapping(prefix + "w_in_eDF", (gate_up,), swap, lambda t: [t.transpose(1, 2).contiguous()]),
-            Mapping(prefix + "w_out_eFD", (down,), swap, lambda t: [t.transpose(1, 2).contiguous()])]
+    return [Mapping(prefix + "w_in_EDI", (gate_up,), swap, lambda t: [t.transpose(1, 2).contiguous()]),
+            Mapping(prefix + "w_out_EFD", (down,), swap, lambda t: [t.transpose(1, 2).contiguous()])]
 
 
 def expert_names(arch: Arch, layer: int, layout: str) -> list[str]:
@@ -142,7 +142,7 @@ def tensor_plan(arch: Arch, cfg, layout: str = HUB) -> list[Mapping]:
             mlp = src + "mlp."
             plan += _swiglu(dst + "ffn.", d.t(mlp + "gate_proj.weight", "F", "D"),
                             d.t(mlp + "up_proj.weight", "F", "D"), d.t(mlp + "down_proj.weight", "D", "F"),
-                            "w_in_DF", "w_out_FD")
+                            "w_in_DI", "w_out_FD")
     plan.append(_copy("norm.weight_D", d.t("model.norm.weight", "D")))
     if not cfg.tie_embeddings:
         plan.append(_copy("lm_head.weight", d.t("lm_head.weight", "V", "D")))
@@ -168,7 +168,7 @@ def _moe_layer(arch: Arch, cfg, d: _Dims, i: int, layout: str) -> list[Mapping]:
     if moe.num_shared_experts:
         sh = block + "shared_expert."
         plan += _swiglu(dst + "shared.", d.t(sh + "gate_proj.weight", "S", "D"), d.t(sh + "up_proj.weight", "S", "D"),
-                        d.t(sh + "down_proj.weight", "D", "S"), "w_in_DF", "w_out_FD")
+                        d.t(sh + "down_proj.weight", "D", "S"), "w_in_DI", "w_out_FD")
     if moe.shared_gate:
         plan.append(_copy(dst + "shared_gate.weight", d.t(block + "shared_expert_gate.weight", "1", "D")))
     return plan

@@ -4,6 +4,11 @@ world-size-independent state dict (experts stacked [E, ...] under global ids).
 
 Everything cheap is checked when the checkpoint is opened, before any expert or ZeRO file is
 read, and every inconsistency names the file that disagrees and what was expected.
+
+Tensor names are today's (`moe_dist.moe.legacy_names`): a checkpoint written before the
+parameters' rename is migrated as it is read, its model states when opened (so every reader of
+`main`, the ZeRO reader and `reshard` included, sees one set of names) and each expert file when
+loaded.
 """
 
 from __future__ import annotations
@@ -20,8 +25,21 @@ from moe_dist.checkpoint.training.layout import (CLIENT_KEY, MODEL_STATES, exper
                                                  strip_engine_prefix)
 from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig, parse_model_config
+from moe_dist.moe.legacy_names import migrate_keys, migrate_names
 
 _MAIN_KEYS = ("module", "param_shapes", "dp_world_size", "ds_config", "global_steps", CLIENT_KEY)
+
+
+def _migrate_names(main: dict[str, Any], path: str) -> None:
+    """The tensor names of DeepSpeed's model-states file under today's names (in place): the
+    module, the ZeRO groups' parameter shapes (whose order is the groups' flat layout), the
+    buffer names and the frozen parameters' shapes."""
+    main["module"] = migrate_keys(main["module"], repr(path))
+    main["param_shapes"] = [migrate_keys(group, f"{path!r} (param_shapes)") for group in main["param_shapes"]]
+    if main.get("buffer_names") is not None:
+        main["buffer_names"] = migrate_names(main["buffer_names"])
+    if main.get("frozen_param_shapes") is not None:
+        main["frozen_param_shapes"] = migrate_keys(main["frozen_param_shapes"], f"{path!r} (frozen_param_shapes)")
 
 
 @dataclass
@@ -76,6 +94,10 @@ class TrainingCheckpoint:
         main_path = os.path.join(tag_dir, MODEL_STATES)
         main = load_pt(main_path, "DeepSpeed model states")
         require_keys(main, _MAIN_KEYS, main_path, "DeepSpeed model states")
+        try:
+            _migrate_names(main, main_path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         client = main[CLIENT_KEY]
         require_keys(client, ("config", "step", "world_size"), main_path, f"client_state[{CLIENT_KEY!r}] of the")
         config = client["config"]
@@ -131,7 +153,11 @@ class TrainingCheckpoint:
             raise CheckpointError(f"expert file {path!r} holds ep_size {saved['ep_size']} / ep_rank "
                                   f"{saved['ep_rank']}; the config of {self.main_path!r} expects ep_size "
                                   f"{self.ep_size} / ep_rank {ep_rank}")
-        experts = {strip_engine_prefix(k, path): v for k, v in saved["experts"].items()}
+        try:
+            stored = migrate_keys(saved["experts"], repr(path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        experts = {strip_engine_prefix(k, path): v for k, v in stored.items()}
         rank0 = {strip_engine_prefix(k, self.main_path): v for k, v in self.main["module"].items()}
         expected = self.expert_names()
         if sorted(experts) != sorted(expected):

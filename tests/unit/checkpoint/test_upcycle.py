@@ -109,9 +109,9 @@ def test_the_equality_check_fails_without_renormalized_whole_copies(G):
 
 def test_experts_are_copies_or_slices_and_noise_is_seeded():
     dense = dense_model()
-    w_in, w_out = dense.state_dict()["blocks.0.ffn.w_in_DF"], dense.state_dict()["blocks.0.ffn.w_out_FD"]
+    w_in, w_out = dense.state_dict()["blocks.0.ffn.w_in_DI"], dense.state_dict()["blocks.0.ffn.w_out_FD"]
     _, state = upcycle_state(dense.cfg, dense.state_dict(), 6, 2, 2, slice_scale="output")
-    e_in, e_out = state["blocks.0.moe.experts.w_in_eDF"], state["blocks.0.moe.experts.w_out_eFD"]
+    e_in, e_out = state["blocks.0.moe.experts.w_in_EDI"], state["blocks.0.moe.experts.w_out_EFD"]
     F, f = 48, 24
     for e in range(6):  # expert c * G + s: slice s of the gate and up units, output rows times G
         s = e % 2
@@ -120,11 +120,11 @@ def test_experts_are_copies_or_slices_and_noise_is_seeded():
     gate = state["blocks.0.moe.router.gate.weight_ED"]
     assert torch.equal(gate[0], gate[1]) and not torch.equal(gate[0], gate[2])
     noisy = [upcycle_state(dense.cfg, dense.state_dict(), 4, 2, expert_noise=0.05, seed=s)[1] for s in (1, 1, 2)]
-    w = noisy[0]["blocks.0.moe.experts.w_in_eDF"]
+    w = noisy[0]["blocks.0.moe.experts.w_in_EDI"]
     assert not torch.equal(w[0], w[1])  # the copies differ
     assert 0.02 < ((w[0] - w_in).std() / w_in.std()).item() < 0.08
-    assert torch.equal(w, noisy[1]["blocks.0.moe.experts.w_in_eDF"])
-    assert not torch.equal(w, noisy[2]["blocks.0.moe.experts.w_in_eDF"])
+    assert torch.equal(w, noisy[1]["blocks.0.moe.experts.w_in_EDI"])
+    assert not torch.equal(w, noisy[2]["blocks.0.moe.experts.w_in_EDI"])
 
 
 def test_gelu_model():

@@ -130,7 +130,7 @@ def test_transformer_with_every_attention_feature_trains_and_names_its_params():
     assert shapes["blocks.0.attn.out.weight"] == (32, 48)
     assert shapes["blocks.1.attn.q_norm.weight"] == (48,) and shapes["blocks.1.attn.k_norm.weight"] == (24,)
     assert shapes["blocks.0.moe.shared_gate.weight"] == (1, 32)
-    assert shapes["blocks.0.moe.shared.w_in_DF"] == (32, 40) and shapes["blocks.0.moe.shared.w_out_FD"] == (20, 32)
+    assert shapes["blocks.0.moe.shared.w_in_DI"] == (32, 40) and shapes["blocks.0.moe.shared.w_out_FD"] == (20, 32)
     tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
     out = model(tokens[:, :-1], tokens[:, 1:])
     out.loss.backward()
@@ -250,7 +250,7 @@ def test_gated_shared_expert_against_the_written_out_sum():
     shared, gate = layer.shared, layer.shared_gate
     layer.shared, layer.shared_gate = None, None
     routed = layer(x).y
-    h = x @ shared.w_in_DF
+    h = x @ shared.w_in_DI
     g, u = h.chunk(2, -1)
     want = routed + torch.sigmoid(x @ gate.weight.T) * ((torch.nn.functional.silu(g) * u) @ shared.w_out_FD)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
@@ -265,4 +265,4 @@ def test_shared_gate_weight_is_seeded_per_layer_and_replicated():
     assert getattr(a.shared_gate.weight, "allreduce", True)  # DP-reduced, not an expert parameter
     # The ungated shared expert draws the same weights as before the gate existed.
     plain = MoELayer(moe_cfg(num_shared_experts=1), seed=2, layer_index=1)
-    assert torch.equal(plain.shared.w_in_DF, a.shared.w_in_DF)
+    assert torch.equal(plain.shared.w_in_DI, a.shared.w_in_DI)

@@ -22,8 +22,8 @@ def test_single_expert_without_drops_equals_dense_ffn(activation):
     layer = MoELayer(cfg(num_experts=1, top_k=1, capacity_factor=1.0, activation=activation), seed=5)
     dense = DenseFFN(16, 32, activation, init_std=0.02)
     with torch.no_grad():
-        dense.w_in_DF.copy_(layer.experts.w_in_eDF[0])
-        dense.w_out_FD.copy_(layer.experts.w_out_eFD[0])
+        dense.w_in_DI.copy_(layer.experts.w_in_EDI[0])
+        dense.w_out_FD.copy_(layer.experts.w_out_EFD[0])
     x = torch.randn(3, 10, 16)
     out = layer(x)
     assert float(out.stats["dropped_fraction"]) == 0.0
@@ -36,10 +36,10 @@ def test_expert_weights_do_not_depend_on_ep_size():
     all8 = GroupedExperts(8, first_expert=0, **kw)
     upper_half = GroupedExperts(4, first_expert=4, **kw)
     quarter = GroupedExperts(2, first_expert=2, **kw)
-    torch.testing.assert_close(upper_half.w_in_eDF, all8.w_in_eDF[4:], rtol=0, atol=0)
-    torch.testing.assert_close(quarter.w_out_eFD, all8.w_out_eFD[2:4], rtol=0, atol=0)
+    torch.testing.assert_close(upper_half.w_in_EDI, all8.w_in_EDI[4:], rtol=0, atol=0)
+    torch.testing.assert_close(quarter.w_out_EFD, all8.w_out_EFD[2:4], rtol=0, atol=0)
     other_layer = GroupedExperts(8, first_expert=0, **{**kw, "layer_index": 3})
-    assert not torch.equal(other_layer.w_in_eDF, all8.w_in_eDF)
+    assert not torch.equal(other_layer.w_in_EDI, all8.w_in_EDI)
 
 
 def test_layer_weights_do_not_depend_on_global_rng():

@@ -166,4 +166,4 @@ def test_experts_keep_exactly_what_the_mode_says(mode, kept_per_row):
     extra = _held_after(forward) - M * D * 4  # minus the output
     assert abs(extra - kept_per_row * M * Fw * 4) < 16 * 1024, (extra, kept_per_row * M * Fw * 4)
     held[0].sum().backward()  # and the backward still runs on what was kept
-    assert experts.w_in_eDF.grad is not None
+    assert experts.w_in_EDI.grad is not None

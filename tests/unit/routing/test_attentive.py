@@ -81,7 +81,7 @@ def test_expert_parallel_router_with_probes_equals_the_hand_computed_example():
         router.gate_trunk.bias.zero_()
         router.w_q.weight.copy_(EYE)
         router.w_k.weight.copy_(EYE)
-        router.probes_EHD.copy_(torch.stack([FIRST_UNIT, SECOND_UNIT]))
+        router.probes_EJD.copy_(torch.stack([FIRST_UNIT, SECOND_UNIT]))
     route = router(X, RoutingContext(training=False))
     torch.testing.assert_close(route.logits_TE, torch.tensor([[S0, S1]]))
     torch.testing.assert_close(route.probs_TE, torch.tensor([[1 - P1, P1]]))
@@ -94,7 +94,7 @@ def test_expert_parallel_router_trains_every_gate_part_through_the_layer():
     cfg = MoEConfig.from_dict(dict(d_model=8, d_ff=12, num_experts=4, top_k=2, router={"type": "attentive", "hidden": 4},
                                    aux_loss=dict(switch=0.0, z_loss=0.0)))
     layer = MoELayer(cfg)
-    assert layer.router.probes_EHD.shape == (4, 4, 8)  # E * h * d probe parameters
+    assert layer.router.probes_EJD.shape == (4, 4, 8)  # E * h * d probe parameters
     layer(torch.randn(20, 8)).y.sum().backward()
     for name, p in layer.router.named_parameters():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name

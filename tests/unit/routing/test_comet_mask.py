@@ -53,15 +53,15 @@ def test_almost_no_unit_is_never_active():
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_comet_ffn_masks_the_hidden_units_and_never_the_output(activation):
     ffn = CometFFN(8, 24, activation, active_fraction=0.25, init_std=0.5, seed=2, layer_index=1)
-    assert {name for name, _ in ffn.named_parameters()} == {"w_in_DF", "w_out_FD"}
+    assert {name for name, _ in ffn.named_parameters()} == {"w_in_DI", "w_out_FD"}
     x = torch.randn(5, 8)
     m = kwta_mask(x @ ffn.mask.v_FD.t(), 6)
-    expected = (ffn_activation(x @ ffn.w_in_DF, activation) * m) @ ffn.w_out_FD
+    expected = (ffn_activation(x @ ffn.w_in_DI, activation) * m) @ ffn.w_out_FD
     torch.testing.assert_close(ffn(x), expected)
     # One token: its inactive units' input weights get no gradient.
     ffn(x[:1]).sum().backward()
     inactive = m[0] == 0
-    grad = ffn.w_in_DF.grad if activation == "gelu" else ffn.w_in_DF.grad.view(8, 2, 24).sum(1)
+    grad = ffn.w_in_DI.grad if activation == "gelu" else ffn.w_in_DI.grad.view(8, 2, 24).sum(1)
     assert float(grad[:, inactive].abs().max()) == 0.0
     assert float(grad[:, ~inactive].abs().max()) > 0.0
 

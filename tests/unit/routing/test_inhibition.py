@@ -114,7 +114,7 @@ def test_subspace_ema_directions_refresh_every_n_steps():
 
     def step(shared):
         router(tokens() + shared, TRAIN)
-        return router.inhibition.basis_DR[:, 0].abs().argmax().item()
+        return router.inhibition.basis_DZ[:, 0].abs().argmax().item()
 
     assert step(first_axis) == 0  # step 1 refreshes
     assert step(second_axis) == 0  # steps 2 and 3 keep the directions of step 1

@@ -23,8 +23,9 @@ weights load one to one:
 
 Every eval-form router and expert computes each token on its own: padding changes no real token.
 
-Legend: B batch, S sequence (new tokens), P positions in the cache (past + new), D model width,
-T = B*S tokens, E experts, K experts per token, F FFN hidden width.
+Legend (moe_dist's letters): B batch, S sequence (new tokens), W key positions (the cache's past
+positions + the new ones), D model width, T = B*S tokens, E experts, K experts per token, F FFN
+hidden width, I width of the FFN's first projection (2F with SwiGLU's gate and up fused, else F).
 """
 
 import torch
@@ -56,11 +57,11 @@ class DenseFFN(nn.Module):
     def __init__(self, d_model, d_ff, activation):
         super().__init__()
         self.activation = activation
-        self.w_in_DF = nn.Parameter(torch.empty(d_model, 2 * d_ff if activation == "swiglu" else d_ff))
+        self.w_in_DI = nn.Parameter(torch.empty(d_model, 2 * d_ff if activation == "swiglu" else d_ff))
         self.w_out_FD = nn.Parameter(torch.empty(d_ff, d_model))
 
     def forward(self, x):
-        return ffn_activation(x @ self.w_in_DF.to(x.dtype), self.activation) @ self.w_out_FD.to(x.dtype)
+        return ffn_activation(x @ self.w_in_DI.to(x.dtype), self.activation) @ self.w_out_FD.to(x.dtype)
 
 
 class ExpertMask(nn.Module):
@@ -72,11 +73,11 @@ class ExpertMask(nn.Module):
     def __init__(self, num_experts, d_model, d_ff, active_fraction):
         super().__init__()
         self.k = max(1, round(active_fraction * d_ff))
-        self.register_buffer("v_eDF", torch.zeros(num_experts, d_model, d_ff, dtype=torch.float32))
+        self.register_buffer("v_EDF", torch.zeros(num_experts, d_model, d_ff, dtype=torch.float32))
 
     def forward(self, a_NF, u_ND, e):
         # fp32 scores whatever the model dtype: a rounded score can change the winners.
-        scores_NF = u_ND.float() @ self.v_eDF[e].float()
+        scores_NF = u_ND.float() @ self.v_EDF[e].float()
         winners_NK = torch.topk(scores_NF, self.k, dim=-1).indices
         return a_NF * torch.zeros_like(scores_NF).scatter_(-1, winners_NK, 1.0).to(a_NF.dtype)
 
@@ -88,22 +89,22 @@ class Experts(nn.Module):
         super().__init__()
         self.activation = activation
         in_width = 2 * d_ff if activation == "swiglu" else d_ff
-        self.w_in_eDF = nn.Parameter(torch.empty(num_experts, d_model, in_width))
-        self.w_out_eFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w_in_EDI = nn.Parameter(torch.empty(num_experts, d_model, in_width))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.hidden_mask = (None if comet_active_fraction is None
                             else ExpertMask(num_experts, d_model, d_ff, comet_active_fraction))
 
     def forward(self, x_TD, idx_TK, w_TK):
         y_TD = torch.zeros_like(x_TD)
-        for e in range(self.w_in_eDF.shape[0]):
+        for e in range(self.w_in_EDI.shape[0]):
             token_N, k_N = (idx_TK == e).nonzero(as_tuple=True)
             if token_N.numel() == 0:
                 continue
             x_ND = x_TD[token_N]
-            a_NF = ffn_activation(x_ND @ self.w_in_eDF[e].to(x_TD.dtype), self.activation)
+            a_NF = ffn_activation(x_ND @ self.w_in_EDI[e].to(x_TD.dtype), self.activation)
             if self.hidden_mask is not None:  # after the activation, on the SwiGLU product alike
                 a_NF = self.hidden_mask(a_NF, x_ND, e)
-            out_ND = a_NF @ self.w_out_eFD[e].to(x_TD.dtype)
+            out_ND = a_NF @ self.w_out_EFD[e].to(x_TD.dtype)
             y_TD.index_add_(0, token_N, out_ND * w_TK[token_N, k_N].to(out_ND.dtype)[:, None])
         return y_TD
 
@@ -168,16 +169,16 @@ class MoEDistModel(nn.Module):
         self.norm = RMSNorm(c["d_model"], c["norm_eps"])
         self.lm_head = None if c["tie_embeddings"] else nn.Linear(c["d_model"], c["vocab_size"], bias=False)
 
-    def forward(self, tokens_BS, attention_mask_BP=None, cache=None, positions_BS=None):
+    def forward(self, tokens_BS, attention_mask_BW=None, cache=None, positions_BS=None):
         B, S = tokens_BS.shape
         past = cache.get_seq_length() if cache is not None else 0
         device = tokens_BS.device
         if positions_BS is None:
-            positions_BS = token_positions(attention_mask_BP, past, S, device)
+            positions_BS = token_positions(attention_mask_BW, past, S, device)
         cos, sin = rotary_tables(positions_BS, self.c["head_dim"], self.c["rope_theta"])
         # Without padding and cache the causal kernel needs no mask (the training-time path).
-        plain = past == 0 and (attention_mask_BP is None or bool(attention_mask_BP.all()))
-        bias = None if plain else attention_bias(attention_mask_BP, past, S, device)
+        plain = past == 0 and (attention_mask_BW is None or bool(attention_mask_BW.all()))
+        bias = None if plain else attention_bias(attention_mask_BW, past, S, device)
         x = self.embed(tokens_BS)
         stream_TD = x.detach().reshape(B * S, -1)
         for block in self.blocks:

@@ -11,8 +11,9 @@ compute them. Self-contained (torch only); copied into the export with modeling_
   or `full`, over the whole q and k projections before the split into heads (OLMoE);
 - `n_heads * head_dim` may differ from the model width D (the output projection maps it back).
 
-Legend: B batch, S sequence (new tokens), P positions in the cache (past + new), D model width,
-H query heads, Y key/value heads, A head width, R rotary frequencies (A / 2).
+Legend (moe_dist's letters): B batch, S sequence (new tokens), W key positions (the cache's past
+positions + the new ones), D model width, H query heads, Y key/value heads, A head width, R rotary
+frequencies (A / 2).
 """
 
 import torch
@@ -31,26 +32,26 @@ def rotary_tables(positions_BS, head_dim, theta):
     return angles_BSR.cos()[:, None], angles_BSR.sin()[:, None]
 
 
-def token_positions(attention_mask_BP, past_len, seq_len, device):
+def token_positions(attention_mask_BW, past_len, seq_len, device):
     """Each new token's position: the count of real tokens before it (so left padding does not
     shift a prompt), or past_len + i without a mask."""
-    if attention_mask_BP is None:
+    if attention_mask_BW is None:
         return (past_len + torch.arange(seq_len, device=device))[None]
-    positions_BP = attention_mask_BP.long().cumsum(-1) - 1
-    return positions_BP.clamp_min(0)[:, -seq_len:]
+    positions_BW = attention_mask_BW.long().cumsum(-1) - 1
+    return positions_BW.clamp_min(0)[:, -seq_len:]
 
 
-def attention_bias(attention_mask_BP, past_len, seq_len, device):
-    """Boolean [B, 1, S, P] (True: may attend): causal over the cache and the new tokens, padding
+def attention_bias(attention_mask_BW, past_len, seq_len, device):
+    """Boolean [B, 1, S, W] (True: may attend): causal over the cache and the new tokens, padding
     keys masked. Each query may always see itself, so a padding query's row is never empty."""
-    P = past_len + seq_len
+    W = past_len + seq_len
     q_S1 = past_len + torch.arange(seq_len, device=device)[:, None]
-    k_1P = torch.arange(P, device=device)[None]
-    allowed_SP = k_1P <= q_S1
-    if attention_mask_BP is None:
-        return allowed_SP[None, None]
-    keys_BP = attention_mask_BP[:, -P:].bool()
-    return ((allowed_SP[None] & keys_BP[:, None]) | (k_1P == q_S1)[None])[:, None]
+    k_1W = torch.arange(W, device=device)[None]
+    allowed_SW = k_1W <= q_S1
+    if attention_mask_BW is None:
+        return allowed_SW[None, None]
+    keys_BW = attention_mask_BW[:, -W:].bool()
+    return ((allowed_SW[None] & keys_BW[:, None]) | (k_1W == q_S1)[None])[:, None]
 
 
 def apply_rotary(x, cos_SR, sin_SR):
@@ -122,15 +123,15 @@ class Attention(nn.Module):
     def forward(self, x_BSD, cos, sin, bias, cache):
         B, S, _ = x_BSD.shape
         H, Y = self.n_heads, self.n_kv_heads
-        q_BHSA, k_BYPA, v_BYPA = self.project(x_BSD, cos, sin)
-        if cache is not None:  # k, v become [B, Y, P, A]: the cached positions, then these
-            k_BYPA, v_BYPA = cache.update(k_BYPA, v_BYPA, self.layer_idx)
+        q_BHSA, k_BYWA, v_BYWA = self.project(x_BSD, cos, sin)
+        if cache is not None:  # k, v become [B, Y, W, A]: the cached positions, then these
+            k_BYWA, v_BYWA = cache.update(k_BYWA, v_BYWA, self.layer_idx)
         mask = {"is_causal": True} if bias is None else {"attn_mask": bias}
         if Y == H:
-            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYPA, v_BYPA, **mask)
+            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYWA, v_BYWA, **mask)
         elif _SDPA_GQA:
-            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYPA, v_BYPA, enable_gqa=True, **mask)
+            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYWA, v_BYWA, enable_gqa=True, **mask)
         else:
-            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYPA.repeat_interleave(H // Y, dim=1),
-                                                    v_BYPA.repeat_interleave(H // Y, dim=1), **mask)
+            y_BHSA = F.scaled_dot_product_attention(q_BHSA, k_BYWA.repeat_interleave(H // Y, dim=1),
+                                                    v_BYWA.repeat_interleave(H // Y, dim=1), **mask)
         return self.out(y_BHSA.transpose(1, 2).reshape(B, S, self.q_width))

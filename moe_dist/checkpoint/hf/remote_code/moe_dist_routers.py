@@ -11,8 +11,8 @@ them: scores in fp32 whatever the model's dtype (routing decisions are discontin
 
 Self-contained (torch only); copied into the export with modeling_moe_dist.py.
 
-Legend: T tokens, D model width, E experts, K experts per token, H gate width, R shared
-directions.
+Legend (moe_dist's letters): T tokens, D model width, E experts, K experts per token, J gate
+width (`hidden`), Z shared directions (`rank`).
 """
 
 import math
@@ -52,7 +52,7 @@ class PopulationStatistics(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         if mode == "subspace":
             self.register_buffer("ema_second_DD", torch.zeros(width, width))
-            self.register_buffer("basis_DR", torch.zeros(width, rank))
+            self.register_buffer("basis_DZ", torch.zeros(width, rank))
         else:
             self.register_buffer("ema_mean_D", torch.zeros(width))
             if mode == "divisive":
@@ -66,7 +66,7 @@ class PopulationStatistics(nn.Module):
     def inhibit(self, x_TD, alpha, eps):
         x = x_TD.float()
         if self.mode == "subspace":
-            return x - (x @ self.basis_DR) @ self.basis_DR.t()
+            return x - (x @ self.basis_DZ) @ self.basis_DZ.t()
         mean_D = self._corrected("mean_D", 0.0)
         if self.mode == "subtractive":
             return x - alpha * mean_D
@@ -155,15 +155,15 @@ class AttentiveRouter(nn.Module):
         self.gate_trunk = nn.Linear(d_model, hidden)
         self.w_q = nn.Linear(hidden, hidden, bias=False)
         self.w_k = nn.Linear(hidden, hidden, bias=False)
-        self.probes_EHD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.probes_EJD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
 
     def forward(self, x_TD, stream_TD):
         x = x_TD.float()
-        q_TH = F.linear(self.act(F.linear(x, self.gate_trunk.weight.float(), self.gate_trunk.bias.float())),
+        q_TJ = F.linear(self.act(F.linear(x, self.gate_trunk.weight.float(), self.gate_trunk.bias.float())),
                         self.w_q.weight.float())
-        probe_TEH = self.act(torch.einsum("td,ehd->teh", x, self.probes_EHD.float()))
-        k_TEH = F.linear(probe_TEH, self.w_k.weight.float())
-        scores_TE = torch.einsum("th,teh->te", q_TH, k_TEH) / math.sqrt(q_TH.shape[-1])
+        probe_TEJ = self.act(torch.einsum("td,ejd->tej", x, self.probes_EJD.float()))
+        k_TEJ = F.linear(probe_TEJ, self.w_k.weight.float())
+        scores_TE = torch.einsum("tj,tej->te", q_TJ, k_TEJ) / math.sqrt(q_TJ.shape[-1])
         idx_TK, w_TK = topk_from_logits(scores_TE, self.top_k, self.r.get("renormalize", False))
         return idx_TK, w_TK, stream_TD
 
