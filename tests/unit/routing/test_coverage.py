@@ -1,6 +1,6 @@
 """Every registered router is covered where a new router is easy to forget: an EP-equivalence case
 (tests/distributed/test_ep_equivalence.py's ROUTER_CASES), a counterpart in the Hugging Face remote code
-(hf_remote_code/moe_dist_routers.py's ROUTERS table, without which its export cannot load) and a
+(checkpoint/hf/remote_code/moe_dist_routers.py's ROUTERS table, without which its export cannot load) and a
 custom-export case that loads that code and compares logits (tests/unit/checkpoint/test_export_hf.py's CASES).
 
 The remote-code file and the export test are read with `ast` (the first is standalone code shipped
@@ -21,8 +21,8 @@ from moe_dist.routing import registry
 from moe_dist.routing.base import Router, RouterConfig
 
 REPO = Path(__file__).resolve().parents[3]
-HF_ROUTERS = REPO / "moe_dist" / "checkpoint" / "hf_remote_code" / "moe_dist_routers.py"
-EXPORT_TEST = REPO / "tests" / "tests/unit/checkpoint/test_export_hf.py"
+HF_ROUTERS = REPO / "moe_dist" / "checkpoint" / "hf" / "remote_code" / "moe_dist_routers.py"
+EXPORT_TEST = REPO / "tests" / "unit" / "checkpoint" / "test_export_hf.py"
 DEFAULT_ROUTER = "topk"  # router_config_from_dict's type when a router mapping has none
 
 
