@@ -1,5 +1,5 @@
 """Every registered router is covered where a new router is easy to forget: an EP-equivalence case
-(tests/distributed/test_ep_equivalence.py's ROUTER_CASES), a counterpart in the Hugging Face remote code
+(tests/distributed/test_ep_equivalence_layer.py's ROUTER_CASES), a counterpart in the Hugging Face remote code
 (checkpoint/hf/remote_code/moe_dist_routers.py's ROUTERS table, without which its export cannot load) and a
 custom-export case that loads that code and compares logits (tests/unit/checkpoint/test_export_hf.py's CASES).
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.distributed import test_ep_equivalence
+from tests.distributed import test_ep_equivalence_layer as test_ep_equivalence
 
 from moe_dist.routing import registry
 from moe_dist.routing.base import Router, RouterConfig
@@ -67,7 +67,7 @@ def coverage_gaps(router_type: str) -> list[str]:
     """Where `router_type` is missing, one line per place; empty when it is covered everywhere."""
     gaps = []
     if router_type not in ep_case_router_types():
-        gaps.append(f"router {router_type!r} has no case in tests/distributed/test_ep_equivalence.py ROUTER_CASES")
+        gaps.append(f"router {router_type!r} has no case in tests/distributed/test_ep_equivalence_layer.py ROUTER_CASES")
     if router_type not in hf_router_types():
         gaps.append(f"router {router_type!r} is not in the ROUTERS table of "
                     f"{HF_ROUTERS.relative_to(REPO)} (its export would not load)")

@@ -67,7 +67,7 @@ ROUTER_CASES = [
     # Imported architectures' routing: DeepSeek-V3 sigmoid scores (renormalized, scaled, selection
     # bias) and Mixtral's softmax over the chosen logits, with a gated shared expert of its own
     # width (Qwen2-MoE). The whole model with these and the attention features:
-    # test_ep_equivalence_features.py.
+    # test_ep_equivalence_model.py.
     dict(router={"type": "topk", "score": "sigmoid", "renormalize": True, "scale": 2.5, "bias_balancing": True},
          layers=[dict(case, num_shared_experts=1, shared_d_ff=24, shared_gate=True) for case in REPRESENTATIVE]),
     dict(router={"type": "topk", "score_after_topk": True, "scale": 0.5}, layers=REPRESENTATIVE),

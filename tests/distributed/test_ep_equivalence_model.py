@@ -2,7 +2,7 @@
 attention with an explicit head_dim, q/k norm, q/k/v bias, sigmoid or top-k-then-softmax routing
 with a scale, a gated shared expert of its own width): expert parallelism on CPU/gloo equals one
 process holding every rank's sequences (same weights): logits, LM and aux losses, every
-gradient and one AdamW step. The MoE layer alone, router by router: test_ep_equivalence.py.
+gradient and one AdamW step. The MoE layer alone, router by router: test_ep_equivalence_layer.py.
 
 The reference applies capacity per source-rank shard (`capacity_groups`), as the EP run does, so
 the capacity cases drop the same pairs. Each rank's loss is the mean over its own tokens plus its
@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, ep_size: int, case: str) -> None:
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_slice(name, ref_params[name].grad), **TOL,
                                    msg=lambda m: f"grad of {name} ({case}, rank {rank}): {m}")
-    # eps well above fp32 noise (see test_ep_equivalence.py)
+    # eps well above fp32 noise (see test_ep_equivalence_layer.py)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-4)
     opt.step()
