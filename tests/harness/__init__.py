@@ -1,8 +1,8 @@
 """Helpers the tests share, imported as `tests.harness.<name>`: `dist` (spawn gloo ranks), `train`
 (the trainer on gloo ranks, the launcher, configs, logs), `ckpt` (training runs that record what
 they saw, for the checkpoint tools), `fault` (launches to interrupt, the ENOSPC shim), `hf`
-(Hugging Face models built from their config classes), `gemm_check` (the kernels' reference), `import_graph` (a tree's imports read with ast),
-`tiny_hf_tokenizer`.
+(Hugging Face models built from their config classes), `gemm_check` (the kernels' reference),
+`import_graph` (a tree's imports, read with ast), `tiny_hf_tokenizer`.
 """
 
 import os
