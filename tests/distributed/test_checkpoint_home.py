@@ -1,7 +1,8 @@
 """A save and a resume stay inside the training-checkpoint format's package (docs/design.md): every
 moe_dist file rank 0 enters while the trainer's checkpoint calls and the resume's preflight checks
-run is in checkpoint/training/, checkpoint/files.py or the shared infrastructure (common/,
-parallel/). A format helper left in train/ (or a tool module) shows up here by name."""
+run is in checkpoint/training/, checkpoint/files.py, the shared infrastructure (common/,
+parallel/) or the model's own state-dict hook. A format helper left in train/ (or a tool module)
+shows up here by name."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from tests.harness.train import run_deepspeed_ranks, tiny_config
 import moe_dist
 
 LIBRARY = os.path.abspath(list(moe_dist.__path__)[0]) + os.sep
-HOME = ("checkpoint/training/", "checkpoint/files.py", "common/", "parallel/")
+# Beside the format: shared infrastructure, and the model's own load_state_dict pre-hook, which
+# migrates the parameter names the model owns (moe/legacy_names.py) wherever a state dict is loaded.
+HOME = ("checkpoint/training/", "checkpoint/files.py", "common/", "parallel/", "model/transformer.py",
+        "moe/legacy_names.py")
 
 
 def _traced(kind: str, seen: dict[str, set[str]], fn):
