@@ -1,8 +1,8 @@
 """The pretraining loop: preflight checks, DeepSpeed engine, data, steps, evaluation, logging,
 checkpoints. Run by launch/pretrain.py under the `deepspeed` launcher (one process per rank).
 
-Order matters: every check that can fail (preflight.py) runs before the process group, the model
-or any dataset index exists.
+Order matters: every check that can fail (train/preflight/) runs before the process group, the
+model or any dataset index exists.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The run's claim on its checkpoint directory, made in preflight by the job's first process
-(global rank 0) before the process group exists: the lock (run_lock.py), the run id, the check
+(global rank 0) before the process group exists: the lock (lock.py), the run id, the check
 that the tag `--resume` will load is sound, and the removal of partial tags a crash left.
 
 The run id is generated once per run and kept across `--resume` (read from the marker of the tag
