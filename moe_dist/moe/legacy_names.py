@@ -4,9 +4,9 @@ written before the rename still load, resume and convert. Nothing writes the old
 
 This is the one map. It is applied wherever tensor names are read from a checkpoint file: the
 model's own `load_state_dict` (a pre-hook of `MoETransformer`, so DeepSpeed's engine loads
-migrate too), the training-checkpoint reader (`checkpoint.training`: model states, parameter
-shapes of the ZeRO groups, buffer names, expert files), the consolidated reader
-(`checkpoint.consolidated`) and the resume's loader (`checkpoint.training.writer`).
+migrate too, the trainer's `--resume` among them), the training-checkpoint reader
+(`checkpoint.training`: model states, parameter shapes of the ZeRO groups, buffer names, expert
+files) and the consolidated reader (`checkpoint.consolidated`).
 
 A key is renamed by its last component only: each old name below belonged to exactly one module
 class, so the module path in front of it stays as it was.

@@ -38,7 +38,6 @@ from moe_dist.checkpoint.training.layout import (CLIENT_KEY, LATEST, MODEL_STATE
 from moe_dist.checkpoint.training.tags import run_id_problems, write_marker
 from moe_dist.common.atomic import fsync_file, write_text_atomic
 from moe_dist.moe.experts import GroupedExperts
-from moe_dist.moe.legacy_names import migrate_keys
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 
@@ -159,10 +158,11 @@ def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
                               f"reshard) to resume it at this ep_size")
 
     def load_module(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
-        # The module file holds EP rank 0's experts; this rank's come from its own file. Both under
-        # today's names before they merge: a checkpoint from before the rename has the old ones.
-        merged = migrate_keys(src, repr(os.path.join(tag_dir, MODEL_STATES)))
-        merged.update(migrate_keys(saved["experts"], repr(experts_path)))
+        # The module file holds EP rank 0's experts; this rank's come from its own file. Both files
+        # carry one run's names; a checkpoint from before the rename is migrated by the model's
+        # load_state_dict pre-hook (moe_dist.moe.legacy_names), as every load is.
+        merged = dict(src)
+        merged.update(saved["experts"])
         dst.load_state_dict(merged, strict=True)
 
     load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, custom_load_fn=load_module)
