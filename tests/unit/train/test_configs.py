@@ -15,7 +15,7 @@ from tests.harness.train import REPO, tiny_config
 from moe_dist.common.config import ConfigError
 from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import TrainSection, apply_overrides, parse_run_config
-from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
+from moe_dist.train.ds_config import gradient_dtypes, load_json, reconcile_deepspeed_config
 
 WORLD = {"tiny_cpu.yaml": 2, "gpu_125m_e16.yaml": 8, "gpu_125m_e16_1gpu.yaml": 1, "gpu_1b_active_e64.yaml": 64}
 
@@ -45,6 +45,7 @@ def test_deepspeed_json_passes_the_checks(path):
     ds = reconcile_deepspeed_config(load_json(path), train, world_size=2, path=path)
     assert ds["zero_optimization"]["stage"] in (1, 2)
     assert ds["bf16"]["enabled"] == path.endswith("_bf16.json")
+    assert gradient_dtypes(ds) == ("fp32", "fp32")  # reduced and accumulated in fp32, bf16 or not
 
 
 def test_cpu_section_defaults_and_checks():
