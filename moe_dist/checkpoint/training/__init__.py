@@ -18,7 +18,7 @@ from moe_dist.checkpoint.training.layout import ENGINE_PREFIX, is_expert_key, re
 from moe_dist.checkpoint.training.reader import TrainingCheckpoint
 from moe_dist.checkpoint.training.reshard import reshard
 from moe_dist.checkpoint.training.resume import check_checkpoint_dir, check_resume
-from moe_dist.checkpoint.training.retention import remove_partial_tags
+from moe_dist.checkpoint.training.retention import remove_partial_tags, wait_for_deletions
 from moe_dist.checkpoint.training.tags import RUN_ID_KEY, check_latest_tag, latest_run_id, tag_report
 from moe_dist.checkpoint.training.writer import load_latest, save
 from moe_dist.checkpoint.training.zero import check_supported, read_zero_state
@@ -26,4 +26,4 @@ from moe_dist.checkpoint.training.zero import check_supported, read_zero_state
 __all__ = ["ENGINE_PREFIX", "EXIT_NO_SPACE", "RUN_ID_KEY", "DiskSpaceError", "TrainingCheckpoint",
            "check_checkpoint_dir", "check_latest_tag", "check_resume", "check_supported", "is_expert_key",
            "latest_run_id", "load_latest", "read_latest", "read_zero_state", "remove_partial_tags", "reshard", "save",
-           "tag_report"]
+           "tag_report", "wait_for_deletions"]

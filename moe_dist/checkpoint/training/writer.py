@@ -105,6 +105,10 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
     latest = read_latest(checkpoint_dir)
     last_dir = os.path.join(checkpoint_dir, latest) if latest else None
     shortfall = disk.space_shortfall(checkpoint_dir, last_dir) if rank == 0 else None
+    if shortfall is not None and retention.deletions_pending():
+        # The space the last save's keep_last deletions free may be what this save needs.
+        retention.wait_for_deletions(retention.SPACE_WAIT_S, f"checkpoint {tag} needs the space")
+        shortfall = disk.space_shortfall(checkpoint_dir, last_dir)
     shortfall = runtime.broadcast_object(shortfall)  # every rank stops at the same place
     if shortfall is not None:
         raise disk.DiskSpaceError(disk.shortfall_message(checkpoint_dir, tag, *shortfall, latest))
@@ -130,14 +134,14 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
     if rank == 0:
         try:
             _commit(checkpoint_dir, tag, step, run_id)
-            for old in retention.apply_keep_last(checkpoint_dir, keep_last):
-                print(f"train.keep_last={keep_last}: deleted checkpoint {old}", flush=True)
         except Exception as e:  # noqa: BLE001 - reported on every rank below
             full = disk.no_space_error(e, checkpoint_dir, tag, latest) if not isinstance(e, CheckpointError) else None
             error = (type(full or e).__name__, str(full or e))
     error = runtime.broadcast_object(error)
     if error is not None:
         raise (disk.DiskSpaceError if error[0] == "DiskSpaceError" else CheckpointError)(error[1])
+    if rank == 0:  # after the last collective: no rank waits on the filesystem's deletion speed
+        retention.apply_keep_last_in_background(checkpoint_dir, keep_last, just_written=tag)
     return tag
 
 

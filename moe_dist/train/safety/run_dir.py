@@ -13,7 +13,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from moe_dist.checkpoint.training import latest_run_id, remove_partial_tags
+from moe_dist.checkpoint.training import latest_run_id, remove_partial_tags, wait_for_deletions
 from moe_dist.parallel import runtime
 from moe_dist.train.safety import lock as run_lock
 
@@ -25,6 +25,8 @@ class RunDir:
     lock: run_lock.RunLock | None = None
 
     def release(self) -> None:
+        # The run's keep_last deletions (rank 0's background thread) end before its claim does.
+        wait_for_deletions(why="the run is ending")
         if self.lock is not None:
             self.lock.release()
             self.lock = None
