@@ -57,9 +57,10 @@ def load_config(path: str, overrides: list[str] | None = None) -> tuple[ModelCon
 
 
 def plan_for(model: ModelConfig, train: TrainSection, ds: dict, world_size: int,
-             gpu_experts: bool = False) -> MemoryPlan:
+             gpu_experts: bool = False, gpu_runtime: bool = False) -> MemoryPlan:
     return estimate(model, ZeroSettings.from_deepspeed(ds), world_size=world_size,
-                    micro_batch=train.micro_batch, seq_len=train.seq_len, gpu_experts=gpu_experts)
+                    micro_batch=train.micro_batch, seq_len=train.seq_len, gpu_experts=gpu_experts,
+                    grad_accum=train.grad_accum, gpu_runtime=gpu_runtime)
 
 
 def report(plan: MemoryPlan, gpu_gib: float | None, current_mode: str) -> dict:
@@ -68,9 +69,13 @@ def report(plan: MemoryPlan, gpu_gib: float | None, current_mode: str) -> dict:
            "dense_params": plan.dense_params, "expert_params_per_rank": plan.expert_params,
            "weights_gib": plan.weights / GiB, "gradients_gib": plan.gradients / GiB,
            "optimizer_gib": plan.optimizer / GiB, "static_gib": plan.static / GiB,
+           "grad_comm_copy_gib": plan.grad_comm_copy / GiB, "router_fp32_input_gib": plan.router_fp32_input / GiB,
+           "previous_logits_gib": plan.previous_logits / GiB, "cuda_context_gib": plan.cuda_context / GiB,
+           "nccl_buffers_gib": plan.nccl_buffers / GiB, "fragmentation_margin": plan.fragmentation_margin,
            "config_mode": current_mode, "modes": {}}
     for mode, act in plan.activations.items():
-        row = {"activations_gib": act / GiB, "total_gib": plan.total(mode) / GiB}
+        row = {"activations_gib": act / GiB, "fragmentation_gib": plan.fragmentation(mode) / GiB,
+               "total_gib": plan.total(mode) / GiB}
         if gpu_gib is not None:
             row["largest_micro_batch"] = largest_micro_batch(plan, gpu_gib * GiB, mode)
         out["modes"][mode] = row
@@ -88,12 +93,21 @@ def format_report(rep: dict) -> str:
              (f"  parameters: {rep['dense_params']:,} dense (replicated) + "
              f"{rep['expert_params_per_rank']:,} expert (this rank's experts)"),
              (f"  weights {rep['weights_gib']:.3f} {unit}, gradients {rep['gradients_gib']:.3f} {unit}, "
-             f"optimizer {rep['optimizer_gib']:.3f} {unit}: static {rep['static_gib']:.3f} {unit}"), "",
-             f"| checkpointing | activations {unit} | total {unit} | largest micro batch |", "|---|---|---|---|"]
+             f"optimizer {rep['optimizer_gib']:.3f} {unit}: static {rep['static_gib']:.3f} {unit}")]
+    extra = [("grad_comm_copy_gib", "fp32 copies of the gradient reduction buckets (fp32 communication of bf16)"),
+             ("router_fp32_input_gib", "routers' fp32 copies of their bf16 input (one micro batch)"),
+             ("previous_logits_gib", "the last micro batch's logits, alive through the next one"),
+             ("cuda_context_gib", "CUDA context and cuBLAS workspaces (an allowance)"),
+             ("nccl_buffers_gib", "NCCL buffers (NCCL_BUFFSIZE x channels x peers, every communicator)")]
+    lines += [f"  {what}: {rep[key]:.3f} {unit}" for key, what in extra]
+    lines += [f"  fragmentation margin: {100 * rep['fragmentation_margin']:g}% of the allocated total", "",
+              f"| checkpointing | activations {unit} | fragmentation {unit} | total {unit} | largest micro batch |",
+              "|---|---|---|---|---|"]
     for mode, row in rep["modes"].items():
         mark = " (config)" if mode == rep["config_mode"] else ""
         fits = row.get("largest_micro_batch", "-")
-        lines.append(f"| {mode}{mark} | {row['activations_gib']:.3f} | {row['total_gib']:.3f} | {fits} |")
+        lines.append(f"| {mode}{mark} | {row['activations_gib']:.3f} | {row['fragmentation_gib']:.3f} | "
+                     f"{row['total_gib']:.3f} | {fits} |")
     return "\n".join(lines)
 
 
@@ -271,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"estimate {row['estimate_mib']:.1f} MiB, measured {row['measured_mib']:.1f} MiB "
                   f"(x{row['estimate_over_measured']:.3f}) for {args.config} at world {args.world_size}")
             return 0
-        plan = plan_for(model, train, ds, args.world_size, gpu_experts=args.device == "cuda")
+        gpu = args.device == "cuda"
+        plan = plan_for(model, train, ds, args.world_size, gpu_experts=gpu, gpu_runtime=gpu)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -138,10 +138,10 @@ def with_gradient_precision(ds: dict[str, Any], stage: int, path: str) -> dict[s
 
 
 def gradient_dtypes(ds: dict[str, Any]) -> tuple[str, str]:
-    """(communication, accumulation) dtypes of a reconciled config, as DeepSpeed will use them."""
-    model = "bf16" if bf16_enabled(ds) else "fp32"
-    return (ds.get("communication_data_type") or model,
-            (ds.get("data_types") or {}).get("grad_accum_dtype") or model)
+    """(communication, accumulation) dtypes of gradients as moe_dist runs a DeepSpeed JSON, before or
+    after `reconcile_deepspeed_config`: what it names, else fp32 (bf16 or not)."""
+    return (ds.get("communication_data_type") or "fp32",
+            (ds.get("data_types") or {}).get("grad_accum_dtype") or "fp32")
 
 
 def bf16_enabled(ds: dict[str, Any]) -> bool:

@@ -18,6 +18,21 @@ replicas), as DeepSpeed 0.19.8's ZeRO-1/2 optimizer (`stage_1_and_2.py`) allocat
   from the ops the model runs (below), plus the output logits and their log-softmax.
 The numbers are compared with measured peak tensor memory of small CPU runs of the real engine in
 tests/unit/tools/test_estimate_memory.py (BENCHMARKS.md, "Memory estimate vs measured").
+
+What a GPU run adds, each its own line of the plan (`MemoryPlan`; totals include them):
+- the fp32 copy of each gradient reduction bucket: under bf16 with fp32 gradient communication
+  (moe_dist/train/ds_config.py) ZeRO-2 stages gradients in bf16 buckets and casts a bucket to
+  fp32 for its reduce-scatter (`gradient_reduction_w_predivide`), one bucket at a time, two with
+  `overlap_comm`;
+- the router's fp32 copy of its bf16 input: every router computes its logits in fp32
+  (`F.linear(x.float(), ...)`), and autograd keeps that copy (T x D x 4 bytes per MoE layer) for
+  the router weight's gradient. None in fp32 training, where `.float()` is the tensor itself;
+- the last micro batch's logits: the trainer's loop variable holds the previous micro batch's
+  output (T x V in the run's dtype) through the next forward and backward, when grad_accum > 1;
+- `gpu_runtime` only (`tools/estimate_memory.py --device cuda`), memory the caching allocator
+  does not hand out: the CUDA context per process (`CUDA_CONTEXT_BYTES`) and NCCL's
+  communication buffers (`nccl_buffer_bytes`), and fragmentation, a stated margin
+  (`FRAGMENTATION_MARGIN`) on what the allocator does hand out.
 """
 
 from __future__ import annotations
@@ -31,9 +46,32 @@ import torch
 from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig
 from moe_dist.moe.recompute import RECOMPUTE_MODES
+from moe_dist.train.ds_config import gradient_dtypes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default `reduce_bucket_size` (elements)
+MiB, GiB = 2**20, 2**30
+
+# The CUDA context of one process: the driver's per-context state and the kernel images it loads,
+# which nvidia-smi shows before any tensor exists (781 MB for a bare `import torch; x.cuda()` in
+# pytorch/pytorch#34323; CUDA's lazy module loading, the default since CUDA 11.7, lowers it), plus
+# cuBLAS's per-handle workspaces (CUBLAS_WORKSPACE_CONFIG default ":4096:8", 32 MiB) and
+# cuBLASLt's. Rounded up to 1 GiB: an allowance, not a measurement (no GPU measured it here).
+CUDA_CONTEXT_BYTES = 1 * GiB
+# NCCL's buffers (docs.nvidia.com/deeplearning/nccl, "Environment Variables"): NCCL_BUFFSIZE per
+# channel and connection (default 4 MiB). A ring/tree communicator connects each rank to its two
+# ring neighbours on each of its channels; NCCL picks the channel count from the topology, up to
+# NCCL_MAX_NCHANNELS (16 assumed here, what NVLink nodes of 8 GPUs get; NCCL_MAX_NCHANNELS bounds
+# it). An all-to-all connects each rank to every other rank of its group over
+# NCCL_NCHANNELS_PER_NET_PEER channels (default 2).
+NCCL_BUFFSIZE = 4 * MiB
+NCCL_RING_CHANNELS = 16
+NCCL_RING_PEERS = 2
+NCCL_P2P_CHANNELS_PER_PEER = 2
+# Fragmentation: the caching allocator reserves more than it hands out (blocks split and cached
+# per size class and per stream). A stated margin on the allocated total, not a measured one;
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lowers it.
+FRAGMENTATION_MARGIN = 0.10
 
 
 @dataclass
@@ -45,6 +83,7 @@ class ZeroSettings:
     contiguous_gradients: bool = True
     overlap_comm: bool = False
     reduce_bucket_size: int = DEEPSPEED_REDUCE_BUCKET
+    comm_dtype: str = "fp32"  # gradient communication (ds_config.gradient_dtypes)
 
     @classmethod
     def from_deepspeed(cls, ds: dict[str, Any]) -> ZeroSettings:
@@ -59,7 +98,8 @@ class ZeroSettings:
         return cls(stage=stage, dtype=dtype,
                    contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
                    overlap_comm=bool(zero.get("overlap_comm", False)),
-                   reduce_bucket_size=int(float(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET))))
+                   reduce_bucket_size=int(float(zero.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET))),
+                   comm_dtype=gradient_dtypes(ds)[0])
 
 
 @dataclass
@@ -77,13 +117,32 @@ class MemoryPlan:
     gradients: int
     optimizer: int
     activations: dict[str, int] = field(default_factory=dict)
+    grad_comm_copy: int = 0  # fp32 copies of the reduction buckets in flight (bf16, fp32 communication)
+    router_fp32_input: int = 0  # one micro batch, every MoE layer
+    previous_logits: int = 0  # the last micro batch's logits, alive through the next one
+    cuda_context: int = 0
+    nccl_buffers: int = 0
+    fragmentation_margin: float = 0.0
 
     @property
     def static(self) -> int:
         return self.weights + self.gradients + self.optimizer
 
+    @property
+    def runtime(self) -> int:
+        """What the caching allocator does not hand out: CUDA context and NCCL buffers."""
+        return self.cuda_context + self.nccl_buffers
+
+    def allocated(self, mode: str) -> int:
+        """Tensor memory at the peak: what the caching allocator hands out."""
+        return (self.static + self.grad_comm_copy + self.activations[mode] + self.router_fp32_input
+                + self.previous_logits)
+
+    def fragmentation(self, mode: str) -> int:
+        return int(self.allocated(mode) * self.fragmentation_margin)
+
     def total(self, mode: str) -> int:
-        return self.static + self.activations[mode]
+        return self.allocated(mode) + self.fragmentation(mode) + self.runtime
 
 
 def parameter_counts(model: ModelConfig) -> tuple[int, int]:
@@ -176,9 +235,26 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
     return int(tokens * (per_layer + largest_block + logits + D * b))
 
 
+def router_fp32_input_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
+    """The fp32 copies of the routers' inputs autograd keeps (none when the run is fp32)."""
+    if model.moe is None or dtype == "fp32":
+        return 0
+    return len(model.moe_layer_indices) * tokens * model.d_model * 4
+
+
+def nccl_buffer_bytes(world_size: int, ep_size: int) -> int:
+    """NCCL's buffers on one rank, for the communicators a run opens: WORLD and DeepSpeed's
+    data-parallel copy of it, the expert-data-parallel group (ring/tree collectives), and the
+    expert-parallel group (the all-to-all). A group of one rank opens no connection."""
+    ring = NCCL_BUFFSIZE * NCCL_RING_CHANNELS * NCCL_RING_PEERS
+    rings = sum(ring for size in (world_size, world_size, world_size // ep_size) if size > 1)
+    return rings + NCCL_BUFFSIZE * NCCL_P2P_CHANNELS_PER_PEER * (ep_size - 1)
+
+
 def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_batch: int, seq_len: int,
-             gpu_experts: bool = False) -> MemoryPlan:
-    """The per-rank plan of `model` under `zero` on `world_size` ranks."""
+             gpu_experts: bool = False, grad_accum: int = 1, gpu_runtime: bool = False) -> MemoryPlan:
+    """The per-rank plan of `model` under `zero` on `world_size` ranks. `gpu_runtime`: add the CUDA
+    context, NCCL's buffers and the fragmentation margin (a GPU run)."""
     ep = model.moe.ep_size if model.moe is not None else 1
     if world_size % ep:
         raise ConfigError(f"world size ({world_size}) must be a multiple of moe.ep_size ({ep})")
@@ -201,13 +277,22 @@ def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_b
         rec = name.rsplit("=", 1)[1]
         acts[name] = activation_bytes(model, tokens, zero.dtype, checkpointing=ckpt, recompute=rec,
                                       gpu_experts=gpu_experts)
+    grad_comm_copy = 0
+    if zero.stage >= 1 and zero.comm_dtype == "fp32" and b != 4:
+        grad_comm_copy = zero.reduce_bucket_size * 4 * (2 if zero.overlap_comm else 1)
     return MemoryPlan(world_size=world_size, ep_size=ep, micro_batch=micro_batch, seq_len=seq_len, zero=zero,
                       dense_params=dense, expert_params=expert, weights=int(weights), gradients=int(grads),
-                      optimizer=optimizer, activations=acts)
+                      optimizer=optimizer, activations=acts, grad_comm_copy=grad_comm_copy,
+                      router_fp32_input=router_fp32_input_bytes(model, tokens, zero.dtype),
+                      previous_logits=tokens * model.vocab_size * b if grad_accum > 1 else 0,
+                      cuda_context=CUDA_CONTEXT_BYTES if gpu_runtime else 0,
+                      nccl_buffers=nccl_buffer_bytes(world_size, ep) if gpu_runtime else 0,
+                      fragmentation_margin=FRAGMENTATION_MARGIN if gpu_runtime else 0.0)
 
 
 def largest_micro_batch(plan: MemoryPlan, budget_bytes: float, mode: str) -> int:
     """The largest micro batch whose total fits `budget_bytes` under `mode` (0: not even one)."""
-    per_sequence = plan.activations[mode] / plan.micro_batch
-    room = budget_bytes - plan.static
+    per_sequence = (plan.activations[mode] + plan.router_fp32_input + plan.previous_logits) / plan.micro_batch
+    allocatable = (budget_bytes - plan.runtime) / (1 + plan.fragmentation_margin)
+    room = allocatable - plan.static - plan.grad_comm_copy
     return max(0, int(room // per_sequence)) if per_sequence > 0 else 0

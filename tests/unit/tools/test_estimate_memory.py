@@ -104,11 +104,12 @@ def test_recompute_modes_order_and_largest_micro_batch():
 
 def test_cli_report_and_bad_config_exit_2(tmp_path):
     path = write_run(tmp_path, "cli", 2, dict(d_ff=128, moe_every=1), MOE)
-    proc = subprocess.run([sys.executable, str(TOOL), path, "--world-size", "4", "--gpu-memory", "1", "--json"],
+    proc = subprocess.run([sys.executable, str(TOOL), path, "--world-size", "4", "--gpu-memory", "2", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     assert rep["zero_stage"] == 2 and rep["ep_size"] == 2 and len(rep["modes"]) == 6
+    assert rep["cuda_context_gib"] == 1.0 and rep["nccl_buffers_gib"] > 0 and rep["fragmentation_margin"] == 0.1
     assert all(row["largest_micro_batch"] > 0 for row in rep["modes"].values())
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {vocab_size: 10, d_model: 8, n_layers: 1, n_heads: 2, d_ff: 8, moe_recompute: all}\n"
@@ -150,3 +151,73 @@ def test_settled_collectives_let_the_profiler_see_every_free(tmp_path):
     mp.spawn(_unrecorded_free_bytes, args=(str(tmp_path / "rv"), True, str(tmp_path / "held")), nprocs=2)
     held = [int((tmp_path / f"held.{r}").read_text()) for r in range(2)]
     assert sum(held) <= 2 * 65536 * 4, held  # at most one of the 80 transfers' tensors
+
+
+def test_the_gpu_terms_each_by_its_formula():
+    """What item 11 of issue 21 found missing, each its own term: the fp32 copies of the reduction
+    buckets (bf16 with fp32 communication), the routers' fp32 input copies, the previous micro
+    batch's logits, and on a GPU the CUDA context, NCCL's buffers and the fragmentation margin."""
+    from moe_dist.train import memory_plan as mp
+
+    cfg = small_model()  # 2 layers, both MoE, d 32, vocab 100; ep 4
+    T = 2 * 16
+    kw = dict(world_size=8, micro_batch=2, seq_len=16)
+    fp32 = estimate(cfg, ZeroSettings(stage=2, overlap_comm=True, reduce_bucket_size=1000), **kw)
+    assert (fp32.grad_comm_copy, fp32.router_fp32_input, fp32.previous_logits, fp32.cuda_context,
+            fp32.nccl_buffers, fp32.fragmentation_margin) == (0, 0, 0, 0, 0, 0.0)
+    mode = "ckpt=off,moe_recompute=none"
+    assert fp32.total(mode) == fp32.static + fp32.activations[mode]  # what the CPU measurement checks
+
+    bf16 = ZeroSettings(stage=2, dtype="bf16", overlap_comm=True, reduce_bucket_size=1000)
+    plan = estimate(cfg, bf16, grad_accum=4, gpu_runtime=True, **kw)
+    assert plan.grad_comm_copy == 1000 * 4 * 2  # two buckets in flight with overlap_comm
+    assert plan.router_fp32_input == 2 * T * 32 * 4  # both layers are MoE layers
+    assert plan.previous_logits == T * 100 * 2
+    assert plan.cuda_context == mp.CUDA_CONTEXT_BYTES == 2**30
+    # WORLD and DeepSpeed's data-parallel copy (8 ranks), the EDP group (2): rings of 16 channels x
+    # 2 neighbours; the EP all-to-all: 3 peers x 2 channels. 4 MiB each.
+    assert plan.nccl_buffers == 4 * 2**20 * (3 * 16 * 2 + 3 * 2)
+    allocated = plan.static + plan.grad_comm_copy + plan.activations[mode] + plan.router_fp32_input \
+        + plan.previous_logits
+    assert plan.allocated(mode) == allocated
+    assert plan.total(mode) == allocated + int(allocated * 0.10) + plan.cuda_context + plan.nccl_buffers
+
+    # No previous logits without gradient accumulation; no bucket copies when the JSON asks for bf16
+    # communication; nothing of the GPU runtime on one rank's NCCL.
+    assert estimate(cfg, bf16, grad_accum=1, **kw).previous_logits == 0
+    assert estimate(cfg, ZeroSettings(stage=2, dtype="bf16", comm_dtype="bf16"), **kw).grad_comm_copy == 0
+    assert mp.nccl_buffer_bytes(1, 1) == 0 and mp.nccl_buffer_bytes(8, 8) == 4 * 2**20 * (2 * 16 * 2 + 7 * 2)
+
+
+def test_largest_micro_batch_counts_every_term():
+    cfg = small_model()
+    zero = ZeroSettings(stage=2, dtype="bf16", overlap_comm=True, reduce_bucket_size=1000)
+    kw = dict(world_size=8, seq_len=16, grad_accum=4, gpu_runtime=True)
+    mode = "ckpt=off,moe_recompute=none"
+    budget = estimate(cfg, zero, micro_batch=7, **kw).total(mode) + 10
+    fits = largest_micro_batch(estimate(cfg, zero, micro_batch=2, **kw), budget, mode)
+    assert fits == 7
+    assert estimate(cfg, zero, micro_batch=fits + 1, **kw).total(mode) > budget
+
+
+def test_bf16_json_is_planned_with_the_fp32_gradient_communication_it_gets():
+    ds = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+    assert ZeroSettings.from_deepspeed(ds).comm_dtype == "fp32"
+    assert ZeroSettings.from_deepspeed({**ds, "communication_data_type": "bf16"}).comm_dtype == "bf16"
+
+
+def test_the_report_prints_each_term_on_its_own_line():
+    proc = subprocess.run([sys.executable, str(TOOL), str(ROOT / "configs" / "gpu_1b_active_e64.yaml"),
+                           "--world-size", "8", "--gpu-memory", "80"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for line in ("  fp32 copies of the gradient reduction buckets (fp32 communication of bf16): 0.373 GiB",
+                 "  routers' fp32 copies of their bf16 input (one micro batch): 2.000 GiB",
+                 "  the last micro batch's logits, alive through the next one: 1.535 GiB",
+                 "  CUDA context and cuBLAS workspaces (an allowance): 1.000 GiB",
+                 "  NCCL buffers (NCCL_BUFFSIZE x channels x peers, every communicator): 0.305 GiB",
+                 "  fragmentation margin: 10% of the allocated total"):
+        assert line in proc.stdout.splitlines(), proc.stdout
+    # The shipped config's checkpointing mode on 8 GPUs: 63.5 GiB before these terms.
+    (row,) = [line for line in proc.stdout.splitlines() if "(config)" in line]
+    assert row == "| ckpt=on,moe_recompute=none (config) | 46.793 | 6.737 | 75.407 | 4 |"
