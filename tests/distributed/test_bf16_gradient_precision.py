@@ -2,7 +2,9 @@
 DeepSpeed engine: 2 gloo processes, ep_size 2, ZeRO-2, bf16, gradient accumulation 2. Every
 gradient reduction DeepSpeed issues during the backward and the step carries fp32 tensors, the
 ZeRO optimizer accumulates into fp32, and the step moves the weights. Without the settings,
-DeepSpeed 0.19.8 reduces bf16 tensors and accumulates in bf16 (the second case shows it)."""
+DeepSpeed 0.19.8 reduces bf16 tensors and accumulates in bf16 (the second case shows it). The third
+case is the one bf16 ZeRO-1 setup moe_dist accepts (bf16 accumulation asked for explicitly): DeepSpeed
+takes it on CPU, with fp32 reductions."""
 
 from __future__ import annotations
 
@@ -77,7 +79,10 @@ ZERO2_BF16 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}, "gra
     # What DeepSpeed does when asked (and what it did by default): bf16 reductions and accumulation.
     ({**ZERO2_BF16, "communication_data_type": "bf16", "data_types": {"grad_accum_dtype": "bf16"}},
      (torch.bfloat16, torch.bfloat16)),
-], ids=["default_fp32", "explicit_bf16"])
+    # ZeRO-1 with bf16 only with bf16 accumulation asked for: still fp32 reductions.
+    ({**ZERO2_BF16, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}},
+     (torch.float32, torch.bfloat16)),
+], ids=["default_fp32", "explicit_bf16", "zero1_bf16_accumulation"])
 @pytest.mark.filterwarnings("ignore::moe_dist.train.ds_config.GradientPrecisionWarning")
 def test_bf16_engine_reduces_and_accumulates_gradients_in_fp32(json, expected):
     run_deepspeed_ranks(_worker, 2, json, expected)
