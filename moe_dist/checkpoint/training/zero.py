@@ -25,7 +25,8 @@ Which file holds what (W ranks, expert-parallel size P):
   that EP rank's local experts [E/P, ...].
 
 Supported: the "rigid" files of the stage-1/2 optimizer of the DeepSpeed releases in
-`DEEPSPEED_VERSIONS` (fp32, or bf16 with bf16 gradient accumulation); a checkpoint whose
+`DEEPSPEED_VERSIONS` (fp32; bf16 at ZeRO-2 with fp32 or bf16 gradient accumulation, the files are
+the same; bf16 at ZeRO-1 with bf16 accumulation); a checkpoint whose
 model-states file records another `ds_version` is refused. Not supported, with an error saying
 so: elastic_checkpoint, round-robin gradients, data-before-expert parallel groups, and the
 BF16_Optimizer's format (bf16 + ZeRO-1 + fp32 gradient accumulation).
