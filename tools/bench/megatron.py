@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .layers import init_single_process_dist
 from .timing import first_line
 
 
@@ -156,9 +157,10 @@ def _init_parallel_state(seed: int) -> None:
 
 def build_megatron_layer(spec, dtype: torch.dtype, have: Callable[[str], bool] | None = None) -> MegatronLayer:
     """Megatron-Core's MoELayer for `spec` (tools/bench/spec.py) with the fastest expert MLP that
-    builds here; torch.distributed must be initialized. Raises `Unavailable` naming why each
+    builds here, in the process group that exists (else a one-process one). Raises `Unavailable` naming why each
     candidate failed. `have(module)`: whether a module imports (tests substitute it)."""
     have = have or (lambda name: importlib.util.find_spec(name) is not None)
+    init_single_process_dist()
     _init_parallel_state(spec.seed)
     notes = []
     for cand in CANDIDATES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import traceback
 from typing import Callable
 
 import torch
@@ -49,9 +50,16 @@ def time_cases(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
 
 
 def first_line(e: BaseException) -> str:
-    """"Type: first line of the message", how a failed case's row says why."""
+    """"Type: first line of the message", how a failed case's row says why; a bare exception (an
+    `assert` with no message, common in the references) names the line that raised it instead."""
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    if lines:
+        return f"{type(e).__name__}: {lines[0]}"
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return type(e).__name__
+    last = frames[-1]
+    return f"{type(e).__name__} at {last.filename}:{last.lineno}: {last.line or ''}".rstrip(": ")
 
 
 def cuda_peak_mb(step: Callable[[], None]) -> float:
