@@ -181,6 +181,8 @@ def ep_part(quick: bool, out: Path, failures: dict[str, str], timeout: int) -> d
         return {"skipped": f"expert parallelism needs at least 2 GPUs; torch.cuda.device_count() is {world}",
                 "rows": {}}
     spec = ep_spec(quick, world)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # rank 0 shares GPU 0 with this process and the bench part's cache
     warmup, repeats = (1, 2) if quick else (3, 10)
     report = out.resolve() / "ep_worker.json"
     report.unlink(missing_ok=True)

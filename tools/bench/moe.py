@@ -89,9 +89,6 @@ def memory_step(case: str, spec: Spec) -> Callable[[], None]:
     return make_deepspeed_step(build_deepspeed_layer(spec, md), spec)
 
 
-REFERENCES = ("deepspeed", "megatron", "floor")
-
-
 def build_steps(spec: Spec, cases: tuple[str, ...], failures: dict[str, str] | None = None) -> tuple[dict, dict, dict]:
     """(steps by case, fairness check and labels, failed cases with their reason).
 

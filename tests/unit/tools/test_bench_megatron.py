@@ -98,12 +98,14 @@ def test_a_candidate_that_fails_to_build_gives_way_with_its_reason(monkeypatch):
     err = AssertionError("Grouped GEMM is not available. Please run `pip install grouped_gemm`.\nmore")
     built = build_with(monkeypatch, installed={"grouped_gemm"}, fail={"GroupedMLP": err})
     assert built.expert_class == "SequentialMLP"
-    assert built.notes[-1] == "GroupedMLP: AssertionError: Grouped GEMM is not available. Please run `pip install grouped_gemm`."
+    assert built.notes[-1] == ("GroupedMLP: AssertionError: Grouped GEMM is not available. "
+                               "Please run `pip install grouped_gemm`.")
 
 
 def test_no_candidate_builds_raises_unavailable_naming_each(monkeypatch):
     with pytest.raises(megatron.Unavailable) as info:
-        build_with(monkeypatch, installed=set(), fail={"SequentialMLP": RuntimeError("torch.cuda.Stream requires CUDA")})
+        build_with(monkeypatch, installed=set(),
+                   fail={"SequentialMLP": RuntimeError("torch.cuda.Stream requires CUDA")})
     msg = str(info.value)
     assert "transformer_engine is not installed" in msg and "grouped_gemm is not installed" in msg
     assert "SequentialMLP: RuntimeError: torch.cuda.Stream requires CUDA" in msg
