@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -59,12 +60,18 @@ MODES = ("none", "experts")
 
 
 def _why(log: str, code: int) -> str:
-    """The launcher's exit code and the last line that names an error (the first line of a
-    traceback's final exception, a kill by signal), else its last line."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    named = [ln for ln in lines if any(w in ln for w in ("Error", "Exception", "Killed", "killed", "signal"))]
-    last = (named or lines or ["(no output)"])[-1]
-    return f"exit {code}: {last[:300]}"
+    """The exit code and the final exception of the last Python traceback in the log (its line
+    after the frames; torch's "[rankN]: " prefixes dropped), else the last line naming a kill or a
+    signal (an OOM kill leaves no traceback), else the log's last line."""
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", ln) for ln in log.splitlines()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last):")]
+    if starts:
+        for ln in lines[starts[-1] + 1:]:
+            if ln.strip() and not ln.startswith((" ", "\t")):
+                return f"exit {code}: {ln.strip()[:300]}"
+    text = [ln.strip() for ln in lines if ln.strip()]
+    killed = [ln for ln in text if any(w in ln for w in ("Killed", "killed", "signal", "return code"))]
+    return f"exit {code}: {(killed or text or ['(no output)'])[-1][:300]}"
 
 
 def run_mode(mode: str, config: str, overrides: list[str], out: Path, timeout: int, fail: bool) -> tuple[dict, str]:

@@ -53,3 +53,18 @@ def test_fail_reference_values():
     inject.check_build({"deepspeed": "run"}, "deepspeed")  # fails later, in its step
     with pytest.raises(inject.InjectedFailure, match="deepspeed:run"):
         inject.wrap_step({"deepspeed": "run"}, "deepspeed", lambda: None)()
+
+
+def test_a_crashed_pretraining_mode_says_its_final_exception():
+    from tools.bench.gpu_check_pretrain import _why
+
+    log = "\n".join([
+        "[launch.py] starting", "[rank0]: Traceback (most recent call last):", '[rank0]:   File "x.py", line 1',
+        "[rank0]: RuntimeError: first", "[rank0]: ", "[rank0]: During handling of the above exception, another "
+        "exception occurred:", "[rank0]: Traceback (most recent call last):", '[rank0]:   File "x.py", line 3',
+        "[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "[launch.py] exits with return code = 1"])
+    assert _why(log, 1) == "exit 1: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    # Killed by the kernel's OOM killer: no traceback, the launcher's line says how it ended.
+    assert _why("[launch.py] Killing subprocess 7\n[launch.py] exits with return code = -9\n", -9) == (
+        "exit -9: [launch.py] exits with return code = -9")
