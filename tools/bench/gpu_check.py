@@ -35,8 +35,9 @@ OUT/gpu_check.md):
                a GPU and fails there (its dispatcher creates CUDA streams), so its row is skipped.
   ep           With W >= 2 GPUs: the layer with its experts spread over all of them (EP = W, NCCL,
                one spawned process per GPU, T 8192 per GPU, d 2048, d_ff 1024, E 8W, top-8, bf16)
-               against the same layer at EP=1 on each GPU (the same expert work, no all-to-all) and
-               DeepSpeed's MoE at EP = W (tools/bench/gpu_check_ep.py); skipped on one GPU.
+               against the same layer at EP=1 on each GPU (the same expert work, no all-to-all),
+               DeepSpeed's MoE and Megatron-Core's at EP = W (tools/bench/gpu_check_ep.py); skipped
+               on one GPU.
                --quick: 2 CPU processes joined by gloo at T 64, d 32, d_ff 64, E 8, top-2.
   pretrain     A short bf16 pretraining of configs/gpu_125m_e16_1gpu.yaml (configs/gpu_125m_e16.yaml
                on one GPU, synthetic data) through the `deepspeed` launcher, with

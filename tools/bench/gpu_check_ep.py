@@ -10,7 +10,11 @@ T tokens:
                   expert work per rank, so moe_dist_ep / moe_dist_local is what expert parallelism
                   costs (the all-to-all and its bookkeeping).
   deepspeed_ep    DeepSpeed's MoE with ep_size = W and moe_dist_ep's router and local expert
-                  weights (the reference; skipped with the reason where it cannot be built or run).
+                  weights.
+  megatron_ep     Megatron-Core's MoE at expert_model_parallel_size = W, alltoall dispatcher, its
+                  fastest expert MLP that builds (tools/bench/megatron.py; the row names it); its
+                  own weights. On CPU it fails to build (CUDA streams) and is skipped with the reason.
+The references are skipped with the reason where they cannot be built or run.
 A case's time is the slowest rank's median. A case that fails to build on any rank is left out on
 every rank (the ranks agree before timing, so none waits in a collective the others skip) and its
 row says why; a moe_dist failure fails the part. The part runs under a deadline: a rank that dies
@@ -20,6 +24,7 @@ or hangs (a collective waiting on a dead peer) ends the part with the reason, no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -34,7 +39,8 @@ from . import inject
 from .spec import Spec
 from .timing import first_line, time_cases
 
-CASES = ("moe_dist_ep", "moe_dist_local", "deepspeed_ep")
+CASES = ("moe_dist_ep", "moe_dist_local", "deepspeed_ep", "megatron_ep")
+REFERENCES = ("deepspeed_ep", "megatron_ep")
 
 
 def ep_spec(quick: bool, world: int) -> Spec:
@@ -84,12 +90,13 @@ def _deepspeed_layer(spec: Spec, like, ep_size: int):
     return layer.to(spec.device, spec.torch_dtype)
 
 
-def _build(spec: Spec, rank: int, world: int, failures: dict[str, str]) -> tuple[dict, dict]:
-    from .layers import make_deepspeed_step, make_moe_dist_step
+def _build(spec: Spec, rank: int, world: int, failures: dict[str, str]) -> tuple[dict, dict, dict]:
+    from . import megatron
+    from .layers import make_deepspeed_step, make_inputs, make_moe_dist_step
 
     # Each rank routes its own tokens: the inputs' seed differs per rank, the weights' does not.
     local_inputs = dataclasses.replace(spec, seed=spec.seed + 1000 * (1 + rank))
-    steps, failed = {}, {}
+    steps, failed, labels = {}, {}, {}
     md_ep = None
     for case in CASES:
         try:
@@ -99,6 +106,10 @@ def _build(spec: Spec, rank: int, world: int, failures: dict[str, str]) -> tuple
                 layer, make = md_ep, make_moe_dist_step
             elif case == "moe_dist_local":
                 layer, make = _moe_dist_layer(spec, 1), make_moe_dist_step
+            elif case == "megatron_ep":
+                built = megatron.build_megatron_layer(spec, spec.torch_dtype, ep_size=world)
+                labels["megatron_ep"] = built.label
+                layer, make = built.layer, functools.partial(megatron.make_megatron_step, make_inputs=make_inputs)
             else:
                 if md_ep is None:
                     raise RuntimeError("DeepSpeed's layer takes moe_dist_ep's weights, and moe_dist_ep failed to build")
@@ -106,7 +117,7 @@ def _build(spec: Spec, rank: int, world: int, failures: dict[str, str]) -> tuple
             steps[case] = inject.wrap_step(failures, case, make(layer, local_inputs))
         except Exception as e:
             failed[case] = first_line(e)
-    return steps, failed
+    return steps, failed, labels
 
 
 def _worker(rank: int, world: int, port: int, spec: Spec, warmup: int, repeats: int, failures: dict[str, str],
@@ -123,7 +134,7 @@ def _worker(rank: int, world: int, port: int, spec: Spec, warmup: int, repeats: 
     import torch.distributed as dist
 
     try:
-        steps, failed = _build(spec, rank, world, failures)
+        steps, failed, labels = _build(spec, rank, world, failures)
         # The ranks agree on what runs before any collective of a case: a case that failed on
         # one rank is left out on all of them.
         everyone: list = [None] * world
@@ -137,6 +148,8 @@ def _worker(rank: int, world: int, port: int, spec: Spec, warmup: int, repeats: 
         dist.all_gather_object(gathered, {"ms": ms, "failed": failed})
         if rank == 0:
             rows = _rows(spec, world, gathered)
+            for case, label in labels.items():
+                rows[case]["label"] = label
             Path(report).write_text(json.dumps(rows, indent=1))
     except Exception:
         traceback.print_exc()
@@ -153,13 +166,13 @@ def _rows(spec: Spec, world: int, gathered: list[dict]) -> dict:
     rows = {}
     for case in CASES:
         if case in failed:
-            rows[case] = {"skipped" if case == "deepspeed_ep" else "failed": failed[case]}
+            rows[case] = {"skipped" if case in REFERENCES else "failed": failed[case]}
             continue
         ms = max(g["ms"][case] for g in gathered)
         rows[case] = {"ms": round(ms, 3), "tokens_per_s": world * spec.tokens / (ms * 1e-3),
                       "tflops_per_rank": spec.expert_flops() / (ms * 1e-3) / 1e12}
     ep = rows["moe_dist_ep"].get("ms")
-    for case in ("moe_dist_local", "deepspeed_ep"):
+    for case in CASES[1:]:
         if ep is not None and "ms" in rows[case]:
             rows[case]["moe_dist_ep_over_case"] = round(ep / rows[case]["ms"], 3)
     return rows
@@ -223,12 +236,13 @@ def format_ep_table(part: dict) -> str:
         row = part["rows"].get(case)
         if row is None:
             continue
+        name = f"{case} ({row['label']})" if "label" in row else case
         if "ms" not in row:
             why = f"skipped: {row['skipped']}" if "skipped" in row else f"FAILED: {row['failed']}"
-            lines.append(f"| {case} | - | - | - | - | {why} |")
+            lines.append(f"| {name} | - | - | - | - | {why} |")
             continue
         ratio = row.get("moe_dist_ep_over_case")
-        lines.append(f"| {case} | {row['ms']:.2f} | {row['tokens_per_s']:,.0f} | {row['tflops_per_rank']:.3g} | "
+        lines.append(f"| {name} | {row['ms']:.2f} | {row['tokens_per_s']:,.0f} | {row['tflops_per_rank']:.3g} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}'} | |")
     for reason in part.get("failed", []):
         if not part["rows"]:

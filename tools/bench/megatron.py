@@ -1,7 +1,8 @@
 """Megatron-Core's MoE layer as a case of tools/bench/moe.py.
 
 Built as Megatron's GPT layer specs build it (`get_moe_module_spec`): `MoELayer` with its top-k
-router (softmax, aux loss 0.01), the `alltoall` token dispatcher at EP=1 and no tensor
+router (softmax, aux loss 0.01), the `alltoall` token dispatcher at EP=1 (gpu_check's ep part:
+EP = its number of processes) and no tensor
 parallelism, bias-free GELU experts of the same widths, the same capacity factor with drops
 (`moe_expert_capacity_factor`, no padding). Weights are Megatron's own random init (routing is not
 compared with moe_dist's; the work per token is the same: top-k of E).
@@ -140,13 +141,17 @@ def transformer_config(spec, dtype: torch.dtype, candidate: Candidate):
     return TransformerConfig(**kwargs)
 
 
-def _init_parallel_state(seed: int) -> None:
-    """Megatron's model-parallel state over the process group the benchmark already started."""
+def _init_parallel_state(seed: int, ep_size: int) -> None:
+    """Megatron's model-parallel state over the process group the benchmark already started
+    (collective: every rank calls it)."""
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                                 expert_model_parallel_size=1)
+                                                 expert_model_parallel_size=ep_size)
+    elif parallel_state.get_expert_model_parallel_world_size() != ep_size:
+        raise Unavailable(f"Megatron-Core's parallel state exists with expert parallelism "
+                          f"{parallel_state.get_expert_model_parallel_world_size()}, not {ep_size}")
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -155,13 +160,15 @@ def _init_parallel_state(seed: int) -> None:
         torch.manual_seed(seed)
 
 
-def build_megatron_layer(spec, dtype: torch.dtype, have: Callable[[str], bool] | None = None) -> MegatronLayer:
+def build_megatron_layer(spec, dtype: torch.dtype, have: Callable[[str], bool] | None = None,
+                         ep_size: int = 1) -> MegatronLayer:
     """Megatron-Core's MoELayer for `spec` (tools/bench/spec.py) with the fastest expert MLP that
-    builds here, in the process group that exists (else a one-process one). Raises `Unavailable` naming why each
+    builds here, in the process group that exists (else a one-process one), its experts spread over
+    `ep_size` ranks (every rank of the group calls this). Raises `Unavailable` naming why each
     candidate failed. `have(module)`: whether a module imports (tests substitute it)."""
     have = have or (lambda name: importlib.util.find_spec(name) is not None)
     init_single_process_dist()
-    _init_parallel_state(spec.seed)
+    _init_parallel_state(spec.seed, ep_size)
     notes = []
     for cand in CANDIDATES:
         if cand.needs is not None and not have(cand.needs):

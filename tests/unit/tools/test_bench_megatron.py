@@ -61,7 +61,7 @@ class FakeLayer(torch.nn.Module):
 def build_with(monkeypatch, installed: set[str], fail: dict[str, Exception] | None = None):
     fail = fail or {}
     monkeypatch.setattr(megatron, "init_single_process_dist", lambda: None)
-    monkeypatch.setattr(megatron, "_init_parallel_state", lambda seed: None)
+    monkeypatch.setattr(megatron, "_init_parallel_state", lambda seed, ep_size: None)
 
     def fake_build(spec, config):
         name = megatron.spec_expert_class(spec)

@@ -41,6 +41,7 @@ def test_quick_runs_every_part_and_writes_the_reports(tmp_path):
     ep = rep["ep"]
     assert (ep["world"], ep["backend"]) == (2, "gloo"), ep
     assert all(ep["rows"][c]["ms"] > 0 for c in ("moe_dist_ep", "moe_dist_local", "deepspeed_ep")), ep
+    assert "SequentialMLP: RuntimeError: torch.cuda" in ep["rows"]["megatron_ep"]["skipped"], ep
     modes = rep["pretrain"]["modes"]
     assert set(modes) == {"none", "experts"}
     assert all(m["tokens_per_s"] > 0 and m["steps"] == 4 for m in modes.values()), modes
@@ -73,6 +74,7 @@ def test_references_made_to_fail_are_skipped_rows_and_every_other_row_survives(t
     assert ep["deepspeed_ep"] == {"skipped": "InjectedFailure: --fail-reference deepspeed_ep:run: made to fail "
                                              "on purpose"}, ep
     assert ep["moe_dist_ep"]["ms"] > 0 and ep["moe_dist_local"]["moe_dist_ep_over_case"] > 0, ep
+    assert "torch.cuda" in ep["megatron_ep"]["skipped"], ep
     assert md.count("skipped: InjectedFailure: --fail-reference deepspeed:build") == 2, md
     assert "skipped: InjectedFailure: --fail-reference deepspeed_ep:run" in md, md
     assert md.count("| moe_dist |") == 2 and md.count("| floor |") == 2 and "| moe_dist_local |" in md, md
