@@ -4,7 +4,8 @@ why, every other row must survive, and a moe_dist failure must fail the run.
 
 STAGE is `build` (the default: the case's builder raises before it builds anything) or `run`
 (its step raises on its first call, inside the timing rounds). For gpu_check's pretraining, CASE
-names a `model.moe_recompute` mode, whose process exits non-zero as a crash would.
+is `pretrain-MODE` (a `model.moe_recompute` mode), whose worker raises before it trains, so its
+launcher run exits non-zero as a crash would.
 """
 
 from __future__ import annotations
