@@ -11,8 +11,9 @@ Commands:
 Pieces the commands share:
   spec           the layer a benchmark builds and the flags that set it
   layers         the layers compared, built with the same weights and routing
-  megatron       Megatron-Core's MoE layer as a case of `moe`
-  timing         interleaved timing rounds
+  megatron       Megatron-Core's MoE layer as a case of `moe`, with the fastest expert MLP that builds
+  timing         interleaved timing rounds; a case that fails is dropped with its reason
+  inject         failures made on purpose (`--fail-reference`)
   step_memory    peak memory of one step in a fresh child process (CPU)
-  gpu_check_correctness, gpu_check_pretrain   the parts of `gpu_check`
+  gpu_check_correctness, gpu_check_ep, gpu_check_pretrain   the parts of `gpu_check`
 """

@@ -24,10 +24,21 @@ OUT/gpu_check.md):
   bench        tools/bench/moe.py --device cuda --dtype bf16 at an OLMoE-like shape (T 8192,
                d 2048, d_ff 1024, E 64, top-8) and a Mixtral-like one scaled to fit the time (T 8192,
                d 2048, d_ff 7168, E 8, top-2): moe_dist, DeepSpeed's MoE, Megatron-Core's MoE
-               (EP=1, alltoall dispatcher; tools/bench/megatron.py names its expert MLP) and the
-               bf16 dense GEMM floor; ms, TFLOP/s of the expert work, peak memory. --quick: fp32
-               on CPU at T 128, d 64, d_ff 128, no peak memory (it needs a child process per case
-               on CPU), Megatron-Core reported as skipped (CUDA-only).
+               (EP=1, alltoall dispatcher, its grouped-GEMM experts where they build: TEGroupedMLP
+               with Transformer Engine, else the legacy GroupedMLP with the grouped_gemm package,
+               else SequentialMLP; the row names the class that ran, e.g. "megatron-core 0.16.1
+               SequentialMLP") and the bf16 dense GEMM floor; ms, TFLOP/s of the expert work,
+               moe_dist's time over each case's, peak memory. A reference that cannot be built or
+               fails while it runs is a skipped row with the reason (exception type and first line);
+               the other rows keep their numbers. --quick: fp32 on CPU at T 128, d 64, d_ff 128, no
+               peak memory (it needs a child process per case on CPU); Megatron-Core is built as on
+               a GPU and fails there (its dispatcher creates CUDA streams), so its row is skipped.
+  ep           With W >= 2 GPUs: the layer with its experts spread over all of them (EP = W, NCCL,
+               one spawned process per GPU, T 8192 per GPU, d 2048, d_ff 1024, E 8W, top-8, bf16)
+               against the same layer at EP=1 on each GPU (the same expert work, no all-to-all),
+               DeepSpeed's MoE and Megatron-Core's at EP = W (tools/bench/gpu_check_ep.py); skipped
+               on one GPU.
+               --quick: 2 CPU processes joined by gloo at T 64, d 32, d_ff 64, E 8, top-2.
   pretrain     A short bf16 pretraining of configs/gpu_125m_e16_1gpu.yaml (configs/gpu_125m_e16.yaml
                on one GPU, synthetic data) through the `deepspeed` launcher, with
                `model.moe_recompute` none and experts: tokens/s of the last logging interval,
@@ -36,11 +47,19 @@ OUT/gpu_check.md):
                FLOPs per token = 6 * active parameters (dense parameters, the tied embedding once
                as the output projection, plus top_k / E of the expert parameters; dropped pairs
                not subtracted) + 12 * n_layers * d_model * seq_len (attention scores and values,
-               PaLM's appendix B). --quick: configs/tiny_cpu.yaml with ep_size 1 for 4 steps, fp32,
-               on CPU (peak = resident high-water mark; no MFU).
+               PaLM's appendix B). Each mode runs in its own launcher run, so a crash or OOM in
+               one leaves the other's row; the failed mode's row says why. --quick:
+               configs/tiny_cpu.yaml with ep_size 1 for 4 steps, fp32, on CPU (peak = resident
+               high-water mark; no MFU).
+
+Exit status: 0 when every part passed (a skipped reference does not fail a part); 1 when a
+correctness check, a moe_dist case of bench or ep, or a pretraining mode failed, after every part
+has run and the reports are written; 2 when it refuses to start. `--fail-reference CASE[:STAGE]`
+makes a case fail on purpose (build, the default, or run), so that --quick on CPU takes the
+failure paths a GPU run may meet (tools/bench/inject.py).
 
 On a GPU it first checks the reference packages (deepspeed, megatron-core) and refuses, exit 2,
-naming a missing one. --quick needs deepspeed only (Megatron-Core is skipped on CPU anyway).
+naming a missing one. --quick needs deepspeed only (Megatron-Core cannot run on CPU anyway).
 """
 
 from __future__ import annotations
@@ -56,12 +75,15 @@ import torch
 
 from moe_dist.common.atomic import write_text_atomic
 
+from . import gpu_check_ep, inject
 from .gpu_check_correctness import correctness_part
-from .gpu_check_pretrain import pretrain_part
-from .moe import GPU_CASES, bench_one, format_case_table
+from .gpu_check_pretrain import MODES, pretrain_part
+from .moe import GPU_CASES, bench_one, format_case_table, row_failed
 from .spec import Spec
 
-PARTS = ("correctness", "bench", "pretrain")
+PARTS = ("correctness", "bench", "ep", "pretrain")
+# What --fail-reference can name: the bench's cases, the EP part's and each pretraining mode.
+FAILABLE = (*GPU_CASES, *gpu_check_ep.CASES, *(f"pretrain-{m}" for m in MODES))
 # Reference packages by their pip name -> the module that must import.
 REFERENCES = {"deepspeed": "deepspeed", "megatron-core": "megatron.core"}
 
@@ -110,12 +132,16 @@ def bench_specs(quick: bool, device: str) -> list[Spec]:
             Spec(d_ff=7168, num_experts=8, top_k=2, **common)]  # Mixtral-like, width halved
 
 
-def bench_part(quick: bool, device: str) -> dict:
+def bench_part(quick: bool, device: str, failures: dict[str, str]) -> dict:
+    """Every row of every shape; a reference that fails is a skipped row, a moe_dist failure
+    (`moe_dist_failed`) fails the part after all rows are measured."""
     rows = []
     for spec in bench_specs(quick, device):
         warmup, repeats = (0, 1) if quick else (3, 10)
-        rows.append(bench_one(spec, warmup, repeats, memory=not quick, progress=None, cases=GPU_CASES))
-    return {"rows": rows, "table": format_case_table(rows)}
+        rows.append(bench_one(spec, warmup, repeats, memory=not quick, progress=None, cases=GPU_CASES,
+                              failures=failures))
+    failed = [f"E={r['num_experts']}: moe_dist: {r['moe_dist_failed']}" for r in rows if row_failed(r)]
+    return {"rows": rows, "table": format_case_table(rows), "failed": failed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,14 +165,22 @@ def markdown(results: dict) -> str:
     bench = results.get("bench")
     if bench:
         lines += ["## bench (tools/bench/moe.py)", "", bench.get("table", f"error: {bench.get('error')}"), ""]
+    ep = results.get("ep")
+    if ep:
+        lines += ["## ep (tools/bench/gpu_check_ep.py)", "",
+                  gpu_check_ep.format_ep_table(ep) if "error" not in ep else f"error: {ep['error']}", ""]
     pre = results.get("pretrain")
     if pre:
         lines += ["## pretrain", ""]
-        if pre["ok"]:
-            lines += [f"`{pre['command']}`", "", f"FLOPs per token {pre['flops_per_token']:.3e}", "",
+        if "modes" in pre:
+            lines += [f"`{cmd}`" for cmd in pre["commands"].values()]
+            lines += ["", f"FLOPs per token {pre['flops_per_token']:.3e}", "",
                       "| moe_recompute | tokens/s | MFU | peak memory GiB | steps | last loss |",
                       "|---|---|---|---|---|---|"]
             for mode, row in pre["modes"].items():
+                if "error" in row:
+                    lines.append(f"| {mode} | - | - | - | - | FAILED: {row['error']} |")
+                    continue
                 mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
                 rate = "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}"
                 lines.append(f"| {mode} | {rate} | {mfu} | {row['peak_memory_gib']:.2f} | {row['steps']} | "
@@ -174,12 +208,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the GPU's peak dense bf16 TFLOP/s for MFU (989: H100/H200 SXM)")
-    p.add_argument("--pretrain-timeout", type=int, default=420, help="seconds for the pretraining launcher")
+    p.add_argument("--pretrain-timeout", type=int, default=420,
+                   help="seconds for each pretraining mode's launcher run")
+    p.add_argument("--ep-timeout", type=int, default=300, help="seconds for the expert-parallel part's processes")
+    p.add_argument("--fail-reference", action="append", default=[], metavar="CASE[:STAGE]",
+                   help="make a case fail on purpose, to check that its row says why and every other row "
+                        f"survives: one of {list(FAILABLE)}; STAGE build (default) or run; moe_dist cases "
+                        "and pretraining modes fail the run (exit 1); repeatable")
     args = p.parse_args(argv)
     args.parts = [x for x in args.parts.split(",") if x]
     bad = [x for x in args.parts if x not in PARTS]
     if bad:
         p.error(f"--parts: unknown part(s) {bad}; expected a subset of {list(PARTS)}")
+    try:
+        args.failures = inject.parse_failures(args.fail_reference, FAILABLE)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -201,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     if "correctness" in args.parts:
         run_part("correctness", correctness_part, results, device)
     if "bench" in args.parts:
-        run_part("bench", bench_part, results, args.quick, device)
+        run_part("bench", bench_part, results, args.quick, device, args.failures)
+    if "ep" in args.parts:
+        run_part("ep", gpu_check_ep.ep_part, results, args.quick, out, args.failures, args.ep_timeout)
     if "pretrain" in args.parts:
-        run_part("pretrain", pretrain_part, results, args.quick, out, args.peak_tflops, args.pretrain_timeout)
+        run_part("pretrain", pretrain_part, results, args.quick, out, args.peak_tflops, args.pretrain_timeout,
+                 args.failures)
     write_text_atomic(str(out / "gpu_check.json"), json.dumps(results, indent=1, default=str))
     write_text_atomic(str(out / "gpu_check.md"), markdown(results))
     failed = [p for p in args.parts if not results[p]["ok"]]

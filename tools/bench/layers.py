@@ -50,8 +50,9 @@ def build_moe_dist_layer(spec: Spec):
     return MoELayer(cfg, seed=spec.seed).to(spec.device, spec.torch_dtype)
 
 
-def _init_deepspeed_dist() -> None:
-    """DeepSpeed's MoE needs torch.distributed and its expert groups, even for one process."""
+def init_single_process_dist() -> None:
+    """A one-process torch.distributed group, which DeepSpeed's MoE (and its expert groups) and
+    Megatron-Core's model-parallel state need even for one process; a no-op where one exists."""
     from moe_dist.parallel import runtime
 
     if torch.distributed.is_initialized():
@@ -68,7 +69,7 @@ def build_deepspeed_layer(spec: Spec, like):
     """DeepSpeed's MoE with `like`'s (a moe_dist MoELayer) router and expert weights."""
     from deepspeed.moe.layer import MoE
 
-    _init_deepspeed_dist()
+    init_single_process_dist()
     # With k=1 DeepSpeed picks which tokens overflow by a top-k over a 0/1 mask (ties in no set
     # order), so outputs may differ on overflowing tokens; the work done is the same.
     D, Fw = spec.d_model, spec.d_ff

@@ -9,9 +9,10 @@ same thread count, in one process:
              drop_tokens=True, no random token selection, no noisy gate, no 2nd-expert sampling),
              with bias-free GELU experts and the moe_dist layer's router and expert weights copied
              in, so both layers route every token to the same experts and drop the same pairs.
-  megatron   Megatron-Core's `MoELayer` (EP=1, alltoall dispatcher, same k, cf and widths;
-             tools/bench/megatron.py says which expert MLP it builds). CUDA only: on CPU the case
-             is reported as skipped with the reason. On by default with --device cuda.
+  megatron   Megatron-Core's `MoELayer` (EP=1, alltoall dispatcher, same k, cf and widths) with
+             its fastest expert MLP that builds here (TEGroupedMLP, GroupedMLP, SequentialMLP:
+             tools/bench/megatron.py); the row names the class that ran. It builds only on CUDA:
+             on CPU the case is reported as skipped with the reason. On by default with --device cuda.
   floor      the expert work with no routing at all: T*K rows through one dense GEMM pair,
              x[T*K, D] @ W1[D, F] -> GELU -> @ W2[F, D].
 
@@ -27,6 +28,11 @@ Peak memory: on CPU each case runs again in a fresh child process: the peak of t
 during a step (profiler allocation events) and the peak RSS increase (tools/bench/step_memory.py); on
 CUDA, in this process, `max_memory_allocated` during a step minus what was allocated before it
 (RSS: null).
+Failures: each case is built and run on its own. A reference (deepspeed, megatron, floor) that
+cannot be built, or raises while it runs, is reported as skipped with the reason (exception type
+and the first line of its message) and every other case keeps its numbers; a moe_dist failure is
+reported the same way, and the command exits 1 once every row is printed. `--fail-reference
+CASE[:build|run]` makes a case fail on purpose (tools/bench/inject.py).
 Allocator: `--cpu-malloc keep` (the default, what the trainer does on CPU) has glibc keep freed
 memory, as a GPU's caching allocator does (moe_dist/common/malloc.py); `default` leaves glibc
 as it is. Both the timing and the memory children use the chosen one.
@@ -48,7 +54,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import megatron, step_memory
+from . import inject, megatron, step_memory
 from .layers import (
     build_deepspeed_layer,
     build_moe_dist_layer,
@@ -59,7 +65,7 @@ from .layers import (
     make_moe_dist_step,
 )
 from .spec import DTYPES, Spec, add_spec_args, check_spec_args, configure_malloc, spec_from_args
-from .timing import cuda_peak_mb, time_cases
+from .timing import cuda_peak_mb, first_line, time_cases
 
 log = logging.getLogger("bench_moe")
 
@@ -83,65 +89,102 @@ def memory_step(case: str, spec: Spec) -> Callable[[], None]:
     return make_deepspeed_step(build_deepspeed_layer(spec, md), spec)
 
 
-def build_steps(spec: Spec, cases: tuple[str, ...]) -> tuple[dict, dict, dict]:
-    """(steps by case, fairness check, skipped cases with their reason)."""
-    md = build_moe_dist_layer(spec)
-    ds = build_deepspeed_layer(spec, md)
-    check = check_same_function(md, ds, spec)
-    # In bf16 the two routers may round a near-tie differently; the work stays the same, so only
-    # fp32 insists on identical routing (same_routing is reported either way).
-    if check["same_routing"] is False and spec.dtype == "fp32":
-        raise RuntimeError(f"moe_dist and DeepSpeed routed differently at E={spec.num_experts}: "
-                           "the comparison would not be like for like")
-    steps, skipped = {"moe_dist": make_moe_dist_step(md, spec), "deepspeed": make_deepspeed_step(ds, spec)}, {}
+def build_steps(spec: Spec, cases: tuple[str, ...], failures: dict[str, str] | None = None) -> tuple[dict, dict, dict]:
+    """(steps by case, fairness check and labels, failed cases with their reason).
+
+    Each case is built on its own: one that cannot be built is left out with the reason ("Type:
+    first line"), and the others are still built. DeepSpeed's layer takes moe_dist's router and
+    expert weights, so it needs moe_dist's layer; the floor and Megatron-Core do not."""
+    failures = failures or {}
+    steps, check, failed = {}, {}, {}
+    md = None
+    try:
+        inject.check_build(failures, "moe_dist")
+        md = build_moe_dist_layer(spec)
+        steps["moe_dist"] = make_moe_dist_step(md, spec)
+    except Exception as e:
+        failed["moe_dist"] = first_line(e)
+    if "deepspeed" in cases:
+        try:
+            inject.check_build(failures, "deepspeed")
+            if md is None:
+                raise RuntimeError("DeepSpeed's layer takes moe_dist's weights, and moe_dist's layer failed to build")
+            ds = build_deepspeed_layer(spec, md)
+            check.update(check_same_function(md, ds, spec))
+            steps["deepspeed"] = make_deepspeed_step(ds, spec)
+        except Exception as e:
+            failed["deepspeed"] = first_line(e)
+        # In bf16 the two routers may round a near-tie differently; the work stays the same, so only
+        # fp32 insists on identical routing (same_routing is reported either way). Different routing
+        # in fp32 is a failure of the comparison, counted as moe_dist's: it may be moe_dist's bug.
+        if check.get("same_routing") is False and spec.dtype == "fp32":
+            failed["moe_dist"] = (f"moe_dist and DeepSpeed routed differently at E={spec.num_experts}: "
+                                  "the comparison would not be like for like")
     if "megatron" in cases:
         try:
-            layer = megatron.build_megatron_layer(spec, spec.torch_dtype)
-            steps["megatron"] = megatron.make_megatron_step(layer, spec, make_inputs)
-            check["megatron_mlp"] = megatron.mlp_choice()[2]
-        except megatron.Unavailable as e:
-            skipped["megatron"] = str(e)
-    steps["floor"] = make_floor_step(spec)
-    return steps, check, skipped
+            inject.check_build(failures, "megatron")
+            built = megatron.build_megatron_layer(spec, spec.torch_dtype)
+            steps["megatron"] = megatron.make_megatron_step(built.layer, spec, make_inputs)
+            check["megatron_mlp"] = built.label
+            check["megatron_notes"] = built.notes
+        except Exception as e:
+            failed["megatron"] = first_line(e)
+    if "floor" in cases:
+        try:
+            inject.check_build(failures, "floor")
+            steps["floor"] = make_floor_step(spec)
+        except Exception as e:
+            failed["floor"] = first_line(e)
+    steps = {c: inject.wrap_step(failures, c, step) for c, step in steps.items()}
+    return steps, check, failed
 
 
 def bench_one(spec: Spec, warmup: int, repeats: int, memory: bool, progress: tqdm | None,
-              cases: tuple[str, ...] = CASES) -> dict:
-    steps, check, skipped = build_steps(spec, cases)
+              cases: tuple[str, ...] = CASES, failures: dict[str, str] | None = None) -> dict:
+    """One configuration's row. A reference that fails to build or while it runs gets
+    `{case}_skipped` (the reason) and the other cases their numbers; a moe_dist failure gets
+    `moe_dist_failed`, which `row_failed` reports (the callers exit non-zero on it)."""
+    steps, check, failed = build_steps(spec, cases, failures)
     log.info("E=%d: timing %d warmup + %d timed rounds of %s", spec.num_experts, warmup, repeats,
              ", ".join(steps))
     load_before = os.getloadavg()[0]
-    ms, cpu_ms = time_cases(steps, warmup, repeats, progress)
-    ran = tuple(steps)
+    ms, cpu_ms = time_cases(steps, warmup, repeats, progress, failed=failed)
+    ran = tuple(ms)
     row = {**asdict(spec), **{f"{c}_ms": round(ms[c], 2) for c in ran}}
     row.update({f"{c}_tflops": spec.expert_flops() / (ms[c] * 1e-3) / 1e12 for c in ran})
-    row.update({f"{c}_skipped": reason for c, reason in skipped.items()})
-    row["moe_dist_over_floor"] = round(ms["moe_dist"] / ms["floor"], 3)
-    row["moe_dist_over_deepspeed"] = round(ms["moe_dist"] / ms["deepspeed"], 3)
-    row["deepspeed_over_floor"] = round(ms["deepspeed"] / ms["floor"], 3)
-    if "megatron" in ms:
-        row["moe_dist_over_megatron"] = round(ms["moe_dist"] / ms["megatron"], 3)
+    if "moe_dist" in ms:
+        row.update({f"moe_dist_over_{c}": round(ms["moe_dist"] / ms[c], 3) for c in ran if c != "moe_dist"})
+    if "deepspeed" in ms and "floor" in ms:
+        row["deepspeed_over_floor"] = round(ms["deepspeed"] / ms["floor"], 3)
     row.update({f"{c}_cpu_ms": round(cpu_ms[c], 2) for c in ran})
-    row["moe_dist_over_floor_cpu"] = round(cpu_ms["moe_dist"] / cpu_ms["floor"], 3)
+    if "moe_dist" in cpu_ms and "floor" in cpu_ms:
+        row["moe_dist_over_floor_cpu"] = round(cpu_ms["moe_dist"] / cpu_ms["floor"], 3)
     row["load1"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after timing
     if memory:
         log.info("E=%d: peak memory%s", spec.num_experts, "" if spec.device == "cuda" else
                  ", one fresh process per case")
     for c in ran:
-        if not memory:
-            tensor_mb = rss_mb = None
-        elif spec.device == "cuda":
-            tensor_mb, rss_mb = cuda_peak_mb(steps[c]), None
-        else:
-            tensor_mb, rss_mb = step_memory.measure_peak_mb(memory_step, (c, spec))
+        tensor_mb = rss_mb = None
+        if memory:
+            try:
+                if spec.device == "cuda":
+                    tensor_mb = cuda_peak_mb(steps[c])
+                else:
+                    tensor_mb, rss_mb = step_memory.measure_peak_mb(memory_step, (c, spec))
+            except Exception as e:  # the time stands; the memory says why it is missing
+                row[f"{c}_peak_error"] = first_line(e)
+                if c == "moe_dist":
+                    failed[c] = f"peak memory: {first_line(e)}"
         row[f"{c}_peak_mb"] = None if tensor_mb is None else round(tensor_mb, 1)
         row[f"{c}_peak_rss_mb"] = None if rss_mb is None else round(rss_mb, 1)
     del steps
-    if memory:
+    if memory and row.get("moe_dist_peak_mb") and row.get("deepspeed_peak_mb"):
         row["moe_dist_over_deepspeed_peak"] = round(row["moe_dist_peak_mb"] / row["deepspeed_peak_mb"], 3)
         if spec.device != "cuda" and None not in (row["moe_dist_peak_rss_mb"], row["deepspeed_peak_rss_mb"]):
             row["moe_dist_over_deepspeed_peak_rss"] = round(
                 row["moe_dist_peak_rss_mb"] / row["deepspeed_peak_rss_mb"], 3)
+    for c, reason in failed.items():
+        row["moe_dist_failed" if c == "moe_dist" else f"{c}_skipped"] = reason
     row.update(check)
     row["repeats"] = repeats
     row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")  # set by hand, if at all
@@ -151,16 +194,24 @@ def bench_one(spec: Spec, warmup: int, repeats: int, memory: bool, progress: tqd
     return row
 
 
-def _deepspeed_version() -> str:
-    import deepspeed
+def row_failed(row: dict) -> bool:
+    """Whether moe_dist failed in this row (a skipped reference is not a failure)."""
+    return "moe_dist_failed" in row
 
+
+def _deepspeed_version() -> str | None:
+    try:
+        import deepspeed
+    except ImportError:
+        return None
     return deepspeed.__version__
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown; peak memory as tensor MiB (RSS MiB) for moe_dist / DeepSpeed / floor; rows with
-    a Megatron-Core case (GPU runs) get the per-case table instead."""
-    if any("megatron_ms" in r or "megatron_skipped" in r for r in rows):
+    a Megatron-Core case (GPU runs) or a case that failed get the per-case table instead."""
+    if any(set(CASES) - {c for c in CASES if f"{c}_ms" in r} or "megatron_skipped" in r or "megatron_ms" in r
+           for r in rows):
         return format_case_table(rows)
     head = ("| E | moe_dist ms | DeepSpeed ms | floor ms | moe_dist/floor | moe_dist/DeepSpeed "
             "| peak MiB moe_dist | peak MiB DeepSpeed | peak MiB floor |")
@@ -173,19 +224,34 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def case_status(row: dict, case: str) -> str | None:
+    """"skipped: why" for a reference, "FAILED: why" for moe_dist, None where the case ran."""
+    if case == "moe_dist" and "moe_dist_failed" in row:
+        return f"FAILED: {row['moe_dist_failed']}"
+    if f"{case}_skipped" in row:
+        return f"skipped: {row[f'{case}_skipped']}"
+    return None
+
+
 def format_case_table(rows: list[dict]) -> str:
-    """One line per (shape, case): ms, TFLOP/s of the expert work, peak MiB; skipped cases say why."""
-    lines = ["| shape | case | ms | TFLOP/s | peak MiB | note |", "|---|---|---|---|---|---|"]
+    """One line per (shape, case): ms, TFLOP/s of the expert work, moe_dist's time over the case's,
+    peak MiB; a case that did not run says why."""
+    lines = ["| shape | case | ms | TFLOP/s | moe_dist / case | peak MiB | note |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = (f"T {r['tokens']} d {r['d_model']} d_ff {r['d_ff']} E {r['num_experts']} k {r['top_k']} "
                  f"{r['dtype']} {r['device']}")
         for c in GPU_CASES:
-            if f"{c}_skipped" in r:
-                lines.append(f"| {shape} | {c} | - | - | - | skipped: {r[f'{c}_skipped']} |")
+            name = r.get("megatron_mlp", c) if c == "megatron" else c
+            status = case_status(r, c)
+            if status is not None:
+                lines.append(f"| {shape} | {name} | - | - | - | - | {status} |")
             elif f"{c}_ms" in r:
-                note = r.get("megatron_mlp", "") if c == "megatron" else ""
-                lines.append(f"| {shape} | {c} | {r[f'{c}_ms']:.2f} | {r[f'{c}_tflops']:.3g} | "
-                             f"{r.get(f'{c}_peak_mb')} | {note} |")
+                ratio = r.get(f"moe_dist_over_{c}")
+                note = "; ".join(r.get("megatron_notes", [])) if c == "megatron" else ""
+                if f"{c}_peak_error" in r:
+                    note = f"peak memory: {r[f'{c}_peak_error']}" + (f"; {note}" if note else "")
+                lines.append(f"| {shape} | {name} | {r[f'{c}_ms']:.2f} | {r[f'{c}_tflops']:.3g} | "
+                             f"{'-' if ratio is None else f'{ratio:.2f}'} | {r.get(f'{c}_peak_mb')} | {note} |")
     return "\n".join(lines)
 
 
@@ -199,8 +265,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--megatron", choices=("auto", "on", "off"), default="auto",
                    help="the Megatron-Core case: auto = on with --device cuda, off on CPU; on = "
                         "always (on CPU it is reported as skipped, with the reason)")
+    p.add_argument("--fail-reference", action="append", default=[], metavar="CASE[:STAGE]",
+                   help="make a case fail on purpose, to check that its row says why and the others "
+                        f"survive; CASE one of {list(GPU_CASES)} (moe_dist: the run must exit 1), STAGE "
+                        "build (default) or run (its step raises); repeatable")
     args = p.parse_args(argv)
     check_spec_args(p, args)
+    try:
+        args.failures = inject.parse_failures(args.fail_reference, GPU_CASES)
+    except ValueError as e:
+        p.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False here")
     megatron = args.megatron == "on" or (args.megatron == "auto" and args.device == "cuda")
@@ -239,11 +313,12 @@ def _sweep(args: argparse.Namespace, results) -> list[dict]:
     with tqdm(total=total, desc="bench_moe rounds", file=sys.stderr, disable=None) as progress:
         for E in args.num_experts:
             row = bench_one(spec_from_args(args, E), args.warmup, args.repeats, not args.no_memory,
-                            progress, args.cases)
-            log.info("E=%d: moe_dist %.1f ms, deepspeed %.1f ms, floor %.1f ms; peak tensor MiB "
-                     "%s / %s / %s, peak RSS MiB %s / %s / %s", E, row["moe_dist_ms"],
-                     row["deepspeed_ms"], row["floor_ms"], *(row[f"{c}_peak_mb"] for c in CASES),
-                     *(row[f"{c}_peak_rss_mb"] for c in CASES))
+                            progress, args.cases, args.failures)
+            for c in args.cases:
+                status = case_status(row, c)
+                log.info("E=%d: %s %s", E, c, status if status is not None else
+                         f"{row[f'{c}_ms']:.1f} ms, peak tensor MiB {row.get(f'{c}_peak_mb')}, "
+                         f"peak RSS MiB {row.get(f'{c}_peak_rss_mb')}")
             rows.append(row)
             if args.json:
                 print(json.dumps(row), file=results, flush=True)
@@ -251,4 +326,5 @@ def _sweep(args: argparse.Namespace, results) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    # Every row is printed first; then a moe_dist failure in any of them fails the command.
+    sys.exit(1 if any(row_failed(r) for r in main()) else 0)
