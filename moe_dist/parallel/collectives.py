@@ -56,12 +56,12 @@ def _device_of_type(kind: str) -> torch.device:
 
 def collective_device(group=None, prefer: torch.device | None = None) -> torch.device:
     """Where a collective over `group` runs: `prefer` (the tensor's own device) when the group
-    serves it, else the first accelerator it serves (the rank's current one), else the CPU."""
+    serves it, else the CPU when it serves the CPU (gloo registers itself for CPU and CUDA), else
+    the accelerator it serves (for CUDA the rank's current GPU)."""
     types = served_device_types(group)
     if prefer is not None and prefer.type in types:
         return prefer
-    accelerators = [t for t in types if t != "cpu"]
-    return _device_of_type(accelerators[0] if accelerators else types[0])
+    return _device_of_type("cpu" if "cpu" in types else types[0])
 
 
 def _caller() -> str:
@@ -124,11 +124,12 @@ def all_gather_row(row: Tensor, rank: int, world: int, group=None) -> Tensor:
 
 
 def broadcast_object(obj, src: int = 0, group=None):
-    """`obj` from rank `src` on every rank, pickled through the group's device."""
+    """`obj` from rank `src` on every rank."""
     if not is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group, device=collective_device(group))
+    # torch places the pickled bytes itself (`_get_object_coll_device`: the current GPU for NCCL).
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
