@@ -1,5 +1,7 @@
 """The loss and the routing statistics of a model over evaluation windows, in one process or on
-every rank under the launcher (same code; sums are reduced over the data-parallel group).
+every rank under the launcher (same code). Every rank sums its losses and its own routing counts
+on the model's device; at the end one all-reduce over the data-parallel group sums them over ranks
+and one host read brings them back.
 
 Under the launcher each round takes `world * batch` windows from the stream (every rank reads
 the same stream) and rank r runs windows r, r + world, ...; windows of one forward have one
