@@ -95,3 +95,18 @@ def test_the_guard_records_a_collective_that_bypasses_the_seam(world, tmp_path):
     assert guard.bypasses == ["all_reduce at moe_dist/train/rogue.py:2 (reduce) for moe_dist/train/rogue.py:2 (reduce)"]
     assert len(guard.sites) == 1 and guard.sites[0].startswith("all_reduce for ")
     assert guard.misplaced == []
+
+
+def test_the_guard_records_a_seam_call_on_a_device_its_group_did_not_register(world):
+    guard = CollectiveGuard().install()
+    try:
+        # A seam that forgot to place the tensor: a CPU tensor for a group registered for CUDA only.
+        path = os.path.join(os.sep, "x", "moe_dist", "parallel", "collectives.py")
+        namespace = {"dist": dist}
+        exec(compile("def reduce(t, group):\n    dist.all_reduce(t, group=group)\n", path, "exec"), namespace)
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            namespace["reduce"](torch.ones(1), world["cuda"])
+    finally:
+        guard.uninstall()
+    assert guard.bypasses == []
+    assert len(guard.misplaced) == 1 and "tensor on cpu, group serves ['cuda']" in guard.misplaced[0]
