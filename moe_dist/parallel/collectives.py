@@ -83,12 +83,16 @@ def check_served(what: str, tensors: list[Tensor], group=None) -> None:
                              f"(moe_dist.parallel.collectives.collective_device)")
 
 
+def _check_op(what: str, op: str) -> None:
+    if op not in _OPS:
+        raise ValueError(f"{what}: op {op!r} is not one of {sorted(_OPS)}")
+
+
 def all_reduce(t: Tensor, op: str = "sum", group=None) -> Tensor:
     """`op` ("sum", "max", "min") of a detached tensor over `group` (None: WORLD): a new tensor on
     `t`'s device (the input is untouched); reduced on the group's device. Without a process group:
     a copy of `t`."""
-    if op not in _OPS:
-        raise ValueError(f"all_reduce: op {op!r} is not one of {sorted(_OPS)}")
+    _check_op("all_reduce", op)
     out = t.detach().clone()
     if not is_initialized():
         return out
@@ -100,6 +104,7 @@ def all_reduce(t: Tensor, op: str = "sum", group=None) -> Tensor:
 
 def all_reduce_(t: Tensor, op: str = "sum", group=None) -> Tensor:
     """In place (gradients): `t` must be on a device `group` serves."""
+    _check_op("all_reduce_", op)
     if is_initialized():
         check_served("all_reduce_", [t], group)
         dist.all_reduce(t, op=_OPS[op], group=group)
