@@ -27,9 +27,10 @@ def standard_error(count: float, total: float, total_sq: float) -> float:
 def sequence_loss_sums(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     """float64 [4]: tokens, sequences, and the sum and sum of squares of the sequences' mean
     losses, to be summed over batches and ranks (the mean of the sequence means is the mean
-    loss: every sequence has S tokens)."""
+    loss: every sequence has S tokens). On the logits' device: no host read."""
     nll_BS = F.cross_entropy(logits_BSV.float().transpose(1, 2), targets_BS, reduction="none")
-    means_B = nll_BS.double().mean(1).cpu()
-    return torch.stack([torch.tensor(float(nll_BS.numel()), dtype=torch.float64),
-                        torch.tensor(float(means_B.numel()), dtype=torch.float64), means_B.sum(),
-                        means_B.square().sum()])
+    means_B = nll_BS.double().mean(1)
+    # Fills, not tensors built from host data: a copy to the device would wait for it.
+    tokens = torch.full((), float(nll_BS.numel()), dtype=torch.float64, device=means_B.device)
+    sequences = torch.full((), float(means_B.numel()), dtype=torch.float64, device=means_B.device)
+    return torch.stack([tokens, sequences, means_B.sum(), means_B.square().sum()])

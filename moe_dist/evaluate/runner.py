@@ -1,5 +1,7 @@
 """The loss and the routing statistics of a model over evaluation windows, in one process or on
-every rank under the launcher (same code; sums are reduced over the data-parallel group).
+every rank under the launcher (same code). Every rank sums its losses and its own routing counts
+on the model's device; at the end one all-reduce over the data-parallel group sums them over ranks
+and one host read brings them back.
 
 Under the launcher each round takes `world * batch` windows from the stream (every rank reads
 the same stream) and rank r runs windows r, r + world, ...; windows of one forward have one
@@ -66,62 +68,72 @@ def _length_runs(chunk: list[Window], batch: int) -> list[list[Window]]:
     return runs
 
 
-def _rounds(windows: Iterable[Window], batch: int, world: int, rank: int) -> Iterator[tuple[list[list[Window]], int]]:
-    """Per round: this rank's forwards (lists of equal-length windows) and the number of
-    forwards every rank runs."""
+def _rounds(windows: Iterable[Window], batch: int, world: int,
+            rank: int) -> Iterator[tuple[list[list[Window]], int, int]]:
+    """Per round: this rank's forwards (lists of equal-length windows), the number of forwards
+    every rank runs, and the tokens predicted by all ranks together (every rank reads the same
+    stream, so each knows the round's total without a collective)."""
     it = iter(windows)
     while chunk := list(islice(it, batch * world)):
         mine = _length_runs(chunk[rank::world], batch)
-        yield mine, max(len(_length_runs(chunk[r::world], batch)) for r in range(world))
+        predicted = sum(w.tokens.numel() - 1 for w in chunk)
+        yield mine, max(len(_length_runs(chunk[r::world], batch)) for r in range(world)), predicted
 
 
 class _Totals:
-    def __init__(self, num_domains: int) -> None:
-        # per domain (last: unlabelled): summed NLL, tokens; then windows, sum and sum of squares
-        # of window means
-        self.nll = torch.zeros(num_domains + 1, dtype=torch.float64)
-        self.count = torch.zeros(num_domains + 1, dtype=torch.float64)
-        self.windows = torch.zeros(3, dtype=torch.float64)
+    """Everything the evaluation sums, on the model's device (no host read per forward): per
+    domain (last: unlabelled) the summed NLL and the tokens, then windows and the sum and sum of
+    squares of window means, and the routing counts; reduced over ranks in one packed all-reduce."""
+
+    def __init__(self, num_domains: int, device: torch.device) -> None:
+        self.nll = torch.zeros(num_domains + 1, dtype=torch.float64, device=device)
+        self.count = torch.zeros(num_domains + 1, dtype=torch.float64, device=device)
+        self.windows = torch.zeros(3, dtype=torch.float64, device=device)
         self.routing: dict[int, dict[str, torch.Tensor]] = {}
 
     def add_loss(self, nll_BS: torch.Tensor, labels_BS: torch.Tensor) -> None:
         L = self.nll.numel() - 1
         cell = torch.where(labels_BS >= 0, labels_BS, L).reshape(-1)
-        self.nll.index_add_(0, cell, nll_BS.reshape(-1).double())
-        self.count.index_add_(0, cell, torch.ones_like(cell, dtype=torch.float64))
+        # Per-domain sums as a reduction over a one-hot table, not index_add_: on CUDA that adds
+        # with atomics in a varying order, and the evaluation is asserted bit-exact.
+        onehot_QL = F.one_hot(cell, L + 1).to(torch.float64)
+        self.nll += (nll_BS.reshape(-1, 1).double() * onehot_QL).sum(0)
+        self.count += onehot_QL.sum(0)
         means = nll_BS.double().mean(1)
-        self.windows += torch.stack([torch.tensor(float(means.numel()), dtype=torch.float64),
-                                     means.sum(), means.square().sum()])
+        windows = torch.full((), float(means.numel()), dtype=torch.float64, device=means.device)
+        self.windows += torch.stack([windows, means.sum(), means.square().sum()])
 
     def add_routing(self, moe_stats: dict[int, dict[str, torch.Tensor]]) -> None:
         for layer, stats in moe_stats.items():
             row = self.routing.setdefault(layer, {})
             for name in _SUMMED:
                 if name in stats:
-                    value = stats[name].detach().double().cpu()
+                    value = stats[name].detach().double()
                     row[name] = value if name not in row else row[name] + value
 
-
-def _sum_over_ranks(groups: ParallelGroups, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # on the model's device: NCCL reduces CUDA tensors only
-    return groups.all_reduce_sum_dp(t.to(device)).cpu()
+    def pack(self) -> tuple[torch.Tensor, list[tuple[int, str, torch.Size]]]:
+        layout = [(layer, name, self.routing[layer][name].shape)
+                  for layer in sorted(self.routing) for name in sorted(self.routing[layer])]
+        parts = [self.nll, self.count, self.windows] + [self.routing[l][n].reshape(-1).to(self.nll.device)
+                                                         for l, n, _ in layout]
+        return torch.cat(parts), layout
 
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, windows: Iterable[Window], domain_names: list[str], *, batch: int = 8,
              groups: ParallelGroups | None = None, progress: bool = True,
              total_tokens: int | None = None) -> EvalResult:
-    """Loss per domain and routing statistics over `windows` (on every rank: collective).
+    """Loss per domain and routing statistics over `windows` (on every rank: collective, one
+    all-reduce at the end; nothing is read to the host before it).
 
     `model.cfg.num_labels` must be len(domain_names) for the label statistics (0: none)."""
     groups = groups or ParallelGroups.single()
     world, rank = groups.dp_size, groups.rank if groups.dp_size > 1 else 0
     device = next(model.parameters()).device
     model.eval()
-    totals = _Totals(len(domain_names))
+    totals = _Totals(len(domain_names), device)
     bar = tqdm(total=total_tokens, unit="tok", desc="evaluate", disable=not progress or rank != 0)
-    for mine, calls in _rounds(windows, batch, world, rank):
-        round_tokens = 0
+    for mine, calls, predicted in _rounds(windows, batch, world, rank):
         for i in range(calls):
             if i < len(mine):
                 tokens = torch.stack([w.tokens for w in mine[i]]).to(device)
@@ -133,25 +145,31 @@ def evaluate(model: MoETransformer, windows: Iterable[Window], domain_names: lis
             totals.add_routing(out.moe_stats)
             if i < len(mine):
                 nll = F.cross_entropy(out.logits_BSV.float().transpose(1, 2), tokens[:, 1:], reduction="none")
-                totals.add_loss(nll.cpu(), labels[:, 1:].cpu())
-                round_tokens += nll.numel()
-        bar.update(int(_sum_over_ranks(groups, torch.tensor(float(round_tokens)), device)))
+                totals.add_loss(nll, labels[:, 1:])
+        bar.update(predicted)
     bar.close()
-    packed = _sum_over_ranks(groups, torch.cat([totals.nll, totals.count, totals.windows]), device)
+    packed, layout = totals.pack()
+    packed = groups.all_reduce_sum_dp(packed).tolist()  # the evaluation's one host read
     L1 = len(domain_names) + 1
-    nll, count, win = packed[:L1], packed[L1:2 * L1], packed[2 * L1:]
-    n = float(count.sum())
+    nll, count, win = packed[:L1], packed[L1:2 * L1], packed[2 * L1:2 * L1 + 3]
+    routing: dict[int, dict[str, torch.Tensor]] = {}
+    offset = 2 * L1 + 3
+    for layer, name, shape in layout:
+        n = math.prod(shape)
+        # host values from here on: a CPU tensor for the summary's arithmetic
+        routing.setdefault(layer, {})[name] = torch.tensor(packed[offset:offset + n], dtype=torch.float64).view(shape)
+        offset += n
+    n = sum(count)
     if n == 0:
         raise ValueError("the evaluation data holds no token to predict (each document needs at least one token)")
     domains = {}
     for j, name in enumerate([*domain_names, "(unlabelled)"]):
-        if float(count[j]) > 0:
-            loss_j = float(nll[j] / count[j])
+        if count[j] > 0:
+            loss_j = nll[j] / count[j]
             domains[name] = {"tokens": int(count[j]), "loss": loss_j, "perplexity": perplexity(loss_j)}
-    return EvalResult(tokens=int(n), loss=float(nll.sum()) / n,
-                      loss_sem=standard_error(float(win[0]), float(win[1]), float(win[2])),
+    return EvalResult(tokens=int(n), loss=sum(nll) / n, loss_sem=standard_error(win[0], win[1], win[2]),
                       windows=int(win[0]), domain_names=list(domain_names), domains=domains,
-                      moe_layers={layer: routing_summary(row) for layer, row in sorted(totals.routing.items())})
+                      moe_layers={layer: routing_summary(row) for layer, row in sorted(routing.items())})
 
 
 def routing_summary(row: dict[str, torch.Tensor]) -> dict[str, Any]:

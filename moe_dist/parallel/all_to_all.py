@@ -6,22 +6,22 @@ Legend: N rows sent by this rank, M rows received, D row width, P group size.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from moe_dist.parallel import collectives
 
 
 def exchange_counts(counts_P: Tensor, group) -> Tensor:
     """Send `counts_P[p]` to rank p of `group`; returns what each rank sent to this one.
     Tiny and equal-split: it tells every rank the split sizes of the token all-to-all."""
     out = torch.empty_like(counts_P)
-    dist.all_to_all_single(out, counts_P.contiguous(), group=group)
+    collectives.all_to_all_single(out, counts_P.contiguous(), group=group)
     return out
 
 
 def _all_to_all(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group) -> Tensor:
     out_MD = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
-    dist.all_to_all_single(out_MD, x_ND.contiguous(), output_split_sizes=recv_splits,
-                           input_split_sizes=send_splits, group=group)
+    collectives.all_to_all_single(out_MD, x_ND.contiguous(), recv_splits, send_splits, group)
     return out_MD
 
 

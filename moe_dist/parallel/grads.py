@@ -12,9 +12,9 @@ plain-PyTorch training loops and is the reference those tests compare against.
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import nn
 
+from moe_dist.parallel import collectives
 from moe_dist.parallel.groups import ParallelGroups
 
 
@@ -30,5 +30,5 @@ def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
         if p.grad is None:
             continue
         group = groups.edp_group if is_expert_param(p) else groups.dp_group
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+        collectives.all_reduce_(p.grad, "sum", group)
         p.grad.div_(groups.world_size)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moe_dist.common.config import ConfigError
+from moe_dist.parallel import collectives
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -102,9 +103,8 @@ class ParallelGroups:
                    dp_group=ds_groups._get_data_parallel_group())
 
     def all_reduce_sum_dp(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of a detached tensor over the data-parallel group (a new tensor; input untouched)."""
+        """Sum of a detached tensor over the data-parallel group (a new tensor on `t`'s device, reduced
+        on the device the group serves; input untouched)."""
         if self.dp_size == 1:
             return t
-        out = t.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.dp_group)
-        return out
+        return collectives.all_reduce(t, "sum", self.dp_group)

@@ -1,7 +1,8 @@
 """Process-level distributed runtime for the trainer: start-up, rank facts, barrier, reductions.
 
 The trainer never imports torch.distributed itself; it calls these. Everything works without a
-process group too (one process), so the same trainer code runs single-process references.
+process group too (one process), so the same trainer code runs single-process references. The
+collectives go through `parallel.collectives`, which runs them on the device the group serves.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from moe_dist.parallel import collectives
 
 
 def env_world_size() -> int:
@@ -104,7 +107,7 @@ def group_timeouts() -> dict[str, datetime.timedelta]:
     for group, name in c10d._world.pg_names.items():
         if c10d._rank_not_in_group(group):
             continue
-        backend = group._get_backend(torch.device("cuda" if dist.get_backend(group) == "nccl" else "cpu"))
+        backend = group._get_backend(collectives.collective_device(group))
         out[name] = backend.options._timeout
     return out
 
@@ -122,24 +125,19 @@ def world_size() -> int:
 
 
 def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over all ranks of a detached tensor (a new tensor; the input is untouched)."""
-    out = t.detach().clone()
-    if is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
-    return out
+    """Mean over all ranks of a detached tensor (a new tensor on `t`'s device; the input is
+    untouched)."""
+    out = collectives.all_reduce(t, "sum")
+    return out / world_size() if is_initialized() else out
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    out = t.detach().clone()
-    if is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    """Maximum over all ranks of a detached tensor (a new tensor on `t`'s device)."""
+    return collectives.all_reduce(t, "max")
 
 
 def enforce_group_timeouts(timeout_s: float) -> int:
@@ -154,21 +152,10 @@ def enforce_group_timeouts(timeout_s: float) -> int:
 
 
 def all_gather_row(row: torch.Tensor) -> torch.Tensor:
-    """[world, n]: every rank's `row` (float64, n equal on all ranks), by one all-reduce, so a
-    step's per-rank facts (flags, times) cost a single small collective."""
-    row = row.detach().to(torch.float64).flatten()
-    table = torch.zeros(world_size(), row.numel(), dtype=torch.float64)
-    table[rank()] = row
-    if is_initialized():
-        table = table.to(_collective_device())
-        dist.all_reduce(table, op=dist.ReduceOp.SUM)
-    return table.cpu()
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """[world, n] float64 on `row`'s device: every rank's `row` (n equal on all ranks), by one
+    all-reduce, so a step's per-rank facts (flags, times, the grad norm) cost a single small
+    collective and, read once, a single host sync."""
+    return collectives.all_gather_row(row, rank(), world_size())
 
 
 def default_store():
@@ -181,11 +168,7 @@ def default_store():
 
 def broadcast_object(obj, src: int = 0):
     """`obj` from rank `src` on every rank (e.g. one rank's decision to stop)."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    return collectives.broadcast_object(obj, src)
 
 
 def destroy() -> None:

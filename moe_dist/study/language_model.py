@@ -90,7 +90,7 @@ def _layer_summary(summary: dict[int, dict[str, Any]]) -> dict[str, dict[str, An
         entry = {"dropped_fraction": row["dropped_fraction"], "load_cv": row["load_cv"]}
         if "expert_label_counts" in row:
             entry["mi_label_normalized"] = row.get("mi_domain_normalized", 0.0)
-            entry["expert_label_counts"] = row["expert_label_counts"].tolist()
+            entry["expert_label_counts"] = row["expert_label_counts"]
         out[str(layer)] = entry
     return out
 

@@ -22,8 +22,7 @@ import functools
 import math
 import sys
 
-import torch
-from torch import Tensor
+from typing import Any
 
 SKIP = ("load_E", "expert_label_counts")
 
@@ -70,31 +69,30 @@ class TensorBoardLogger:
                 self.writer.add_scalar(tag, float(value), step)
 
     @_tolerant
-    def moe(self, step: int, summary: dict[int, dict[str, Tensor | float]], prefix: str = "") -> None:
+    def moe(self, step: int, summary: dict[int, dict[str, Any]], prefix: str = "") -> None:
+        """`MoEStatsAccumulator.unpack`'s rows: host values (floats, `load_E` a list), written
+        without touching a tensor."""
         if self.writer is None:
             return
         for layer, row in summary.items():
             base = f"moe/layer{layer}/{prefix}"
             for name, value in row.items():
-                if name not in SKIP:
+                if name not in SKIP and value is not None:
                     self.writer.add_scalar(base + name, float(value), step)
             self.expert_load_histogram(f"{base}expert_load", row["load_E"], step)
 
-    def expert_load_histogram(self, tag: str, load_E: Tensor, step: int) -> None:
+    def expert_load_histogram(self, tag: str, load_E: list[float], step: int) -> None:
         """The exact per-expert load as a histogram over expert ids (bucket e = expert e's
         routed tokens). `add_histogram` would need one value per routed token; the raw form
         costs O(E) whatever the batch."""
-        load = load_E.double()
-        ids = torch.arange(load.numel(), dtype=torch.float64)
-        total = float(load.sum())
+        load = [float(v) for v in load_E]
         self.writer.add_histogram_raw(
-            tag, min=0.0, max=float(load.numel() - 1), num=total, sum=float((ids * load).sum()),
-            sum_squares=float((ids.square() * load).sum()),
-            bucket_limits=[i + 0.5 for i in range(load.numel())], bucket_counts=load.tolist(),
-            global_step=step)
+            tag, min=0.0, max=float(len(load) - 1), num=sum(load), sum=sum(i * v for i, v in enumerate(load)),
+            sum_squares=sum(i * i * v for i, v in enumerate(load)),
+            bucket_limits=[i + 0.5 for i in range(len(load))], bucket_counts=load, global_step=step)
 
     @_tolerant
-    def expert_domain_heatmap(self, step: int, layer: int, joint_EL: Tensor, domain_names: list[str]) -> None:
+    def expert_domain_heatmap(self, step: int, layer: int, joint_EL, domain_names: list[str]) -> None:
         """P(expert | domain) as an image: columns are domains, each sums to 1."""
         if self.writer is None:
             return
@@ -105,9 +103,9 @@ class TensorBoardLogger:
 
         from moe_dist.evaluate.heatmap import draw_expert_by_domain
 
-        E, L = joint_EL.shape
+        E, L = len(joint_EL), len(joint_EL[0])
         fig, ax = plt.subplots(figsize=(1.5 + 0.6 * L, 1.0 + 0.3 * E))
-        draw_expert_by_domain(fig, ax, joint_EL.numpy(), domain_names, layer)
+        draw_expert_by_domain(fig, ax, joint_EL, domain_names, layer)
         fig.tight_layout()
         self.writer.add_figure(f"moe/layer{layer}/expert_by_domain", fig, step, close=True)
 

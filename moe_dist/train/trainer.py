@@ -7,7 +7,6 @@ model or any dataset index exists.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
-from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
+from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load, wants_step_load
 from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.safety.exits import PREEMPTED, RunStopped
@@ -81,7 +80,10 @@ class Trainer:
         self.tokenizer = self.datasets.tokenizer
         self.step = 0
         self.tb = TensorBoardLogger(train.tensorboard_dir, enabled=self.rank == 0)
-        self.safety = RunSafety(train, [i for i, _ in self.model.moe_layers()])
+        self.safety = RunSafety(train, [i for i, _ in self.model.moe_layers()], device=self.device)
+        routers = {layer: moe.router for layer, moe in self.model.moe_layers()}
+        # Only routers with an after_step hook (aux-loss-free bias balancing) cost a per-step all-reduce.
+        self.after_step_routers = routers if wants_step_load(routers.values()) else {}
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -133,36 +135,38 @@ class Trainer:
         domain_ids = batch["domain_ids"].to(self.device, non_blocking=True)
         return self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids)
 
-    def train_step(self, batches, stats: MoEStatsAccumulator) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro batches; returns (mean LM loss, aux loss) of
-        this rank."""
-        lm, aux, step_stats = 0.0, 0.0, []
+    def train_step(self, batches, stats: MoEStatsAccumulator, losses: torch.Tensor) -> None:
+        """One optimizer step over grad_accum micro batches. This rank's LM and aux losses are
+        added to `losses` ([2] float64, on the device) and its routing statistics to `stats`: no
+        host read per micro batch."""
+        step_stats = []
         for _ in range(self.cfg.train.grad_accum):
             out = self.forward(next(batches))
             self.engine.backward(out.loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.engine.step()  # the optimizer steps only at the accumulation boundary
             self.safety.observe(out)
-            lm += float(out.lm_loss.detach())
-            aux += float(out.aux_loss.detach())
+            losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach().to(out.lm_loss.device)]).double()
             step_stats.append(out.moe_stats)
             stats.add(out.moe_stats)
-        for layer, load_E in step_load(step_stats).items():
-            # Global pre-drop load, identical on every rank, so router state stays in sync.
-            dict(self.model.moe_layers())[layer].router.after_step(load_E)
-        n = self.cfg.train.grad_accum
-        return lm / n, aux / n
+        if self.after_step_routers:
+            # The global pre-drop load, identical on every rank (one packed all-reduce for all
+            # layers), so router state stays in sync; it stays on the device.
+            for layer, load_E in step_load(step_stats, self.groups.all_reduce_sum_dp).items():
+                self.after_step_routers[layer].after_step(load_E)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean validation LM loss over train.eval_batches micro batches per rank (the same
-        batches at every evaluation), its standard error, and the eval's routing statistics."""
+        batches at every evaluation), its standard error, and the eval's routing statistics:
+        summed on the device, reduced over ranks in one packed all-reduce and read once."""
         valid = self.datasets.valid
         if valid is None or len(valid) < self.cfg.train.micro_batch * self.world:
             return None
         self.engine.eval()
         stats = MoEStatsAccumulator()
         loader = build_dataloader(valid, self.cfg.train.micro_batch, self.rank, self.world)
-        sums = torch.zeros(4, dtype=torch.float64)  # tokens, sequences, sum and sum of squares of sequence losses
+        # tokens, sequences, sum and sum of squares of sequence losses
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(loader):
             if i == self.cfg.train.eval_batches(self.world):
                 break
@@ -170,10 +174,12 @@ class Trainer:
             sums += sequence_loss_sums(out.logits_BSV, batch["tokens"][:, 1:].to(out.logits_BSV.device))
             stats.add(out.moe_stats)
         self.engine.train()
-        sums = runtime.all_reduce_mean(sums) * self.world
-        loss = float(sums[2] / sums[1].clamp_min(1))
-        sem = standard_error(float(sums[1]), float(sums[2]), float(sums[3]))
-        summary = stats.summary()
+        total = self.groups.all_reduce_sum_dp(torch.cat([sums, stats.pack(self.device)]))
+        values = torch.cat([total[:4], stats.summarize(total[4:], self.world)]).tolist()  # the one host read
+        tokens, sequences, loss_sum, loss_sq = values[:4]
+        summary = stats.unpack(values[4:])
+        loss = loss_sum / max(sequences, 1.0)
+        sem = standard_error(sequences, loss_sum, loss_sq)
         for layer, row in summary.items():
             self.tb.scalars(self.step, {f"moe/layer{layer}/val_dropped_fraction": row["dropped_fraction"],
                                         f"moe/layer{layer}/val_load_cv": row["load_cv"]})
@@ -185,16 +191,9 @@ class Trainer:
                                                 row["mi_domain_normalized"]})
         self.tb.scalars(self.step, {"val/loss": loss, "val/perplexity": perplexity(loss), "val/loss_sem": sem})
         drops = " ".join(f"{row['dropped_fraction']:.3f}" for row in summary.values())
-        log0(f"step {self.step} | validation loss {loss:.4f} ± {sem:.4f} over {int(sums[0]):,} tokens | "
+        log0(f"step {self.step} | validation loss {loss:.4f} ± {sem:.4f} over {int(tokens):,} tokens | "
              f"perplexity {perplexity(loss):.2f} | dropped per MoE layer {drops or '-'}")
         return loss
-
-    def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            return None
-        norm = float(norm)
-        return norm if math.isfinite(norm) else None
 
     def run(self, resume: bool = False, stop_at_step: int | None = None) -> TrainResult:
         train = self.cfg.train
@@ -208,7 +207,7 @@ class Trainer:
         batches = iter(loader)
         stats = MoEStatsAccumulator()
         progress = Progress(train.steps, self.global_batch * train.seq_len, start_step=self.step)
-        interval_lm, interval_aux, interval_steps = 0.0, 0.0, 0
+        losses = torch.zeros(2, dtype=torch.float64, device=self.device)  # LM and aux, summed over micro batches
         log0(f"training steps {self.step + 1}..{end} of {train.steps}: world {self.world}, "
              f"ep_size {self.groups.ep_size}, global batch {self.global_batch} x {train.seq_len} tokens, "
              f"{sum(p.numel() for p in self.model.parameters()):,} parameters on rank 0")
@@ -216,16 +215,12 @@ class Trainer:
         self.safety.start(self.step)
         while self.step < end:
             lr = self.optimizer.param_groups[0]["lr"]
-            lm, aux = self.train_step(batches, stats)
+            self.train_step(batches, stats, losses)
             self.step += 1
             stop = self.safety.end_step(self.step, self.engine, self.scheduler)
-            interval_lm, interval_aux, interval_steps = interval_lm + lm, interval_aux + aux, interval_steps + 1
             if self.step % train.log_interval == 0 or self.step == end or stop:
-                losses = runtime.all_reduce_mean(torch.tensor([interval_lm, interval_aux]) / interval_steps)
-                loss, aux_mean = float(losses[0]), float(losses[1])
-                result.losses[self.step] = loss
-                self.log_interval(progress, loss, aux_mean, lr, stats)
-                interval_lm, interval_aux, interval_steps = 0.0, 0.0, 0
+                result.losses[self.step] = self.log_interval(progress, losses, lr, stats)
+                losses.zero_()
                 stats.reset()
             if stop:
                 self.stop_after_signal()
@@ -253,10 +248,17 @@ class Trainer:
         self.tb.close()
         raise RunStopped(PREEMPTED, f"stopped after step {self.step}: {self.safety.stop_reason}; {where}")
 
-    def log_interval(self, progress: Progress, loss: float, aux: float, lr: float,
-                     stats: MoEStatsAccumulator) -> None:
+    def log_interval(self, progress: Progress, losses: torch.Tensor, lr: float,
+                     stats: MoEStatsAccumulator) -> float:
+        """Log the interval: its summed losses and every MoE layer's statistics go over the
+        data-parallel ranks in one packed all-reduce and come to the host in one read. Returns
+        the mean LM loss (over micro batches and ranks)."""
         tokens_per_s, sec_per_step = progress.interval(self.step)
-        grad_norm = self.grad_norm()
+        total = self.groups.all_reduce_sum_dp(torch.cat([losses, stats.pack(self.device)]))
+        draws = max(stats.batches, 1) * self.world  # micro batches of every rank
+        values = torch.cat([total[:2] / draws, stats.summarize(total[2:], self.world)]).tolist()  # the one read
+        loss, aux = values[0], values[1]
+        grad_norm = self.safety.grad_norm
         times = self.safety.times.take()
         self.tb.scalars(self.step, {"train/loss": loss, "train/perplexity": perplexity(loss),
                                     "train/aux_loss": aux, "train/lr": lr, "train/grad_norm": grad_norm,
@@ -265,10 +267,11 @@ class Trainer:
         if times is not None:
             self.tb.scalars(self.step, {"train/step_time_min": times.min, "train/step_time_max": times.max,
                                         "train/step_time_slowest_rank": times.max_rank})
-        self.tb.moe(self.step, stats.summary())
+        self.tb.moe(self.step, stats.unpack(values[2:]))
         self.tb.flush()
         log0(progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step, times,
                            self.safety.skipped))
+        return loss
 
 
 def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None = None,

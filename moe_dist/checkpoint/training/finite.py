@@ -28,7 +28,8 @@ def loaded_non_finite(model: torch.nn.Module, optimizer) -> list[str]:
 def check_resumed_finite(model: torch.nn.Module, optimizer, tag_dir: str) -> None:
     """Collective: ConfigError on every rank when any rank loaded a non-finite tensor."""
     bad = loaded_non_finite(model, optimizer)
-    total = int(runtime.all_reduce_max(torch.tensor([len(bad)], dtype=torch.float64))[0])
+    # A fill, not a tensor from host data; the seam reduces it on the device the group serves.
+    total = int(runtime.all_reduce_max(torch.full((1,), float(len(bad)), dtype=torch.float64)).tolist()[0])
     if total:
         here = (f"rank {runtime.rank()}: {name_some(bad)}" if bad
                 else "another rank's tensors (see its message)")

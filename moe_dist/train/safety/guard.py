@@ -5,11 +5,14 @@ heartbeat, and per-rank step times for the log line and TensorBoard.
 
 The report is a single small all-reduce over WORLD (`runtime.all_gather_row`): every rank learns
 every rank's facts, so all of them take the same decision (skip, stop, save) in the same step,
-which is what keeps their collectives in step with each other.
+which is what keeps their collectives in step with each other. The row is built on the device
+(the non-finite flags never leave it before; the stop wish and the step time enter by fills, not
+copies) with the step's gradient norm in it, and read once: the step's one host read.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -23,7 +26,9 @@ from moe_dist.train.safety.watchdog import Watchdog
 
 
 class RunSafety:
-    def __init__(self, train: TrainSection, moe_layer_ids: list[int], skipped_before: int = 0) -> None:
+    def __init__(self, train: TrainSection, moe_layer_ids: list[int], skipped_before: int = 0,
+                 device: torch.device | None = None) -> None:
+        self.device = device
         self.collective_timeout = train.collective_timeout
         self.nonfinite = NonFiniteWatch(moe_layer_ids, train.max_consecutive_skips)
         self.nonfinite.skipped = skipped_before
@@ -31,6 +36,7 @@ class RunSafety:
         self.watchdog = Watchdog(train.watchdog_timeout)
         self.times = StepTimes(runtime.world_size())
         self.stop_reason: str | None = None
+        self.grad_norm: float | None = None  # the last step's, from its row (None: not computed or not finite)
         self._t = time.perf_counter()
 
     def start(self, step: int) -> RunSafety:
@@ -61,20 +67,28 @@ class RunSafety:
         stop (all ranks return the same). Raises RunStopped for the non-finite policy."""
         norm = engine.get_global_grad_norm()
         applied = bool(engine.was_step_applied())
-        mask = self.nonfinite.take_mask(None if norm is None else float(norm), applied)
+        flags = self.nonfinite.take_flags(norm, applied, self.device)
+        device = flags.device
+        norm_t = torch.full((1,), float("nan"), dtype=torch.float64, device=device) if norm is None else \
+            (norm.detach().to(device, torch.float64).reshape(1) if isinstance(norm, torch.Tensor)
+             else torch.full((1,), float(norm), dtype=torch.float64, device=device))
         seconds = time.perf_counter() - self._t
-        table = runtime.all_gather_row(torch.tensor([float(self.stop.requested), seconds, float(mask)]))
+        row = torch.cat([torch.full((1,), float(self.stop.requested), dtype=torch.float64, device=device),
+                         torch.full((1,), seconds, dtype=torch.float64, device=device), norm_t, flags])
+        table = runtime.all_gather_row(row).tolist()  # the step's one host read
         self._t = time.perf_counter()
-        self.times.add(table[:, 1].tolist())
+        norm_value = table[0][2]
+        self.grad_norm = norm_value if math.isfinite(norm_value) else None
+        self.times.add([r[1] for r in table])
         if not applied:
             # DeepSpeed leaves the LR scheduler behind on a skipped step; the schedule follows the
             # step count, as it does on resume.
             scheduler.step()
-        warning = self.nonfinite.after_step(step, [int(m) for m in table[:, 2].tolist()], applied)
+        warning = self.nonfinite.after_step(step, [self.nonfinite.mask(r[3:]) for r in table], applied)
         if warning and runtime.rank() == 0:
             print(f"warning: {warning}", flush=True)
         self.watchdog.progress(step)
-        stopping = [r for r, flag in enumerate(table[:, 0].tolist()) if flag]
+        stopping = [r for r, row in enumerate(table) if row[0]]
         if stopping:
             self.stop_reason = (f"rank(s) {stopping} asked to stop"
                                 + (f" (here: {self.stop.reason})" if self.stop.requested else ""))

@@ -19,8 +19,6 @@ stop reason: they often recover, and the gradient norm goes non-finite soon afte
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from moe_dist.parallel import runtime
@@ -29,33 +27,65 @@ from moe_dist.train.safety.exits import NONFINITE, RunStopped
 LM, GRAD, AUX = 1, 2, 4  # mask bits; MoE layer i of the model's MoE layers: bit 3 + i
 
 
-def _finite(x) -> bool:
-    return math.isfinite(float(x))
+def _not_finite(x) -> torch.Tensor:
+    """0-dim bool on `x`'s device: no host read (a grad norm that is a Python float becomes a
+    0-dim tensor by a fill, not a copy)."""
+    t = x if isinstance(x, torch.Tensor) else torch.full((), float(x), dtype=torch.float64)
+    return torch.isfinite(t.detach()).logical_not().reshape(())
 
 
 class NonFiniteWatch:
+    """Flags kept on the device: one column per mask bit (LM, GRAD, AUX, then each MoE layer),
+    OR-ed over the micro batches of a step, so watching costs no host read; the step's flags
+    travel in the guard's one per-step row and are read with it."""
+
     def __init__(self, moe_layer_ids: list[int], max_consecutive: int) -> None:
-        self.layer_bit = {layer: 1 << (3 + i) for i, layer in enumerate(moe_layer_ids)}
+        self.layer_column = {layer: 3 + i for i, layer in enumerate(moe_layer_ids)}
+        self.layer_bit = {layer: 1 << column for layer, column in self.layer_column.items()}
+        self.columns = 3 + len(moe_layer_ids)
         self.max_consecutive = max_consecutive
-        self.mask = 0
+        self.flags: torch.Tensor | None = None
         self.consecutive = 0
         self.skipped = 0
 
     def observe(self, out) -> None:
         """One micro batch's `ModelOutput` on this rank."""
-        if not _finite(out.lm_loss.detach()):
-            self.mask |= LM
-        if not _finite(out.aux_loss.detach()):
-            self.mask |= AUX
+        lm = out.lm_loss.detach()
+        columns = [_not_finite(lm)] + [torch.zeros((), dtype=torch.bool, device=lm.device)] * (self.columns - 1)
+        columns[2] = _not_finite(out.aux_loss).to(lm.device)
         for layer, stats in out.moe_stats.items():
-            if any(name.startswith("loss_") and not _finite(value) for name, value in stats.items()):
-                self.mask |= self.layer_bit.get(layer, AUX)
+            losses = [v.detach().reshape(()) for name, v in stats.items() if name.startswith("loss_")]
+            if losses:
+                bad = torch.isfinite(torch.stack(losses)).all().logical_not().to(lm.device)
+                column = self.layer_column.get(layer, 2)
+                columns[column] = columns[column] | bad
+        flags = torch.stack(columns)
+        self.flags = flags if self.flags is None else self.flags | flags.to(self.flags.device)
 
-    def take_mask(self, grad_norm: float | None, step_applied: bool) -> int:
-        """This rank's flags for the step just taken; resets them for the next one."""
-        mask = self.mask | (GRAD if not step_applied or (grad_norm is not None and not _finite(grad_norm)) else 0)
-        self.mask = 0
-        return mask
+    def take_flags(self, grad_norm, step_applied: bool, device: torch.device | None = None) -> torch.Tensor:
+        """This rank's flags for the step just taken as a float64 vector on the device (one
+        column per mask bit); resets them for the next one. `grad_norm`: DeepSpeed's (a tensor, a
+        float or None)."""
+        flags = self.flags
+        if flags is None:
+            flags = torch.zeros(self.columns, dtype=torch.bool, device=device)
+        elif device is not None:
+            flags = flags.to(device)
+        grad = torch.zeros((), dtype=torch.bool, device=flags.device) if grad_norm is None else \
+            _not_finite(grad_norm).to(flags.device)
+        if not step_applied:
+            grad = torch.ones_like(grad)
+        flags = torch.cat([flags[:1], (flags[1] | grad).reshape(1), flags[2:]])
+        self.flags = None
+        return flags.to(torch.float64)
+
+    def mask(self, flags: list[float]) -> int:
+        """The mask bits of one rank's flag columns (read from the per-step row)."""
+        return sum(1 << i for i, flag in enumerate(flags) if flag)
+
+    def take_mask(self, grad_norm, step_applied: bool) -> int:
+        """`take_flags` read on the host (one read; the trainer reads them in the per-step row)."""
+        return self.mask(self.take_flags(grad_norm, step_applied).tolist())
 
     def describe(self, mask: int) -> list[str]:
         what = []
@@ -90,14 +120,20 @@ class NonFiniteWatch:
 
 
 def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
-    return [name for name, p in module.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    """Names of the non-finite parameters, with one host read for all of them."""
+    named = list(module.named_parameters())
+    if not named:
+        return []
+    device = named[0][1].device
+    bad = torch.stack([torch.isfinite(p.detach()).all().logical_not().to(device) for _, p in named]).tolist()
+    return [name for (name, _), flag in zip(named, bad) if flag]
 
 
 def refuse_nonfinite_save(module: torch.nn.Module, step: int) -> None:
     """Collective: raise RunStopped on every rank if any rank holds a non-finite parameter (its
     experts are its own), so no rank starts a save the others skip."""
     bad = nonfinite_parameters(module)
-    counts = runtime.all_gather_row(torch.tensor([float(len(bad))]))[:, 0].tolist()
+    counts = runtime.all_gather_row(torch.full((1,), float(len(bad)), dtype=torch.float64))[:, 0].tolist()
     if any(counts):
         ranks = [r for r, n in enumerate(counts) if n]
         mine = f"; here (rank {runtime.rank()}): {', '.join(bad[:5])}" if bad else ""

@@ -12,7 +12,7 @@ from moe_dist.checkpoint.training.layout import read_latest
 from moe_dist.common.atomic import write_text_atomic
 from moe_dist.moe.stats import mutual_information
 from moe_dist.train.config import TrainSection, apply_overrides
-from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load
+from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load, wants_step_load
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.schedule import build_lr_scheduler, lr_at
 
@@ -44,36 +44,112 @@ def test_scheduler_steps_through_lr_at():
     assert seen == pytest.approx([lr_at(s, t) for s in range(10)])
 
 
-def stats(load, kept, joint=None, h=0.5, switch=1.0):
-    out = {"tokens_per_expert": torch.tensor(load, dtype=torch.float32),
-           "tokens_per_expert_kept": torch.tensor(kept, dtype=torch.float32),
-           "entropy_token": torch.tensor(h), "entropy_mean": torch.tensor(1.0), "loss_switch": torch.tensor(switch)}
+def stats(load, kept, joint=None, h_sum=0.5, switch=1.0, importance=None):
+    """One micro batch of one layer in the layer's contract: this rank's own counts, plus the
+    local ratios the accumulator must not average (they are recomputed from the sums)."""
+    load_E = torch.tensor(load, dtype=torch.float32)
+    tokens = float(sum(load)) / 2  # top-2
+    out = {"tokens_per_expert": load_E, "tokens_per_expert_kept": torch.tensor(kept, dtype=torch.float32),
+           "num_tokens": torch.tensor(tokens), "entropy_token_sum": torch.tensor(h_sum),
+           "importance": torch.tensor(importance if importance is not None else [tokens / 2, tokens / 2]),
+           "loss_switch": torch.tensor(switch),
+           "dropped_fraction": torch.tensor(0.9), "load_cv": torch.tensor(9.0), "entropy_token": torch.tensor(9.0)}
     if joint is not None:
         out["expert_label_counts"] = torch.tensor(joint, dtype=torch.float32)
     return out
 
 
+def entropy_of(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
 def test_accumulator_sums_counts_and_recomputes_ratios():
     acc = MoEStatsAccumulator()
-    acc.add({1: stats([4, 0], [2, 0], [[4, 0], [0, 0]], h=0.2, switch=1.0)})
-    acc.add({1: stats([0, 12], [0, 12], [[0, 0], [0, 12]], h=0.4, switch=2.0)})
+    acc.add({1: stats([4, 0], [2, 0], [[4, 0], [0, 0]], h_sum=0.2, switch=1.0, importance=[2.0, 0.0])})
+    acc.add({1: stats([0, 12], [0, 12], [[0, 0], [0, 12]], h_sum=0.4, switch=2.0, importance=[1.0, 5.0])})
     row = acc.summary()[1]
-    torch.testing.assert_close(row["load_E"], torch.tensor([4.0, 12.0]))
+    assert row["load_E"] == [4.0, 12.0]
     assert row["dropped_fraction"] == pytest.approx(2 / 16)  # pooled, not the mean of 0.5 and 0
     assert row["load_cv"] == pytest.approx(4 / 8)
     assert row["load_max_over_mean"] == pytest.approx(12 / 8)
-    assert row["entropy_token"] == pytest.approx(0.3)
+    assert row["entropy_token"] == pytest.approx(0.6 / 8)  # sum of entropies over sum of tokens
+    assert row["entropy_mean"] == pytest.approx(entropy_of([3 / 8, 5 / 8]))
     assert row["loss_switch"] == pytest.approx(1.5)
-    mi, mi_norm = mutual_information(torch.tensor([[4.0, 0.0], [0.0, 12.0]]))
+    mi, mi_norm = mutual_information(torch.tensor([[4.0, 0.0], [0.0, 12.0]], dtype=torch.float64))
     assert row["mi_domain"] == pytest.approx(float(mi))
     assert row["mi_domain_normalized"] == pytest.approx(1.0)  # experts determine the domain
+    assert row["expert_label_counts"] == [[4.0, 0.0], [0.0, 12.0]]
     acc.reset()
     assert acc.summary() == {}
 
 
-def test_step_load_sums_micro_batches():
-    load = step_load([{3: stats([1, 2], [1, 2])}, {3: stats([5, 0], [5, 0])}])
-    torch.testing.assert_close(load[3], torch.tensor([6.0, 2.0]))
+def test_accumulator_sums_over_ranks_in_one_packed_reduction():
+    """Two ranks with their own counts: one all-reduce of one flat vector for both layers gives
+    what one process holding all four micro batches logs (losses: mean over ranks and batches)."""
+    ranks = [MoEStatsAccumulator(), MoEStatsAccumulator()]
+    together = MoEStatsAccumulator()
+    batches = [[stats([4, 0], [2, 0], [[4, 0], [0, 0]], h_sum=0.2, switch=1.0)],
+               [stats([2, 6], [2, 6], [[0, 2], [0, 6]], h_sum=0.7, switch=3.0)]]
+    for r, acc in enumerate(ranks):
+        for b in batches[r] * 2:
+            acc.add({1: b, 5: stats([1, 1], [1, 1], h_sum=0.1, switch=4.0)})
+            together.add({1: b, 5: stats([1, 1], [1, 1], h_sum=0.1, switch=4.0)})
+    calls = []
+
+    def all_reduce_sum(t):
+        calls.append(t.shape)
+        return ranks[0].pack() + ranks[1].pack()
+
+    rows = ranks[0].summary(all_reduce_sum, ranks=2)
+    assert len(calls) == 1 and calls[0] == ranks[0].pack().shape  # every layer in one collective
+    want = together.summary()
+    for layer in (1, 5):
+        for name, value in want[layer].items():
+            if name.startswith("loss_"):
+                continue
+            if name == "expert_label_counts":
+                assert rows[layer][name] == value
+            else:
+                assert rows[layer][name] == pytest.approx(value), (layer, name)
+    # the mean of each rank's batches' losses, not of the summed losses over one rank's batches
+    assert rows[1]["loss_switch"] == pytest.approx(2.0)
+    assert rows[5]["loss_switch"] == pytest.approx(4.0)
+    assert rows[1]["load_E"] == [12.0, 12.0]
+
+
+def test_a_layer_without_entropy_sums_has_its_ratio_averaged():
+    acc = MoEStatsAccumulator()
+    for h in (0.2, 0.4):
+        acc.add({0: {"tokens_per_expert": torch.tensor([1.0, 1.0]), "tokens_per_expert_kept": torch.tensor([1.0, 1.0]),
+                     "entropy_token": torch.tensor(h)}})
+    assert acc.summary()[0]["entropy_token"] == pytest.approx(0.3)
+
+
+def test_step_load_sums_micro_batches_and_ranks_in_one_collective():
+    calls = []
+
+    def all_reduce_sum(t):
+        calls.append(t.clone())
+        return t * 2  # a second rank with the same load
+
+    load = step_load([{3: stats([1, 2], [1, 2]), 4: stats([0, 1], [0, 1])},
+                      {3: stats([5, 0], [5, 0]), 4: stats([2, 2], [2, 2])}], all_reduce_sum)
+    assert len(calls) == 1
+    torch.testing.assert_close(load[3], torch.tensor([12.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(load[4], torch.tensor([4.0, 6.0], dtype=torch.float64))
+
+
+def test_only_routers_that_override_after_step_want_the_step_load():
+    from moe_dist.routing.base import Router
+    from moe_dist.routing.topk import TopKRouter
+
+    class Plain(Router):
+        pass
+
+    plain = Plain.__new__(Plain)
+    topk = TopKRouter.__new__(TopKRouter)
+    assert not wants_step_load([plain, plain])
+    assert wants_step_load([plain, topk])
 
 
 def test_progress_line():
