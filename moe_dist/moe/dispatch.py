@@ -91,15 +91,19 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     return x_MD, sort_M, plan
 
 
-def _choice_rows(y_SD: Tensor, rank_T: Tensor, keep_T: Tensor) -> Tensor:
-    """Each token's row for one choice, in fp32, zero where the pair was dropped (masked, not
+def _choice_rows(y_SD: Tensor, rank_T: Tensor, keep_T: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each token's row for one choice, in `dtype`, zero where the pair was dropped (masked, not
     multiplied: a dropped pair's row may hold anything, and 0 * NaN is NaN)."""
-    return y_SD.index_select(0, rank_T).float().masked_fill_(~keep_T[:, None], 0.0)
+    return y_SD.index_select(0, rank_T).to(dtype).masked_fill_(~keep_T[:, None], 0.0)
+
+
+def _sum_dtype(y: Tensor) -> torch.dtype:
+    return torch.promote_types(y.dtype, torch.float32)  # fp32, or wider where y is
 
 
 class _WeightedChoiceSum(torch.autograd.Function):
-    """`out_t = sum_k w_tk * y_SD[rank_tk]` over kept pairs, accumulated in fp32 in the fixed
-    order k = 0, 1, ..., K-1 and cast back to y's dtype.
+    """`out_t = sum_k w_tk * y_SD[rank_tk]` over kept pairs, accumulated in fp32 (fp64 for fp64
+    rows) in the fixed order k = 0, 1, ..., K-1, with fp32 weights, and cast back to y's dtype.
 
     Deterministic by construction: no atomics (every pair has its own row, so the backward
     writes each row of dy exactly once) and one summation order on every device. One [T, D]
@@ -108,10 +112,11 @@ class _WeightedChoiceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_SD: Tensor, w_TK: Tensor, rank_TK: Tensor, keep_TK: Tensor) -> Tensor:
-        w32_TK = torch.where(keep_TK, w_TK.float(), 0.0)
+        acc = _sum_dtype(y_SD)
+        w32_TK = torch.where(keep_TK, w_TK.to(torch.promote_types(w_TK.dtype, torch.float32)), 0.0)
         out_TD = None
         for k in range(rank_TK.shape[1]):
-            term_TD = _choice_rows(y_SD, rank_TK[:, k], keep_TK[:, k]).mul_(w32_TK[:, k, None])
+            term_TD = _choice_rows(y_SD, rank_TK[:, k], keep_TK[:, k], acc).mul_(w32_TK[:, k, None])
             out_TD = term_TD if out_TD is None else out_TD.add_(term_TD)
         ctx.save_for_backward(y_SD, w32_TK, rank_TK, keep_TK)
         ctx.w_dtype = w_TK.dtype
@@ -121,12 +126,14 @@ class _WeightedChoiceSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TD: Tensor):
         y_SD, w32_TK, rank_TK, keep_TK = ctx.saved_tensors
-        g_TD = grad_TD.float()
+        acc = _sum_dtype(y_SD)
+        g_TD = grad_TD.to(acc)
         grad_y_SD = torch.zeros_like(y_SD) if ctx.needs_input_grad[0] else None
         grad_w_TK = torch.zeros_like(w32_TK) if ctx.needs_input_grad[1] else None
         for k in range(rank_TK.shape[1]):
             if grad_w_TK is not None:
-                grad_w_TK[:, k] = torch.linalg.vecdot(g_TD, _choice_rows(y_SD, rank_TK[:, k], keep_TK[:, k]))
+                rows_TD = _choice_rows(y_SD, rank_TK[:, k], keep_TK[:, k], acc)
+                grad_w_TK[:, k] = torch.linalg.vecdot(g_TD, rows_TD).to(grad_w_TK.dtype)
             if grad_y_SD is not None:  # a dropped pair's weight is 0 here: its row gets 0
                 grad_y_SD.index_copy_(0, rank_TK[:, k], (g_TD * w32_TK[:, k, None]).to(y_SD.dtype))
         return grad_y_SD, None if grad_w_TK is None else grad_w_TK.to(ctx.w_dtype), None, None

@@ -154,10 +154,13 @@ class PopulationInhibition(FP32Buffers):
         self.num_updates += 1
         for name in self.ema_names:
             getattr(self, f"ema_{name}").lerp_(batch[name], 1.0 - self.momentum)
-        self._host_updates += 1
+        if self.mode != "subspace":
+            return
         # The step count is the host's mirror, not the buffer: no read of the device per forward
-        # (the refresh's eigendecomposition itself is one, every `refresh_every` steps).
-        if self.mode == "subspace" and (self._host_updates - 1) % self.refresh_every == 0:
+        # (the refresh's eigendecomposition itself is one, every `refresh_every` steps). Other
+        # modes never touch it, so a compiled forward does not specialise on a changing int.
+        self._host_updates += 1
+        if (self._host_updates - 1) % self.refresh_every == 0:
             self.basis_DZ.copy_(top_directions(self._corrected("second_DD", 0.0), self.rank))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
