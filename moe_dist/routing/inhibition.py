@@ -141,6 +141,15 @@ class PopulationInhibition(FP32Buffers):
     def _statistics(self, x_TD: Tensor, ctx: RoutingContext) -> dict[str, Tensor]:
         if not ctx.training:
             return self.ema_statistics()
+        if torch.compiler.is_compiling() and (self.mode == "subspace" or (self.mode == "divisive" and
+                                                                          self.stat == "ema")):
+            # AOTAutograd may save the buffers `_fold` mutates as the backward's inputs and read
+            # them after the mutation: the gradient through the EMA's scale comes out wrong,
+            # silently (seen with torch 2.13). Subspace also counts its refreshes on the host.
+            raise NotImplementedError(
+                f"router.mode {self.mode!r} with router.stat {self.stat!r} cannot be trained under "
+                f"torch.compile: run the layer eager, or use mode subtractive/rectified, or divisive "
+                f"with stat 'batch'")
         batch = population_statistics(x_TD, ctx, self.mode)
         self._fold(batch)
         if self.mode == "subspace":

@@ -19,7 +19,7 @@ from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-ROUTERS = {"topk": {"type": "topk"}, "inhibition": {"type": "inhibition", "mode": "divisive"},
+ROUTERS = {"topk": {"type": "topk"}, "inhibition": {"type": "inhibition"},
            "fixed_projection": {"type": "fixed_projection", "center": True, "weights": "softmax"}}
 MODES = {"capacity": dict(capacity_factor=1.0, min_capacity=1), "dropless": dict(dropless=True)}
 
@@ -74,6 +74,19 @@ def test_layer_traces_as_one_graph():
         layer = make_layer("topk", mode, True, dtype)
         explained = torch._dynamo.explain(lambda x: layer(x).y)(torch.randn(16, 32, dtype=dtype))
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("router", [{"type": "inhibition", "mode": "divisive"},
+                                    {"type": "inhibition", "mode": "subspace", "stat": "batch"}], ids=str)
+def test_inhibition_modes_compile_would_get_wrong_are_refused(router):
+    """Their backward reads the EMA buffers the same forward updates, which AOTAutograd gets wrong
+    (silently: wrong input gradients); eval, which updates nothing, is not refused."""
+    torch._dynamo.reset()
+    layer = MoELayer(MoEConfig.from_dict(dict(d_model=32, d_ff=64, num_experts=8, top_k=2, router=router)), seed=0)
+    with pytest.raises(Exception, match="cannot be trained under torch.compile"):
+        torch.compile(layer, fullgraph=True, backend="eager")(torch.randn(8, 32))
+    layer.eval()
+    torch.compile(layer, fullgraph=True, backend="eager")(torch.randn(8, 32))
 
 
 def test_compiled_layer_matches_eager():
