@@ -32,6 +32,7 @@ class DispatchPlan:
     """What `combine` needs to bring expert outputs back to their tokens."""
 
     rank_TK: Tensor  # each pair's row among the S rows `combine` reads (expert order; dropped last)
+    pair_S: Tensor  # the pair (choice-major id k*T + t) at each of those rows: rank_TK's inverse
     keep_TK: Tensor  # bool: the pair was kept (a dropped pair's row is ignored, whatever it holds)
     counts_e: Tensor  # int64 rows per local expert, in the order the experts see them (on the device)
     send_splits: list[int] | None = None  # rows sent to each EP rank; None when P == 1
@@ -78,7 +79,7 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     rank_Q[pair_S] = torch.arange(pair_S.numel(), device=pair_S.device)
     rank_TK = rank_Q.view(K, T).t()
     if P == 1:
-        return x_TD, pair_S % T, DispatchPlan(rank_TK, keep_TK, kept_E)
+        return x_TD, pair_S % T, DispatchPlan(rank_TK, pair_S, keep_TK, kept_E)
 
     send_counts_Pe = kept_E.view(P, E // P)
     recv_counts_Pe = exchange_counts(send_counts_Pe, groups.ep_group)
@@ -87,14 +88,8 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     x_ND = x_TD.index_select(0, pair_S[:sum(send_splits)] % T)
     x_MD = all_to_all(x_ND, send_splits, recv_splits, groups.ep_group)
     sort_M, unsort_M = _regroup_by_expert(recv_counts_Pe, sum(recv_splits))
-    plan = DispatchPlan(rank_TK, keep_TK, recv_counts_Pe.sum(0), send_splits, recv_splits, unsort_M)
+    plan = DispatchPlan(rank_TK, pair_S, keep_TK, recv_counts_Pe.sum(0), send_splits, recv_splits, unsort_M)
     return x_MD, sort_M, plan
-
-
-def _choice_rows(y_SD: Tensor, rank_T: Tensor, keep_T: Tensor, dtype: torch.dtype) -> Tensor:
-    """Each token's row for one choice, in `dtype`, zero where the pair was dropped (masked, not
-    multiplied: a dropped pair's row may hold anything, and 0 * NaN is NaN)."""
-    return y_SD.index_select(0, rank_T).to(dtype).masked_fill_(~keep_T[:, None], 0.0)
 
 
 def _sum_dtype(y: Tensor) -> torch.dtype:
@@ -105,38 +100,47 @@ class _WeightedChoiceSum(torch.autograd.Function):
     """`out_t = sum_k w_tk * y_SD[rank_tk]` over kept pairs, accumulated in fp32 (fp64 for fp64
     rows) in the fixed order k = 0, 1, ..., K-1, with fp32 weights, and cast back to y's dtype.
 
-    Deterministic by construction: no atomics (every pair has its own row, so the backward
-    writes each row of dy exactly once) and one summation order on every device. One [T, D]
-    choice at a time, not a [K, T, D] buffer: the same sums with K times smaller temporaries.
+    Deterministic by construction: no atomics and one summation order on every device. Every
+    pair has its own row of `y_SD` (`pair_S[s]` is the pair at row s), so the backward is a
+    gather per row, never a scatter-add. One [T, D] choice at a time in the forward, not a
+    [K, T, D] buffer: the same sums with K times smaller temporaries. A dropped pair's row is
+    masked, never multiplied (it may hold anything, and 0 * NaN is NaN).
     """
 
     @staticmethod
-    def forward(ctx, y_SD: Tensor, w_TK: Tensor, rank_TK: Tensor, keep_TK: Tensor) -> Tensor:
+    def forward(ctx, y_SD: Tensor, w_TK: Tensor, rank_TK: Tensor, keep_TK: Tensor, pair_S: Tensor) -> Tensor:
         acc = _sum_dtype(y_SD)
         w32_TK = torch.where(keep_TK, w_TK.to(torch.promote_types(w_TK.dtype, torch.float32)), 0.0)
         out_TD = None
         for k in range(rank_TK.shape[1]):
-            term_TD = _choice_rows(y_SD, rank_TK[:, k], keep_TK[:, k], acc).mul_(w32_TK[:, k, None])
-            out_TD = term_TD if out_TD is None else out_TD.add_(term_TD)
-        ctx.save_for_backward(y_SD, w32_TK, rank_TK, keep_TK)
+            rows_TD = y_SD.index_select(0, rank_TK[:, k]).to(acc).masked_fill_(~keep_TK[:, k, None], 0.0)
+            if out_TD is None:
+                out_TD = rows_TD.mul_(w32_TK[:, k, None])
+            else:
+                out_TD.addcmul_(rows_TD, w32_TK[:, k, None])
+        ctx.save_for_backward(y_SD, w32_TK, keep_TK, pair_S)
         ctx.w_dtype = w_TK.dtype
         return out_TD.to(y_SD.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_TD: Tensor):
-        y_SD, w32_TK, rank_TK, keep_TK = ctx.saved_tensors
-        acc = _sum_dtype(y_SD)
-        g_TD = grad_TD.to(acc)
-        grad_y_SD = torch.zeros_like(y_SD) if ctx.needs_input_grad[0] else None
-        grad_w_TK = torch.zeros_like(w32_TK) if ctx.needs_input_grad[1] else None
-        for k in range(rank_TK.shape[1]):
-            if grad_w_TK is not None:
-                rows_TD = _choice_rows(y_SD, rank_TK[:, k], keep_TK[:, k], acc)
-                grad_w_TK[:, k] = torch.linalg.vecdot(g_TD, rows_TD).to(grad_w_TK.dtype)
-            if grad_y_SD is not None:  # a dropped pair's weight is 0 here: its row gets 0
-                grad_y_SD.index_copy_(0, rank_TK[:, k], (g_TD * w32_TK[:, k, None]).to(y_SD.dtype))
-        return grad_y_SD, None if grad_w_TK is None else grad_w_TK.to(ctx.w_dtype), None, None
+        y_SD, w32_TK, keep_TK, pair_S = ctx.saved_tensors
+        T = grad_TD.shape[0]
+        # Row s's pair is q = k*T + t: its upstream gradient is token t's.
+        g_SD = grad_TD.to(_sum_dtype(y_SD)).index_select(0, pair_S % T)
+        grad_w_TK = None
+        if ctx.needs_input_grad[1]:
+            keep_S = keep_TK.t().reshape(-1).index_select(0, pair_S)
+            dot_S = torch.linalg.vecdot(g_SD, y_SD.to(g_SD.dtype))
+            grad_w_Q = torch.empty_like(dot_S)
+            grad_w_Q[pair_S] = torch.where(keep_S, dot_S, 0.0)
+            grad_w_TK = grad_w_Q.view(-1, T).t().to(ctx.w_dtype)
+        grad_y_SD = None
+        if ctx.needs_input_grad[0]:  # a dropped pair's weight is 0 here: its row gets 0
+            w_S = w32_TK.t().reshape(-1).index_select(0, pair_S)
+            grad_y_SD = g_SD.mul_(w_S[:, None].to(g_SD.dtype)).to(y_SD.dtype)
+        return grad_y_SD, grad_w_TK, None, None, None
 
 
 def combine(y_MD: Tensor, w_TK: Tensor, plan: DispatchPlan, groups: ParallelGroups) -> Tensor:
@@ -148,4 +152,4 @@ def combine(y_MD: Tensor, w_TK: Tensor, plan: DispatchPlan, groups: ParallelGrou
                           groups.ep_group)
         # The dropped pairs' rows, past the N kept ones: zeros, so every pair has a row.
         y_SD = torch.cat([y_ND, y_ND.new_zeros((w_TK.numel() - y_ND.shape[0], y_ND.shape[1]))])
-    return _WeightedChoiceSum.apply(y_SD, w_TK, plan.rank_TK, plan.keep_TK)
+    return _WeightedChoiceSum.apply(y_SD, w_TK, plan.rank_TK, plan.keep_TK, plan.pair_S)
