@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.harness.dist import run_distributed
+from tests.harness.host_sync import census_of_backward
 
 from moe_dist.common.host_sync import HostSyncCensus
 from moe_dist.moe.config import MoEConfig
@@ -33,7 +34,7 @@ def _worker(rank: int, world: int) -> None:
             loss = out.y.float().square().sum()
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
-        with backward:
+        with census_of_backward(backward):
             loss.backward()
         assert x.grad is not None and layer.experts.w_in_EDI.grad is not None
         what = f"rank {rank} {case}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.harness.host_sync import census_of_backward
 
 from moe_dist.common.host_sync import HostSyncCensus
 from moe_dist.moe.config import MoEConfig
@@ -39,7 +40,7 @@ def census_of_step(impl: str, dtype: torch.dtype, router: dict, mode: dict, **ex
         loss = out.y.float().square().sum()
         if out.aux_loss is not None:  # routers without probabilities weigh no loss
             loss = loss + out.aux_loss
-    with backward:
+    with census_of_backward(backward):
         loss.backward()
     # What a step needs must be there: the layer ran and every gradient flows.
     assert x.grad is not None and layer.router.training
@@ -66,6 +67,23 @@ def test_expert_mask_and_shared_expert_read_nothing():
     forward, backward = census_of_step("grouped_mm", torch.bfloat16, {"type": "topk"}, MODES[0],
                                        comet_active_fraction=0.25, num_shared_experts=1, shared_gate=True)
     assert forward.count == backward.count == 0, f"{forward.report()}\n{backward.report()}"
+
+
+def test_the_backward_census_sees_a_read_in_a_custom_backward():
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad.sum().item()
+            return grad * 2
+
+    y = ReadsInBackward.apply(torch.ones(3, requires_grad=True)).sum()
+    with census_of_backward(HostSyncCensus()) as backward:
+        y.backward()
+    assert backward.kinds["item"] == 1, backward.report()
 
 
 def test_the_census_sees_a_read_in_the_layer(monkeypatch):
