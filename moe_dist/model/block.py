@@ -60,7 +60,7 @@ class TransformerBlock(nn.Module):
                 return x_BSD + checkpoint(self._dense_ffn, x_BSD, use_reentrant=False), None
             return x_BSD + self._dense_ffn(x_BSD), None
         # The MoE FFN as a whole is never recomputed: a second forward would repeat its all-to-alls
-        # and statistics all-reduce in backward and update router statistic buffers twice. Its
+        # and loss-counts all-reduce in backward and update router statistic buffers twice. Its
         # experts alone are, under `model.moe_recompute` (inside MoELayer).
         out = self.moe(self.ffn_norm(x_BSD), side)
         return x_BSD + out.y, out

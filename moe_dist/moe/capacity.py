@@ -39,6 +39,13 @@ class SlotPlan:
     capacity: int | None  # per expert and per capacity group; None = no limit
 
 
+def _count(ids: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
+    """`torch.bincount(ids, weights, minlength=size)` for ids known to be below `size`, as int64,
+    without reading the device (integer adds: the same result in any order)."""
+    ones = torch.ones_like(ids) if weights is None else weights
+    return torch.zeros(size, dtype=torch.long, device=ids.device).scatter_add_(0, ids, ones)
+
+
 def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy: str = "position",
                  priority_TK: Tensor | None = None, num_groups: int = 1) -> SlotPlan:
     """Queue every (token, choice) pair at its expert and keep the first `capacity` of each queue.
@@ -67,14 +74,16 @@ def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy:
     else:
         raise ValueError(f"drop policy must be 'position' or 'probs', got {policy!r}")
 
-    queue_sizes = torch.bincount(queue_Q, minlength=num_groups * E)
+    # Counts by scatter_add, never bincount: bincount sizes its output by the largest value, which
+    # on a GPU is a read of the device (a host sync) even with `minlength`.
+    queue_sizes = _count(queue_Q, num_groups * E)
     queue_start = torch.cumsum(queue_sizes, 0) - queue_sizes
     sorted_queue = queue_Q[order]
     slot_Q = torch.empty_like(idx_Q)
     slot_Q[order] = torch.arange(idx_Q.numel(), device=idx_Q.device) - queue_start[sorted_queue]
 
     keep_Q = torch.ones_like(idx_Q, dtype=torch.bool) if capacity is None else slot_Q < capacity
-    load_E = torch.bincount(idx_Q, minlength=E)
-    kept_E = torch.bincount(idx_Q, weights=keep_Q.float(), minlength=E).long()  # no mask: no host sync
+    load_E = _count(idx_Q, E)
+    kept_E = _count(idx_Q, E, keep_Q.long())
     return SlotPlan(slot_TK=slot_Q.view(K, T).t(), keep_TK=keep_Q.view(K, T).t(), load_E=load_E,
                     kept_E=kept_E, capacity=capacity)

@@ -29,7 +29,7 @@ def expert_mask_projections(num_local: int, first_expert: int, d_model: int, d_f
         for j in range(num_local)])
 
 
-def mask_expert_hidden(h_MF: Tensor, u_MD: Tensor, v_eDF: Tensor, counts_e: list[int], k: int) -> Tensor:
+def mask_expert_hidden(h_MF: Tensor, u_MD: Tensor, v_eDF: Tensor, counts_e: Tensor, k: int) -> Tensor:
     """COMET inside experts: row m of local expert j keeps the k hidden units of `kwta(u_m V_j)`.
 
     `h_MF` are the experts' hidden activations and `u_MD` the routed tokens' inputs, both grouped
@@ -59,5 +59,5 @@ class ExpertCometMask(FP32Buffers):
         self.register_buffer("v_eDF", expert_mask_projections(num_local, first_expert, d_model, d_ff, seed=seed,
                                                               layer_index=layer_index), persistent=False)
 
-    def forward(self, h_MF: Tensor, u_MD: Tensor, counts_e: list[int]) -> Tensor:
+    def forward(self, h_MF: Tensor, u_MD: Tensor, counts_e: Tensor) -> Tensor:
         return mask_expert_hidden(h_MF, u_MD, self.v_eDF, counts_e, self.k)

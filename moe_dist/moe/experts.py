@@ -1,11 +1,13 @@
 """Local experts as stacked weights and one grouped GEMM per projection.
 
 Legend: moe_dist/moe/__init__.py. The experts run M rows grouped by local expert (`counts_e[j]`
-rows for expert j), gathered by `index_M` from the U rows of `source_UD`. The parameters are
+rows for expert j, a device tensor; rows past their sum are dropped pairs, which come out zero),
+gathered by `index_M` from the U rows of `source_UD`. The parameters are
 named by their consolidated shape (`w_in_EDI`: [E, D, I]); a rank holds its [e, D, I] slice.
 
 Each projection is one grouped GEMM over those exact segments (no capacity padding is ever
-multiplied), through `moe_dist.kernels`, which picks the kernel for the device and dtype.
+multiplied), through `moe_dist.kernels`, which picks the kernel for the device and dtype inside
+its op: this module has no device branch and never reads the counts.
 `recompute` (`model.moe_recompute`) trades the activations autograd keeps for work in the
 backward (`moe_dist.moe.recompute`).
 """
@@ -62,7 +64,7 @@ class GroupedExperts(nn.Module):
         # Optional `(h_MF, x_MD, counts_e) -> h_MF` applied to the hidden units (e.g. COMET's mask).
         self.hidden_mask: nn.Module | None = None
 
-    def forward(self, source_UD: Tensor, index_M: Tensor, counts_e: list[int]) -> Tensor:
+    def forward(self, source_UD: Tensor, index_M: Tensor, counts_e: Tensor) -> Tensor:
         """The experts' outputs for the rows `source_UD[index_M]`, which are grouped by local
         expert (`counts_e[j]` rows for expert j). The gather is left to the first projection, so
         a backend can keep (source, index) for the backward instead of the gathered copy."""
@@ -72,7 +74,7 @@ class GroupedExperts(nn.Module):
             return checkpoint(self._ffn, source_UD, index_M, counts_e, use_reentrant=False)
         return self._ffn(source_UD, index_M, counts_e)
 
-    def _ffn(self, source_UD: Tensor, index_M: Tensor, counts_e: list[int]) -> Tensor:
+    def _ffn(self, source_UD: Tensor, index_M: Tensor, counts_e: Tensor) -> Tensor:
         w_in_eDI = self.w_in_EDI.to(source_UD.dtype)
         w_out_eFD = self.w_out_EFD.to(source_UD.dtype)
         h_MI = gather_grouped_mm(source_UD, index_M, w_in_eDI, counts_e, self.impl)
@@ -84,7 +86,7 @@ class GroupedExperts(nn.Module):
         with recompute_saved(a_MF, lambda: self._hidden(h_MI, source_UD, index_M, counts_e)):
             return grouped_mm(a_MF, w_out_eFD, counts_e, self.impl)
 
-    def _hidden(self, h_MI: Tensor, source_UD: Tensor, index_M: Tensor, counts_e: list[int]) -> Tensor:
+    def _hidden(self, h_MI: Tensor, source_UD: Tensor, index_M: Tensor, counts_e: Tensor) -> Tensor:
         a_MF = ffn_activation(h_MI, self.activation)
         if self.hidden_mask is not None:  # COMET's mask reads the rows without gradient: regather
             a_MF = self.hidden_mask(a_MF, source_UD.index_select(0, index_M), counts_e)

@@ -3,8 +3,11 @@
 Legend: moe_dist/moe/__init__.py.
 
 The layer holds no distributed logic of its own: `dispatch`/`combine` move rows over the EP
-group and `groups.all_reduce_sum_dp` makes statistics global. With `ParallelGroups.single()` it
-is plain single-process PyTorch, the reference every EP run is tested against.
+group, and `groups.all_reduce_sum_dp` sums, only where a weighted loss is defined on global
+counts, the counts it reads (`moe.stats.loss_counts`); the statistics it returns are this rank's.
+With `ParallelGroups.single()` it is plain single-process PyTorch, the reference every EP run is
+tested against. At EP 1 the forward and backward read nothing from the device (no host sync),
+and `torch.compile(fullgraph=True)` takes the layer whole.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.dispatch import combine, dispatch
 from moe_dist.moe.expert_mask import ExpertCometMask
 from moe_dist.moe.experts import DenseFFN, GroupedExperts
-from moe_dist.moe.stats import route_statistics
+from moe_dist.moe.stats import loss_counts, route_statistics
 from moe_dist.parallel.groups import ParallelGroups, validate_parallel_sizes
 from moe_dist.routing.base import RoutingContext
 from moe_dist.routing.losses import routing_losses, weighted_total
@@ -85,7 +88,8 @@ class MoEOutput:
     aux_loss: Tensor | None  # sum of coefficient * loss; add to the LM loss (None: nothing weighted)
     # Unweighted, for logging; those with coefficient 0 carry no autograd graph.
     losses: dict[str, Tensor] = field(default_factory=dict)
-    stats: dict[str, Tensor] = field(default_factory=dict)  # detached, global over DP
+    # Detached, this rank's (moe.stats: the summable counts and their ratios; no collective).
+    stats: dict[str, Tensor] = field(default_factory=dict)
     # Routing-stream state for the next MoE layer (COMET embedding; see MoESideInputs.handed_on).
     stream: Tensor | None = None
 
@@ -174,12 +178,13 @@ class MoELayer(nn.Module):
             else:
                 y_TD = y_TD + self._shared_output(x_TD)
 
-        stats = route_statistics(route, plan, ctx, side.labels_T, side.num_labels)
+        stats = route_statistics(route, plan, side.labels_T, side.num_labels)
         coefficients = cfg.aux_loss.coefficients()
-        losses = routing_losses(route, stats, self.groups.dp_size, cfg.aux_loss.sample_similarity_tokens,
+        weighted = {name for name, c in coefficients.items() if c}
+        losses = routing_losses(route, loss_counts(stats, weighted, ctx.all_reduce_sum), self.groups.dp_size,
+                                cfg.aux_loss.sample_similarity_tokens,
                                 with_sample_similarity=cfg.aux_loss.sample_similarity > 0,
-                                num_groups=num_groups,
-                                weighted={name for name, c in coefficients.items() if c})
+                                num_groups=num_groups, weighted=weighted)
         stats.update({f"loss_{k}": v.detach() for k, v in losses.items()})
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=weighted_total(losses, coefficients),
                          losses=losses, stats=stats, stream=route.stream_TD)

@@ -13,7 +13,7 @@ Legend: moe_dist/moe/__init__.py. Modes (`model.moe_recompute`, docs/training.md
                 (Megatron-Core's `moe`)
 
 Only the experts are recomputed, so the router, the capacity plan, the all-to-alls, the
-statistics all-reduce and router buffer updates run once per step, as without recompute: a
+loss-counts all-reduce and router buffer updates run once per step, as without recompute: a
 recompute of the whole MoE layer would run them again in the backward (re-routing on changed
 buffers is a bug class of its own, OLMo PR #639). The gather source is an input of the
 recomputed region, never rebuilt by a second dispatch.

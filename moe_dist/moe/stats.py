@@ -1,22 +1,31 @@
-"""Per-layer routing statistics (docs/routers/statistics.md), global over the data-parallel group.
+"""Per-layer routing statistics (docs/routers/statistics.md): this rank's own counts, on the device.
 
 Legend: moe_dist/moe/__init__.py.
 
-Everything here is detached. One all-reduce per layer carries all counts, so statistics cost one
-small collective whatever is logged. `route_statistics` runs in every forward and stays on the
-device; `interval_summary` reads the host and runs once per log interval or evaluation.
+Everything here is detached. `route_statistics` runs in every forward and makes no collective
+and no host read: it returns this rank's counts (float32, on the layer's device) and the ratios
+of those counts. Whoever logs them (the trainer, evaluation) sums the summable counts over ranks
+once per interval and takes the ratios of the sums (`interval_summary`). The one collective left
+in the forward is `loss_counts`': the global counts a weighted loss is defined on.
+`interval_summary` reads the host and runs once per log interval or evaluation.
+
+Summable keys (sum over ranks = the counts of one process holding every rank's tokens):
+`tokens_per_expert` [E] (routed pairs, before drops), `tokens_per_expert_kept` [E], `num_tokens`
+[], `importance` [E] (sum of the probabilities; routers with probabilities), `entropy_token_sum`
+[] (sum over tokens of H(probs_t); the same routers), `expert_label_counts` [E, L] (with labels).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from moe_dist.moe.capacity import SlotPlan
-from moe_dist.routing.base import RouterOutput, RoutingContext
+from moe_dist.routing.base import RouterOutput
 
 
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
@@ -37,50 +46,74 @@ def mutual_information(joint_EL: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def expert_label_counts(idx_TK: Tensor, labels_T: Tensor, num_experts: int, num_labels: int) -> Tensor:
-    """Routed pairs per (expert, label); tokens labelled -1 are ignored."""
+    """Routed pairs per (expert, label), float32; tokens labelled -1 are ignored. By scatter_add:
+    bincount would read the device to size its output."""
     K = idx_TK.shape[1]
     labels_Q = labels_T.reshape(-1, 1).expand(-1, K).reshape(-1)
-    valid = labels_Q >= 0
+    valid = (labels_Q >= 0).float()
     cell = idx_TK.reshape(-1) * num_labels + labels_Q.clamp_min(0)
-    return torch.bincount(cell, weights=valid.float(), minlength=num_experts * num_labels).view(num_experts, num_labels)
+    counts = torch.zeros(num_experts * num_labels, device=idx_TK.device).scatter_add_(0, cell, valid)
+    return counts.view(num_experts, num_labels)
 
 
-def route_statistics(route: RouterOutput, plan: SlotPlan, ctx: RoutingContext,
-                     labels_T: Tensor | None = None, num_labels: int = 0) -> dict[str, Tensor]:
+def route_statistics(route: RouterOutput, plan: SlotPlan, labels_T: Tensor | None = None,
+                     num_labels: int = 0) -> dict[str, Tensor]:
+    """This rank's statistics: the summable counts (module docstring) and their ratios."""
     E = plan.load_E.numel()
     T = route.idx_TK.shape[0]
-    parts = [plan.load_E.float(), plan.kept_E.float(), torch.tensor([float(T)], device=plan.load_E.device)]
+    device = plan.load_E.device
+    load_E, kept_E = plan.load_E.float(), plan.kept_E.float()
+    stats = {"tokens_per_expert": load_E, "tokens_per_expert_kept": kept_E,
+             "num_tokens": torch.full((), float(T), device=device)}
     if route.probs_TE is not None:
         probs = route.probs_TE.detach().float()
-        parts += [probs.sum(0), entropy(probs).sum().reshape(1)]
+        stats["importance"] = probs.sum(0)
+        stats["entropy_token_sum"] = entropy(probs).sum()
     if labels_T is not None and num_labels > 0:
-        parts.append(expert_label_counts(route.idx_TK, labels_T.reshape(-1), E, num_labels).flatten())
-    packed = ctx.all_reduce_sum(torch.cat(parts))
+        stats["expert_label_counts"] = expert_label_counts(route.idx_TK, labels_T.reshape(-1), E, num_labels)
+    stats.update(count_ratios(stats))
+    return stats
 
-    load_E, kept_E, total_tokens = packed[:E], packed[E:2 * E], packed[2 * E]
-    rest = packed[2 * E + 1:]
+
+def count_ratios(counts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The ratios of summable counts (one rank's, or their sum over ranks), on their device."""
+    load_E, kept_E = counts["tokens_per_expert"], counts["tokens_per_expert_kept"]
+    E = load_E.numel()
     mean_load = load_E.mean().clamp_min(1e-12)
-    stats = {
-        "tokens_per_expert": load_E,
-        "tokens_per_expert_kept": kept_E,
+    ratios = {
         "dropped_fraction": 1.0 - kept_E.sum() / load_E.sum().clamp_min(1.0),
         "load_cv": load_E.std(unbiased=False) / mean_load,
         "load_max_over_mean": load_E.max() / mean_load,
         # Entropy of where slots went; equals H_u for routers without a probability matrix.
         "entropy_load": entropy(load_E / load_E.sum().clamp_min(1.0)),
     }
-    if route.probs_TE is not None:
-        probs_sum_E, entropy_sum = rest[:E], rest[E]
-        rest = rest[E + 1:]
-        stats["importance"] = probs_sum_E
-        stats["entropy_token"] = entropy_sum / total_tokens  # H_s
-        stats["entropy_mean"] = entropy(probs_sum_E / total_tokens)  # H_u, at most log E
-    if labels_T is not None and num_labels > 0:
-        joint_EL = rest.view(E, num_labels)
-        stats["expert_label_counts"] = joint_EL
-        stats["mi_label"], stats["mi_label_normalized"] = mutual_information(joint_EL)
-    stats["entropy_max"] = torch.tensor(math.log(E))
-    return stats
+    if "importance" in counts:
+        num_tokens = counts["num_tokens"].clamp_min(1.0)
+        ratios["entropy_token"] = counts["entropy_token_sum"] / num_tokens  # H_s
+        ratios["entropy_mean"] = entropy(counts["importance"] / num_tokens)  # H_u, at most log E
+    if "expert_label_counts" in counts:
+        ratios["mi_label"], ratios["mi_label_normalized"] = mutual_information(counts["expert_label_counts"])
+    ratios["entropy_max"] = torch.full((), math.log(E), device=load_E.device)
+    return ratios
+
+
+# The counts each count-defined loss reads, global over the data-parallel group when weighted.
+LOSS_COUNTS = {"switch": "tokens_per_expert", "importance": "importance"}
+
+
+def loss_counts(stats: dict[str, Tensor], weighted: Container[str],
+                all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """The counts `routing.losses` reads: summed over the data-parallel group for the losses
+    that are weighted (their gradient must be the global loss's), in ONE packed all-reduce;
+    this rank's own for the losses that are only logged (no collective at all when none is
+    weighted)."""
+    names = [key for loss, key in LOSS_COUNTS.items() if loss in weighted and key in stats]
+    out = {key: stats[key] for key in LOSS_COUNTS.values() if key in stats}
+    if names:
+        packed = all_reduce_sum(torch.cat([stats[key].reshape(-1) for key in names]))
+        for key, value in zip(names, packed.split([stats[key].numel() for key in names])):
+            out[key] = value.view_as(stats[key])
+    return out
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def population_statistics(x_TD: Tensor, ctx: RoutingContext, mode: str) -> dict[
     """Means over the tokens of every data-parallel rank, from one all-reduce of local sums:
     `mean_D` always, `var_D` (per feature) for divisive, `second_DD` (E[x x^T]) for subspace."""
     x = x_TD.detach().float()
-    parts = [x.new_tensor([x.shape[0]]), x.sum(0)]
+    parts = [torch.full((1,), float(x.shape[0]), device=x.device), x.sum(0)]
     if mode == "divisive":
         parts.append(x.square().sum(0))
     elif mode == "subspace":
@@ -117,6 +117,9 @@ class PopulationInhibition(FP32Buffers):
         self.mode, self.stat, self.momentum = mode, stat, momentum
         self.alpha, self.eps, self.rank, self.refresh_every = alpha, eps, rank, refresh_every
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long), persistent=True)
+        # `num_updates` as the host knows it: the subspace refresh is decided without reading the
+        # device in the forward. Kept equal to the buffer by `_fold` and by every state-dict load.
+        self._host_updates = 0
         # EMAs of the batch statistics (zero-initialised, hence the bias correction).
         shapes = self._ema_shapes(width)
         self.ema_names = tuple(shapes)
@@ -138,6 +141,15 @@ class PopulationInhibition(FP32Buffers):
     def _statistics(self, x_TD: Tensor, ctx: RoutingContext) -> dict[str, Tensor]:
         if not ctx.training:
             return self.ema_statistics()
+        if torch.compiler.is_compiling() and (self.mode == "subspace" or (self.mode == "divisive" and
+                                                                          self.stat == "ema")):
+            # AOTAutograd may save the buffers `_fold` mutates as the backward's inputs and read
+            # them after the mutation: the gradient through the EMA's scale comes out wrong,
+            # silently (seen with torch 2.13). Subspace also counts its refreshes on the host.
+            raise NotImplementedError(
+                f"router.mode {self.mode!r} with router.stat {self.stat!r} cannot be trained under "
+                f"torch.compile: run the layer eager, or use mode subtractive/rectified, or divisive "
+                f"with stat 'batch'")
         batch = population_statistics(x_TD, ctx, self.mode)
         self._fold(batch)
         if self.mode == "subspace":
@@ -151,9 +163,18 @@ class PopulationInhibition(FP32Buffers):
         self.num_updates += 1
         for name in self.ema_names:
             getattr(self, f"ema_{name}").lerp_(batch[name], 1.0 - self.momentum)
-        # The host read happens only in subspace mode, where the refresh needs a step count.
-        if self.mode == "subspace" and (int(self.num_updates) - 1) % self.refresh_every == 0:
+        if self.mode != "subspace":
+            return
+        # The step count is the host's mirror, not the buffer: no read of the device per forward
+        # (the refresh's eigendecomposition itself is one, every `refresh_every` steps). Other
+        # modes never touch it, so a compiled forward does not specialise on a changing int.
+        self._host_updates += 1
+        if (self._host_updates - 1) % self.refresh_every == 0:
             self.basis_DZ.copy_(top_directions(self._corrected("second_DD", 0.0), self.rank))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_updates = int(self.num_updates)  # a load, not a forward: the one read is free
 
     def _corrected(self, name: str, default: float) -> Tensor:
         """Bias-corrected EMA `ema / (1 - m^t)`; `default` (no inhibition) before any update."""

@@ -7,7 +7,8 @@ Data parallelism: every rank computes its loss on its own tokens and the engine 
 gradients over ranks. Each loss below is written so that the mean over ranks of the per-rank
 values (and gradients) equals the loss of one process holding every rank's tokens. That is what
 lets an EP=N run match a single-process reference exactly. The global, gradient-free parts come
-from the layer's all-reduced statistics.
+from the counts the layer all-reduces for the weighted losses (`moe.stats.loss_counts`); a loss
+that is only logged gets this rank's counts, and then is this rank's value.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def importance_cv2(probs_TE: Tensor, global_importance_E: Tensor, dp_size: int) 
 def routing_losses(route: RouterOutput, stats: dict[str, Tensor], dp_size: int,
                    sample_similarity_tokens: int = 512, with_sample_similarity: bool = False,
                    num_groups: int = 1, weighted: Container[str] | None = None) -> dict[str, Tensor]:
-    """Every unweighted loss this router's output supports, by name. `stats` are the layer's
-    global statistics (`moe.stats.route_statistics`), which supply the no-gradient global parts.
+    """Every unweighted loss this router's output supports, by name. `stats` are the counts the
+    losses read (`moe.stats.loss_counts`): global over the data-parallel group for the weighted
+    losses, which supply their no-gradient global parts.
     `num_groups`: the tokens stand for that many ranks (the layer's `capacity_groups`); only the
     per-rank sample-similarity loss needs to know. Losses not named in `weighted` (None: all) are
     computed without autograd: they are only logged, and their graph would keep [T, E] tensors

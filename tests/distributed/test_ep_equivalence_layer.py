@@ -14,6 +14,7 @@ from tests.harness.dist import run_distributed, shard
 
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer, MoESideInputs
+from moe_dist.moe.stats import count_ratios
 from moe_dist.parallel.grads import reduce_gradients
 from moe_dist.parallel.groups import ParallelGroups
 
@@ -138,8 +139,16 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
     for name, value in out.losses.items():
         torch.testing.assert_close(mean_over_ranks(value, groups), out_ref.losses[name].detach(), **TOL,
                                    msg=lambda m: f"aux loss {name} {what}: {m}")
-    for name in ("tokens_per_expert", "tokens_per_expert_kept", "dropped_fraction"):
-        torch.testing.assert_close(out.stats[name], out_ref.stats[name], msg=lambda m: f"{name} {what}: {m}")
+    # Statistics are this rank's own counts (no collective in the forward): summed over the
+    # ranks they are the reference's, and so are the ratios of those sums.
+    summed = {}
+    for name in ("tokens_per_expert", "tokens_per_expert_kept", "num_tokens", "importance", "entropy_token_sum"):
+        assert (name in out.stats) == (name in out_ref.stats), f"{name} {what}"
+        if name in out.stats:
+            summed[name] = groups.all_reduce_sum_dp(out.stats[name].clone())
+            torch.testing.assert_close(summed[name], out_ref.stats[name], **TOL, msg=lambda m: f"{name} {what}: {m}")
+    for name, value in count_ratios(summed).items():
+        torch.testing.assert_close(value, out_ref.stats[name], **TOL, msg=lambda m: f"{name} {what}: {m}")
     # The local loss is W times this rank's share of the mean loss.
     torch.testing.assert_close(x_r.grad / world, shard(x_ref.grad, rank, world), **TOL)
 

@@ -2,7 +2,8 @@
 (the trainer on gloo ranks, the launcher, configs, logs), `ckpt` (training runs that record what
 they saw, for the checkpoint tools), `fault` (launches to interrupt, the ENOSPC shim), `hf`
 (Hugging Face models built from their config classes), `gemm_check` (the kernels' reference),
-`import_graph` (a tree's imports, read with ast), `tiny_hf_tokenizer`.
+`import_graph` (a tree's imports, read with ast), `tiny_hf_tokenizer`, `host_sync` (the
+host-sync census over a backward).
 """
 
 import os

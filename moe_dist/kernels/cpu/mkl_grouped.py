@@ -271,19 +271,29 @@ class _GatherSegmentMatmul(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         source, index, w_stack = ctx.saved_tensors
-        grad, w_stack = grad.contiguous(), w_stack.contiguous()
-        d_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None
-        dw = torch.empty_like(w_stack) if ctx.needs_input_grad[2] else None
-        cls = _GatherSegmentMatmul
-        for e0, e1, r0, r1 in _expert_chunks(ctx.counts, cls.CHUNKS, cls.MIN_EXPERTS_PER_CHUNK):
-            counts, rows = ctx.counts[e0:e1], index[r0:r1]
-            if dw is not None:
-                segment_outer(source.index_select(0, rows), grad[r0:r1], counts, out=dw[e0:e1])
-            if d_source is not None:
-                # A temporary, not a name: a chunk's input gradient must be freed before the
-                # next chunk's is computed, or two of them are alive at the layer's peak.
-                d_source.index_add_(0, rows, segment_mm(grad[r0:r1], w_stack[e0:e1], counts, transpose_w=True))
+        d_source, dw = gather_segment_backward(grad, source, index, w_stack, ctx.counts, ctx.needs_input_grad[0],
+                                               ctx.needs_input_grad[2])
         return d_source, None, dw, None
+
+
+def gather_segment_backward(grad: Tensor, source: Tensor, index: Tensor, w_stack: Tensor, counts: list[int],
+                            need_source: bool, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of `gather_segment_matmul` in source and weights (None where not needed),
+    regathering the rows a chunk of experts at a time (see `_GatherSegmentMatmul`). Rows of
+    `index` and `grad` past `sum(counts)` are not read. No autograd."""
+    grad, w_stack = grad.contiguous(), w_stack.contiguous()
+    d_source = torch.zeros_like(source) if need_source else None
+    dw = torch.empty_like(w_stack) if need_w else None
+    cls = _GatherSegmentMatmul
+    for e0, e1, r0, r1 in _expert_chunks(counts, cls.CHUNKS, cls.MIN_EXPERTS_PER_CHUNK):
+        chunk, rows = counts[e0:e1], index[r0:r1]
+        if dw is not None:
+            segment_outer(source.index_select(0, rows), grad[r0:r1], chunk, out=dw[e0:e1])
+        if d_source is not None:
+            # A temporary, not a name: a chunk's input gradient must be freed before the
+            # next chunk's is computed, or two of them are alive at the layer's peak.
+            d_source.index_add_(0, rows, segment_mm(grad[r0:r1], w_stack[e0:e1], chunk, transpose_w=True))
+    return d_source, dw
 
 
 def _check_counts(counts: list[int], rows: int, w_stack: Tensor) -> None:

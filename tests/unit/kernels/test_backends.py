@@ -6,8 +6,10 @@ import torch
 from tests.harness.gemm_check import needs_mkl
 
 from moe_dist.common.config import ConfigError
+from moe_dist.common.host_sync import HostSyncCensus
 from moe_dist.common.tensor_memory import peak_tensor_mb
 from moe_dist.kernels import gather_grouped_mm, grouped_mm
+from moe_dist.kernels import portable
 from moe_dist.kernels.cpu import avx512_gemm, mkl_grouped
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer
@@ -130,3 +132,38 @@ def test_every_backend_matches_the_loop(monkeypatch, backend, avx512, in_width, 
         kernels_take_widths = in_width % 16 == 0 and out_width % 64 == 0
         assert calls["avx512"] == (3 if avx512 and kernels_take_widths else 0), calls
         assert calls["mkl"] == (0 if calls["avx512"] else 3), calls
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="no torch._grouped_mm in this PyTorch")
+def test_the_gpu_kernels_read_nothing_and_zero_the_rows_past_the_counts():
+    """What runs inside the op on a GPU (`portable.grouped`, `grouped_outer`: the census cannot see
+    inside a custom op, so they are counted here directly) takes the counts on the device and
+    never reads them; rows past the last segment come out zero, not as stale memory."""
+    x, w, grad = torch.randn(12, 16), torch.randn(3, 16, 8), torch.randn(12, 8)
+    counts = torch.tensor([4, 0, 5])  # rows 9..11 are past the segments
+    with HostSyncCensus() as census:
+        y = portable.grouped(x, w, counts)
+        dx = portable.grouped(grad, w, counts, transpose_w=True)
+        dw = portable.grouped_outer(x, grad, counts)
+    assert census.count == 0, census.report()
+    torch.testing.assert_close(y, torch.cat([x[:4] @ w[0], x[4:9] @ w[2], torch.zeros(3, 8)]))
+    torch.testing.assert_close(dx, torch.cat([grad[:4] @ w[0].t(), grad[4:9] @ w[2].t(), torch.zeros(3, 16)]))
+    torch.testing.assert_close(dw, torch.stack([x[:4].t() @ grad[:4], torch.zeros(16, 8), x[4:9].t() @ grad[4:9]]))
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm", "auto"])
+def test_rows_past_the_counts_are_zero_in_output_and_gradient(backend):
+    """The layer's dropped pairs at EP 1: rows of the gather index past sum(counts) are neither
+    multiplied nor given a gradient, even when they point at rows with non-finite values."""
+    source = torch.randn(6, 16)
+    source[5] = float("nan")  # only rows past the counts gather it
+    index = torch.tensor([0, 1, 2, 3, 4, 5, 5])
+    counts = torch.tensor([2, 3])
+    w = torch.randn(2, 16, 16)
+    s, wi = source.clone().requires_grad_(), w.clone().requires_grad_()
+    y = gather_grouped_mm(s, index, wi, counts, backend)
+    assert torch.equal(y[5:], torch.zeros(2, 16))
+    y.backward(torch.randn(7, 16))
+    assert torch.isfinite(wi.grad).all() and torch.equal(s.grad[5], torch.zeros(16))
+    ref = torch.cat([source[:2] @ w[0], source[2:5] @ w[1]])
+    torch.testing.assert_close(y[:5], ref, rtol=1e-5, atol=1e-5)

@@ -165,8 +165,8 @@ def _bitwise_worker(rank: int, world: int, ep_sizes: tuple[int, ...]) -> None:
             assert torch.equal(route.w_TK, shard(ref_route.w_TK, rank, world)), what
             out = layer(shard(x, rank, world), MoESideInputs(stream_TD=shard(stream, rank, world)))
             out_ref = ref(x, MoESideInputs(stream_TD=stream, capacity_groups=world))
-            for name in ("tokens_per_expert", "tokens_per_expert_kept"):
-                assert torch.equal(out.stats[name], out_ref.stats[name]), f"{name} {what}"
+            for name in ("tokens_per_expert", "tokens_per_expert_kept"):  # this rank's: their sum over ranks
+                assert torch.equal(groups.all_reduce_sum_dp(out.stats[name]), out_ref.stats[name]), f"{name} {what}"
             if out.stream is not None:
                 assert torch.equal(out.stream, shard(out_ref.stream, rank, world)), what
 

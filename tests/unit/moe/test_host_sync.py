@@ -1,0 +1,96 @@
+"""The MoE layer's host-sync budget at EP 1 (issue 21): a forward and backward read nothing from
+the device, counted by `HostSyncCensus` on CPU, for the backend GPUs use (`grouped_mm`, bf16) and
+the CPU default (`auto`, fp32: its kernels read their split sizes inside the op, under
+`host_sync.allowed()`). EP 2 (one read per forward): tests/distributed/test_host_sync_ep.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.harness.host_sync import census_of_backward
+
+from moe_dist.common.host_sync import HostSyncCensus
+from moe_dist.moe.config import MoEConfig
+from moe_dist.moe.layer import MoELayer, MoESideInputs
+
+ROUTERS = [
+    {"type": "topk"},
+    {"type": "topk", "bias_balancing": True, "score": "sigmoid", "renormalize": True},
+    *[{"type": "inhibition", "mode": mode} for mode in ("subtractive", "divisive", "rectified", "subspace")],
+    {"type": "inhibition", "mode": "subtractive", "stat": "batch"},
+    {"type": "fixed_projection"},
+    {"type": "fixed_projection", "source": "embedding", "center": True},
+    {"type": "attentive"},
+]
+MODES = [dict(capacity_factor=1.0, min_capacity=1), dict(dropless=True)]
+
+
+def census_of_step(impl: str, dtype: torch.dtype, router: dict, mode: dict, **extra) -> tuple[HostSyncCensus, ...]:
+    cfg = MoEConfig.from_dict(dict(d_model=64, d_ff=128, num_experts=8, top_k=2, expert_impl=impl, router=router,
+                                   aux_loss=dict(switch=0.01, z_loss=0.001, importance=0.01), **mode, **extra))
+    layer = MoELayer(cfg, seed=0).to(dtype)
+    torch.manual_seed(0)
+    x = torch.randn(32, 64, dtype=dtype, requires_grad=True)
+    side = MoESideInputs(stream_TD=torch.randn(32, 64, dtype=dtype), labels_T=torch.randint(-1, 3, (32,)),
+                         num_labels=3)
+    layer(x, side)  # the first call: one-time work (kernel self-checks) is no step's
+    forward, backward = HostSyncCensus(), HostSyncCensus()
+    with forward:
+        out = layer(x, side)
+        loss = out.y.float().square().sum()
+        if out.aux_loss is not None:  # routers without probabilities weigh no loss
+            loss = loss + out.aux_loss
+    with census_of_backward(backward):
+        loss.backward()
+    # What a step needs must be there: the layer ran and every gradient flows.
+    assert x.grad is not None and layer.router.training
+    assert float(out.stats["dropped_fraction"]) == 0.0 or not mode.get("dropless")
+    return forward, backward
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["capacity", "dropless"])
+@pytest.mark.parametrize("router", ROUTERS, ids=lambda r: "-".join(str(v) for v in r.values()))
+def test_gpu_backend_reads_nothing_from_the_device(router, mode):
+    forward, backward = census_of_step("grouped_mm", torch.bfloat16, router, mode)
+    assert forward.count == 0, f"forward:\n{forward.report()}"
+    assert backward.count == 0, f"backward:\n{backward.report()}"
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["capacity", "dropless"])
+def test_cpu_default_backend_reads_only_inside_its_op(mode):
+    forward, backward = census_of_step("auto", torch.float32, {"type": "topk"}, mode)
+    assert forward.count == 0, f"forward:\n{forward.report()}"
+    assert backward.count == 0, f"backward:\n{backward.report()}"
+
+
+def test_expert_mask_and_shared_expert_read_nothing():
+    forward, backward = census_of_step("grouped_mm", torch.bfloat16, {"type": "topk"}, MODES[0],
+                                       comet_active_fraction=0.25, num_shared_experts=1, shared_gate=True)
+    assert forward.count == backward.count == 0, f"{forward.report()}\n{backward.report()}"
+
+
+def test_the_backward_census_sees_a_read_in_a_custom_backward():
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad.sum().item()
+            return grad * 2
+
+    y = ReadsInBackward.apply(torch.ones(3, requires_grad=True)).sum()
+    with census_of_backward(HostSyncCensus()) as backward:
+        y.backward()
+    assert backward.kinds["item"] == 1, backward.report()
+
+
+def test_the_census_sees_a_read_in_the_layer(monkeypatch):
+    """The budget above is not vacuous: a read put back into the layer's path is counted there."""
+    from moe_dist.moe import capacity
+    real = capacity._count
+    monkeypatch.setattr(capacity, "_count", lambda ids, size, w=None: torch.bincount(ids, w, minlength=size)
+                        if w is None else real(ids, size, w))
+    forward, _ = census_of_step("grouped_mm", torch.bfloat16, {"type": "topk"}, MODES[0])
+    assert forward.kinds["bincount"] == 2, forward.report()
