@@ -83,11 +83,18 @@ def check_served(what: str, tensors: list[Tensor], group=None) -> None:
                              f"(moe_dist.parallel.collectives.collective_device)")
 
 
+# Collectives run eagerly between compiled regions (`train.compile`, moe_dist/model/compile.py):
+# dynamo breaks the graph at them instead of tracing torch.distributed's Python and the caller
+# lookup above.
+_not_traced = torch.compiler.disable
+
+
 def _check_op(what: str, op: str) -> None:
     if op not in _OPS:
         raise ValueError(f"{what}: op {op!r} is not one of {sorted(_OPS)}")
 
 
+@_not_traced
 def all_reduce(t: Tensor, op: str = "sum", group=None) -> Tensor:
     """`op` ("sum", "max", "min") of a detached tensor over `group` (None: WORLD): a new tensor on
     `t`'s device (the input is untouched); reduced on the group's device. Without a process group:
@@ -102,6 +109,7 @@ def all_reduce(t: Tensor, op: str = "sum", group=None) -> Tensor:
     return work.to(t.device)
 
 
+@_not_traced
 def all_reduce_(t: Tensor, op: str = "sum", group=None) -> Tensor:
     """In place (gradients): `t` must be on a device `group` serves."""
     _check_op("all_reduce_", op)
@@ -111,6 +119,7 @@ def all_reduce_(t: Tensor, op: str = "sum", group=None) -> Tensor:
     return t
 
 
+@_not_traced
 def all_to_all_single(out: Tensor, inp: Tensor, out_splits: list[int] | None = None,
                       in_splits: list[int] | None = None, group=None) -> Tensor:
     """torch.distributed.all_to_all_single into `out`, both on a device `group` serves."""

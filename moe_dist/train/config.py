@@ -101,6 +101,9 @@ class TrainSection:
     # Consecutive optimizer steps skipped for a non-finite loss or gradient norm before the run
     # stops with exit status 3.
     max_consecutive_skips: int = 5
+    # Compile each transformer block with torch.compile, as torchtitan does (moe_dist/model/compile.py;
+    # docs/training.md, "Compiling the blocks"). The first steps then include the compilation.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name, minimum in (("steps", 1), ("seq_len", 1), ("micro_batch", 1), ("grad_accum", 1),
@@ -119,6 +122,7 @@ class TrainSection:
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
                   f"train.{name} must be a number >= 0, got {value!r}")
+        check(isinstance(self.compile, bool), f"train.compile must be true or false, got {self.compile!r}")
         check(self.lr > 0, f"train.lr must be > 0, got {self.lr!r}")
         check(self.min_lr <= self.lr, f"train.min_lr ({self.min_lr}) must be <= train.lr ({self.lr})")
         check(self.warmup_steps <= self.steps,

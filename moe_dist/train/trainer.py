@@ -20,6 +20,7 @@ from moe_dist.common import process
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.evaluate.precision import sequence_loss_sums, standard_error
+from moe_dist.model.compile import compile_blocks
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
@@ -71,6 +72,9 @@ class Trainer:
             # Before the engine exists: ZeRO's fp32 master copies are taken from these weights.
             load_consolidated(self.model, train.init_from)
             log0(f"initialized from consolidated checkpoint {train.init_from}")
+        if train.compile:
+            compile_blocks(self.model, self.groups)
+            log0("train.compile: blocks compile in the first steps (and again for evaluation's shapes)")
         with runtime.groups_created_with_timeout(train.collective_timeout):
             self.engine, self.optimizer, self.scheduler = build_engine(self.model, train, checks.ds_config)
         self.device = self.engine.device
