@@ -60,7 +60,7 @@ def plan_for(model: ModelConfig, train: TrainSection, ds: dict, world_size: int,
              gpu_experts: bool = False, gpu_runtime: bool = False) -> MemoryPlan:
     return estimate(model, ZeroSettings.from_deepspeed(ds), world_size=world_size,
                     micro_batch=train.micro_batch, seq_len=train.seq_len, gpu_experts=gpu_experts,
-                    grad_accum=train.grad_accum, gpu_runtime=gpu_runtime)
+                    gpu_runtime=gpu_runtime)
 
 
 def report(plan: MemoryPlan, gpu_gib: float | None, current_mode: str) -> dict:
@@ -70,7 +70,7 @@ def report(plan: MemoryPlan, gpu_gib: float | None, current_mode: str) -> dict:
            "weights_gib": plan.weights / GiB, "gradients_gib": plan.gradients / GiB,
            "optimizer_gib": plan.optimizer / GiB, "static_gib": plan.static / GiB,
            "grad_comm_copy_gib": plan.grad_comm_copy / GiB, "router_fp32_input_gib": plan.router_fp32_input / GiB,
-           "previous_logits_gib": plan.previous_logits / GiB, "cuda_context_gib": plan.cuda_context / GiB,
+           "cuda_context_gib": plan.cuda_context / GiB,
            "nccl_buffers_gib": plan.nccl_buffers / GiB, "fragmentation_margin": plan.fragmentation_margin,
            "config_mode": current_mode, "modes": {}}
     for mode, act in plan.activations.items():
@@ -96,7 +96,6 @@ def format_report(rep: dict) -> str:
              f"optimizer {rep['optimizer_gib']:.3f} {unit}: static {rep['static_gib']:.3f} {unit}")]
     extra = [("grad_comm_copy_gib", "fp32 copies of the gradient reduction buckets (fp32 communication of bf16)"),
              ("router_fp32_input_gib", "routers' fp32 copies of their bf16 input (one micro batch)"),
-             ("previous_logits_gib", "the last micro batch's logits, alive through the next one"),
              ("cuda_context_gib", "CUDA context and cuBLAS workspaces (an allowance)"),
              ("nccl_buffers_gib", "NCCL buffers (NCCL_BUFFSIZE x channels x peers, every communicator)")]
     lines += [f"  {what}: {rep[key]:.3f} {unit}" for key, what in extra]

@@ -27,8 +27,6 @@ What a GPU run adds, each its own line of the plan (`MemoryPlan`; totals include
 - the router's fp32 copy of its bf16 input: every router computes its logits in fp32
   (`F.linear(x.float(), ...)`), and autograd keeps that copy (T x D x 4 bytes per MoE layer) for
   the router weight's gradient. None in fp32 training, where `.float()` is the tensor itself;
-- the last micro batch's logits: the trainer's loop variable holds the previous micro batch's
-  output (T x V in the run's dtype) through the next forward and backward, when grad_accum > 1;
 - `gpu_runtime` only (`tools/estimate_memory.py --device cuda`), memory the caching allocator
   does not hand out: the CUDA context per process (`CUDA_CONTEXT_BYTES`) and NCCL's
   communication buffers (`nccl_buffer_bytes`), and fragmentation, a stated margin
@@ -119,7 +117,6 @@ class MemoryPlan:
     activations: dict[str, int] = field(default_factory=dict)
     grad_comm_copy: int = 0  # fp32 copies of the reduction buckets in flight (bf16, fp32 communication)
     router_fp32_input: int = 0  # one micro batch, every MoE layer
-    previous_logits: int = 0  # the last micro batch's logits, alive through the next one
     cuda_context: int = 0
     nccl_buffers: int = 0
     fragmentation_margin: float = 0.0
@@ -135,8 +132,7 @@ class MemoryPlan:
 
     def allocated(self, mode: str) -> int:
         """Tensor memory at the peak: what the caching allocator hands out."""
-        return (self.static + self.grad_comm_copy + self.activations[mode] + self.router_fp32_input
-                + self.previous_logits)
+        return self.static + self.grad_comm_copy + self.activations[mode] + self.router_fp32_input
 
     def fragmentation(self, mode: str) -> int:
         return int(self.allocated(mode) * self.fragmentation_margin)
@@ -252,7 +248,7 @@ def nccl_buffer_bytes(world_size: int, ep_size: int) -> int:
 
 
 def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_batch: int, seq_len: int,
-             gpu_experts: bool = False, grad_accum: int = 1, gpu_runtime: bool = False) -> MemoryPlan:
+             gpu_experts: bool = False, gpu_runtime: bool = False) -> MemoryPlan:
     """The per-rank plan of `model` under `zero` on `world_size` ranks. `gpu_runtime`: add the CUDA
     context, NCCL's buffers and the fragmentation margin (a GPU run)."""
     ep = model.moe.ep_size if model.moe is not None else 1
@@ -284,7 +280,6 @@ def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_b
                       dense_params=dense, expert_params=expert, weights=int(weights), gradients=int(grads),
                       optimizer=optimizer, activations=acts, grad_comm_copy=grad_comm_copy,
                       router_fp32_input=router_fp32_input_bytes(model, tokens, zero.dtype),
-                      previous_logits=tokens * model.vocab_size * b if grad_accum > 1 else 0,
                       cuda_context=CUDA_CONTEXT_BYTES if gpu_runtime else 0,
                       nccl_buffers=nccl_buffer_bytes(world_size, ep) if gpu_runtime else 0,
                       fragmentation_margin=FRAGMENTATION_MARGIN if gpu_runtime else 0.0)
@@ -292,7 +287,7 @@ def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_b
 
 def largest_micro_batch(plan: MemoryPlan, budget_bytes: float, mode: str) -> int:
     """The largest micro batch whose total fits `budget_bytes` under `mode` (0: not even one)."""
-    per_sequence = (plan.activations[mode] + plan.router_fp32_input + plan.previous_logits) / plan.micro_batch
+    per_sequence = (plan.activations[mode] + plan.router_fp32_input) / plan.micro_batch
     allocatable = (budget_bytes - plan.runtime) / (1 + plan.fragmentation_margin)
     room = allocatable - plan.static - plan.grad_comm_copy
     return max(0, int(room // per_sequence)) if per_sequence > 0 else 0

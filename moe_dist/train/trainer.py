@@ -152,6 +152,7 @@ class Trainer:
             losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach().to(out.lm_loss.device)]).double()
             step_stats.append(out.moe_stats)
             stats.add(out.moe_stats)
+            del out  # else its logits ([B, S, V]) stay alive through the next micro batch's forward
         if self.after_step_routers:
             # The global pre-drop load, identical on every rank (one packed all-reduce for all
             # layers), so router state stays in sync; it stays on the device.
@@ -177,6 +178,7 @@ class Trainer:
             out = self.forward(batch)
             sums += sequence_loss_sums(out.logits_BSV, batch["tokens"][:, 1:].to(out.logits_BSV.device))
             stats.add(out.moe_stats)
+            del out  # as in train_step: not alive through the next forward
         self.engine.train()
         total = self.groups.all_reduce_sum_dp(torch.cat([sums, stats.pack(self.device)]))
         values = torch.cat([total[:4], stats.summarize(total[4:], self.world)]).tolist()  # the one host read

@@ -155,36 +155,32 @@ def test_settled_collectives_let_the_profiler_see_every_free(tmp_path):
 
 def test_the_gpu_terms_each_by_its_formula():
     """What item 11 of issue 21 found missing, each its own term: the fp32 copies of the reduction
-    buckets (bf16 with fp32 communication), the routers' fp32 input copies, the previous micro
-    batch's logits, and on a GPU the CUDA context, NCCL's buffers and the fragmentation margin."""
+    buckets (bf16 with fp32 communication), the routers' fp32 input copies, and on a GPU the CUDA context, NCCL's buffers and the fragmentation margin."""
     from moe_dist.train import memory_plan as mp
 
     cfg = small_model()  # 2 layers, both MoE, d 32, vocab 100; ep 4
     T = 2 * 16
     kw = dict(world_size=8, micro_batch=2, seq_len=16)
     fp32 = estimate(cfg, ZeroSettings(stage=2, overlap_comm=True, reduce_bucket_size=1000), **kw)
-    assert (fp32.grad_comm_copy, fp32.router_fp32_input, fp32.previous_logits, fp32.cuda_context,
-            fp32.nccl_buffers, fp32.fragmentation_margin) == (0, 0, 0, 0, 0, 0.0)
+    assert (fp32.grad_comm_copy, fp32.router_fp32_input, fp32.cuda_context, fp32.nccl_buffers,
+            fp32.fragmentation_margin) == (0, 0, 0, 0, 0.0)
     mode = "ckpt=off,moe_recompute=none"
     assert fp32.total(mode) == fp32.static + fp32.activations[mode]  # what the CPU measurement checks
 
     bf16 = ZeroSettings(stage=2, dtype="bf16", overlap_comm=True, reduce_bucket_size=1000)
-    plan = estimate(cfg, bf16, grad_accum=4, gpu_runtime=True, **kw)
+    plan = estimate(cfg, bf16, gpu_runtime=True, **kw)
     assert plan.grad_comm_copy == 1000 * 4 * 2  # two buckets in flight with overlap_comm
     assert plan.router_fp32_input == 2 * T * 32 * 4  # both layers are MoE layers
-    assert plan.previous_logits == T * 100 * 2
     assert plan.cuda_context == mp.CUDA_CONTEXT_BYTES == 2**30
     # WORLD and DeepSpeed's data-parallel copy (8 ranks), the EDP group (2): rings of 16 channels x
     # 2 neighbours; the EP all-to-all: 3 peers x 2 channels. 4 MiB each.
     assert plan.nccl_buffers == 4 * 2**20 * (3 * 16 * 2 + 3 * 2)
-    allocated = plan.static + plan.grad_comm_copy + plan.activations[mode] + plan.router_fp32_input \
-        + plan.previous_logits
+    allocated = plan.static + plan.grad_comm_copy + plan.activations[mode] + plan.router_fp32_input
     assert plan.allocated(mode) == allocated
     assert plan.total(mode) == allocated + int(allocated * 0.10) + plan.cuda_context + plan.nccl_buffers
 
-    # No previous logits without gradient accumulation; no bucket copies when the JSON asks for bf16
-    # communication; nothing of the GPU runtime on one rank's NCCL.
-    assert estimate(cfg, bf16, grad_accum=1, **kw).previous_logits == 0
+    # No bucket copies when the JSON asks for bf16 communication; nothing of the GPU runtime on one
+    # rank's NCCL.
     assert estimate(cfg, ZeroSettings(stage=2, dtype="bf16", comm_dtype="bf16"), **kw).grad_comm_copy == 0
     assert mp.nccl_buffer_bytes(1, 1) == 0 and mp.nccl_buffer_bytes(8, 8) == 4 * 2**20 * (2 * 16 * 2 + 7 * 2)
 
@@ -192,7 +188,7 @@ def test_the_gpu_terms_each_by_its_formula():
 def test_largest_micro_batch_counts_every_term():
     cfg = small_model()
     zero = ZeroSettings(stage=2, dtype="bf16", overlap_comm=True, reduce_bucket_size=1000)
-    kw = dict(world_size=8, seq_len=16, grad_accum=4, gpu_runtime=True)
+    kw = dict(world_size=8, seq_len=16, gpu_runtime=True)
     mode = "ckpt=off,moe_recompute=none"
     budget = estimate(cfg, zero, micro_batch=7, **kw).total(mode) + 10
     fits = largest_micro_batch(estimate(cfg, zero, micro_batch=2, **kw), budget, mode)
