@@ -177,11 +177,11 @@ def _measured(threads: int) -> bool:
     fn = _library()
     record = kernel_choice.decide(cache_dir(), key, lambda: kernel_choice.time_both(
         functools.partial(_launch, fn), threads))
-    log.info("moe_dist CPU expert GEMMs: %s (trial%s: AVX-512 kernels %.1f ms, MKL batch GEMM %.1f ms; "
+    how = "cached" if record["cached"] else "measured" if record["settled"] else "unsettled, not cached"
+    log.info("moe_dist CPU expert GEMMs: %s (trial %s: AVX-512 kernels %.1f ms, MKL batch GEMM %.1f ms; "
              "%s, %d threads; set MOE_DIST_AVX512_GEMM=0/1 to force)",
-             "AVX-512 kernels" if record["use_avx512"] else "MKL's batch GEMM",
-             " cached" if record["cached"] else "", 1e3 * record["avx512_s"], 1e3 * record["mkl_s"],
-             key["cpu"] or "unknown CPU", threads)
+             "AVX-512 kernels" if record["use_avx512"] else "MKL's batch GEMM", how, 1e3 * record["avx512_s"],
+             1e3 * record["mkl_s"], key["cpu"] or "unknown CPU", threads)
     return record["use_avx512"]
 
 

@@ -15,7 +15,9 @@ counts its fastest round: on a machine shared with other work, interference only
 so the minimum is the estimate it disturbs least. The two paths' results must agree, or the trial
 decides nothing (MKL is kept). The kernels are chosen only when their total is below `MARGIN`
 times MKL's: on a near tie MKL (the reference path) keeps it, so noise in the trial cannot make
-the layer slower than MKL alone.
+the layer slower than MKL alone. A burst of other work on a shared machine can still sway one
+trial, so `TRIALS` of them run, and only a verdict they all agree on is cached (disagreement: MKL
+for this process, a new measurement in the next).
 
 The cache: one small JSON file in the kernels' cache folder (`avx512_gemm.cache_dir()`) per
 machine key: CPU model name and flags, torch version (hence its MKL), the kernels' library (its
@@ -57,7 +59,8 @@ KIND_NN, KIND_NT, KIND_OUTER = 0, 1, 2  # avx512_gemm's kinds (it imports this m
 D, F = 512, 1024
 ROWS = (64, 192)
 EXPERTS_PER_THREAD = 3
-ROUNDS = 5  # timed, after one warm round
+ROUNDS = 4  # timed, after one warm round
+TRIALS = 2  # a decision is cached only when this many trials agree
 MARGIN = 0.97
 FORMAT = 1  # part of the key: raise it when the trial changes, so old decisions are measured again
 
@@ -150,8 +153,10 @@ def _publish(path: Path, record: dict, replace: bool) -> dict:
 
 
 def decide(folder: Path, key: dict, trial: Callable[[], tuple[float, float]]) -> dict:
-    """The record {key, use_avx512, avx512_s, mkl_s, trial_s} for `key`: the cached one, else
-    `trial()` (seconds of the kernels, of MKL) run now and cached."""
+    """The record {key, use_avx512, avx512_s, mkl_s, trial_s, settled, cached} for `key`: the
+    cached one, else `TRIALS` runs of `trial()` (seconds of the kernels, of MKL) now. Only a
+    settled decision (every run agrees) is cached; an unsettled one is MKL for this process,
+    and the next process measures again."""
     path = cache_path(folder, key)
     replace = False
     try:
@@ -160,11 +165,16 @@ def decide(folder: Path, key: dict, trial: Callable[[], tuple[float, float]]) ->
         log.warning("moe_dist: replacing the CPU kernel choice cache %s (%s)", path, e)
         record, replace = None, True
     if record is not None:
-        return {**record, "cached": True}
+        return {**record, "settled": True, "cached": True}
     start = time.perf_counter()
-    hand_s, mkl_s = trial()
-    record = {"key": key, "use_avx512": hand_s < MARGIN * mkl_s, "avx512_s": hand_s, "mkl_s": mkl_s,
-              "trial_s": time.perf_counter() - start}
+    runs = [trial() for _ in range(TRIALS)]
+    verdicts = {hand_s < MARGIN * mkl_s for hand_s, mkl_s in runs}
+    record = {"key": key, "use_avx512": verdicts == {True}, "avx512_s": min(h for h, _ in runs),
+              "mkl_s": min(m for _, m in runs), "trial_s": time.perf_counter() - start}
+    if len(verdicts) > 1:
+        log.info("moe_dist: the CPU kernel trials disagree %s (a busy machine?); MKL's batch GEMM for "
+                 "this process, measured again in the next", runs)
+        return {**record, "settled": False, "cached": False}
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if os.path.isdir(path):
@@ -173,7 +183,7 @@ def decide(folder: Path, key: dict, trial: Callable[[], tuple[float, float]]) ->
     except OSError as e:
         log.warning("moe_dist: could not cache the CPU kernel choice in %s (%s); it holds for this "
                     "process only", path, e)
-    return {**record, "cached": False}
+    return {**record, "settled": True, "cached": False}
 
 
 @functools.cache
