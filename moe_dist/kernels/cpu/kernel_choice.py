@@ -123,17 +123,15 @@ def _read(path: Path, key: dict) -> dict | None:
     return record
 
 
-def _publish(path: Path, record: dict, replace: bool) -> dict:
+def _publish(path: Path, record: dict) -> dict:
     """Write `record` at `path` (a temporary name, then a link or rename) and return the record
-    that is there afterwards: ours, or one another rank published first."""
+    that is there afterwards: ours, or a valid one another rank published first. A corrupt file
+    there is replaced."""
     tmp = temporary_sibling(str(path))
     try:
         Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True))
-        if replace:
-            os.replace(tmp, path)
-            return record
         try:
-            os.link(tmp, path)  # fails if another rank published first
+            os.link(tmp, path)  # fails if the name exists: another rank's record, or a corrupt file
             return record
         except FileExistsError:
             try:
@@ -158,12 +156,11 @@ def decide(folder: Path, key: dict, trial: Callable[[], tuple[float, float]]) ->
     settled decision (every run agrees) is cached; an unsettled one is MKL for this process,
     and the next process measures again."""
     path = cache_path(folder, key)
-    replace = False
     try:
         record = _read(path, key)
     except ValueError as e:
         log.warning("moe_dist: replacing the CPU kernel choice cache %s (%s)", path, e)
-        record, replace = None, True
+        record = None
     if record is not None:
         return {**record, "settled": True, "cached": True}
     start = time.perf_counter()
@@ -179,7 +176,7 @@ def decide(folder: Path, key: dict, trial: Callable[[], tuple[float, float]]) ->
         folder.mkdir(parents=True, exist_ok=True)
         if os.path.isdir(path):
             raise IsADirectoryError(f"{path} is a directory")
-        record = _publish(path, record, replace)
+        record = _publish(path, record)
     except OSError as e:
         log.warning("moe_dist: could not cache the CPU kernel choice in %s (%s); it holds for this "
                     "process only", path, e)
