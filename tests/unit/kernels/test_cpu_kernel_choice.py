@@ -237,7 +237,7 @@ def test_a_real_trial_agrees_with_a_direct_timing(tmp_path):
     hand_s, mkl_s = kernel_choice.time_both(functools.partial(avx512_gemm._launch, lib))
     took = time.perf_counter() - start
     assert 0 < hand_s < float("inf") and 0 < mkl_s < float("inf"), (hand_s, mkl_s)
-    assert took < 5.0, took  # budget for a loaded 2-core machine; quiet it is a fraction of a second
+    assert took < 10.0, took  # generous: a shared 2-core machine under load; idle, a fraction of a second
     trial_ratio, direct = hand_s / mkl_s, _direct_ratio()
     if direct < 0.8 or direct > 1.25:
         assert (trial_ratio < kernel_choice.MARGIN) == (direct < 1), (trial_ratio, direct)
