@@ -58,8 +58,8 @@ ENV = "MOE_DIST_AVX512_GEMM"
 KIND_NN, KIND_NT, KIND_OUTER = 0, 1, 2  # avx512_gemm's kinds (it imports this module, not the reverse)
 D, F = 512, 1024
 ROWS = (64, 192)
-EXPERTS_PER_THREAD = 3
-ROUNDS = 4  # timed, after one warm round
+EXPERTS_PER_THREAD = 2
+ROUNDS = 3  # timed, after one warm round
 TRIALS = 2  # a decision is cached only when this many trials agree
 MARGIN = 0.97
 FORMAT = 1  # part of the key: raise it when the trial changes, so old decisions are measured again
@@ -258,7 +258,11 @@ def time_both(run_hand: HandRunner, threads: int | None = None) -> tuple[float, 
                 call()
                 if r:
                     times[p][i].append(time.perf_counter() - t0)
-    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(out["avx512"], out["mkl"])):
+    # Every expert runs the same code in either path, so the first expert's results show a wrong
+    # binding as well as all of them would, at a fraction of the cost of comparing everything.
+    first = [t[: rows[0]] for t in out["avx512"][:2]] + [out["avx512"][2][0]]
+    first_mkl = [t[: rows[0]] for t in out["mkl"][:2]] + [out["mkl"][2][0]]
+    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(first, first_mkl)):
         # A timing of wrong results decides nothing: keep MKL, the path the layer has without us.
         log.warning("moe_dist: the CPU kernel trial's two paths disagree; choosing MKL's batch GEMM")
         return float("inf"), 0.0
