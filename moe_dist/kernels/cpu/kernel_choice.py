@@ -9,15 +9,17 @@ machine itself is right on either.
 
 The trial (`time_both`): the three products the kernels have (x @ W, g @ W.T, x.T @ g) at the
 benchmark layer's widths (d_model 512, d_ff 1024), segments of 64 and 192 rows (the benchmark's
-E=256 and E=64 sizes) and `EXPERTS_PER_THREAD` experts per thread, so every thread has whole
-experts in either path, as in the layer. Both paths run in interleaved rounds and each product
-counts its fastest round: on a machine shared with other work, interference only ever adds time,
-so the minimum is the estimate it disturbs least. The two paths' results must agree, or the trial
-decides nothing (MKL is kept). The kernels are chosen only when their total is below `MARGIN`
-times MKL's: on a near tie MKL (the reference path) keeps it, so noise in the trial cannot make
-the layer slower than MKL alone. A burst of other work on a shared machine can still sway one
-trial, so `TRIALS` of them run, and only a verdict they all agree on is cached (disagreement: MKL
-for this process, a new measurement in the next).
+E=256 and E=64 sizes), `EXPERTS_PER_THREAD` experts per thread so that every thread has whole
+experts in either path, as in the layer, and weights that are cold at every call, as the layer's
+E weight matrices are (sets used in turn, together twice the last-level cache). The paths run in
+interleaved rounds, alternating which goes first, and each product counts its median round: on a
+machine shared with other work the fastest round instead was a lottery (a quiet moment that fell
+on one path's call decided the trial). The rounds make `TRIALS` independent measurements; the
+kernels are chosen only when every one finds their total below `MARGIN` times MKL's. A near tie
+therefore keeps MKL (the reference path), so noise cannot make the layer slower than MKL alone,
+and a burst of other work that sways one measurement is not cached (disagreement: MKL for this
+process, a new measurement in the next). The two paths' results must agree, or the trial decides
+nothing (MKL is kept).
 
 The cache: one small JSON file in the kernels' cache folder (`avx512_gemm.cache_dir()`) per
 machine key: CPU model name and flags, torch version (hence its MKL), the kernels' library (its
@@ -42,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -58,10 +61,11 @@ ENV = "MOE_DIST_AVX512_GEMM"
 KIND_NN, KIND_NT, KIND_OUTER = 0, 1, 2  # avx512_gemm's kinds (it imports this module, not the reverse)
 D, F = 512, 1024
 ROWS = (64, 192)
-EXPERTS_PER_THREAD = 2
-ROUNDS = 3  # timed, after one warm round
-TRIALS = 2  # a decision is cached only when this many trials agree
+EXPERTS_PER_THREAD = 2  # even: alternating row counts then split evenly between threads
+ROUNDS = 3  # timed per measurement, after one warm round
+TRIALS = 2  # measurements per trial; a decision is cached only when they all agree
 MARGIN = 0.97
+MAX_POOL_BYTES = 512 * 2**20  # the trial's weight sets, at most
 FORMAT = 1  # part of the key: raise it when the trial changes, so old decisions are measured again
 
 # avx512_gemm's runner: (kind, counts, starts, in_width, out_width, x, w, grad, w_stride, out),
@@ -150,11 +154,11 @@ def _publish(path: Path, record: dict) -> dict:
             os.remove(tmp)
 
 
-def decide(folder: Path, key: dict, trial: Callable[[], tuple[float, float]]) -> dict:
+def decide(folder: Path, key: dict, trial: Callable[[], list[tuple[float, float]]]) -> dict:
     """The record {key, use_avx512, avx512_s, mkl_s, trial_s, settled, cached} for `key`: the
-    cached one, else `TRIALS` runs of `trial()` (seconds of the kernels, of MKL) now. Only a
-    settled decision (every run agrees) is cached; an unsettled one is MKL for this process,
-    and the next process measures again."""
+    cached one, else `trial()` run now: (seconds of the kernels, of MKL) for each of its
+    independent measurements. Only a settled decision (every measurement agrees) is cached; an
+    unsettled one is MKL for this process, and the next process measures again."""
     path = cache_path(folder, key)
     try:
         record = _read(path, key)
@@ -164,7 +168,7 @@ def decide(folder: Path, key: dict, trial: Callable[[], tuple[float, float]]) ->
     if record is not None:
         return {**record, "settled": True, "cached": True}
     start = time.perf_counter()
-    runs = [trial() for _ in range(TRIALS)]
+    runs = trial()
     verdicts = {hand_s < MARGIN * mkl_s for hand_s, mkl_s in runs}
     record = {"key": key, "use_avx512": verdicts == {True}, "avx512_s": min(h for h, _ in runs),
               "mkl_s": min(m for _, m in runs), "trial_s": time.perf_counter() - start}
@@ -219,20 +223,57 @@ def _mkl_runner(trans_a: bool, trans_b: bool, m, n, k, a: list[int], lda: int, b
     return call
 
 
-def time_both(run_hand: HandRunner, threads: int | None = None) -> tuple[float, float]:
-    """Seconds of (the kernels, MKL's batch GEMM) for the three products on the trial's segments,
-    each the sum over products of the fastest of `ROUNDS` interleaved rounds. MKL missing: the
-    kernels win by default (the CPU backend then has no MKL path to fall back to)."""
+def _last_level_cache_bytes() -> int:
+    """The largest cache of CPU 0 per sysfs (Linux, as the kernels), else 32 MiB."""
+    largest = 0
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        with contextlib.suppress(OSError, ValueError):
+            text = path.read_text().strip().upper()
+            unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            largest = max(largest, int(text.rstrip("KMG")) * unit)
+    return largest or 32 * 2**20
+
+
+def _weight_sets(experts: int) -> int:
+    """How many sets of `experts` [D, F] matrices make twice the last-level cache (at most
+    `MAX_POOL_BYTES` in all, at least one set)."""
+    per_set = experts * D * F * 4
+    wanted = -(-2 * _last_level_cache_bytes() // per_set)
+    return max(1, min(wanted, MAX_POOL_BYTES // per_set))
+
+
+def _paths_agree(hand, mkl, experts: int, first_rows: int, y: Tensor, dx: Tensor) -> bool:
+    """Both paths on one weight set, compared on the first expert: every expert runs the same code
+    in either path, so it shows a wrong binding as well as all of them would, for less."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.empty(experts, D, F).uniform_(-0.05, 0.05, generator=g)
+    results = []
+    for path in (hand, mkl):
+        dw = torch.empty(experts, D, F)
+        for call in path(w, dw):
+            call()
+        results.append((y[:first_rows].clone(), dx[:first_rows].clone(), dw[0]))
+    return all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(*results))
+
+
+def time_both(run_hand: HandRunner, threads: int | None = None) -> list[tuple[float, float]]:
+    """`TRIALS` measurements of (the kernels, MKL's batch GEMM) in seconds for the three products
+    on the trial's segments, each the sum over products of the median of its `ROUNDS` interleaved
+    rounds (one setup and warm round for all). MKL missing: the kernels win by default (the CPU
+    backend then has no MKL path to fall back to)."""
     if _sgemm_batch() is None:
-        return 0.0, float("inf")
+        return [(0.0, float("inf"))] * TRIALS
     experts = EXPERTS_PER_THREAD * (threads or torch.get_num_threads())
     rows = [ROWS[j % len(ROWS)] for j in range(experts)]
     counts = torch.tensor(rows, dtype=torch.int64)
     starts = counts.cumsum(0) - counts
     n, g = sum(rows), torch.Generator().manual_seed(0)
     x, dy = torch.randn(n, D, generator=g), torch.randn(n, F, generator=g)
-    w = torch.randn(experts, D, F, generator=g)  # x @ w[j] and dy @ w[j].T, as W1 in the layer
-    out = {p: (torch.empty(n, F), torch.empty(n, D), torch.empty(experts, D, F)) for p in ("avx512", "mkl")}
+    # Weight sets used in turn, together twice the last-level cache: each call meets its weights
+    # cold, as the layer does with E of them. The outer product writes into a set as the layer's
+    # weight gradients are written: to memory nothing has read lately.
+    pool = torch.empty(_weight_sets(experts), experts, D, F).uniform_(-0.05, 0.05, generator=g)
+    y, dx = torch.empty(n, F), torch.empty(n, D)
     s, at = x.element_size(), [int(v) for v in starts]
 
     def rows_of(t: Tensor) -> list[int]:
@@ -241,30 +282,38 @@ def time_both(run_hand: HandRunner, threads: int | None = None) -> tuple[float, 
     def mats(t: Tensor) -> list[int]:
         return [t.data_ptr() + j * D * F * s for j in range(experts)]
 
-    (y, dx, dw), (y_m, dx_m, dw_m) = out["avx512"], out["mkl"]
-    paths = {
-        "avx512": [lambda: run_hand(KIND_NN, counts, starts, D, F, x, w, None, D * F, y),
-                   lambda: run_hand(KIND_NT, counts, starts, F, D, dy, w, None, D * F, dx),
-                   lambda: run_hand(KIND_OUTER, counts, starts, D, F, x, None, dy, D * F, dw)],
-        "mkl": [_mkl_runner(False, False, rows, F, D, rows_of(x), D, mats(w), F, rows_of(y_m), F),
-                _mkl_runner(False, True, rows, D, F, rows_of(dy), F, mats(w), F, rows_of(dx_m), D),
-                _mkl_runner(True, False, D, F, rows, rows_of(x), D, rows_of(dy), F, mats(dw_m), F)],
-    }
+    def hand(w: Tensor, dw: Tensor) -> list[Callable[[], None]]:
+        return [lambda: run_hand(KIND_NN, counts, starts, D, F, x, w, None, D * F, y),
+                lambda: run_hand(KIND_NT, counts, starts, F, D, dy, w, None, D * F, dx),
+                lambda: run_hand(KIND_OUTER, counts, starts, D, F, x, None, dy, D * F, dw)]
+
+    def mkl(w: Tensor, dw: Tensor) -> list[Callable[[], None]]:
+        return [_mkl_runner(False, False, rows, F, D, rows_of(x), D, mats(w), F, rows_of(y), F),
+                _mkl_runner(False, True, rows, D, F, rows_of(dy), F, mats(w), F, rows_of(dx), D),
+                _mkl_runner(True, False, D, F, rows, rows_of(x), D, rows_of(dy), F, mats(dw), F)]
+
+    sets = len(pool)
+    paths = {"avx512": [hand(pool[k], pool[(k + 1) % sets]) for k in range(sets)],
+             "mkl": [mkl(pool[k], pool[(k + 1) % sets]) for k in range(sets)]}
     times: dict[str, list[list[float]]] = {p: [[] for _ in range(3)] for p in paths}
-    for r in range(ROUNDS + 1):
+    turn = 0
+    for r in range(TRIALS * ROUNDS + 1):
+        # A path runs its three products in a row, as the layer would: running each product through
+        # both paths back to back instead hands the second the first's warm caches, which favours
+        # MKL (its packing of each weight is the memory-bound part).
         for p in (("avx512", "mkl") if r % 2 else ("mkl", "avx512")):
-            for i, call in enumerate(paths[p]):
+            for i in range(3):
+                call, turn = paths[p][turn % sets][i], turn + 1
                 t0 = time.perf_counter()
                 call()
                 if r:
                     times[p][i].append(time.perf_counter() - t0)
-    # Every expert runs the same code in either path, so the first expert's results show a wrong
-    # binding as well as all of them would, at a fraction of the cost of comparing everything.
-    first = [t[: rows[0]] for t in out["avx512"][:2]] + [out["avx512"][2][0]]
-    first_mkl = [t[: rows[0]] for t in out["mkl"][:2]] + [out["mkl"][2][0]]
-    if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-3) for a, b in zip(first, first_mkl)):
+    if not _paths_agree(hand, mkl, experts, rows[0], y, dx):
         # A timing of wrong results decides nothing: keep MKL, the path the layer has without us.
         log.warning("moe_dist: the CPU kernel trial's two paths disagree; choosing MKL's batch GEMM")
-        return float("inf"), 0.0
-    hand, mkl = (sum(min(ts) for ts in times[p]) for p in ("avx512", "mkl"))
-    return hand, mkl
+        return [(float("inf"), 0.0)] * TRIALS
+
+    def total(path: str, t: int) -> float:
+        return sum(statistics.median(ts[t * ROUNDS:(t + 1) * ROUNDS]) for ts in times[path])
+
+    return [(total("avx512", t), total("mkl", t)) for t in range(TRIALS)]

@@ -7,6 +7,7 @@ timing of the backend's own calls."""
 import functools
 import json
 import logging
+import statistics
 import threading
 import time
 
@@ -22,10 +23,11 @@ KEY = kernel_choice.machine_key("avx512_gemm-test.so", 2)
 
 
 def trial_of(hand_s: float, mkl_s: float, calls: list | None = None):
+    """A trial whose every measurement gives these times."""
     def trial():
         if calls is not None:
             calls.append(1)
-        return hand_s, mkl_s
+        return [(hand_s, mkl_s)] * kernel_choice.TRIALS
     return trial
 
 
@@ -46,11 +48,11 @@ def test_the_faster_path_is_chosen_and_cached(tmp_path, hand_s, mkl_s, use):
 def test_trials_that_disagree_keep_mkl_and_cache_nothing(tmp_path):
     """A burst of other work that sways one trial neither picks the kernels nor is kept: the next
     process measures again."""
-    runs = iter([(0.5, 1.0), (1.0, 0.5), (0.5, 1.0), (0.5, 1.0)])
-    record = kernel_choice.decide(tmp_path, KEY, lambda: next(runs))
+    trials = iter([[(0.5, 1.0), (1.0, 0.5)], [(0.5, 1.0), (0.5, 1.0)]])
+    record = kernel_choice.decide(tmp_path, KEY, lambda: next(trials))
     assert record["use_avx512"] is False and not record["settled"] and not record["cached"]
     assert list(tmp_path.iterdir()) == []
-    record = kernel_choice.decide(tmp_path, KEY, lambda: next(runs))
+    record = kernel_choice.decide(tmp_path, KEY, lambda: next(trials))
     assert record["use_avx512"] is True and record["settled"]
     assert kernel_choice.decide(tmp_path, KEY, no_trial)["use_avx512"] is True
 
@@ -60,7 +62,7 @@ def test_the_cache_is_per_machine_key(tmp_path):
     other = {**KEY, "threads": 64}
     calls = []
     assert kernel_choice.decide(tmp_path, other, trial_of(1.0, 0.5, calls))["use_avx512"] is False
-    assert len(calls) == kernel_choice.TRIALS
+    assert calls == [1]
     assert kernel_choice.decide(tmp_path, KEY, no_trial)["use_avx512"] is True
 
 
@@ -76,7 +78,7 @@ def test_a_corrupt_cache_is_replaced(tmp_path, content, caplog):
     calls = []
     with caplog.at_level(logging.WARNING, logger=kernel_choice.__name__):
         record = kernel_choice.decide(tmp_path, KEY, trial_of(0.5, 1.0, calls))
-    assert len(calls) == kernel_choice.TRIALS and record["use_avx512"] is True
+    assert calls == [1] and record["use_avx512"] is True
     assert "replacing the CPU kernel choice cache" in caplog.text
     assert kernel_choice.decide(tmp_path, KEY, no_trial)["use_avx512"] is True  # the file was rewritten
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left
@@ -102,7 +104,7 @@ def test_concurrent_writers_agree_on_the_first_published_decision(tmp_path):
         def trial():
             barrier.wait()  # every rank has read a missing cache before any publishes
             time.sleep(0.001 * (n - i))
-            return (0.5, 1.0) if i % 2 else (1.0, 0.5)
+            return [(0.5, 1.0) if i % 2 else (1.0, 0.5)] * kernel_choice.TRIALS
         results[i] = kernel_choice.decide(tmp_path, KEY, trial)["use_avx512"]
 
     threads = [threading.Thread(target=rank, args=(i,)) for i in range(n)]
@@ -179,7 +181,7 @@ def test_the_backend_runs_the_faster_path(monkeypatch, fresh_choice, hand_s, mkl
     with caplog.at_level(logging.INFO, logger=avx512_gemm.__name__):
         first, second = _backend_paths(), _backend_paths()
     assert first[path] == 1 and first == second, (first, second)
-    assert len(calls) == kernel_choice.TRIALS  # measured once per process
+    assert calls == [1]  # measured once per process
     logged = [r for r in caplog.records if "CPU expert GEMMs" in r.getMessage()]
     assert len(logged) == 1 and ("AVX-512 kernels (" if path == "avx512" else "MKL's batch GEMM (") \
         in logged[0].getMessage()
@@ -202,29 +204,32 @@ def test_the_environment_overrides_the_measurement(monkeypatch, fresh_choice, va
     assert _backend_paths()[path] == 1 and calls == []
 
 
-def _direct_ratio(rounds: int = 5) -> float:
+def _direct_ratio(rounds: int = 7) -> float:
     """The kernels' time over MKL's for the trial's three products, timed through the backend's
-    own entry points (`mkl_grouped.segment_mm` / `outer_products`) with the choice forced."""
+    own entry points (`mkl_grouped.segment_mm` / `outer_products`) with the choice forced, on
+    weights used in turn as the trial does (median per product)."""
     threads = torch.get_num_threads()
     rows = [kernel_choice.ROWS[j % 2] for j in range(kernel_choice.EXPERTS_PER_THREAD * threads)]
     d, f, e = kernel_choice.D, kernel_choice.F, len(rows)
-    x, dy, w, dw = torch.randn(sum(rows), d), torch.randn(sum(rows), f), torch.randn(e, d, f), torch.empty(e, d, f)
-    products = [lambda: mkl_grouped.segment_mm(x, w, rows, False), lambda: mkl_grouped.segment_mm(dy, w, rows, True),
-                lambda: mkl_grouped.outer_products(x, dy, rows, dw)]
-    best = {"1": [float("inf")] * 3, "0": [float("inf")] * 3}
-    mp = pytest.MonkeyPatch()
-    try:
+    x, dy = torch.randn(sum(rows), d), torch.randn(sum(rows), f)
+    pool = torch.empty(kernel_choice._weight_sets(e), e, d, f).uniform_(-0.05, 0.05)
+    products = [lambda k: mkl_grouped.segment_mm(x, pool[k], rows, False),
+                lambda k: mkl_grouped.segment_mm(dy, pool[k], rows, True),
+                lambda k: mkl_grouped.outer_products(x, dy, rows, pool[k])]
+    times = {"1": [[], [], []], "0": [[], [], []]}
+    turn = 0
+    with pytest.MonkeyPatch.context() as mp:
         for r in range(rounds + 1):
             for value in ("1", "0") if r % 2 else ("0", "1"):
                 mp.setenv(kernel_choice.ENV, value)
                 for i, product in enumerate(products):
                     t0 = time.perf_counter()
-                    product()
+                    product(turn % len(pool))
+                    turn += 1
                     if r:
-                        best[value][i] = min(best[value][i], time.perf_counter() - t0)
-    finally:
-        mp.undo()
-    return sum(best["1"]) / sum(best["0"])
+                        times[value][i].append(time.perf_counter() - t0)
+    total = {v: sum(statistics.median(ts) for ts in per) for v, per in times.items()}
+    return total["1"] / total["0"]
 
 
 @needs_kernels
@@ -234,9 +239,11 @@ def test_a_real_trial_agrees_with_a_direct_timing(tmp_path):
     machine's noise."""
     lib = avx512_gemm._library()
     start = time.perf_counter()
-    hand_s, mkl_s = kernel_choice.time_both(functools.partial(avx512_gemm._launch, lib))
+    runs = kernel_choice.time_both(functools.partial(avx512_gemm._launch, lib))
     took = time.perf_counter() - start
-    assert 0 < hand_s < float("inf") and 0 < mkl_s < float("inf"), (hand_s, mkl_s)
+    assert len(runs) == kernel_choice.TRIALS
+    assert all(0 < t < float("inf") for run in runs for t in run), runs
+    hand_s, mkl_s = (sum(t) for t in zip(*runs))
     assert took < 10.0, took  # generous: a shared 2-core machine under load; idle, a fraction of a second
     trial_ratio, direct = hand_s / mkl_s, _direct_ratio()
     if direct < 0.8 or direct > 1.25:
