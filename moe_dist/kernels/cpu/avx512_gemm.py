@@ -14,8 +14,9 @@ ahead, and write weight gradients with streaming stores.
 The source is compiled once per machine with the system's C compiler (`$CC`, else `cc`) into
 `$MOE_DIST_CACHE_DIR` (default `~/.cache/moe_dist`), written under a temporary name and renamed,
 so concurrent ranks never load a half-written library. It is used only after a numerical check
-against `torch.mm`; without AVX-512, a compiler or a passing check, `available()` is False and
-`mkl_grouped` keeps MKL's batch GEMM.
+against `torch.mm`, and only where it is faster than MKL's batch GEMM on this machine (timed once
+per machine and cached, `kernel_choice`; `MOE_DIST_AVX512_GEMM=0/1` forces MKL / the kernels).
+Otherwise `available()` is False and `mkl_grouped` keeps MKL's batch GEMM.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from moe_dist.common.atomic import staged_file
 from moe_dist.common.config import ConfigError
+from moe_dist.kernels.cpu import kernel_choice
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +57,23 @@ def _cpu_has_avx512() -> bool:
             and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"))
 
 
+def _compiler(compiler: str | None = None) -> str:
+    return compiler or os.environ.get("CC") or "cc"
+
+
+def library_name(compiler: str | None = None) -> str:
+    """The compiled library's file name: one per source, compiler and flags."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((_compiler(compiler), *FLAGS)).encode()).hexdigest()[:16]
+    return f"avx512_gemm-{key}.so"
+
+
 def build(compiler: str | None = None) -> Path:
     """Compile the kernels (or find them already compiled) and return the library's path.
     Raises RuntimeError with the compiler's message when it fails."""
-    cc = compiler or os.environ.get("CC") or "cc"
+    cc = _compiler(compiler)
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"avx512_gemm-{key}.so"
+    target = cache_dir() / library_name(cc)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +89,7 @@ def build(compiler: str | None = None) -> Path:
 @functools.cache
 def _library():
     """The loaded kernels, or None (with the reason logged once)."""
-    if os.environ.get("MOE_DIST_AVX512_GEMM", "1") == "0":
+    if kernel_choice.forced() is False:
         return None
     if not _cpu_has_avx512():
         return None
@@ -95,12 +105,17 @@ def _library():
     return fn
 
 
+def _launch(fn, kind: int, counts: Tensor, starts: Tensor, in_width: int, out_width: int, x: Tensor,
+            w: Tensor | None, grad: Tensor | None, w_stride: int, out: Tensor) -> None:
+    counts, starts = counts.to(torch.int64).contiguous(), starts.to(torch.int64).contiguous()
+    fn(kind, torch.get_num_threads(), counts.numel(), counts.data_ptr(), starts.data_ptr(), in_width,
+       out_width, x.data_ptr(), 0 if w is None else w.data_ptr(), 0 if grad is None else grad.data_ptr(),
+       w_stride, out.data_ptr())
+
+
 def _run(kind: int, counts: Tensor, starts: Tensor, in_width: int, out_width: int, x: Tensor,
          w: Tensor | None, grad: Tensor | None, w_stride: int, out: Tensor) -> None:
-    counts, starts = counts.to(torch.int64).contiguous(), starts.to(torch.int64).contiguous()
-    _library()(kind, torch.get_num_threads(), counts.numel(), counts.data_ptr(), starts.data_ptr(),
-               in_width, out_width, x.data_ptr(), 0 if w is None else w.data_ptr(),
-               0 if grad is None else grad.data_ptr(), w_stride, out.data_ptr())
+    _launch(_library(), kind, counts, starts, in_width, out_width, x, w, grad, w_stride, out)
 
 
 @functools.cache
@@ -136,16 +151,38 @@ def _self_check() -> bool:
 
 def available(x: Tensor, w: Tensor, kind: int) -> bool:
     """Whether the kernel `kind` takes these operands: fp32 CPU tensors, out_width a multiple of 64
-    (nn, outer) or in_width a multiple of 16 (nt), on a machine where the kernels built and passed
-    the check. `w` is [experts, in_width, out_width] for nn and outer (for outer: the gradient
-    buffer), [experts, out_width, in_width] for nt."""
+    (nn, outer) or in_width a multiple of 16 (nt), on a machine where the kernels built, passed
+    the check and are chosen over MKL (`_chosen`). `w` is [experts, in_width, out_width] for nn
+    and outer (for outer: the gradient buffer), [experts, out_width, in_width] for nt."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
         return False
     out_width = w.shape[1] if kind == KIND_NT else w.shape[2]
     in_width = w.shape[2] if kind == KIND_NT else w.shape[1]
     if kind == KIND_NT and in_width % VECTOR or kind != KIND_NT and out_width % PANEL:
         return False
-    return _library() is not None and _self_check()
+    return _library() is not None and _self_check() and _chosen()
+
+
+def _chosen() -> bool:
+    """Whether the kernels, not MKL's batch GEMM, take the small segments: forced by the
+    environment, else the machine's measured choice."""
+    force = kernel_choice.forced()
+    return _measured(torch.get_num_threads()) if force is None else force
+
+
+@functools.cache
+def _measured(threads: int) -> bool:
+    """The trial's decision for this machine and thread count (cached on disk, logged once)."""
+    key = kernel_choice.machine_key(library_name(), threads)
+    fn = _library()
+    record = kernel_choice.decide(cache_dir(), key, lambda: kernel_choice.time_both(
+        functools.partial(_launch, fn), threads))
+    how = "cached" if record["cached"] else "measured" if record["settled"] else "unsettled, not cached"
+    log.info("moe_dist CPU expert GEMMs: %s (trial %s: AVX-512 kernels %.1f ms, MKL batch GEMM %.1f ms; "
+             "%s, %d threads; set MOE_DIST_AVX512_GEMM=0/1 to force)",
+             "AVX-512 kernels" if record["use_avx512"] else "MKL's batch GEMM", how, 1e3 * record["avx512_s"],
+             1e3 * record["mkl_s"], key["cpu"] or "unknown CPU", threads)
+    return record["use_avx512"]
 
 
 def segment_mm(x: Tensor, w_stack: Tensor, counts: Tensor, starts: Tensor, transpose_w: bool,
