@@ -28,7 +28,8 @@ class ModelOutput:
     loss: Tensor | None  # lm_loss + aux_loss: what training back-propagates (None without targets)
     lm_loss: Tensor | None  # mean next-token cross entropy over this rank's tokens
     aux_loss: Tensor  # sum over MoE layers of the coefficient-weighted routing losses (0 if none)
-    # Per MoE layer (by layer index): detached routing statistics, global over data parallel,
+    # Per MoE layer (by layer index): detached routing statistics of this rank's tokens (summed over
+    # ranks by the trainer and evaluation, once per interval),
     # including the unweighted aux losses as `loss_<name>` (moe_dist.moe.stats,
     # docs/routers/statistics.md).
     moe_stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)

@@ -78,3 +78,9 @@ class Router(nn.Module):
     @torch.no_grad()
     def after_step(self, load_E: Tensor) -> None:
         """Hook run by the trainer after each optimizer step with the global pre-drop load."""
+
+    @property
+    def uses_step_load(self) -> bool:
+        """Whether `after_step` reads the step's load: only then does the trainer all-reduce it, one
+        collective per step. A router that overrides `after_step` for an option says whether it is on."""
+        return type(self).after_step is not Router.after_step

@@ -117,6 +117,10 @@ class FixedProjectionRouter(FP32Buffers, Router):
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, priority_TK=chosen_TK.detach(), router_input_TD=u_TD,
                             stream_TD=stream_TD)
 
+    @property
+    def uses_step_load(self) -> bool:
+        return self.cfg.bias_balancing
+
     @torch.no_grad()
     def after_step(self, load_E: Tensor) -> None:
         if self.cfg.bias_balancing:

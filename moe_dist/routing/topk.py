@@ -115,6 +115,10 @@ class TopKRouter(FP32Buffers, Router):  # fp32 bias: bf16 would swallow its 1e-3
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                             router_input_TD=x_TD)
 
+    @property
+    def uses_step_load(self) -> bool:
+        return self.cfg.bias_balancing
+
     @torch.no_grad()
     def after_step(self, load_E: Tensor) -> None:
         if self.cfg.bias_balancing:

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from moe_dist.moe.stats import entropy, mutual_information
-from moe_dist.routing.base import Router
 
 SUMMED = ("tokens_per_expert", "tokens_per_expert_kept", "num_tokens", "importance", "entropy_token_sum",
           "expert_label_counts")
@@ -149,9 +148,9 @@ class MoEStatsAccumulator:
 
 
 def wants_step_load(routers) -> bool:
-    """Whether any router overrides `Router.after_step` (the aux-loss-free bias update): only then
-    does a step pay the all-reduce of its load."""
-    return any(type(r).after_step is not Router.after_step for r in routers)
+    """Whether any router's `after_step` reads the step's load (`Router.uses_step_load`: the
+    aux-loss-free bias update, when on): only then does a step pay the all-reduce of its load."""
+    return any(r.uses_step_load for r in routers)
 
 
 def step_load(moe_stats_list: list[dict[int, dict[str, Tensor]]],

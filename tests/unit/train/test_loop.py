@@ -139,17 +139,28 @@ def test_step_load_sums_micro_batches_and_ranks_in_one_collective():
     torch.testing.assert_close(load[4], torch.tensor([4.0, 6.0], dtype=torch.float64))
 
 
-def test_only_routers_that_override_after_step_want_the_step_load():
+def test_only_routers_whose_after_step_reads_the_load_want_the_step_load():
     from moe_dist.routing.base import Router
-    from moe_dist.routing.topk import TopKRouter
+    from moe_dist.routing.registry import build_router, router_config_from_dict
 
     class Plain(Router):
         pass
 
-    plain = Plain.__new__(Plain)
-    topk = TopKRouter.__new__(TopKRouter)
+    class Hooked(Router):
+        def after_step(self, load_E):
+            pass
+
+    def router(**cfg):
+        return build_router(router_config_from_dict(cfg), d_model=8, num_experts=4, top_k=2, layer_index=0)
+
+    plain, hooked = Plain.__new__(Plain), Hooked.__new__(Hooked)
     assert not wants_step_load([plain, plain])
-    assert wants_step_load([plain, topk])
+    assert wants_step_load([plain, hooked])
+    # Top-k and fixed projection override after_step for bias balancing: a step pays for the load's
+    # all-reduce only when it is on.
+    assert not wants_step_load([router(type="topk"), router(type="fixed_projection")])
+    assert wants_step_load([router(type="topk", bias_balancing=True)])
+    assert wants_step_load([router(type="fixed_projection", bias_balancing=True)])
 
 
 def test_progress_line():
