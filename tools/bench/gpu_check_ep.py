@@ -69,30 +69,9 @@ def _moe_dist_layer(spec: Spec, ep_size: int):
     return MoELayer(cfg, seed=spec.seed, groups=groups).to(spec.device, spec.torch_dtype)
 
 
-def _deepspeed_layer(spec: Spec, like, ep_size: int):
-    """DeepSpeed's MoE at `ep_size` with `like`'s (moe_dist at the same ep_size) router and local
-    experts: both place global expert e on rank e // (E / ep_size)."""
-    from deepspeed.moe.layer import MoE
-    from torch import nn
-
-    D, Fw = spec.d_model, spec.d_ff
-    expert = nn.Sequential(nn.Linear(D, Fw, bias=False), nn.GELU(), nn.Linear(Fw, D, bias=False))
-    layer = MoE(hidden_size=D, expert=expert, num_experts=spec.num_experts, ep_size=ep_size, k=spec.top_k,
-                capacity_factor=spec.capacity_factor, eval_capacity_factor=spec.capacity_factor,
-                min_capacity=like.cfg.min_capacity, noisy_gate_policy=None, drop_tokens=True,
-                use_rts=False, top2_2nd_expert_sampling=False)
-    layer.set_deepspeed_parallelism()
-    with torch.no_grad():
-        layer.deepspeed_moe.gate.wg.weight.copy_(like.router.gate.weight_ED)
-        for j, ex in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
-            ex[0].weight.copy_(like.experts.w_in_EDI[j].t())
-            ex[2].weight.copy_(like.experts.w_out_EFD[j].t())
-    return layer.to(spec.device, spec.torch_dtype)
-
-
 def _build(spec: Spec, rank: int, world: int, failures: dict[str, str]) -> tuple[dict, dict, dict]:
     from . import megatron
-    from .layers import make_deepspeed_step, make_inputs, make_moe_dist_step
+    from .layers import build_deepspeed_layer, make_deepspeed_step, make_inputs, make_moe_dist_step
 
     # Each rank routes its own tokens: the inputs' seed differs per rank, the weights' does not.
     local_inputs = dataclasses.replace(spec, seed=spec.seed + 1000 * (1 + rank))
@@ -113,7 +92,7 @@ def _build(spec: Spec, rank: int, world: int, failures: dict[str, str]) -> tuple
             else:
                 if md_ep is None:
                     raise RuntimeError("DeepSpeed's layer takes moe_dist_ep's weights, and moe_dist_ep failed to build")
-                layer, make = _deepspeed_layer(spec, md_ep, world), make_deepspeed_step
+                layer, make = build_deepspeed_layer(spec, md_ep, world), make_deepspeed_step
             steps[case] = inject.wrap_step(failures, case, make(layer, local_inputs))
         except Exception as e:
             failed[case] = first_line(e)

@@ -65,16 +65,19 @@ def init_single_process_dist() -> None:
     runtime.init_distributed()  # DeepSpeed's backend for the device (gloo on CPU, NCCL on CUDA)
 
 
-def build_deepspeed_layer(spec: Spec, like):
-    """DeepSpeed's MoE with `like`'s (a moe_dist MoELayer) router and expert weights."""
+def build_deepspeed_layer(spec: Spec, like, ep_size: int = 1):
+    """DeepSpeed's MoE with `like`'s (a moe_dist MoELayer at the same `ep_size`) router and local
+    expert weights: both place global expert e on rank e // (E / ep_size). `ep_size` 1 starts a
+    one-process group itself; above 1 the caller's process group is used."""
     from deepspeed.moe.layer import MoE
 
-    init_single_process_dist()
+    if ep_size == 1:
+        init_single_process_dist()
     # With k=1 DeepSpeed picks which tokens overflow by a top-k over a 0/1 mask (ties in no set
     # order), so outputs may differ on overflowing tokens; the work done is the same.
     D, Fw = spec.d_model, spec.d_ff
     expert = nn.Sequential(nn.Linear(D, Fw, bias=False), nn.GELU(), nn.Linear(Fw, D, bias=False))
-    layer = MoE(hidden_size=D, expert=expert, num_experts=spec.num_experts, ep_size=1, k=spec.top_k,
+    layer = MoE(hidden_size=D, expert=expert, num_experts=spec.num_experts, ep_size=ep_size, k=spec.top_k,
                 capacity_factor=spec.capacity_factor, eval_capacity_factor=spec.capacity_factor,
                 min_capacity=like.cfg.min_capacity, noisy_gate_policy=None, drop_tokens=True,
                 use_rts=False, top2_2nd_expert_sampling=False)

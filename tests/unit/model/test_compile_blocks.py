@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from tests.harness.compiled import assert_steps_match
 
 from moe_dist.common.config import ConfigError
 from moe_dist.model.compile import compile_blocks
@@ -31,17 +32,7 @@ def test_compiled_blocks_match_eager(moe):
     compile_blocks(compiled, ParallelGroups.single())
     assert list(compiled.state_dict()) == list(eager.state_dict())
     tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
-    for _ in range(2):  # the second step runs the cached graphs
-        outs = []
-        for model in (eager, compiled):
-            model.zero_grad()
-            out = model(tokens, tokens)
-            out.loss.backward()
-            outs.append(out)
-        torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(outs[1].logits_BSV, outs[0].logits_BSV, rtol=1e-5, atol=1e-5)
-        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_steps_match(eager, compiled, tokens, tokens)
     # Two dense and two MoE blocks: one graph per kind, reused by the second block of each kind
     # (a graph per block would be four, a recompile each step more).
     assert counters["stats"]["unique_graphs"] == 2
