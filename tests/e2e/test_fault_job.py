@@ -1,5 +1,6 @@
 """Preemption reaches every process of a job: DataLoader workers outlive the stop signals (the rank
-decides and saves) (issue 26, item 2)."""
+decides and saves), and `launch/job.py` exits 75 whenever every rank checkpointed on a signal,
+whichever process of the job got it, after the last of them is gone (issue 26, items 2 and 6)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ import time
 import psutil
 import pytest
 import torch
+from tests.e2e.test_fault_signal import assert_resume_is_exact, losses_by_step, run_config
+from tests.harness.fault import LiveLaunch, run_processes
+from tests.harness.train import tiny_config, write_yaml
 
+from moe_dist.checkpoint.training.layout import read_latest
 from moe_dist.data.loader import build_dataloader
+from moe_dist.train.safety.exits import PREEMPTED
+from moe_dist.train.safety.job import job_status
+
+STEPS = 400  # more than any test reaches: runs end by a signal
+
 
 class _Slow(torch.utils.data.Dataset):
     def __len__(self) -> int:
@@ -37,3 +47,77 @@ def test_dataloader_workers_outlive_a_stop_signal(sig):
     finally:
         signal.signal(sig, previous)
     assert first + sum(rest, []) == list(range(64))
+
+
+def test_the_job_status_is_75_only_when_every_rank_checkpointed():
+    assert job_status(0, {0: 75, 1: 75}, 2) == (75, "every rank (2) checkpointed and exited 75")
+    assert job_status(-9, {0: 75, 1: 75}, 2)[0] == 75  # launch.py SIGKILLed: DeepSpeed's runner says 0
+    assert job_status(-15, {0: 75, 1: 75}, 2)[0] == 75  # runner SIGTERMed: 143 at once
+    assert job_status(0, {0: 0, 1: 0}, 2)[0] == 0
+    assert job_status(75, {0: 75}, 2)[0] == 1  # rank 1 vanished: not a state to trust
+    assert job_status(-9, {0: 75}, 2)[0] == 137
+    assert job_status(1, {0: 75, 1: 3}, 2)[0] == 3
+    assert job_status(-15, {}, None, signal.SIGTERM)[0] == 143  # start-up: nothing to save
+    assert job_status(-9, {}, None) == (137, "no rank reported; the runner's status 137")  # not DeepSpeed's 0
+    assert job_status(2, {}, None)[0] == 2
+
+
+def _stop_and_check(run: LiveLaunch, tmp_path, name: str, send) -> tuple[int, float]:
+    """Wait for step 4, `send()`, then: job status 75, the stop checkpoint is `latest`, and no
+    process of the job outlives the wrapper's exit. -> (stopped step, seconds to the job's exit)."""
+    run.wait_for(r"^step 4/", timeout=400)
+    t0 = time.monotonic()
+    send()
+    status = run.proc.wait(timeout=180)
+    took = time.monotonic() - t0
+    left = run_processes(run.config)  # the wrapper waited for every process of the job
+    out = run.output
+    assert status == PREEMPTED, f"exit {status}\n{out[-5000:]}"
+    assert not left, [(p.pid, " ".join(p.cmdline())[:100]) for p in left]
+    stopped = int(run.wait_for(r"stopped after step (\d+)", timeout=1).group(1))
+    assert f"job: exit {PREEMPTED}: every rank (2) checkpointed" in out
+    assert read_latest(str(tmp_path / name)) == f"step_{stopped:08d}"
+    assert max(losses_by_step(out)) == stopped
+    return stopped, took
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_with_data_workers_saves_exits_75_and_resume_is_exact(tmp_path):
+    cfg = tiny_config(data=dict(num_workers=2),
+                      train=dict(steps=STEPS, log_interval=1, warmup_steps=2, checkpoint_dir=str(tmp_path / "run")))
+    config = write_yaml(str(tmp_path / "run.yaml"), cfg)
+    run = LiveLaunch(config, job=True)
+    try:
+        def everyone():  # a scheduler's SIGTERM to every process of the job, workers included
+            procs = run_processes(config)
+            assert len(procs) >= 2 + 2 + 2 * 2, [" ".join(p.cmdline())[:80] for p in procs]
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+        stopped, took = _stop_and_check(run, tmp_path, "run", everyone)
+        first = losses_by_step(run.output)
+    finally:
+        run.cleanup()
+    assert "is killed by signal" not in run.output
+    print(f"SIGTERM to every process, num_workers 2 -> checkpoint of step {stopped}, job exit 75 after {took:.1f}s")
+    assert_resume_is_exact(tmp_path, config, first, stopped)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,sig", [("deepspeed.launcher.launch", signal.SIGKILL),
+                                        ("deepspeed.launcher.runner", signal.SIGINT),
+                                        ("deepspeed.launcher.runner", signal.SIGTERM),
+                                        ("launch/job.py", signal.SIGINT)],  # Ctrl-C: the terminal's group
+                         ids=["launch-SIGKILL", "runner-SIGINT", "runner-SIGTERM", "job-SIGINT"])
+def test_the_job_exits_75_whichever_process_gets_the_signal(tmp_path, target, sig):
+    run = LiveLaunch(run_config(tmp_path, "run"), job=True)
+    try:
+        pid = None
+
+        def send():
+            nonlocal pid
+            pid = run.pid_of(target)
+            os.kill(pid, sig)
+        stopped, took = _stop_and_check(run, tmp_path, "run", send)
+    finally:
+        run.cleanup()
+    print(f"{signal.Signals(sig).name} to {target} -> checkpoint of step {stopped}, job exit 75 after {took:.1f}s")
