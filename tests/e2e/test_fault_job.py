@@ -18,7 +18,7 @@ from tests.harness.train import tiny_config, write_yaml
 from moe_dist.checkpoint.training.layout import read_latest
 from moe_dist.data.loader import build_dataloader
 from moe_dist.train.safety.exits import PREEMPTED
-from moe_dist.train.safety.job import job_status
+from moe_dist.train.safety.job import as_status, job_status
 
 STEPS = 400  # more than any test reaches: runs end by a signal
 
@@ -121,3 +121,24 @@ def test_the_job_exits_75_whichever_process_gets_the_signal(tmp_path, target, si
     finally:
         run.cleanup()
     print(f"{signal.Signals(sig).name} to {target} -> checkpoint of step {stopped}, job exit 75 after {took:.1f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,sig,status", [("deepspeed.launcher.launch", signal.SIGKILL, 0),
+                                               ("deepspeed.launcher.runner", signal.SIGINT, 130),
+                                               ("deepspeed.launcher.runner", signal.SIGTERM, 143)],
+                         ids=["launch-SIGKILL", "runner-SIGINT", "runner-SIGTERM"])
+def test_bare_deepspeed_still_saves_but_its_status_is_pinned(tmp_path, target, sig, status):
+    """What DeepSpeed 0.19.8's runner itself returns (docs/launch.md): the ranks commit the stop
+    checkpoint all the same, but the runner returns at once, before they have saved, with a status
+    that does not say so. launch/job.py exists for this."""
+    run = LiveLaunch(run_config(tmp_path, "run"))
+    try:
+        run.wait_for(r"^step 4/", timeout=400)
+        os.kill(run.proc.pid if target == "deepspeed.launcher.runner" else run.pid_of(target), sig)  # bin/deepspeed
+        assert as_status(run.proc.wait(timeout=120)) == status, run.output[-4000:]
+        run.wait_gone(timeout=120)
+    finally:
+        run.cleanup()
+    stopped = int(run.wait_for(r"stopped after step (\d+)", timeout=1).group(1))
+    assert read_latest(str(tmp_path / "run")) == f"step_{stopped:08d}"
