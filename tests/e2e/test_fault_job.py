@@ -142,3 +142,25 @@ def test_bare_deepspeed_still_saves_but_its_status_is_pinned(tmp_path, target, s
         run.cleanup()
     stopped = int(run.wait_for(r"stopped after step (\d+)", timeout=1).group(1))
     assert read_latest(str(tmp_path / "run")) == f"step_{stopped:08d}"
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_job_during_start_up_ends_it_with_143_and_nothing_left(tmp_path):
+    """Before any rank can save there is nothing to wait for: the whole job gets a SIGTERM, the
+    status says killed (not 0, not 75) and no process of it stays behind."""
+    run = LiveLaunch(run_config(tmp_path, "run"), job=True)
+    try:
+        run.wait_for(r"process \d+ spawned with command", timeout=120)  # launch.py started the ranks
+        t0 = time.monotonic()
+        os.kill(run.proc.pid, signal.SIGTERM)
+        status = run.proc.wait(timeout=120)
+        took = time.monotonic() - t0
+        left = run_processes(run.config)
+    finally:
+        run.cleanup()
+    assert status == 128 + signal.SIGTERM, run.output[-4000:]
+    assert not left
+    assert "job: received SIGTERM during start-up: nothing to save" in run.output
+    assert "job: exit 143: stopped during start-up, nothing to save" in run.output
+    assert read_latest(str(tmp_path / "run")) is None
+    print(f"SIGTERM to the job during start-up -> exit 143 after {took:.1f}s")
