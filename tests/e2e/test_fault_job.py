@@ -164,3 +164,27 @@ def test_a_signal_to_the_job_during_start_up_ends_it_with_143_and_nothing_left(t
     assert "job: exit 143: stopped during start-up, nothing to save" in run.output
     assert read_latest(str(tmp_path / "run")) is None
     print(f"SIGTERM to the job during start-up -> exit 143 after {took:.1f}s")
+
+
+@pytest.mark.slow
+def test_a_process_group_sigterm_with_data_workers_saves_under_bare_deepspeed(tmp_path):
+    """SIGTERM to the process group of a bare `deepspeed` job (runner, launch.py, ranks, workers):
+    the workers live on, both ranks commit the stop checkpoint and exit 75; DeepSpeed's runner
+    itself dies of the signal at once (143, pinned: launch/job.py is the fix for the status)."""
+    cfg = tiny_config(data=dict(num_workers=2),
+                      train=dict(steps=STEPS, log_interval=1, warmup_steps=2, checkpoint_dir=str(tmp_path / "run")))
+    run = LiveLaunch(write_yaml(str(tmp_path / "run.yaml"), cfg), new_session=True)
+    try:
+        run.wait_for(r"^step 4/", timeout=400)
+        os.killpg(run.proc.pid, signal.SIGTERM)
+        assert as_status(run.proc.wait(timeout=120)) == 128 + signal.SIGTERM
+        gone_s = run.wait_gone(timeout=120)
+    finally:
+        run.cleanup()
+    out = run.output
+    stopped = int(run.wait_for(r"stopped after step (\d+)", timeout=1).group(1))
+    assert "is killed by signal" not in out, out[-4000:]
+    assert out.count(f"(exit {PREEMPTED})") == 2, out[-4000:]
+    assert read_latest(str(tmp_path / "run")) == f"step_{stopped:08d}"
+    print(f"SIGTERM to the process group of bare deepspeed, num_workers 2 -> checkpoint of step {stopped}, "
+          f"ranks exit 75, nothing left after {gone_s:.1f}s")

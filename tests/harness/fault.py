@@ -51,14 +51,15 @@ def run_processes(marker: str) -> list[psutil.Process]:
 
 
 class LiveLaunch:
-    def __init__(self, config: str, *extra: str, job: bool = False) -> None:
-        """The bare `deepspeed` runner, or with `job` moe_dist's wrapper `launch/job.py` around it."""
+    def __init__(self, config: str, *extra: str, job: bool = False, new_session: bool = False) -> None:
+        """The bare `deepspeed` runner, or with `job` moe_dist's wrapper `launch/job.py` around it;
+        `new_session`: in a session (and process group) of its own, to be signalled as a group."""
         exe = [sys.executable, "launch/job.py"] if job else [os.path.join(os.path.dirname(sys.executable), "deepspeed")]
         self.config = config
         self.proc = subprocess.Popen(
             [*exe, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
              "--config", config, *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
         self.lines: list[str] = []
         self.eof = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
