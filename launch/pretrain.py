@@ -95,6 +95,9 @@ if __name__ == "__main__":
     # or pass on a different one (moe_dist/train/safety/job.py).
     try:
         status = main()
+    except SystemExit as e:  # argparse's usage error
+        report_exit(e.code if isinstance(e.code, int) else 1)
+        raise
     except BaseException:
         report_exit(1)
         raise

@@ -188,3 +188,16 @@ def test_a_process_group_sigterm_with_data_workers_saves_under_bare_deepspeed(tm
     assert read_latest(str(tmp_path / "run")) == f"step_{stopped:08d}"
     print(f"SIGTERM to the process group of bare deepspeed, num_workers 2 -> checkpoint of step {stopped}, "
           f"ranks exit 75, nothing left after {gone_s:.1f}s")
+
+
+def test_a_rank_reports_its_exit_status_to_the_job_also_on_a_usage_error(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+
+    env = {**os.environ, "MOE_DIST_JOB_DIR": str(tmp_path), "RANK": "1", "WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "launch/pretrain.py", "--no_such_flag"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert (tmp_path / "rank1.exit").read_text() == "2 2"

@@ -8,8 +8,8 @@ Ctrl-C with a traceback, in both cases before the ranks have saved. The wrapper 
     - becomes the child subreaper (PR_SET_CHILD_SUBREAPER), so a rank or launch.py whose parent
       died is re-parented to it and it can wait until no process of the job is left;
     - hears from each rank directly: a rank started under it (`MOE_DIST_JOB_DIR` in its
-      environment) writes its pid at start (`register_rank`) and its exit status at the end
-      (`report_exit`) into that folder, whoever reaps it;
+      environment) writes its pid once its stop handlers are in place (`register_rank`) and its
+      exit status at the end (`report_exit`) into that folder, whoever reaps it;
     - exits 75 when every rank exited 75 (each committed its stop checkpoint), whichever process
       got the signal (`job_status` has the whole rule);
     - starts the runner in a process group of its own, so a Ctrl-C (SIGINT to the terminal's
