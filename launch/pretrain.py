@@ -32,6 +32,7 @@ from moe_dist.train.config import load_run_config  # noqa: E402
 from moe_dist.checkpoint.files import CheckpointError  # noqa: E402
 from moe_dist.checkpoint.training import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
 from moe_dist.train.safety.exits import RunStopped  # noqa: E402
+from moe_dist.train.safety.job import report_exit  # noqa: E402
 from moe_dist.train.safety.run_dir import claim  # noqa: E402
 from moe_dist.train.safety.signals import guard_launcher  # noqa: E402
 
@@ -90,4 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The status also goes to launch/job.py, if it runs the job: DeepSpeed's runner may be gone
+    # or pass on a different one (moe_dist/train/safety/job.py).
+    try:
+        status = main()
+    except SystemExit as e:  # argparse's usage error
+        report_exit(e.code if isinstance(e.code, int) else 1)
+        raise
+    except BaseException:
+        report_exit(1)
+        raise
+    sys.exit(report_exit(status))

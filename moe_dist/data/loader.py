@@ -9,12 +9,19 @@ after `consumed_samples` global samples continues exactly where the interrupted 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 BATCH_KEYS = ("tokens", "domain_ids")
+# The stop signals of a run (moe_dist.train.safety.signals.SIGNALS). A Ctrl-C, a scheduler's
+# SIGTERM to every process of the job, or launch.py's SIGTERM to its children's whole tree reaches
+# the DataLoader workers too; a worker that dies of it makes the rank raise ("DataLoader worker
+# (pid N) is killed by signal") before it can save. The workers ignore them and the rank decides;
+# they still end with their rank (the DataLoader's shutdown, or its watch on the rank's pid).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler):
@@ -53,11 +60,33 @@ def collate_samples(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch
             for key in BATCH_KEYS}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    # Blocked in the rank while it forked this worker (_WorkerSafeLoader): a signal that came
+    # before the line above is pending here and now discarded, not fatal.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class _WorkerSafeLoader(torch.utils.data.DataLoader):
+    """Forks its workers with the stop signals blocked, so none of them can die of one between the
+    fork and `_ignore_stop_signals`; the rank gets any that came meanwhile once they are forked."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def build_dataloader(dataset, micro_batch_size: int, dp_rank: int = 0, dp_world_size: int = 1,
                      consumed_samples: int = 0,
                      num_workers: int = 0) -> torch.utils.data.DataLoader:
     """This rank's micro batches, from global sample `consumed_samples` on (see module doc)."""
     sampler = ShardedBatchSampler(len(dataset), micro_batch_size, dp_rank, dp_world_size,
                                   consumed_samples)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate_samples)
+    return _WorkerSafeLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
+                             worker_init_fn=_ignore_stop_signals if num_workers else None)

@@ -51,13 +51,15 @@ def run_processes(marker: str) -> list[psutil.Process]:
 
 
 class LiveLaunch:
-    def __init__(self, config: str, *extra: str) -> None:
-        exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    def __init__(self, config: str, *extra: str, job: bool = False, new_session: bool = False) -> None:
+        """The bare `deepspeed` runner, or with `job` moe_dist's wrapper `launch/job.py` around it;
+        `new_session`: in a session (and process group) of its own, to be signalled as a group."""
+        exe = [sys.executable, "launch/job.py"] if job else [os.path.join(os.path.dirname(sys.executable), "deepspeed")]
         self.config = config
         self.proc = subprocess.Popen(
-            [exe, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+            [*exe, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
              "--config", config, *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
         self.lines: list[str] = []
         self.eof = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -89,6 +91,12 @@ class LiveLaunch:
             if "launch/pretrain.py" in cmd and f"--local_rank={rank}" in cmd:  # only ranks get it
                 return proc.pid
         raise AssertionError(f"rank {rank} of {self.config} not found")
+
+    def pid_of(self, marker: str) -> int:
+        """The one process of the run whose command line holds `marker` ("deepspeed.launcher.launch")."""
+        found = [p.pid for p in run_processes(self.config) if marker in " ".join(p.cmdline())]
+        assert len(found) == 1, f"{marker}: {found}"
+        return found[0]
 
     def wait_gone(self, timeout: float) -> float:
         """Seconds until no process of the run is left (pipe closed and none found)."""

@@ -52,7 +52,7 @@ class RunSafety:
 
     def close(self) -> None:
         self.watchdog.stop()
-        self.stop.uninstall()
+        self.stop.uninstall(stopping=self.stop_reason is not None)
 
     @property
     def skipped(self) -> int:

@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from moe_dist.train.safety.job import register_rank
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PR_SET_PDEATHSIG = 1
 
@@ -131,9 +133,14 @@ class StopRequest:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
         guard_launcher()
+        register_rank()  # from now on a signal is a stop request: launch/job.py may pass one on
         return self
 
-    def uninstall(self) -> None:
+    def uninstall(self, stopping: bool = False) -> None:
+        """Restore the handlers from before `install`; with `stopping` (the run stops on a signal)
+        ignore the stop signals instead until the process exits: once the first rank exits 75,
+        launch.py SIGTERMs the others, and the launcher watcher signals its own rank when the runner
+        is gone; either would otherwise kill a rank between its commit and its exit status."""
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_IGN if stopping else previous)
         self._previous.clear()
