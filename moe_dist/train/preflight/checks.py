@@ -14,6 +14,7 @@ from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import RunConfig
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
 from moe_dist.train.preflight.data import check_megatron_data, data_domain_names
+from moe_dist.train.preflight.memory import check_memory
 from moe_dist.train.preflight.start import check_init_from
 from moe_dist.train.safety import run_dir
 
@@ -41,6 +42,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
         validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
     ds_config = reconcile_deepspeed_config(load_json(ds_config_path), cfg.train, world_size,
                                            ds_config_path)
+    check_memory(cfg, ds_config, world_size)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     try:
         validate_tokenizer_vocab(tokenizer, cfg.model.vocab_size)
