@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from the latest complete checkpoint in train.checkpoint_dir")
     p.add_argument("--allow_config_change", action="store_true",
                    help="with --resume: continue although settings that change the data order or routing "
-                        "(seeds, top_k, capacity, ...) differ from the checkpoint's (they are listed)")
+                        "(seeds, top_k, capacity, ...), or the tokenizer's or data's content, differ from the "
+                        "checkpoint's (they are listed)")
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="checkpoint and exit after this step (e.g. before a job's time limit); the LR "
                         "schedule still spans train.steps")
