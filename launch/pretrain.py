@@ -11,7 +11,8 @@ Configuration errors are reported before any process group or model exists, exit
 a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock, and a
 checkpoint that cannot be resumed, also when that shows only at DeepSpeed's load).
 Other exit statuses (moe_dist/train/safety/exits.py, docs/launch.md): 3 non-finite training stopped,
-4 watchdog (no step within train.watchdog_timeout), 28 disk full at a checkpoint, 75 stopped by
+4 watchdog (no step within train.watchdog_timeout), 28 disk full at a checkpoint, 30 checkpoint folder
+not writable at a checkpoint (read-only filesystem, no permission), 75 stopped by
 SIGTERM/SIGINT/SIGUSR1 after committing a checkpoint (resume with --resume).
 """
 
@@ -31,6 +32,7 @@ from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
 from moe_dist.checkpoint.files import CheckpointError  # noqa: E402
 from moe_dist.checkpoint.training import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
+from moe_dist.checkpoint.training import EXIT_NOT_WRITABLE, NotWritableError  # noqa: E402
 from moe_dist.train.safety.exits import RunStopped  # noqa: E402
 from moe_dist.train.safety.job import report_exit  # noqa: E402
 from moe_dist.train.safety.run_dir import claim  # noqa: E402
@@ -46,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue from the latest complete checkpoint in train.checkpoint_dir")
     p.add_argument("--allow_config_change", action="store_true",
                    help="with --resume: continue although settings that change the data order or routing "
-                        "(seeds, top_k, capacity, ...) differ from the checkpoint's (they are listed)")
+                        "(seeds, top_k, capacity, ...), or the tokenizer's or data's content, differ from the "
+                        "checkpoint's (they are listed)")
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="checkpoint and exit after this step (e.g. before a job's time limit); the LR "
                         "schedule still spans train.steps")
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiskSpaceError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_NO_SPACE
+    except NotWritableError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NOT_WRITABLE
     except CheckpointError as e:  # what preflight could not see: a load that failed, a tag changed since
         print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
         return 2

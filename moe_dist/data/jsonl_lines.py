@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
-def _open_text(path: str):
+def open_text(path: str):
+    """The file as UTF-8 text, decompressed by its suffix; None for a compression without a stdlib reader."""
     for suffix, opener in _OPENERS.items():
         if path.endswith(suffix):
             return opener(path, "rt", encoding="utf-8")
@@ -28,7 +29,7 @@ def _open_text(path: str):
 def _rows(path: str) -> Iterator[tuple[int, str]]:
     """(line number, line) of each non-blank line, as the json loader skips blank ones; nothing
     for a file that is one JSON document (an array) rather than JSON Lines."""
-    f = _open_text(path)
+    f = open_text(path)
     if f is None:
         return
     with f:

@@ -7,13 +7,14 @@ packaged builders ("json", "text", "parquet") never contact the Hub, so nothing 
 from __future__ import annotations
 
 import argparse
+import lzma
 import os
 from collections.abc import Sequence
 
 import datasets
 
 from moe_dist.common.config import ConfigError
-from moe_dist.data.jsonl_lines import first_bad_line
+from moe_dist.data.jsonl_lines import first_bad_line, open_text
 
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text",
@@ -52,6 +53,34 @@ def check_input_files(paths: Sequence[str]) -> str:
     return next(iter(formats.values()))
 
 
+def first_unreadable(paths: Sequence[str], fmt: str) -> str | None:
+    """`file: problem` for the first input that is not what its name says (random bytes, a broken
+    compressed file, text that is not UTF-8, a Parquet file without its magic bytes); None when
+    each one reads. Only run on the error path: it reads the files again."""
+    for path in paths:
+        try:
+            if fmt == "parquet":
+                with open(path, "rb") as f:
+                    head = f.read(4)
+                    f.seek(-4, os.SEEK_END)
+                    tail = f.read(4)
+                if head != b"PAR1" or tail != b"PAR1":
+                    return (f"{path}: not a Parquet file (it must start and end with the bytes 'PAR1'; "
+                            f"it starts with {head!r} and ends with {tail!r})")
+                continue
+            f = open_text(path)
+            if f is None:
+                continue
+            with f:
+                while f.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as e:
+            return f"{path}: not UTF-8 text ({e.reason}); expected a UTF-8 {'JSON Lines' if fmt == 'json' else 'text'} file"
+        except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+            return f"{path}: cannot be read as a {os.path.splitext(path)[1]!r} file ({type(e).__name__}: {e})"
+    return None
+
+
 def load_corpus(paths: Sequence[str], columns: Sequence[str], cache_dir: str | None = None,
                 text_sample_by: str = "line") -> datasets.Dataset:
     """All rows of `paths` in file order, keeping only `columns` (each must exist).
@@ -67,7 +96,9 @@ def load_corpus(paths: Sequence[str], columns: Sequence[str], cache_dir: str | N
         ds = datasets.load_dataset(fmt, data_files=list(paths), split="train", cache_dir=cache_dir,
                                    **options)
     except Exception as e:  # datasets wraps a parse error in DatasetGenerationError, pandas', ...
-        located = first_bad_line(paths, columns[0]) if fmt == "json" else None
+        located = first_unreadable(paths, fmt) or (first_bad_line(paths, columns[0]) if fmt == "json" else None)
+        if located is None and "corresponds to no data" in str(e):  # only blank lines
+            located = f"inputs {list(paths)} hold no {fmt} rows (blank lines only); expected at least one document"
         if located is None:
             raise
         raise ConfigError(located) from e

@@ -21,7 +21,7 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
                     min_capacity: int, dropless: bool = False) -> int | None:
     """Slots per expert for one source rank: `max(ceil(cf*T*K/E), min_capacity)`, at most T.
 
-    None means no limit (dropless, or `capacity_factor <= 0`). The cap at T changes nothing
+    None means no limit (dropless, or `capacity_factor` 0; the config refuses negative ones). The cap at T changes nothing
     (a token never picks the same expert twice) but keeps buffers bounded.
     """
     if dropless or capacity_factor <= 0:

@@ -46,8 +46,9 @@ class MoEConfig:
     d_ff: int
     num_experts: int
     top_k: int = 2
+    # 0: no limit (as `dropless: true`); a negative value is refused as a likely typo.
     capacity_factor: float = 1.25
-    # <= 0: no limit at eval, the function Hugging Face exports, tools/evaluate.py and generation
+    # 0: no limit at eval, the function Hugging Face exports, tools/evaluate.py and generation
     # compute (docs/training.md, "Eval-time capacity"); a capacity here is an opt-in.
     eval_capacity_factor: float = 0.0
     min_capacity: int = 4
@@ -82,6 +83,11 @@ class MoEConfig:
               f"moe.top_k ({self.top_k}) must be <= moe.num_experts ({self.num_experts})")
         check(self.num_experts % self.ep_size == 0,
               f"moe.num_experts ({self.num_experts}) must be divisible by moe.ep_size ({self.ep_size})")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+                  f"moe.{name} must be a number >= 0, got {value!r}; 0 means no capacity limit (for a run "
+                  f"that drops no token set moe.dropless: true)")
         check(isinstance(self.min_capacity, int) and self.min_capacity >= 0,
               f"moe.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
         check(isinstance(self.num_shared_experts, int) and self.num_shared_experts >= 0,

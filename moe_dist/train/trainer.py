@@ -103,6 +103,8 @@ class Trainer:
                           "vocab_size": self.tokenizer.vocab_size},
             "world_size": self.world,
             "skipped_steps": self.safety.skipped,
+            # What --resume compares the data with (moe_dist/train/preflight/data.py, input_identity).
+            "data_identity": (self.checks.inputs or {}).get("data"),
         }}
 
     def save(self) -> str:

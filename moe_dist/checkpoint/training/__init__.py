@@ -6,7 +6,7 @@
 
 Modules: `layout` (names and places), `tags` (completion marker, run ids, is a tag whole and one
 run's), `writer` (save and load through the DeepSpeed engine, the commit protocol), `disk`
-(free space before a save, ENOSPC as its own error), `retention` (keep_last, partial tags),
+(free space before a save, ENOSPC and a read-only folder as their own errors), `retention` (keep_last, partial tags),
 `reader` (TrainingCheckpoint: a tag opened without an engine, for the tools), `zero` (the
 ZeRO-1/2 partition layout), `resume` (can this run continue that checkpoint), `reshard` (the
 checkpoint for another EP / world size). Everything outside this package uses the names below;
@@ -14,6 +14,7 @@ tests/unit/test_import_graph.py enforces it, and that nothing here imports `moe_
 """
 
 from moe_dist.checkpoint.training.disk import EXIT_NO_SPACE, DiskSpaceError
+from moe_dist.checkpoint.training.disk import EXIT_NOT_WRITABLE, NotWritableError, check_writable_dir
 from moe_dist.checkpoint.training.layout import ENGINE_PREFIX, is_expert_key, read_latest
 from moe_dist.checkpoint.training.reader import TrainingCheckpoint
 from moe_dist.checkpoint.training.reshard import reshard
@@ -27,3 +28,4 @@ __all__ = ["ENGINE_PREFIX", "EXIT_NO_SPACE", "RUN_ID_KEY", "DiskSpaceError", "Tr
            "check_checkpoint_dir", "check_latest_tag", "check_resume", "check_supported", "is_expert_key",
            "latest_run_id", "load_latest", "read_latest", "read_zero_state", "remove_partial_tags", "reshard", "save",
            "tag_report", "wait_for_deletions"]
+__all__ += ["EXIT_NOT_WRITABLE", "NotWritableError", "check_writable_dir"]

@@ -31,8 +31,15 @@ def read_latest(checkpoint_dir: str) -> str | None:
     path = os.path.join(checkpoint_dir, LATEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        tag = f.read().strip()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        # A damaged or foreign file: one plain error (exit 2 at start-up), not a traceback.
+        raise CheckpointError(f"{path!r} is not a tag name: {len(raw)} bytes that are not UTF-8 text ({e.reason} "
+                              f"at byte {e.start}); expected the name of the last committed tag, e.g. "
+                              f"'step_00000100' (write the newest complete tag's name into it)") from None
     return tag or None
 
 

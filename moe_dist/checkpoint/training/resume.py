@@ -11,6 +11,13 @@ Three kinds of difference (flattened `section.key` paths of `RunConfig.to_dict()
   `data.seed`, `moe.top_k`, capacity factors, router settings, ...): refused with the list,
   unless `--allow_config_change`, which only prints it. Keys added since the checkpoint was
   written (absent there) are not compared: a new key's default keeps the old behaviour.
+
+The inputs behind unchanged paths are compared the same way (`input_differences`): the
+tokenizer's identifiers (sha256 of its files) and each data prefix's identity (sizes, sha256 of
+the `.idx`, sha256 of a sample of the `.bin`: moe_dist/train/preflight/data.py) against what the
+checkpoint recorded. A tokenizer retrained in place or a prefix re-preprocessed is refused unless
+`--allow_config_change`. A checkpoint written before the data identity was recorded is compared on
+the tokenizer only.
 """
 
 from __future__ import annotations
@@ -148,10 +155,51 @@ def read_stored_state(tag_dir: str) -> dict[str, Any]:
         raise ConfigError(f"--resume: cannot read {path!r} ({type(e).__name__}: {e})") from None
 
 
+DATA_IDENTITY_KEY = "data_identity"  # the trainer's client state: input_identity()["data"]
+
+
+def _short(digest: Any) -> str:
+    return f"{digest[:12]}..." if isinstance(digest, str) else repr(digest)
+
+
+def input_differences(client: dict[str, Any], inputs: dict[str, Any] | None) -> list[str]:
+    """What changed in the tokenizer's or the data's content since the checkpoint recorded them
+    (`client`: the stored client state; `inputs`: this run's input_identity), one entry each."""
+    if inputs is None:
+        return []
+    changed = []
+    stored_tok = (client.get("tokenizer") or {}).get("unique_identifiers")
+    tok = inputs.get("tokenizer")
+    if isinstance(stored_tok, dict) and tok is not None and dict(stored_tok) != dict(tok):
+        if stored_tok.get("cls") != tok.get("cls"):
+            changed.append(f"data.tokenizer: {stored_tok.get('cls')} -> {tok.get('cls')}")
+        else:
+            keys = sorted(k for k in set(stored_tok) | set(tok) if stored_tok.get(k) != tok.get(k))
+            changed.append("data.tokenizer (same settings, new content: retrained?): " + ", ".join(
+                f"{k} {_short(stored_tok.get(k))} -> {_short(tok.get(k))}" for k in keys))
+    stored_data = client.get(DATA_IDENTITY_KEY)
+    if isinstance(stored_data, list):
+        old = {d.get("prefix"): d for d in stored_data if isinstance(d, dict)}
+        for d in inputs.get("data") or []:
+            was = old.get(d["prefix"])
+            if was is None:  # a prefix added or renamed: data.megatron.prefixes lists it already
+                continue
+            fields = [f"{k} {_short(was.get(k)) if k.endswith('sha256') else was.get(k)} -> "
+                      f"{_short(d[k]) if k.endswith('sha256') else d[k]}"
+                      for k in ("idx_bytes", "bin_bytes", "idx_sha256", "bin_sample_sha256") if was.get(k) != d[k]]
+            if fields:
+                # Megatron-Core keys its cached sample indices by path, not content: stale ones would
+                # index past the new documents (a ValueError in the data loader).
+                changed.append(f"data prefix {d['prefix']!r} (same path, new content): " + ", ".join(fields)
+                               + " (to continue on it, also set data.megatron.cache_dir to a new folder)")
+    return changed
+
+
 def check_resume(checkpoint_dir: str, current: dict[str, Any], world_size: int,
-                 allow_config_change: bool) -> list[str]:
-    """Refuse a checkpoint with a missing or truncated file or a config this run cannot continue;
-    returns the order- or routing-changing differences accepted under allow_config_change."""
+                 allow_config_change: bool, inputs: dict[str, Any] | None = None) -> list[str]:
+    """Refuse a checkpoint with a missing or truncated file or a config (or, `inputs`, a tokenizer
+    or data content) this run cannot continue; returns the order- or routing-changing differences
+    accepted under allow_config_change."""
     tag = read_latest(checkpoint_dir)
     tag_dir = os.path.join(checkpoint_dir, tag)
     if not os.path.isdir(tag_dir):
@@ -180,6 +228,7 @@ def check_resume(checkpoint_dir: str, current: dict[str, Any], world_size: int,
                           + "; resume with the stored values, or start a new run (train.init_from for "
                           "weights)")
     check_layout(checkpoint_dir, stored, stored_world, current, world_size)
+    changed += input_differences(client, inputs)
     if changed and not allow_config_change:
         raise ConfigError(f"--resume: settings that change the data order, routing or model math differ from "
                           f"those stored in {tag_dir!r}: " + "; ".join(changed)

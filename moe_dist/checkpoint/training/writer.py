@@ -97,8 +97,9 @@ def _commit(checkpoint_dir: str, tag: str, step: int, run_id: str | None) -> Non
 def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], groups: ParallelGroups,
          run_id: str | None = None, keep_last: int | None = None) -> str:
     """Write checkpoint `step` on every rank (collective) and commit it; returns its tag. A disk
-    too full for it (before or during the save) is a DiskSpaceError on every rank that sees it,
-    with `latest` and the previous checkpoint untouched."""
+    too full for it (before or during the save) is a DiskSpaceError on every rank that sees it, a
+    folder that cannot be written (read-only, no permission) a NotWritableError, with `latest`
+    and the previous checkpoint untouched."""
     tag = tag_for_step(step)
     tag_dir = os.path.join(checkpoint_dir, tag)
     rank = runtime.rank()
@@ -124,22 +125,23 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
         for path in set(written + _own_files(tag_dir, rank)):
             fsync_file(path)
     except Exception as e:
-        full = disk.no_space_error(e, checkpoint_dir, tag, latest,
-                                   disk.tree_bytes(last_dir) if last_dir else None, remove=rank == 0)
-        if full is None:
+        fault = disk.disk_error(e, checkpoint_dir, tag, latest,
+                                disk.tree_bytes(last_dir) if last_dir else None, remove=rank == 0)
+        if fault is None:
             raise
-        raise full from e
+        raise fault from e
     runtime.barrier()  # every rank's files are on disk before the tag becomes `latest`
     error = None
     if rank == 0:
         try:
             _commit(checkpoint_dir, tag, step, run_id)
         except Exception as e:  # noqa: BLE001 - reported on every rank below
-            full = disk.no_space_error(e, checkpoint_dir, tag, latest) if not isinstance(e, CheckpointError) else None
-            error = (type(full or e).__name__, str(full or e))
+            fault = disk.disk_error(e, checkpoint_dir, tag, latest) if not isinstance(e, CheckpointError) else None
+            error = (type(fault or e).__name__, str(fault or e))
     error = runtime.broadcast_object(error)
     if error is not None:
-        raise (disk.DiskSpaceError if error[0] == "DiskSpaceError" else CheckpointError)(error[1])
+        kinds = {"DiskSpaceError": disk.DiskSpaceError, "NotWritableError": disk.NotWritableError}
+        raise kinds.get(error[0], CheckpointError)(error[1])
     if rank == 0:  # after the last collective: no rank waits on the filesystem's deletion speed
         retention.apply_keep_last_in_background(checkpoint_dir, keep_last, just_written=tag)
     return tag

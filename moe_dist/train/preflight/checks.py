@@ -13,7 +13,8 @@ from moe_dist.data.tokenizers import build_tokenizer, validate_tokenizer_vocab
 from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import RunConfig
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
-from moe_dist.train.preflight.data import check_megatron_data, data_domain_names
+from moe_dist.train.preflight.data import check_megatron_data, data_domain_names, input_identity
+from moe_dist.train.preflight.memory import check_memory
 from moe_dist.train.preflight.start import check_init_from
 from moe_dist.train.safety import run_dir
 
@@ -26,6 +27,8 @@ class Preflight:
     run: run_dir.RunDir | None = None  # rank 0's lock on the checkpoint directory and the run id
     # Order- or routing-changing settings a --resume --allow_config_change accepted.
     config_changes: list[str] | None = None
+    # The tokenizer's and the data's identity (input_identity), recorded in every checkpoint.
+    inputs: dict[str, Any] | None = None
 
 
 def requested_samples(train, global_batch: int, world_size: int) -> tuple[int, int]:
@@ -41,6 +44,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
         validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
     ds_config = reconcile_deepspeed_config(load_json(ds_config_path), cfg.train, world_size,
                                            ds_config_path)
+    check_memory(cfg, ds_config, world_size)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     try:
         validate_tokenizer_vocab(tokenizer, cfg.model.vocab_size)
@@ -53,6 +57,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
                           f"{len(domain_names)}")
     train_samples, valid_samples = requested_samples(cfg.train, ds_config["train_batch_size"], world_size)
     check_megatron_data(cfg.data, tokenizer, cfg.model.vocab_size, train_samples, valid_samples)
+    inputs = input_identity(cfg.data, tokenizer)
     # The lock first: the checks of the directory's contents mean something only under it.
     run = run or run_dir.claim(cfg.train.checkpoint_dir, resume, break_lock)
     changes = None
@@ -61,7 +66,8 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
         if resume:
             if run is not None:
                 check_latest_tag(cfg.train.checkpoint_dir)
-            changes = check_resume(cfg.train.checkpoint_dir, cfg.to_dict(), world_size, allow_config_change)
+            changes = check_resume(cfg.train.checkpoint_dir, cfg.to_dict(), world_size, allow_config_change,
+                                   inputs=inputs)
         else:
             check_init_from(cfg.train.init_from, cfg.model, cfg.train.seed)  # --resume ignores init_from
         if run is not None:
@@ -71,4 +77,4 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
             run.release()
         raise
     return Preflight(ds_config=ds_config, tokenizer=tokenizer, domain_names=domain_names, run=run,
-                     config_changes=changes)
+                     config_changes=changes, inputs=inputs)

@@ -2,9 +2,17 @@
 that every `.bin` has the size its `.idx` implies, every prefix gives each requested split at least
 one document, and no token id reaches the vocabulary (moe_dist/data/index_check.py). They read
 label sidecars and index headers, never build an index.
+
+`input_identity` is what a checkpoint records of the tokenizer and the data, and what `--resume`
+compares (moe_dist/checkpoint/training/resume.py): a tokenizer retrained in place, or a prefix
+re-preprocessed or swapped, keeps its path but not its content.
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
 
 from moe_dist.data.config import DataConfig
 from moe_dist.data.datasets import blend_domain_names
@@ -33,3 +41,41 @@ def check_megatron_data(data: DataConfig, tokenizer, model_vocab_size: int, trai
         summary = read_index(where, prefix)
         check_split_shares(where, summary, data.megatron.split, requested)
         check_token_ids(where, summary, limit, limit_name)
+
+
+# The .bin is sampled, not hashed whole (it can be terabytes): this many windows of this many bytes,
+# evenly spaced, the first and the last included; a file no larger than all of them is read whole.
+BIN_SAMPLE_WINDOWS = 16
+BIN_SAMPLE_BYTES = 64 * 1024
+
+
+def bin_sample_sha256(path: str) -> str:
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= BIN_SAMPLE_WINDOWS * BIN_SAMPLE_BYTES:
+            h.update(f.read())
+            return h.hexdigest()
+        step = (size - BIN_SAMPLE_BYTES) / (BIN_SAMPLE_WINDOWS - 1)
+        for i in range(BIN_SAMPLE_WINDOWS):
+            f.seek(int(i * step))
+            h.update(f.read(BIN_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def prefix_identity(prefix: str) -> dict[str, Any]:
+    """Sizes of `.idx` and `.bin`, sha256 of the whole `.idx` (document lengths and offsets: small)
+    and of a sample of the `.bin` (BIN_SAMPLE_WINDOWS windows of BIN_SAMPLE_BYTES)."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    with open(idx, "rb") as f:
+        idx_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"prefix": prefix, "idx_bytes": os.path.getsize(idx), "bin_bytes": os.path.getsize(bin_),
+            "idx_sha256": idx_sha, "bin_sample_sha256": bin_sample_sha256(bin_)}
+
+
+def input_identity(data: DataConfig, tokenizer) -> dict[str, Any]:
+    """{"tokenizer": its unique identifiers (class, sha256 of its files), "data": one
+    prefix_identity per Megatron-Core prefix (none for synthetic data)}."""
+    prefixes = data.megatron.prefixes if data.kind == "megatron" else []
+    return {"tokenizer": dict(tokenizer.unique_identifiers),
+            "data": [prefix_identity(p) for p in prefixes]}

@@ -8,6 +8,9 @@
     3   stopped: train.max_consecutive_skips non-finite steps in a row, or weights not finite at a
         save (nothing committed; `latest` stays on the last good checkpoint). Do not requeue as is.
     4   the watchdog: no step completed within train.watchdog_timeout (stacks on stderr)
+    28  the disk filled during a checkpoint save (ENOSPC's number; moe_dist/checkpoint/training/disk.py)
+    30  the checkpoint folder became unwritable during a save: read-only filesystem or no permission
+        (EROFS's number); freeing space does not help. At start-up the same is a refusal, exit 2
     75  stopped by SIGTERM, SIGINT or SIGUSR1 (or the launcher's death) after a checkpoint of the
         step reached was committed: `--resume` continues exactly. 75 is sysexits' EX_TEMPFAIL
         ("try again later"), so a scheduler script can requeue on it, and it differs from 143 /

@@ -13,7 +13,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
-from moe_dist.checkpoint.training import latest_run_id, remove_partial_tags, wait_for_deletions
+from moe_dist.checkpoint.training import check_writable_dir, latest_run_id, remove_partial_tags, wait_for_deletions
 from moe_dist.parallel import runtime
 from moe_dist.train.safety import lock as run_lock
 
@@ -44,6 +44,9 @@ def claim(checkpoint_dir: str | None, resume: bool, break_lock: bool = False) ->
     rank 0 has passed preflight and joined the process group)."""
     if runtime.env_rank() != 0:
         return None
+    # A file, or a folder this process cannot create files in, is refused here (exit 2) rather
+    # than as a traceback from the lock's makedirs or, later, from the first save.
+    check_writable_dir(checkpoint_dir)
     run_id = (latest_run_id(checkpoint_dir) if resume and checkpoint_dir else None) or uuid.uuid4().hex[:16]
     run = RunDir(checkpoint_dir=checkpoint_dir, run_id=run_id)
     if checkpoint_dir and (os.path.isdir(checkpoint_dir) or not resume):  # else the resume check fails next
