@@ -92,7 +92,7 @@ class TrainingCheckpoint:
     def open(cls, path: str, tag: str | None = None) -> "TrainingCheckpoint":
         tag_dir = resolve_tag_dir(path, tag)
         main_path = os.path.join(tag_dir, MODEL_STATES)
-        main = load_pt(main_path, "DeepSpeed model states")
+        main = load_pt(main_path, "DeepSpeed model states", deepspeed=True)
         require_keys(main, _MAIN_KEYS, main_path, "DeepSpeed model states")
         try:
             _migrate_names(main, main_path)

@@ -25,8 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from moe_dist.checkpoint.files import torch_load
 from moe_dist.checkpoint.training.layout import CLIENT_KEY, read_latest
 from moe_dist.common.atomic import write_text_atomic
 from moe_dist.common.config import ConfigError
@@ -96,9 +95,9 @@ def list_tags(checkpoint_dir: str) -> list[TagState]:
 def file_run_ids(path: str) -> list[str | None]:
     """The run ids a checkpoint file records (one or two places), [] where it records none."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        obj = torch_load(path, deepspeed=True, mmap=True)
     except RuntimeError:  # not a zip-format file: mmap needs one
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch_load(path, deepspeed=True)
     if not isinstance(obj, dict):
         return []
     found = []
