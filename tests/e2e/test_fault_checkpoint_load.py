@@ -1,15 +1,25 @@
-"""Loading a checkpoint runs no code (issue 26, item 10): a tag whose files pickle a type that
-could run code (here an object whose `__reduce__` creates a marker file) is refused by `--resume`
-through the real `deepspeed` launcher, by `inspect` and by the conversions, each naming the file and
-the type, and the marker file never appears. DeepSpeed's own `torch.load` of a resume is under the
-same rule (`deepspeed_loads_weights_only`)."""
+"""Loading a checkpoint runs no code and trusts no changed byte (issue 26, items 10 and 3).
+
+- A tag whose files pickle a type that could run code (here an object whose `__reduce__` creates
+  a marker file) is refused by `--resume` through the real `deepspeed` launcher, by `inspect` and
+  by the conversions, each naming the file and the type, and the marker file never appears.
+  DeepSpeed's own `torch.load` of a resume is under the same rule (`deepspeed_loads_weights_only`).
+- 4 bytes flipped inside the tensor data of an expert or ZeRO file of `latest` (values still
+  finite, size unchanged) are found by the sha256 digests of the completion marker: `--resume`
+  exits 2 naming the file, `inspect` exits 3, a conversion 2. A tag committed before digests
+  existed still loads, with a note.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -17,7 +27,7 @@ from tests.harness.train import REPO, free_port, launch, tiny_config, write_yaml
 
 from moe_dist.checkpoint.files import UnsafeCheckpointError, deepspeed_loads_weights_only, load_pt, torch_load
 from moe_dist.checkpoint.training.layout import experts_file, read_latest, zero_file
-from moe_dist.checkpoint.training.tags import MARKER, read_marker, write_marker
+from moe_dist.checkpoint.training.tags import MARKER, data_files, read_marker, write_marker
 
 
 class PlantsAFile:
@@ -138,3 +148,72 @@ def test_inspect_and_conversions_refuse_code_in_a_tag(trained, tmp_path, command
     assert not os.path.exists(marker), "the pickled code ran"
     assert not os.path.exists(tmp_path / "out")
 
+
+# ---- flipped bytes (item 3) ----------------------------------------------------------------------
+
+def flip_tensor_bytes(path) -> None:
+    """XOR 0x01 into the 4 bytes of one fp32 value in the middle of the file's largest tensor: the
+    lowest bit of each byte, so the value changes (its exponent by at most 2) and stays finite,
+    and the file keeps its size and its zip structure."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        start = info.header_offset + 30 + name_len + extra_len + (info.file_size // 2) // 4 * 4
+        f.seek(start)
+        old = f.read(4)
+        f.seek(start)
+        f.write(bytes(b ^ 0x01 for b in old))
+
+
+def test_the_marker_records_a_sha256_of_every_file(trained):
+    tag_dir = str(trained / read_latest(str(trained)))
+    marker = read_marker(tag_dir)
+    assert sorted(marker["digests"]) == data_files(tag_dir) == sorted(marker["files"])
+    assert not [n for n in os.listdir(tag_dir) if n.startswith(".digests_")]  # the ranks' reports merged
+    for name, digest in marker["digests"].items():
+        with open(os.path.join(tag_dir, name), "rb") as f:
+            assert digest == "sha256:" + hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.slow
+def test_resume_through_the_launcher_refuses_flipped_bytes_naming_the_file(trained, tmp_path):
+    ckpt, tag_dir = copy_of(trained, tmp_path)
+    target = experts_file(str(tag_dir), 1)
+    flip_tensor_bytes(target)
+    experts = torch.load(target, weights_only=True)["experts"]
+    assert all(bool(torch.isfinite(t).all()) for t in experts.values())  # the NaN check cannot see it
+    proc = launch(["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+                   "--config", run_config(tmp_path, ckpt), "--resume"], timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-5000:]
+    assert f"{target}: content differs from the commit (sha256:" in out, out[-5000:]
+    assert "step 5/" not in out and "Traceback" not in out, out[-5000:]
+
+
+@pytest.mark.parametrize("which", ["experts", "zero"])
+def test_inspect_and_a_conversion_refuse_flipped_bytes(trained, tmp_path, which):
+    ckpt, tag_dir = copy_of(trained, tmp_path)
+    target = experts_file(str(tag_dir), 0) if which == "experts" else zero_file(str(tag_dir), 1, bf16=False)
+    flip_tensor_bytes(target)
+    proc = tool("inspect", str(ckpt))
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{target}: content differs from the commit" in proc.stderr, proc.stderr[-3000:]
+    proc = tool("consolidate", str(ckpt), str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{target}: content differs from the commit" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "out")
+
+
+def test_a_tag_committed_before_digests_loads_with_a_note(trained, tmp_path):
+    ckpt, tag_dir = copy_of(trained, tmp_path)
+    marker = read_marker(str(tag_dir))
+    del marker["digests"]
+    (tag_dir / MARKER).write_text(json.dumps(marker))
+    proc = tool("inspect", str(ckpt))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "was committed without file digests" in proc.stderr
+    proc = tool("consolidate", str(ckpt), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

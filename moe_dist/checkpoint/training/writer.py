@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from moe_dist.checkpoint.files import CheckpointError, deepspeed_loads_weights_only, load_pt, torch_load
-from moe_dist.checkpoint.training import disk, retention
+from moe_dist.checkpoint.training import digest, disk, retention
 from moe_dist.checkpoint.training.finite import check_resumed_finite
 from moe_dist.checkpoint.training.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
                                                  read_latest, tag_for_step)
@@ -94,7 +94,7 @@ def _commit(checkpoint_dir: str, tag: str, step: int, run_id: str | None) -> Non
         raise CheckpointError(f"checkpoint {tag_dir!r} holds files of another run (this run's id is {run_id!r}); "
                               f"'latest' was not moved: " + "; ".join(problems))
     fsync_file(tag_dir)  # the directory entries of the files
-    write_marker(tag_dir, run_id, step)
+    write_marker(tag_dir, run_id, step, digest.take_rank_digests(tag_dir))
     write_text_atomic(os.path.join(checkpoint_dir, LATEST), tag)
     fsync_file(checkpoint_dir)
 
@@ -126,8 +126,11 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
             torch.save({"ep_size": groups.ep_size, "ep_rank": groups.ep_rank, "run_id": run_id,
                         "experts": expert_state(engine.module)}, written[-1])
         torch.save({"rng": rng_state(), "run_id": run_id, "step": step}, rank_state_file(tag_dir, rank))
-        for path in set(written + _own_files(tag_dir, rank)):
+        mine = sorted(set(written + _own_files(tag_dir, rank)))
+        for path in mine:
             fsync_file(path)
+        # Each rank hashes what it wrote, while it is in the page cache, in parallel with the others.
+        digest.write_rank_digests(tag_dir, rank, [os.path.basename(path) for path in mine])
     except Exception as e:
         full = disk.no_space_error(e, checkpoint_dir, tag, latest,
                                    disk.tree_bytes(last_dir) if last_dir else None, remove=rank == 0)
