@@ -5,10 +5,12 @@ Errors: a checkpoint (or an output) that is not what a conversion needs is a Che
 whose message names the offending file and says what was expected, so a user can tell a
 truncated copy from a wrong path from an unsupported layout without reading a traceback.
 
-Trust: DeepSpeed's files hold pickled Python objects (its loss scaler, enums, fragment
-addresses), so `.pt` files are loaded with `weights_only=False`: only open checkpoints you
-trust. Consolidated and exported weights are written as safetensors (no code on load) unless
-asked otherwise.
+Trust: no checkpoint file can run code when it is read. Every `.pt` file is loaded with
+`weights_only=True` (`load_pt`, `torch_load`): moe_dist's own files hold tensors and plain values
+only; DeepSpeed's ZeRO files also pickle three DeepSpeed classes, allowed by name and nothing
+else (`DEEPSPEED_GLOBALS`); `deepspeed_loads_weights_only` puts DeepSpeed's own `torch.load` of a
+resume under the same rule. Any other type is an UnsafeCheckpointError naming the file and the
+type. Consolidated and exported weights are written as safetensors unless asked otherwise.
 
 Outputs: every conversion writes into a temporary sibling of its output directory
 (`moe_dist.common.atomic.staged_directory`) that is renamed into place only when the whole
@@ -22,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,13 +65,96 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # ---- reading -----------------------------------------------------------------------------------
 
-def load_pt(path: str, what: str) -> Any:
-    """`torch.load` of a checkpoint file; a missing, truncated or foreign file is a
-    CheckpointError naming it and `what` it should have held."""
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file pickles a type that could run code when loaded; it was not loaded."""
+
+
+# The DeepSpeed classes its stage-1/2 optimizer files pickle (DeepSpeed 0.19.7-0.19.8, fp32 and
+# bf16, ZeRO-1 and 2; `torch.serialization.get_unsafe_globals_in_checkpoint` on the tags of
+# tests/harness/ckpt.py): `fragment_address` (param_slice_mappings), `ZeroStageEnum`
+# (zero_stage), `LossScaler` / `DynamicLossScaler` (loss_scaler; dynamic under fp16). Each is
+# rebuilt by setting attributes; none runs code of the file's choosing.
+DEEPSPEED_GLOBALS = ("deepspeed.utils.tensor_fragment.fragment_address",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
+# rank_state_*.pt written before issue 26 pickled numpy's RNG key array; numeric arrays only
+# (an object array's items go through the same weights-only unpickler).
+LEGACY_NUMPY_GLOBALS = ("numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct",
+                        "numpy._core.multiarray._reconstruct", "numpy.dtypes.UInt32DType")
+
+
+def _resolve(names: tuple[str, ...]) -> list[Any]:
+    import importlib
+
+    found = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another numpy/DeepSpeed release: its files lack it
+            continue
+    return found
+
+
+def allowed_globals(deepspeed: bool) -> list[Any]:
+    return _resolve(LEGACY_NUMPY_GLOBALS + (DEEPSPEED_GLOBALS if deepspeed else ()))
+
+
+def _refused_type(error: Exception) -> str | None:
+    m = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(error))
+    return (m.group(1) or m.group(2)) if m else None
+
+
+def torch_load(path: str, *, deepspeed: bool = False, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)` of a checkpoint file, DeepSpeed's few classes allowed with
+    `deepspeed`; a file that pickles any other type is an UnsafeCheckpointError naming the file
+    and the type (nothing of it ran). Other read errors propagate as torch raises them."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals(deepspeed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        kind = _refused_type(e)
+        if kind is None:
+            raise
+        allowed = "tensors and plain values" + (" and DeepSpeed's " + ", ".join(DEEPSPEED_GLOBALS)
+                                                 if deepspeed else "")
+        raise UnsafeCheckpointError(f"refused to load {path!r}: it pickles {kind}, which could run code on "
+                                    f"load; a checkpoint file may hold only {allowed}. Not loaded: only a "
+                                    f"file from elsewhere or a tampered one holds such a type") from None
+
+
+@contextlib.contextmanager
+def deepspeed_loads_weights_only(engine) -> Iterator[None]:
+    """DeepSpeed's engine reads its files with `checkpoint_engine.load`, `torch.load(...,
+    weights_only=False)`: for the block, that method loads through `torch_load` (DeepSpeed's
+    classes allowed, nothing else)."""
+    ckpt_engine = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        return torch_load(path, deepspeed=True)
+
+    before = vars(ckpt_engine).get("load")
+    ckpt_engine.load = load  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        if before is None:
+            del ckpt_engine.load
+        else:
+            ckpt_engine.load = before
+
+
+def load_pt(path: str, what: str, deepspeed: bool = False) -> Any:
+    """A checkpoint file loaded weights-only (`torch_load`); a missing, truncated or foreign file
+    is a CheckpointError naming it and `what` it should have held, one that pickles code an
+    UnsafeCheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"missing {what} file {path!r}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch_load(path, deepspeed=deepspeed)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by cause
         raise CheckpointError(f"cannot read {what} file {path!r} ({type(e).__name__}: {e}); the file "
                               f"is truncated, corrupted or not a torch checkpoint") from None

@@ -23,7 +23,7 @@ from moe_dist.checkpoint import (CheckpointError, ConsolidatedCheckpoint, Traini
 from moe_dist.checkpoint.cli import main as cli_main
 from moe_dist.checkpoint.consolidated import single_rank_config
 from moe_dist.checkpoint.training.layout import tag_for_step
-from moe_dist.checkpoint.training.tags import COMPLETE, MARKER, tag_problems, tag_state
+from moe_dist.checkpoint.training.tags import COMPLETE, MARKER, read_marker, tag_problems, tag_state, write_marker
 from moe_dist.checkpoint.training.zero import DEEPSPEED_VERSIONS, read_zero_state
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
@@ -231,6 +231,13 @@ def _tag_dir(ckpt: str) -> str:
     return os.path.join(ckpt, tag_for_step(2 * N))
 
 
+def _recommit(ckpt: str) -> None:
+    """The tag's completion marker rewritten for its files as they are now, so the reader's own
+    checks are reached behind the marker's (sizes, digests): a tag edited with its marker."""
+    marker = read_marker(_tag_dir(ckpt))
+    write_marker(_tag_dir(ckpt), marker["run_id"], marker["step"])
+
+
 def _nothing_written(parent, keep: set[str]) -> None:
     """OUT absent and no staging directory left behind."""
     assert set(os.listdir(parent)) == keep
@@ -247,6 +254,7 @@ CONVERSIONS = {
 def test_missing_expert_file_is_named_and_nothing_is_written(runs, tmp_path, conversion):
     src = _copy(runs, tmp_path)
     os.remove(os.path.join(_tag_dir(src), "moe_experts_ep001.pt"))
+    _recommit(src)
     with pytest.raises(CheckpointError, match=r"missing expert \(EP rank 1 of 2\) file .*moe_experts_ep001\.pt"):
         CONVERSIONS[conversion](src, str(tmp_path / "out"))
     _nothing_written(tmp_path, {"copy_a"})
@@ -285,6 +293,7 @@ def test_config_that_contradicts_the_expert_files_is_named(runs, tmp_path):
     states = torch.load(main, weights_only=False)
     states["moe_dist"]["config"]["moe"]["ep_size"] = 1
     torch.save(states, main)
+    _recommit(src)
     with pytest.raises(CheckpointError, match=r"moe_experts_ep000\.pt' holds ep_size 2 / ep_rank 0; .* expects "
                                               r"ep_size 1 / ep_rank 0"):
         consolidate(src, str(tmp_path / "out"), progress=False)
@@ -299,6 +308,7 @@ def test_checkpoint_of_an_unverified_deepspeed_version_is_refused(runs, tmp_path
     assert states["ds_version"] in DEEPSPEED_VERSIONS  # what the installed DeepSpeed recorded
     states["ds_version"] = "0.19.6"
     torch.save(states, main)
+    _recommit(src)
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt' was written by DeepSpeed '0\.19\.6' "
                                               r"\(its ds_version\); .* for DeepSpeed 0\.19\.7, 0\.19\.8 only"):
         CONVERSIONS[conversion](src, str(tmp_path / "out"))

@@ -3,7 +3,9 @@ resolved config the trainer stored in it, and its per-EP-rank expert files merge
 world-size-independent state dict (experts stacked [E, ...] under global ids).
 
 Everything cheap is checked when the checkpoint is opened, before any expert or ZeRO file is
-read, and every inconsistency names the file that disagrees and what was expected.
+read, and every inconsistency names the file that disagrees and what was expected. A committed
+tag's files are first compared with its completion marker (list, sizes, sha256 digests, run id:
+tags.tag_problems), so no conversion reads a corrupted or swapped file.
 
 Tensor names are today's (`moe_dist.moe.legacy_names`): a checkpoint written before the
 parameters' rename is migrated as it is read, its model states when opened (so every reader of
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from moe_dist.checkpoint.files import CheckpointError, dtype_name, load_pt, require_keys
 from moe_dist.checkpoint.training.layout import (CLIENT_KEY, MODEL_STATES, experts_file, is_expert_key, resolve_tag_dir,
                                                  strip_engine_prefix)
+from moe_dist.checkpoint.training.tags import tag_problems
 from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig, parse_model_config
 from moe_dist.moe.legacy_names import migrate_keys, migrate_names
@@ -91,8 +94,12 @@ class TrainingCheckpoint:
     @classmethod
     def open(cls, path: str, tag: str | None = None) -> "TrainingCheckpoint":
         tag_dir = resolve_tag_dir(path, tag)
+        # Before any file is trusted: the commit's file list, sizes, digests and run id.
+        problems = tag_problems(tag_dir)
+        if problems:
+            raise CheckpointError(f"checkpoint {tag_dir!r} is not the tag that was committed: " + "; ".join(problems))
         main_path = os.path.join(tag_dir, MODEL_STATES)
-        main = load_pt(main_path, "DeepSpeed model states")
+        main = load_pt(main_path, "DeepSpeed model states", deepspeed=True)
         require_keys(main, _MAIN_KEYS, main_path, "DeepSpeed model states")
         try:
             _migrate_names(main, main_path)

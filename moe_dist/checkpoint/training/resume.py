@@ -26,8 +26,7 @@ import os
 import zipfile
 from typing import Any
 
-import torch
-
+from moe_dist.checkpoint.files import torch_load
 from moe_dist.checkpoint.training.layout import CLIENT_KEY, MODEL_STATES, experts_file, read_latest, zero_file
 from moe_dist.common.config import ConfigError
 
@@ -150,7 +149,7 @@ def read_stored_state(tag_dir: str) -> dict[str, Any]:
     path = os.path.join(tag_dir, MODEL_STATES)
     check_file_whole(path, "DeepSpeed model states")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch_load(path, deepspeed=True, mmap=True)
     except Exception as e:  # noqa: BLE001 (a damaged archive member, a foreign pickle: any error)
         raise ConfigError(f"--resume: cannot read {path!r} ({type(e).__name__}: {e})") from None
 

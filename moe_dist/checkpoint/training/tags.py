@@ -1,8 +1,8 @@
 """Is a training checkpoint tag complete, and did one run write all of it?
 
 The trainer commits a tag by writing `<tag>/moe_dist_complete.json` (the completion marker: run
-id, step, every data file with its size) after every rank's files are on disk and fsynced, and
-only then moves `latest`. So:
+id, step, every data file with its size and sha256 digest, digest.py) after every rank's files
+are on disk and fsynced, and only then moves `latest`. So:
 
 - complete: the marker exists;
 - partial: no marker and the tag is newer than `latest` (or there is no `latest`): a save that
@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from moe_dist.checkpoint.files import torch_load
+from moe_dist.checkpoint.training.digest import DIGESTS_KEY, digest_problems, tag_digests
 from moe_dist.checkpoint.training.layout import CLIENT_KEY, read_latest
 from moe_dist.common.atomic import write_text_atomic
 from moe_dist.common.config import ConfigError
@@ -64,11 +64,17 @@ def read_marker(tag_dir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def write_marker(tag_dir: str, run_id: str | None, step: int) -> None:
-    """Record the tag as complete: call only once every data file is written and fsynced."""
-    files = {name: os.path.getsize(os.path.join(tag_dir, name)) for name in data_files(tag_dir)}
+def write_marker(tag_dir: str, run_id: str | None, step: int, known: dict[str, str] | None = None) -> None:
+    """Record the tag as complete: call only once every data file is written and fsynced.
+    `known`: digests the writing ranks computed (digest.py); the other files are hashed here."""
+    names = data_files(tag_dir)
+    files = {name: os.path.getsize(os.path.join(tag_dir, name)) for name in names}
+    known = known or {}
+    digests = tag_digests(tag_dir, [n for n in names if n not in known])
+    digests.update({n: known[n] for n in names if n in known})
     write_text_atomic(os.path.join(tag_dir, MARKER),
-                      json.dumps({"run_id": run_id, "step": step, "files": files}, indent=1, sort_keys=True))
+                      json.dumps({"run_id": run_id, "step": step, "files": files, DIGESTS_KEY: digests},
+                                 indent=1, sort_keys=True))
 
 
 def tag_state(checkpoint_dir: str, tag: str, latest: str | None = None) -> TagState:
@@ -96,9 +102,9 @@ def list_tags(checkpoint_dir: str) -> list[TagState]:
 def file_run_ids(path: str) -> list[str | None]:
     """The run ids a checkpoint file records (one or two places), [] where it records none."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        obj = torch_load(path, deepspeed=True, mmap=True)
     except RuntimeError:  # not a zip-format file: mmap needs one
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch_load(path, deepspeed=True)
     if not isinstance(obj, dict):
         return []
     found = []
@@ -128,8 +134,8 @@ def run_id_problems(tag_dir: str, run_id: str | None) -> list[str]:
 
 
 def tag_problems(tag_dir: str) -> list[str]:
-    """What makes a committed tag untrustworthy: files missing, resized or added since the marker
-    was written, and files written by another run. [] for a sound tag or a legacy one."""
+    """What makes a committed tag untrustworthy: files missing, resized, changed (digest) or added
+    since the marker was written, and files written by another run. [] for a sound tag or a legacy one."""
     marker = read_marker(tag_dir)
     if marker is None:
         return []
@@ -143,6 +149,7 @@ def tag_problems(tag_dir: str) -> list[str]:
         elif os.path.getsize(path) != size:
             problems.append(f"{path}: {os.path.getsize(path)} bytes, {MARKER} recorded {size}")
     problems += [f"{os.path.join(tag_dir, name)}: not listed in {MARKER}" for name in sorted(present - set(recorded))]
+    problems += digest_problems(tag_dir, marker, MARKER)
     problems += [p + f", expected {marker.get('run_id')!r} ({MARKER})"
                  for p in run_id_problems(tag_dir, marker.get("run_id"))]
     return problems

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_dist.checkpoint.files import CheckpointError
-from moe_dist.checkpoint.training import disk, retention
+from moe_dist.checkpoint.files import CheckpointError, deepspeed_loads_weights_only, load_pt, torch_load
+from moe_dist.checkpoint.training import digest, disk, retention
 from moe_dist.checkpoint.training.finite import check_resumed_finite
 from moe_dist.checkpoint.training.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
                                                  read_latest, tag_for_step)
@@ -43,7 +43,10 @@ from moe_dist.parallel.groups import ParallelGroups
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Tensors and plain values only, so the file loads weights-only: numpy's key array as a tensor."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -51,7 +54,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]
+    # A tensor since issue 26; an ndarray in rank states written before.
+    np.random.set_state((kind, np.asarray(keys.numpy() if torch.is_tensor(keys) else keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -89,7 +94,7 @@ def _commit(checkpoint_dir: str, tag: str, step: int, run_id: str | None) -> Non
         raise CheckpointError(f"checkpoint {tag_dir!r} holds files of another run (this run's id is {run_id!r}); "
                               f"'latest' was not moved: " + "; ".join(problems))
     fsync_file(tag_dir)  # the directory entries of the files
-    write_marker(tag_dir, run_id, step)
+    write_marker(tag_dir, run_id, step, digest.take_rank_digests(tag_dir))
     write_text_atomic(os.path.join(checkpoint_dir, LATEST), tag)
     fsync_file(checkpoint_dir)
 
@@ -122,8 +127,11 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
             torch.save({"ep_size": groups.ep_size, "ep_rank": groups.ep_rank, "run_id": run_id,
                         "experts": expert_state(engine.module)}, written[-1])
         torch.save({"rng": rng_state(), "run_id": run_id, "step": step}, rank_state_file(tag_dir, rank))
-        for path in set(written + _own_files(tag_dir, rank)):
+        mine = sorted(set(written + _own_files(tag_dir, rank)))
+        for path in mine:
             fsync_file(path)
+        # Each rank hashes what it wrote, while it is in the page cache, in parallel with the others.
+        digest.write_rank_digests(tag_dir, rank, [os.path.basename(path) for path in mine])
     except Exception as e:
         fault = disk.disk_error(e, checkpoint_dir, tag, latest,
                                 disk.tree_bytes(last_dir) if last_dir else None, remove=rank == 0)
@@ -147,6 +155,30 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
     return tag
 
 
+def _read_own_files(tag_dir: str, groups: ParallelGroups) -> tuple[dict[str, Any] | None, str | None]:
+    """(this EP rank's expert file, None), or (None, why not), with every other file this rank's
+    load reads (DeepSpeed's model states, its ZeRO partition, its rank state) read weights-only
+    first, memory-mapped: a file that pickles code, or is not a checkpoint, is found before
+    DeepSpeed reads any."""
+    experts_path = experts_file(tag_dir, groups.ep_rank)
+    try:
+        for path in sorted({os.path.join(tag_dir, MODEL_STATES), *_own_files(tag_dir, runtime.rank())}):
+            try:
+                torch_load(path, deepspeed=True, mmap=True)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a damaged file, whatever torch raises for it
+                raise CheckpointError(f"cannot read {path!r} ({type(e).__name__}: {e})") from None
+        saved = load_pt(experts_path, f"expert (EP rank {groups.ep_rank})")
+    except CheckpointError as e:
+        return None, str(e)
+    if saved["ep_size"] != groups.ep_size:
+        return None, (f"{experts_path!r} was written with ep_size {saved['ep_size']}, this run has ep_size "
+                      f"{groups.ep_size}; reshard the checkpoint (tools/convert_checkpoint.py reshard) to resume it "
+                      f"at this ep_size")
+    return saved, None
+
+
 def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
     """Load the latest complete checkpoint into the engine (weights, ZeRO optimizer state, LR
     scheduler), this EP rank's experts and this rank's RNG; returns the client state. A checkpoint
@@ -156,12 +188,11 @@ def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
         raise CheckpointError(f"no complete checkpoint in {checkpoint_dir!r}: expected a {LATEST!r} file "
                               f"naming the last committed tag")
     tag_dir = os.path.join(checkpoint_dir, tag)
-    experts_path = experts_file(tag_dir, groups.ep_rank)
-    saved = torch.load(experts_path, map_location="cpu", weights_only=False)
-    if saved["ep_size"] != groups.ep_size:
-        raise CheckpointError(f"{experts_path!r} was written with ep_size {saved['ep_size']}, this run has "
-                              f"ep_size {groups.ep_size}; reshard the checkpoint (tools/convert_checkpoint.py "
-                              f"reshard) to resume it at this ep_size")
+    saved, error = _read_own_files(tag_dir, groups)
+    # One rank's bad file stops every rank here, together, before DeepSpeed's collectives.
+    if runtime.all_reduce_max(torch.full((1,), float(error is not None), dtype=torch.float64)).tolist()[0]:
+        raise CheckpointError(error or f"--resume: another rank cannot load its files of {tag_dir!r} (see its "
+                                       f"message); nothing was loaded")
 
     def load_module(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
         # The module file holds EP rank 0's experts; this rank's come from its own file. Both files
@@ -171,12 +202,13 @@ def load_latest(engine, checkpoint_dir: str, groups: ParallelGroups) -> Resumed:
         merged.update(saved["experts"])
         dst.load_state_dict(merged, strict=True)
 
-    load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, custom_load_fn=load_module)
+    with deepspeed_loads_weights_only(engine):  # DeepSpeed's own torch.load calls: no code runs either
+        load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag, custom_load_fn=load_module)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir!r} (its load_checkpoint "
                               f"returned no path): expected DeepSpeed's model and optimizer states there")
     rank_path = rank_state_file(tag_dir, runtime.rank())
     if os.path.isfile(rank_path):
-        set_rng_state(torch.load(rank_path, map_location="cpu", weights_only=False)["rng"])
+        set_rng_state(load_pt(rank_path, f"rank state (rank {runtime.rank()})")["rng"])
     check_resumed_finite(engine.module, engine.optimizer, tag_dir)
     return Resumed(tag=tag, client_state=client_state)

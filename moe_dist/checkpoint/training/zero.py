@@ -237,7 +237,7 @@ def _layout(ckpt: TrainingCheckpoint, i: int, paddings: list[int], count: int) -
 
 def _rank_file(ckpt: TrainingCheckpoint, rank: int) -> tuple[str, dict[str, Any]]:
     path = zero_file(ckpt.tag_dir, rank, ckpt.bf16)
-    saved = load_pt(path, f"ZeRO optimizer partition (rank {rank} of {ckpt.world_size})")
+    saved = load_pt(path, f"ZeRO optimizer partition (rank {rank} of {ckpt.world_size})", deepspeed=True)
     require_keys(saved, (OPTIMIZER_STATE,), path, "ZeRO optimizer partition")
     osd = saved[OPTIMIZER_STATE]
     require_keys(osd, ZERO_STATE_ORDER, path,
