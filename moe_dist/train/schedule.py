@@ -1,8 +1,15 @@
-"""Learning-rate schedule: linear warmup from 0, then cosine (or constant) to `min_lr` at `steps`."""
+"""Learning-rate schedule: linear warmup from 0, then cosine (or constant) to `min_lr` at `steps`.
+
+On `--resume` the schedule and optimizer settings of the config in force are the ones used from the
+resumed step on (`ConfiguredSettings`): the checkpoint restores the scheduler's step count and the
+Adam state, not its base LR, weight decay, betas or eps."""
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,3 +30,46 @@ def lr_at(step: int, train: TrainSection) -> float:
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR (its state_dict is its step count, saved by the engine's checkpoints)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train) / train.lr)
+
+
+# What the config sets in each optimizer group (DeepSpeed's load replaces them with the
+# checkpoint's), and the train keys they and the schedule come from.
+GROUP_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "lr_decay", "steps", "weight_decay", "adam_betas", "adam_eps")
+
+
+@dataclass
+class ConfiguredSettings:
+    """The optimizer groups' settings and the scheduler's base LRs as this run's config built them,
+    taken before a checkpoint is loaded over them."""
+
+    groups: list[dict[str, Any]]
+    base_lrs: list[float]
+
+    @classmethod
+    def take(cls, optimizer: torch.optim.Optimizer, scheduler) -> "ConfiguredSettings":
+        return cls(groups=[{k: copy.deepcopy(g[k]) for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups],
+                   base_lrs=list(scheduler.base_lrs))
+
+    def apply(self, optimizer: torch.optim.Optimizer, scheduler, step: int, train: TrainSection) -> None:
+        """After the load: the restored state (Adam moments, the scheduler's step count) stays, the
+        base values are this config's again. The scheduler's restored base LRs would otherwise
+        scale this config's schedule by old lr / new lr from the next step on."""
+        if len(self.groups) != len(optimizer.param_groups):
+            raise RuntimeError(f"the optimizer has {len(optimizer.param_groups)} parameter groups after the "
+                               f"checkpoint load, {len(self.groups)} before it")
+        scheduler.base_lrs = list(self.base_lrs)
+        for group, settings in zip(optimizer.param_groups, self.groups):
+            group.update(copy.deepcopy(settings))
+            group["lr"] = lr_at(step, train)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def schedule_changes(stored_train: dict[str, Any], train: TrainSection) -> list[str]:
+    """'train.lr: 0.003 -> 0.001' for each LR, schedule or optimizer setting of `train` that differs
+    from the stored config's train section (keys the stored one lacks are not compared)."""
+    changes = []
+    for key in SCHEDULE_KEYS:
+        if key in stored_train and stored_train[key] != getattr(train, key):
+            changes.append(f"train.{key}: {stored_train[key]!r} -> {getattr(train, key)!r}")
+    return changes

@@ -31,7 +31,7 @@ from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.safety.exits import PREEMPTED, RunStopped
 from moe_dist.train.safety.guard import RunSafety
-from moe_dist.train.schedule import lr_at
+from moe_dist.train.schedule import ConfiguredSettings, schedule_changes
 from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
 
 
@@ -117,6 +117,7 @@ class Trainer:
         return tag
 
     def resume(self) -> None:
+        configured = ConfiguredSettings.take(self.optimizer, self.scheduler)
         resumed = checkpoint.load_latest(self.engine, self.cfg.train.checkpoint_dir, self.groups)
         for change in self.checks.config_changes or []:
             log0(f"--allow_config_change: {change} (differs from the checkpoint)")
@@ -128,10 +129,12 @@ class Trainer:
                                   f"batch size changed since it was written")
         self.step = state["step"]
         self.safety.nonfinite.skipped = state.get("skipped_steps", 0)
-        # The restored optimizer holds the LR its run scheduled for this step; if train.steps or
-        # the schedule changed since (extending a run), the schedule of this config applies.
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.cfg.train)
+        # The restored optimizer and scheduler hold the base LR (and weight decay, betas, eps) of
+        # the run that wrote the checkpoint; this config's apply from here on (lowering the LR
+        # after a loss spike, extending train.steps).
+        configured.apply(self.optimizer, self.scheduler, self.step, self.cfg.train)
+        for change in schedule_changes(state["config"].get("train", {}), self.cfg.train):
+            log0(f"resume: {change} (the checkpoint's value -> this config's, in force from step {self.step + 1})")
         log0(f"resumed from {resumed.tag}: step {self.step}, {state['consumed_samples']} samples consumed")
 
     # ---- steps -------------------------------------------------------------------------------

@@ -78,8 +78,8 @@ def test_keep_last_deletes_the_oldest_complete_tags_never_latest(tmp_path):
     for step in (1, 2, 3, 4):
         make_tag(tmp_path, step)
     (tmp_path / "latest").write_text("step_00000002")  # e.g. a resumed run before it saves again
-    assert retention.apply_keep_last(str(tmp_path), None) == []
-    assert retention.apply_keep_last(str(tmp_path), 1) == ["step_00000001", "step_00000003"]
+    assert retention.apply_keep_last(str(tmp_path), None, run_id="run") == []
+    assert retention.apply_keep_last(str(tmp_path), 1, run_id="run") == ["step_00000001", "step_00000003"]
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_00000002", "step_00000004"]
 
 

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 import torch
-from tests.harness.train import REPO, free_port, tiny_config, write_yaml
+from tests.harness.fault import LiveLaunch
+from tests.harness.train import REPO, assert_launch_ok, free_port, launch, tiny_config, write_yaml
 
-from moe_dist.checkpoint.training.tags import MARKER, list_tags, tag_problems, write_marker
+from moe_dist.checkpoint.training.layout import read_latest
+from moe_dist.checkpoint.training.tags import MARKER, list_tags, tag_problems, tag_step, write_marker
 from moe_dist.train.safety import lock as run_lock
 from moe_dist.train.safety.lock import RunDirLocked
 
@@ -31,7 +35,8 @@ def dead_pid() -> int:
 def plant_lock(ckpt, **holder) -> None:
     ckpt.mkdir(exist_ok=True)
     base = {"host": socket.gethostname(), "pid": dead_pid(), "start_time": "2026-01-01T00:00:00+00:00",
-            "run_id": "r0", "job": "h:1", "token": "t"}
+            "run_id": "r0", "job": "h:1", "token": "t", "boot_id": run_lock._boot_id(),
+            "pid_ns": run_lock._pid_namespace()}
     (ckpt / run_lock.LOCK_NAME).write_text(json.dumps({**base, **holder}))
 
 
@@ -56,10 +61,33 @@ def test_second_acquire_is_refused_naming_the_holder_and_release_frees(tmp_path)
     assert not (ckpt / run_lock.LOCK_NAME).exists()
 
 
-def test_a_stale_lock_is_reported_and_broken_only_on_request(tmp_path):
+def test_a_lock_of_a_dead_process_on_this_host_is_broken_with_a_log_line(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     plant_lock(ckpt)
-    with pytest.raises(RunDirLocked, match="stale lock of pid .* which no longer exists .* --break_lock"):
+    pid = json.loads((ckpt / run_lock.LOCK_NAME).read_text())["pid"]
+    lock = run_lock.acquire(str(ckpt), "r1")
+    held = json.loads((ckpt / run_lock.LOCK_NAME).read_text())
+    assert held["run_id"] == "r1" and held["pid"] == os.getpid()
+    assert held["boot_id"] == run_lock._boot_id() and held["pid_ns"] == run_lock._pid_namespace()
+    assert (f"run.lock: breaking the stale lock {str(ckpt / run_lock.LOCK_NAME)!r} of pid {pid} on host "
+            f"{socket.gethostname()!r}") in capsys.readouterr().out
+    lock.release()
+    # Its pid now another process (a start time that differs): dead as well. Another boot: dead.
+    plant_lock(ckpt, pid=os.getpid(), proc_start="1")
+    run_lock.acquire(str(ckpt), "r1").release()
+    plant_lock(ckpt, pid=os.getpid(), boot_id="an-earlier-boot")
+    run_lock.acquire(str(ckpt), "r1").release()
+
+
+@pytest.mark.parametrize("holder,message", [
+    (dict(pid_ns=None), "stale lock of pid .* which no longer exists .* --break_lock"),
+    (dict(boot_id=None), "stale lock of pid .* which no longer exists .* --break_lock"),
+    (dict(pid_ns="pid:[1]"), "in another pid namespace under this host name .* cannot tell .* --break_lock"),
+], ids=["written_before_pid_ns", "no_boot_id", "other_pid_namespace"])
+def test_a_dead_holder_that_cannot_be_proven_dead_is_broken_only_on_request(tmp_path, holder, message):
+    ckpt = tmp_path / "ckpt"
+    plant_lock(ckpt, **holder)
+    with pytest.raises(RunDirLocked, match=message):
         run_lock.acquire(str(ckpt), "r1")
     lock = run_lock.acquire(str(ckpt), "r1", break_lock=True)
     assert json.loads((ckpt / run_lock.LOCK_NAME).read_text())["run_id"] == "r1"
@@ -142,4 +170,31 @@ def test_two_jobs_on_one_directory_one_is_refused(tmp_path):
     assert [s.step for s in states] == [5, 10, 15, 20, 25, 30] and {s.status for s in states} == {"complete"}
     assert len({s.run_id for s in states}) == 1
     assert all(tag_problems(str(ckpt / s.tag)) == [] for s in states)
+    assert not (ckpt / run_lock.LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_requeue_after_a_sigkill_of_rank_0_breaks_its_lock_by_itself(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cfg = tiny_config(train=dict(steps=400, checkpoint_interval=2, checkpoint_dir=str(ckpt)))
+    config = write_yaml(str(tmp_path / "run.yaml"), cfg)
+    run = LiveLaunch(config)
+    try:
+        run.wait_for(r"saved checkpoint step_00000002", timeout=300)
+        os.kill(run.rank_pid(0), signal.SIGKILL)  # no handler, no atexit: the lock stays
+        run.proc.wait(timeout=120)
+        run.wait_gone(120)
+    finally:
+        run.cleanup()
+    holder = json.loads((ckpt / run_lock.LOCK_NAME).read_text())
+    assert not psutil.pid_exists(holder["pid"])
+    resume_at = tag_step(read_latest(str(ckpt)))
+    t0 = time.monotonic()
+    proc = launch(["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py", "--config", config,
+                   "--resume", "--stop_at_step", str(resume_at + 1)])
+    print(f"the requeued launch took {time.monotonic() - t0:.1f}s")
+    assert_launch_ok(proc)
+    assert (f"run.lock: breaking the stale lock {str(ckpt / run_lock.LOCK_NAME)!r} of pid {holder['pid']} on host "
+            f"{socket.gethostname()!r}") in proc.stdout
+    assert read_latest(str(ckpt)) == f"step_{resume_at + 1:08d}"
     assert not (ckpt / run_lock.LOCK_NAME).exists()

@@ -82,7 +82,7 @@ def run_child(ckpt, body: str, timeout: float = 120) -> subprocess.CompletedProc
         from moe_dist.checkpoint.training import retention
         ckpt = sys.argv[1]
     """) + textwrap.dedent(body) + textwrap.dedent("""
-        retention.apply_keep_last_in_background(ckpt, 1, just_written="step_00000003")
+        retention.apply_keep_last_in_background(ckpt, 1, just_written="step_00000003", run_id="run")
         print("save returned", flush=True)
     """)
     return subprocess.run([sys.executable, "-c", script, str(ckpt)], capture_output=True, text=True, timeout=timeout,

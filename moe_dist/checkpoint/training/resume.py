@@ -27,7 +27,8 @@ import zipfile
 from typing import Any
 
 from moe_dist.checkpoint.files import torch_load
-from moe_dist.checkpoint.training.layout import CLIENT_KEY, MODEL_STATES, experts_file, read_latest, zero_file
+from moe_dist.checkpoint.training.layout import CLIENT_KEY, LATEST, MODEL_STATES, experts_file, read_latest, zero_file
+from moe_dist.checkpoint.training.tags import COMPLETE, list_tags
 from moe_dist.common.config import ConfigError
 
 STRUCTURAL = (
@@ -46,18 +47,38 @@ FREE_PREFIXES = (
 RESHARD = "python tools/convert_checkpoint.py reshard"
 
 
+def committed_tags(checkpoint_dir: str) -> str:
+    """'step_00000050, step_00000100 (run id 3f2a...)': the complete tags of a folder, oldest first
+    with their run ids; '' for none."""
+    complete = [s for s in list_tags(checkpoint_dir) if s.status == COMPLETE]
+    if not complete:
+        return ""
+    ids = sorted({str(s.run_id) for s in complete})
+    return f"{', '.join(s.tag for s in complete)} (run id{'s' if len(ids) > 1 else ''} {', '.join(ids)})"
+
+
 def check_checkpoint_dir(checkpoint_dir: str | None, resume: bool) -> None:
     if resume:
         if not checkpoint_dir:
             raise ConfigError("--resume needs train.checkpoint_dir")
         if read_latest(checkpoint_dir) is None:
+            found = committed_tags(checkpoint_dir)
             raise ConfigError(f"--resume: no complete checkpoint in train.checkpoint_dir "
-                              f"{checkpoint_dir!r} (no 'latest' file)")
+                              f"{checkpoint_dir!r} (no 'latest' file)"
+                              + (f"; it holds complete tags {found}: write the name of the one to continue "
+                                 f"into {os.path.join(checkpoint_dir, LATEST)!r}" if found else ""))
     elif checkpoint_dir and read_latest(checkpoint_dir) is not None:
         raise ConfigError(
             f"train.checkpoint_dir {checkpoint_dir!r} already holds checkpoint "
             f"{read_latest(checkpoint_dir)!r}; pass --resume to continue it or choose an "
             f"empty folder (a fresh run would overwrite it)")
+    elif checkpoint_dir and (found := committed_tags(checkpoint_dir)):
+        # Without `latest` the folder is still another run's: a fresh run would overwrite its tags
+        # of the same steps in place, and its keep_last would count them.
+        raise ConfigError(
+            f"train.checkpoint_dir {checkpoint_dir!r} has no 'latest' file but holds complete checkpoints "
+            f"{found}; choose an empty folder (a fresh run would overwrite them), or write the tag to "
+            f"continue into {os.path.join(checkpoint_dir, LATEST)!r} and pass --resume")
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

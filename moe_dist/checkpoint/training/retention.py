@@ -1,6 +1,7 @@
 """What the trainer deletes in its checkpoint directory, and nothing else: partial tags a crashed
 save left (moe_dist/checkpoint/training/tags.py says which those are) at the next start, and the oldest
-complete tags beyond `train.keep_last` after `latest` has moved.
+complete tags of the run beyond `train.keep_last` after `latest` has moved (tags of another run id
+are never deleted: a folder shared by mistake keeps both runs' checkpoints).
 
 A tag is deleted by renaming it to a hidden `.deleting-<tag>-...` name first and removing that:
 a crash in the middle of the removal then leaves a hidden folder (removed at the next start), not
@@ -128,14 +129,16 @@ def remove_partial_tags(checkpoint_dir: str) -> list[str]:
     return removed
 
 
-def apply_keep_last(checkpoint_dir: str, keep_last: int | None, protect: Iterable[str] = ()) -> list[str]:
-    """Delete the oldest complete tags so that at most `keep_last` remain; the tag `latest` names
-    and the tags in `protect` are always kept. Legacy tags (no marker) are never deleted. Returns
-    the deleted tags."""
+def apply_keep_last(checkpoint_dir: str, keep_last: int | None, protect: Iterable[str] = (), *,
+                    run_id: str | None) -> list[str]:
+    """Delete the oldest complete tags of run `run_id` so that at most `keep_last` of them remain;
+    the tag `latest` names and the tags in `protect` are always kept. Tags of other runs (their
+    marker's run id) and legacy tags (no marker) are never deleted nor counted. Returns the
+    deleted tags."""
     if keep_last is None:
         return []
     latest = read_latest(checkpoint_dir)
-    complete = [s.tag for s in list_tags(checkpoint_dir) if s.status == COMPLETE]
+    complete = [s.tag for s in list_tags(checkpoint_dir) if s.status == COMPLETE and s.run_id == run_id]
     keep = set(complete[-keep_last:]) | {latest} | set(protect)
     deleted = [t for t in complete if t not in keep]
     for tag in deleted:
@@ -143,13 +146,14 @@ def apply_keep_last(checkpoint_dir: str, keep_last: int | None, protect: Iterabl
     return deleted
 
 
-def apply_keep_last_in_background(checkpoint_dir: str, keep_last: int | None, just_written: str) -> None:
+def apply_keep_last_in_background(checkpoint_dir: str, keep_last: int | None, just_written: str, *,
+                                  run_id: str | None) -> None:
     """`apply_keep_last` on the deletion thread (rank 0, after the save's collectives); each tag
     deleted is logged once the job is done."""
     if keep_last is None:
         return
 
     def job() -> None:
-        for old in apply_keep_last(checkpoint_dir, keep_last, protect=(just_written,)):
+        for old in apply_keep_last(checkpoint_dir, keep_last, protect=(just_written,), run_id=run_id):
             print(f"train.keep_last={keep_last}: deleted checkpoint {old}", flush=True)
     _deletions.submit(job)

@@ -151,7 +151,7 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
         kinds = {"DiskSpaceError": disk.DiskSpaceError, "NotWritableError": disk.NotWritableError}
         raise kinds.get(error[0], CheckpointError)(error[1])
     if rank == 0:  # after the last collective: no rank waits on the filesystem's deletion speed
-        retention.apply_keep_last_in_background(checkpoint_dir, keep_last, just_written=tag)
+        retention.apply_keep_last_in_background(checkpoint_dir, keep_last, just_written=tag, run_id=run_id)
     return tag
 
 

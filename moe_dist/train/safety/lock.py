@@ -10,9 +10,13 @@ The lock is created whole and at once: its JSON (host, pid, start time, run id, 
 job identity) is written to a temporary file that is then hard-linked onto `run.lock`, which fails
 if the name exists (atomic on local filesystems and NFS; O_EXCL where links are not allowed).
 It is removed when the run ends. A lock left by a process that died (SIGKILL, a crash of the
-machine) stays: on the same host the holder's pid (and its start time in /proc) shows it is gone,
-and the message says so; from another host nobody can tell. Either way only `--break_lock`
-removes it, never silently: a live holder on this host is never broken.
+machine, an exit that skipped the release) stays. The next start breaks it by itself, saying so,
+when the holder is provably dead: it ran on this host, in this pid namespace (a container with
+the same host name sees other pids) and since this boot, and its pid is gone or now belongs to a
+process with another start time; or this host has rebooted since. A scheduler's requeue then
+needs no `--break_lock`. A holder on another host cannot be judged from here (nor a lock written
+before the pid namespace was recorded): only `--break_lock` removes it. A live holder on this
+host is never broken.
 """
 
 from __future__ import annotations
@@ -46,9 +50,49 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+def _read_first_line(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    """Differs after every boot of this machine."""
+    return _read_first_line("/proc/sys/kernel/random/boot_id")
+
+
+def _pid_namespace() -> str | None:
+    """'pid:[4026531836]': pids mean the same process only within one namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def provably_dead(holder: dict[str, Any]) -> bool:
+    """True only for a holder that ran on this host and is certainly gone: this machine rebooted
+    since, or (same boot, same pid namespace) its pid no longer exists or is another process."""
+    pid = holder.get("pid")
+    if "unreadable" in holder or holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    boot = _boot_id()
+    if holder.get("boot_id") is not None and boot is not None and holder["boot_id"] != boot:
+        return True
+    if holder.get("pid_ns") is None or holder.get("pid_ns") != _pid_namespace():
+        return False
+    if holder.get("boot_id") != boot:
+        return False
+    return holder_alive(holder) is False
+
+
 def holder_alive(holder: dict[str, Any]) -> bool | None:
-    """True/False for a holder on this host, None for one on another host (cannot tell)."""
+    """True/False for a holder on this host, None for one on another host or in another pid
+    namespace (cannot tell)."""
     if holder.get("host") != socket.gethostname():
+        return None
+    if holder.get("pid_ns") is not None and holder["pid_ns"] != _pid_namespace():
         return None
     pid = int(holder.get("pid", -1))
     try:
@@ -140,6 +184,7 @@ def acquire(checkpoint_dir: str, run_id: str, break_lock: bool = False) -> RunLo
     path = os.path.join(checkpoint_dir, LOCK_NAME)
     token = uuid.uuid4().hex
     me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
+          "boot_id": _boot_id(), "pid_ns": _pid_namespace(),
           "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "run_id": run_id, "job": _job_identity(), "token": token}
     text = json.dumps(me, indent=1, sort_keys=True)
@@ -152,6 +197,11 @@ def acquire(checkpoint_dir: str, run_id: str, break_lock: bool = False) -> RunLo
         alive = holder_alive(holder)
         if alive and holder.get("pid") == os.getpid() and holder.get("proc_start") == me["proc_start"]:
             _break(path, holder)  # this very process: a lock an earlier, unreleased preflight took
+            continue
+        if provably_dead(holder):
+            print(f"run.lock: breaking the stale lock {path!r} of {describe(holder)}: that process no longer "
+                  f"exists on this host (the run ended without releasing it)", flush=True)
+            _break(path, holder)
             continue
         if break_lock and alive is not True:
             print(f"--break_lock: removing the lock {path!r} of {describe(holder)}", flush=True)
@@ -173,5 +223,7 @@ def _refusal(checkpoint_dir: str, path: str, holder: dict[str, Any], alive: bool
     if alive is False:
         return where + f"stale lock of {describe(holder)}, which no longer exists (the run died without " \
                        f"releasing it); make sure nothing writes this directory, then start again with --break_lock"
-    return where + f"held by {describe(holder)}, on another host (this host cannot tell whether it still runs); " \
+    other = ("in another pid namespace under this host name (another container)"
+             if holder.get("host") == socket.gethostname() else "on another host")
+    return where + f"held by {describe(holder)}, {other} (this process cannot tell whether it still runs); " \
                    f"if it does not, start again with --break_lock"

@@ -14,7 +14,7 @@ from moe_dist.moe.stats import mutual_information
 from moe_dist.train.config import TrainSection, apply_overrides
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load, wants_step_load
 from moe_dist.train.progress import Progress, format_duration
-from moe_dist.train.schedule import build_lr_scheduler, lr_at
+from moe_dist.train.schedule import ConfiguredSettings, build_lr_scheduler, lr_at, schedule_changes
 
 
 def section(**kw) -> TrainSection:
@@ -42,6 +42,47 @@ def test_scheduler_steps_through_lr_at():
         opt.step()
         sched.step()
     assert seen == pytest.approx([lr_at(s, t) for s in range(10)])
+
+
+def adamw(t: TrainSection, weight: torch.nn.Parameter):
+    opt = torch.optim.AdamW([weight], lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    return opt, build_lr_scheduler(opt, t)
+
+
+def test_a_loaded_optimizer_and_scheduler_take_the_configured_values_back():
+    """As on --resume: the checkpoint's Adam state and step count stay, its base LR, weight decay,
+    betas and eps give way to this config's (a loaded LambdaLR keeps its old base LR otherwise)."""
+    old_t = section(lr=3e-3, min_lr=0.0, warmup_steps=2)
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt, sched = adamw(old_t, weight)
+    for _ in range(3):
+        weight.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    new_t = section(lr=1e-3, min_lr=1e-4, warmup_steps=2, steps=20, weight_decay=0.01, adam_betas=[0.8, 0.9],
+                    adam_eps=1e-6)
+    new_opt, new_sched = adamw(new_t, weight)
+    configured = ConfiguredSettings.take(new_opt, new_sched)
+    new_opt.load_state_dict(opt.state_dict())
+    new_sched.load_state_dict(sched.state_dict())
+    assert new_sched.base_lrs == [3e-3]  # what the load alone leaves
+    configured.apply(new_opt, new_sched, 3, new_t)
+    seen = []
+    for _ in range(4):
+        group = new_opt.param_groups[0]
+        seen.append(group["lr"])
+        assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.01, (0.8, 0.9), 1e-6)
+        new_opt.step()
+        new_sched.step()
+    assert seen == pytest.approx([lr_at(s, new_t) for s in range(3, 7)])
+    assert int(new_opt.state[weight]["step"]) == 7  # Adam's count continued from the checkpoint's 3
+    stored = {"lr": 3e-3, "min_lr": 0.0, "warmup_steps": 2, "steps": 10, "lr_decay": "cosine", "weight_decay": 0.1,
+              "adam_betas": [0.9, 0.95], "adam_eps": 1e-8}
+    assert schedule_changes(stored, new_t) == [
+        "train.lr: 0.003 -> 0.001", "train.min_lr: 0.0 -> 0.0001", "train.steps: 10 -> 20",
+        "train.weight_decay: 0.1 -> 0.01", "train.adam_betas: [0.9, 0.95] -> [0.8, 0.9]",
+        "train.adam_eps: 1e-08 -> 1e-06"]
+    assert schedule_changes({"lr": 1e-3}, new_t) == []  # keys the stored config lacks are not compared
 
 
 def stats(load, kept, joint=None, h_sum=0.5, switch=1.0, importance=None):
