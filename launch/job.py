@@ -11,13 +11,9 @@ cannot do this, and the statuses: moe_dist/train/safety/job.py, docs/launch.md.
 
 from __future__ import annotations
 
-import os
 import sys
 
-# `python launch/job.py` puts launch/ first on sys.path, not the repository root.
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from moe_dist.train.safety.job import main  # noqa: E402
+from moe_dist.train.safety.job import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -20,12 +20,14 @@ against its group's device types.
 
 from __future__ import annotations
 
+import os
 import traceback
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_TORCH_DIR = os.path.dirname(torch.__file__).replace("\\", "/") + "/"
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 _BACKEND_DEVICE = {"nccl": "cuda", "gloo": "cpu", "mpi": "cpu", "ucc": "cpu", "xccl": "xpu"}
 
@@ -65,10 +67,11 @@ def collective_device(group=None, prefer: torch.device | None = None) -> torch.d
 
 
 def _caller() -> str:
-    """The first frame outside moe_dist/parallel/: whose collective this is."""
+    """The first frame outside moe_dist/parallel/ and torch (whose `torch.compiler.disable` wraps
+    the seam's functions): whose collective this is."""
     for frame in reversed(traceback.extract_stack()[:-2]):
         name = frame.filename.replace("\\", "/")
-        if "/moe_dist/parallel/" not in name:
+        if "/moe_dist/parallel/" not in name and not name.startswith(_TORCH_DIR):
             return f"{name.split('/moe_dist/', 1)[-1]}:{frame.lineno} ({frame.name})"
     return "moe_dist/parallel"
 
