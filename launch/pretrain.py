@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
         pretrain(cfg, resume=args.resume, stop_at_step=args.stop_at_step, config_path=args.config,
                  allow_config_change=args.allow_config_change, break_lock=args.break_lock, run=run)
+        # Every rank is here after a complete run: tear the process groups down now, as torch asks
+        # of a finished job, rather than in the interpreter's teardown (where ranks of complete runs
+        # were seen to abort with "terminate called without an active exception", exit 250).
+        from moe_dist.parallel import runtime
+
+        runtime.destroy()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
