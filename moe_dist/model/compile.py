@@ -16,6 +16,7 @@ the graph around it and compiles what lies between.
 
 from __future__ import annotations
 
+from moe_dist.common.config import ConfigError
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel.groups import ParallelGroups
 
@@ -27,7 +28,12 @@ def block_has_collective(groups: ParallelGroups) -> bool:
 
 
 def compile_blocks(model: MoETransformer, groups: ParallelGroups) -> None:
-    """Compile every block of `model` in place (`train.compile`, docs/training.md)."""
+    """Compile every block of `model` in place (`train.compile`, docs/training.md). A module that
+    cannot train compiled (`trains_under_compile` False) is refused here, before the engine and
+    the first step, with its own reason."""
+    for name, module in model.named_modules():
+        if getattr(module, "trains_under_compile", True) is False:
+            raise ConfigError(f"train.compile: {name}: {module.compile_refusal()}")
     fullgraph = not block_has_collective(groups)
     for block in model.blocks:
         block.compile(fullgraph=fullgraph)

@@ -138,18 +138,23 @@ class PopulationInhibition(FP32Buffers):
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> Tensor:
         return inhibit(x_TD, self.mode, self._statistics(x_TD, ctx), self.alpha, self.eps)
 
+    @property
+    def trains_under_compile(self) -> bool:
+        """False where AOTAutograd may save the buffers `_fold` mutates as the backward's inputs
+        and read them after the mutation: the gradient through the EMA's scale comes out wrong,
+        silently (seen with torch 2.13). Subspace also counts its refreshes on the host."""
+        return not (self.mode == "subspace" or (self.mode == "divisive" and self.stat == "ema"))
+
+    def compile_refusal(self) -> str:
+        return (f"router.mode {self.mode!r} with router.stat {self.stat!r} cannot be trained under "
+                f"torch.compile: run the layer eager (train.compile: false), or use mode subtractive/rectified, "
+                f"or divisive with stat 'batch'")
+
     def _statistics(self, x_TD: Tensor, ctx: RoutingContext) -> dict[str, Tensor]:
         if not ctx.training:
             return self.ema_statistics()
-        if torch.compiler.is_compiling() and (self.mode == "subspace" or (self.mode == "divisive" and
-                                                                          self.stat == "ema")):
-            # AOTAutograd may save the buffers `_fold` mutates as the backward's inputs and read
-            # them after the mutation: the gradient through the EMA's scale comes out wrong,
-            # silently (seen with torch 2.13). Subspace also counts its refreshes on the host.
-            raise NotImplementedError(
-                f"router.mode {self.mode!r} with router.stat {self.stat!r} cannot be trained under "
-                f"torch.compile: run the layer eager, or use mode subtractive/rectified, or divisive "
-                f"with stat 'batch'")
+        if torch.compiler.is_compiling() and not self.trains_under_compile:
+            raise ConfigError(self.compile_refusal())
         batch = population_statistics(x_TD, ctx, self.mode)
         self._fold(batch)
         if self.mode == "subspace":

@@ -41,3 +41,11 @@ def test_compiled_blocks_match_eager(moe):
 def test_compile_option_is_a_bool():
     with pytest.raises(ConfigError, match="train.compile must be true or false, got 'yes'"):
         TrainSection(steps=1, seq_len=8, micro_batch=1, deepspeed_config="ds.json", compile="yes")
+
+
+def test_a_router_that_cannot_train_compiled_is_refused_before_compiling():
+    model = _model(router={"type": "inhibition", "mode": "divisive", "stat": "ema"})
+    with pytest.raises(ConfigError, match=r"train.compile: blocks\.1\.moe\.router.*'divisive'.*cannot be trained "
+                                          r"under torch.compile"):
+        compile_blocks(model, ParallelGroups.single())
+    compile_blocks(_model(router={"type": "inhibition", "mode": "divisive", "stat": "batch"}), ParallelGroups.single())
