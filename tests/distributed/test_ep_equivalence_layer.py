@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.harness.dist import run_distributed, shard
+from tests.harness.dist import assert_grads_and_adamw_step_match, run_distributed, shard
 
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer, MoESideInputs
@@ -119,7 +119,6 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
     dropless = layer_case.get("dropless", False)
     assert (out_ref.stats["dropped_fraction"] > 0) != dropless, f"capacity must drop pairs (and only then) {what}"
     lo, hi = layer.first_expert, layer.first_expert + layer.cfg.num_local_experts
-    ref_params = dict(ref.named_parameters())
 
     def ref_slice(name: str, t: torch.Tensor) -> torch.Tensor:
         """The reference's counterpart: expert tensors (params and buffers) hold every expert."""
@@ -153,19 +152,7 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
     torch.testing.assert_close(x_r.grad / world, shard(x_ref.grad, rank, world), **TOL)
 
 
-    for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.grad, ref_slice(name, ref_params[name].grad), **TOL,
-                                   msg=lambda m: f"grad of {name} {what}: {m}")
-
-    # eps well above fp32 noise: Adam's g/sqrt(v) turns 1e-9 noise in a ~0 gradient into a full
-    # lr-sized step, which would test rounding, not the optimizer state's layout.
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, eps=1e-4)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-4)
-    opt.step()
-    opt_ref.step()
-    for name, p in layer.named_parameters():
-        torch.testing.assert_close(p, ref_slice(name, ref_params[name]), **TOL,
-                                   msg=lambda m: f"param {name} after AdamW {what}: {m}")
+    assert_grads_and_adamw_step_match(layer, ref, ref_slice, what, **TOL)
 
 
 def _worker(rank: int, world: int, ep_size: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.harness.dist import run_distributed, shard
+from tests.harness.dist import assert_grads_and_adamw_step_match, run_distributed, shard
 
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
@@ -68,24 +68,13 @@ def _worker(rank: int, world: int, ep_size: int, case: str) -> None:
 
     moe = model.blocks[1].moe
     lo, hi = moe.first_expert, moe.first_expert + moe.cfg.num_local_experts
-    ref_params = dict(ref.named_parameters())
 
     def ref_slice(name: str, t: torch.Tensor) -> torch.Tensor:
         return t[lo:hi] if ".moe.experts." in name else t
 
     names = {n for n, _ in model.named_parameters()}
     assert {"blocks.0.attn.qkv.bias", "blocks.0.attn.q_norm.weight", "blocks.1.moe.shared_gate.weight"} <= names
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_slice(name, ref_params[name].grad), **TOL,
-                                   msg=lambda m: f"grad of {name} ({case}, rank {rank}): {m}")
-    # eps well above fp32 noise (see test_ep_equivalence_layer.py)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-4)
-    opt.step()
-    opt_ref.step()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p, ref_slice(name, ref_params[name]), **TOL,
-                                   msg=lambda m: f"param {name} after AdamW ({case}, rank {rank}): {m}")
+    assert_grads_and_adamw_step_match(model, ref, ref_slice, f"({case}, rank {rank})", **TOL)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

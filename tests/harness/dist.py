@@ -35,3 +35,21 @@ def shard(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank's contiguous slice along dim 0 (the global batch is split the same way)."""
     n = t.shape[0] // world_size
     return t[rank * n:(rank + 1) * n]
+
+
+def assert_grads_and_adamw_step_match(model, ref, ref_slice, what: str, **tol) -> None:
+    """Every gradient of this rank's `model` equals the reference's (`ref_slice(name, t)`: the
+    reference's counterpart, e.g. this rank's experts), and so does every parameter after one
+    AdamW step of each. eps well above fp32 noise: Adam's g/sqrt(v) turns 1e-9 noise in a ~0
+    gradient into a full lr-sized step, which would test rounding, not the optimizer state's layout."""
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_slice(name, ref_params[name].grad), **tol,
+                                   msg=lambda m: f"grad of {name} {what}: {m}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, eps=1e-4)
+    opt.step()
+    opt_ref.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_slice(name, ref_params[name]), **tol,
+                                   msg=lambda m: f"param {name} after AdamW {what}: {m}")
