@@ -8,6 +8,9 @@
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
         --hf-tokenizer models/Qwen3-0.6B
 
+With --token-counts COUNTS.npy, also writes how often each token id occurs in the output (int64
+[vocab size]): the `hash` router's `table: frequency` input (docs/routers/hash.md).
+
 Appends eod to every document (a Hugging Face tokenizer's eos_token; --add-bos also leads each
 document with its bos_token). With --label-key, also writes <prefix>.labels.npy (int32 label
 id per document, -1 for none) and <prefix>.labels.json (label names). Outputs appear under
@@ -20,10 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe_dist.common.atomic import check_output_file
 from moe_dist.common.config import ConfigError
 from moe_dist.data.config import TokenizerConfig
 from moe_dist.data.preprocess import preprocess_corpus
 from moe_dist.data.text_sources import add_corpus_arguments
+from moe_dist.data.token_counts import count_tokens, write_token_counts
 from moe_dist.data.tokenizers import build_tokenizer
 
 
@@ -40,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--label-key", default=None,
                    help="column with a per-document label (e.g. lang) for the label sidecar")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--token-counts", default=None, metavar="NPY",
+                   help="also write each token id's count in the output (the hash router's frequency table)")
     return p.parse_args(argv)
 
 
@@ -60,16 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         tokenizer = build_tokenizer(tokenizer_config(args))
+        if args.token_counts:
+            check_output_file(args.token_counts)
         result = preprocess_corpus(args.input, args.output_prefix, tokenizer,
                                    text_key=args.text_key, label_key=args.label_key,
                                    workers=args.workers, cache_dir=args.cache_dir,
                                    text_sample_by=args.text_sample_by)
+        if args.token_counts:
+            write_token_counts(args.token_counts, count_tokens([result.prefix], tokenizer.vocab_size))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     labels = f", labels {result.label_names}" if result.label_names is not None else ""
     print(f"wrote {result.prefix}.bin/.idx: {result.num_documents} documents, "
           f"{result.num_tokens} tokens ({result.dtype}){labels}")
+    if args.token_counts:
+        print(f"wrote token counts {args.token_counts}")
     return 0
 
 

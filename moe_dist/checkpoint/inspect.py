@@ -39,7 +39,7 @@ def summarize(ckpt: TrainingCheckpoint | ConsolidatedCheckpoint) -> dict[str, An
         "moe_layers": cfg.moe_layer_indices,
         "experts_per_layer": {i: moe.num_experts for i in cfg.moe_layer_indices},
         "top_k": moe.top_k if moe else None,
-        "router_types": {i: moe.router.type for i in cfg.moe_layer_indices},
+        "router_types": {i: cfg.moe_config(i).router.type for i in cfg.moe_layer_indices},
         "dtypes": sorted(set(dtypes.values())),
         "parameters_total": sum(params.values()),
         "parameters_active_per_token": active,

@@ -36,7 +36,7 @@ class TransformerBlock(nn.Module):
         if cfg.is_moe_layer(layer_index):
             # Experts and router draw from (seed, layer_index, ...) generators of their own: the
             # same weights for every ep_size, and the global RNG stream is left untouched.
-            self.moe = MoELayer(cfg.moe, layer_index=layer_index, seed=seed, groups=groups,
+            self.moe = MoELayer(cfg.moe_config(layer_index), layer_index=layer_index, seed=seed, groups=groups,
                                 recompute=cfg.moe_recompute)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, init_std=cfg.init_std)

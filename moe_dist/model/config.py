@@ -99,6 +99,17 @@ class ModelConfig:
         check(self.moe_every >= 1,
               "model.moe_every is 0 (no MoE layers) but a moe section is given; set "
               "moe_every >= 1 or remove the moe section")
+        num_moe = len(self.moe_layer_indices)
+        check(self.moe.hash_layers <= num_moe,
+              f"moe.hash_layers ({self.moe.hash_layers}) exceeds the model's {num_moe} MoE layers (model.n_layers "
+              f"{self.n_layers}, moe_every {self.moe_every}, moe_offset {self.moe_offset})")
+        # A hash router's table has a row per token id: the model's vocabulary, one source of truth.
+        for where, router in (("moe.router", self.moe.router), ("moe.hash_router", self.moe.hash_router)):
+            if router is not None and router.type == "hash":
+                if router.vocab_size is None:
+                    router.vocab_size = self.vocab_size
+                check(router.vocab_size == self.vocab_size,
+                      f"{where}.vocab_size ({router.vocab_size}) must equal model.vocab_size ({self.vocab_size})")
 
     def is_moe_layer(self, layer_index: int) -> bool:
         if self.moe is None or self.moe_every == 0:
@@ -109,6 +120,11 @@ class ModelConfig:
     @property
     def moe_layer_indices(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    def moe_config(self, layer_index: int) -> MoEConfig:
+        """The MoE config of MoE layer `layer_index`: its router is `moe.hash_router` in the first
+        `moe.hash_layers` MoE layers, `moe.router` after them."""
+        return self.moe.for_moe_layer(self.moe_layer_indices.index(layer_index))
 
 
 def parse_model_config(model: dict[str, Any] | None, moe: dict[str, Any] | None = None) -> ModelConfig:

@@ -78,7 +78,7 @@ def forward_positions(model: MoETransformer, tokens_BS: Tensor, positions_BS: Te
     cos, sin = rotary_at(positions_BS, cfg.head_dim, cfg.rope_theta)
     bias = attention_mask(mask_BW, past, S)
     x_BSD = model.embed(tokens_BS)
-    side = MoESideInputs(stream_TD=x_BSD.detach().reshape(B * S, -1))
+    side = MoESideInputs(stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1))
     for i, block in enumerate(model.blocks):
         q, k, v = block.attn.project(block.attn_norm(x_BSD), cos, sin)
         if cache is not None:

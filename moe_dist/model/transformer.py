@@ -84,7 +84,7 @@ class MoETransformer(nn.Module):
         side = MoESideInputs(
             labels_T=domain_ids_BS.reshape(-1) if domain_ids_BS is not None and num_labels else None,
             num_labels=num_labels, capacity_groups=capacity_groups,
-            stream_TD=x_BSD.detach().reshape(B * S, -1))
+            stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1))
         aux_terms: list[Tensor] = []
         moe_stats: dict[int, dict[str, Tensor]] = {}
         for block in self.blocks:

@@ -70,10 +70,18 @@ class MoEConfig:
     # COMET"): the fraction p_k of hidden
     # units a token keeps, chosen by a frozen projection of its input. None: no mask.
     comet_active_fraction: float | None = None
+    # DeepSeek-V4's hash layers (docs/routers/hash.md): the model's first `hash_layers` MoE layers
+    # route by `hash_router` (a `hash` router config; null: its defaults), the later ones by
+    # `router`. Per layer: `for_moe_layer`.
+    hash_layers: int = 0
+    hash_router: RouterConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
             self.router = router_config_from_dict(self.router, where="moe.router")
+        if isinstance(self.hash_router, dict):
+            self.hash_router = router_config_from_dict(self.hash_router, where="moe.hash_router")
+        self._check_hash_layers()
         if isinstance(self.aux_loss, dict):
             self.aux_loss = from_dict(AuxLossConfig, self.aux_loss, "moe.aux_loss")
         for name in ("d_model", "d_ff", "num_experts", "top_k", "ep_size"):
@@ -109,6 +117,29 @@ class MoEConfig:
         check_choice("moe.activation", self.activation, ACTIVATIONS)
         check_choice("moe.expert_impl", self.expert_impl, BACKENDS)
 
+    def _check_hash_layers(self) -> None:
+        check(isinstance(self.hash_layers, int) and not isinstance(self.hash_layers, bool) and self.hash_layers >= 0,
+              f"moe.hash_layers must be an integer >= 0, got {self.hash_layers!r}")
+        if not self.hash_layers:
+            check(self.hash_router is None,
+                  "moe.hash_router is set but moe.hash_layers is 0: only hash layers use it; set "
+                  "moe.hash_layers >= 1 or remove moe.hash_router")
+            return
+        check(self.router.type != "hash",
+              f"moe.hash_layers ({self.hash_layers}) makes the first MoE layers hash layers, but moe.router is "
+              f"already 'hash' on every MoE layer; set moe.hash_layers to 0 or give moe.router a learned router")
+        if self.hash_router is None:
+            self.hash_router = router_config_from_dict({"type": "hash"}, where="moe.hash_router")
+        check(self.hash_router.type == "hash",
+              f"moe.hash_router.type must be 'hash', got {self.hash_router.type!r}")
+
+    def for_moe_layer(self, ordinal: int) -> "MoEConfig":
+        """The config of the model's `ordinal`-th MoE layer (0: the first): `hash_router` for the first
+        `hash_layers` of them, this config unchanged after them."""
+        if ordinal >= self.hash_layers:
+            return self
+        return dataclasses.replace(self, router=self.hash_router, hash_layers=0, hash_router=None)
+
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
@@ -118,10 +149,12 @@ class MoEConfig:
         data = dict(data)
         # Router configs are polymorphic on `type`: parsed by the router registry, not generically.
         router = data.pop("router", None)
-        cfg = from_dict(cls, data, where)
+        hash_router = data.pop("hash_router", None)
         if router is not None:
-            cfg.router = router_config_from_dict(router, where=f"{where}.router")
-        return cfg
+            data["router"] = router_config_from_dict(router, where=f"{where}.router")
+        if hash_router is not None:
+            data["hash_router"] = router_config_from_dict(hash_router, where=f"{where}.hash_router")
+        return from_dict(cls, data, where)
 
 
 __all__ = ["MoEConfig", "AuxLossConfig", "ConfigError"]

@@ -60,12 +60,16 @@ class MoESideInputs:
       MoE layer, then the state the previous MoE layer's router returned (`MoEOutput.stream`).
       Routers that do not use it ignore it and pass it on unchanged; None where no model feeds
       one (a router that needs it then raises).
+    - `token_ids_T`: the input token id of each of the layer's T tokens (int64, in the layer's
+      token order), set by `MoETransformer.forward` from its tokens; the `hash` router routes by
+      it (docs/routers/hash.md). None where no model feeds it (a router that needs it raises).
     """
 
     labels_T: Tensor | None = None
     num_labels: int = 0
     capacity_groups: int = 1
     stream_TD: Tensor | None = None
+    token_ids_T: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.capacity_groups, int) and self.capacity_groups >= 1):
@@ -161,7 +165,8 @@ class MoELayer(nn.Module):
         num_groups = side.capacity_groups
         x_TD = x.reshape(-1, cfg.d_model)
         ctx = RoutingContext(training=self.training, all_reduce_sum=self.groups.all_reduce_sum_dp,
-                             dp_size=self.groups.dp_size, stream_TD=side.stream_TD)
+                             dp_size=self.groups.dp_size, stream_TD=side.stream_TD,
+                             token_ids_T=side.token_ids_T)
         route = self.router(x_TD, ctx)
         T = x_TD.shape[0]
         plan: SlotPlan = assign_slots(

@@ -44,6 +44,9 @@ class RoutingContext:
     # COMET's independent routing stream (`fixed_projection` with source=embedding): the previous
     # MoE layer's stream state, or the token embeddings at the first MoE layer.
     stream_TD: Tensor | None = None
+    # The input token id of each of the layer's T tokens (int64, layer token order): what `hash`
+    # routes by. None where no model feeds it (a router that needs it then raises).
+    token_ids_T: Tensor | None = None
 
 
 @dataclass

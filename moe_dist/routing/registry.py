@@ -13,6 +13,7 @@ from moe_dist.common.config import ConfigError, from_dict
 from moe_dist.routing.attentive import AttentiveConfig, AttentiveRouter
 from moe_dist.routing.base import Router, RouterConfig
 from moe_dist.routing.fixed_projection import FixedProjectionConfig, FixedProjectionRouter
+from moe_dist.routing.hash import HashRouter, HashRouterConfig
 from moe_dist.routing.inhibition import InhibitionConfig, InhibitionRouter
 from moe_dist.routing.topk import TopKRouter, TopKRouterConfig
 
@@ -21,6 +22,7 @@ BUILTIN_ROUTERS: dict[str, tuple[type[RouterConfig], type[Router]]] = {
     "inhibition": (InhibitionConfig, InhibitionRouter),
     "fixed_projection": (FixedProjectionConfig, FixedProjectionRouter),
     "attentive": (AttentiveConfig, AttentiveRouter),
+    "hash": (HashRouterConfig, HashRouter),
 }
 
 _REGISTRY: dict[str, tuple[type[RouterConfig], type[Router]]] = dict(BUILTIN_ROUTERS)

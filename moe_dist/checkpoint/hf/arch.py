@@ -278,6 +278,9 @@ def export_blockers(arch: Arch, cfg, selection_bias_active: bool) -> list[str]:
     if arch.qk_norm == "full" and cfg.n_heads * cfg.head_dim != cfg.d_model:
         reasons.append(f"n_heads * head_dim ({cfg.n_heads} * {cfg.head_dim}) differs from d_model "
                        f"({cfg.d_model}); {name}'s q_norm is d_model wide")
+    if moe.hash_layers:
+        reasons.append(f"moe.hash_layers is {moe.hash_layers} (the first MoE layers route by token id); {name} has "
+                       f"the learned softmax top-k router only")
     router = moe.router
     if router.type != "topk":
         reasons.append(f"router type {router.type!r}; {name} has the learned softmax top-k router only")

@@ -36,6 +36,7 @@ STRUCTURAL = (
     "model.moe_offset", "model.activation", "model.tie_embeddings", "model.n_kv_heads", "model.head_dim",
     "model.qk_norm", "model.qkv_bias", "moe.num_experts", "moe.d_ff",
     "moe.activation", "moe.num_shared_experts", "moe.shared_d_ff", "moe.shared_gate", "moe.router.type",
+    "moe.hash_layers",
 )
 FREE_PREFIXES = (
     "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.log_interval",

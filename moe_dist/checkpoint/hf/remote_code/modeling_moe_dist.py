@@ -10,7 +10,8 @@ weights load one to one:
 - pre-norm blocks: x + attn(rmsnorm(x)); x + ffn(rmsnorm(x)), the FFN dense or MoE;
 - attention (moe_dist_attention.py): multi-head or grouped-query, any head width, optional
   q/k/v bias and q/k RMSNorm; rotary in fp32; causal SDPA;
-- routers in their eval form (moe_dist_routers.py), scores in fp32;
+- routers in their eval form (moe_dist_routers.py), scores in fp32; the first `hash_layers` MoE
+  layers route by `hash_router` (a token-id table), the later ones by `router`;
 - MoE FFN: the routed experts, optionally with COMET's k-WTA mask on their hidden units, plus
   an optional shared expert of width `shared_d_ff`, optionally scaled by a sigmoid gate
   (Qwen2-MoE);
@@ -123,9 +124,12 @@ class MoELayer(nn.Module):
                        if m["num_shared_experts"] else None)
         self.shared_gate = nn.Linear(m["d_model"], 1, bias=False) if m["shared_gate"] else None
 
-    def forward(self, x, stream_TD):
+    def forward(self, x, stream_TD, token_ids_T):
         x_TD = x.reshape(-1, self.d_model)
-        idx_TK, w_TK, stream_TD = self.router(x_TD, stream_TD)
+        if getattr(self.router, "reads_token_ids", False):
+            idx_TK, w_TK, stream_TD = self.router(x_TD, stream_TD, token_ids_T)
+        else:
+            idx_TK, w_TK, stream_TD = self.router(x_TD, stream_TD)
         y_TD = self.experts(x_TD, idx_TK, w_TK)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
@@ -144,17 +148,22 @@ class Block(nn.Module):
         self.moe = MoELayer(m) if is_moe else None
         self.ffn = None if is_moe else DenseFFN(c["d_model"], c["d_ff"], c["activation"])
 
-    def forward(self, x, cos, sin, bias, cache, stream_TD):
+    def forward(self, x, cos, sin, bias, cache, stream_TD, token_ids_T):
         x = x + self.attn(self.attn_norm(x), cos, sin, bias, cache)
         if self.moe is None:
             return x + self.ffn(self.ffn_norm(x)), stream_TD
-        y, stream_TD = self.moe(self.ffn_norm(x), stream_TD)
+        y, stream_TD = self.moe(self.ffn_norm(x), stream_TD, token_ids_T)
         return x + y, stream_TD
 
 
 def is_moe_layer(c, m, i):
     every, offset = c.get("moe_every", 1), c.get("moe_offset", 0)
     return m is not None and every > 0 and i >= offset and (i - offset) % every == 0
+
+
+def layer_moe(m, ordinal):
+    """The `ordinal`-th MoE layer's section: `hash_router` in the first `hash_layers` of them."""
+    return {**m, "router": m["hash_router"]} if ordinal < (m.get("hash_layers") or 0) else m
 
 
 class MoEDistModel(nn.Module):
@@ -165,7 +174,9 @@ class MoEDistModel(nn.Module):
         c, m = config.moe_dist_model, config.moe_dist_moe
         self.c = c
         self.embed = nn.Embedding(c["vocab_size"], c["d_model"])
-        self.blocks = nn.ModuleList(Block(c, m, is_moe_layer(c, m, i), i) for i in range(c["n_layers"]))
+        moe_layers = [i for i in range(c["n_layers"]) if is_moe_layer(c, m, i)]
+        self.blocks = nn.ModuleList(Block(c, layer_moe(m, moe_layers.index(i)) if i in moe_layers else m,
+                                          i in moe_layers, i) for i in range(c["n_layers"]))
         self.norm = RMSNorm(c["d_model"], c["norm_eps"])
         self.lm_head = None if c["tie_embeddings"] else nn.Linear(c["d_model"], c["vocab_size"], bias=False)
 
@@ -181,8 +192,9 @@ class MoEDistModel(nn.Module):
         bias = None if plain else attention_bias(attention_mask_BW, past, S, device)
         x = self.embed(tokens_BS)
         stream_TD = x.detach().reshape(B * S, -1)
+        token_ids_T = tokens_BS.reshape(-1)
         for block in self.blocks:
-            x, stream_TD = block(x, cos, sin, bias, cache, stream_TD)
+            x, stream_TD = block(x, cos, sin, bias, cache, stream_TD, token_ids_T)
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return self.norm(x) @ weight_VD.t()
 

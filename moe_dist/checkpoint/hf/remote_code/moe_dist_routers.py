@@ -8,6 +8,8 @@ them: scores in fp32 whatever the model's dtype (routing decisions are discontin
   the EMA statistics with bias correction;
 - `fixed_projection`: a frozen projection, optional centering and COMET routing stream;
 - `attentive`: gate trunk, query, per-expert key probes; softmax top-k.
+- `hash`: the token-id -> experts table (`table_VK`, from the checkpoint), weights 1/K; it alone
+  reads the token ids (`reads_token_ids`).
 
 Self-contained (torch only); copied into the export with modeling_moe_dist.py.
 
@@ -168,5 +170,19 @@ class AttentiveRouter(nn.Module):
         return idx_TK, w_TK, stream_TD
 
 
+class HashRouter(nn.Module):
+    reads_token_ids = True
+
+    def __init__(self, r, d_model, num_experts, top_k):
+        super().__init__()
+        self.top_k = top_k
+        self.register_buffer("table_VK", torch.zeros(r["vocab_size"], top_k, dtype=torch.long))
+
+    def forward(self, x_TD, stream_TD, token_ids_T):
+        idx_TK = self.table_VK[token_ids_T.reshape(-1)]
+        w_TK = torch.full(idx_TK.shape, 1.0 / self.top_k, dtype=torch.float32, device=x_TD.device)
+        return idx_TK, w_TK, stream_TD
+
+
 ROUTERS = {"topk": TopKRouter, "inhibition": InhibitionRouter, "fixed_projection": FixedProjectionRouter,
-           "attentive": AttentiveRouter}
+           "attentive": AttentiveRouter, "hash": HashRouter}
