@@ -31,6 +31,7 @@ from moe_dist.parallel.groups import ParallelGroups
 #   is not this test's business: each backend is tested against the loop in its own test.
 TOKENS_PER_RANK, D_MODEL, D_FF, NUM_EXPERTS, SEED = 24, 16, 64, 8, 11
 MIN_LOCAL_EXPERTS = 2
+VOCAB = 29  # token ids for the hash router: fewer than the tokens, so ids repeat within a rank
 TOL = dict(rtol=2e-5, atol=2e-6)
 
 LAYER_CASES = [
@@ -63,6 +64,8 @@ ROUTER_CASES = [
                  "center_stat": "batch"}, layers=REPRESENTATIVE),
     dict(router={"type": "attentive"}, layers=REPRESENTATIVE),
     dict(router={"type": "attentive", "renormalize": True, "hidden": 8}, layers=REPRESENTATIVE),
+    # Routes by token id (MoESideInputs.token_ids_T) through a table every rank builds alike.
+    dict(router={"type": "hash", "vocab_size": VOCAB}, layers=REPRESENTATIVE),
     # COMET's neuron mask inside experts: expert i's mask projection must not depend on ep_size.
     dict(router={"type": "topk"}, layers=[dict(top_k=2, comet_active_fraction=0.25)]),
     # Imported architectures' routing: DeepSeek-V3 sigmoid scores (renormalized, scaled, selection
@@ -99,17 +102,18 @@ def check_layer_equivalence(rank: int, world: int, groups: ParallelGroups, layer
     x = torch.randn(world * TOKENS_PER_RANK, D_MODEL)
     G = torch.randn(world * TOKENS_PER_RANK, D_MODEL)
     stream = torch.randn(world * TOKENS_PER_RANK, D_MODEL)  # token embeddings for COMET's routing stream
+    token_ids = torch.randint(0, VOCAB, (world * TOKENS_PER_RANK,))  # what the hash router routes by
     what = f"rank {rank} world {world} ep {groups.ep_size} {layer_case} {router} {aux_loss}"
 
     ref = MoELayer(make_cfg(1, layer_case, router, aux_loss), seed=SEED)
     x_ref = x.clone().requires_grad_()
-    out_ref = ref(x_ref, MoESideInputs(stream_TD=stream, capacity_groups=world))
+    out_ref = ref(x_ref, MoESideInputs(stream_TD=stream, capacity_groups=world, token_ids_T=token_ids))
     loss_ref = total_loss(out_ref, G, 1.0 / world)
     loss_ref.backward()
 
     layer = MoELayer(make_cfg(groups.ep_size, layer_case, router, aux_loss), seed=SEED, groups=groups)
     x_r = shard(x, rank, world).clone().requires_grad_()
-    out = layer(x_r, MoESideInputs(stream_TD=shard(stream, rank, world)))
+    out = layer(x_r, MoESideInputs(stream_TD=shard(stream, rank, world), token_ids_T=shard(token_ids, rank, world)))
     loss = total_loss(out, shard(G, rank, world), 1.0)
     loss.backward()
     reduce_gradients(layer, groups)

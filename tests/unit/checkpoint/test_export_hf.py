@@ -41,6 +41,12 @@ CASES = {
                                                              "center": True, "weights": "softmax",
                                                              "bias_balancing": True})),
     "attentive": ({}, dict(router={"type": "attentive", "hidden": 8, "activation": "gelu"})),
+    # Token-id tables, taken from the checkpoint (build() shuffles them away from what a seed gives).
+    "hash": ({}, dict(router={"type": "hash", "seed": 4})),
+    # DeepSeek-V4's layout: hash layers first, learned top-k after (and a dense layer between).
+    "hash_layers-topk-dense": (dict(n_layers=4, moe_every=1, moe_offset=1),
+                               dict(hash_layers=2, hash_router={"type": "hash", "seed": 2},
+                                    router={"type": "topk", "renormalize": True})),
     "topk-dense-shared-gelu-bias": (dict(n_layers=3, moe_every=2, activation="gelu", tie_embeddings=False),
                                     dict(activation="gelu", num_shared_experts=1,
                                          router={"type": "topk", "bias_balancing": True})),
@@ -80,6 +86,8 @@ def build(model_kw: dict, moe_kw: dict) -> MoETransformer:
         for _, moe in model.moe_layers():
             if getattr(moe.router.cfg, "bias_balancing", False):
                 moe.router.selection_bias_E.copy_(torch.randn(E, generator=g) * 0.2)
+            if hasattr(moe.router, "table_VK"):
+                moe.router.table_VK.copy_(moe.router.table_VK[torch.randperm(V, generator=g)])
         for p in model.parameters():  # norm weights and biases away from their ones / zeros
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)

@@ -3,7 +3,7 @@
 outputs, losses, every gradient and the routers' buffers, within the dtype's tolerance.
 
 One representative case runs by default; the grid (capacity and dropless; topk, inhibition,
-fixed_projection; shared expert on and off; fp32 and bf16) is `slow`: each case is an inductor
+fixed_projection, hash; shared expert on and off; fp32 and bf16) is `slow`: each case is an inductor
 compile of a forward and a backward, tens of seconds on two cores."""
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import torch
 import torch._dynamo
 
 from moe_dist.moe.config import MoEConfig
-from moe_dist.moe.layer import MoELayer
+from moe_dist.moe.layer import MoELayer, MoESideInputs
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 ROUTERS = {"topk": {"type": "topk"}, "inhibition": {"type": "inhibition"},
-           "fixed_projection": {"type": "fixed_projection", "center": True, "weights": "softmax"}}
+           "fixed_projection": {"type": "fixed_projection", "center": True, "weights": "softmax"},
+           "hash": {"type": "hash", "vocab_size": 50}}
 MODES = {"capacity": dict(capacity_factor=1.0, min_capacity=1), "dropless": dict(dropless=True)}
 
 
@@ -33,7 +34,9 @@ def make_layer(router: str, mode: str, shared: bool, dtype: torch.dtype) -> MoEL
 
 def _step(layer, x: torch.Tensor, g: torch.Tensor):
     x = x.clone().requires_grad_()
-    out = layer(x)
+    # Token ids for the hash router (the other routers ignore them).
+    token_ids = torch.arange(x.shape[0]) * 7 % 50
+    out = layer(x, MoESideInputs(token_ids_T=token_ids))
     loss = (out.y.float() * g).sum()
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
@@ -74,6 +77,15 @@ def test_layer_traces_as_one_graph():
         layer = make_layer("topk", mode, True, dtype)
         explained = torch._dynamo.explain(lambda x: layer(x).y)(torch.randn(16, 32, dtype=dtype))
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_hash_layer_traces_as_one_graph():
+    """The table lookup by token id reads nothing from the device: no break."""
+    torch._dynamo.reset()
+    layer = make_layer("hash", "capacity", False, torch.float32)
+    explained = torch._dynamo.explain(lambda x, ids: layer(x, MoESideInputs(token_ids_T=ids)).y)(
+        torch.randn(16, 32), torch.arange(16) * 3 % 50)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 @pytest.mark.parametrize("router", [{"type": "inhibition", "mode": "divisive"},

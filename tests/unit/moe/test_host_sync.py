@@ -21,6 +21,7 @@ ROUTERS = [
     {"type": "fixed_projection"},
     {"type": "fixed_projection", "source": "embedding", "center": True},
     {"type": "attentive"},
+    {"type": "hash", "vocab_size": 50},
 ]
 MODES = [dict(capacity_factor=1.0, min_capacity=1), dict(dropless=True)]
 
@@ -32,7 +33,7 @@ def census_of_step(impl: str, dtype: torch.dtype, router: dict, mode: dict, **ex
     torch.manual_seed(0)
     x = torch.randn(32, 64, dtype=dtype, requires_grad=True)
     side = MoESideInputs(stream_TD=torch.randn(32, 64, dtype=dtype), labels_T=torch.randint(-1, 3, (32,)),
-                         num_labels=3)
+                         num_labels=3, token_ids_T=torch.randint(0, 50, (32,)))
     layer(x, side)  # the first call: one-time work (kernel self-checks) is no step's
     forward, backward = HostSyncCensus(), HostSyncCensus()
     with forward:
