@@ -15,7 +15,7 @@ from moe_dist.train.config import RunConfig
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
 from moe_dist.train.preflight.data import check_megatron_data, data_domain_names, input_identity
 from moe_dist.train.preflight.memory import check_memory
-from moe_dist.train.preflight.start import check_init_from
+from moe_dist.train.preflight.start import check_hash_token_counts, check_init_from
 from moe_dist.train.safety import run_dir
 
 
@@ -70,6 +70,8 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
                                    inputs=inputs)
         else:
             check_init_from(cfg.train.init_from, cfg.model, cfg.train.seed)  # --resume ignores init_from
+            if cfg.train.init_from is None:
+                check_hash_token_counts(cfg.model)
         if run is not None:
             run.clean()
     except BaseException:

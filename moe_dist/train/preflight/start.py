@@ -1,5 +1,6 @@
 """Preflight's check of `train.init_from`, where a fresh run starts: readable metadata, finite
-tensors, frozen constants this run's model can draw. (Whether the checkpoint folder may be written
+tensors, frozen constants this run's model can draw; without it, the token counts a frequency
+`hash` table is built from. (Whether the checkpoint folder may be written
 or resumed is the format's to say: moe_dist.checkpoint.training.check_checkpoint_dir.)
 """
 
@@ -11,6 +12,7 @@ from moe_dist.checkpoint.consolidated import META_FILE, ConsolidatedCheckpoint, 
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig
+from moe_dist.routing.hash import read_token_counts
 from moe_dist.train.preflight.finite import check_init_from_finite
 
 
@@ -28,3 +30,19 @@ def check_init_from(path: str | None, model: ModelConfig, seed: int) -> None:
         check_init_from_finite(path)
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
+
+
+def check_hash_token_counts(model: ModelConfig) -> None:
+    """A fresh run without `train.init_from` builds its frequency `hash` tables from their counts
+    files (docs/routers/hash.md): each must be there and valid now, not at the first forward. (A
+    resumed or initialized run loads its tables from the checkpoint.)"""
+    moe = model.moe
+    if moe is None:
+        return
+    for where, router in (("moe.router", moe.router), ("moe.hash_router", moe.hash_router)):
+        if router is None or router.type != "hash" or router.table != "frequency":
+            continue
+        if not os.path.isfile(router.token_counts):
+            raise ConfigError(f"{where}.token_counts {router.token_counts!r} does not exist; a fresh run builds its "
+                              f"frequency hash table from it: write it with tools/preprocess_data.py --token-counts")
+        read_token_counts(router.token_counts, model.vocab_size)

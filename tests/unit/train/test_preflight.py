@@ -182,3 +182,21 @@ def test_entry_point_reports_a_checkpoint_that_cannot_resume(tmp_path, monkeypat
     assert entry.main(["--config", path, "--resume"]) == 2
     assert ("checkpoint error: DeepSpeed could not load checkpoint '/runs/x/step_00000004'"
             in capsys.readouterr().err)
+
+
+def test_a_fresh_run_needs_its_frequency_hash_tables_token_counts(tmp_path):
+    """Checked before any process starts, not at the first forward (a model built for evaluation
+    or resume takes the table from the checkpoint instead)."""
+    import numpy as np
+
+    counts = str(tmp_path / "counts.npy")
+    moe = dict(hash_layers=1, hash_router={"type": "hash", "table": "frequency", "token_counts": counts})
+    cfg = tiny_config(moe=moe, train=dict(deepspeed_config=ds_json(tmp_path)))
+    with raises(f"moe.hash_router.token_counts {counts!r} does not exist"):
+        check(cfg)
+    vocab = cfg["model"]["vocab_size"]
+    np.save(counts, np.ones(vocab - 1, dtype=np.int64))
+    with raises(f"shape [{vocab - 1}], expected [{vocab}]"):
+        check(cfg)
+    np.save(counts, np.ones(vocab, dtype=np.int64))
+    check(cfg)
