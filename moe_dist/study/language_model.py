@@ -39,6 +39,8 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "fixed_projection": {"type": "fixed_projection"},
     "fixed_projection center": {"type": "fixed_projection", "center": True},
     "attentive": {"type": "attentive"},
+    # The non-learned baseline beside COMET's fixed projection: a seeded token-id table.
+    "hash": {"type": "hash"},
 }
 
 
