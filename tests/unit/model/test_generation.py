@@ -23,6 +23,8 @@ MODELS = {
     "gqa-qknorm-shared": (dict(n_heads=4, n_kv_heads=2, qk_norm="head", qkv_bias=True),
                           dict(num_shared_experts=1, router={"type": "topk", "renormalize": True})),
     "comet-stream": ({}, dict(router={"type": "fixed_projection", "source": "embedding"})),
+    # Routes by token id: the cache path must hand the new tokens' ids to the MoE layers.
+    "hash": ({"n_layers": 5}, dict(hash_layers=1, router={"type": "topk"})),
 }
 
 

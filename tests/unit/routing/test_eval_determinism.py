@@ -19,6 +19,7 @@ ROUTERS = [
     {"type": "fixed_projection", "weights": "softmax", "center": True},
     {"type": "fixed_projection", "source": "embedding", "center": True},
     {"type": "attentive"},
+    {"type": "hash", "vocab_size": 16},
 ]
 
 
@@ -31,19 +32,20 @@ def test_eval_routes_are_deterministic(router):
     layer = MoELayer(MoEConfig.from_dict(dict(d_model=16, d_ff=12, num_experts=8, top_k=2, min_capacity=1,
                                               router=router)), seed=1)
     x, stream = torch.randn(48, 16), torch.randn(48, 16)
-    layer(x, MoESideInputs(stream_TD=stream))  # a training forward fills the statistics buffers
+    ids = torch.randint(0, 16, (48,))  # token ids: what the hash router routes by
+    layer(x, MoESideInputs(stream_TD=stream, token_ids_T=ids))  # a training forward fills the statistics buffers
     layer.eval()
     buffers = {k: v.clone() for k, v in layer.named_buffers()}
-    ctx = RoutingContext(training=False, stream_TD=stream)
+    ctx = RoutingContext(training=False, stream_TD=stream, token_ids_T=ids)
     outputs = []
     for seed in (0, 1):
         torch.manual_seed(seed)  # eval must draw nothing from the global RNG
-        outputs.append((layer.router(x, ctx), layer(x, MoESideInputs(stream_TD=stream))))
+        outputs.append((layer.router(x, ctx), layer(x, MoESideInputs(stream_TD=stream, token_ids_T=ids))))
     (route_a, out_a), (route_b, out_b) = outputs
     assert torch.equal(route_a.idx_TK, route_b.idx_TK)
     assert torch.equal(route_a.w_TK, route_b.w_TK)
     assert torch.equal(out_a.y, out_b.y)
-    alone = layer.router(x[:5], RoutingContext(training=False, stream_TD=stream[:5]))
+    alone = layer.router(x[:5], RoutingContext(training=False, stream_TD=stream[:5], token_ids_T=ids[:5]))
     assert torch.equal(alone.idx_TK, route_a.idx_TK[:5])
     for name, value in layer.named_buffers():
         assert torch.equal(value, buffers[name]), f"eval changed buffer {name}"
