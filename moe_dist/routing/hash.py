@@ -75,7 +75,7 @@ def seeded_table(vocab_size: int, num_experts: int, top_k: int, generator: torch
     total = vocab_size * top_k
     flat: list[int] = []
     while len(flat) < total:
-        perm = torch.randperm(num_experts, generator=generator).tolist()
+        perm = torch.randperm(num_experts, generator=generator, device="cpu").tolist()
         open_row = len(flat) % top_k  # entries of the row in progress already placed
         if open_row:
             taken = set(flat[-open_row:])
@@ -84,7 +84,7 @@ def seeded_table(vocab_size: int, num_experts: int, top_k: int, generator: torch
                     j = next(j for j in range(top_k - open_row, num_experts) if perm[j] not in taken)
                     perm[i], perm[j] = perm[j], perm[i]
         flat.extend(perm)
-    return torch.tensor(flat[:total], dtype=torch.int64).view(vocab_size, top_k)
+    return torch.tensor(flat[:total], dtype=torch.int64, device="cpu").view(vocab_size, top_k)
 
 
 def frequency_table(counts_V: np.ndarray, num_experts: int, top_k: int) -> Tensor:
@@ -112,7 +112,7 @@ def frequency_table(counts_V: np.ndarray, num_experts: int, top_k: int) -> Tenso
         table[v] = [e for _, e in chosen]
         for ids, e in chosen:
             heapq.heappush(unseen, (ids + 1, e))
-    return torch.from_numpy(table)
+    return torch.from_numpy(table)  # CPU, whatever the default device
 
 
 def expected_load(table_VK: Tensor, counts_V: Tensor | np.ndarray, num_experts: int) -> Tensor:
@@ -157,12 +157,14 @@ class HashRouter(Router):
         elif os.path.exists(cfg.token_counts):
             table_VK = frequency_table(read_token_counts(cfg.token_counts, V), E, K)
         else:
-            table_VK = torch.full((V, K), -1, dtype=torch.int64)
+            table_VK = torch.full((V, K), -1, dtype=torch.int64, device="cpu")
             self.missing_table = (f"hash router of layer {self.layer_index}: router.table frequency builds its "
                                   f"table from router.token_counts {cfg.token_counts!r}, which does not exist, and "
                                   f"no checkpoint was loaded into it; write the counts with "
                                   f"tools/preprocess_data.py --token-counts or load a checkpoint")
-        self.register_buffer("table_VK", table_VK, persistent=True)
+        # Built on the CPU (a generator's draws and a Python packing), then placed where the model is
+        # being built (a `torch.device` context: the meta device of memory estimates).
+        self.register_buffer("table_VK", table_VK.to(torch.get_default_device()), persistent=True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if prefix + "table_VK" in state_dict:

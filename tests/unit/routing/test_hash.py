@@ -249,3 +249,13 @@ def test_a_hash_router_on_every_layer_and_generation_route_by_token_id():
 def test_hash_layers_config_errors_name_the_key(model, moe, match):
     with pytest.raises(ConfigError, match=match):
         model_cfg(model, **moe)
+
+
+def test_memory_estimates_build_hash_layers_on_the_meta_device():
+    from moe_dist.train.memory_plan import parameter_counts
+
+    hashed = model_cfg(hash_layers=2)
+    dense, expert = parameter_counts(hashed)
+    dense_topk, expert_topk = parameter_counts(model_cfg())
+    # Two MoE layers without a gate: 2 * E * D fewer dense parameters, the same experts.
+    assert (dense_topk - dense, expert) == (2 * E * D, expert_topk)
