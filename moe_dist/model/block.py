@@ -35,7 +35,7 @@ class TransformerBlock(nn.Module):
                                         kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
                                         qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim,
                                         softmax_scale=softmax_scale(cfg.head_dim, cfg.rope_scaling),
-                                        init_std=cfg.init_std, out_std=out_std, norm_eps=cfg.norm_eps)
+                                        init_std=cfg.init_std, out_std=out_std)
         else:
             self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, init_std=cfg.init_std, out_std=out_std,
                                             n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, qk_norm=cfg.qk_norm,

@@ -28,11 +28,15 @@ from torch import Tensor, nn
 from moe_dist.model.norm import QKNorm
 from moe_dist.model.rotary import apply_rotary
 
+# The latents' RMSNorms use DeepSeek's fixed epsilon, not the model's rms_norm_eps (DeepSeek's
+# reference code and transformers' DeepseekV2/V3 build them with their default, 1e-6).
+LATENT_NORM_EPS = 1e-6
+
 
 class LatentAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, *, q_lora_rank: int | None, kv_lora_rank: int,
                  qk_rope_head_dim: int, qk_nope_head_dim: int, v_head_dim: int, softmax_scale: float,
-                 init_std: float, out_std: float, norm_eps: float = 1e-6) -> None:
+                 init_std: float, out_std: float) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.kv_lora_rank, self.rope_dim, self.nope_dim, self.v_dim = (kv_lora_rank, qk_rope_head_dim,
@@ -47,10 +51,10 @@ class LatentAttention(nn.Module):
             self.q_proj = nn.Linear(d_model, q_width, bias=False)
         else:
             self.q_down = nn.Linear(d_model, q_lora_rank, bias=False)
-            self.q_norm = QKNorm(q_lora_rank, norm_eps)
+            self.q_norm = QKNorm(q_lora_rank, LATENT_NORM_EPS)
             self.q_up = nn.Linear(q_lora_rank, q_width, bias=False)
         self.kv_down = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=False)
-        self.kv_norm = QKNorm(kv_lora_rank, norm_eps)
+        self.kv_norm = QKNorm(kv_lora_rank, LATENT_NORM_EPS)
         self.kv_up = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.out = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
         for linear in (self.q_proj, self.q_down, self.q_up, self.kv_down, self.kv_up):

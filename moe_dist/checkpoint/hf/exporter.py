@@ -259,6 +259,19 @@ def _native_choice(architecture: str, blockers: dict[str, list[str]], ckpt_path:
     return None
 
 
+def custom_blockers(cfg: ModelConfig) -> list[str]:
+    """What the remote code (remote_code/) does not compute: it has standard attention with
+    whole-head plain rotary only."""
+    reasons = []
+    if cfg.attention != "mha":
+        reasons.append(f"model.attention is {cfg.attention!r}")
+    if cfg.partial_rotary_factor != 1.0:
+        reasons.append(f"model.partial_rotary_factor is {cfg.partial_rotary_factor}")
+    if cfg.rope_scaling is not None:
+        reasons.append(f"model.rope_scaling is {cfg.rope_scaling.type!r}")
+    return reasons
+
+
 def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture: str = "auto",
               master_weights: bool = False, dtype: str | None = None, tokenizer_model: str | None = None,
               overwrite: bool = False, progress: bool = True) -> ExportResult:
@@ -273,6 +286,10 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
     state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
     blockers = native_blockers(cfg, state)
     native = _native_choice(architecture, blockers, ckpt_path)
+    if native is None and custom_blockers(cfg):
+        natives = "; ".join(f"{ARCHS[n].display}: {', '.join(b)}" for n, b in blockers.items() if b)
+        raise CheckpointError(f"the custom architecture's remote code cannot express the model of {ckpt_path!r} "
+                              f"({', '.join(custom_blockers(cfg))}), and no native class can either ({natives})")
     token_ids = pad_token_ids(hf_token_ids(hf_tokenizer) if hf_tokenizer else special_token_ids(sp_model),
                               cfg.vocab_size)
     weight_dtype = state["embed.weight"].dtype
