@@ -95,6 +95,8 @@ class ModelConfig:
                   f"or set model.head_dim")
             self.head_dim = self.d_model // self.n_heads
         check_int("model.head_dim", self.head_dim, 2)
+        if self.attention == "mha" and self.partial_rotary_factor == 1.0:
+            check(self.head_dim % 2 == 0, f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
         check(self.rotary_dim % 2 == 0 and self.rotary_dim >= 2,
               f"the rotated width of a head ({self.rotary_dim}: model.head_dim {self.head_dim} x "
               f"partial_rotary_factor {self.partial_rotary_factor}, or model.qk_rope_head_dim) must be even and "
