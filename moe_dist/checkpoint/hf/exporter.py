@@ -1,9 +1,12 @@
 """`export-hf`: a training or consolidated checkpoint -> a directory transformers loads:
 config.json, model.safetensors and, for a checkpoint trained with a SentencePiece model,
 tokenizer files. A native transformers class (no custom code) when one computes the model
-exactly: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM, the
-first of these whose `export_blockers` (arch.py) are empty with `--architecture auto`;
-otherwise the self-contained custom architecture (`trust_remote_code=True`).
+exactly: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM,
+DeepseekV2ForCausalLM, DeepseekV3ForCausalLM or Glm4MoeForCausalLM, the first of these whose
+`export_blockers` (arch.py) are empty with `--architecture auto`; otherwise the self-contained
+custom architecture (`trust_remote_code=True`), which has standard whole-head rotary attention
+only: a model with latent attention, partial rotary or YaRN that no native class expresses is
+refused (`custom_blockers`).
 
 Native exports: config.json from `arch.hf_config`, weights by running `tensors.tensor_plan`
 backward, in the Hub's per-expert layout (transformers 5 fuses it on load; transformers 4, vLLM
@@ -17,7 +20,8 @@ modeling file (`remote_code/modeling_moe_dist.py`, copied into OUT) mirrors `MoE
 module for module (its attention and routers in files of their own beside it, copied along), so
 the mapping is the identity plus a prefix: moe_dist's ep_size=1 tensor `<name>` is
 `model.<name>` (router statistics buffers included), and config.json carries moe_dist's `model`
-and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It computes every model moe_dist builds.
+and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It computes every model moe_dist builds
+with standard attention (`model.attention: mha`, whole-head plain rotary).
 The one addition to the state dict is COMET's expert-mask projections (`comet_mask_state`),
 which moe_dist redraws from the checkpoint's model seed and the remote code cannot.
 
