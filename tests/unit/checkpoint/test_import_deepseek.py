@@ -17,12 +17,12 @@ import pytest
 import torch
 from tests.harness.hf import save_hf, tokens
 from tests.harness.hf_deepseek import MODELS, YARN, build_hf
+from tests.unit.checkpoint.test_import_hf import edit_config, nothing_written, safetensors_state
 
 from moe_dist.checkpoint import CheckpointError, export_hf, import_hf, read_hf_model
 from moe_dist.checkpoint.cli import main as cli_main
 from moe_dist.model.generation import SamplingConfig, generate
 from moe_dist.model.transformer import MoETransformer
-from tests.unit.checkpoint.test_import_hf import edit_config, nothing_written, safetensors_state
 
 transformers = pytest.importorskip("transformers")
 TOL = dict(rtol=1e-4, atol=1e-4)
