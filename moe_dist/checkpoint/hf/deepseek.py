@@ -26,17 +26,17 @@ them (checked by logits in tests/unit/checkpoint/test_import_deepseek.py).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from moe_dist.checkpoint.hf.arch import Arch, _Fields
+# `f` below is arch.py's `_Fields` (config.json's values with the architecture's defaults, and the
+# problems found) and `arch` its `Arch`; not imported, as arch.py imports this module.
 
 _YARN_KEYS = {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len",
               "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
               "mscale_all_dim": "mscale_all_dim", "attention_factor": "attention_factor", "truncate": "truncate"}
 
 
-def _rope(f: _Fields, model: dict[str, Any]) -> None:
+def _rope(f, model: dict[str, Any]) -> None:
     """rope_parameters (transformers 5) or rope_theta + rope_scaling (4) -> rope_theta,
     partial_rotary_factor and rope_scaling of `model`."""
     params = f.config.get("rope_parameters")
@@ -76,7 +76,7 @@ def _rope(f: _Fields, model: dict[str, Any]) -> None:
         f.refuse("rope_parameters", params, f"keys {extra} are not honoured by moe_dist's rotary embeddings")
 
 
-def _groups(f: _Fields) -> None:
+def _groups(f) -> None:
     arch = f.arch
     n_group, topk_group = f.get("n_group"), f.get("topk_group")
     if arch.name == "deepseek_v2":
@@ -94,7 +94,7 @@ def _groups(f: _Fields) -> None:
                                            f"n_group ({n_group})")
 
 
-def deepseek_sections(f: _Fields) -> tuple[dict[str, Any], dict[str, Any]]:
+def deepseek_sections(f) -> tuple[dict[str, Any], dict[str, Any]]:
     """(`model:`, `moe:`) of a DeepSeek-V2/V3 or GLM-4.5 config.json; problems go to `f`."""
     arch = f.arch
     D, L, H = f.required("hidden_size"), f.required("num_hidden_layers"), f.required("num_attention_heads")
@@ -163,7 +163,7 @@ def deepseek_sections(f: _Fields) -> tuple[dict[str, Any], dict[str, Any]]:
 
 # ---- moe_dist -> config.json --------------------------------------------------------------------
 
-def deepseek_blockers(arch: Arch, cfg, selection_bias_active: bool) -> list[str]:
+def deepseek_blockers(arch, cfg, selection_bias_active: bool) -> list[str]:
     """Why `arch` (DeepSeek-V2/V3, GLM-4.5) cannot express the moe_dist model `cfg` (empty: it can)."""
     moe, name, reasons = cfg.moe, arch.display, []
     if cfg.attention != arch.attention:
@@ -197,7 +197,7 @@ def deepseek_blockers(arch: Arch, cfg, selection_bias_active: bool) -> list[str]
     return reasons
 
 
-def deepseek_config(arch: Arch, cfg, token_ids: dict[str, int | None], dtype_name: str) -> dict[str, Any]:
+def deepseek_config(arch, cfg, token_ids: dict[str, int | None], dtype_name: str) -> dict[str, Any]:
     """config.json of `arch` for `cfg` (which `deepseek_blockers` accepted)."""
     moe = cfg.moe
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
