@@ -4,7 +4,8 @@
 Multi-head by default; grouped-query (multi-query) with `n_kv_heads` < `n_heads`: query head h
 reads key/value head h // (H / Y), as transformers' `repeat_kv` does. Optional q/k/v bias
 (Qwen2) and q/k RMSNorm before rotary, per head (Qwen3-MoE) or over the whole projection
-(OLMoE).
+(OLMoE). Rotary over each head's first 2R dims where cos/sin are narrower than a head
+(`model.partial_rotary_factor`, GLM-4.5), else over all of them.
 
 The fused `qkv` weight's rows are [q (H*A); k (Y*A); v (Y*A)], each head-major (head h's rows
 h*A:(h+1)*A). With Y = H and A = D / H this is the layout multi-head checkpoints always had.
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_dist.model.norm import QKNorm
-from moe_dist.model.rotary import apply_rotary
+from moe_dist.model.rotary import apply_partial_rotary
 
 # SDPA broadcasts key/value heads itself from torch 2.5 on; before, they are repeated here.
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -52,6 +53,11 @@ class CausalSelfAttention(nn.Module):
         elif qk_norm == "full":
             self.q_norm, self.k_norm = QKNorm(self.q_width, norm_eps), QKNorm(self.kv_width, norm_eps)
 
+    @property
+    def cache_widths(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, width) of the keys and of the values a KV cache keeps per position."""
+        return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
+
     def project(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values with rotary applied: q [B, H, S, A], k and v [B, Y, S, A].
         `cos_SR`/`sin_SR` broadcast against [B, H, S, R] ([S, R] in training, [B, 1, S, R] at
@@ -65,8 +71,9 @@ class CausalSelfAttention(nn.Module):
         q_BSHA, k_BSYA, v_BSYA = q.view(B, S, H, A), k.view(B, S, Y, A), v.view(B, S, Y, A)
         if self.qk_norm == "head":  # Qwen3: each head's width, one weight for all heads
             q_BSHA, k_BSYA = self.q_norm(q_BSHA), self.k_norm(k_BSYA)
-        q_BHSA = apply_rotary(q_BSHA.transpose(1, 2), cos_SR, sin_SR)
-        k_BYSA = apply_rotary(k_BSYA.transpose(1, 2), cos_SR, sin_SR)
+        # Rotary over each head's first 2R dims: all of them, or GLM-4.5's partial_rotary_factor.
+        q_BHSA = apply_partial_rotary(q_BSHA.transpose(1, 2), cos_SR, sin_SR)
+        k_BYSA = apply_partial_rotary(k_BSYA.transpose(1, 2), cos_SR, sin_SR)
         return q_BHSA, k_BYSA, v_BSYA.transpose(1, 2)
 
     def attend(self, q_BHSA: Tensor, k_BYWA: Tensor, v_BYWA: Tensor, mask_BSW: Tensor | None = None) -> Tensor:

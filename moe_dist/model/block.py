@@ -13,7 +13,9 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_dist.model.attention import CausalSelfAttention
 from moe_dist.model.config import ModelConfig
+from moe_dist.model.latent_attention import LatentAttention
 from moe_dist.model.norm import RMSNorm
+from moe_dist.model.rope_scaling import softmax_scale
 from moe_dist.moe.experts import DenseFFN
 from moe_dist.moe.layer import MoELayer, MoEOutput, MoESideInputs
 from moe_dist.parallel.groups import ParallelGroups
@@ -26,10 +28,18 @@ class TransformerBlock(nn.Module):
         self.checkpointing = cfg.activation_checkpointing
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # GPT-2's scaling of residual-branch outputs keeps the stream's variance flat in depth.
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, init_std=cfg.init_std,
-                                        out_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
-                                        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, qk_norm=cfg.qk_norm,
-                                        qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.attn: CausalSelfAttention | LatentAttention
+        if cfg.attention == "mla":
+            self.attn = LatentAttention(cfg.d_model, cfg.n_heads, q_lora_rank=cfg.q_lora_rank,
+                                        kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                                        qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim,
+                                        softmax_scale=softmax_scale(cfg.head_dim, cfg.rope_scaling),
+                                        init_std=cfg.init_std, out_std=out_std)
+        else:
+            self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, init_std=cfg.init_std, out_std=out_std,
+                                            n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, qk_norm=cfg.qk_norm,
+                                            qkv_bias=cfg.qkv_bias, norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe: MoELayer | None = None
         self.ffn: DenseFFN | None = None

@@ -12,9 +12,12 @@ from typing import Any
 
 from moe_dist.common.config import ConfigError, check, check_choice, check_int, from_dict
 from moe_dist.moe.config import ACTIVATIONS, MoEConfig
+from moe_dist.model.rope_scaling import RopeScalingConfig
 from moe_dist.moe.recompute import RECOMPUTE_MODES
 
 QK_NORMS = ("none", "head", "full")
+ATTENTIONS = ("mha", "mla")
+_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 
 
 @dataclass
@@ -35,6 +38,21 @@ class ModelConfig:
     # the heads, Qwen3-MoE) or "full" (over the whole q and the whole k projection, OLMoE).
     qk_norm: str = "none"
     qkv_bias: bool = False  # a bias on the fused q/k/v projection (Qwen2)
+    # "mha": standard (multi-head / grouped-query) attention, attention.py; "mla": DeepSeek-V2/V3's
+    # multi-head latent attention, latent_attention.py, sized by the five keys below (only there).
+    attention: str = "mha"
+    # Rotate only each head's first fraction of dims (GLM-4.5: 0.5); mha only.
+    partial_rotary_factor: float = 1.0
+    # mla: the query's low-rank width (None: a full-rank query projection, as DeepSeek-V2-Lite),
+    # the joint key-value latent's width, each head's rotary and non-rotary query/key widths and its
+    # value width. head_dim is then the query/key width qk_nope_head_dim + qk_rope_head_dim.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    # Rotary scaling (YaRN: rope_scaling.py); None: plain RoPE.
+    rope_scaling: RopeScalingConfig | None = None
     # Layer i has an MoE FFN when i >= moe_offset and (i - moe_offset) % moe_every == 0;
     # moe_every 0 (or no `moe:` section) makes every layer dense.
     moe_every: int = 1
@@ -60,13 +78,29 @@ class ModelConfig:
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                   f"model.{name} must be an integer >= 1, got {value!r}")
+        check_choice("model.attention", self.attention, ATTENTIONS)
+        if self.attention == "mla":
+            self._check_latent_attention()
+        else:
+            given = [k for k in _MLA_KEYS if getattr(self, k) is not None]
+            check(not given, f"model.{', model.'.join(given)} size latent attention; set model.attention: mla "
+                             f"(model.attention is {self.attention!r})")
+        check(isinstance(self.partial_rotary_factor, (int, float)) and 0 < self.partial_rotary_factor <= 1,
+              f"model.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = from_dict(RopeScalingConfig, self.rope_scaling, "model.rope_scaling")
         if self.head_dim is None:
             check(self.d_model % self.n_heads == 0,
                   f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}), "
                   f"or set model.head_dim")
             self.head_dim = self.d_model // self.n_heads
         check_int("model.head_dim", self.head_dim, 2)
-        check(self.head_dim % 2 == 0, f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.attention == "mha" and self.partial_rotary_factor == 1.0:
+            check(self.head_dim % 2 == 0, f"model.head_dim ({self.head_dim}) must be even for rotary embeddings")
+        check(self.rotary_dim % 2 == 0 and self.rotary_dim >= 2,
+              f"the rotated width of a head ({self.rotary_dim}: model.head_dim {self.head_dim} x "
+              f"partial_rotary_factor {self.partial_rotary_factor}, or model.qk_rope_head_dim) must be even and "
+              f">= 2 for rotary embeddings")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         check_int("model.n_kv_heads", self.n_kv_heads, 1)
@@ -87,6 +121,32 @@ class ModelConfig:
         check(isinstance(self.num_labels, int) and self.num_labels >= 0,
               f"model.num_labels must be an integer >= 0, got {self.num_labels!r}")
         self.check_moe_section()
+
+    def _check_latent_attention(self) -> None:
+        for key in _MLA_KEYS[1:]:
+            check_int(f"model.{key} (model.attention mla)", getattr(self, key), 1)
+        if self.q_lora_rank is not None:
+            check_int("model.q_lora_rank", self.q_lora_rank, 1)
+        qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        check(self.head_dim in (None, qk_head_dim),
+              f"model.head_dim ({self.head_dim}) must be left out with model.attention mla (it is "
+              f"qk_nope_head_dim + qk_rope_head_dim = {qk_head_dim})")
+        self.head_dim = qk_head_dim
+        check(self.n_kv_heads in (None, self.n_heads),
+              f"model.n_kv_heads ({self.n_kv_heads}) must be left out with model.attention mla: every head reads "
+              f"the one shared latent")
+        check(self.partial_rotary_factor == 1.0,
+              f"model.partial_rotary_factor ({self.partial_rotary_factor}) is for model.attention mha; mla's "
+              f"rotary width is model.qk_rope_head_dim")
+        check(self.qk_norm == "none" and not self.qkv_bias,
+              f"model.qk_norm ({self.qk_norm!r}) and model.qkv_bias ({self.qkv_bias}) are for model.attention mha")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The rotated width of each query/key head."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def check_moe_section(self) -> None:
         """The rules that tie the `moe:` section to this one. `parse_model_config` attaches the

@@ -33,13 +33,16 @@ from moe_dist.moe.layer import MoESideInputs
 
 
 class KVCache:
-    """Keys and values of every layer, [B, Y, W_max, A] each, filled up to `length`."""
+    """Keys and values of every layer, [B, Y, W_max, A] each, filled up to `length`. With latent
+    attention (`model.attention: mla`) the two are the compressed latent [B, 1, W_max, c] and the
+    shared rotary key [B, 1, W_max, r] (each attention's `cache_widths`), never full keys and values."""
 
     def __init__(self, model: MoETransformer, batch: int, max_positions: int, device, dtype) -> None:
-        cfg = model.cfg
-        shape = (batch, cfg.n_kv_heads, max_positions, cfg.head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.k, self.v = [], []
+        for block in model.blocks:
+            (k_heads, k_width), (v_heads, v_width) = block.attn.cache_widths
+            self.k.append(torch.empty((batch, k_heads, max_positions, k_width), device=device, dtype=dtype))
+            self.v.append(torch.empty((batch, v_heads, max_positions, v_width), device=device, dtype=dtype))
         self.length = 0
 
     def append(self, layer: int, k_BYSA: Tensor, v_BYSA: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,7 +78,7 @@ def forward_positions(model: MoETransformer, tokens_BS: Tensor, positions_BS: Te
     cfg = model.cfg
     B, S = tokens_BS.shape
     past = cache.length if cache is not None else 0
-    cos, sin = rotary_at(positions_BS, cfg.head_dim, cfg.rope_theta)
+    cos, sin = rotary_at(positions_BS, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
     bias = attention_mask(mask_BW, past, S)
     x_BSD = model.embed(tokens_BS)
     side = MoESideInputs(stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1))

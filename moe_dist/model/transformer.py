@@ -75,7 +75,8 @@ class MoETransformer(nn.Module):
         B, S = tokens_BS.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length ({S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
-        cos_SR, sin_SR = rotary_tables(S, self.cfg.head_dim, self.cfg.rope_theta, tokens_BS.device)
+        cos_SR, sin_SR = rotary_tables(S, self.cfg.rotary_dim, self.cfg.rope_theta, tokens_BS.device,
+                                     self.cfg.rope_scaling)
         x_BSD = self.embed(tokens_BS)
         num_labels = self.cfg.num_labels
         # The MoE layers' side inputs, built once. COMET's independent routing stream starts at the

@@ -120,6 +120,7 @@ class MemoryPlan:
     cuda_context: int = 0
     nccl_buffers: int = 0
     fragmentation_margin: float = 0.0
+    kv_cache_per_token: int = 0  # generation's KV cache per token of a sequence (not a training term)
 
     @property
     def static(self) -> int:
@@ -204,7 +205,7 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
     b = DTYPE_BYTES[dtype]
     D, V = model.d_model, model.vocab_size
     fp32_norm = (8 + b) * D  # the fp32 input and normalized rows, the output in the run's dtype
-    attn = fp32_norm + 7 * D * b
+    attn = fp32_norm + (latent_attention_bytes(model, b) if model.attention == "mla" else 7 * D * b)
     dense_ffn = fp32_norm + 4 * model.d_ff * b
     per_layer, largest_block = 0.0, 0.0
     for i in range(model.n_layers):
@@ -229,6 +230,29 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
             largest_block = max(largest_block, (attn + dense_ffn) if checkpointing else 0)
     logits = 2 * V * 4 + (V * b if b != 4 else 0)
     return int(tokens * (per_layer + largest_block + logits + D * b))
+
+
+def latent_attention_bytes(model: ModelConfig, b: int) -> int:
+    """Per token, what latent attention (`model.attention: mla`) keeps for its backward besides
+    the block's norm: the query's down-projection, its norm (fp32 internals) and up-projection
+    (l, l, H(n+r); or the full-rank H(n+r)), the rotated rotary part and the re-joined query
+    (Hr, H(n+r)); the latent and rotary key (c + r), the latent's norm (fp32 internals, c), the
+    rotated key (r); the expanded key-nope/value (H(n+o)), the joined keys (H(n+r)) and the values
+    the attention reads (Ho); the attention output and its reshaped copy (2Ho)."""
+    H, n, r, o, c = model.n_heads, model.qk_nope_head_dim, model.qk_rope_head_dim, model.v_head_dim, model.kv_lora_rank
+    low_rank = model.q_lora_rank or 0
+    q = 2 * low_rank + 2 * H * (n + r) + H * r
+    kv = (c + r) + c + r + H * (n + o) + H * (n + r) + 3 * H * o
+    return (q + kv) * b + 8 * (low_rank + c)
+
+
+def kv_cache_bytes_per_token(model: ModelConfig, dtype: str) -> int:
+    """What generation's KV cache (moe_dist/model/generation.py) holds per token of every
+    sequence: every layer's keys and values (2 Y A), or latent attention's latent and rotary key
+    (c + r, whatever the number of heads)."""
+    per_layer = (model.kv_lora_rank + model.qk_rope_head_dim if model.attention == "mla"
+                 else 2 * model.n_kv_heads * model.head_dim)
+    return model.n_layers * per_layer * DTYPE_BYTES[dtype]
 
 
 def router_fp32_input_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
@@ -282,7 +306,8 @@ def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_b
                       router_fp32_input=router_fp32_input_bytes(model, tokens, zero.dtype),
                       cuda_context=CUDA_CONTEXT_BYTES if gpu_runtime else 0,
                       nccl_buffers=nccl_buffer_bytes(world_size, ep) if gpu_runtime else 0,
-                      fragmentation_margin=FRAGMENTATION_MARGIN if gpu_runtime else 0.0)
+                      fragmentation_margin=FRAGMENTATION_MARGIN if gpu_runtime else 0.0,
+                      kv_cache_per_token=kv_cache_bytes_per_token(model, zero.dtype))
 
 
 def largest_micro_batch(plan: MemoryPlan, budget_bytes: float, mode: str) -> int:

@@ -1,6 +1,7 @@
 """The whole model with every feature of the imported architectures at once (grouped-query
-attention with an explicit head_dim, q/k norm, q/k/v bias, sigmoid or top-k-then-softmax routing
-with a scale, a gated shared expert of its own width): expert parallelism on CPU/gloo equals one
+attention with an explicit head_dim, q/k norm, q/k/v bias, partial rotary, or DeepSeek's latent
+attention with YaRN; sigmoid (with the selection bias) or top-k-then-softmax routing with a
+scale, a gated shared expert of its own width): expert parallelism on CPU/gloo equals one
 process holding every rank's sequences (same weights): logits, LM and aux losses, every
 gradient and one AdamW step. The MoE layer alone, router by router: test_ep_equivalence_layer.py.
 
@@ -31,6 +32,17 @@ CASES = {
     "after_topk-full_norm-dropless": (dict(ATTENTION, n_kv_heads=1, qk_norm="full"),
                                       dict(dropless=True, router={"type": "topk", "score_after_topk": True,
                                                                   "scale": 0.5})),
+    # DeepSeek-V3's attention: latent attention with a low-rank query and YaRN's scaled softmax.
+    "mla_yarn-sigmoid_bias-dropless": (dict(attention="mla", n_heads=4, q_lora_rank=6, kv_lora_rank=8,
+                                            qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=5,
+                                            rope_scaling=dict(type="yarn", factor=4.0, original_max_seq_len=4,
+                                                              mscale=1.0, mscale_all_dim=1.0)),
+                                       dict(dropless=True, router={"type": "topk", "score": "sigmoid",
+                                                                   "renormalize": True, "scale": 2.5,
+                                                                   "bias_balancing": True})),
+    "partial_rotary-head_norm-dropless": (dict(ATTENTION, head_dim=8, qk_norm="head",
+                                               partial_rotary_factor=0.5),
+                                          dict(dropless=True)),
 }
 
 
@@ -73,10 +85,17 @@ def _worker(rank: int, world: int, ep_size: int, case: str) -> None:
         return t[lo:hi] if ".moe.experts." in name else t
 
     names = {n for n, _ in model.named_parameters()}
-    assert {"blocks.0.attn.qkv.bias", "blocks.0.attn.q_norm.weight", "blocks.1.moe.shared_gate.weight"} <= names
+    attention = ({"blocks.0.attn.q_up.weight", "blocks.0.attn.kv_down.weight", "blocks.0.attn.kv_norm.weight"}
+                 if model.cfg.attention == "mla" else {"blocks.0.attn.qkv.bias", "blocks.0.attn.q_norm.weight"})
+    assert attention | {"blocks.1.moe.shared_gate.weight"} <= names
     assert_grads_and_adamw_step_match(model, ref, ref_slice, f"({case}, rank {rank})", **TOL)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_model_with_every_new_feature_matches_single_process_under_expert_parallelism(case):
     run_distributed(_worker, 2, 2, case)
+
+
+@pytest.mark.slow
+def test_latent_attention_model_matches_single_process_at_ep_4():
+    run_distributed(_worker, 4, 4, "mla_yarn-sigmoid_bias-dropless")

@@ -2,7 +2,8 @@
 (`-m slow`: two launches per architecture): import-hf a tiny random model of each MoE
 architecture; train from it with `train.init_from` at EP=2 on 2 processes and at EP=1 on one
 (same global batch): the first-step losses agree and both train; export-hf of the EP=2 run
-loads with the native transformers class and its logits equal moe_dist's."""
+loads with the native transformers class and its logits equal moe_dist's. The same for the
+DeepSeek-V3 family (DeepSeek-V2/V3, GLM-4.5: tests/harness/hf_deepseek.py)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,35 @@ def test_train_ep2_from_import_then_export_native(tmp_path, name):
     assert result.architecture == name
     hf = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     assert type(hf).__name__ == MODELS[name][2]
+    trained = open_checkpoint(ckpt)
+    config = single_rank_config(trained.config)
+    model = MoETransformer(parse_model_config(config["model"], config["moe"])).eval()
+    model.load_state_dict(full_state_dict(trained, progress=False), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens()).logits, model(tokens()).logits_BSV, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "glm4_moe"])
+def test_train_ep2_from_a_deepseek_family_import_then_export_native(tmp_path, name):
+    """The DeepSeek-V3 family (tests/harness/hf_deepseek.py: latent attention or GLM-4.5's
+    partial rotary, a dense first layer, shared experts, the biased sigmoid router): EP=2 starts
+    from the first-step loss of one process, trains, and exports back to its native class."""
+    from tests.harness import hf_deepseek
+
+    src = save_hf(hf_deepseek.build_hf(name), str(tmp_path / "hf"))
+    cons = str(tmp_path / "cons")
+    import_hf(src, cons, progress=False)
+    losses_1, _ = train_from(cons, tmp_path, 1)
+    losses_2, ckpt = train_from(cons, tmp_path, 2)
+    assert len(losses_1) == len(losses_2) == STEPS
+    assert abs(losses_1[0] - losses_2[0]) <= 2e-4, (losses_1, losses_2)
+    assert all(torch.isfinite(torch.tensor(losses_2))) and losses_2 != [losses_2[0]] * STEPS
+
+    back = str(tmp_path / "back")
+    assert export_hf(ckpt, back, progress=False).architecture == name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    assert type(hf).__name__ == hf_deepseek.MODELS[name][2]
     trained = open_checkpoint(ckpt)
     config = single_rank_config(trained.config)
     model = MoETransformer(parse_model_config(config["model"], config["moe"])).eval()

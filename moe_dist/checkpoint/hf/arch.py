@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_dist.checkpoint.files import CheckpointError
+from moe_dist.checkpoint.hf.deepseek import deepseek_blockers, deepseek_config, deepseek_sections
 
 QWEN_PROJ = ("gate_proj", "up_proj", "down_proj")
 
@@ -52,6 +53,15 @@ class Arch:
     shared_expert: bool = False
     layer_pattern: bool = False  # decoder_sparse_step / mlp_only_layers
     sliding_flag: bool = True  # use_sliding_window enables sliding_window (else sliding_window alone)
+    # The DeepSeek-V3 family's layout (DeepSeek-V2/V3, GLM-4.5): first_k_dense_replace dense layers,
+    # then MoE layers with n_shared_experts shared experts and routed_scaling_factor (deepseek.py).
+    deepseek: bool = False
+    attention: str = "mha"  # moe_dist's model.attention
+    # The checkpoint's rotary rows: "half" (rotate_half), "interleaved" (DeepSeek-V2's complex pairs),
+    # "field" (DeepSeek-V3: interleaved iff rope_interleave, default true).
+    rope_layout: str = "half"
+    router_score: str = "softmax"  # moe_dist's router.score
+    router_bias: bool = False  # the router's e_score_correction_bias (moe_dist's selection_bias_E)
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,6 +79,23 @@ ARCHS = {a.name: a for a in (
          defaults=_DEFAULTS),
     Arch("olmoe", "OLMoE", "olmoe", "OlmoeForCausalLM", True, qk_norm="full", expert_ff_key="intermediate_size",
          sliding_flag=False, defaults={**_DEFAULTS, "rms_norm_eps": 1e-5, "router_aux_loss_coef": 0.01}),
+    Arch("deepseek_v2", "DeepSeek-V2", "deepseek_v2", "DeepseekV2ForCausalLM", True, num_experts_key="n_routed_experts",
+         renormalize_key=None, shared_expert=True, sliding_flag=False, deepseek=True, attention="mla",
+         rope_layout="interleaved", defaults={**_DEFAULTS, "first_k_dense_replace": 0, "n_shared_experts": 2,
+                                              "routed_scaling_factor": 1.0, "topk_method": "greedy",
+                                              "q_lora_rank": 1536, "aux_loss_alpha": 0.001}),
+    Arch("deepseek_v3", "DeepSeek-V3", "deepseek_v3", "DeepseekV3ForCausalLM", True, num_experts_key="n_routed_experts",
+         shared_expert=True, sliding_flag=False, deepseek=True, attention="mla", rope_layout="field",
+         router_score="sigmoid", router_bias=True,
+         defaults={**_DEFAULTS, "first_k_dense_replace": 3, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+                   "norm_topk_prob": True, "n_group": 8, "topk_group": 4, "q_lora_rank": 1536,
+                   "rope_interleave": True, "max_position_embeddings": 4096}),
+    Arch("glm4_moe", "GLM-4.5", "glm4_moe", "Glm4MoeForCausalLM", True, num_experts_key="n_routed_experts",
+         qkv_bias="attention_bias", shared_expert=True, sliding_flag=False, deepseek=True, router_score="sigmoid",
+         router_bias=True,
+         defaults={**_DEFAULTS, "rms_norm_eps": 1e-5, "first_k_dense_replace": 1, "n_shared_experts": 1,
+                   "routed_scaling_factor": 1.0, "norm_topk_prob": True, "n_group": 1, "topk_group": 1,
+                   "use_qk_norm": False, "partial_rotary_factor": 0.5, "max_position_embeddings": 131072}),
     Arch("llama", "Llama", "llama", "LlamaForCausalLM", False, sliding_flag=False, defaults=_DEFAULTS),
     Arch("qwen2", "Qwen2", "qwen2", "Qwen2ForCausalLM", False, qkv_bias="always", defaults=_DEFAULTS),
     Arch("qwen3", "Qwen3", "qwen3", "Qwen3ForCausalLM", False, qk_norm="head", defaults={**_DEFAULTS, "head_dim": 128}),
@@ -161,7 +188,7 @@ def _check_unsupported(f: _Fields) -> None:
     layer_types = f.config.get("layer_types")
     if layer_types is not None and any(t != "full_attention" for t in layer_types):
         f.refuse("layer_types", layer_types, "moe_dist's attention is full causal attention in every layer")
-    if arch.qkv_bias != "field" and f.get("attention_bias", False):
+    if arch.qkv_bias not in ("field", "attention_bias") and f.get("attention_bias", False):
         f.refuse("attention_bias", True, "moe_dist has no attention biases in this architecture (o_proj's "
                                          "included)")
     if f.get("mlp_bias", False):
@@ -198,6 +225,12 @@ def moe_dist_sections(config: dict[str, Any], path: str) -> tuple[Arch, dict[str
     arch = find_arch(config, path)
     f = _Fields(config, arch, path)
     _check_unsupported(f)
+    if arch.deepseek:
+        model, moe = deepseek_sections(f)
+        if f.problems:
+            raise CheckpointError(f"{path}: moe_dist cannot import this {arch.hf_class} exactly: "
+                                  + "; ".join(f.problems))
+        return arch, model, moe
     D, L, H = f.required("hidden_size"), f.required("num_hidden_layers"), f.required("num_attention_heads")
     Y = f.get("num_key_value_heads") or H
     head_dim = f.get("head_dim") or D // H
@@ -253,7 +286,15 @@ def export_blockers(arch: Arch, cfg, selection_bias_active: bool) -> list[str]:
     moe, name = cfg.moe, arch.display
     if moe is None:
         return ["the model has no MoE layers"]
+    if arch.deepseek:
+        return deepseek_blockers(arch, cfg, selection_bias_active)
     reasons = []
+    if cfg.attention != "mha":
+        reasons.append(f"model.attention is {cfg.attention!r}; {name}'s attention is standard (mha)")
+    if cfg.partial_rotary_factor != 1.0:
+        reasons.append(f"model.partial_rotary_factor is {cfg.partial_rotary_factor}; {name} rotates whole heads")
+    if cfg.rope_scaling is not None:
+        reasons.append(f"model.rope_scaling is set ({cfg.rope_scaling.type}); {name} is exported with plain rotary")
     dense_layers = cfg.moe_layer_indices != list(range(cfg.n_layers))
     if dense_layers and not arch.layer_pattern:
         reasons.append(f"not every layer is an MoE layer (moe_every {cfg.moe_every}, moe_offset {cfg.moe_offset})")
@@ -304,6 +345,8 @@ def renormalized(router) -> bool:
 
 def hf_config(arch: Arch, cfg, token_ids: dict[str, int | None], dtype_name: str) -> dict[str, Any]:
     """config.json of `arch` for the moe_dist model `cfg` (which `export_blockers` accepted)."""
+    if arch.deepseek:
+        return deepseek_config(arch, cfg, token_ids, dtype_name)
     moe = cfg.moe
     out = {
         "architectures": [arch.hf_class], "model_type": arch.model_type,

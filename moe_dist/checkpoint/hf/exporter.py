@@ -1,9 +1,12 @@
 """`export-hf`: a training or consolidated checkpoint -> a directory transformers loads:
 config.json, model.safetensors and, for a checkpoint trained with a SentencePiece model,
 tokenizer files. A native transformers class (no custom code) when one computes the model
-exactly: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM, the
-first of these whose `export_blockers` (arch.py) are empty with `--architecture auto`;
-otherwise the self-contained custom architecture (`trust_remote_code=True`).
+exactly: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM,
+DeepseekV2ForCausalLM, DeepseekV3ForCausalLM or Glm4MoeForCausalLM, the first of these whose
+`export_blockers` (arch.py) are empty with `--architecture auto`; otherwise the self-contained
+custom architecture (`trust_remote_code=True`), which has standard whole-head rotary attention
+only: a model with latent attention, partial rotary or YaRN that no native class expresses is
+refused (`custom_blockers`).
 
 Native exports: config.json from `arch.hf_config`, weights by running `tensors.tensor_plan`
 backward, in the Hub's per-expert layout (transformers 5 fuses it on load; transformers 4, vLLM
@@ -17,7 +20,8 @@ modeling file (`remote_code/modeling_moe_dist.py`, copied into OUT) mirrors `MoE
 module for module (its attention and routers in files of their own beside it, copied along), so
 the mapping is the identity plus a prefix: moe_dist's ep_size=1 tensor `<name>` is
 `model.<name>` (router statistics buffers included), and config.json carries moe_dist's `model`
-and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It computes every model moe_dist builds.
+and `moe` sections as `moe_dist_model` / `moe_dist_moe`. It computes every model moe_dist builds
+with standard attention (`model.attention: mha`, whole-head plain rotary).
 The one addition to the state dict is COMET's expert-mask projections (`comet_mask_state`),
 which moe_dist redraws from the checkpoint's model seed and the remote code cannot.
 
@@ -259,6 +263,19 @@ def _native_choice(architecture: str, blockers: dict[str, list[str]], ckpt_path:
     return None
 
 
+def custom_blockers(cfg: ModelConfig) -> list[str]:
+    """What the remote code (remote_code/) does not compute: it has standard attention with
+    whole-head plain rotary only."""
+    reasons = []
+    if cfg.attention != "mha":
+        reasons.append(f"model.attention is {cfg.attention!r}")
+    if cfg.partial_rotary_factor != 1.0:
+        reasons.append(f"model.partial_rotary_factor is {cfg.partial_rotary_factor}")
+    if cfg.rope_scaling is not None:
+        reasons.append(f"model.rope_scaling is {cfg.rope_scaling.type!r}")
+    return reasons
+
+
 def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture: str = "auto",
               master_weights: bool = False, dtype: str | None = None, tokenizer_model: str | None = None,
               overwrite: bool = False, progress: bool = True) -> ExportResult:
@@ -273,6 +290,10 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
     state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
     blockers = native_blockers(cfg, state)
     native = _native_choice(architecture, blockers, ckpt_path)
+    if native is None and custom_blockers(cfg):
+        natives = "; ".join(f"{ARCHS[n].display}: {', '.join(b)}" for n, b in blockers.items() if b)
+        raise CheckpointError(f"the custom architecture's remote code cannot express the model of {ckpt_path!r} "
+                              f"({', '.join(custom_blockers(cfg))}), and no native class can either ({natives})")
     token_ids = pad_token_ids(hf_token_ids(hf_tokenizer) if hf_tokenizer else special_token_ids(sp_model),
                               cfg.vocab_size)
     weight_dtype = state["embed.weight"].dtype

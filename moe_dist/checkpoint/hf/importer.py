@@ -56,6 +56,13 @@ def _layout(arch: Arch, cfg: ModelConfig, weights: HFWeights) -> str:
                           f"({', '.join(expert_names(arch, layer, FUSED))})")
 
 
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
 def _check_tensors(plan: list[Mapping], weights: HFWeights, cfg: ModelConfig, config_path: str) -> None:
     """Every tensor the plan reads exists with the shape config.json implies; nothing else is there."""
     wanted = {s.name: s for m in plan for s in m.sources}
@@ -71,6 +78,12 @@ def _check_tensors(plan: list[Mapping], weights: HFWeights, cfg: ModelConfig, co
     extra = [n for n in weights.names() if n not in wanted and not n.endswith(IGNORED_SUFFIXES)]
     if cfg.tie_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")  # a tied copy some exporters write; checked equal in read_hf_model
+    mtp = [n for n in extra if _layer_of(n) is not None and _layer_of(n) >= cfg.n_layers]
+    if mtp:
+        raise CheckpointError(f"{weights.hf_dir!r} holds multi-token prediction weights (num_nextn_predict_layers: "
+                              f"{len({_layer_of(n) for n in mtp})} layer(s) past num_hidden_layers {cfg.n_layers}, "
+                              f"e.g. {sorted(mtp)[:2]}); moe_dist does not import MTP modules yet and does not drop "
+                              f"weights")
     if extra:
         raise CheckpointError(f"{weights.hf_dir!r} holds {len(extra)} tensor(s) that {config_path!r} does not "
                               f"account for, e.g. {sorted(extra)[:3]} (in {weights.path_of(extra[0])!r}); moe_dist "
@@ -92,8 +105,9 @@ def _read(hf_dir: str, dtype: str | None, progress: bool) -> tuple[Arch, ModelCo
     arch, cfg, sections = hf_model_config(hf_dir)
     config_path = os.path.join(hf_dir, CONFIG_FILE)
     state: dict[str, Tensor] = {}
+    rope_interleave = read_hf_config(hf_dir).get("rope_interleave", arch.defaults.get("rope_interleave", True))
     with HFWeights(hf_dir) as weights:
-        plan = tensor_plan(arch, cfg, _layout(arch, cfg, weights))
+        plan = tensor_plan(arch, cfg, _layout(arch, cfg, weights), rope_interleave=bool(rope_interleave))
         _check_tensors(plan, weights, cfg, config_path)
         from tqdm import tqdm
 

@@ -13,7 +13,15 @@ The layouts (moe_dist `x @ W` weights are `[in, out]`, HF Linear weights `[out, 
   by default; and "fused", transformers 5's in-memory parameters (`mlp.experts.gate_up_proj`
   `[E, 2F, D]`, `down_proj` `[E, D, F]`), written by `save_pretrained(save_original_format=False)`.
   Import reads either; export writes "hub", which transformers 4 and 5 both load.
-- router buffers that HF models do not have (the topk router's `selection_bias_E`) start at 0.
+- router buffers that HF models do not have (the topk router's `selection_bias_E`) start at 0;
+  DeepSeek-V3 / GLM-4.5's `mlp.gate.e_score_correction_bias` is that buffer (exported as zeros
+  when `router.bias_balancing` is off, as the model then never reads it);
+- latent attention (DeepSeek-V2/V3): q_proj or q_a_proj / q_a_layernorm / q_b_proj,
+  kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj map one to one onto `attn.q_proj` or
+  `attn.q_down` / `q_norm` / `q_up`, `attn.kv_down`, `kv_norm`, `kv_up`, `out`, except that the
+  rotary rows (each query head's last qk_rope_head_dim rows, kv_a_proj_with_mqa's last
+  qk_rope_head_dim) are interleaved pairs in DeepSeek-V2 and in V3 with `rope_interleave`, and
+  moe_dist's rotary is half-split: import reorders them evens-then-odds, export back.
 """
 
 from __future__ import annotations
@@ -95,6 +103,26 @@ def expert_names(arch: Arch, layer: int, layout: str) -> list[str]:
     return [f"{p}{arch.moe_block}.experts.0.{arch.expert_proj[0]}.weight"]
 
 
+def _rope_order(width: int) -> Tensor:
+    """Interleaved pairs (x0, x1), (x2, x3), ... -> half-split (x0, x2, ..., x1, x3, ...)."""
+    return torch.cat([torch.arange(0, width, 2), torch.arange(1, width, 2)])
+
+
+def _rope_rows(target: str, src: HFTensor, blocks: int, nope: int, rope: int) -> Mapping:
+    """A weight of `blocks` row blocks [nope rows; rope rows] whose rope rows are interleaved in HF."""
+    order = torch.cat([torch.arange(nope), nope + _rope_order(rope)])
+    inverse = torch.argsort(order)
+
+    def permute(t: Tensor, o: Tensor) -> Tensor:
+        return t.reshape(blocks, nope + rope, *t.shape[1:])[:, o].reshape(t.shape).contiguous()
+
+    return Mapping(target, (src,), lambda xs: permute(xs[0], order), lambda t: [permute(t, inverse)])
+
+
+def _interleaved(arch: Arch, config_rope_interleave: bool) -> bool:
+    return arch.rope_layout == "interleaved" or (arch.rope_layout == "field" and config_rope_interleave)
+
+
 class _Dims:
     """The sizes of one model, each with the config.json field (and value) it comes from, so an
     HF tensor's expected shape and the reason for it are written once: `dims.t(name, "HA", "D")`."""
@@ -111,20 +139,54 @@ class _Dims:
             self.size.update(E=moe.num_experts, Fe=moe.d_ff, Fe2=2 * moe.d_ff, S=moe.shared_d_ff)
             self.field.update(E=f"{ne} {moe.num_experts}", Fe=f"{ff} {moe.d_ff}", Fe2=f"2 x {ff} {moe.d_ff}",
                               S=f"shared_expert_intermediate_size {moe.shared_d_ff}")
+            if arch.deepseek:
+                self.field["S"] = f"{ff} {moe.d_ff} x n_shared_experts {moe.num_shared_experts}"
+        if cfg.attention == "mla":
+            n, r, o, c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+            self.size.update(Hq=H * (n + r), Hkv=H * (n + o), Ho=H * o, cr=c + r, c=c, l=cfg.q_lora_rank or 0)
+            self.field.update(Hq=f"num_attention_heads {H} x (qk_nope_head_dim {n} + qk_rope_head_dim {r})",
+                              Hkv=f"num_attention_heads {H} x (qk_nope_head_dim {n} + v_head_dim {o})",
+                              Ho=f"num_attention_heads {H} x v_head_dim {o}",
+                              cr=f"kv_lora_rank {c} + qk_rope_head_dim {r}", c=f"kv_lora_rank {c}",
+                              l=f"q_lora_rank {cfg.q_lora_rank}")
 
     def t(self, name: str, *dims: str) -> HFTensor:
         return HFTensor(name, tuple(self.size[d] for d in dims), ", ".join(self.field[d] for d in dims))
 
 
-def tensor_plan(arch: Arch, cfg, layout: str = HUB) -> list[Mapping]:
-    """The moe_dist tensors of `cfg` (ep_size 1, buffers included) from the HF tensors of `arch`."""
+def _latent_attention(cfg, d: _Dims, att: str, dst: str, interleaved: bool) -> list[Mapping]:
+    H, n, r, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+
+    def rope_rows(target: str, src: HFTensor, blocks: int, nope: int) -> Mapping:
+        return _rope_rows(target, src, blocks, nope, r) if interleaved else _copy(target, src)
+
+    if cfg.q_lora_rank is None:
+        plan = [rope_rows(dst + "q_proj.weight", d.t(att + "q_proj.weight", "Hq", "D"), H, n)]
+    else:
+        plan = [_copy(dst + "q_down.weight", d.t(att + "q_a_proj.weight", "l", "D")),
+                _copy(dst + "q_norm.weight", d.t(att + "q_a_layernorm.weight", "l")),
+                rope_rows(dst + "q_up.weight", d.t(att + "q_b_proj.weight", "Hq", "l"), H, n)]
+    return plan + [rope_rows(dst + "kv_down.weight", d.t(att + "kv_a_proj_with_mqa.weight", "cr", "D"), 1, c),
+                   _copy(dst + "kv_norm.weight", d.t(att + "kv_a_layernorm.weight", "c")),
+                   _copy(dst + "kv_up.weight", d.t(att + "kv_b_proj.weight", "Hkv", "c")),
+                   _copy(dst + "out.weight", d.t(att + "o_proj.weight", "D", "Ho"))]
+
+
+def tensor_plan(arch: Arch, cfg, layout: str = HUB, rope_interleave: bool = True) -> list[Mapping]:
+    """The moe_dist tensors of `cfg` (ep_size 1, buffers included) from the HF tensors of `arch`.
+    `rope_interleave`: DeepSeek-V3's config.json field of that name (its rotary rows' layout)."""
     d = _Dims(arch, cfg)
     plan = [_copy("embed.weight", d.t("model.embed_tokens.weight", "V", "D"))]
     for i in range(cfg.n_layers):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
         att = src + "self_attn."
-        plan += [_copy(dst + "attn_norm.weight_D", d.t(src + "input_layernorm.weight", "D")),
-                 _rows(dst + "attn.qkv.weight", [d.t(att + "q_proj.weight", "HA", "D"),
+        plan.append(_copy(dst + "attn_norm.weight_D", d.t(src + "input_layernorm.weight", "D")))
+        if cfg.attention == "mla":
+            plan += _latent_attention(cfg, d, att, dst + "attn.", _interleaved(arch, rope_interleave))
+            plan.append(_copy(dst + "ffn_norm.weight_D", d.t(src + "post_attention_layernorm.weight", "D")))
+            plan += _moe_layer(arch, cfg, d, i, layout) if cfg.is_moe_layer(i) else _dense_ffn(d, src, dst)
+            continue
+        plan += [_rows(dst + "attn.qkv.weight", [d.t(att + "q_proj.weight", "HA", "D"),
                                                  d.t(att + "k_proj.weight", "YA", "D"),
                                                  d.t(att + "v_proj.weight", "YA", "D")])]
         if cfg.qkv_bias:
@@ -136,17 +198,17 @@ def tensor_plan(arch: Arch, cfg, layout: str = HUB) -> list[Mapping]:
                      _copy(dst + "attn.k_norm.weight", d.t(att + "k_norm.weight", "A" if head else "YA"))]
         plan += [_copy(dst + "attn.out.weight", d.t(att + "o_proj.weight", "D", "HA")),
                  _copy(dst + "ffn_norm.weight_D", d.t(src + "post_attention_layernorm.weight", "D"))]
-        if cfg.is_moe_layer(i):
-            plan += _moe_layer(arch, cfg, d, i, layout)
-        else:
-            mlp = src + "mlp."
-            plan += _swiglu(dst + "ffn.", d.t(mlp + "gate_proj.weight", "F", "D"),
-                            d.t(mlp + "up_proj.weight", "F", "D"), d.t(mlp + "down_proj.weight", "D", "F"),
-                            "w_in_DI", "w_out_FD")
+        plan += _moe_layer(arch, cfg, d, i, layout) if cfg.is_moe_layer(i) else _dense_ffn(d, src, dst)
     plan.append(_copy("norm.weight_D", d.t("model.norm.weight", "D")))
     if not cfg.tie_embeddings:
         plan.append(_copy("lm_head.weight", d.t("lm_head.weight", "V", "D")))
     return plan
+
+
+def _dense_ffn(d: _Dims, src: str, dst: str) -> list[Mapping]:
+    mlp = src + "mlp."
+    return _swiglu(dst + "ffn.", d.t(mlp + "gate_proj.weight", "F", "D"), d.t(mlp + "up_proj.weight", "F", "D"),
+                   d.t(mlp + "down_proj.weight", "D", "F"), "w_in_DI", "w_out_FD")
 
 
 def _moe_layer(arch: Arch, cfg, d: _Dims, i: int, layout: str) -> list[Mapping]:
@@ -154,8 +216,13 @@ def _moe_layer(arch: Arch, cfg, d: _Dims, i: int, layout: str) -> list[Mapping]:
     E = moe.num_experts
     dst = f"blocks.{i}.moe."
     block = f"model.layers.{i}.{arch.moe_block if layout == HUB else 'mlp'}."
-    plan = [_copy(dst + "router.gate.weight_ED", d.t(block + "gate.weight", "E", "D")),
-            Mapping(dst + "router.selection_bias_E", (), lambda xs: torch.zeros(E), lambda t: [])]
+    plan = [_copy(dst + "router.gate.weight_ED", d.t(block + "gate.weight", "E", "D"))]
+    if arch.router_bias:
+        used = getattr(moe.router, "bias_balancing", False)
+        plan.append(Mapping(dst + "router.selection_bias_E", (d.t(block + "gate.e_score_correction_bias", "E"),),
+                            lambda xs: xs[0], lambda t: [t if used else torch.zeros_like(t)]))
+    else:
+        plan.append(Mapping(dst + "router.selection_bias_E", (), lambda xs: torch.zeros(E), lambda t: []))
     ex = block + "experts."
     if layout == FUSED:
         plan += _fused_experts(dst + "experts.", d.t(ex + "gate_up_proj", "E", "Fe2", "D"),
@@ -166,7 +233,7 @@ def _moe_layer(arch: Arch, cfg, d: _Dims, i: int, layout: str) -> list[Mapping]:
                              [d.t(f"{ex}{e}.{u}.weight", "Fe", "D") for e in range(E)],
                              [d.t(f"{ex}{e}.{dn}.weight", "D", "Fe") for e in range(E)])
     if moe.num_shared_experts:
-        sh = block + "shared_expert."
+        sh = block + ("shared_experts." if arch.deepseek else "shared_expert.")
         plan += _swiglu(dst + "shared.", d.t(sh + "gate_proj.weight", "S", "D"), d.t(sh + "up_proj.weight", "S", "D"),
                         d.t(sh + "down_proj.weight", "D", "S"), "w_in_DI", "w_out_FD")
     if moe.shared_gate:

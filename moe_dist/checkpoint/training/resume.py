@@ -34,7 +34,8 @@ from moe_dist.common.config import ConfigError
 STRUCTURAL = (
     "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff", "model.moe_every",
     "model.moe_offset", "model.activation", "model.tie_embeddings", "model.n_kv_heads", "model.head_dim",
-    "model.qk_norm", "model.qkv_bias", "moe.num_experts", "moe.d_ff",
+    "model.qk_norm", "model.qkv_bias", "model.attention", "model.q_lora_rank", "model.kv_lora_rank",
+    "model.qk_rope_head_dim", "model.qk_nope_head_dim", "model.v_head_dim", "moe.num_experts", "moe.d_ff",
     "moe.activation", "moe.num_shared_experts", "moe.shared_d_ff", "moe.shared_gate", "moe.router.type",
     "moe.hash_layers",
 )

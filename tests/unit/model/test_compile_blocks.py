@@ -38,6 +38,26 @@ def test_compiled_blocks_match_eager(moe):
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_compiled_latent_attention_blocks_match_eager():
+    """Multi-head latent attention with a low-rank query and YaRN, dense first layer, sigmoid
+    router with shared experts (the DeepSeek-V3 layout): fullgraph, as eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=2, d_ff=64, max_seq_len=16, moe_offset=1,
+                      attention="mla", q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=6,
+                      v_head_dim=5, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 8,
+                                                  "mscale_all_dim": 1.0},
+                      moe=MoEConfig(d_model=32, d_ff=32, num_experts=4, top_k=2, dropless=True, num_shared_experts=1,
+                                    router={"type": "topk", "score": "sigmoid", "bias_balancing": True,
+                                            "scale": 2.5}))
+    eager = MoETransformer(cfg, seed=3)
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, ParallelGroups.single())
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert_steps_match(eager, compiled, tokens, tokens)
+    assert counters["stats"]["unique_graphs"] == 2  # one dense, one MoE block
+
+
 def test_compile_option_is_a_bool():
     with pytest.raises(ConfigError, match="train.compile must be true or false, got 'yes'"):
         TrainSection(steps=1, seq_len=8, micro_batch=1, deepspeed_config="ds.json", compile="yes")

@@ -44,6 +44,10 @@ CASES = {
     "moe-zero1-experts-recompute-ckpt": (1, dict(d_ff=128, moe_every=1, moe_recompute="experts",
                                                  activation_checkpointing=True), MOE),
     "moe-zero2-activation-recompute": (2, dict(d_ff=128, moe_every=1, moe_recompute="activation"), MOE),
+    # DeepSeek-V3's layout: latent attention (wide heads from a narrow latent), a dense first layer.
+    "mla-moe-zero1-dense-first": (1, dict(d_ff=256, moe_offset=1, attention="mla", q_lora_rank=32, kv_lora_rank=32,
+                                          qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32),
+                                  dict(MOE, num_shared_experts=1)),
 }
 
 
@@ -70,6 +74,21 @@ def test_parameter_counts_match_the_built_model():
     model = MoETransformer(cfg)
     expert = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True) is False)
     assert parameter_counts(cfg) == (sum(p.numel() for p in model.parameters()) - expert, expert)
+
+
+def test_latent_attention_is_counted_in_parameters_and_the_kv_cache():
+    from moe_dist.train.memory_plan import kv_cache_bytes_per_token
+
+    mla = parse_model_config(dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, d_ff=64, attention="mla",
+                                  q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=6,
+                                  v_head_dim=5))
+    H, D = 4, 32
+    attention = D * 12 + 12 + 12 * H * 10 + D * (8 + 4) + 8 + 8 * H * (6 + 5) + H * 5 * D
+    ffn_and_norms = 3 * D * 64 + 2 * D
+    assert parameter_counts(mla) == (100 * D + 2 * (attention + ffn_and_norms) + D, 0)
+    assert kv_cache_bytes_per_token(mla, "bf16") == 2 * (8 + 4) * 2  # the latent and rotary key, per layer
+    mha = parse_model_config(dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64))
+    assert kv_cache_bytes_per_token(mha, "bf16") == 2 * (2 * 2 * 8) * 2
 
 
 def test_zero_partitions_optimizer_state_and_zero2_gradients_over_the_world():
