@@ -108,6 +108,7 @@ class MoEConfig:
         check_choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice("moe.activation", self.activation, ACTIVATIONS)
         check_choice("moe.expert_impl", self.expert_impl, BACKENDS)
+        self.router.check_layer(self.num_experts, self.top_k)
 
     @property
     def num_local_experts(self) -> int:
@@ -121,6 +122,7 @@ class MoEConfig:
         cfg = from_dict(cls, data, where)
         if router is not None:
             cfg.router = router_config_from_dict(router, where=f"{where}.router")
+            cfg.router.check_layer(cfg.num_experts, cfg.top_k)
         return cfg
 
 
