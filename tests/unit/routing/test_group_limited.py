@@ -44,9 +44,9 @@ def test_matches_transformers_deepseek_v3_router(groups, topk_groups, top_k, ren
     import transformers
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
-    config = transformers.DeepseekV3Config(hidden_size=D, num_attention_heads=4, n_routed_experts=E, num_experts_per_tok=top_k,
-                                           n_group=groups, topk_group=topk_groups, norm_topk_prob=renormalize,
-                                           routed_scaling_factor=2.5)
+    config = transformers.DeepseekV3Config(hidden_size=D, num_attention_heads=4, n_routed_experts=E,
+                                           num_experts_per_tok=top_k, n_group=groups, topk_group=topk_groups,
+                                           norm_topk_prob=renormalize, routed_scaling_factor=2.5)
     hf = DeepseekV3TopkRouter(config)
     g = torch.Generator().manual_seed(groups)
     with torch.no_grad():
@@ -73,9 +73,9 @@ def test_matches_transformers_deepseek_v2_group_limited_greedy():
     import transformers
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 
-    config = transformers.DeepseekV2Config(hidden_size=D, num_attention_heads=4, n_routed_experts=E, num_experts_per_tok=3,
-                                           topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                                           routed_scaling_factor=1.5)
+    config = transformers.DeepseekV2Config(hidden_size=D, num_attention_heads=4, n_routed_experts=E,
+                                           num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4,
+                                           topk_group=2, routed_scaling_factor=1.5)
     hf = DeepseekV2TopkRouter(config)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
