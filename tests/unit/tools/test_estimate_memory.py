@@ -44,6 +44,9 @@ CASES = {
     "moe-zero1-experts-recompute-ckpt": (1, dict(d_ff=128, moe_every=1, moe_recompute="experts",
                                                  activation_checkpointing=True), MOE),
     "moe-zero2-activation-recompute": (2, dict(d_ff=128, moe_every=1, moe_recompute="activation"), MOE),
+    # DeepSeek-V3's layout: an MTP block (MoE, layer n_layers) and group-limited routing.
+    "moe-zero1-mtp": (1, dict(d_ff=128, moe_every=1, mtp_layers=1),
+                      dict(MOE, router={"type": "topk", "expert_groups": 4, "topk_groups": 2})),
 }
 
 
