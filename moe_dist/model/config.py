@@ -71,6 +71,11 @@ class ModelConfig:
     # "activation" (the experts' activation only) or "experts" (the whole expert FFNs); the
     # router, dispatch and statistics never are (moe_dist/moe/recompute.py).
     moe_recompute: str = "none"
+    # Multi-token prediction (DeepSeek-V3, moe_dist/model/mtp.py, docs/training.md): 0, or 1 extra
+    # block (layer index n_layers) that predicts token t+2; its loss, times mtp_loss_weight, is
+    # added to the training loss.
+    mtp_layers: int = 0
+    mtp_loss_weight: float = 0.3
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
@@ -120,6 +125,14 @@ class ModelConfig:
         check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std!r}")
         check(isinstance(self.num_labels, int) and self.num_labels >= 0,
               f"model.num_labels must be an integer >= 0, got {self.num_labels!r}")
+        check_int("model.mtp_layers", self.mtp_layers, 0)
+        check(self.mtp_layers <= 1,
+              f"model.mtp_layers is {self.mtp_layers}, but only 0 or 1 is implemented: DeepSeek-V3's chain of "
+              f"modules (module k predicting token t+1+k from module k-1's output) is not; DeepSeek-V3 itself "
+              f"trains and ships with 1")
+        check(isinstance(self.mtp_loss_weight, (int, float)) and not isinstance(self.mtp_loss_weight, bool)
+              and self.mtp_loss_weight >= 0,
+              f"model.mtp_loss_weight must be a number >= 0, got {self.mtp_loss_weight!r}")
         self.check_moe_section()
 
     def _check_latent_attention(self) -> None:

@@ -82,7 +82,7 @@ def forward_positions(model: MoETransformer, tokens_BS: Tensor, positions_BS: Te
     bias = attention_mask(mask_BW, past, S)
     x_BSD = model.embed(tokens_BS)
     side = MoESideInputs(stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1))
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(model.blocks[:cfg.n_layers]):  # not the MTP block (training only)
         q, k, v = block.attn.project(block.attn_norm(x_BSD), cos, sin)
         if cache is not None:
             k, v = cache.append(i, k, v)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from moe_dist.model.block import TransformerBlock
 from moe_dist.model.config import ModelConfig
+from moe_dist.model.mtp import MTPBlock, mtp_side_inputs
 from moe_dist.model.norm import RMSNorm
 from moe_dist.model.rotary import rotary_tables
 from moe_dist.moe.layer import MoELayer, MoESideInputs
@@ -25,7 +26,8 @@ from moe_dist.parallel.groups import ParallelGroups
 @dataclass
 class ModelOutput:
     logits_BSV: Tensor
-    loss: Tensor | None  # lm_loss + aux_loss: what training back-propagates (None without targets)
+    # lm_loss + aux_loss (+ mtp_loss_weight * mtp_loss): what training back-propagates (None without targets)
+    loss: Tensor | None
     lm_loss: Tensor | None  # mean next-token cross entropy over this rank's tokens
     aux_loss: Tensor  # sum over MoE layers of the coefficient-weighted routing losses (0 if none)
     # Per MoE layer (by layer index): detached routing statistics of this rank's tokens (summed over
@@ -33,6 +35,9 @@ class ModelOutput:
     # including the unweighted aux losses as `loss_<name>` (moe_dist.moe.stats,
     # docs/routers/statistics.md).
     moe_stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    # Multi-token prediction's cross entropy (token t+2; unweighted, included in `loss` times
+    # model.mtp_loss_weight); None without MTP, targets or in eval mode.
+    mtp_loss: Tensor | None = None
 
 
 def _migrate_legacy_names(module, state_dict, prefix, *_) -> None:
@@ -61,6 +66,9 @@ class MoETransformer(nn.Module):
             if not cfg.tie_embeddings:
                 self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
                 nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+            if cfg.mtp_layers:
+                # Last, so that every other weight is drawn as without MTP.
+                self.blocks.append(MTPBlock(cfg, seed=seed, groups=groups))
         # Checkpoints written before the parameters' rename load too, by any path that ends in
         # load_state_dict (DeepSpeed's engine included).
         self.register_load_state_dict_pre_hook(_migrate_legacy_names)
@@ -88,7 +96,7 @@ class MoETransformer(nn.Module):
             stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1))
         aux_terms: list[Tensor] = []
         moe_stats: dict[int, dict[str, Tensor]] = {}
-        for block in self.blocks:
+        for block in self.blocks[:self.cfg.n_layers]:
             x_BSD, moe_out = block(x_BSD, cos_SR, sin_SR, side)
             if moe_out is None:
                 continue
@@ -99,11 +107,28 @@ class MoETransformer(nn.Module):
         h_BSD = self.norm(x_BSD)
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits_BSV = h_BSD @ weight_VD.t()
+        # Only training reads the MTP prediction: evaluation and generation are the main model's.
+        mtp_loss = None
+        if self.cfg.mtp_layers and self.training and targets_BS is not None:
+            if S < 2:
+                raise ValueError(f"model.mtp_layers predicts token t+2: training sequences need >= 2 tokens, got {S}")
+            mtp_h_BSD, mtp_out = self.blocks[self.cfg.n_layers].predict(
+                h_BSD[:, :-1], self.embed(targets_BS[:, :-1]), cos_SR[:S - 1], sin_SR[:S - 1],
+                mtp_side_inputs(side, B, S))
+            if mtp_out is not None:
+                moe_stats[self.cfg.n_layers] = mtp_out.stats
+                if mtp_out.aux_loss is not None:
+                    aux_terms.append(mtp_out.aux_loss)
+            mtp_logits_BSV = mtp_h_BSD @ weight_VD.t()
+            mtp_loss = F.cross_entropy(mtp_logits_BSV.float().reshape(B * (S - 1), -1),
+                                       targets_BS[:, 1:].reshape(-1))
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else logits_BSV.new_zeros((), dtype=torch.float32)
         lm_loss = loss = None
         if targets_BS is not None:
             # fp32 softmax: a bf16 log-sum-exp over a large vocabulary is visibly biased.
             lm_loss = F.cross_entropy(logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1))
             loss = lm_loss + aux_loss
+            if mtp_loss is not None:
+                loss = loss + self.cfg.mtp_loss_weight * mtp_loss
         return ModelOutput(logits_BSV=logits_BSV, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss,
-                           moe_stats=moe_stats)
+                           moe_stats=moe_stats, mtp_loss=mtp_loss)

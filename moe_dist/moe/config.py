@@ -116,6 +116,7 @@ class MoEConfig:
         check_choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
         check_choice("moe.activation", self.activation, ACTIVATIONS)
         check_choice("moe.expert_impl", self.expert_impl, BACKENDS)
+        self.router.check_layer(self.num_experts, self.top_k)
 
     def _check_hash_layers(self) -> None:
         check(isinstance(self.hash_layers, int) and not isinstance(self.hash_layers, bool) and self.hash_layers >= 0,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from moe_dist.common.config import check, check_choice
 from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
-from moe_dist.routing.topk import topk_from_logits
+from moe_dist.routing.topk import check_group_layer, check_group_limit, topk_from_logits
 
 GATE_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
@@ -42,11 +42,19 @@ class AttentiveConfig(RouterConfig):
     # Renormalize the K chosen probabilities: the paper's top-k masking (softmax over the K
     # chosen scores). Off by default for the reason given in TopKRouterConfig.
     renormalize: bool = False
+    # Group-limited selection on the gate's softmax scores, as `topk`'s (docs/routers/topk.md).
+    expert_groups: int = 1
+    topk_groups: int | None = None
+    group_score: str = "top2_sum"
 
     def __post_init__(self) -> None:
         check(isinstance(self.hidden, int) and self.hidden >= 1,
               f"router.hidden must be an integer >= 1, got {self.hidden!r}")
         check_choice("router.activation", self.activation, tuple(GATE_ACTIVATIONS))
+        check_group_limit(self)
+
+    def check_layer(self, num_experts: int, top_k: int) -> None:
+        check_group_layer(self, num_experts, top_k)
 
 
 class AttentiveRouter(Router):
@@ -70,6 +78,9 @@ class AttentiveRouter(Router):
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         logits_TE = self.scores(x_TD)
-        probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, self.cfg.renormalize)
+        cfg = self.cfg
+        probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, cfg.renormalize,
+                                                  expert_groups=cfg.expert_groups, topk_groups=cfg.topk_groups,
+                                                  group_score=cfg.group_score)
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                             router_input_TD=x_TD)

@@ -28,6 +28,10 @@ class RouterConfig:
 
     type: str = "topk"
 
+    def check_layer(self, num_experts: int, top_k: int) -> None:
+        """Rules tying this router's fields to the layer's `moe.num_experts` and `moe.top_k`
+        (ConfigError); `MoEConfig` calls it once both are known."""
+
 
 @dataclass
 class RoutingContext:

@@ -27,6 +27,7 @@ no aux loss is emitted; optional aux-loss-free bias balancing shifts selection, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -55,6 +56,11 @@ class FixedProjectionConfig(RouterConfig):
     center_momentum: float = 0.99
     bias_balancing: bool = False
     bias_update_rate: float = 1e-3
+    # Why `expert_groups` and the other group keys are refused here (routing.registry).
+    group_limit_refusal: ClassVar[str] = (
+        "its scores are a frozen random projection, and a group limit is a constraint a learned gate adapts "
+        "to (it learns to put a token's affinity into few groups); on fixed routes it would only discard a "
+        "fixed share of each token's best-scoring blocks, a different fixed routing than COMET's")
 
     def __post_init__(self) -> None:
         check(isinstance(self.seed, int), f"router.seed must be an integer, got {self.seed!r}")

@@ -15,7 +15,7 @@ from moe_dist.routing.base import Router, RouterConfig
 from moe_dist.routing.fixed_projection import FixedProjectionConfig, FixedProjectionRouter
 from moe_dist.routing.hash import HashRouter, HashRouterConfig
 from moe_dist.routing.inhibition import InhibitionConfig, InhibitionRouter
-from moe_dist.routing.topk import TopKRouter, TopKRouterConfig
+from moe_dist.routing.topk import GROUP_KEYS, TopKRouter, TopKRouterConfig
 
 BUILTIN_ROUTERS: dict[str, tuple[type[RouterConfig], type[Router]]] = {
     "topk": (TopKRouterConfig, TopKRouter),
@@ -47,7 +47,13 @@ def router_config_from_dict(data: dict[str, Any] | RouterConfig, where: str = "r
     kind = data.get("type", "topk")
     if kind not in _REGISTRY:
         raise ConfigError(f"{where}.type must be one of {sorted(_REGISTRY)}, got {kind!r}")
-    return from_dict(_REGISTRY[kind][0], {**data, "type": kind}, f"{where}[{kind}]")
+    config_cls = _REGISTRY[kind][0]
+    refused = [key for key in GROUP_KEYS if key in data and key not in config_cls.__dataclass_fields__]
+    if refused:
+        reason = getattr(config_cls, "group_limit_refusal", "it does not implement group-limited selection")
+        raise ConfigError(f"{where}.{refused[0]} ({data[refused[0]]!r}): router type {kind!r} cannot limit "
+                          f"expert groups: {reason}")
+    return from_dict(config_cls, {**data, "type": kind}, f"{where}[{kind}]")
 
 
 def build_router(cfg: RouterConfig, *, d_model: int, num_experts: int, top_k: int, layer_index: int) -> Router:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_dist.common.config import check, check_choice
+from moe_dist.common.config import check, check_choice, check_int
 from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
 from moe_dist.routing.fp32_buffers import FP32Buffers
 
@@ -36,6 +36,13 @@ class TopKRouterConfig(RouterConfig):
     score_after_topk: bool = False
     # Multiplies the combine weights (DeepSeek's routed_scaling_factor; upcycling).
     scale: float = 1.0
+    # Group-limited selection (DeepSeek-V2/V3, docs/routers/topk.md "Group-limited routing"): the
+    # experts form `expert_groups` contiguous groups (HF n_group), only the `topk_groups` best
+    # groups (HF topk_group; None: all of them, no limit) may be chosen, groups ranked by
+    # `group_score` of their selection scores.
+    expert_groups: int = 1
+    topk_groups: int | None = None
+    group_score: str = "top2_sum"
 
     def __post_init__(self) -> None:
         check(0.0 <= self.jitter_eps < 1.0, f"router.jitter_eps must be in [0, 1), got {self.jitter_eps!r}")
@@ -48,18 +55,72 @@ class TopKRouterConfig(RouterConfig):
               f"do not depend on which experts are chosen)")
         check(isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool) and self.scale > 0,
               f"router.scale must be a number > 0, got {self.scale!r}")
+        check_group_limit(self)
+
+    def check_layer(self, num_experts: int, top_k: int) -> None:
+        check_group_layer(self, num_experts, top_k)
 
 
 SCORES = ("softmax", "sigmoid")
+# How a group is ranked: DeepSeek-V3's noaux_tc (the sum of its two best selection scores) or
+# DeepSeek-V2's group_limited_greedy (its best score).
+GROUP_SCORES = ("top2_sum", "max")
+GROUP_KEYS = ("expert_groups", "topk_groups", "group_score")
+
+
+def check_group_limit(cfg) -> None:
+    """The group fields on their own (`cfg`: any router config that has them); resolves
+    `topk_groups` None to `expert_groups` (no limit)."""
+    check_int("router.expert_groups", cfg.expert_groups, 1)
+    if cfg.topk_groups is None:
+        cfg.topk_groups = cfg.expert_groups
+    check_int("router.topk_groups", cfg.topk_groups, 1)
+    check(cfg.topk_groups <= cfg.expert_groups,
+          f"router.topk_groups ({cfg.topk_groups}) must be <= router.expert_groups ({cfg.expert_groups})")
+    check_choice("router.group_score", cfg.group_score, GROUP_SCORES)
+
+
+def check_group_layer(cfg, num_experts: int, top_k: int) -> None:
+    """The group fields against the layer (`moe.num_experts`, `moe.top_k`)."""
+    groups = cfg.expert_groups
+    check(num_experts % groups == 0,
+          f"router.expert_groups ({groups}) must divide moe.num_experts ({num_experts})")
+    per_group = num_experts // groups
+    check(top_k <= cfg.topk_groups * per_group,
+          f"moe.top_k ({top_k}) must be <= router.topk_groups ({cfg.topk_groups}) x the experts per group "
+          f"({per_group}, num_experts / expert_groups): the allowed groups hold too few experts")
+    check(not (cfg.group_score == "top2_sum" and groups > 1 and per_group < 2),
+          f"router.group_score 'top2_sum' sums each group's two best scores, but router.expert_groups "
+          f"({groups}) leaves {per_group} expert per group; use group_score 'max' or fewer groups")
+
+
+def group_limit_mask(select_TE: Tensor, expert_groups: int, topk_groups: int, group_score: str) -> Tensor:
+    """`select_TE` with the experts outside each token's `topk_groups` best groups set to -inf.
+
+    A group's score is the sum of its two best selection scores (`top2_sum`) or its best one
+    (`max`); groups are the contiguous blocks of E / expert_groups experts. Ties between groups
+    go to torch.topk's choice, as in transformers' DeepseekV2/V3 routers."""
+    T, E = select_TE.shape
+    grouped_TGe = select_TE.view(T, expert_groups, E // expert_groups)
+    if group_score == "top2_sum":
+        group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_TG = grouped_TGe.amax(dim=-1)
+    chosen_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+    chosen_TG.scatter_(1, torch.topk(group_TG, topk_groups, dim=-1).indices, True)
+    allowed_TE = chosen_TG.unsqueeze(-1).expand_as(grouped_TGe).reshape(T, E)
+    return select_TE.masked_fill(~allowed_TE, float("-inf"))
 
 
 def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
                      selection_bias_E: Tensor | None = None, *, score: str = "softmax",
-                     score_after_topk: bool = False, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                     score_after_topk: bool = False, scale: float = 1.0, expert_groups: int = 1,
+                     topk_groups: int | None = None, group_score: str = "top2_sum") -> tuple[Tensor, Tensor, Tensor]:
     """Top-k over fp32 logits: returns (probs_TE, w_TK, idx_TK).
 
     Experts are chosen by their scores `s = softmax(logits)` or `sigmoid(logits)` (plus
-    `selection_bias_E`, which shifts which experts are chosen but never their weights). The
+    `selection_bias_E`, which shifts which experts are chosen but never their weights), among the
+    experts of the `topk_groups` best of `expert_groups` groups (`group_limit_mask`). The
     weights are the chosen scores (with `score_after_topk`: the softmax over the K chosen
     logits), renormalized to sum 1 with `renormalize`, times `scale`.
 
@@ -73,6 +134,8 @@ def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
     else:
         scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
     select_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
+    if topk_groups is not None and topk_groups < expert_groups:
+        select_TE = group_limit_mask(select_TE, expert_groups, topk_groups, group_score)
     idx_TK = torch.topk(select_TE, top_k, dim=-1).indices
     if score_after_topk:
         w_TK = torch.softmax(logits_TE.gather(1, idx_TK), dim=-1)
@@ -111,7 +174,9 @@ class TopKRouter(FP32Buffers, Router):  # fp32 bias: bf16 would swallow its 1e-3
         logits_TE = self.gate(x_TD)
         bias = self.selection_bias_E if cfg.bias_balancing else None
         probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, cfg.renormalize, bias, score=cfg.score,
-                                                  score_after_topk=cfg.score_after_topk, scale=cfg.scale)
+                                                  score_after_topk=cfg.score_after_topk, scale=cfg.scale,
+                                                  expert_groups=cfg.expert_groups, topk_groups=cfg.topk_groups,
+                                                  group_score=cfg.group_score)
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                             router_input_TD=x_TD)
 

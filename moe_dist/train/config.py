@@ -214,6 +214,9 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     data = DataConfig.from_dict(data_raw)
     check(train.seq_len <= model.max_seq_len,
           f"train.seq_len ({train.seq_len}) must be <= model.max_seq_len ({model.max_seq_len})")
+    check(not model.mtp_layers or train.seq_len >= 2,
+          f"model.mtp_layers ({model.mtp_layers}) predicts token t+2 and needs train.seq_len >= 2, got "
+          f"{train.seq_len}")
     return RunConfig(model=model, data=data, train=train, cpu=cpu)
 
 

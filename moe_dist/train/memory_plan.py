@@ -200,7 +200,11 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
       the expert activations a recompute mode drops (2F or 4F per row, and the shared expert's
       4F per token under `experts`) are rebuilt in the backward one layer at a time, so the
       largest of them is counted once, like one checkpointed block;
-    - output: logits and their log-softmax (2V in fp32, plus the bf16 logits).
+    - output: logits and their log-softmax (2V in fp32, plus the bf16 logits);
+    - multi-token prediction (`model.mtp_layers`): its block is layer n_layers, counted as the
+      layers above (at T tokens, a bound on its T (S-1)/S), plus its enorm, hnorm and head_norm
+      (fp32 internals), the concatenated input (2D) and eh_proj's output (D), and its own logits
+      and log-softmax.
     """
     b = DTYPE_BYTES[dtype]
     D, V = model.d_model, model.vocab_size
@@ -208,7 +212,7 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
     attn = fp32_norm + (latent_attention_bytes(model, b) if model.attention == "mla" else 7 * D * b)
     dense_ffn = fp32_norm + 4 * model.d_ff * b
     per_layer, largest_block = 0.0, 0.0
-    for i in range(model.n_layers):
+    for i in range(model.n_layers + model.mtp_layers):  # the MTP block is layer n_layers
         attn_kept = D * b if checkpointing else attn
         if model.is_moe_layer(i):
             moe = model.moe
@@ -229,7 +233,8 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
             per_layer += attn_kept + (D * b if checkpointing else dense_ffn)
             largest_block = max(largest_block, (attn + dense_ffn) if checkpointing else 0)
     logits = 2 * V * 4 + (V * b if b != 4 else 0)
-    return int(tokens * (per_layer + largest_block + logits + D * b))
+    mtp = model.mtp_layers * (3 * fp32_norm + 3 * D * b + logits)
+    return int(tokens * (per_layer + largest_block + logits + D * b + mtp))
 
 
 def latent_attention_bytes(model: ModelConfig, b: int) -> int:
@@ -259,7 +264,8 @@ def router_fp32_input_bytes(model: ModelConfig, tokens: int, dtype: str) -> int:
     """The fp32 copies of the routers' inputs autograd keeps (none when the run is fp32)."""
     if model.moe is None or dtype == "fp32":
         return 0
-    return len(model.moe_layer_indices) * tokens * model.d_model * 4
+    mtp_moe = int(bool(model.mtp_layers) and model.is_moe_layer(model.n_layers))  # the MTP block's
+    return (len(model.moe_layer_indices) + mtp_moe) * tokens * model.d_model * 4
 
 
 def nccl_buffer_bytes(world_size: int, ep_size: int) -> int:

@@ -145,16 +145,18 @@ class Trainer:
         return self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids)
 
     def train_step(self, batches, stats: MoEStatsAccumulator, losses: torch.Tensor) -> None:
-        """One optimizer step over grad_accum micro batches. This rank's LM and aux losses are
-        added to `losses` ([2] float64, on the device) and its routing statistics to `stats`: no
-        host read per micro batch."""
+        """One optimizer step over grad_accum micro batches. This rank's LM, aux and MTP losses
+        are added to `losses` ([3] float64, on the device; MTP 0 without it) and its routing
+        statistics to `stats`: no host read per micro batch."""
         step_stats = []
         for _ in range(self.cfg.train.grad_accum):
             out = self.forward(next(batches))
             self.engine.backward(out.loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.engine.step()  # the optimizer steps only at the accumulation boundary
             self.safety.observe(out)
-            losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach().to(out.lm_loss.device)]).double()
+            mtp_loss = out.lm_loss.new_zeros(()) if out.mtp_loss is None else out.mtp_loss.detach()
+            losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach().to(out.lm_loss.device),
+                                   mtp_loss]).double()
             step_stats.append(out.moe_stats)
             stats.add(out.moe_stats)
             del out  # else its logits ([B, S, V]) stay alive through the next micro batch's forward
@@ -218,7 +220,8 @@ class Trainer:
         batches = iter(loader)
         stats = MoEStatsAccumulator()
         progress = Progress(train.steps, self.global_batch * train.seq_len, start_step=self.step)
-        losses = torch.zeros(2, dtype=torch.float64, device=self.device)  # LM and aux, summed over micro batches
+        # LM, aux and MTP, summed over micro batches
+        losses = torch.zeros(3, dtype=torch.float64, device=self.device)
         log0(f"training steps {self.step + 1}..{end} of {train.steps}: world {self.world}, "
              f"ep_size {self.groups.ep_size}, global batch {self.global_batch} x {train.seq_len} tokens, "
              f"{sum(p.numel() for p in self.model.parameters()):,} parameters on rank 0")
@@ -267,21 +270,23 @@ class Trainer:
         tokens_per_s, sec_per_step = progress.interval(self.step)
         total = self.groups.all_reduce_sum_dp(torch.cat([losses, stats.pack(self.device)]))
         draws = max(stats.batches, 1) * self.world  # micro batches of every rank
-        values = torch.cat([total[:2] / draws, stats.summarize(total[2:], self.world)]).tolist()  # the one read
-        loss, aux = values[0], values[1]
+        values = torch.cat([total[:3] / draws, stats.summarize(total[3:], self.world)]).tolist()  # the one read
+        loss, aux, mtp = values[0], values[1], values[2]
         grad_norm = self.safety.grad_norm
         times = self.safety.times.take()
         self.tb.scalars(self.step, {"train/loss": loss, "train/perplexity": perplexity(loss),
                                     "train/aux_loss": aux, "train/lr": lr, "train/grad_norm": grad_norm,
                                     "train/tokens_per_s": tokens_per_s,
                                     "train/skipped_steps": self.safety.skipped})
+        if self.cfg.model.mtp_layers:
+            self.tb.scalars(self.step, {"train/mtp_loss": mtp})
         if times is not None:
             self.tb.scalars(self.step, {"train/step_time_min": times.min, "train/step_time_max": times.max,
                                         "train/step_time_slowest_rank": times.max_rank})
-        self.tb.moe(self.step, stats.unpack(values[2:]))
+        self.tb.moe(self.step, stats.unpack(values[3:]))
         self.tb.flush()
-        log0(progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step, times,
-                           self.safety.skipped))
+        line = progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step, times, self.safety.skipped)
+        log0(f"{line} | mtp loss {mtp:.4f}" if self.cfg.model.mtp_layers else line)
         return loss
 
 

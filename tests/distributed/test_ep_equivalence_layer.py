@@ -75,6 +75,11 @@ ROUTER_CASES = [
     dict(router={"type": "topk", "score": "sigmoid", "renormalize": True, "scale": 2.5, "bias_balancing": True},
          layers=[dict(case, num_shared_experts=1, shared_d_ff=24, shared_gate=True) for case in REPRESENTATIVE]),
     dict(router={"type": "topk", "score_after_topk": True, "scale": 0.5}, layers=REPRESENTATIVE),
+    # Group-limited selection (docs/routers/topk.md) under the research routers that take it:
+    # inhibition's population statistics, then 2 of 4 groups; the attentive gate, 1 of 2 groups.
+    dict(router={"type": "inhibition", "mode": "subtractive", "stat": "batch", "expert_groups": 4,
+                 "topk_groups": 2, "group_score": "max"}, layers=REPRESENTATIVE),
+    dict(router={"type": "attentive", "hidden": 8, "expert_groups": 2, "topk_groups": 1}, layers=REPRESENTATIVE),
 ]
 
 

@@ -2,7 +2,7 @@
 handful, whatever the number of MoE layers and micro batches (issue 21, acceptance 2, the trainer's
 part). The trainer's own step loop runs on one gloo rank (DeepSpeed engine, real data, real
 safety guard) on the tiny config with 1 and 2 MoE layers, 1 and 2 micro batches, and 2 and 4 steps
-in one log interval.
+in one log interval, and with multi-token prediction.
 
 Counted: reads whose immediate caller is trainer code (moe_dist/train/, evaluate/, parallel/,
 checkpoint/training/). Not counted: the MoE layer's and model's own reads (moe/, model/, routing/,
@@ -60,7 +60,9 @@ class ImmediateCallerCensus(HostSyncCensus):
 
 
 CASES = {"base": (1, 1, 2), "two_layers": (2, 1, 2), "two_micro_batches": (1, 2, 2), "four_steps": (1, 1, 4),
-         "all_doubled": (2, 2, 4)}
+         "all_doubled": (2, 2, 4),
+         # Multi-token prediction: its MoE block is the second MoE layer, its loss one more logged value.
+         "mtp": (2, 1, 2)}
 
 
 def _worker(rank: int, world: int, out: str) -> None:
@@ -71,6 +73,8 @@ def _worker(rank: int, world: int, out: str) -> None:
     results = {}
     for case, (moe_layers, accum, steps) in CASES.items():
         layout = dict(moe_every=2, moe_offset=1) if moe_layers == 1 else dict(moe_every=1, moe_offset=0)
+        if case == "mtp":
+            layout = dict(moe_every=1, moe_offset=1, mtp_layers=1)
         cfg = parse_run_config(tiny_config(model=layout, moe=dict(ep_size=1),
                                            train=dict(steps=steps, log_interval=steps, grad_accum=accum,
                                                       eval_interval=0)))
@@ -104,6 +108,7 @@ def test_the_trainer_reads_the_host_a_fixed_handful_of_times_per_log_interval(tm
     # Independent of the number of MoE layers and of micro batches ...
     assert total["two_layers"] == total["base"], detail
     assert total["two_micro_batches"] == total["base"], detail
+    assert total["mtp"] == total["base"], detail
     # ... and a + b * steps with b <= 1 (the safety guard's per-step row) and a small a.
     per_step = (total["four_steps"] - total["base"]) / 2
     fixed = total["base"] - 2 * per_step

@@ -38,13 +38,14 @@ STRUCTURAL = (
     "model.qk_rope_head_dim", "model.qk_nope_head_dim", "model.v_head_dim", "moe.num_experts", "moe.d_ff",
     "moe.activation", "moe.num_shared_experts", "moe.shared_d_ff", "moe.shared_gate", "moe.router.type",
     "moe.hash_layers",
+    "model.mtp_layers",
 )
 FREE_PREFIXES = (
     "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.log_interval",
     "train.eval_interval", "train.eval_iters", "train.checkpoint_interval", "train.checkpoint_dir",
     "train.tensorboard_dir", "train.init_from", "train.deepspeed_config", "cpu.", "data.num_workers",
     "data.megatron.cache_dir", "model.activation_checkpointing", "model.num_labels", "model.max_seq_len",
-    "model.init_std", "moe.init_std", "moe.expert_impl",
+    "model.init_std", "moe.init_std", "moe.expert_impl", "model.mtp_loss_weight",
 )
 RESHARD = "python tools/convert_checkpoint.py reshard"
 

@@ -69,3 +69,22 @@ def test_a_router_that_cannot_train_compiled_is_refused_before_compiling():
                                           r"under torch.compile"):
         compile_blocks(model, ParallelGroups.single())
     compile_blocks(_model(router={"type": "inhibition", "mode": "divisive", "stat": "batch"}), ParallelGroups.single())
+
+
+@pytest.mark.slow
+def test_compiled_blocks_with_mtp_and_group_limited_routing_match_eager():
+    """The MTP block (blocks[n_layers], an MoE block on S - 1 positions) compiles with the others;
+    DeepSeek-V3's routing (2 of 4 groups, sigmoid, bias, renormalized, scaled) traces whole."""
+    torch._dynamo.reset()
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=16, moe_every=1,
+                      moe_offset=1, mtp_layers=1,
+                      moe=MoEConfig(d_model=32, d_ff=32, num_experts=8, top_k=2, dropless=True,
+                                    router={"type": "topk", "score": "sigmoid", "bias_balancing": True,
+                                            "renormalize": True, "scale": 2.5, "expert_groups": 4,
+                                            "topk_groups": 2}))
+    eager = MoETransformer(cfg, seed=3)
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled, ParallelGroups.single())
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert_steps_match(eager, compiled, tokens, tokens)
+    torch.testing.assert_close(compiled(tokens, tokens).mtp_loss, eager(tokens, tokens).mtp_loss)

@@ -2,8 +2,9 @@
 (no host read, no data-dependent shape), and the compiled layer computes what the eager one does,
 outputs, losses, every gradient and the routers' buffers, within the dtype's tolerance.
 
-One representative case runs by default; the grid (capacity and dropless; topk, inhibition,
-fixed_projection, hash; shared expert on and off; fp32 and bf16) is `slow`: each case is an inductor
+Two representative cases run by default (topk; DeepSeek-V3's group-limited sigmoid routing); the
+grid (capacity and dropless; topk, inhibition, fixed_projection, hash, group-limited; shared expert on
+and off; fp32 and bf16) is `slow`: each case is an inductor
 compile of a forward and a backward, tens of seconds on two cores."""
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from moe_dist.moe.layer import MoELayer, MoESideInputs
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 ROUTERS = {"topk": {"type": "topk"}, "inhibition": {"type": "inhibition"},
            "fixed_projection": {"type": "fixed_projection", "center": True, "weights": "softmax"},
-           "hash": {"type": "hash", "vocab_size": 50}}
+           "hash": {"type": "hash", "vocab_size": 50},
+           # DeepSeek-V3's: sigmoid, the selection bias, 2 of 4 expert groups, renormalized and scaled.
+           "group_limited": {"type": "topk", "score": "sigmoid", "bias_balancing": True, "renormalize": True,
+                             "scale": 2.5, "expert_groups": 4, "topk_groups": 2}}
 MODES = {"capacity": dict(capacity_factor=1.0, min_capacity=1), "dropless": dict(dropless=True)}
 
 
@@ -101,12 +105,16 @@ def test_inhibition_modes_compile_would_get_wrong_are_refused(router):
     torch.compile(layer, fullgraph=True, backend="eager")(torch.randn(8, 32))
 
 
-def test_compiled_layer_matches_eager():
-    check_compiled_matches_eager("topk", "capacity", True, torch.float32)
+FAST = [("topk", "capacity", True, torch.float32), ("group_limited", "dropless", True, torch.float32)]
+
+
+@pytest.mark.parametrize("router,mode,shared,dtype", FAST, ids=str)
+def test_compiled_layer_matches_eager(router, mode, shared, dtype):
+    check_compiled_matches_eager(router, mode, shared, dtype)
 
 
 GRID = [case for case in itertools.product(ROUTERS, MODES, (False, True), (torch.float32, torch.bfloat16))
-        if case != ("topk", "capacity", True, torch.float32)]
+        if case not in FAST]
 
 
 @pytest.mark.slow

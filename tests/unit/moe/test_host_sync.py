@@ -16,6 +16,7 @@ from moe_dist.moe.layer import MoELayer, MoESideInputs
 ROUTERS = [
     {"type": "topk"},
     {"type": "topk", "bias_balancing": True, "score": "sigmoid", "renormalize": True},
+    {"type": "topk", "bias_balancing": True, "score": "sigmoid", "expert_groups": 4, "topk_groups": 2},
     *[{"type": "inhibition", "mode": mode} for mode in ("subtractive", "divisive", "rectified", "subspace")],
     {"type": "inhibition", "mode": "subtractive", "stat": "batch"},
     {"type": "fixed_projection"},

@@ -48,6 +48,9 @@ CASES = {
     "mla-moe-zero1-dense-first": (1, dict(d_ff=256, moe_offset=1, attention="mla", q_lora_rank=32, kv_lora_rank=32,
                                           qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32),
                                   dict(MOE, num_shared_experts=1)),
+    # DeepSeek-V3's layout: an MTP block (MoE, layer n_layers) and group-limited routing.
+    "moe-zero1-mtp": (1, dict(d_ff=128, moe_every=1, mtp_layers=1),
+                      dict(MOE, router={"type": "topk", "expert_groups": 4, "topk_groups": 2})),
 }
 
 
