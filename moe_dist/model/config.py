@@ -196,8 +196,10 @@ class ModelConfig:
 
     def moe_config(self, layer_index: int) -> MoEConfig:
         """The MoE config of MoE layer `layer_index`: its router is `moe.hash_router` in the first
-        `moe.hash_layers` MoE layers, `moe.router` after them."""
-        return self.moe.for_moe_layer(self.moe_layer_indices.index(layer_index))
+        `moe.hash_layers` MoE layers, `moe.router` after them (the MTP block, layer n_layers, comes
+        after every MoE layer of the main model)."""
+        indices = self.moe_layer_indices
+        return self.moe.for_moe_layer(indices.index(layer_index) if layer_index in indices else len(indices))
 
 
 def parse_model_config(model: dict[str, Any] | None, moe: dict[str, Any] | None = None) -> ModelConfig:
