@@ -70,6 +70,7 @@ class AttentiveRouter(Router):
 
     def forward(self, x_TD: Tensor, ctx: RoutingContext) -> RouterOutput:
         logits_TE = self.scores(x_TD)
-        probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, self.cfg.renormalize)
+        probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, self.cfg.renormalize,
+                                                  forced=ctx.forced)
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                             router_input_TD=x_TD)

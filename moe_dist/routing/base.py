@@ -29,6 +29,15 @@ class RouterConfig:
     type: str = "topk"
 
 
+@dataclass(frozen=True, eq=False)
+class ForcedRoute:
+    """The routes one MoE layer must take for its T tokens, in the layer's token order (route
+    replay, `moe_dist.routing.replay`)."""
+
+    idx_TK: Tensor  # int64 expert ids
+    w_TK: Tensor | None = None  # combine weights; None: the router's own at idx_TK
+
+
 @dataclass
 class RoutingContext:
     """What a router may know beyond its input.
@@ -44,6 +53,9 @@ class RoutingContext:
     # COMET's independent routing stream (`fixed_projection` with source=embedding): the previous
     # MoE layer's stream state, or the token embeddings at the first MoE layer.
     stream_TD: Tensor | None = None
+    # Route replay: the experts to choose instead of the router's top-k (`routing.replay`). Every
+    # router chooses through `choose_experts`, which takes these ids when given.
+    forced: ForcedRoute | None = None
 
 
 @dataclass

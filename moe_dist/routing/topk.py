@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_dist.common.config import check, check_choice
-from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
+from moe_dist.routing.base import ForcedRoute, Router, RouterConfig, RouterOutput, RoutingContext
 from moe_dist.routing.fp32_buffers import FP32Buffers
+from moe_dist.routing.replay import choose_experts
 
 
 @dataclass
@@ -55,7 +56,8 @@ SCORES = ("softmax", "sigmoid")
 
 def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
                      selection_bias_E: Tensor | None = None, *, score: str = "softmax",
-                     score_after_topk: bool = False, scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                     score_after_topk: bool = False, scale: float = 1.0,
+                     forced: ForcedRoute | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k over fp32 logits: returns (probs_TE, w_TK, idx_TK).
 
     Experts are chosen by their scores `s = softmax(logits)` or `sigmoid(logits)` (plus
@@ -66,6 +68,9 @@ def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
     `probs_TE`, what the losses and statistics read, is a distribution over the experts: the
     softmax, or the sigmoid scores normalized to sum 1 per token (DeepSeek-V3's balance loss
     normalizes them the same way), so the Switch loss is 1 at balance for both.
+
+    `forced` (route replay): the experts are its ids instead of the top-k; the weights follow
+    the same formula at those ids.
     """
     if score == "sigmoid":
         scores_TE = torch.sigmoid(logits_TE)
@@ -73,7 +78,7 @@ def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
     else:
         scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
     select_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
-    idx_TK = torch.topk(select_TE, top_k, dim=-1).indices
+    idx_TK = choose_experts(select_TE, top_k, forced)
     if score_after_topk:
         w_TK = torch.softmax(logits_TE.gather(1, idx_TK), dim=-1)
     else:
@@ -111,7 +116,8 @@ class TopKRouter(FP32Buffers, Router):  # fp32 bias: bf16 would swallow its 1e-3
         logits_TE = self.gate(x_TD)
         bias = self.selection_bias_E if cfg.bias_balancing else None
         probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, cfg.renormalize, bias, score=cfg.score,
-                                                  score_after_topk=cfg.score_after_topk, scale=cfg.scale)
+                                                  score_after_topk=cfg.score_after_topk, scale=cfg.scale,
+                                                  forced=ctx.forced)
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                             router_input_TD=x_TD)
 
