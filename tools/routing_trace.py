@@ -29,7 +29,7 @@ from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common.atomic import staged_file, write_text_atomic
 from moe_dist.common.config import ConfigError
 from moe_dist.evaluate import trace_analysis as ta
-from moe_dist.evaluate.trace_format import check_identity, model_identity
+from moe_dist.evaluate.trace_format import IDENTITY_FIELDS, check_identity, model_identity
 from moe_dist.train.config import load_run_config
 
 
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
         load = ta.expert_load(trace, "eval")
     stab = ta.stability_over_steps(trace, "eval")
     aff = ta.affinity(trace)
-    summary = {"trace": args.trace, "model": {k: trace.meta.get(k) for k in ta.SHAPE_FIELDS + ("router",)},
+    summary = {"trace": args.trace, "model": {k: trace.meta.get(k) for k in IDENTITY_FIELDS},
                "rows": int(len(trace.phase)), "steps": {p: trace.steps(p) for p in ("train", "eval")},
                "expert_load": {str(k): v for k, v in load.items()},
                "stability": {str(k): v for k, v in stab.items()},

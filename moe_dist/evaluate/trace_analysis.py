@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from moe_dist.evaluate.trace_format import STATUS, TraceError, check_identity, experts_of, read_metadata
+from moe_dist.evaluate.trace_format import (SHAPE_FIELDS, STATUS, TraceError, check_identity, experts_of,
+                                            read_metadata)
 from moe_dist.evaluate.trace_replay import trace_files
 
 KEY = ("rank", "micro", "row", "position", "layer")
 SCALARS = ("step", "micro", "rank", "layer", "row", "position", "document", "domain", "token_id")
-# A model's shape, vocabulary and layers: what two traces must share to be compared (the router may differ).
-SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "moe_layers", "num_experts", "top_k")
 
 
 @dataclass

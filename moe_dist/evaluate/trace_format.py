@@ -29,6 +29,9 @@ STATUS = {"kept": 0, "dropped": 1, "spilled": 2}
 PHASES = ("train", "eval")
 # Identity fields a trace must share with a model or with another trace to be read against it.
 IDENTITY_FIELDS = ("vocab_size", "d_model", "n_layers", "moe_layers", "num_experts", "top_k", "router")
+# A model's shape, vocabulary and layers: what replay and a comparison need (the router may differ:
+# one router's routes replay under another's weights).
+SHAPE_FIELDS = IDENTITY_FIELDS[:-1]
 # Fixed columns' bytes, plus per choice an expert id, a weight and a status: a row's uncompressed
 # size, which bounds what Parquet writes for it.
 FIXED_ROW_BYTES = 1 + 4 + 4 + 2 + 2 + 4 + 4 + 4 + 4 + 4

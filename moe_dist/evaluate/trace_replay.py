@@ -1,8 +1,9 @@
 """Route replay from a routing trace (docs/routing_trace.md): the routes a forward must take, read
 from the trace's files of this rank, as `ForcedRoute`s for `MoETransformer.forward(forced_routes=...)`.
 
-A trace replays where it holds every token of a forward (`trace.tokens: all`) and the same model
-(identity checked when opened, before any training); forwards it has no rows for route as usual.
+A trace replays where it holds every token of a forward (`trace.tokens: all`) and a model of the
+same shape, vocabulary and layers (checked when opened, before any training; the router type may
+differ); forwards it has no rows for route as usual.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from moe_dist.evaluate.trace_format import TraceError, check_identity, experts_of, read_metadata
+from moe_dist.evaluate.trace_format import SHAPE_FIELDS, TraceError, check_identity, experts_of, read_metadata
 from moe_dist.routing.base import ForcedRoute
 
 _NAME = re.compile(r"^(train|eval)-step(\d{8})-rank(\d{5})\.parquet$")
@@ -47,7 +48,9 @@ class RouteReplay:
         self.where = f"{where} {directory!r}"
         first = next(iter(sorted(trace_files(directory, where).values())))
         meta = read_metadata(pq.read_schema(first), first)
-        check_identity(meta, identity, first, "this run's model")
+        check_identity(meta, identity, first, "this run's model", SHAPE_FIELDS)
+        # Another router type is a use of its own: its routes under this router's weights.
+        self.recorded_router = meta.get("router")
         if meta.get("tokens") != "all":
             raise TraceError(f"{first}: traced {meta.get('tokens')} tokens per micro batch; replay needs a trace "
                              f"of every token (trace.tokens: all)")

@@ -104,7 +104,8 @@ class Trainer:
         self.replay = replay
         if replay is not None:
             log0(f"trace.replay: routes of training steps {replay.steps('train') or '-'} and evaluations at steps "
-                 f"{replay.steps('eval') or '-'} come from {cfg.trace.replay}; other forwards route as usual")
+                 f"{replay.steps('eval') or '-'} come from {cfg.trace.replay} (recorded with router "
+                 f"{replay.recorded_router!r}); other forwards route as usual")
         self.trace_writer = None
         if cfg.trace.dir:
             trace = cfg.trace

@@ -23,7 +23,7 @@ def launch_run(cfg: dict, tmp, *extra: str):
 
 
 def test_an_ep2_trace_equals_the_one_process_trace_of_the_same_tokens(tmp_path):
-    raw = tiny_config(train=dict(steps=1))
+    raw = tiny_config(train=dict(steps=1, warmup_steps=0))
     proc = launch_run(raw, tmp_path, "--trace", str(tmp_path / "trace"), "--set", "trace.interval=1",
                       "--set", "trace.tokens=all")
     assert_launch_ok(proc)

@@ -101,6 +101,9 @@ def test_a_trace_of_another_model_is_refused_naming_the_difference(tmp_path, fie
     other = {**IDENTITY, field: value}
     with pytest.raises(TraceError, match=rf"another model than this run's model: {field} "):
         RouteReplay(str(tmp_path), other, rank=0, world_size=1)
+    # Another router type is not another model: its routes replay under this router's weights.
+    assert RouteReplay(str(tmp_path), {**IDENTITY, "router": "fixed_projection"}, rank=0,
+                       world_size=1).recorded_router == "topk"
     # Two traces of differently shaped models are not compared either.
     w2 = writer(tmp_path / "b", identity=other)
     w2.add(0, torch.zeros(1, 4, dtype=torch.long), None, {0: record(torch.zeros(4, 2, dtype=torch.long))})
