@@ -68,8 +68,8 @@ class RouteReplay:
 
     def forced_routes(self, phase: str, step: int, micro: int, num_tokens: int,
                       device: torch.device) -> dict[int, ForcedRoute] | None:
-        """The routes of forward `micro` of (phase, step) per MoE layer, or None if the trace has
-        no file for it. Rows in the layer's token order; all `num_tokens` of each layer must be there."""
+        """The routes of forward `micro` of (phase, step) per traced MoE layer, or None if the trace
+        has no file for it. Rows in the layer's token order; all `num_tokens` of each layer must be there."""
         path = self.files.get((phase, step))
         if path is None:
             return None
@@ -82,7 +82,10 @@ class RouteReplay:
         rows = table.column("row").to_numpy().astype(np.int64)
         positions = table.column("position").to_numpy().astype(np.int64)
         out = {}
+        traced = set(layers.tolist())
         for layer in self.layers:
+            if layer not in traced:  # trace.layers left it out: it routes as usual
+                continue
             sel = np.flatnonzero((micros == micro) & (layers == layer))
             if len(sel) != num_tokens:
                 raise TraceError(f"{path}: {len(sel)} rows for MoE layer {layer} of forward {micro}, the forward "

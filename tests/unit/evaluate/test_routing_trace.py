@@ -142,6 +142,12 @@ def test_replay_gives_each_forward_its_rows_in_token_order(tmp_path):
     assert torch.equal(forced[0].idx_TK, idx) and torch.equal(forced[1].idx_TK, idx.flip(1))
     assert torch.equal(forced[0].w_TK, w_TK)
     assert replay.forced_routes("train", 5, 0, 6, torch.device("cpu")) is None  # not recorded: routes as usual
+    one_layer = writer(tmp_path / "one_layer", layers=[1])
+    one_layer.add(0, torch.zeros(2, 3, dtype=torch.long), None, {0: record(idx), 1: record(idx)})
+    one_layer.flush("train", 4)
+    forced = RouteReplay(str(tmp_path / "one_layer"), IDENTITY, rank=0, world_size=1).forced_routes(
+        "train", 4, 0, 6, torch.device("cpu"))
+    assert list(forced) == [1] and forced[1].w_TK is None  # the untraced layer routes as usual
     with pytest.raises(TraceError, match="6 rows for MoE layer 0 of forward 1, the forward routes 8 tokens"):
         replay.forced_routes("train", 4, 1, 8, torch.device("cpu"))
 
