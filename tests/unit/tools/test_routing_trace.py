@@ -7,9 +7,11 @@ config, shrunk): tests/distributed/test_route_replay.py."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+from tests.harness import REPO
 from tests.harness.train import tiny_config, write_yaml
 
 from moe_dist.evaluate import trace_analysis as ta
@@ -87,3 +89,13 @@ def test_a_trace_of_another_model_is_refused_with_exit_2(traces, change, named, 
     err = capsys.readouterr().err
     assert "comes from another model than --config" in err and named in err
     assert not (tmp / "x").exists()  # refused before writing anything
+
+
+def test_the_cost_benchmark_runs_and_reports_every_number(capsys):
+    from tools.bench import routing_trace as bench
+
+    assert bench.main(["--config", os.path.join(REPO, "configs/tiny_cpu.yaml"), "--warmup", "0", "--repeats", "1", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["tokens_per_layer"] == 256 and row["moe_layers"] == 4 and row["file_bytes"] > 0
+    for key in ("untraced_ms", "traced_ms", "overhead_per_traced_step_ms", "overhead_at_interval_percent"):
+        assert isinstance(row[key], float), key
