@@ -24,13 +24,11 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from moe_dist.checkpoint.consolidated import open_checkpoint
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common.atomic import staged_file, write_text_atomic
 from moe_dist.common.config import ConfigError
 from moe_dist.evaluate import trace_analysis as ta
 from moe_dist.evaluate.trace_format import IDENTITY_FIELDS, check_identity, model_identity
-from moe_dist.train.config import load_run_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,8 +89,8 @@ def plot_stability(stab: dict, path: str) -> None:
         ax.plot(steps, [r["top1_unchanged"] for r in rows], marker="o", label="top-1 unchanged")
         ax.plot(steps, [r["topk_set_unchanged"] for r in rows], marker="s", label="top-k set unchanged")
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"layer {layer}: route stability since the previous evaluation")
-        ax.set_xlabel("step")
+        ax.set_title(f"layer {layer}: route stability")
+        ax.set_xlabel("step (vs the previous evaluation)")
     axes[0][0].legend(fontsize="small")
     _save(fig, path)
 
@@ -143,9 +141,14 @@ def plot_confusion(diff: dict, path: str) -> None:
 
 
 def expected_identity(args: argparse.Namespace) -> tuple[dict | None, str]:
+    # Imported here: a checkpoint pulls in DeepSpeed, which a plain summary does not need.
     if args.config:
+        from moe_dist.train.config import load_run_config
+
         return model_identity(load_run_config(args.config).model), f"--config {args.config}"
     if args.checkpoint:
+        from moe_dist.checkpoint.consolidated import open_checkpoint
+
         return model_identity(open_checkpoint(args.checkpoint).model_cfg), f"--checkpoint {args.checkpoint}"
     return None, ""
 

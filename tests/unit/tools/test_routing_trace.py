@@ -99,3 +99,19 @@ def test_the_cost_benchmark_runs_and_reports_every_number(capsys):
     assert row["tokens_per_layer"] == 256 and row["moe_layers"] == 4 and row["file_bytes"] > 0
     for key in ("untraced_ms", "traced_ms", "overhead_per_traced_step_ms", "overhead_at_interval_percent"):
         assert isinstance(row[key], float), key
+
+
+def test_checkpoint_option_checks_the_trace_against_that_model(traces, capsys):
+    from moe_dist.checkpoint import save_consolidated
+
+    tmp, config = traces
+    same = load_run_config(config).model
+    wide = load_run_config(write_yaml(str(tmp / "wide.yaml"), tiny_config(moe=dict(ep_size=1),
+                                                                          model=dict(d_model=64)))).model
+    for name, cfg in (("same", same), ("wide", wide)):
+        save_consolidated(MoETransformer(cfg, seed=1), str(tmp / f"ckpt_{name}"))
+    assert routing_trace.main(["summarize", str(tmp / "step10"), "--out", str(tmp / "ok"), "--checkpoint",
+                               str(tmp / "ckpt_same"), "--no-progress"]) == 0
+    assert routing_trace.main(["summarize", str(tmp / "step10"), "--out", str(tmp / "no"), "--checkpoint",
+                               str(tmp / "ckpt_wide"), "--no-progress"]) == 2
+    assert "comes from another model than --checkpoint" in capsys.readouterr().err
