@@ -7,6 +7,7 @@
 
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
+`--trace DIR` writes the routing trace, `--replay_routes DIR` replays one (docs/routing_trace.md).
 Configuration errors are reported before any process group or model exists, exit status 2 (so is
 a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock, and a
 checkpoint that cannot be resumed, also when that shows only at DeepSpeed's load).
@@ -19,6 +20,7 @@ SIGTERM/SIGINT/SIGUSR1 after committing a checkpoint (resume with --resume).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -55,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "schedule still spans train.steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="write the routing trace to DIR (sets trace.dir; docs/routing_trace.md)")
+    p.add_argument("--replay_routes", default=None, metavar="TRACE_DIR",
+                   help="take the routes recorded in this routing trace instead of the routers' (sets trace.replay)")
     p.add_argument("--break_lock", action="store_true",
                    help="take over train.checkpoint_dir's run.lock left by a run that is gone (never one "
                         "that runs on this host)")
@@ -68,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    # Quoted: a path is a YAML string whatever it looks like.
+    if args.trace:
+        overrides.append(f"trace.dir={json.dumps(args.trace)}")
+    if args.replay_routes:
+        overrides.append(f"trace.replay={json.dumps(args.replay_routes)}")
     try:
         cfg = load_run_config(args.config, overrides)
         # The run lock before the trainer's imports (torch, DeepSpeed and Megatron-Core: most of a

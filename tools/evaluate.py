@@ -15,7 +15,8 @@ needs --tokens. Under the launcher
 every rank evaluates its share and the sums are all-reduced: the same numbers as one process.
 By default every token reaches its top-k experts (--capacity dropless), the function the
 Hugging Face exports and tools/generate.py compute; --capacity config applies the checkpoint's
-moe.eval_capacity_factor. Exit 2 on bad input (checkpoint, data, options).
+moe.eval_capacity_factor. --trace DIR writes the routing trace of the evaluation, --replay DIR
+takes the routes of one (docs/routing_trace.md). Exit 2 on bad input (checkpoint, data, options).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from moe_dist.common.config import ConfigError
 from moe_dist.evaluate import sources
 from moe_dist.evaluate.loading import CAPACITY_CHOICES, checkpoint_tokenizer, load_model
 from moe_dist.evaluate.runner import EvalResult, evaluate
+from moe_dist.evaluate.trace_format import model_identity
+from moe_dist.evaluate.trace_replay import RouteReplay
+from moe_dist.evaluate.trace_writer import TraceWriter, trace_meta
 from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 
@@ -60,6 +64,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="write the result as JSON to PATH (no PATH: to stdout, instead of the table)")
     p.add_argument("--heatmap", default=None, metavar="PNG",
                    help="write the expert-by-domain heatmaps (one panel per MoE layer) to this PNG")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="write the routing trace of every forward to DIR (docs/routing_trace.md)")
+    p.add_argument("--trace-tokens", default="all",
+                   help="traced tokens per forward and MoE layer, or 'all' (default)")
+    p.add_argument("--trace-max-mb", type=float, default=1024.0,
+                   help="per rank: the trace file's bound in MiB (rows past it are left out)")
+    p.add_argument("--replay", default=None, metavar="TRACE_DIR",
+                   help="take the routes of this trace (an evaluation trace of the same data, batch and world size)")
+    p.add_argument("--replay-weights", action="store_true", help="with --replay: its combine weights too")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
@@ -79,6 +92,14 @@ def parse_budget(text: str) -> int | None:
 
 def default_ep_size(world: int, num_experts: int | None) -> int:
     return world if num_experts and num_experts % world == 0 else 1
+
+
+def parse_trace_tokens(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--trace-tokens must be a positive number of tokens or 'all', got {text!r}")
+    return int(text)
 
 
 def default_device() -> torch.device:
@@ -129,6 +150,11 @@ def write_heatmap(path: str, result: EvalResult) -> None:
 
 def run(args: argparse.Namespace) -> EvalResult:
     budget = parse_budget(args.tokens)
+    trace_tokens = parse_trace_tokens(args.trace_tokens)
+    if args.replay_weights and not args.replay:
+        raise ConfigError("--replay-weights needs --replay TRACE_DIR")
+    if args.trace_max_mb <= 0:
+        raise ConfigError(f"--trace-max-mb must be > 0, got {args.trace_max_mb}")
     sources.check_sources(args.data)
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
@@ -137,6 +163,8 @@ def run(args: argparse.Namespace) -> EvalResult:
     seq_len = args.seq_len or (ckpt.config.get("train") or {}).get("seq_len") or cfg.max_seq_len
     if not 1 <= seq_len <= cfg.max_seq_len:
         raise ConfigError(f"--seq-len ({seq_len}) must be in [1, model.max_seq_len ({cfg.max_seq_len})]")
+    if (args.trace or args.replay) and cfg.moe is None:
+        raise ConfigError(f"--trace / --replay need a model with MoE layers; {args.checkpoint} has none")
     tokenizer = checkpoint_tokenizer(ckpt.config, args.tokenizer_model)
     if sources.is_run_config(args.data[0]):
         if budget is None:
@@ -148,6 +176,11 @@ def run(args: argparse.Namespace) -> EvalResult:
                                  text_sample_by=args.text_sample_by)
         windows = sources.windows(docs, seq_len, budget)
 
+    identity = model_identity(cfg)
+    replay = None
+    if args.replay:  # before the model loads: a trace of another model is refused here
+        replay = RouteReplay(args.replay, identity, rank=runtime.env_rank(), world_size=runtime.env_world_size(),
+                             with_weights=args.replay_weights, where="--replay")
     if runtime.env_world_size() > 1:
         runtime.init_distributed()
     world = runtime.world_size()
@@ -156,8 +189,16 @@ def run(args: argparse.Namespace) -> EvalResult:
     groups = ParallelGroups.build(ep_size, num_experts) if world > 1 else ParallelGroups.single()
     loaded = load_model(args.checkpoint, tag=args.tag, groups=groups, capacity=args.capacity,
                         num_labels=len(names), device=default_device(), progress=not args.no_progress and runtime.rank() == 0)
+    trace = None
+    if args.trace:
+        meta = trace_meta(identity, source="evaluate", world_size=world, ep_size=ep_size, batch=args.batch,
+                          seq_len=seq_len, capacity=args.capacity, checkpoint=os.path.abspath(args.checkpoint))
+        max_bytes = int(args.trace_max_mb * 2**20)
+        trace = TraceWriter(args.trace, meta, rank=runtime.rank(), top_k=cfg.moe.top_k, tokens=trace_tokens,
+                            eod=tokenizer.eod, max_file_bytes=max_bytes, max_total_bytes=max_bytes)
     return evaluate(loaded.model, windows, names, batch=args.batch,
-                    groups=groups, progress=not args.no_progress, total_tokens=budget)
+                    groups=groups, progress=not args.no_progress, total_tokens=budget, trace=trace, replay=replay,
+                    step=loaded.step or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

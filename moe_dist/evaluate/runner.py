@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from moe_dist.evaluate.precision import standard_error
 from moe_dist.evaluate.sources import Window
+from moe_dist.evaluate.trace_replay import RouteReplay
+from moe_dist.evaluate.trace_writer import TraceWriter
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.moe.stats import interval_summary
 from moe_dist.parallel.groups import ParallelGroups
@@ -122,32 +124,47 @@ class _Totals:
 @torch.no_grad()
 def evaluate(model: MoETransformer, windows: Iterable[Window], domain_names: list[str], *, batch: int = 8,
              groups: ParallelGroups | None = None, progress: bool = True,
-             total_tokens: int | None = None) -> EvalResult:
+             total_tokens: int | None = None, trace: TraceWriter | None = None,
+             replay: RouteReplay | None = None, step: int = 0) -> EvalResult:
     """Loss per domain and routing statistics over `windows` (on every rank: collective, one
     all-reduce at the end; nothing is read to the host before it).
 
-    `model.cfg.num_labels` must be len(domain_names) for the label statistics (0: none)."""
+    `model.cfg.num_labels` must be len(domain_names) for the label statistics (0: none).
+    `trace`: write the routing trace of every forward (phase eval, `step`, forwards numbered per
+    rank; each trace read is a host read, so a traced evaluation is not the no-read one).
+    `replay`: take the routes of such a trace (padding forwards route as usual)."""
     groups = groups or ParallelGroups.single()
     world, rank = groups.dp_size, groups.rank if groups.dp_size > 1 else 0
     device = next(model.parameters()).device
     model.eval()
     totals = _Totals(len(domain_names), device)
     bar = tqdm(total=total_tokens, unit="tok", desc="evaluate", disable=not progress or rank != 0)
+    forward = -1
     for mine, calls, predicted in _rounds(windows, batch, world, rank):
         for i in range(calls):
+            forward += 1
             if i < len(mine):
                 tokens = torch.stack([w.tokens for w in mine[i]]).to(device)
                 labels = torch.stack([w.domain_ids for w in mine[i]]).to(device)
             else:  # padding forward, see the module docstring
                 tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
                 labels = torch.full_like(tokens, -1)
-            out = model(tokens[:, :-1], domain_ids_BS=labels[:, :-1])
+            real = i < len(mine)
+            forced = None
+            if replay is not None and real:
+                forced = replay.forced_routes("eval", step, forward, tokens[:, :-1].numel(), device)
+            out = model(tokens[:, :-1], domain_ids_BS=labels[:, :-1], trace=trace is not None and real,
+                        forced_routes=forced)
+            if trace is not None and real:
+                trace.add(forward, tokens[:, :-1], labels[:, :-1], out.routes)
             totals.add_routing(out.moe_stats)
             if i < len(mine):
                 nll = F.cross_entropy(out.logits_BSV.float().transpose(1, 2), tokens[:, 1:], reduction="none")
                 totals.add_loss(nll, labels[:, 1:])
         bar.update(predicted)
     bar.close()
+    if trace is not None:
+        trace.flush("eval", step)
     packed, layout = totals.pack()
     packed = groups.all_reduce_sum_dp(packed).tolist()  # the evaluation's one host read
     L1 = len(domain_names) + 1

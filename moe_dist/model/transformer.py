@@ -7,6 +7,7 @@ Legend: moe_dist/moe/__init__.py (T = B*S).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -18,9 +19,10 @@ from moe_dist.model.config import ModelConfig
 from moe_dist.model.mtp import MTPBlock, mtp_side_inputs
 from moe_dist.model.norm import RMSNorm
 from moe_dist.model.rotary import rotary_tables
-from moe_dist.moe.layer import MoELayer, MoESideInputs
+from moe_dist.moe.layer import MoELayer, MoESideInputs, RouteRecord
 from moe_dist.moe.legacy_names import migrate_state_dict_in_place
 from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.routing.base import ForcedRoute
 
 
 @dataclass
@@ -38,6 +40,8 @@ class ModelOutput:
     # Multi-token prediction's cross entropy (token t+2; unweighted, included in `loss` times
     # model.mtp_loss_weight); None without MTP, targets or in eval mode.
     mtp_loss: Tensor | None = None
+    # Per MoE layer, with `trace=True` only: its routing decisions (the routing trace).
+    routes: dict[int, RouteRecord] = field(default_factory=dict)
 
 
 def _migrate_legacy_names(module, state_dict, prefix, *_) -> None:
@@ -77,9 +81,12 @@ class MoETransformer(nn.Module):
         return [(b.layer_index, b.moe) for b in self.blocks if b.moe is not None]
 
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
-                domain_ids_BS: Tensor | None = None, *, capacity_groups: int = 1) -> ModelOutput:
+                domain_ids_BS: Tensor | None = None, *, capacity_groups: int = 1, trace: bool = False,
+                forced_routes: Mapping[int, ForcedRoute] | None = None) -> ModelOutput:
         """`domain_ids_BS`: per-token domain labels (-1 = none) for I(expert; domain).
-        `capacity_groups`: a single-process stand-in for that many ranks (see `MoESideInputs`)."""
+        `capacity_groups`: a single-process stand-in for that many ranks (see `MoESideInputs`).
+        `trace`: return every MoE layer's routing decisions (`ModelOutput.routes`).
+        `forced_routes`: route replay, by layer index, tokens in (B, S) order (`MoESideInputs`)."""
         B, S = tokens_BS.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length ({S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
@@ -93,14 +100,18 @@ class MoETransformer(nn.Module):
         side = MoESideInputs(
             labels_T=domain_ids_BS.reshape(-1) if domain_ids_BS is not None and num_labels else None,
             num_labels=num_labels, capacity_groups=capacity_groups,
-            stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1))
+            stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1), trace=trace,
+            forced_routes=forced_routes)
         aux_terms: list[Tensor] = []
         moe_stats: dict[int, dict[str, Tensor]] = {}
+        routes: dict[int, RouteRecord] = {}
         for block in self.blocks[:self.cfg.n_layers]:
             x_BSD, moe_out = block(x_BSD, cos_SR, sin_SR, side)
             if moe_out is None:
                 continue
             moe_stats[block.layer_index] = moe_out.stats
+            if moe_out.route is not None:
+                routes[block.layer_index] = moe_out.route
             if moe_out.aux_loss is not None:
                 aux_terms.append(moe_out.aux_loss)
             side = side.handed_on(moe_out.stream)
@@ -131,4 +142,4 @@ class MoETransformer(nn.Module):
             if mtp_loss is not None:
                 loss = loss + self.cfg.mtp_loss_weight * mtp_loss
         return ModelOutput(logits_BSV=logits_BSV, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss,
-                           moe_stats=moe_stats, mtp_loss=mtp_loss)
+                           moe_stats=moe_stats, mtp_loss=mtp_loss, routes=routes)

@@ -12,6 +12,7 @@ and `torch.compile(fullgraph=True)` takes the layer whole.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,9 +28,10 @@ from moe_dist.moe.expert_mask import ExpertCometMask
 from moe_dist.moe.experts import DenseFFN, GroupedExperts
 from moe_dist.moe.stats import loss_counts, route_statistics
 from moe_dist.parallel.groups import ParallelGroups, validate_parallel_sizes
-from moe_dist.routing.base import RoutingContext
+from moe_dist.routing.base import ForcedRoute, RoutingContext
 from moe_dist.routing.losses import routing_losses, weighted_total
 from moe_dist.routing.registry import build_router
+from moe_dist.routing.replay import with_forced_weights
 
 # Keys of init_generator reserved for the non-expert parts of a layer (experts use their ids).
 _ROUTER_KEY, _SHARED_KEY, _SHARED_GATE_KEY = -1, -2, -3
@@ -63,6 +65,10 @@ class MoESideInputs:
     - `token_ids_T`: the input token id of each of the layer's T tokens (int64, in the layer's
       token order), set by `MoETransformer.forward` from its tokens; the `hash` router routes by
       it (docs/routers/hash.md). None where no model feeds it (a router that needs it raises).
+    - `trace`: every MoE layer returns its routing decisions (`MoEOutput.route`) for the routing
+      trace (docs/routing_trace.md); False (the default) adds nothing to the forward.
+    - `forced_routes`: route replay, by layer index: the routes a layer takes instead of its
+      router's top-k (`routing.replay`); a layer not in it routes as usual.
     """
 
     labels_T: Tensor | None = None
@@ -70,6 +76,8 @@ class MoESideInputs:
     capacity_groups: int = 1
     stream_TD: Tensor | None = None
     token_ids_T: Tensor | None = None
+    trace: bool = False
+    forced_routes: Mapping[int, ForcedRoute] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.capacity_groups, int) and self.capacity_groups >= 1):
@@ -86,6 +94,17 @@ class MoESideInputs:
 _NO_SIDE_INPUTS = MoESideInputs()
 
 
+@dataclass(frozen=True, eq=False)
+class RouteRecord:
+    """One layer's routing decisions for the routing trace, all detached: the experts and weights
+    the router chose, before capacity, and what became of each (token, choice) pair."""
+
+    idx_TK: Tensor  # int64 expert ids
+    w_TK: Tensor  # combine weights as the router returned them (before drops)
+    keep_TK: Tensor  # bool: the pair got a slot
+    spilled_TK: Tensor | None = None  # bool: the pair was served elsewhere than its slot (None: none)
+
+
 @dataclass
 class MoEOutput:
     y: Tensor  # same shape as the input
@@ -96,6 +115,8 @@ class MoEOutput:
     stats: dict[str, Tensor] = field(default_factory=dict)
     # Routing-stream state for the next MoE layer (COMET embedding; see MoESideInputs.handed_on).
     stream: Tensor | None = None
+    # This layer's routing decisions, only when `MoESideInputs.trace` asked for them.
+    route: RouteRecord | None = None
 
 
 class MoELayer(nn.Module):
@@ -164,10 +185,16 @@ class MoELayer(nn.Module):
         side = _NO_SIDE_INPUTS if side is None else side
         num_groups = side.capacity_groups
         x_TD = x.reshape(-1, cfg.d_model)
+        forced = None if side.forced_routes is None else side.forced_routes.get(self.layer_index)
         ctx = RoutingContext(training=self.training, all_reduce_sum=self.groups.all_reduce_sum_dp,
                              dp_size=self.groups.dp_size, stream_TD=side.stream_TD,
-                             token_ids_T=side.token_ids_T)
+                             token_ids_T=side.token_ids_T, forced=forced)
         route = self.router(x_TD, ctx)
+        if forced is not None:
+            if route.idx_TK is not forced.idx_TK:  # identity, not values: no read of the device
+                raise ValueError(f"router {self.cfg.router.type!r} of MoE layer {self.layer_index} ignores "
+                                 f"forced routes (it must choose through routing.replay.choose_experts)")
+            route = with_forced_weights(route, forced)
         T = x_TD.shape[0]
         plan: SlotPlan = assign_slots(
             route.idx_TK, cfg.num_experts, self.capacity(T // num_groups), cfg.drop_policy,
@@ -191,5 +218,8 @@ class MoELayer(nn.Module):
                                 with_sample_similarity=cfg.aux_loss.sample_similarity > 0,
                                 num_groups=num_groups, weighted=weighted)
         stats.update({f"loss_{k}": v.detach() for k, v in losses.items()})
+        record = None
+        if side.trace:
+            record = RouteRecord(idx_TK=route.idx_TK, w_TK=route.w_TK.detach(), keep_TK=plan.keep_TK)
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=weighted_total(losses, coefficients),
-                         losses=losses, stats=stats, stream=route.stream_TD)
+                         losses=losses, stats=stats, stream=route.stream_TD, route=record)

@@ -81,6 +81,6 @@ class AttentiveRouter(Router):
         cfg = self.cfg
         probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, cfg.renormalize,
                                                   expert_groups=cfg.expert_groups, topk_groups=cfg.topk_groups,
-                                                  group_score=cfg.group_score)
+                                                  group_score=cfg.group_score, forced=ctx.forced)
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                             router_input_TD=x_TD)

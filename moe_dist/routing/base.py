@@ -33,6 +33,15 @@ class RouterConfig:
         (ConfigError); `MoEConfig` calls it once both are known."""
 
 
+@dataclass(frozen=True, eq=False)
+class ForcedRoute:
+    """The routes one MoE layer must take for its T tokens, in the layer's token order (route
+    replay, `moe_dist.routing.replay`)."""
+
+    idx_TK: Tensor  # int64 expert ids
+    w_TK: Tensor | None = None  # combine weights; None: the router's own at idx_TK
+
+
 @dataclass
 class RoutingContext:
     """What a router may know beyond its input.
@@ -51,6 +60,9 @@ class RoutingContext:
     # The input token id of each of the layer's T tokens (int64, layer token order): what `hash`
     # routes by. None where no model feeds it (a router that needs it then raises).
     token_ids_T: Tensor | None = None
+    # Route replay: the experts to choose instead of the router's top-k (`routing.replay`). Every
+    # router chooses through `choose_experts`, which takes these ids when given.
+    forced: ForcedRoute | None = None
 
 
 @dataclass

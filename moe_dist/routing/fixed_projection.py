@@ -38,6 +38,7 @@ from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingCon
 from moe_dist.routing.comet import FIXED_ROUTING_KEY, active_units, frozen_projection, kwta_mask
 from moe_dist.routing.fp32_buffers import FP32Buffers
 from moe_dist.routing.inhibition import STATISTICS, PopulationInhibition
+from moe_dist.routing.replay import choose_experts
 from moe_dist.routing.topk import nudge_selection_bias
 
 WEIGHTS = ("uniform", "softmax")
@@ -113,7 +114,7 @@ class FixedProjectionRouter(FP32Buffers, Router):
             scores_TE = stream_TD.view(-1, self.num_experts, self.d_model // self.num_experts).sum(-1)
 
         select_TE = scores_TE + self.selection_bias_E if self.cfg.bias_balancing else scores_TE
-        idx_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
+        idx_TK = choose_experts(select_TE, self.top_k, ctx.forced)
         chosen_TK = scores_TE.gather(1, idx_TK)
         if self.cfg.weights == "softmax":
             w_TK = torch.softmax(chosen_TK, dim=-1)

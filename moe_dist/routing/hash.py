@@ -32,6 +32,7 @@ from torch import Tensor
 from moe_dist.common.config import ConfigError, check, check_choice
 from moe_dist.common.seeding import init_generator
 from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
+from moe_dist.routing.replay import forced_or
 
 TABLES = ("seeded", "frequency")
 # init_generator key of the seeded table, apart from the layer's other keys (moe/layer.py, comet.py).
@@ -180,6 +181,7 @@ class HashRouter(Router):
                              "MoESideInputs(token_ids_T=...) holding each token's input id (MoETransformer does)")
         if token_ids_T.numel() != x_TD.shape[0]:
             raise ValueError(f"the hash router got {token_ids_T.numel()} token ids for {x_TD.shape[0]} tokens")
-        idx_TK = self.table_VK[token_ids_T.reshape(-1)]
+        # Replay takes the recorded ids; the weights stay uniform, as the hash router's always are.
+        idx_TK = forced_or(self.table_VK[token_ids_T.reshape(-1)], ctx.forced)
         w_TK = torch.full(idx_TK.shape, 1.0 / self.top_k, dtype=torch.float32, device=x_TD.device)
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK)

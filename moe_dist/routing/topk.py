@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_dist.common.config import check, check_choice, check_int
-from moe_dist.routing.base import Router, RouterConfig, RouterOutput, RoutingContext
+from moe_dist.routing.base import ForcedRoute, Router, RouterConfig, RouterOutput, RoutingContext
 from moe_dist.routing.fp32_buffers import FP32Buffers
+from moe_dist.routing.replay import choose_experts
 
 
 @dataclass
@@ -115,7 +116,8 @@ def group_limit_mask(select_TE: Tensor, expert_groups: int, topk_groups: int, gr
 def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
                      selection_bias_E: Tensor | None = None, *, score: str = "softmax",
                      score_after_topk: bool = False, scale: float = 1.0, expert_groups: int = 1,
-                     topk_groups: int | None = None, group_score: str = "top2_sum") -> tuple[Tensor, Tensor, Tensor]:
+                     topk_groups: int | None = None, group_score: str = "top2_sum",
+                     forced: ForcedRoute | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k over fp32 logits: returns (probs_TE, w_TK, idx_TK).
 
     Experts are chosen by their scores `s = softmax(logits)` or `sigmoid(logits)` (plus
@@ -127,6 +129,9 @@ def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
     `probs_TE`, what the losses and statistics read, is a distribution over the experts: the
     softmax, or the sigmoid scores normalized to sum 1 per token (DeepSeek-V3's balance loss
     normalizes them the same way), so the Switch loss is 1 at balance for both.
+
+    `forced` (route replay): the experts are its ids instead of the top-k; the weights follow
+    the same formula at those ids.
     """
     if score == "sigmoid":
         scores_TE = torch.sigmoid(logits_TE)
@@ -136,7 +141,7 @@ def topk_from_logits(logits_TE: Tensor, top_k: int, renormalize: bool,
     select_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
     if topk_groups is not None and topk_groups < expert_groups:
         select_TE = group_limit_mask(select_TE, expert_groups, topk_groups, group_score)
-    idx_TK = torch.topk(select_TE, top_k, dim=-1).indices
+    idx_TK = choose_experts(select_TE, top_k, forced)
     if score_after_topk:
         w_TK = torch.softmax(logits_TE.gather(1, idx_TK), dim=-1)
     else:
@@ -176,7 +181,7 @@ class TopKRouter(FP32Buffers, Router):  # fp32 bias: bf16 would swallow its 1e-3
         probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, cfg.renormalize, bias, score=cfg.score,
                                                   score_after_topk=cfg.score_after_topk, scale=cfg.scale,
                                                   expert_groups=cfg.expert_groups, topk_groups=cfg.topk_groups,
-                                                  group_score=cfg.group_score)
+                                                  group_score=cfg.group_score, forced=ctx.forced)
         return RouterOutput(idx_TK=idx_TK, w_TK=w_TK, probs_TE=probs_TE, logits_TE=logits_TE,
                             router_input_TD=x_TD)
 

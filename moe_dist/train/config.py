@@ -56,7 +56,7 @@ def load_yaml(text_or_file, where: str | None = None):
 
 
 LR_DECAY_STYLES = ("cosine", "constant")
-SECTIONS = ("model", "moe", "data", "train", "cpu")
+SECTIONS = ("model", "moe", "data", "train", "cpu", "trace")
 # Keys that moved to another section: the old spelling is an error naming the new one.
 MOVED_KEYS = {"train.cpu_threads": "cpu.threads", "train.cpu_keep_freed_memory": "cpu.keep_freed_memory"}
 
@@ -164,16 +164,57 @@ class CpuSection:
 
 
 @dataclass
+class TraceSection:
+    """The routing trace and route replay (docs/routing_trace.md); off unless `dir` or `replay`."""
+
+    dir: str | None = None  # where each rank writes its trace files (None: no trace)
+    interval: int = 50  # trace the training steps that are multiples of this
+    layers: list[int] | None = None  # MoE layer indices traced (None: every MoE layer)
+    tokens: int | str = 256  # traced tokens per micro batch and layer, evenly strided, or "all"
+    eval: bool = True  # also trace every evaluation's forwards (the same tokens each time)
+    max_file_mb: float = 64.0  # rows past this (uncompressed size) are left out of a file
+    max_total_mb: float = 1024.0  # per rank: tracing stops once its files reach this
+    replay: str | None = None  # a trace directory whose routes this run takes instead of its routers'
+    replay_weights: bool = False  # take the trace's combine weights too (else the router's own at the ids)
+
+    def __post_init__(self) -> None:
+        check(self.dir is None or (isinstance(self.dir, str) and self.dir != ""),
+              f"trace.dir must be a directory path or null, got {self.dir!r}")
+        check(self.replay is None or (isinstance(self.replay, str) and self.replay != ""),
+              f"trace.replay must be a trace directory or null, got {self.replay!r}")
+        check_int("trace.interval", self.interval, 1)
+        check(self.tokens == "all" or (isinstance(self.tokens, int) and not isinstance(self.tokens, bool)
+                                       and self.tokens >= 1),
+              f"trace.tokens must be an integer >= 1 or 'all', got {self.tokens!r}")
+        check(self.layers is None or (isinstance(self.layers, list) and self.layers
+                                      and all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)),
+              f"trace.layers must be a non-empty list of MoE layer indices or null, got {self.layers!r}")
+        for name in ("eval", "replay_weights"):
+            check(isinstance(getattr(self, name), bool), f"trace.{name} must be true or false, got "
+                                                         f"{getattr(self, name)!r}")
+        for name in ("max_file_mb", "max_total_mb"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                  f"trace.{name} must be a number of MiB > 0, got {value!r}")
+        check(not (self.replay_weights and self.replay is None), "trace.replay_weights needs trace.replay")
+
+    @property
+    def tokens_per_layer(self) -> int | None:
+        return None if self.tokens == "all" else self.tokens
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainSection
     cpu: CpuSection = field(default_factory=CpuSection)
+    trace: TraceSection = field(default_factory=TraceSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the resolved config (stored in checkpoints and logs)."""
         out = {"model": to_dict(self.model), "data": to_dict(self.data), "train": to_dict(self.train),
-               "cpu": to_dict(self.cpu)}
+               "cpu": to_dict(self.cpu), "trace": to_dict(self.trace)}
         out["moe"] = out["model"].pop("moe")
         return out
 
@@ -205,7 +246,14 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
         check(not (isinstance(raw.get(section), dict) and key in raw[section]), f"{old} moved to {new}")
     train = from_dict(TrainSection, raw["train"], "train")
     cpu = from_dict(CpuSection, raw.get("cpu"), "cpu")
+    trace = from_dict(TraceSection, raw.get("trace"), "trace")
     model = parse_model_config(raw["model"], raw.get("moe"))
+    moe_layers = model.moe_layer_indices
+    if trace.layers is not None:
+        unknown = [i for i in trace.layers if i not in moe_layers]
+        check(not unknown, f"trace.layers {unknown} are not MoE layers; the model's MoE layers are {moe_layers}")
+    check(not ((trace.dir or trace.replay) and not moe_layers),
+          "trace.dir / trace.replay need a model with MoE layers (model.moe_every > 0 and a moe section)")
     data_raw = dict(raw.get("data") or {})
     if "seq_length" in data_raw and data_raw["seq_length"] != train.seq_len:
         raise ConfigError(f"data.seq_length ({data_raw['seq_length']}) differs from train.seq_len "
@@ -217,7 +265,7 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     check(not model.mtp_layers or train.seq_len >= 2,
           f"model.mtp_layers ({model.mtp_layers}) predicts token t+2 and needs train.seq_len >= 2, got "
           f"{train.seq_len}")
-    return RunConfig(model=model, data=data, train=train, cpu=cpu)
+    return RunConfig(model=model, data=data, train=train, cpu=cpu, trace=trace)
 
 
 def read_config_file(path: str, overrides: list[str] | None = None) -> dict[str, Any]:

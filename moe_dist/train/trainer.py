@@ -20,6 +20,9 @@ from moe_dist.common import process
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.evaluate.precision import sequence_loss_sums, standard_error
+from moe_dist.evaluate.trace_format import model_identity
+from moe_dist.evaluate.trace_replay import RouteReplay
+from moe_dist.evaluate.trace_writer import TraceWriter, trace_meta
 from moe_dist.model.compile import compile_blocks
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime
@@ -47,8 +50,18 @@ def log0(message: str) -> None:
         print(message, flush=True)
 
 
+def open_replay(cfg: RunConfig, rank: int, world_size: int) -> RouteReplay | None:
+    """trace.replay's trace, checked against the model and the world size (a TraceError, exit 2)."""
+    if cfg.trace.replay is None:
+        return None
+    return RouteReplay(cfg.trace.replay, model_identity(cfg.model), rank=rank, world_size=world_size,
+                       with_weights=cfg.trace.replay_weights)
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, checks: Preflight, config_path: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, checks: Preflight, config_path: str | None = None,
+                 replay: RouteReplay | None = None) -> None:
+        """`replay`: the routes to force (trace.replay, opened by `open_replay` before preflight)."""
         self.cfg = cfg
         self.checks = checks
         self.config_path = config_path
@@ -88,6 +101,21 @@ class Trainer:
         routers = {layer: moe.router for layer, moe in self.model.moe_layers()}
         # Only routers with an after_step hook (aux-loss-free bias balancing) cost a per-step all-reduce.
         self.after_step_routers = routers if wants_step_load(routers.values()) else {}
+        self.replay = replay
+        if replay is not None:
+            log0(f"trace.replay: routes of training steps {replay.steps('train') or '-'} and evaluations at steps "
+                 f"{replay.steps('eval') or '-'} come from {cfg.trace.replay} (recorded with router "
+                 f"{replay.recorded_router!r}); other forwards route as usual")
+        self.trace_writer = None
+        if cfg.trace.dir:
+            trace = cfg.trace
+            meta = trace_meta(model_identity(cfg.model), source="train", world_size=self.world,
+                              ep_size=self.groups.ep_size, micro_batch=train.micro_batch, seq_len=train.seq_len,
+                              interval=trace.interval, seed=train.seed)
+            self.trace_writer = TraceWriter(trace.dir, meta, rank=self.rank, top_k=moe.top_k, layers=trace.layers,
+                                            tokens=trace.tokens_per_layer, eod=self.tokenizer.eod,
+                                            max_file_bytes=int(trace.max_file_mb * 2**20),
+                                            max_total_bytes=int(trace.max_total_mb * 2**20), log=log0)
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -139,18 +167,34 @@ class Trainer:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor]):
+    def traced(self, phase: str, step: int) -> bool:
+        """Whether the forwards of (phase, step) are traced (trace.dir, trace.interval, trace.eval)."""
+        if self.trace_writer is None or not self.trace_writer.active:
+            return False
+        return self.cfg.trace.eval if phase == "eval" else step % self.cfg.trace.interval == 0
+
+    def forward(self, batch: dict[str, torch.Tensor], phase: str = "train", micro: int = 0):
+        """One forward of the training step about to run (`phase` train) or of the evaluation at
+        this step (eval): `micro` numbers its forwards, for the routing trace and route replay."""
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         domain_ids = batch["domain_ids"].to(self.device, non_blocking=True)
-        return self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids)
+        step = self.step + 1 if phase == "train" else self.step
+        traced = self.traced(phase, step)
+        forced = None
+        if self.replay is not None:
+            forced = self.replay.forced_routes(phase, step, micro, domain_ids.numel(), self.device)
+        out = self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids, trace=traced, forced_routes=forced)
+        if traced:  # the trace's host reads, after the forward and outside the model
+            self.trace_writer.add(micro, tokens[:, :-1], domain_ids, out.routes)
+        return out
 
     def train_step(self, batches, stats: MoEStatsAccumulator, losses: torch.Tensor) -> None:
         """One optimizer step over grad_accum micro batches. This rank's LM, aux and MTP losses
         are added to `losses` ([3] float64, on the device; MTP 0 without it) and its routing
         statistics to `stats`: no host read per micro batch."""
         step_stats = []
-        for _ in range(self.cfg.train.grad_accum):
-            out = self.forward(next(batches))
+        for micro in range(self.cfg.train.grad_accum):
+            out = self.forward(next(batches), "train", micro)
             self.engine.backward(out.loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.engine.step()  # the optimizer steps only at the accumulation boundary
             self.safety.observe(out)
@@ -160,6 +204,8 @@ class Trainer:
             step_stats.append(out.moe_stats)
             stats.add(out.moe_stats)
             del out  # else its logits ([B, S, V]) stay alive through the next micro batch's forward
+        if self.traced("train", self.step + 1):
+            self.trace_writer.flush("train", self.step + 1)
         if self.after_step_routers:
             # The global pre-drop load, identical on every rank (one packed all-reduce for all
             # layers), so router state stays in sync; it stays on the device.
@@ -182,11 +228,13 @@ class Trainer:
         for i, batch in enumerate(loader):
             if i == self.cfg.train.eval_batches(self.world):
                 break
-            out = self.forward(batch)
+            out = self.forward(batch, "eval", i)
             sums += sequence_loss_sums(out.logits_BSV, batch["tokens"][:, 1:].to(out.logits_BSV.device))
             stats.add(out.moe_stats)
             del out  # as in train_step: not alive through the next forward
         self.engine.train()
+        if self.traced("eval", self.step):
+            self.trace_writer.flush("eval", self.step)
         total = self.groups.all_reduce_sum_dp(torch.cat([sums, stats.pack(self.device)]))
         values = torch.cat([total[:4], stats.summarize(total[4:], self.world)]).tolist()  # the one host read
         tokens, sequences, loss_sum, loss_sq = values[:4]
@@ -295,11 +343,12 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None =
              break_lock: bool = False, run=None) -> TrainResult:
     """Validate everything, then train. Collective: every rank calls it with the same arguments.
     `run`: rank 0's claim on the checkpoint directory if the caller made it (run_dir.claim)."""
+    replay = open_replay(cfg, runtime.env_rank(), runtime.env_world_size())  # a cheap read, before the rest
     checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume,
                        allow_config_change=allow_config_change, break_lock=break_lock, run=run)
     trainer = None
     try:
-        trainer = Trainer(cfg, checks, config_path)
+        trainer = Trainer(cfg, checks, config_path, replay=replay)
         return trainer.run(resume=resume, stop_at_step=stop_at_step)
     finally:
         if trainer is not None:

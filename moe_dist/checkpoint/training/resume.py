@@ -46,6 +46,9 @@ FREE_PREFIXES = (
     "train.tensorboard_dir", "train.init_from", "train.deepspeed_config", "cpu.", "data.num_workers",
     "data.megatron.cache_dir", "model.activation_checkpointing", "model.num_labels", "model.max_seq_len",
     "model.init_std", "moe.init_std", "moe.expert_impl", "model.mtp_loss_weight",
+    # The routing trace observes; trace.replay and trace.replay_weights change the routing.
+    "trace.dir", "trace.interval", "trace.layers", "trace.tokens", "trace.eval", "trace.max_file_mb",
+    "trace.max_total_mb",
 )
 RESHARD = "python tools/convert_checkpoint.py reshard"
 
