@@ -55,7 +55,9 @@ def load_yaml(text_or_file, where: str | None = None):
         raise ConfigError(f"{where or getattr(text_or_file, 'name', '<yaml>')}: YAML error: {e}") from None
 
 
-LR_DECAY_STYLES = ("cosine", "constant")
+LR_DECAY_STYLES = ("cosine", "constant", "linear", "wsd")
+# The shape of warmup-stable-decay's decay phase (moe_dist/train/schedule.py, `decay_factor`).
+DECAY_SHAPES = ("1-sqrt", "linear", "cosine")
 SECTIONS = ("model", "moe", "data", "train", "cpu")
 # Keys that moved to another section: the old spelling is an error naming the new one.
 MOVED_KEYS = {"train.cpu_threads": "cpu.threads", "train.cpu_keep_freed_memory": "cpu.keep_freed_memory"}
@@ -71,9 +73,14 @@ class TrainSection:
     # micro_batch * grad_accum * world size; optional, checked against the launch when given.
     global_batch: int | None = None
     lr: float = 3e-4
-    min_lr: float = 0.0  # where the cosine ends (at `steps`)
+    min_lr: float = 0.0  # where the decay ends (at `steps`)
     warmup_steps: int = 0  # linear warmup from 0 to lr
-    lr_decay: str = "cosine"
+    lr_decay: str = "cosine"  # cosine, linear, constant, or wsd (warmup-stable-decay)
+    # wsd only: the decay phase is the last `decay_steps` steps (it starts at steps - decay_steps),
+    # shaped by `decay_shape` (None: "1-sqrt"). Branching a decay from a stable-phase checkpoint:
+    # docs/training.md, "Learning-rate schedules".
+    decay_steps: int | None = None
+    decay_shape: str | None = None
     weight_decay: float = 0.1  # on matrices (embeddings and experts included), not on norm weights
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
@@ -128,6 +135,21 @@ class TrainSection:
         check(self.warmup_steps <= self.steps,
               f"train.warmup_steps ({self.warmup_steps}) must be <= train.steps ({self.steps})")
         check_choice("train.lr_decay", self.lr_decay, LR_DECAY_STYLES)
+        if self.lr_decay == "wsd":
+            check(self.decay_steps is not None,
+                  "train.decay_steps must be set for train.lr_decay 'wsd' (the length of the decay phase, "
+                  "which ends at train.steps)")
+            check_int("train.decay_steps", self.decay_steps, 1)
+            check(self.decay_steps <= self.steps - self.warmup_steps,
+                  f"train.decay_steps ({self.decay_steps}) must be <= train.steps - train.warmup_steps "
+                  f"({self.steps} - {self.warmup_steps}): the decay starts after the warmup")
+            if self.decay_shape is not None:
+                check_choice("train.decay_shape", self.decay_shape, DECAY_SHAPES)
+        else:
+            for name in ("decay_steps", "decay_shape"):
+                check(getattr(self, name) is None,
+                      f"train.{name} ({getattr(self, name)!r}) applies only to train.lr_decay 'wsd', "
+                      f"got lr_decay {self.lr_decay!r}")
         for name, minimum in (("collective_timeout", 1e-3), ("watchdog_timeout", 0.0)):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum,
