@@ -63,6 +63,40 @@ SECTIONS = ("model", "moe", "data", "train", "cpu")
 MOVED_KEYS = {"train.cpu_threads": "cpu.threads", "train.cpu_keep_freed_memory": "cpu.keep_freed_memory"}
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbSection:
+    """`train.wandb`: log to Weights & Biases too (the extra `.[wandb]`; moe_dist/train/trackers.py)."""
+
+    project: str
+    entity: str | None = None
+    name: str | None = None  # the run's display name (None: moe_dist's run id)
+    dir: str | None = None  # where W&B keeps its files (None: ./wandb)
+    mode: str = "online"  # offline: nothing leaves the machine (`wandb sync` uploads later)
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.project, str) and self.project != "",
+              f"train.wandb.project must be a non-empty string, got {self.project!r}")
+        check_choice("train.wandb.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class MlflowSection:
+    """`train.mlflow`: log to MLflow too (the extra `.[mlflow]`; moe_dist/train/trackers.py)."""
+
+    tracking_uri: str  # http(s)://server, or file:///abs/path (a file store)
+    experiment: str = "moe_dist"
+    run_name: str | None = None  # None: moe_dist's run id
+
+    def __post_init__(self) -> None:
+        for name in ("tracking_uri", "experiment"):
+            value = getattr(self, name)
+            check(isinstance(value, str) and value != "", f"train.mlflow.{name} must be a non-empty string, "
+                                                          f"got {value!r}")
+
+
 @dataclass
 class TrainSection:
     steps: int
@@ -94,6 +128,15 @@ class TrainSection:
     checkpoint_dir: str | None = None
     keep_last: int | None = None  # keep the newest N complete checkpoints (None: all)
     tensorboard_dir: str | None = None
+    # Experiment trackers beside TensorBoard (None: off); the same tags (docs/training.md).
+    wandb: WandbSection | None = None
+    mlflow: MlflowSection | None = None
+    # The run folder: the resolved config, the DeepSpeed JSON, the launch command and rank 0's
+    # output (train.log) are written here at start (moe_dist/train/run_record.py). None: not written.
+    run_dir: str | None = None
+    # The device's peak FLOP/s in TFLOP/s for the MFU in the step log; None: looked up from the
+    # device name (moe_dist/train/flops.py, PEAK_TFLOPS), and no MFU where it is not known.
+    peak_tflops: float | None = None
     seed: int = 1234  # model initialization and per-rank RNG streams
     # A consolidated checkpoint (tools/convert_checkpoint.py consolidate) to start from, at any
     # ep_size, with a fresh optimizer and step 0: fine-tuning. Ignored by --resume, which
@@ -155,6 +198,13 @@ class TrainSection:
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum,
                   f"train.{name} must be a number of seconds >= {minimum:g}, got {value!r}")
         check_int("train.max_consecutive_skips", self.max_consecutive_skips, 1)
+        if self.peak_tflops is not None:
+            check(isinstance(self.peak_tflops, (int, float)) and not isinstance(self.peak_tflops, bool)
+                  and self.peak_tflops > 0, f"train.peak_tflops must be a number > 0, got {self.peak_tflops!r}")
+        for name, section in (("wandb", WandbSection), ("mlflow", MlflowSection)):
+            value = getattr(self, name)
+            check(value is None or isinstance(value, section),
+                  f"train.{name} must be a mapping of its settings, got {value!r}")
         check(isinstance(self.adam_betas, (list, tuple)) and len(self.adam_betas) == 2
               and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas),
               f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
