@@ -328,9 +328,9 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None =
              break_lock: bool = False, run=None) -> TrainResult:
     """Validate everything, then train. Collective: every rank calls it with the same arguments.
     `run`: rank 0's claim on the checkpoint directory if the caller made it (run_dir.claim)."""
+    check_tracker_packages(cfg.train)
     checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume,
                        allow_config_change=allow_config_change, break_lock=break_lock, run=run)
-    check_tracker_packages(cfg.train)
     trainer = record = None
     try:
         if cfg.train.run_dir and runtime.env_rank() == 0:
