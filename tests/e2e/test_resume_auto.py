@@ -10,6 +10,7 @@ import json
 import os
 import signal
 
+import pytest
 from tests.harness.fault import LiveLaunch
 from tests.harness.train import tiny_config, write_yaml
 
@@ -35,6 +36,7 @@ def first_step(output: str) -> int:
                 if line.startswith("step ") and "| loss " in line)
 
 
+@pytest.mark.slow  # three launches, two stopped by a signal
 def test_the_same_command_starts_then_resumes(tmp_path):
     ckpt, run_dir = tmp_path / "ckpt", tmp_path / "run"
     config = write_yaml(str(tmp_path / "auto.yaml"), tiny_config(train=dict(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from tests.harness.train import (assert_launch_ok, free_port, launch, tensorboard_scalars, tensorboard_tags, tiny_config,
                                  write_yaml)
 from tests.harness.trackers import (OFFLINE_ENV, mlflow_artifacts, mlflow_metrics, need, wandb_history,
@@ -62,6 +63,7 @@ def test_wandb_and_mlflow_get_tensorboards_scalar_names_and_the_run_folder_expla
     assert step_lines[0] in log and "done: step 4" in log
 
 
+@pytest.mark.slow  # a second launch; the unit tests (test_metrics_sinks, test_trackers_offline) cover the warning
 def test_trackers_that_fail_warn_once_and_training_exits_0(tmp_path):
     need("wandb", "wandb")
     need("mlflow", "mlflow")

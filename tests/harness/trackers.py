@@ -9,11 +9,15 @@ import importlib.util
 import json
 import os
 import struct
+import time
 
 import pytest
 
 OFFLINE_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
                "WANDB_ERROR_REPORTING": "false", "MLFLOW_ALLOW_FILE_STORE": "true"}
+
+
+WRITE_WAIT_S = 120
 
 
 def need(module: str, extra: str) -> None:
@@ -54,11 +58,28 @@ def wandb_history(wandb_dir: str) -> dict[str, list]:
     '_runtime', '_timestamp' left out; a histogram or image appears as '<tag>/_type' and its parts)."""
     from wandb.proto import wandb_internal_pb2
 
-    out: dict[str, list] = {}
-    for path in sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+    def parsed(path: str) -> list:
+        records = []
         for raw in _records(path):
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(raw)
+            try:
+                record.ParseFromString(raw)
+            except Exception:  # noqa: BLE001 - a record still being written: read again later
+                break
+            records.append(record)
+        return records
+
+    out: dict[str, list] = {}
+    for path in sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+        # W&B's service process writes the file on its own time, after `finish` has returned:
+        # the run is whole once its `exit` record is there.
+        deadline = time.monotonic() + WRITE_WAIT_S
+        records = parsed(path)
+        while not any(r.WhichOneof("record_type") == "exit" for r in records):
+            assert time.monotonic() < deadline, f"{path}: no exit record after {WRITE_WAIT_S} s"
+            time.sleep(0.5)
+            records = parsed(path)
+        for record in records:
             if record.WhichOneof("record_type") == "history":
                 for item in record.history.item:
                     key = item.key or "/".join(item.nested_key)
