@@ -52,6 +52,13 @@ def test_wandb_and_mlflow_get_tensorboards_scalar_names_and_the_run_folder_expla
     assert len(step_lines) == 1 and " | peak mem " in step_lines[0] and "MFU" not in step_lines[0]
     assert "no MFU: no peak FLOP/s known for cpu (set train.peak_tflops)" in proc.stdout
     assert "step 4 | validation per domain (loss / perplexity / tokens): domain0 " in proc.stdout
+    # every synthetic token is labelled: the token-weighted mean of the domains is the validation loss
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("step 4 | validation per domain"))
+    parts = [p.split() for p in line.split(": ", 1)[1].split(", ")]
+    domains = {name: (float(loss), int(tokens.replace(",", ""))) for name, loss, _, _, _, tokens in parts}
+    assert set(domains) <= {f"domain{d}" for d in range(4)} and len(domains) >= 2
+    weighted = sum(loss * n for loss, n in domains.values()) / sum(n for _, n in domains.values())
+    assert abs(weighted - dict(tensorboard_scalars(str(tmp_path / "tb"))["val/loss"])[4]) < 1e-3
 
     run_dir = tmp_path / "run"
     assert sorted(os.listdir(run_dir)) == ["config.yaml", "deepspeed_config.json", "launch.json", "train.log"]
