@@ -3,6 +3,7 @@
 
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny_cpu.yaml
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny_cpu.yaml --resume
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny_cpu.yaml --resume auto
     deepspeed --hostfile launch/hostfile.example launch/pretrain.py --config configs/gpu_125m_e16.yaml
 
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
@@ -41,13 +42,38 @@ from moe_dist.train.safety.run_dir import claim  # noqa: E402
 from moe_dist.train.safety.signals import guard_launcher  # noqa: E402
 
 
+def resume_mode(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: --resume takes no value, or 'auto'")
+    return value
+
+
+def decide_resume(mode: bool | str, checkpoint_dir: str | None) -> bool:
+    """--resume (True), none (False), or "auto": resume exactly when the folder has a committed `latest`.
+    A folder with tags but no `latest`, or a `latest` whose tag is broken, is then refused by
+    preflight as it is without auto (a new run would overwrite the one, the other cannot load)."""
+    if mode != "auto":
+        return bool(mode)
+    if not checkpoint_dir:
+        raise ConfigError("--resume auto needs train.checkpoint_dir (where it looks for a checkpoint)")
+    from moe_dist.checkpoint.training import read_latest
+
+    tag = read_latest(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"--resume auto: {f'resuming from {tag!r} in' if tag else 'no committed checkpoint in'} "
+              f"train.checkpoint_dir {checkpoint_dir!r}{'' if tag else '; starting a new run'}", flush=True)
+    return tag is not None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--config", required=True, help="training config YAML (model, moe, data, train)")
     p.add_argument("--deepspeed_config", default=None,
                    help="DeepSpeed JSON; overrides train.deepspeed_config")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in train.checkpoint_dir")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=resume_mode, metavar="auto",
+                   help="continue from the latest complete checkpoint in train.checkpoint_dir; '--resume auto': "
+                        "continue when train.checkpoint_dir holds a committed checkpoint ('latest'), else start "
+                        "a new run (for schedulers that requeue the same command)")
     p.add_argument("--allow_config_change", action="store_true",
                    help="with --resume: continue although settings that change the data order or routing "
                         "(seeds, top_k, capacity, ...), or the tokenizer's or data's content, differ from the "
@@ -81,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"trace.replay={json.dumps(args.replay_routes)}")
     try:
         cfg = load_run_config(args.config, overrides)
+        args.resume = decide_resume(args.resume, cfg.train.checkpoint_dir)
         # The run lock before the trainer's imports (torch, DeepSpeed and Megatron-Core: most of a
         # start-up): a second job on this checkpoint_dir is refused before it pays for them.
         # Preflight checks the rest under it.

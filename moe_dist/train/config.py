@@ -55,10 +55,46 @@ def load_yaml(text_or_file, where: str | None = None):
         raise ConfigError(f"{where or getattr(text_or_file, 'name', '<yaml>')}: YAML error: {e}") from None
 
 
-LR_DECAY_STYLES = ("cosine", "constant")
+LR_DECAY_STYLES = ("cosine", "constant", "linear", "wsd")
+# The shape of warmup-stable-decay's decay phase (moe_dist/train/schedule.py, `decay_factor`).
+DECAY_SHAPES = ("1-sqrt", "linear", "cosine")
 SECTIONS = ("model", "moe", "data", "train", "cpu", "trace")
 # Keys that moved to another section: the old spelling is an error naming the new one.
 MOVED_KEYS = {"train.cpu_threads": "cpu.threads", "train.cpu_keep_freed_memory": "cpu.keep_freed_memory"}
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbSection:
+    """`train.wandb`: log to Weights & Biases too (the extra `.[wandb]`; moe_dist/train/trackers.py)."""
+
+    project: str
+    entity: str | None = None
+    name: str | None = None  # the run's display name (None: moe_dist's run id)
+    dir: str | None = None  # where W&B keeps its files (None: ./wandb)
+    mode: str = "online"  # offline: nothing leaves the machine (`wandb sync` uploads later)
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.project, str) and self.project != "",
+              f"train.wandb.project must be a non-empty string, got {self.project!r}")
+        check_choice("train.wandb.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class MlflowSection:
+    """`train.mlflow`: log to MLflow too (the extra `.[mlflow]`; moe_dist/train/trackers.py)."""
+
+    tracking_uri: str  # http(s)://server, or file:///abs/path (a file store)
+    experiment: str = "moe_dist"
+    run_name: str | None = None  # None: moe_dist's run id
+
+    def __post_init__(self) -> None:
+        for name in ("tracking_uri", "experiment"):
+            value = getattr(self, name)
+            check(isinstance(value, str) and value != "", f"train.mlflow.{name} must be a non-empty string, "
+                                                          f"got {value!r}")
 
 
 @dataclass
@@ -71,9 +107,14 @@ class TrainSection:
     # micro_batch * grad_accum * world size; optional, checked against the launch when given.
     global_batch: int | None = None
     lr: float = 3e-4
-    min_lr: float = 0.0  # where the cosine ends (at `steps`)
+    min_lr: float = 0.0  # where the decay ends (at `steps`)
     warmup_steps: int = 0  # linear warmup from 0 to lr
-    lr_decay: str = "cosine"
+    lr_decay: str = "cosine"  # cosine, linear, constant, or wsd (warmup-stable-decay)
+    # wsd only: the decay phase is the last `decay_steps` steps (it starts at steps - decay_steps),
+    # shaped by `decay_shape` (None: "1-sqrt"). Branching a decay from a stable-phase checkpoint:
+    # docs/training.md, "Learning-rate schedules".
+    decay_steps: int | None = None
+    decay_shape: str | None = None
     weight_decay: float = 0.1  # on matrices (embeddings and experts included), not on norm weights
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
@@ -87,6 +128,15 @@ class TrainSection:
     checkpoint_dir: str | None = None
     keep_last: int | None = None  # keep the newest N complete checkpoints (None: all)
     tensorboard_dir: str | None = None
+    # Experiment trackers beside TensorBoard (None: off); the same tags (docs/training.md).
+    wandb: WandbSection | None = None
+    mlflow: MlflowSection | None = None
+    # The run folder: the resolved config, the DeepSpeed JSON, the launch command and rank 0's
+    # output (train.log) are written here at start (moe_dist/train/run_record.py). None: not written.
+    run_dir: str | None = None
+    # The device's peak FLOP/s in TFLOP/s for the MFU in the step log; None: looked up from the
+    # device name (moe_dist/train/flops.py, PEAK_TFLOPS), and no MFU where it is not known.
+    peak_tflops: float | None = None
     seed: int = 1234  # model initialization and per-rank RNG streams
     # A consolidated checkpoint (tools/convert_checkpoint.py consolidate) to start from, at any
     # ep_size, with a fresh optimizer and step 0: fine-tuning. Ignored by --resume, which
@@ -128,11 +178,33 @@ class TrainSection:
         check(self.warmup_steps <= self.steps,
               f"train.warmup_steps ({self.warmup_steps}) must be <= train.steps ({self.steps})")
         check_choice("train.lr_decay", self.lr_decay, LR_DECAY_STYLES)
+        if self.lr_decay == "wsd":
+            check(self.decay_steps is not None,
+                  "train.decay_steps must be set for train.lr_decay 'wsd' (the length of the decay phase, "
+                  "which ends at train.steps)")
+            check_int("train.decay_steps", self.decay_steps, 1)
+            check(self.decay_steps <= self.steps - self.warmup_steps,
+                  f"train.decay_steps ({self.decay_steps}) must be <= train.steps - train.warmup_steps "
+                  f"({self.steps} - {self.warmup_steps}): the decay starts after the warmup")
+            if self.decay_shape is not None:
+                check_choice("train.decay_shape", self.decay_shape, DECAY_SHAPES)
+        else:
+            for name in ("decay_steps", "decay_shape"):
+                check(getattr(self, name) is None,
+                      f"train.{name} ({getattr(self, name)!r}) applies only to train.lr_decay 'wsd', "
+                      f"got lr_decay {self.lr_decay!r}")
         for name, minimum in (("collective_timeout", 1e-3), ("watchdog_timeout", 0.0)):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum,
                   f"train.{name} must be a number of seconds >= {minimum:g}, got {value!r}")
         check_int("train.max_consecutive_skips", self.max_consecutive_skips, 1)
+        if self.peak_tflops is not None:
+            check(isinstance(self.peak_tflops, (int, float)) and not isinstance(self.peak_tflops, bool)
+                  and self.peak_tflops > 0, f"train.peak_tflops must be a number > 0, got {self.peak_tflops!r}")
+        for name, section in (("wandb", WandbSection), ("mlflow", MlflowSection)):
+            value = getattr(self, name)
+            check(value is None or isinstance(value, section),
+                  f"train.{name} must be a mapping of its settings, got {value!r}")
         check(isinstance(self.adam_betas, (list, tuple)) and len(self.adam_betas) == 2
               and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas),
               f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")

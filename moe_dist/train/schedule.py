@@ -1,4 +1,7 @@
-"""Learning-rate schedule: linear warmup from 0, then cosine (or constant) to `min_lr` at `steps`.
+"""Learning-rate schedule: linear warmup from 0, then cosine, linear, constant, or warmup-stable-decay
+(WSD: `lr` until `steps - decay_steps`, then a `decay_shape` decay to `min_lr` at `steps`; Hägele et
+al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"). The formula:
+docs/training.md, "Learning-rate schedules".
 
 On `--resume` the schedule and optimizer settings of the config in force are the ones used from the
 resumed step on (`ConfiguredSettings`): the checkpoint restores the scheduler's step count and the
@@ -16,15 +19,32 @@ import torch
 from moe_dist.train.config import TrainSection
 
 
+def decay_factor(shape: str, progress: float) -> float:
+    """1 at the decay's start (progress 0), 0 at its end (progress 1)."""
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "1-sqrt":
+        return 1.0 - math.sqrt(progress)
+    raise ValueError(f"unknown decay shape {shape!r}")
+
+
 def lr_at(step: int, train: TrainSection) -> float:
     """Learning rate of optimizer step `step` (0-based: the first step uses lr_at(0))."""
     if train.warmup_steps and step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if train.lr_decay == "constant":
         return train.lr
-    decay_steps = max(1, train.steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
-    return train.min_lr + (train.lr - train.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if train.lr_decay == "wsd":
+        decay_start = train.steps - train.decay_steps
+        if step < decay_start:
+            return train.lr
+        start, length, shape = decay_start, train.decay_steps, train.decay_shape or "1-sqrt"
+    else:  # cosine or linear: the whole run after the warmup decays
+        start, length, shape = train.warmup_steps, max(1, train.steps - train.warmup_steps), train.lr_decay
+    progress = min(1.0, (step - start) / length)
+    return train.min_lr + (train.lr - train.min_lr) * decay_factor(shape, progress)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
@@ -35,7 +55,8 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) ->
 # What the config sets in each optimizer group (DeepSpeed's load replaces them with the
 # checkpoint's), and the train keys they and the schedule come from.
 GROUP_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")
-SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "lr_decay", "steps", "weight_decay", "adam_betas", "adam_eps")
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "lr_decay", "decay_steps", "decay_shape", "steps", "weight_decay",
+                 "adam_betas", "adam_eps")
 
 
 @dataclass

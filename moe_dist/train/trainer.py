@@ -19,7 +19,7 @@ from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common import process
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
-from moe_dist.evaluate.precision import sequence_loss_sums, standard_error
+from moe_dist.evaluate.precision import domain_loss_sums, sequence_loss_sums, standard_error, token_nll
 from moe_dist.evaluate.trace_format import model_identity
 from moe_dist.evaluate.trace_replay import RouteReplay
 from moe_dist.evaluate.trace_writer import TraceWriter, trace_meta
@@ -29,13 +29,16 @@ from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
+from moe_dist.train.flops import device_peak, mfu, model_flops_per_token, peak_memory_bytes, step_log_suffix
+from moe_dist.train.metrics_log import build_metrics_logger, check_tracker_packages
 from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load, wants_step_load
 from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
+from moe_dist.train.run_record import write_run_record
 from moe_dist.train.safety.exits import PREEMPTED, RunStopped
 from moe_dist.train.safety.guard import RunSafety
 from moe_dist.train.schedule import ConfiguredSettings, schedule_changes
-from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
+from moe_dist.train.tb_logger import perplexity
 
 
 @dataclass
@@ -96,7 +99,14 @@ class Trainer:
             cfg.data, cfg.model.vocab_size, *requested_samples(train, self.global_batch, self.world))
         self.tokenizer = self.datasets.tokenizer
         self.step = 0
-        self.tb = TensorBoardLogger(train.tensorboard_dir, enabled=self.rank == 0)
+        self.tb = build_metrics_logger(train, self.rank == 0, cfg.to_dict(), self.run_id)
+        self.flops = model_flops_per_token(cfg.model, train.seq_len)
+        self.peak_tflops, source = device_peak(self.device, train.peak_tflops)
+        peak = (f"MFU against {self.peak_tflops:g} TFLOP/s per device ({source})" if self.peak_tflops
+                else f"no MFU: {source}")
+        log0(f"model FLOPs per token: {self.flops.forward:,} forward, {self.flops.train:,} training "
+             f"(3 x forward, recompute not counted; docs/training.md); {peak}; peak mem in the step log: "
+             f"rank 0's {peak_memory_bytes(self.device)[1]}")
         self.safety = RunSafety(train, [i for i, _ in self.model.moe_layers()], device=self.device)
         routers = {layer: moe.router for layer, moe in self.model.moe_layers()}
         # Only routers with an after_step hook (aux-loss-free bias balancing) cost a per-step all-reduce.
@@ -223,22 +233,31 @@ class Trainer:
         self.engine.eval()
         stats = MoEStatsAccumulator()
         loader = build_dataloader(valid, self.cfg.train.micro_batch, self.rank, self.world)
-        # tokens, sequences, sum and sum of squares of sequence losses
+        # tokens, sequences, sum and sum of squares of sequence losses; with domain labels, the
+        # summed loss and the tokens of each domain
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        L = self.cfg.model.num_labels
+        domain_sums = torch.zeros(2, L, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(loader):
             if i == self.cfg.train.eval_batches(self.world):
                 break
             out = self.forward(batch, "eval", i)
-            sums += sequence_loss_sums(out.logits_BSV, batch["tokens"][:, 1:].to(out.logits_BSV.device))
+            targets = batch["tokens"][:, 1:].to(out.logits_BSV.device)
+            nll_BS = token_nll(out.logits_BSV, targets)
+            sums += sequence_loss_sums(out.logits_BSV, targets, nll_BS)
+            if L:
+                domain_sums += domain_loss_sums(nll_BS, batch["domain_ids"], L)
             stats.add(out.moe_stats)
-            del out  # as in train_step: not alive through the next forward
+            del out, nll_BS  # as in train_step: not alive through the next forward
         self.engine.train()
         if self.traced("eval", self.step):
             self.trace_writer.flush("eval", self.step)
-        total = self.groups.all_reduce_sum_dp(torch.cat([sums, stats.pack(self.device)]))
-        values = torch.cat([total[:4], stats.summarize(total[4:], self.world)]).tolist()  # the one host read
+        total = self.groups.all_reduce_sum_dp(torch.cat([sums, domain_sums.reshape(-1), stats.pack(self.device)]))
+        n = 4 + 2 * L
+        values = torch.cat([total[:n], stats.summarize(total[n:], self.world)]).tolist()  # the one host read
         tokens, sequences, loss_sum, loss_sq = values[:4]
-        summary = stats.unpack(values[4:])
+        domains = self.domain_losses(values[4:4 + L], values[4 + L:n])
+        summary = stats.unpack(values[n:])
         loss = loss_sum / max(sequences, 1.0)
         sem = standard_error(sequences, loss_sum, loss_sq)
         for layer, row in summary.items():
@@ -251,10 +270,23 @@ class Trainer:
                     self.tb.scalars(self.step, {f"moe/layer{layer}/val_mi_domain_normalized":
                                                 row["mi_domain_normalized"]})
         self.tb.scalars(self.step, {"val/loss": loss, "val/perplexity": perplexity(loss), "val/loss_sem": sem})
+        for name, (domain_loss, _) in domains.items():
+            self.tb.scalars(self.step, {f"val/domain/{name}/loss": domain_loss,
+                                        f"val/domain/{name}/perplexity": perplexity(domain_loss)})
         drops = " ".join(f"{row['dropped_fraction']:.3f}" for row in summary.values())
         log0(f"step {self.step} | validation loss {loss:.4f} ± {sem:.4f} over {int(tokens):,} tokens | "
              f"perplexity {perplexity(loss):.2f} | dropped per MoE layer {drops or '-'}")
+        if domains:
+            log0(f"step {self.step} | validation per domain (loss / perplexity / tokens): " + ", ".join(
+                f"{name} {value:.4f} / {perplexity(value):.2f} / {int(count):,}"
+                for name, (value, count) in domains.items()))
         return loss
+
+    def domain_losses(self, loss_sums: list[float], counts: list[float]) -> dict[str, tuple[float, float]]:
+        """{domain name: (mean token loss, tokens)} for the domains the validation batches held."""
+        names = list(self.checks.domain_names or [])
+        names += [f"domain{i}" for i in range(len(names), len(counts))]
+        return {names[i]: (loss_sums[i] / counts[i], counts[i]) for i in range(len(counts)) if counts[i] > 0}
 
     def run(self, resume: bool = False, stop_at_step: int | None = None) -> TrainResult:
         train = self.cfg.train
@@ -322,10 +354,16 @@ class Trainer:
         loss, aux, mtp = values[0], values[1], values[2]
         grad_norm = self.safety.grad_norm
         times = self.safety.times.take()
+        # Host-side counters only (tokens/s from the clock, the allocator's peak): no device read.
+        utilization = mfu(self.flops.train, tokens_per_s, self.world, self.peak_tflops)
+        memory, _ = peak_memory_bytes(self.device)
         self.tb.scalars(self.step, {"train/loss": loss, "train/perplexity": perplexity(loss),
                                     "train/aux_loss": aux, "train/lr": lr, "train/grad_norm": grad_norm,
                                     "train/tokens_per_s": tokens_per_s,
-                                    "train/skipped_steps": self.safety.skipped})
+                                    "train/skipped_steps": self.safety.skipped,
+                                    "train/model_tflops_per_device":
+                                        self.flops.train * tokens_per_s / self.world / 1e12,
+                                    "train/mfu": utilization, "train/peak_memory_gib": memory / 2**30})
         if self.cfg.model.mtp_layers:
             self.tb.scalars(self.step, {"train/mtp_loss": mtp})
         if times is not None:
@@ -334,7 +372,9 @@ class Trainer:
         self.tb.moe(self.step, stats.unpack(values[3:]))
         self.tb.flush()
         line = progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step, times, self.safety.skipped)
-        log0(f"{line} | mtp loss {mtp:.4f}" if self.cfg.model.mtp_layers else line)
+        if self.cfg.model.mtp_layers:
+            line += f" | mtp loss {mtp:.4f}"
+        log0(line + step_log_suffix(utilization, memory))
         return loss
 
 
@@ -343,15 +383,25 @@ def pretrain(cfg: RunConfig, *, resume: bool = False, stop_at_step: int | None =
              break_lock: bool = False, run=None) -> TrainResult:
     """Validate everything, then train. Collective: every rank calls it with the same arguments.
     `run`: rank 0's claim on the checkpoint directory if the caller made it (run_dir.claim)."""
+    check_tracker_packages(cfg.train)
     replay = open_replay(cfg, runtime.env_rank(), runtime.env_world_size())  # a cheap read, before the rest
     checks = preflight(cfg, runtime.env_world_size(), cfg.train.deepspeed_config, resume=resume,
                        allow_config_change=allow_config_change, break_lock=break_lock, run=run)
-    trainer = None
+    trainer = record = None
     try:
+        if cfg.train.run_dir and runtime.env_rank() == 0:
+            record = write_run_record(cfg.train.run_dir, cfg.to_dict(), checks.ds_config, resume=resume,
+                                      run_id=checks.run.run_id if checks.run else None)
         trainer = Trainer(cfg, checks, config_path, replay=replay)
         return trainer.run(resume=resume, stop_at_step=stop_at_step)
+    except BaseException as e:
+        if record is not None:  # the launcher prints it after this; the log keeps it too
+            record.write(f"run ended: {type(e).__name__}: {e}\n")
+        raise
     finally:
         if trainer is not None:
             trainer.safety.close()  # signal handlers and watchdog end with the run, however it ends
+        if record is not None:
+            record.close()
         if checks.run is not None:
             checks.run.release()

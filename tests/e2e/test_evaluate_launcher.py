@@ -26,7 +26,8 @@ def run(tmp_path_factory):
     with open(os.path.join(REPO, "configs/tiny_cpu.yaml")) as f:
         cfg = yaml.safe_load(f)
     cfg["train"].update(steps=4, warmup_steps=1, log_interval=2, eval_interval=2, eval_tokens=1100,
-                        checkpoint_dir=str(tmp / "ckpt"), tensorboard_dir=str(tmp / "tb"))
+                        checkpoint_dir=str(tmp / "ckpt"), tensorboard_dir=str(tmp / "tb"),
+                        run_dir=str(tmp / "run"))
     cfg["cpu"] = {"threads": 1}
     config = write_yaml(str(tmp / "quick.yaml"), cfg)
     proc = launch(["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py", "--config", config])

@@ -16,7 +16,8 @@ SHM = "/dev/shm"
 def test_a_cpu_run_builds_no_shared_memory_op_and_leaves_no_segment(tmp_path):
     with open(os.path.join(REPO, "configs/tiny_cpu.yaml")) as f:
         cfg = yaml.safe_load(f)
-    cfg["train"].update(steps=1, warmup_steps=1, eval_interval=0, checkpoint_dir=None, tensorboard_dir=None)
+    cfg["train"].update(steps=1, warmup_steps=1, eval_interval=0, checkpoint_dir=None, tensorboard_dir=None,
+                        run_dir=None)
     cfg["cpu"] = {"threads": 1}
     config = write_yaml(str(tmp_path / "run.yaml"), cfg)
     port = free_port()

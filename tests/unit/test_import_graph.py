@@ -37,8 +37,8 @@ STANDALONE_DIRS = ["checkpoint/hf/remote_code"]
 # imports only parts listed before it. The package's own __init__.py may import any of them.
 PARTS = {
     "checkpoint": ["files", "training", "consolidated", "hf", "upcycle", "inspect", "cli"],
-    "train": ["config", "ds_config", "schedule", "progress", "memory_plan", "moe_metrics", "tb_logger", "safety",
-              "preflight", "engine", "trainer"],
+    "train": ["config", "ds_config", "schedule", "progress", "flops", "memory_plan", "moe_metrics", "sink", "tb_logger",
+              "trackers", "metrics_log", "run_record", "safety", "preflight", "engine", "trainer"],
 }
 # The training-checkpoint format has one home: outside it, only the package's own names are used
 # (its __init__.py), never its modules; library, tools and launch scripts alike.

@@ -110,7 +110,8 @@ def pretrain_part(quick: bool, out: Path, peak_tflops: float, timeout: int,
     if quick:
         config = "configs/tiny_cpu.yaml"
         overrides = ["moe.ep_size=1", "train.steps=4", "train.log_interval=2", "train.warmup_steps=1",
-                     "train.eval_iters=1", "train.checkpoint_dir=null", "train.tensorboard_dir=null"]
+                     "train.eval_iters=1", "train.checkpoint_dir=null", "train.tensorboard_dir=null",
+                     "train.run_dir=null"]
     else:
         config, overrides = "configs/gpu_125m_e16_1gpu.yaml", []
     per_token = flops_per_token(config, overrides)

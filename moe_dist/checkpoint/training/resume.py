@@ -42,6 +42,7 @@ STRUCTURAL = (
 )
 FREE_PREFIXES = (
     "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.log_interval",
+    "train.decay_steps", "train.decay_shape", "train.wandb", "train.mlflow", "train.run_dir", "train.peak_tflops",
     "train.eval_interval", "train.eval_iters", "train.checkpoint_interval", "train.checkpoint_dir",
     "train.tensorboard_dir", "train.init_from", "train.deepspeed_config", "cpu.", "data.num_workers",
     "data.megatron.cache_dir", "model.activation_checkpointing", "model.num_labels", "model.max_seq_len",
