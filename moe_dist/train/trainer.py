@@ -20,9 +20,7 @@ from moe_dist.common import process
 from moe_dist.data.loader import build_dataloader
 from moe_dist.data.pipeline import build_datasets
 from moe_dist.evaluate.precision import domain_loss_sums, sequence_loss_sums, standard_error, token_nll
-from moe_dist.evaluate.trace_format import model_identity
 from moe_dist.evaluate.trace_replay import RouteReplay
-from moe_dist.evaluate.trace_writer import TraceWriter, trace_meta
 from moe_dist.model.compile import compile_blocks
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.parallel import runtime
@@ -39,6 +37,7 @@ from moe_dist.train.safety.exits import PREEMPTED, RunStopped
 from moe_dist.train.safety.guard import RunSafety
 from moe_dist.train.schedule import ConfiguredSettings, schedule_changes
 from moe_dist.train.tb_logger import perplexity
+from moe_dist.train.tracing import RunTracing, open_replay
 
 
 @dataclass
@@ -51,14 +50,6 @@ class TrainResult:
 def log0(message: str) -> None:
     if runtime.rank() == 0:
         print(message, flush=True)
-
-
-def open_replay(cfg: RunConfig, rank: int, world_size: int) -> RouteReplay | None:
-    """trace.replay's trace, checked against the model and the world size (a TraceError, exit 2)."""
-    if cfg.trace.replay is None:
-        return None
-    return RouteReplay(cfg.trace.replay, model_identity(cfg.model), rank=rank, world_size=world_size,
-                       with_weights=cfg.trace.replay_weights)
 
 
 class Trainer:
@@ -111,21 +102,8 @@ class Trainer:
         routers = {layer: moe.router for layer, moe in self.model.moe_layers()}
         # Only routers with an after_step hook (aux-loss-free bias balancing) cost a per-step all-reduce.
         self.after_step_routers = routers if wants_step_load(routers.values()) else {}
-        self.replay = replay
-        if replay is not None:
-            log0(f"trace.replay: routes of training steps {replay.steps('train') or '-'} and evaluations at steps "
-                 f"{replay.steps('eval') or '-'} come from {cfg.trace.replay} (recorded with router "
-                 f"{replay.recorded_router!r}); other forwards route as usual")
-        self.trace_writer = None
-        if cfg.trace.dir:
-            trace = cfg.trace
-            meta = trace_meta(model_identity(cfg.model), source="train", world_size=self.world,
-                              ep_size=self.groups.ep_size, micro_batch=train.micro_batch, seq_len=train.seq_len,
-                              interval=trace.interval, seed=train.seed)
-            self.trace_writer = TraceWriter(trace.dir, meta, rank=self.rank, top_k=moe.top_k, layers=trace.layers,
-                                            tokens=trace.tokens_per_layer, eod=self.tokenizer.eod,
-                                            max_file_bytes=int(trace.max_file_mb * 2**20),
-                                            max_total_bytes=int(trace.max_total_mb * 2**20), log=log0)
+        self.tracing = RunTracing(cfg, replay, rank=self.rank, world=self.world, ep_size=self.groups.ep_size,
+                                  eod=self.tokenizer.eod, log=log0)
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -177,25 +155,17 @@ class Trainer:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def traced(self, phase: str, step: int) -> bool:
-        """Whether the forwards of (phase, step) are traced (trace.dir, trace.interval, trace.eval)."""
-        if self.trace_writer is None or not self.trace_writer.active:
-            return False
-        return self.cfg.trace.eval if phase == "eval" else step % self.cfg.trace.interval == 0
-
     def forward(self, batch: dict[str, torch.Tensor], phase: str = "train", micro: int = 0):
         """One forward of the training step about to run (`phase` train) or of the evaluation at
         this step (eval): `micro` numbers its forwards, for the routing trace and route replay."""
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         domain_ids = batch["domain_ids"].to(self.device, non_blocking=True)
         step = self.step + 1 if phase == "train" else self.step
-        traced = self.traced(phase, step)
-        forced = None
-        if self.replay is not None:
-            forced = self.replay.forced_routes(phase, step, micro, domain_ids.numel(), self.device)
+        traced = self.tracing.traced(phase, step)
+        forced = self.tracing.forced(phase, step, micro, domain_ids.numel(), self.device)
         out = self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids, trace=traced, forced_routes=forced)
         if traced:  # the trace's host reads, after the forward and outside the model
-            self.trace_writer.add(micro, tokens[:, :-1], domain_ids, out.routes)
+            self.tracing.add(micro, tokens[:, :-1], domain_ids, out.routes)
         return out
 
     def train_step(self, batches, stats: MoEStatsAccumulator, losses: torch.Tensor) -> None:
@@ -214,8 +184,7 @@ class Trainer:
             step_stats.append(out.moe_stats)
             stats.add(out.moe_stats)
             del out  # else its logits ([B, S, V]) stay alive through the next micro batch's forward
-        if self.traced("train", self.step + 1):
-            self.trace_writer.flush("train", self.step + 1)
+        self.tracing.flush("train", self.step + 1)
         if self.after_step_routers:
             # The global pre-drop load, identical on every rank (one packed all-reduce for all
             # layers), so router state stays in sync; it stays on the device.
@@ -250,8 +219,7 @@ class Trainer:
             stats.add(out.moe_stats)
             del out, nll_BS  # as in train_step: not alive through the next forward
         self.engine.train()
-        if self.traced("eval", self.step):
-            self.trace_writer.flush("eval", self.step)
+        self.tracing.flush("eval", self.step)
         total = self.groups.all_reduce_sum_dp(torch.cat([sums, domain_sums.reshape(-1), stats.pack(self.device)]))
         n = 4 + 2 * L
         values = torch.cat([total[:n], stats.summarize(total[n:], self.world)]).tolist()  # the one host read

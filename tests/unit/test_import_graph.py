@@ -38,7 +38,7 @@ STANDALONE_DIRS = ["checkpoint/hf/remote_code"]
 PARTS = {
     "checkpoint": ["files", "training", "consolidated", "hf", "upcycle", "inspect", "cli"],
     "train": ["config", "ds_config", "schedule", "progress", "flops", "memory_plan", "moe_metrics", "sink", "tb_logger",
-              "trackers", "metrics_log", "run_record", "safety", "preflight", "engine", "trainer"],
+              "trackers", "metrics_log", "run_record", "tracing", "safety", "preflight", "engine", "trainer"],
 }
 # The training-checkpoint format has one home: outside it, only the package's own names are used
 # (its __init__.py), never its modules; library, tools and launch scripts alike.
