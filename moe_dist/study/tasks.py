@@ -70,8 +70,8 @@ def run_tasks(tasks: list[Task], workers: int, log: Callable[[str], None] = prin
     seconds in the same order (what sizes a budget: wall time on a shared machine does not).
     `workers` 1 runs in this process (no start-up cost), with one intra-op thread like a worker for
     the duration (the caller's setting is restored: idle intra-op threads spin, which on a busy
-    machine slows the quick run down many times); more use spawned processes (a forked copy of a process that has run torch's thread pools can
-    deadlock)."""
+    machine slows the quick run down many times); more use spawned processes (a forked copy of a
+    process that has run torch's thread pools can deadlock)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     progress = _Progress(tasks, log, progress_every_s)
