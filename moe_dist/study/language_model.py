@@ -240,8 +240,9 @@ def prepare_corpora(budget: LanguageModelBudget, data_dir: str, work_dir: str) -
 
 
 def tasks(budget: LanguageModelBudget, corpus_paths: dict[str, str]) -> list[Task]:
-    # Relative cost only (queue order, ETA weights): tokens times the per-token work that grows with the model.
-    cost = budget.steps * budget.batch * budget.seq_len * budget.n_layers * budget.d_model / 1e7
+    # ~seconds on one busy core, as the other parts' costs (queue order, ETA): tokens times the
+    # per-token work that grows with the model.
+    cost = budget.steps * budget.batch * budget.seq_len * budget.n_layers * budget.d_model / 4e6
     return [Task("language_model", f"{corpus} {arm} seed={seed}", run_one,
                  dict(corpus_path=corpus_paths[corpus], arm=arm, seed=seed, budget=asdict(budget)), cost)
             for corpus in budget.corpora for arm in budget.arms for seed in budget.seeds]
