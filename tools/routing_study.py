@@ -4,9 +4,12 @@
     python tools/routing_study.py                 # the full study (its wall time: docs/routing_study.md)
     python tools/routing_study.py --quick --out /tmp/study   # every arm for a few steps, 1 seed
 
-Experiments: common-mode synthetic, digits gates, COMET width sweep, small MoE LM on the fortunes
-and tiny-shakespeare. The full run writes docs/routing_study.md and docs/figures/routing_study/;
---quick writes its page into --out and checks that every number is finite.
+    python tools/routing_study.py --parts language_model   # the LM experiment alone
+
+Experiments: common-mode synthetic, digits gates, COMET width sweep, and the MoE LM (every router
+against the strongest topk, on the fortunes; --quick adds tiny-shakespeare). The full run writes
+docs/routing_study.md and docs/figures/routing_study/; --quick writes its page into --out and checks
+that every number is finite.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from moe_dist.study.lm_arms import ARMS
 from moe_dist.study.seeds import difference_stats, seed_stats
 
 NEAR_ONE = 0.9  # "I stays near 1"
@@ -157,21 +158,75 @@ def comet_claims(records: list[dict[str, Any]]) -> list[Claim]:
     return claims
 
 
+def _layer_mean(records: list[dict[str, Any]], metric: str, **match: Any) -> list[float]:
+    """Per seed (ordered by seed), the mean over MoE layers of a per-layer `metric`."""
+    rows = sorted((r for r in records if all(r[k] == v for k, v in match.items())), key=lambda r: r["seed"])
+    if not rows:
+        raise KeyError(f"no records match {match}")
+    return [sum(l[metric] for l in r["layers"].values()) / len(r["layers"]) for r in rows]
+
+
+def strongest_topk(records: list[dict[str, Any]], corpus: str) -> str | None:
+    """The topk arm (router type topk, any settings) with the lowest mean validation loss on
+    `corpus`: the baseline every other router is judged against. None when no topk arm ran."""
+    means = {arm: seed_stats(per_seed(records, "val_loss", corpus=corpus, arm=arm))["mean"]
+             for arm in dict.fromkeys(r["arm"] for r in records if r["corpus"] == corpus)
+             if ARMS[arm].router_type == "topk"}
+    return min(means, key=means.get) if means else None
+
+
+RENORMALIZE_ARMS = ("topk renormalize", "topk")  # the renormalized topk and the shipped default, K > 1
+
+
+def renormalize_decision(verdicts: list[str]) -> str:
+    """The default of `router.renormalize` for K > 1 from the renormalize claim's verdicts (one per
+    labelled corpus): switch to true only on evidence, i.e. when renormalizing lowers the validation
+    loss on every corpus; keep false when it raises it anywhere or when the evidence is inconclusive
+    (a default change needs evidence that it helps)."""
+    if not verdicts:
+        return "no decision: the renormalize claim was not run"
+    if any(v.startswith("one seed") for v in verdicts):
+        return "no decision: one seed"
+    if all(v == "reproduced" for v in verdicts):
+        return "renormalize: true for K > 1"
+    if any(v == "opposite" for v in verdicts):
+        return "renormalize: false (renormalizing raised the validation loss)"
+    return "renormalize: false kept (no evidence that renormalizing helps)"
+
+
 def language_model_claims(records: list[dict[str, Any]]) -> list[Claim]:
     claims = []
     arms = set(r["arm"] for r in records)
     for corpus in dict.fromkeys(r["corpus"] for r in records):
-        if {"inhibition", "topk"} <= arms:
-            diff = difference_stats(per_seed(records, "val_loss", corpus=corpus, arm="inhibition"),
-                                    per_seed(records, "val_loss", corpus=corpus, arm="topk"))
-            claims.append(Claim("LM", f"inhibition improves a transformer LM over topk ({corpus})",
-                                _diff_text("val loss(inhibition) - val loss(topk)", diff), direction_verdict(diff, -1)))
+        labelled = all("mi_label_normalized" in l for r in records if r["corpus"] == corpus and r["layers"]
+                       for l in r["layers"].values())
+        if set(RENORMALIZE_ARMS) <= arms:
+            diff = difference_stats(per_seed(records, "val_loss", corpus=corpus, arm=RENORMALIZE_ARMS[0]),
+                                    per_seed(records, "val_loss", corpus=corpus, arm=RENORMALIZE_ARMS[1]))
+            claims.append(Claim("LM", f"renormalizing topk's K = 2 weights lowers the validation loss ({corpus}; "
+                                "decides the default of router.renormalize for K > 1)",
+                                _diff_text("val loss(topk renormalize) - val loss(topk)", diff),
+                                direction_verdict(diff, -1)))
+        baseline = strongest_topk(records, corpus)
+        for arm in dict.fromkeys(r["arm"] for r in records if r["corpus"] == corpus):
+            kind = ARMS[arm].router_type
+            if baseline is None or kind is None or kind == "topk":
+                continue
+            diff = difference_stats(per_seed(records, "val_loss", corpus=corpus, arm=arm),
+                                    per_seed(records, "val_loss", corpus=corpus, arm=baseline))
+            claims.append(Claim("LM", f"{arm} lowers the validation loss vs the strongest topk ({baseline}; {corpus})",
+                                _diff_text(f"val loss({arm}) - val loss({baseline})", diff),
+                                direction_verdict(diff, -1)))
+            if labelled:
+                diff = difference_stats(_layer_mean(records, "mi_label_normalized", corpus=corpus, arm=arm),
+                                        _layer_mean(records, "mi_label_normalized", corpus=corpus, arm=baseline))
+                claims.append(Claim("LM", f"{arm} raises I(expert; language) vs the strongest topk ({baseline}; "
+                                    f"{corpus}; mean over layers)",
+                                    _diff_text(f"I/H({arm}) - I/H({baseline})", diff), direction_verdict(diff, +1)))
         if {"fixed_projection", "fixed_projection center"} <= arms:
-            def train_drop(arm: str) -> list[float]:
-                rows = sorted((r for r in records if (r["corpus"], r["arm"]) == (corpus, arm)), key=lambda r: r["seed"])
-                return [sum(l["train_dropped_fraction"] for l in r["layers"].values()) / len(r["layers"]) for r in rows]
-
-            diff = difference_stats(train_drop("fixed_projection center"), train_drop("fixed_projection"))
+            centred = _layer_mean(records, "train_dropped_fraction", corpus=corpus, arm="fixed_projection center")
+            plain = _layer_mean(records, "train_dropped_fraction", corpus=corpus, arm="fixed_projection")
+            diff = difference_stats(centred, plain)
             claims.append(Claim("LM", f"centring cuts fixed_projection's dropped slots ({corpus}, training cf 1.25)",
                                 _diff_text("drop(centred) - drop(plain), mean over layers", diff),
                                 direction_verdict(diff, -1)))

@@ -159,7 +159,7 @@ def language_model_figure(summary: dict[str, Any], path: str) -> str:
     """Validation loss per router and corpus, and I(expert; language) per layer on the labelled
     corpus (mean ± std over seeds)."""
     corpora = list(summary)
-    colors = {arm: plt.cm.tab10(i) for i, arm in enumerate(dict.fromkeys(a for c in corpora for a in summary[c]))}
+    colors = _arm_colors(summary)
     fig, axes = plt.subplots(1, len(corpora) + 1, figsize=(5.5 * (len(corpora) + 1), 4))
     for ax, corpus in zip(axes, corpora):
         arms = list(summary[corpus])
@@ -186,6 +186,45 @@ def language_model_figure(summary: dict[str, Any], path: str) -> str:
         ax.set_title(f"{corpus}: I(expert; language) / H(language)")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Small MoE LM, equal tokens and active compute (mean ± std over seeds)")
+    fig.suptitle("MoE LM, equal tokens and active expert compute (mean ± std over seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _arm_colors(summary: dict[str, Any]) -> dict[str, Any]:
+    """One colour per arm over every corpus (tab20 once arms outnumber tab10's colours)."""
+    arms = list(dict.fromkeys(a for corpus in summary.values() for a in corpus))
+    cmap = plt.cm.tab10 if len(arms) <= 10 else plt.cm.tab20
+    return {arm: cmap(i % cmap.N) for i, arm in enumerate(arms)}
+
+
+def language_model_curves_figure(summary: dict[str, Any], path: str) -> str:
+    """Validation loss on the fixed curve set over training, one line per router (mean over seeds)
+    with a band of one std, one panel per corpus; the second row zooms on the last half of training,
+    where the routers' differences are smaller than the early drop."""
+    corpora = list(summary)
+    colors = _arm_colors(summary)
+    fig, axes = plt.subplots(2, len(corpora), figsize=(7 * len(corpora), 8), squeeze=False)
+    for col, corpus in enumerate(corpora):
+        for row, ax in enumerate(axes[:, col]):
+            tail_lows, tail_highs = [], []
+            for arm, e in summary[corpus].items():
+                steps = np.array(e["curve"]["steps"])
+                mean, std = _mean_std(e["curve"]["val_loss"])
+                keep = steps >= steps[-1] / 2 if row else np.ones_like(steps, dtype=bool)
+                style = "--" if arm == "dense" else "-"
+                ax.plot(steps[keep], mean[keep], style, color=colors[arm], label=arm, linewidth=1.3)
+                ax.fill_between(steps[keep], (mean - std)[keep], (mean + std)[keep], color=colors[arm], alpha=0.15)
+                tail_lows.append(float((mean - std)[keep].min()))
+                tail_highs.append(float((mean + std)[keep].max()))
+            if row:
+                ax.set_ylim(min(tail_lows) - 0.01, max(tail_highs) + 0.01)
+                ax.set_title(f"{corpus}: second half of training")
+            else:
+                ax.set_title(f"{corpus}: validation loss over training (nats/token)")
+                ax.legend(fontsize=7, ncol=2)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    fig.suptitle("MoE LM validation loss over training (mean, band: ± std over seeds)")
     fig.tight_layout()
     return _save(fig, path)

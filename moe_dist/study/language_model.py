@@ -1,18 +1,23 @@
-"""Language-model comparison (docs/routing_study.md, "4. Small MoE language model"): the same small
-MoE transformer (`moe_dist.model`) trained with each router on the multilingual fortunes (language =
-label) and on tiny-shakespeare, at equal tokens and equal active compute, plus a dense baseline
-whose FFN has the active width of the MoE (top_k * expert d_ff, so the same active FFN parameters).
+"""Language-model comparison (docs/routing_study.md, "4. MoE language model"): the same MoE
+transformer (`moe_dist.model`) trained with each arm of `moe_dist.study.lm_arms` on the multilingual
+fortunes (language = label) and optionally tiny-shakespeare, at equal tokens and equal active
+expert compute, plus a dense baseline whose FFN has the active width of the MoE (top_k * expert
+d_ff, so the same active FFN parameters).
 
-Legend: B sequences, S sequence length, V vocabulary, E experts, L domain labels.
+Legend: B sequences, S sequence length, V vocabulary, E experts, L domain labels, M micro batches.
 
 Single process (ep_size 1), a plain AdamW loop with linear warmup and cosine decay, gradient
-clipping at 1, the layer's default aux losses and each router's `after_step` hook, as the
-trainer runs them. Tokens: a SentencePiece BPE model trained in the run for the fortunes (so
-that tokens carry language: bytes are mostly shared by de/en/es), bytes for tiny-shakespeare
-(the classic character-level setting; it has no labels). Measured on fixed validation windows in eval
-mode: loss (overall and per language), and per MoE layer I(expert; language) / H(language), load
-CV and dropped fraction (eval capacity factor); the dropped fraction at the training capacity
-factor over the second half of training; training tokens/s.
+clipping at 1, the arm's aux losses and each router's `after_step` hook, as the trainer runs them.
+Each optimizer step takes `micro_batches` micro batches of batch / M sequences whose losses are
+scaled by 1 / M before backward, as DeepSpeed's gradient accumulation does (so the LM loss's
+gradient is the full batch's mean; a micro-batch-scoped balance loss sees each micro batch alone),
+and `after_step` gets the step's summed load once. Tokens: a SentencePiece BPE model trained in
+the run for the fortunes (so that tokens carry language: bytes are mostly shared by de/en/es),
+bytes for tiny-shakespeare (no labels). Measured: the validation loss on a small fixed set every
+`eval_every` steps (the curve); at the end, on the full fixed validation windows in eval mode, the
+loss (overall and per language) and per MoE layer I(expert; language) / H(language), load CV and
+dropped fraction; the dropped fraction at the training capacity factor over the second half of
+training; the router's own parameters and forward FLOPs per token; CPU seconds per step.
 """
 
 from __future__ import annotations
@@ -24,59 +29,80 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from moe_dist.model import MoETransformer, parse_model_config
+from moe_dist.study.lm_arms import ARMS, Arm
 from moe_dist.study.lm_corpus import Corpus, load_corpus, prepare_corpus, train_batch, valid_batches
 from moe_dist.study.seeds import seed_stats
 from moe_dist.study.tasks import Task
 from moe_dist.train.moe_metrics import MoEStatsAccumulator
 
-# Routers at their shipped defaults; None: the dense baseline.
-ARMS: dict[str, dict[str, Any] | None] = {
-    "dense": None,
-    "topk": {"type": "topk"},
-    "inhibition": {"type": "inhibition"},
-    "fixed_projection": {"type": "fixed_projection"},
-    "fixed_projection center": {"type": "fixed_projection", "center": True},
-    "attentive": {"type": "attentive"},
-    # The non-learned baseline beside COMET's fixed projection: a seeded token-id table.
-    "hash": {"type": "hash"},
+# Corpora a budget may leave out, with the reason the page gives.
+CORPUS_LEFT_OUT_REASONS = {
+    "shakespeare": "a second corpus doubles the part's CPU time, and the study's 60 minutes on 2 cores hold "
+                   "one at this model size and seed count; the fortunes are the corpus with domain labels, "
+                   "the one I(expert; domain) and inhibition's common-mode claim need",
+}
+# Arms of `ARMS` a budget may leave out, with the reason the page gives.
+LEFT_OUT_REASONS = {
+    "attentive": "its gate (attention of the token over expert keys) multiplies the router's FLOPs many times "
+                 "and costs the most CPU per step of every arm: with it the LM part would not leave the whole "
+                 "study inside its 60 minutes on 2 cores at this model size and seed count (the sizing is in "
+                 "the budget's commit and the page's CPU times)",
 }
 
 
 @dataclass(frozen=True)
 class LanguageModelBudget:
-    corpora: tuple[str, ...] = ("fortunes", "shakespeare")
+    corpora: tuple[str, ...] = ("fortunes",)
     sentencepiece_corpora: tuple[str, ...] = ("fortunes",)  # the others use bytes
     sentencepiece_vocab: int = 512
-    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[str, ...] = tuple(ARMS)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     d_model: int = 64
-    n_layers: int = 2  # every layer MoE
+    n_layers: int = 4  # every layer MoE
     n_heads: int = 4
-    num_experts: int = 8
+    num_experts: int = 16
     top_k: int = 2
     expert_d_ff: int = 64
     seq_len: int = 64
-    batch: int = 32
-    steps: int = 400
+    batch: int = 32  # sequences per optimizer step
+    micro_batches: int = 2  # gradient-accumulation micro batches per step (batch / micro_batches each)
+    steps: int = 1000
     lr: float = 1e-2
     min_lr: float = 1e-3
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     weight_decay: float = 0.1
-    valid_windows: int = 192  # split evenly over the corpus' domains
+    valid_windows: int = 384  # the final validation, split evenly over the corpus' domains
+    curve_windows: int = 48  # the validation curve's fixed set, evenly spread over each domain's text
+    eval_every: int = 50  # steps between points of the validation curve
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown language-model arm(s) {unknown}; choose from {list(ARMS)}")
+        if self.micro_batches < 1 or self.batch % self.micro_batches:
+            raise ValueError(f"batch ({self.batch}) must split into micro_batches ({self.micro_batches}) "
+                             f"equal micro batches")
+        if self.eval_every < 1 or self.curve_windows < 1:
+            raise ValueError(f"eval_every ({self.eval_every}) and curve_windows ({self.curve_windows}) must be >= 1")
 
 
-FULL = LanguageModelBudget()
-QUICK = LanguageModelBudget(seeds=(0,), d_model=32, n_heads=2, num_experts=4, expert_d_ff=16, seq_len=16,
-                            batch=4, steps=2, warmup_steps=1, valid_windows=12)
+FULL = LanguageModelBudget(arms=tuple(a for a in ARMS if a not in LEFT_OUT_REASONS))
+QUICK = LanguageModelBudget(corpora=("fortunes", "shakespeare"), seeds=(0,), d_model=32, n_layers=2, n_heads=2,
+                            num_experts=4, expert_d_ff=16, seq_len=16, batch=4, micro_batches=2, steps=3,
+                            warmup_steps=1, valid_windows=12, curve_windows=6, eval_every=2)
 
 
-def model_config(b: LanguageModelBudget, router: dict[str, Any] | None, vocab_size: int, num_labels: int):
+def model_config(b: LanguageModelBudget, arm: Arm, vocab_size: int, num_labels: int):
     model = dict(vocab_size=vocab_size, d_model=b.d_model, n_layers=b.n_layers, n_heads=b.n_heads,
                  d_ff=b.top_k * b.expert_d_ff, max_seq_len=b.seq_len, num_labels=num_labels)
-    if router is None:
+    if arm.router is None:
         return parse_model_config({**model, "moe_every": 0})
-    return parse_model_config(model, dict(d_ff=b.expert_d_ff, num_experts=b.num_experts, top_k=b.top_k, router=router))
+    return parse_model_config(model, dict(arm.moe, d_ff=b.expert_d_ff, num_experts=b.num_experts, top_k=b.top_k,
+                                          router=arm.router))
 
 
 def lr_at(step: int, b: LanguageModelBudget) -> float:
@@ -98,10 +124,11 @@ def _layer_summary(summary: dict[int, dict[str, Any]]) -> dict[str, dict[str, An
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, corpus: Corpus, b: LanguageModelBudget) -> dict[str, Any]:
+def evaluate(model: MoETransformer, corpus: Corpus, b: LanguageModelBudget, windows: int) -> dict[str, Any]:
+    """Loss (overall, per domain) and routing statistics on `windows` fixed validation windows."""
     model.eval()
     labelled = bool(corpus.domain_names)
-    per_domain = max(1, b.valid_windows // len(corpus.valid))
+    per_domain = max(1, windows // len(corpus.valid))
     stats = MoEStatsAccumulator()
     loss_sum = torch.zeros(len(corpus.valid))
     count = torch.zeros(len(corpus.valid))
@@ -118,6 +145,49 @@ def evaluate(model: MoETransformer, corpus: Corpus, b: LanguageModelBudget) -> d
             "layers": _layer_summary(stats.summary())}
 
 
+@torch.no_grad()
+def router_cost(model: MoETransformer, tokens_BS: Tensor) -> dict[str, float]:
+    """The routers' own trainable parameters and fixed tables (buffers: projections, statistics,
+    biases, token tables), and their forward FLOPs per token, summed over the MoE layers (counted by
+    torch's FlopCounterMode, which counts matrix products: element-wise work such as a hash lookup or
+    a centring counts 0). The experts' FLOPs are equal in every arm by construction and not counted
+    here: the counter does not see every expert backend's kernels."""
+    routers = [moe.router for _, moe in model.moe_layers()]
+    params = sum(p.numel() for r in routers for p in r.parameters() if p.requires_grad)
+    buffers = sum(b.numel() for r in routers for b in r.buffers()) + \
+        sum(p.numel() for r in routers for p in r.parameters() if not p.requires_grad)
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(tokens_BS)
+    model.train(was_training)
+    tokens = tokens_BS.numel()
+    router_flops = sum(sum(by_op.values()) for name, by_op in counter.get_flop_counts().items()
+                       if name.endswith(".router"))
+    return {"router_params": float(params), "router_buffers": float(buffers),
+            "router_flops_per_token": router_flops / tokens}
+
+
+def accumulate_gradients(model: MoETransformer, tokens_BS1: Tensor, domain_BS: Tensor | None, micro_batches: int
+                         ) -> tuple[float, dict[int, Tensor], list[dict[int, dict[str, Tensor]]]]:
+    """Forward and backward of one optimizer step's batch as `micro_batches` equal micro batches, each
+    loss scaled by 1 / micro_batches as DeepSpeed's gradient accumulation does: the step's LM loss
+    (mean over the micro batches), the step's pre-drop load per MoE layer (summed, for `after_step`)
+    and each micro batch's routing statistics."""
+    micro = tokens_BS1.shape[0] // micro_batches
+    step_loss, load, stats = 0.0, {}, []
+    for m in range(micro_batches):
+        rows = slice(m * micro, (m + 1) * micro)
+        out = model(tokens_BS1[rows, :-1], tokens_BS1[rows, 1:], None if domain_BS is None else domain_BS[rows])
+        (out.loss / micro_batches).backward()
+        step_loss += float(out.lm_loss.detach()) / micro_batches
+        for layer, row in out.moe_stats.items():
+            load[layer] = load[layer] + row["tokens_per_expert"] if layer in load else row["tokens_per_expert"]
+        stats.append(out.moe_stats)
+    return step_loss, load, stats
+
+
 def run_one(corpus_path: str, arm: str, seed: int, budget: dict[str, Any]) -> dict[str, Any]:
     b = LanguageModelBudget(**budget)
     corpus = load_corpus(corpus_path)
@@ -126,28 +196,40 @@ def run_one(corpus_path: str, arm: str, seed: int, budget: dict[str, Any]) -> di
     opt = torch.optim.AdamW(model.parameters(), lr=b.lr, weight_decay=b.weight_decay, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
     late_stats = MoEStatsAccumulator()  # training-time drops, once routing has settled
-    train_seconds, last_loss = 0.0, float("nan")
+    cpu_seconds, wall_seconds, last_loss = 0.0, 0.0, float("nan")
+    curve: list[dict[str, float]] = []
+    cost: dict[str, float] = {}
+    micro = b.batch // b.micro_batches
     for step in range(b.steps):
+        # The step's whole batch is drawn at once: the data a seed sees is the same for any micro_batches.
         tokens_BS1, domain_BS = train_batch(corpus.train, b.batch, b.seq_len, g)
-        start = time.perf_counter()
+        if not cost:
+            cost = router_cost(model, tokens_BS1[:micro, :-1])
+        if step % b.eval_every == 0:
+            curve.append({"step": step, "val_loss": evaluate(model, corpus, b, b.curve_windows)["val_loss"]})
+        start, cpu_start = time.perf_counter(), time.process_time()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, b)
-        out = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:], domain_BS if labelled else None)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        step_loss, load, micro_stats = accumulate_gradients(model, tokens_BS1, domain_BS if labelled else None,
+                                                            b.micro_batches)
+        if step >= b.steps // 2:
+            for stats in micro_stats:
+                late_stats.add(stats)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         for layer, moe in model.moe_layers():
-            moe.router.after_step(out.moe_stats[layer]["tokens_per_expert"])
-        train_seconds += time.perf_counter() - start
-        if step >= b.steps // 2:
-            late_stats.add(out.moe_stats)
-        last_loss = float(out.lm_loss.detach())
-    result = evaluate(model, corpus, b)
+            moe.router.after_step(load[layer])
+        wall_seconds += time.perf_counter() - start
+        cpu_seconds += time.process_time() - cpu_start
+        last_loss = step_loss
+    result = evaluate(model, corpus, b, b.valid_windows)
+    curve.append({"step": b.steps, "val_loss": evaluate(model, corpus, b, b.curve_windows)["val_loss"]})
     for layer, row in _layer_summary(late_stats.summary()).items():
         result["layers"][layer]["train_dropped_fraction"] = row["dropped_fraction"]
     return {"corpus": corpus.name, "tokenizer": corpus.tokenizer, "arm": arm, "seed": seed, "train_loss": last_loss,
-            "tokens_per_s": b.steps * b.batch * b.seq_len / train_seconds, **result}
+            "tokens_per_s": b.steps * b.batch * b.seq_len / wall_seconds,
+            "cpu_seconds_per_step": cpu_seconds / b.steps, "curve": curve, **cost, **result}
 
 
 def prepare_corpora(budget: LanguageModelBudget, data_dir: str, work_dir: str) -> dict[str, str]:
@@ -158,10 +240,16 @@ def prepare_corpora(budget: LanguageModelBudget, data_dir: str, work_dir: str) -
 
 
 def tasks(budget: LanguageModelBudget, corpus_paths: dict[str, str]) -> list[Task]:
-    cost = budget.steps * budget.batch * budget.seq_len / 20_000  # ~seconds on one busy core
+    # ~seconds on one busy core, as the other parts' costs (queue order, ETA): tokens times the
+    # per-token work that grows with the model.
+    cost = budget.steps * budget.batch * budget.seq_len * budget.n_layers * budget.d_model / 4e6
     return [Task("language_model", f"{corpus} {arm} seed={seed}", run_one,
                  dict(corpus_path=corpus_paths[corpus], arm=arm, seed=seed, budget=asdict(budget)), cost)
-            for corpus in budget.corpora for arm in ARMS for seed in budget.seeds]
+            for corpus in budget.corpora for arm in budget.arms for seed in budget.seeds]
+
+
+SEED_METRICS = ("val_loss", "tokens_per_s", "cpu_seconds_per_step", "router_params", "router_buffers",
+                "router_flops_per_token")
 
 
 def _layer_metric(record: dict[str, Any], metric: str) -> list[float]:
@@ -169,15 +257,19 @@ def _layer_metric(record: dict[str, Any], metric: str) -> list[float]:
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """{corpus: {arm: {"val_loss", "tokens_per_s", per-layer lists of stats, mean label table}}}."""
+    """{corpus: {arm: {"val_loss", "tokens_per_s", "cpu_seconds_per_step", the router's cost, the
+    validation curve ({"steps", "val_loss": stats per step}), per-layer lists of stats, mean label table}}}."""
     table: dict[str, Any] = {}
     for corpus in dict.fromkeys(r["corpus"] for r in records):
         table[corpus] = {}
-        for arm in ARMS:
+        for arm in dict.fromkeys(r["arm"] for r in records):
             rows = [r for r in records if (r["corpus"], r["arm"]) == (corpus, arm)]
             if not rows:
                 continue
-            entry: dict[str, Any] = {m: seed_stats([r[m] for r in rows]) for m in ("val_loss", "tokens_per_s")}
+            entry: dict[str, Any] = {m: seed_stats([r[m] for r in rows]) for m in SEED_METRICS}
+            steps = [p["step"] for p in rows[0]["curve"]]
+            entry["curve"] = {"steps": steps, "val_loss": [seed_stats([r["curve"][i]["val_loss"] for r in rows])
+                                                           for i in range(len(steps))]}
             entry["val_loss_by_domain"] = {d: seed_stats([r["val_loss_by_domain"][d] for r in rows])
                                            for d in rows[0]["val_loss_by_domain"]}
             for metric in ("mi_label_normalized", "dropped_fraction", "train_dropped_fraction", "load_cv"):

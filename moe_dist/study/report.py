@@ -8,6 +8,9 @@ import os
 from typing import Any
 
 from moe_dist.study.digits_data import TEST_FRACTION
+from moe_dist.study.claims import renormalize_decision
+from moe_dist.study.language_model import CORPUS_LEFT_OUT_REASONS, LEFT_OUT_REASONS
+from moe_dist.study.lm_arms import ARMS
 from moe_dist.study.lm_corpus import SHAKESPEARE_VALID_FRACTION, VALID_EVERY
 from moe_dist.study.reading import reading_section
 from moe_dist.study.seeds import format_stats
@@ -43,6 +46,9 @@ def header_section(study: dict[str, Any], json_link: str | None) -> list[str]:
         f"- Machine: {meta['machine']}; load average {meta['load_start']:.1f} at the start and {meta['load_end']:.1f} "
         "at the end (the machine is shared with other jobs: tokens/s and the wall time depend on its load).",
         f"- Software: {meta['software']}.",
+        *([("- CPU time per part, summed over its runs (what sizes the budgets; divide by the workers for "
+            "wall time): " + ", ".join(f"{p} {format_duration(t)}" for p, t in meta["part_seconds"].items()) + ".")]
+          if "part_seconds" in meta else []),
         "- Seeds and budgets per experiment (a seed fixes the data draw and the initialisation; all "
         "statistics are mean ± sample std over seeds, and the claim checks use paired 95% t-intervals):",
         "",
@@ -119,26 +125,82 @@ def comet_section(summary: dict[str, Any], b: dict[str, Any], figure: str | None
     return lines
 
 
+def _arm_settings(arm: str) -> str:
+    spec = ARMS[arm]
+    if spec.router is None:
+        return "dense FFN, no router"
+    text = ", ".join(f"{k}={v}" for k, v in spec.router.items())
+    return text + ("; moe: " + ", ".join(f"{k}={v}" for k, v in spec.moe.items()) if spec.moe else "")
+
+
+def _lm_claim_lines(claims: list[dict[str, str]]) -> list[str]:
+    lm = [c for c in claims if c["experiment"] == "LM"]
+    if not lm:
+        return []
+    rows = [[c["claim"], c["measured"], f"**{c['verdict']}**"] for c in lm]
+    return [*_table(["claim", "measured here", "verdict"], rows), ""]
+
+
 def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]], b: dict[str, Any],
-                           figures: dict[str, str]) -> list[str]:
+                           figures: dict[str, str], claims: list[dict[str, str]], part_seconds: float | None
+                           ) -> list[str]:
     tokenizers = {r["corpus"]: r["tokenizer"] for r in records}
     tokens = b["steps"] * b["batch"] * b["seq_len"]
-    lines = ["## 4. Small MoE language model: every router, fortunes (de/en/es) and tiny-shakespeare", "",
+    left_out = [a for a in ARMS if a not in b["arms"]]
+    corpora_left_out = [c for c in CORPUS_LEFT_OUT_REASONS if c not in b["corpora"]]
+    lines = ["## 4. MoE language model: every router against the strongest topk", "",
              f"The same `moe_dist.model.MoETransformer` for every arm ({b['n_layers']} layers, all MoE, "
              f"{b['num_experts']} experts, top-{b['top_k']}, expert d_ff {b['expert_d_ff']}; d_model {b['d_model']}, "
-             f"{b['n_heads']} heads), trained single-process (ep_size 1) by a plain AdamW loop (lr {b['lr']:g} with "
-             f"{b['warmup_steps']} warmup steps and cosine decay to {b['min_lr']:g}, weight decay {b['weight_decay']:g}, "
-             "clip 1, default aux losses, the routers' `after_step` hooks): "
-             f"{b['steps']} steps of {b['batch']} x {b['seq_len']} tokens = {tokens:,} tokens for every arm. "
+             f"{b['n_heads']} heads, sequence length {b['seq_len']}), trained single-process (ep_size 1) by a plain "
+             f"AdamW loop (lr {b['lr']:g} with {b['warmup_steps']} warmup steps and cosine decay to {b['min_lr']:g}, "
+             f"weight decay {b['weight_decay']:g}, clip 1, each arm's aux losses, the routers' `after_step` hooks "
+             "once per optimizer step with the step's summed load): "
+             f"{b['steps']} steps of {b['batch']} x {b['seq_len']} tokens = {tokens:,} tokens for every arm and "
+             f"seed ({len(b['seeds'])} seeds), each step {b['micro_batches']} gradient-accumulation micro batches "
+             f"of {b['batch'] // b['micro_batches']} sequences whose losses are scaled by 1/{b['micro_batches']} "
+             "before backward, as DeepSpeed does (the Switch loss is a micro-batch-scoped loss here). "
              f"The dense baseline's FFN width is top_k x expert d_ff = {b['top_k'] * b['expert_d_ff']}: the same "
-             "active FFN parameters. Validation loss in nats per token on fixed held-out windows "
-             f"({b['valid_windows']} windows split evenly over the domains; fortunes: every {VALID_EVERY}th document "
+             "active FFN parameters, so every arm has the same active expert FLOPs per token and only the "
+             "router's own work differs (table below). Validation loss in nats per token on fixed held-out "
+             f"windows ({b['valid_windows']} windows split evenly over the domains at the end; the curve: "
+             f"{b['curve_windows']} windows every {b['eval_every']} steps; fortunes: every {VALID_EVERY}th document "
              f"of each language; shakespeare: the last {SHAKESPEARE_VALID_FRACTION:.0%} of the text). Tokenizers: "
              + ", ".join(f"{c}: {t}" for c, t in tokenizers.items()) + " (SentencePiece BPE trained in the run on "
-             "the training documents). Dropped fractions: training (cf 1.25, second half of training) and "
-             "validation (eval cf 2.0), the layer defaults. tokens/s: training throughput of one single-threaded "
-             "worker on the shared machine (indicative only).", ""]
-    for name in ("language_model", *(k for k in figures if k.startswith("heatmap"))):
+             "the training documents). I(expert; language) / H(language) per MoE layer from the final validation "
+             "routing. Dropped fractions: training (cf 1.25, second half of training) and validation (the "
+             "layer's eval capacity). CPU s/step: process CPU seconds per optimizer step of one single-threaded "
+             "worker (the sizing measure: wall time on a shared machine is not).", ""]
+    if part_seconds is not None:
+        lines += [f"- CPU time of this part: {format_duration(part_seconds)} summed over its {len(records)} runs "
+                  "(the page's wall time covers every part; the header gives every part's CPU time).", ""]
+    for arm in left_out:
+        lines += [f"- Left out of this budget: **{arm}**: {LEFT_OUT_REASONS.get(arm, 'not in the budget')}.", ""]
+    for corpus in corpora_left_out:
+        lines += [f"- Corpus left out of this budget: **{corpus}**: {CORPUS_LEFT_OUT_REASONS[corpus]}.", ""]
+    for corpus, arms in summary.items():
+        rows = [[arm, _arm_settings(arm), f"{e['router_params']['mean']:,.0f}", f"{e['router_buffers']['mean']:,.0f}",
+                 f"{e['router_flops_per_token']['mean']:,.0f}", f"{e['cpu_seconds_per_step']['mean']:.3f}"]
+                for arm, e in arms.items()]
+        ffn_flops = 2 * 3 * b["d_model"] * b["top_k"] * b["expert_d_ff"] * b["n_layers"]
+        lines += [f"**Arms and their cost** ({corpus}; router columns summed over the MoE layers; router FLOPs: "
+                  "forward matrix products per token counted by torch's FlopCounterMode at initialisation, so "
+                  "element-wise work such as a hash lookup or a centring counts 0). Every arm's active FFN "
+                  f"(SwiGLU) work is the same 2 x 3 x d_model x top_k x expert d_ff x layers = {ffn_flops:,} "
+                  "forward FLOPs per token, and attention, embeddings and head are shared.", "",
+                  *_table(["arm", "settings", "router params (trained)", "router tables (fixed)", "router FLOPs/token",
+                           "CPU s/step"], rows), ""]
+        break  # the costs are the corpus' own only through the vocabulary: one table tells them
+    lines += ["**Claims** (each research router against the strongest topk, the topk arm with the lowest mean "
+              "validation loss in this run; paired over seeds, the verdict rule of *Claims checked*). "
+              "Decision rule for the default of `router.renormalize` with K > 1: switch it to true only when "
+              "`topk renormalize` lowers the validation loss against the shipped `topk` with the verdict "
+              "*reproduced* on every corpus; keep false when the verdict is *opposite* anywhere or inconclusive "
+              "(a default change needs evidence). K = 1 keeps false whatever this says: one renormalized weight "
+              "is 1 and cuts the router's gradient from the LM loss.", "",
+              *_lm_claim_lines(claims)]
+    renormalize = [c["verdict"] for c in claims if c["experiment"] == "LM" and c["claim"].startswith("renormalizing")]
+    lines += [f"Decision for `router.renormalize`, K > 1: **{renormalize_decision(renormalize)}**.", ""]
+    for name in ("language_model_curves", "language_model", *(k for k in figures if k.startswith("heatmap"))):
         if name in figures:
             lines += [f"![{name}]({figures[name]})", ""]
     for corpus, arms in summary.items():
@@ -178,9 +240,10 @@ def method_notes() -> list[str]:
             "- Single-process training (ep_size 1) with a plain AdamW loop on `moe_dist.model`, not the "
             "DeepSpeed trainer: routing math is the same code at every EP size (tested by the EP "
             "equivalence tests), and one process keeps the study inside a CPU budget.",
-            "- All routers run at their shipped defaults (inhibition: subtractive, EMA statistic; "
+            "- The routers run at their shipped defaults (inhibition: subtractive, EMA statistic; "
             "fixed_projection: hidden-state source, uniform weights), so the numbers describe what a user "
-            "gets without tuning.",
+            "gets without tuning; the LM experiment adds the arms named in its table (topk renormalized, "
+            "topk with aux-loss-free bias balancing, inhibition divisive, fixed_projection centred).",
             "- The digits 'original gate' is a softmax read-out of a gate trunk as wide as the attentive "
             "gate's (`moe_dist/study/softmax_mixture.py`); the mixture is of class probabilities; L_s is the "
             "paper's two-term form with beta_s = beta_d = 1e-6 at batch 512, importance 0.1.", ""]
@@ -202,6 +265,7 @@ def render_report(study: dict[str, Any], figures: dict[str, str], json_link: str
         lines += comet_section(summary["comet_width"], budget["comet_width"], figures.get("comet_width"))
     if "language_model" in summary:
         lines += language_model_section(summary["language_model"], records["language_model"],
-                                        budget["language_model"], figures)
+                                        budget["language_model"], figures, study["claims"],
+                                        study["meta"].get("part_seconds", {}).get("language_model"))
     lines += method_notes()
     return "\n".join(lines)

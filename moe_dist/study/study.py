@@ -21,7 +21,7 @@ from moe_dist.study.report import render_report
 from moe_dist.study.tasks import run_tasks
 
 PARTS = ("common_mode", "digits_gates", "comet_width", "language_model")
-DESIGN_MINUTES = 25  # the full study's wall-time budget on a 2-core machine (2 workers)
+DESIGN_MINUTES = 60  # the full study's wall-time budget on a 2-core machine (2 workers)
 SUMMARIZERS = {"common_mode": common_mode.summarize, "digits_gates": digits_gates.summarize,
                "comet_width": comet_width.summarize, "language_model": language_model.summarize}
 
@@ -74,11 +74,14 @@ def run_study(*, out_dir: str, data_dir: str, doc_path: str | None, quick: bool,
         paths = language_model.prepare_corpora(budget.language_model, data_dir, os.path.join(out_dir, "lm_data"))
         tasks += language_model.tasks(budget.language_model, paths)
     log(f"{len(tasks)} runs on {workers} worker(s)")
-    results = run_tasks(tasks, workers, log)
+    cpu_seconds: list[float] = []
+    results = run_tasks(tasks, workers, log, cpu_seconds=cpu_seconds)
     records = {p: [r for t, r in zip(tasks, results) if t.part == p] for p in parts}
     study = {
         "meta": {"command": command, "quick": quick, "workers": workers, "design_minutes": DESIGN_MINUTES,
                  "wall_seconds": time.perf_counter() - start,
+                 # CPU seconds of each part's runs, summed: the measure the next budget is sized by.
+                 "part_seconds": {p: sum(c for t, c in zip(tasks, cpu_seconds) if t.part == p) for p in parts},
                  "finished": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                  "machine": machine_description(), "load_start": load_start, "load_end": _load(),
                  "software": f"Python {platform.python_version()}, torch {torch.__version__}"},
@@ -112,6 +115,8 @@ def draw_figures(study: dict[str, Any], folder: str) -> dict[str, str]:
     if "language_model" in summary:
         lm = summary["language_model"]
         drawn["language_model"] = figures.language_model_figure(lm, os.path.join(folder, "language_model.png"))
+        drawn["language_model_curves"] = figures.language_model_curves_figure(
+            lm, os.path.join(folder, "language_model_curves.png"))
         for record in study["records"]["language_model"]:
             corpus = record["corpus"]
             labelled = any("expert_label_counts_seed0" in e for e in lm[corpus].values())

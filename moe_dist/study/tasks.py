@@ -57,39 +57,44 @@ class _Progress:
                  f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}")
 
 
-def _timed(task: Task) -> tuple[dict[str, Any], float]:
-    start = time.perf_counter()
+def _timed(task: Task) -> tuple[dict[str, Any], float, float]:
+    """The result, wall seconds and CPU seconds of the process that ran it."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = task.fn(**task.kwargs)
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def run_tasks(tasks: list[Task], workers: int, log: Callable[[str], None] = print,
-              progress_every_s: float = 10.0) -> list[dict[str, Any]]:
-    """Results in the order of `tasks`. `workers` 1 runs in this process (no start-up cost), with
-    one intra-op thread like a worker for the duration (the caller's setting is restored: idle
-    intra-op threads spin, which on a busy machine slows the quick run down many times); more
-    use spawned processes (a forked copy of a process that has run torch's thread pools can
-    deadlock)."""
+              progress_every_s: float = 10.0, cpu_seconds: list[float] | None = None) -> list[dict[str, Any]]:
+    """Results in the order of `tasks`; `cpu_seconds`, when given, is filled with each task's CPU
+    seconds in the same order (what sizes a budget: wall time on a shared machine does not).
+    `workers` 1 runs in this process (no start-up cost), with one intra-op thread like a worker for
+    the duration (the caller's setting is restored: idle intra-op threads spin, which on a busy
+    machine slows the quick run down many times); more use spawned processes (a forked copy of a
+    process that has run torch's thread pools can deadlock)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     progress = _Progress(tasks, log, progress_every_s)
     results: list[dict[str, Any] | None] = [None] * len(tasks)
+    cpu = [0.0] * len(tasks)
     order = sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)  # long runs first: no straggler tail
     if workers == 1:
         threads = torch.get_num_threads()
         _single_thread()
         try:
             for i in order:
-                results[i], seconds = _timed(tasks[i])
+                results[i], seconds, cpu[i] = _timed(tasks[i])
                 progress.finished(tasks[i], seconds)
         finally:
             torch.set_num_threads(threads)
-        return results  # type: ignore[return-value]
-    context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
-        pending = {pool.submit(_timed, tasks[i]): i for i in order}
-        for future in futures.as_completed(pending):
-            i = pending[future]
-            results[i], seconds = future.result()
-            progress.finished(tasks[i], seconds)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
+            pending = {pool.submit(_timed, tasks[i]): i for i in order}
+            for future in futures.as_completed(pending):
+                i = pending[future]
+                results[i], seconds, cpu[i] = future.result()
+                progress.finished(tasks[i], seconds)
+    if cpu_seconds is not None:
+        cpu_seconds[:] = cpu
     return results  # type: ignore[return-value]

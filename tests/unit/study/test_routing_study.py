@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from moe_dist.study import comet_width, common_mode, digits_gates, language_model
-from moe_dist.study.claims import direction_verdict
+from moe_dist.study.claims import direction_verdict, language_model_claims, renormalize_decision, strongest_topk
+from moe_dist.study.lm_arms import ARMS, Arm
 from moe_dist.study.seeds import difference_stats, seed_stats
 from moe_dist.study.study import QUICK
 from moe_dist.study.tasks import run_tasks
@@ -106,8 +107,13 @@ def test_quick_run_writes_finite_results_of_every_arm_figures_and_page(tmp_path)
     assert all(len(curve) == len(cw.widths) for curve in summary["comet_width"]["curves"].values())
 
     lm = QUICK.language_model
-    assert len(records["language_model"]) == len(lm.corpora) * len(language_model.ARMS) * len(lm.seeds)
+    assert lm.arms == tuple(ARMS)  # the quick run trains every arm
+    assert len(records["language_model"]) == len(lm.corpora) * len(ARMS) * len(lm.seeds)
+    curve_steps = list(range(0, lm.steps, lm.eval_every)) + [lm.steps]
     for r in records["language_model"]:
+        assert [p["step"] for p in r["curve"]] == curve_steps
+        assert (r["router_params"] == 0) == (r["arm"] in ("dense", "fixed_projection", "fixed_projection center",
+                                                          "hash"))
         assert len(r["layers"]) == (0 if r["arm"] == "dense" else lm.n_layers)
         for row in r["layers"].values():
             assert 0.0 <= row["dropped_fraction"] <= 1.0 and 0.0 <= row["train_dropped_fraction"] <= 1.0
@@ -118,17 +124,129 @@ def test_quick_run_writes_finite_results_of_every_arm_figures_and_page(tmp_path)
     assert all(r["tokenizer"].startswith("sentencepiece ") for r in records["language_model"] if r["corpus"] == "fortunes")
 
     assert study["claims"] and all(c["verdict"].startswith(VERDICT_STARTS) for c in study["claims"])
+    lm_summary = summary["language_model"]["fortunes"]
+    assert list(lm_summary) == list(ARMS)
+    assert all(len(e["curve"]["val_loss"]) == len(curve_steps) for e in lm_summary.values())
+    assert study["meta"]["part_seconds"]["language_model"] > 0
+    lm_claims = [c for c in study["claims"] if c["experiment"] == "LM"]
+    research = [a for a, spec in ARMS.items() if spec.router_type not in (None, "topk")]
+    for arm in research:  # loss and I on the labelled fortunes, loss alone on the unlabelled shakespeare
+        mine = [c["claim"] for c in lm_claims if c["claim"].startswith((f"{arm} lowers", f"{arm} raises"))]
+        assert len(mine) == 3 and sum("I(expert; language)" in c and "fortunes" in c for c in mine) == 1
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["comet_width.png", "common_mode.png", "digits_gates.png", "heatmap_fortunes.png",
-                    "language_model.png"]
+                    "language_model.png", "language_model_curves.png"]
     for name in pngs:
         raw = (out / name).read_bytes()
         assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) < 200_000
     page = (out / "routing_study.md").read_text()
     for heading in ("## Claims checked", "## Reading", "## 1. Common-mode", "## 2. Digits", "## 3. COMET",
-                    "## 4. Small MoE language model"):
+                    "## 4. MoE language model", "**Arms and their cost**", "Decision for `router.renormalize`"):
         assert heading in page
     assert not re.search(r"\bnan\b", page, re.IGNORECASE)
     for name in pngs:
         assert f"figures/routing_study/{name}" in page
         assert (out / "figures" / "routing_study" / name).is_file()
+
+
+def lm_records(val_loss: dict[str, list[float]], mi: dict[str, list[float]]) -> list[dict]:
+    """Per-seed LM records of the shape run_one writes (two MoE layers with the given I/H each)."""
+    return [{"corpus": "fortunes", "arm": arm, "seed": seed, "val_loss": loss,
+             "layers": {str(layer): {"mi_label_normalized": mi[arm][seed], "train_dropped_fraction": 0.0}
+                        for layer in range(2)}}
+            for arm, losses in val_loss.items() for seed, loss in enumerate(losses)]
+
+
+def claim(claims, start: str) -> dict:
+    (found,) = [c for c in claims if c.claim.startswith(start)]
+    return found
+
+
+def test_lm_claims_judge_each_research_router_against_the_strongest_topk():
+    topk = [3.00, 3.10, 3.05, 3.02, 3.08]
+    renorm = [v - 0.05 + 0.002 * i for i, v in enumerate(topk)]  # lower in every seed: the strongest topk
+    val_loss = {"topk": topk, "topk renormalize": renorm,
+                "inhibition": [v - 0.03 + 0.001 * i for i, v in enumerate(renorm)],  # lower than it: reproduced
+                "hash": [v + 0.2 + 0.01 * i for i, v in enumerate(renorm)],  # higher: opposite
+                "fixed_projection": [v + d for v, d in zip(renorm, (0.05, -0.05, 0.04, -0.06, 0.01))]}  # mixed
+    mi = {"topk": [0.3] * 5, "topk renormalize": [0.20, 0.22, 0.21, 0.19, 0.20],
+          "inhibition": [0.30, 0.33, 0.31, 0.32, 0.30], "hash": [0.20, 0.23, 0.20, 0.18, 0.21],
+          "fixed_projection": [0.10, 0.12, 0.09, 0.11, 0.10]}
+    records = lm_records(val_loss, mi)
+    assert strongest_topk(records, "fortunes") == "topk renormalize"
+    claims = language_model_claims(records)
+    base = "vs the strongest topk (topk renormalize; fortunes"
+    assert claim(claims, f"inhibition lowers the validation loss {base}").verdict == "reproduced"
+    assert claim(claims, f"hash lowers the validation loss {base}").verdict == "opposite"
+    assert claim(claims, f"fixed_projection lowers the validation loss {base}").verdict.startswith("inconclusive")
+    # I(expert; language) against the same baseline (not against the default topk, whose I is higher).
+    assert claim(claims, f"inhibition raises I(expert; language) {base}").verdict == "reproduced"
+    assert claim(claims, f"hash raises I(expert; language) {base}").verdict.startswith("inconclusive")
+    assert claim(claims, f"fixed_projection raises I(expert; language) {base}").verdict == "opposite"
+    renormalize = claim(claims, "renormalizing topk's K = 2 weights")
+    assert renormalize.verdict == "reproduced"
+    assert renormalize_decision([renormalize.verdict]) == "renormalize: true for K > 1"
+    # No research router is judged against a topk arm, and no topk arm gets a research claim.
+    assert not [c for c in claims if c.claim.startswith("topk") and "strongest" in c.claim]
+
+    # When the default topk is the strongest, it is the baseline, and renormalizing is judged opposite.
+    swapped = lm_records({**val_loss, "topk": renorm, "topk renormalize": topk}, mi)
+    assert strongest_topk(swapped, "fortunes") == "topk"
+    claims = language_model_claims(swapped)
+    assert claim(claims, "inhibition lowers the validation loss vs the strongest topk (topk;")
+    verdict = claim(claims, "renormalizing topk's K = 2 weights").verdict
+    assert verdict == "opposite" and renormalize_decision([verdict]).startswith("renormalize: false (")
+
+
+def test_renormalize_decision_rule():
+    assert renormalize_decision(["reproduced", "reproduced"]) == "renormalize: true for K > 1"
+    assert renormalize_decision(["reproduced", "inconclusive (CI contains 0)"]).startswith("renormalize: false kept")
+    assert renormalize_decision(["reproduced", "opposite"]).startswith("renormalize: false (")
+    assert renormalize_decision(["one seed: no verdict"]).startswith("no decision")
+    assert renormalize_decision([]).startswith("no decision")
+
+
+def test_arm_specs_are_checked():
+    with pytest.raises(ValueError, match="dense arm has no MoE layer"):
+        Arm(None, {"aux_loss": {"switch": 0.0}})
+    with pytest.raises(ValueError, match=r"moe keys \['num_experts'\] are set by the budget"):
+        Arm({"type": "topk"}, {"num_experts": 8})
+    with pytest.raises(ValueError, match="needs a type"):
+        Arm({"renormalize": True})
+    budget = language_model.QUICK
+    for name, arm in ARMS.items():  # every arm builds a model: its keys are the config's own
+        cfg = language_model.model_config(budget, arm, vocab_size=64, num_labels=3)
+        assert (cfg.moe is None) == (arm.router is None), name
+    bias = language_model.model_config(budget, ARMS["topk bias-balanced"], 64, 3).moe
+    assert bias.aux_loss.switch == 0.0 and bias.router.bias_balancing and bias.router.renormalize
+    with pytest.raises(Exception, match="switchh"):  # a misspelt override is refused, not ignored
+        language_model.model_config(budget, Arm({"type": "topk"}, {"aux_loss": {"switchh": 0.0}}), 64, 3)
+    with pytest.raises(ValueError, match="unknown language-model arm"):
+        language_model.LanguageModelBudget(arms=("topk", "nope"))
+    with pytest.raises(ValueError, match="must split into micro_batches"):
+        language_model.LanguageModelBudget(batch=6, micro_batches=4)
+
+
+def test_micro_batches_accumulate_the_one_batch_gradient_and_load():
+    """The study's accumulation loop: two micro batches give the one-batch gradient of the LM loss
+    (aux losses off: a micro-batch balance loss differs by definition), the same mean loss and the
+    step's whole load for `after_step`."""
+    from dataclasses import replace
+
+    base = replace(language_model.QUICK, batch=8)
+    arm = Arm({"type": "topk"}, {"aux_loss": {"switch": 0.0, "z_loss": 0.0}, "capacity_factor": 0.0})
+    cfg = language_model.model_config(base, arm, vocab_size=50, num_labels=0)
+    tokens = torch.randint(50, (base.batch, base.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    results = []
+    for micro_batches in (1, 2, 4):
+        model = language_model.MoETransformer(cfg, seed=0)
+        loss, load, stats = language_model.accumulate_gradients(model, tokens, None, micro_batches)
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        assert len(stats) == micro_batches
+        results.append((loss, load, grad))
+    (loss1, load1, grad1) = results[0]
+    assert sum(load1[0].tolist()) == base.batch * base.seq_len * base.top_k
+    for loss, load, grad in results[1:]:
+        assert loss == pytest.approx(loss1, rel=1e-5)
+        assert all(torch.equal(load[layer], load1[layer]) for layer in load1)
+        torch.testing.assert_close(grad, grad1, rtol=1e-4, atol=1e-6)

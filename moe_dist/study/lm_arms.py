@@ -1,0 +1,63 @@
+"""The arms of the study's language-model experiment (docs/routing_study.md, "4. MoE language
+model"): each one a router plus the MoE-level settings it trains with, so that an arm that differs
+in its balance losses, their scope or its dispatch is one line here, like one that differs in its
+router.
+
+Every arm shares the model, the tokens and the expert shapes (`LanguageModelBudget`), so the
+active FLOPs per token differ only by the router's own work, which each run measures
+(`language_model.router_cost`) and the page reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# `moe:` keys a budget owns: an arm that overrode them would no longer have equal compute.
+BUDGET_KEYS = frozenset({"d_model", "d_ff", "num_experts", "top_k"})
+
+
+@dataclass(frozen=True)
+class Arm:
+    """`router`: the `moe.router` section (None: the dense baseline, no MoE layer); `moe`: other
+    `moe:` keys merged over the layer defaults, e.g. {"aux_loss": {"switch": 0.0}}; both are
+    checked by `moe_dist.model.parse_model_config` when a run builds its model."""
+
+    router: dict[str, Any] | None
+    moe: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.router is None and self.moe:
+            raise ValueError(f"the dense arm has no MoE layer to apply moe overrides {self.moe} to")
+        if self.router is not None and "type" not in self.router:
+            raise ValueError(f"an arm's router needs a type, got {self.router}")
+        owned = sorted(BUDGET_KEYS & set(self.moe))
+        if owned:
+            raise ValueError(f"moe keys {owned} are set by the budget for every arm (equal compute), not per arm")
+        if "router" in self.moe:
+            raise ValueError("put the router in Arm.router, not in Arm.moe")
+
+    @property
+    def router_type(self) -> str | None:
+        return None if self.router is None else self.router["type"]
+
+
+ARMS: dict[str, Arm] = {
+    "dense": Arm(None),
+    # topk at the shipped default (renormalize false: the K weights sum to about K/E), and the two
+    # stronger topk baselines the research routers are judged against.
+    "topk": Arm({"type": "topk"}),
+    "topk renormalize": Arm({"type": "topk", "renormalize": True}),
+    # DeepSeek-V3's aux-loss-free balancing replaces the Switch loss; renormalized as there.
+    "topk bias-balanced": Arm({"type": "topk", "renormalize": True, "bias_balancing": True},
+                              {"aux_loss": {"switch": 0.0}}),
+    "inhibition": Arm({"type": "inhibition"}),
+    # The common-mode experiment's best mode after subtractive (docs/routing_study.md, section 1):
+    # of divisive, rectified and subspace, divisive keeps I(expert; cluster) highest at its worst S.
+    "inhibition divisive": Arm({"type": "inhibition", "mode": "divisive"}),
+    "fixed_projection": Arm({"type": "fixed_projection"}),
+    "fixed_projection center": Arm({"type": "fixed_projection", "center": True}),
+    "attentive": Arm({"type": "attentive"}),
+    # The non-learned baseline beside COMET's fixed projection: a seeded token-id table.
+    "hash": Arm({"type": "hash"}),
+}
