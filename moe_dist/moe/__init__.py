@@ -16,6 +16,7 @@ named `x_TD` has dims [T, D]. Each letter has one meaning (case matters: E and e
     Z  shared directions removed by `inhibition`'s subspace mode (`router.rank`)
     Y  key/value heads (`model.n_kv_heads`; Y = H without grouped-query attention)
     W  key positions attended to in generation (the KV cache's past positions + the new ones)
+    O  segments a balance loss averages over (sequences, packed documents or capacity groups)
 
 Persistent parameters and buffers (state-dict keys, hence checkpoint keys) are named by the
 shape of the whole, consolidated tensor: `GroupedExperts.w_in_EDI` holds a rank's [e, D, I] slice
