@@ -139,18 +139,37 @@ class Trainer:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor]):
+    def forward(self, batch: dict[str, torch.Tensor], step_counts: dict | None = None):
+        """`step_counts`: the global_batch balance scope's running counts of this optimizer step
+        (the previous micro batch's `ModelOutput.step_counts`; None at the step's first)."""
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         domain_ids = batch["domain_ids"].to(self.device, non_blocking=True)
-        return self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids)
+        return self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids, **self.balance_inputs(batch),
+                           step_counts=step_counts)
+
+    def balance_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's padding mask (only when it masks something: the loader's batch is on the
+        host, so the check reads no device) and, for a sequence balance scope, its documents."""
+        out = {}
+        mask = batch.get("loss_mask")
+        if mask is not None and not bool(mask.all()):
+            out["valid_BS"] = mask.to(self.device, non_blocking=True).bool()
+        moe = self.cfg.model.moe
+        if (moe is not None and "segment_ids" in batch
+                and "sequence" in moe.aux_loss.scopes().values()):
+            out["segment_ids_BS"] = batch["segment_ids"].to(self.device, non_blocking=True)
+        return out
 
     def train_step(self, batches, stats: MoEStatsAccumulator, losses: torch.Tensor) -> None:
         """One optimizer step over grad_accum micro batches. This rank's LM and aux losses are
         added to `losses` ([2] float64, on the device) and its routing statistics to `stats`: no
-        host read per micro batch."""
+        host read per micro batch. The global_batch balance scope's running counts start empty
+        at every optimizer step and go from each micro batch to the next (docs/training.md)."""
         step_stats = []
+        step_counts = None
         for _ in range(self.cfg.train.grad_accum):
-            out = self.forward(next(batches))
+            out = self.forward(next(batches), step_counts)
+            step_counts = out.step_counts or None
             self.engine.backward(out.loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.engine.step()  # the optimizer steps only at the accumulation boundary
             self.safety.observe(out)
