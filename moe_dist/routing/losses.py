@@ -135,8 +135,8 @@ def z_loss(logits_TE: Tensor, valid_T: Tensor | None = None, num_groups: int = 1
         return sq_T.mean()
     w_T = _weights(valid_T, sq_T)
     sq_T = torch.where(w_T > 0, sq_T, torch.zeros_like(sq_T))
-    sums_GT = torch.stack([sq_T.view(num_groups, -1).sum(1), w_T.view(num_groups, -1).sum(1)])
-    return (sums_GT[0] / sums_GT[1].clamp_min(1.0)).mean()
+    per_group = sq_T.view(num_groups, -1).sum(1) / w_T.view(num_groups, -1).sum(1).clamp_min(1.0)
+    return per_group.mean()
 
 
 def global_sum(local: Tensor, global_value: Tensor, dp_size: int) -> Tensor:
