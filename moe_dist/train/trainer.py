@@ -200,7 +200,8 @@ class Trainer:
             if i == self.cfg.train.eval_batches(self.world):
                 break
             out = self.forward(batch)
-            sums += sequence_loss_sums(out.logits_BSV, batch["tokens"][:, 1:].to(out.logits_BSV.device))
+            sums += sequence_loss_sums(out.logits_BSV, batch["tokens"][:, 1:].to(out.logits_BSV.device),
+                                       self.balance_inputs(batch).get("valid_BS"))
             stats.add(out.moe_stats)
             del out  # as in train_step: not alive through the next forward
         self.engine.train()
