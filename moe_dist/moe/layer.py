@@ -90,6 +90,10 @@ class MoESideInputs:
             raise ValueError(f"capacity_groups must be an integer >= 1, got {self.capacity_groups!r}")
         if not (isinstance(self.num_labels, int) and self.num_labels >= 0):
             raise ValueError(f"num_labels must be an integer >= 0, got {self.num_labels!r}")
+        if self.valid_T is not None and self.valid_T.dtype != torch.bool:
+            raise ValueError(f"valid_T must be a bool tensor (False = padding), got dtype {self.valid_T.dtype}")
+        if self.segment_ids_T is not None and self.segment_ids_T.dtype.is_floating_point:
+            raise ValueError(f"segment_ids_T must be an integer tensor, got dtype {self.segment_ids_T.dtype}")
 
     def handed_on(self, stream_TD: Tensor | None) -> MoESideInputs:
         """The side inputs of the next MoE layer: this layer's new routing stream, if its router
@@ -186,6 +190,8 @@ class MoELayer(nn.Module):
         route = self.router(x_TD, ctx)
         T = x_TD.shape[0]
         valid_T = None if side.valid_T is None else side.valid_T.reshape(-1)
+        if valid_T is not None and valid_T.numel() != T:
+            raise ValueError(f"MoESideInputs.valid_T has {valid_T.numel()} entries for the input's {T} tokens")
         # Capacity is sized from every token, padding included: a static shape (sizing it from
         # the real tokens would read the device).
         plan: SlotPlan = assign_slots(

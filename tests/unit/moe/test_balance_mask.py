@@ -135,3 +135,12 @@ def test_sequence_scope_needs_sequences():
     layer = make_layer("sequence")
     with pytest.raises(ValueError, match="segment_ids_T"):
         layer(torch.randn(12, D))
+
+
+def test_side_input_masks_are_checked():
+    with pytest.raises(ValueError, match="valid_T must be a bool tensor"):
+        MoESideInputs(valid_T=torch.ones(4))
+    with pytest.raises(ValueError, match="segment_ids_T must be an integer tensor"):
+        MoESideInputs(segment_ids_T=torch.zeros(4))
+    with pytest.raises(ValueError, match="valid_T has 5 entries for the input's 4 tokens"):
+        make_layer("dp_global")(torch.randn(4, D), MoESideInputs(valid_T=torch.ones(5, dtype=torch.bool)))
