@@ -40,8 +40,8 @@ from moe_dist.routing.regularizers import sample_similarity_loss
 @dataclass(frozen=True)
 class Segments:
     """Tokens split into `count` segments (sequences, documents or capacity groups) that a
-    segmented loss averages over. `key_O` is not a per-segment tensor: `key_T` gives each token's
-    segment, in [0, count); some segments may hold no token."""
+    segmented loss averages over: `key_T` is each token's segment, in [0, count). `count` is
+    static (the most segments the shapes allow), so some segments may hold no token."""
 
     key_T: Tensor  # int64
     count: int
