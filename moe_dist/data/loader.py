@@ -59,10 +59,13 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
 def collate_samples(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """-> {"tokens": int64 [B, S+1], "domain_ids": int64 [B, S]}, and the OPTIONAL_BATCH_KEYS
-    ([B, S]) that every sample has; other keys are dropped."""
+    ([B, S]) that every sample has, `loss_mask` only where it masks a position (checked here, on
+    the host's arrays, so that the trainer reads no tensor for it); other keys are dropped."""
     keys = BATCH_KEYS + tuple(key for key in OPTIONAL_BATCH_KEYS if all(key in s for s in samples))
-    return {key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.int64) for s in samples]))
-            for key in keys}
+    arrays = {key: np.stack([np.asarray(s[key], dtype=np.int64) for s in samples]) for key in keys}
+    if "loss_mask" in arrays and arrays["loss_mask"].all():
+        del arrays["loss_mask"]
+    return {key: torch.from_numpy(value) for key, value in arrays.items()}
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

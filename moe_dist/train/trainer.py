@@ -148,11 +148,11 @@ class Trainer:
                            step_counts=step_counts)
 
     def balance_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch's padding mask (only when it masks something: the loader's batch is on the
-        host, so the check reads no device) and, for a sequence balance scope, its documents."""
+        """The batch's padding mask (the loader's batch has one only when it masks something) and,
+        for a sequence balance scope, its documents."""
         out = {}
         mask = batch.get("loss_mask")
-        if mask is not None and not bool(mask.all()):
+        if mask is not None:
             out["valid_BS"] = mask.to(self.device, non_blocking=True).bool()
         moe = self.cfg.model.moe
         if (moe is not None and "segment_ids" in batch

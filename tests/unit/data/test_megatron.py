@@ -26,7 +26,7 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: E402
 
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.data.config import DataConfig  # noqa: E402
-from moe_dist.data.loader import build_dataloader  # noqa: E402
+from moe_dist.data.loader import build_dataloader, collate_samples  # noqa: E402
 from moe_dist.data.pipeline import build_datasets  # noqa: E402
 from moe_dist.data.preprocess import preprocess_corpus  # noqa: E402
 from moe_dist.data.tokenizers import SentencePieceTokenizer  # noqa: E402
@@ -250,7 +250,11 @@ def test_samples_carry_their_documents_and_padding_mask(corpus, blend):
         new_documents += len(starts)
     assert new_documents > 0
     batch = next(iter(build_dataloader(blend.train, micro_batch_size=2)))
-    assert batch["loss_mask"].shape == batch["segment_ids"].shape == (2, 128)
+    assert batch["segment_ids"].shape == (2, 128)
+    assert "loss_mask" not in batch  # it masks nothing: the trainer then passes no mask
+    short = dict(blend.train[0], loss_mask=np.array([1] * 100 + [0] * 28))
+    padded = collate_samples([blend.train[1], short])
+    assert padded["loss_mask"].tolist() == [[1] * 128, [1] * 100 + [0] * 28]
 
 
 def test_padding_and_documents_masks_the_padding_tail():
