@@ -1,8 +1,9 @@
 """Train/valid datasets from `.bin/.idx` prefixes through Megatron-Core's builder, with domains.
 
 `DomainGPTDataset` is Megatron-Core's GPTDataset (same documents, sample and shuffle indices,
-same cache) whose samples are {"tokens": int64 [S+1], "domain_ids": int64 [S]}: domain_ids[s]
-is the label of the document that tokens[s] came from (-1 where the prefix has no labels).
+same cache) whose samples are {"tokens": int64 [S+1], "domain_ids": int64 [S], "loss_mask":
+int64 [S], "segment_ids": int64 [S]}: domain_ids[s] is the label of the document that tokens[s]
+came from (-1 where the prefix has no labels); loss_mask and segment_ids: `padding_and_documents`.
 GPTDataset's own __getitem__ is bypassed because it also builds an [S, S] attention mask per
 sample, which the model does not use.
 """
@@ -57,9 +58,22 @@ class DomainGPTDataset(GPTDataset):
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         tokens, _ = self._query_document_sample_shuffle_indices(idx)
-        token_docs = self._token_document_ids(idx)[:-1]
+        all_docs = self._token_document_ids(idx)
+        token_docs = all_docs[:-1]
         domain_ids = np.where(token_docs >= 0, self.document_domain_ids[token_docs], NO_LABEL)
-        return {"tokens": tokens.astype(np.int64, copy=False), "domain_ids": domain_ids}
+        return {"tokens": tokens.astype(np.int64, copy=False), "domain_ids": domain_ids,
+                **padding_and_documents(all_docs)}
+
+
+def padding_and_documents(token_docs: np.ndarray) -> dict[str, np.ndarray]:
+    """From the document of each of a sample's S+1 tokens (-1: the padding GPTDataset appends to
+    a short sample): `loss_mask` [S], 1 where position s predicts a real token (Megatron's loss
+    mask; padding is neither predicted nor routed), and `segment_ids` [S], the document of
+    tokens[s] numbered from 0 within the sample (MoESideInputs.segment_ids_T)."""
+    loss_mask = (token_docs[1:] >= 0).astype(np.int64)
+    inputs = token_docs[:-1]
+    segment_ids = np.concatenate([[0], np.cumsum(inputs[1:] != inputs[:-1])]).astype(np.int64)
+    return {"loss_mask": loss_mask, "segment_ids": segment_ids}
 
 
 class _Builder(BlendedMegatronDatasetBuilder):

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 BATCH_KEYS = ("tokens", "domain_ids")
+# Collated when every sample of a batch has them (the Megatron datasets; not the synthetic ones):
+# the padding mask and packed documents of the balance losses (MoESideInputs.valid_T, segment_ids_T).
+OPTIONAL_BATCH_KEYS = ("loss_mask", "segment_ids")
 # The stop signals of a run (moe_dist.train.safety.signals.SIGNALS). A Ctrl-C, a scheduler's
 # SIGTERM to every process of the job, or launch.py's SIGTERM to its children's whole tree reaches
 # the DataLoader workers too; a worker that dies of it makes the rank raise ("DataLoader worker
@@ -55,9 +58,14 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
 
 def collate_samples(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """-> {"tokens": int64 [B, S+1], "domain_ids": int64 [B, S]}; other keys are dropped."""
-    return {key: torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.int64) for s in samples]))
-            for key in BATCH_KEYS}
+    """-> {"tokens": int64 [B, S+1], "domain_ids": int64 [B, S]}, and the OPTIONAL_BATCH_KEYS
+    ([B, S]) that every sample has, `loss_mask` only where it masks a position (checked here, on
+    the host's arrays, so that the trainer reads no tensor for it); other keys are dropped."""
+    keys = BATCH_KEYS + tuple(key for key in OPTIONAL_BATCH_KEYS if all(key in s for s in samples))
+    arrays = {key: np.stack([np.asarray(s[key], dtype=np.int64) for s in samples]) for key in keys}
+    if "loss_mask" in arrays and arrays["loss_mask"].all():
+        del arrays["loss_mask"]
+    return {key: torch.from_numpy(value) for key, value in arrays.items()}
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

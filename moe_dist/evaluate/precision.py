@@ -29,14 +29,21 @@ def token_nll(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits_BSV.float().transpose(1, 2), targets_BS, reduction="none")
 
 
-def sequence_loss_sums(logits_BSV: torch.Tensor, targets_BS: torch.Tensor,
-                       nll_BS: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_loss_sums(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, nll_BS: torch.Tensor | None = None,
+                       valid_BS: torch.Tensor | None = None) -> torch.Tensor:
     """float64 [4]: tokens, sequences, and the sum and sum of squares of the sequences' mean
     losses, to be summed over batches and ranks (the mean of the sequence means is the mean
     loss: every sequence has S tokens). On the logits' device: no host read. `nll_BS`: the
-    tokens' losses where the caller has them already (token_nll)."""
+    tokens' losses where the caller has them already (token_nll).
+    `valid_BS` (False: padding): each sequence's mean is over its real positions, and a sequence
+    without one is not counted."""
     if nll_BS is None:
         nll_BS = token_nll(logits_BSV, targets_BS)
+    if valid_BS is not None:
+        real_BS = valid_BS.to(torch.float64)
+        counts_B = real_BS.sum(1)
+        means_B = (nll_BS.double() * real_BS).sum(1) / counts_B.clamp_min(1.0)
+        return torch.stack([counts_B.sum(), (counts_B > 0).double().sum(), means_B.sum(), means_B.square().sum()])
     means_B = nll_BS.double().mean(1)
     # Fills, not tensors built from host data: a copy to the device would wait for it.
     tokens = torch.full((), float(nll_BS.numel()), dtype=torch.float64, device=means_B.device)

@@ -7,8 +7,8 @@ Under the launcher each round takes `world * batch` windows from the stream (eve
 the same stream) and rank r runs windows r, r + world, ...; windows of one forward have one
 length (only the stream's last window is shorter). Every rank of an expert-parallel group must
 run the same number of forwards (the all-to-alls), so a rank with fewer windows in the last round
-runs a one-token padding forward that adds nothing to the loss; its routed pairs are counted in
-the load statistics (at most world - 1 tokens per eval). With dropless eval capacity the loss
+runs a one-token padding forward that adds nothing to the loss, and nothing to the routing
+statistics either: its token is masked (`valid_BS`, MoESideInputs.valid_T). With dropless eval capacity the loss
 does not depend on batching, so any world and EP size gives the one-process number.
 """
 
@@ -143,18 +143,20 @@ def evaluate(model: MoETransformer, windows: Iterable[Window], domain_names: lis
     for mine, calls, predicted in _rounds(windows, batch, world, rank):
         for i in range(calls):
             forward += 1
+            valid = None
             if i < len(mine):
                 tokens = torch.stack([w.tokens for w in mine[i]]).to(device)
                 labels = torch.stack([w.domain_ids for w in mine[i]]).to(device)
             else:  # padding forward, see the module docstring
                 tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
                 labels = torch.full_like(tokens, -1)
+                valid = torch.zeros(1, 1, dtype=torch.bool, device=device)
             real = i < len(mine)
             forced = None
             if replay is not None and real:
                 forced = replay.forced_routes("eval", step, forward, tokens[:, :-1].numel(), device)
-            out = model(tokens[:, :-1], domain_ids_BS=labels[:, :-1], trace=trace is not None and real,
-                        forced_routes=forced)
+            out = model(tokens[:, :-1], domain_ids_BS=labels[:, :-1], valid_BS=valid,
+                        trace=trace is not None and real, forced_routes=forced)
             if trace is not None and real:
                 trace.add(forward, tokens[:, :-1], labels[:, :-1], out.routes)
             totals.add_routing(out.moe_stats)

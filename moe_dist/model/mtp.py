@@ -52,11 +52,15 @@ class MTPBlock(TransformerBlock):
 
 
 def mtp_side_inputs(side: MoESideInputs, B: int, S: int) -> MoESideInputs:
-    """The MoE side inputs of the MTP block: labels and routing stream of positions 0..S-2; the
-    token ids are those the block embeds there, tokens 1..S-1."""
-    labels_T = None if side.labels_T is None else side.labels_T.view(B, S)[:, :-1].reshape(-1)
-    token_ids_T = None if side.token_ids_T is None else side.token_ids_T.view(B, S)[:, 1:].reshape(-1)
-    stream_TD = None
-    if side.stream_TD is not None:
-        stream_TD = side.stream_TD.view(B, S, -1)[:, :-1].reshape(B * (S - 1), -1)
-    return replace(side, labels_T=labels_T, stream_TD=stream_TD, token_ids_T=token_ids_T)
+    """The MoE side inputs of the MTP block, whose position t (0..S-2) predicts token t+2: the
+    labels, routing stream and documents of positions 0..S-2, the token ids it embeds there
+    (tokens 1..S-1), and the padding mask of its targets (a position counts where token t+2 is real)."""
+    def first(t):  # positions 0..S-2 of each row, any trailing dimensions kept
+        return None if t is None else t.reshape(B, S, -1)[:, :-1].reshape(B * (S - 1), *t.shape[1:])
+
+    def shifted(t):  # positions 1..S-1
+        return None if t is None else t.view(B, S)[:, 1:].reshape(-1)
+
+    return replace(side, labels_T=first(side.labels_T), stream_TD=first(side.stream_TD),
+                   token_ids_T=shifted(side.token_ids_T), valid_T=shifted(side.valid_T),
+                   segment_ids_T=first(side.segment_ids_T))

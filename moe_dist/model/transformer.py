@@ -30,7 +30,7 @@ class ModelOutput:
     logits_BSV: Tensor
     # lm_loss + aux_loss (+ mtp_loss_weight * mtp_loss): what training back-propagates (None without targets)
     loss: Tensor | None
-    lm_loss: Tensor | None  # mean next-token cross entropy over this rank's tokens
+    lm_loss: Tensor | None  # mean next-token cross entropy over this rank's real (unmasked) positions
     aux_loss: Tensor  # sum over MoE layers of the coefficient-weighted routing losses (0 if none)
     # Per MoE layer (by layer index): detached routing statistics of this rank's tokens (summed over
     # ranks by the trainer and evaluation, once per interval),
@@ -42,6 +42,9 @@ class ModelOutput:
     mtp_loss: Tensor | None = None
     # Per MoE layer, with `trace=True` only: its routing decisions (the routing trace).
     routes: dict[int, RouteRecord] = field(default_factory=dict)
+    # Per MoE layer with a global_batch balance scope: the optimizer step's running counts, for
+    # the next micro batch's `step_counts` (MoESideInputs.step_counts).
+    step_counts: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
 
 def _migrate_legacy_names(module, state_dict, prefix, *_) -> None:
@@ -81,10 +84,19 @@ class MoETransformer(nn.Module):
         return [(b.layer_index, b.moe) for b in self.blocks if b.moe is not None]
 
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None,
-                domain_ids_BS: Tensor | None = None, *, capacity_groups: int = 1, trace: bool = False,
+                domain_ids_BS: Tensor | None = None, *, capacity_groups: int = 1,
+                valid_BS: Tensor | None = None, segment_ids_BS: Tensor | None = None,
+                step_counts: dict[int, dict[str, Tensor]] | None = None, trace: bool = False,
                 forced_routes: Mapping[int, ForcedRoute] | None = None) -> ModelOutput:
         """`domain_ids_BS`: per-token domain labels (-1 = none) for I(expert; domain).
         `capacity_groups`: a single-process stand-in for that many ranks (see `MoESideInputs`).
+        `valid_BS`: bool, False at the positions that do not count (padding: Megatron's loss
+        mask): they are left out of the LM loss, routing capacity, every routing loss and
+        statistic. Attention does not mask them, so only trailing padding leaves the other
+        positions' values unchanged. None: every position counts.
+        `segment_ids_BS`: packed documents (numbered from 0 within each row) for the sequence
+        balance scope. `step_counts`: the global_batch scope's running counts
+        (`ModelOutput.step_counts` of the step's previous micro batch; None at its first).
         `trace`: return every MoE layer's routing decisions (`ModelOutput.routes`).
         `forced_routes`: route replay, by layer index, tokens in (B, S) order (`MoESideInputs`)."""
         B, S = tokens_BS.shape
@@ -100,11 +112,14 @@ class MoETransformer(nn.Module):
         side = MoESideInputs(
             labels_T=domain_ids_BS.reshape(-1) if domain_ids_BS is not None and num_labels else None,
             num_labels=num_labels, capacity_groups=capacity_groups,
-            stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1), trace=trace,
-            forced_routes=forced_routes)
+            stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1),
+            valid_T=None if valid_BS is None else valid_BS.reshape(-1),
+            segment_ids_T=None if segment_ids_BS is None else segment_ids_BS.reshape(-1),
+            step_counts=step_counts, trace=trace, forced_routes=forced_routes)
         aux_terms: list[Tensor] = []
         moe_stats: dict[int, dict[str, Tensor]] = {}
         routes: dict[int, RouteRecord] = {}
+        new_step_counts: dict[int, dict[str, Tensor]] = {}
         for block in self.blocks[:self.cfg.n_layers]:
             x_BSD, moe_out = block(x_BSD, cos_SR, sin_SR, side)
             if moe_out is None:
@@ -112,6 +127,8 @@ class MoETransformer(nn.Module):
             moe_stats[block.layer_index] = moe_out.stats
             if moe_out.route is not None:
                 routes[block.layer_index] = moe_out.route
+            if moe_out.step_counts is not None:
+                new_step_counts[block.layer_index] = moe_out.step_counts
             if moe_out.aux_loss is not None:
                 aux_terms.append(moe_out.aux_loss)
             side = side.handed_on(moe_out.stream)
@@ -128,18 +145,39 @@ class MoETransformer(nn.Module):
                 mtp_side_inputs(side, B, S))
             if mtp_out is not None:
                 moe_stats[self.cfg.n_layers] = mtp_out.stats
+                if mtp_out.step_counts is not None:
+                    new_step_counts[self.cfg.n_layers] = mtp_out.step_counts
                 if mtp_out.aux_loss is not None:
                     aux_terms.append(mtp_out.aux_loss)
             mtp_logits_BSV = mtp_h_BSD @ weight_VD.t()
-            mtp_loss = F.cross_entropy(mtp_logits_BSV.float().reshape(B * (S - 1), -1),
-                                       targets_BS[:, 1:].reshape(-1))
+            if valid_BS is None:
+                mtp_loss = F.cross_entropy(mtp_logits_BSV.float().reshape(B * (S - 1), -1),
+                                           targets_BS[:, 1:].reshape(-1))
+            else:  # position t predicts token t+2: it counts where that target is real
+                mtp_loss = masked_lm_loss(mtp_logits_BSV, targets_BS[:, 1:], valid_BS[:, 1:], capacity_groups)
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else logits_BSV.new_zeros((), dtype=torch.float32)
         lm_loss = loss = None
         if targets_BS is not None:
             # fp32 softmax: a bf16 log-sum-exp over a large vocabulary is visibly biased.
-            lm_loss = F.cross_entropy(logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1))
+            if valid_BS is None:
+                lm_loss = F.cross_entropy(logits_BSV.float().reshape(B * S, -1), targets_BS.reshape(-1))
+            else:
+                lm_loss = masked_lm_loss(logits_BSV, targets_BS, valid_BS, capacity_groups)
             loss = lm_loss + aux_loss
             if mtp_loss is not None:
                 loss = loss + self.cfg.mtp_loss_weight * mtp_loss
         return ModelOutput(logits_BSV=logits_BSV, loss=loss, lm_loss=lm_loss, aux_loss=aux_loss,
-                           moe_stats=moe_stats, mtp_loss=mtp_loss, routes=routes)
+                           moe_stats=moe_stats, mtp_loss=mtp_loss, routes=routes, step_counts=new_step_counts)
+
+
+def masked_lm_loss(logits_BSV: Tensor, targets_BS: Tensor, valid_BS: Tensor, num_groups: int = 1) -> Tensor:
+    """Mean next-token cross entropy over the positions `valid_BS` keeps: the unpadded batch's
+    loss. Per rank, like the unmasked mean: ranks (and the `num_groups` row groups a
+    single-process reference holds, one per rank) weigh equally, whatever their real tokens."""
+    B = targets_BS.shape[0]
+    if B % num_groups:
+        raise ValueError(f"capacity_groups ({num_groups}) must divide the batch ({B} rows)")
+    nll_BS = F.cross_entropy(logits_BSV.float().transpose(1, 2), targets_BS, reduction="none")
+    nll_BS = torch.where(valid_BS, nll_BS, torch.zeros_like(nll_BS))
+    tokens_per_group = valid_BS.reshape(num_groups, -1).float().sum(1)
+    return (nll_BS.reshape(num_groups, -1).sum(1) / tokens_per_group.clamp_min(1.0)).mean()

@@ -19,6 +19,7 @@ named `x_TD` has dims [T, D]. Each letter has one meaning (case matters: E and e
     c  latent attention's key-value latent (`kv_lora_rank`)    l  its query latent (`q_lora_rank`)
     r  rotary width of a latent-attention head                  n  its non-rotary query/key width
     o  value width of a latent-attention head (`v_head_dim`)
+    O  segments a balance loss averages over (sequences, packed documents or capacity groups)
 
 Persistent parameters and buffers (state-dict keys, hence checkpoint keys) are named by the
 shape of the whole, consolidated tensor: `GroupedExperts.w_in_EDI` holds a rank's [e, D, I] slice

@@ -47,7 +47,8 @@ def _count(ids: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
 
 
 def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy: str = "position",
-                 priority_TK: Tensor | None = None, num_groups: int = 1) -> SlotPlan:
+                 priority_TK: Tensor | None = None, num_groups: int = 1,
+                 valid_T: Tensor | None = None) -> SlotPlan:
     """Queue every (token, choice) pair at its expert and keep the first `capacity` of each queue.
 
     `policy="position"`: first choices before second choices, then token order.
@@ -55,6 +56,9 @@ def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy:
     `num_groups` splits the T tokens into equal contiguous groups, each with its own queues and
     `capacity`: a single process holding the tokens of n ranks uses `num_groups=n` to drop
     exactly what each rank of an expert-parallel run drops.
+    `valid_T` (bool, False = padding): padding pairs are dropped before slots are handed out (they
+    queue behind every expert, in a queue of their own), so they never take a real token's slot,
+    never reach an expert and are in neither load.
     """
     T, K = idx_TK.shape
     E = num_experts
@@ -63,6 +67,10 @@ def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy:
     idx_Q = idx_TK.t().reshape(-1)  # choice-major pair order
     group_Q = (torch.arange(T, device=idx_TK.device) // (T // num_groups)).repeat(K)
     queue_Q = group_Q * E + idx_Q  # one queue per (group, expert)
+    valid_Q = None
+    if valid_T is not None:
+        valid_Q = valid_T.reshape(-1).repeat(K)
+        queue_Q = torch.where(valid_Q, queue_Q, num_groups * E)  # padding's own queue, served last
 
     if policy == "probs":
         if priority_TK is None:
@@ -76,7 +84,7 @@ def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy:
 
     # Counts by scatter_add, never bincount: bincount sizes its output by the largest value, which
     # on a GPU is a read of the device (a host sync) even with `minlength`.
-    queue_sizes = _count(queue_Q, num_groups * E)
+    queue_sizes = _count(queue_Q, num_groups * E + 1)
     queue_start = torch.cumsum(queue_sizes, 0) - queue_sizes
     sorted_queue = queue_Q[order]
     slot_Q = torch.empty_like(idx_Q)
@@ -84,6 +92,9 @@ def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy:
 
     keep_Q = torch.ones_like(idx_Q, dtype=torch.bool) if capacity is None else slot_Q < capacity
     load_E = _count(idx_Q, E)
+    if valid_Q is not None:
+        keep_Q = keep_Q & valid_Q
+        load_E = _count(idx_Q, E, valid_Q.long())
     kept_E = _count(idx_Q, E, keep_Q.long())
     return SlotPlan(slot_TK=slot_Q.view(K, T).t(), keep_TK=keep_Q.view(K, T).t(), load_E=load_E,
                     kept_E=kept_E, capacity=capacity)

@@ -12,6 +12,9 @@ from moe_dist.routing.base import RouterConfig
 from moe_dist.routing.registry import router_config_from_dict
 
 DROP_POLICIES = ("position", "probs")
+# What a count-defined balance loss (switch, importance) averages over: docs/training.md,
+# "Balance-loss scopes" (moe_dist/routing/losses.py computes each).
+BALANCE_SCOPES = ("micro_batch", "dp_global", "sequence", "global_batch")
 ACTIVATIONS = ("swiglu", "gelu")
 
 
@@ -26,14 +29,26 @@ class AuxLossConfig:
     sample_similarity: float = 0.0
     # Tokens per rank on which sample_similarity's pairwise distances are computed.
     sample_similarity_tokens: int = 512
+    # The tokens each balance loss's expert fractions (switch) or importances are taken over:
+    # one of BALANCE_SCOPES. dp_global is the behaviour of runs before scopes existed.
+    switch_scope: str = "dp_global"
+    importance_scope: str = "dp_global"
 
     def __post_init__(self) -> None:
+        for name in ("switch_scope", "importance_scope"):
+            check_choice(f"aux_loss.{name}", getattr(self, name), BALANCE_SCOPES)
         for f in dataclasses.fields(self):
+            if f.name.endswith("_scope"):
+                continue
             value = getattr(self, f.name)
             check(isinstance(value, (int, float)) and value >= 0,
                   f"aux_loss.{f.name} must be a number >= 0, got {value!r}")
         check(self.sample_similarity_tokens >= 2,
               f"aux_loss.sample_similarity_tokens must be >= 2, got {self.sample_similarity_tokens}")
+
+    def scopes(self) -> dict[str, str]:
+        """The scope of each count-defined balance loss, by loss name."""
+        return {"switch": self.switch_scope, "importance": self.importance_scope}
 
     def coefficients(self) -> dict[str, float]:
         return {"switch": self.switch, "z_loss": self.z_loss, "importance": self.importance,
@@ -158,4 +173,4 @@ class MoEConfig:
         return from_dict(cls, data, where)
 
 
-__all__ = ["MoEConfig", "AuxLossConfig", "ConfigError"]
+__all__ = ["MoEConfig", "AuxLossConfig", "ConfigError", "BALANCE_SCOPES"]

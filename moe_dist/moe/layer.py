@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_dist.common.config import ConfigError
 from moe_dist.common.seeding import init_generator
+from moe_dist.moe.balance import nonempty_segments, sequence_segments, with_step_prior
 from moe_dist.moe.capacity import SlotPlan, assign_slots, expert_capacity
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.dispatch import combine, dispatch
@@ -69,6 +70,20 @@ class MoESideInputs:
       trace (docs/routing_trace.md); False (the default) adds nothing to the forward.
     - `forced_routes`: route replay, by layer index: the routes a layer takes instead of its
       router's top-k (`routing.replay`); a layer not in it routes as usual.
+
+    Balance masks and running counts (docs/training.md, "Balance-loss scopes"):
+
+    - `valid_T`: bool per token, False for padding. Padding takes no capacity (its pairs are
+      dropped before slots are handed out: `assign_slots`), reaches no expert (its output is
+      the shared experts' alone, or 0), and is left out of every loss, count and statistic.
+      None: every token is real.
+    - `segment_ids_T`: int64 per token, the packed document it belongs to, numbered from 0 within
+      each row of the batch (so below S). Only the `sequence` balance scope reads it: each
+      document is then its own sequence. None: each row of a [B, S, D] input is one sequence.
+    - `step_counts`: for the `global_batch` scope, per MoE layer index the global counts of the
+      optimizer step's earlier micro batches (`MoEOutput.step_counts` of the previous micro
+      batch; None or missing at the step's first). The trainer owns it and starts each
+      optimizer step from None.
     """
 
     labels_T: Tensor | None = None
@@ -78,12 +93,19 @@ class MoESideInputs:
     token_ids_T: Tensor | None = None
     trace: bool = False
     forced_routes: Mapping[int, ForcedRoute] | None = None
+    valid_T: Tensor | None = None
+    segment_ids_T: Tensor | None = None
+    step_counts: dict[int, dict[str, Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.capacity_groups, int) and self.capacity_groups >= 1):
             raise ValueError(f"capacity_groups must be an integer >= 1, got {self.capacity_groups!r}")
         if not (isinstance(self.num_labels, int) and self.num_labels >= 0):
             raise ValueError(f"num_labels must be an integer >= 0, got {self.num_labels!r}")
+        if self.valid_T is not None and self.valid_T.dtype != torch.bool:
+            raise ValueError(f"valid_T must be a bool tensor (False = padding), got dtype {self.valid_T.dtype}")
+        if self.segment_ids_T is not None and self.segment_ids_T.dtype.is_floating_point:
+            raise ValueError(f"segment_ids_T must be an integer tensor, got dtype {self.segment_ids_T.dtype}")
 
     def handed_on(self, stream_TD: Tensor | None) -> MoESideInputs:
         """The side inputs of the next MoE layer: this layer's new routing stream, if its router
@@ -117,6 +139,9 @@ class MoEOutput:
     stream: Tensor | None = None
     # This layer's routing decisions, only when `MoESideInputs.trace` asked for them.
     route: RouteRecord | None = None
+    # With a global_batch scope: the step's global counts so far, this micro batch's included
+    # (the next micro batch's `MoESideInputs.step_counts[layer_index]`). None otherwise.
+    step_counts: dict[str, Tensor] | None = None
 
 
 class MoELayer(nn.Module):
@@ -196,10 +221,15 @@ class MoELayer(nn.Module):
                                  f"forced routes (it must choose through routing.replay.choose_experts)")
             route = with_forced_weights(route, forced)
         T = x_TD.shape[0]
+        valid_T = None if side.valid_T is None else side.valid_T.reshape(-1)
+        if valid_T is not None and valid_T.numel() != T:
+            raise ValueError(f"MoESideInputs.valid_T has {valid_T.numel()} entries for the input's {T} tokens")
+        # Capacity is sized from every token, padding included: a static shape (sizing it from
+        # the real tokens would read the device).
         plan: SlotPlan = assign_slots(
             route.idx_TK, cfg.num_experts, self.capacity(T // num_groups), cfg.drop_policy,
             priority_TK=route.w_TK if route.priority_TK is None else route.priority_TK,
-            num_groups=num_groups)
+            num_groups=num_groups, valid_T=valid_T)
 
         source_UD, index_M, dplan = dispatch(x_TD, route.idx_TK, plan.keep_TK, plan.kept_E, self.groups)
         y_MD = self.experts(source_UD, index_M, dplan.counts_e)
@@ -210,16 +240,27 @@ class MoELayer(nn.Module):
             else:
                 y_TD = y_TD + self._shared_output(x_TD)
 
-        stats = route_statistics(route, plan, side.labels_T, side.num_labels)
+        stats = route_statistics(route, plan, side.labels_T, side.num_labels, valid_T)
         coefficients = cfg.aux_loss.coefficients()
         weighted = {name for name, c in coefficients.items() if c}
-        losses = routing_losses(route, loss_counts(stats, weighted, ctx.all_reduce_sum), self.groups.dp_size,
+        scopes = cfg.aux_loss.scopes()
+        sequences = None
+        if route.probs_TE is not None and "sequence" in scopes.values():
+            sequences = sequence_segments(x.shape, side.segment_ids_T, x.device)
+            stats["num_sequences"] = nonempty_segments(sequences, valid_T)
+        counts = loss_counts(stats, weighted, ctx.all_reduce_sum, scopes)
+        step_counts = None
+        if route.probs_TE is not None and "global_batch" in scopes.values():
+            counts, step_counts = with_step_prior(counts, (side.step_counts or {}).get(self.layer_index))
+        losses = routing_losses(route, counts, self.groups.dp_size,
                                 cfg.aux_loss.sample_similarity_tokens,
                                 with_sample_similarity=cfg.aux_loss.sample_similarity > 0,
-                                num_groups=num_groups, weighted=weighted)
+                                num_groups=num_groups, weighted=weighted, scopes=scopes, valid_T=valid_T,
+                                sequences=sequences)
         stats.update({f"loss_{k}": v.detach() for k, v in losses.items()})
         record = None
         if side.trace:
             record = RouteRecord(idx_TK=route.idx_TK, w_TK=route.w_TK.detach(), keep_TK=plan.keep_TK)
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=weighted_total(losses, coefficients),
-                         losses=losses, stats=stats, stream=route.stream_TD, route=record)
+                         losses=losses, stats=stats, stream=route.stream_TD, route=record,
+                         step_counts=step_counts)

@@ -6,13 +6,15 @@ Everything here is detached. `route_statistics` runs in every forward and makes 
 and no host read: it returns this rank's counts (float32, on the layer's device) and the ratios
 of those counts. Whoever logs them (the trainer, evaluation) sums the summable counts over ranks
 once per interval and takes the ratios of the sums (`interval_summary`). The one collective left
-in the forward is `loss_counts`': the global counts a weighted loss is defined on.
+in the forward is `loss_counts`': the global counts a weighted loss is defined on. Padding
+(`valid_T` False) is in no count.
 `interval_summary` reads the host and runs once per log interval or evaluation.
 
 Summable keys (sum over ranks = the counts of one process holding every rank's tokens):
 `tokens_per_expert` [E] (routed pairs, before drops), `tokens_per_expert_kept` [E], `num_tokens`
 [], `importance` [E] (sum of the probabilities; routers with probabilities), `entropy_token_sum`
 [] (sum over tokens of H(probs_t); the same routers), `expert_label_counts` [E, L] (with labels).
+`num_tokens` counts real tokens only; so do all the others.
 """
 
 from __future__ import annotations
@@ -57,20 +59,31 @@ def expert_label_counts(idx_TK: Tensor, labels_T: Tensor, num_experts: int, num_
 
 
 def route_statistics(route: RouterOutput, plan: SlotPlan, labels_T: Tensor | None = None,
-                     num_labels: int = 0) -> dict[str, Tensor]:
-    """This rank's statistics: the summable counts (module docstring) and their ratios."""
+                     num_labels: int = 0, valid_T: Tensor | None = None) -> dict[str, Tensor]:
+    """This rank's statistics: the summable counts (module docstring) and their ratios.
+    `valid_T`: False for padding, which no count includes (the plan's loads already leave it out:
+    `assign_slots`' `valid_T`). None: every token is real."""
     E = plan.load_E.numel()
     T = route.idx_TK.shape[0]
     device = plan.load_E.device
     load_E, kept_E = plan.load_E.float(), plan.kept_E.float()
-    stats = {"tokens_per_expert": load_E, "tokens_per_expert_kept": kept_E,
-             "num_tokens": torch.full((), float(T), device=device)}
+    valid_T = None if valid_T is None else valid_T.reshape(-1)
+    num_tokens = (torch.full((), float(T), device=device) if valid_T is None
+                  else valid_T.float().sum())
+    stats = {"tokens_per_expert": load_E, "tokens_per_expert_kept": kept_E, "num_tokens": num_tokens}
     if route.probs_TE is not None:
         probs = route.probs_TE.detach().float()
+        token_entropy_T = entropy(probs)
+        if valid_T is not None:
+            probs = torch.where(valid_T.unsqueeze(1), probs, torch.zeros_like(probs))
+            token_entropy_T = torch.where(valid_T, token_entropy_T, torch.zeros_like(token_entropy_T))
         stats["importance"] = probs.sum(0)
-        stats["entropy_token_sum"] = entropy(probs).sum()
+        stats["entropy_token_sum"] = token_entropy_T.sum()
     if labels_T is not None and num_labels > 0:
-        stats["expert_label_counts"] = expert_label_counts(route.idx_TK, labels_T.reshape(-1), E, num_labels)
+        labels_T = labels_T.reshape(-1)
+        if valid_T is not None:
+            labels_T = torch.where(valid_T, labels_T, torch.full_like(labels_T, -1))
+        stats["expert_label_counts"] = expert_label_counts(route.idx_TK, labels_T, E, num_labels)
     stats.update(count_ratios(stats))
     return stats
 
@@ -97,18 +110,30 @@ def count_ratios(counts: dict[str, Tensor]) -> dict[str, Tensor]:
     return ratios
 
 
-# The counts each count-defined loss reads, global over the data-parallel group when weighted.
-LOSS_COUNTS = {"switch": "tokens_per_expert", "importance": "importance"}
+# The counts each count-defined loss reads, by its scope (aux_loss.<loss>_scope), global over
+# the data-parallel group when weighted. micro_batch reads this rank's own tokens only.
+LOSS_COUNTS = {
+    "switch": {"dp_global": ("tokens_per_expert", "num_tokens"), "global_batch": ("tokens_per_expert", "num_tokens"),
+               "sequence": ("num_sequences",), "micro_batch": ()},
+    "importance": {"dp_global": ("importance",), "global_batch": ("importance",),
+                   "sequence": ("num_sequences",), "micro_batch": ()},
+}
 
 
 def loss_counts(stats: dict[str, Tensor], weighted: Container[str],
-                all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+                all_reduce_sum: Callable[[Tensor], Tensor],
+                scopes: dict[str, str] | None = None) -> dict[str, Tensor]:
     """The counts `routing.losses` reads: summed over the data-parallel group for the losses
     that are weighted (their gradient must be the global loss's), in ONE packed all-reduce;
     this rank's own for the losses that are only logged (no collective at all when none is
-    weighted)."""
-    names = [key for loss, key in LOSS_COUNTS.items() if loss in weighted and key in stats]
-    out = {key: stats[key] for key in LOSS_COUNTS.values() if key in stats}
+    weighted, or when every weighted one has the micro_batch scope). `scopes`: each loss's
+    scope (None: dp_global)."""
+    scopes = scopes or {}
+    wanted = {key for loss, by_scope in LOSS_COUNTS.items() for key in by_scope[scopes.get(loss, "dp_global")]}
+    names = sorted(key for key in wanted if key in stats
+                   and any(loss in weighted and key in by_scope[scopes.get(loss, "dp_global")]
+                           for loss, by_scope in LOSS_COUNTS.items()))
+    out = {key: stats[key] for key in sorted(wanted) if key in stats}
     if names:
         packed = all_reduce_sum(torch.cat([stats[key].reshape(-1) for key in names]))
         for key, value in zip(names, packed.split([stats[key].numel() for key in names])):

@@ -155,26 +155,47 @@ class Trainer:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor], phase: str = "train", micro: int = 0):
+    def forward(self, batch: dict[str, torch.Tensor], phase: str = "train", micro: int = 0,
+                step_counts: dict | None = None):
         """One forward of the training step about to run (`phase` train) or of the evaluation at
-        this step (eval): `micro` numbers its forwards, for the routing trace and route replay."""
+        this step (eval): `micro` numbers its forwards, for the routing trace and route replay.
+        `step_counts`: the global_batch balance scope's running counts of this optimizer step
+        (the previous micro batch's `ModelOutput.step_counts`; None at the step's first)."""
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         domain_ids = batch["domain_ids"].to(self.device, non_blocking=True)
         step = self.step + 1 if phase == "train" else self.step
         traced = self.tracing.traced(phase, step)
         forced = self.tracing.forced(phase, step, micro, domain_ids.numel(), self.device)
-        out = self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids, trace=traced, forced_routes=forced)
+        out = self.engine(tokens[:, :-1], tokens[:, 1:], domain_ids, **self.balance_inputs(batch),
+                          step_counts=step_counts, trace=traced, forced_routes=forced)
         if traced:  # the trace's host reads, after the forward and outside the model
             self.tracing.add(micro, tokens[:, :-1], domain_ids, out.routes)
+        return out
+
+    def balance_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's padding mask (the loader's batch has one only when it masks something) and,
+        for a sequence balance scope, its documents."""
+        out = {}
+        mask = batch.get("loss_mask")
+        if mask is not None:
+            out["valid_BS"] = mask.to(self.device, non_blocking=True).bool()
+        moe = self.cfg.model.moe
+        if (moe is not None and "segment_ids" in batch
+                and "sequence" in moe.aux_loss.scopes().values()):
+            out["segment_ids_BS"] = batch["segment_ids"].to(self.device, non_blocking=True)
         return out
 
     def train_step(self, batches, stats: MoEStatsAccumulator, losses: torch.Tensor) -> None:
         """One optimizer step over grad_accum micro batches. This rank's LM, aux and MTP losses
         are added to `losses` ([3] float64, on the device; MTP 0 without it) and its routing
-        statistics to `stats`: no host read per micro batch."""
+        statistics to `stats`: no host read per micro batch. The global_batch balance scope's
+        running counts start empty at every optimizer step and go from each micro batch to the
+        next (docs/training.md)."""
         step_stats = []
+        step_counts = None
         for micro in range(self.cfg.train.grad_accum):
-            out = self.forward(next(batches), "train", micro)
+            out = self.forward(next(batches), "train", micro, step_counts)
+            step_counts = out.step_counts or None
             self.engine.backward(out.loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.engine.step()  # the optimizer steps only at the accumulation boundary
             self.safety.observe(out)
@@ -213,9 +234,13 @@ class Trainer:
             out = self.forward(batch, "eval", i)
             targets = batch["tokens"][:, 1:].to(out.logits_BSV.device)
             nll_BS = token_nll(out.logits_BSV, targets)
-            sums += sequence_loss_sums(out.logits_BSV, targets, nll_BS)
+            valid_BS = self.balance_inputs(batch).get("valid_BS")
+            sums += sequence_loss_sums(out.logits_BSV, targets, nll_BS, valid_BS)
             if L:
-                domain_sums += domain_loss_sums(nll_BS, batch["domain_ids"], L)
+                labels_BS = batch["domain_ids"].to(nll_BS.device)
+                if valid_BS is not None:  # padding counts in no domain
+                    labels_BS = torch.where(valid_BS, labels_BS, torch.full_like(labels_BS, -1))
+                domain_sums += domain_loss_sums(nll_BS, labels_BS, L)
             stats.add(out.moe_stats)
             del out, nll_BS  # as in train_step: not alive through the next forward
         self.engine.train()

@@ -26,7 +26,7 @@ from megatron.core.datasets.indexed_dataset import (  # noqa: E402
 
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.data.config import DataConfig  # noqa: E402
-from moe_dist.data.loader import build_dataloader  # noqa: E402
+from moe_dist.data.loader import build_dataloader, collate_samples  # noqa: E402
 from moe_dist.data.pipeline import build_datasets  # noqa: E402
 from moe_dist.data.preprocess import preprocess_corpus  # noqa: E402
 from moe_dist.data.tokenizers import SentencePieceTokenizer  # noqa: E402
@@ -231,3 +231,36 @@ def test_non_string_text_names_the_file_and_line(corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"output folder .*/nodir' .* does not exist"):
         preprocess_corpus([source], str(tmp_path / "nodir" / "out"), tok)
     assert _listing(tmp_path) == ["in.jsonl"]
+
+
+def test_samples_carry_their_documents_and_padding_mask(corpus, blend):
+    """segment_ids number the sample's documents from 0, a new one right after each eod (packed
+    documents for the sequence balance scope); a full sample's loss mask keeps every position;
+    the loader collates both."""
+    eod = SentencePieceTokenizer(corpus["model"]).eod
+    new_documents = 0
+    for idx in range(40):
+        sample = blend.train[idx]
+        tokens, segments = sample["tokens"], sample["segment_ids"]
+        assert segments.shape == (128,) and sample["loss_mask"].shape == (128,)
+        assert sample["loss_mask"].all()
+        assert segments[0] == 0 and set(np.diff(segments)) <= {0, 1}
+        starts = np.flatnonzero(np.diff(segments)) + 1
+        assert starts.tolist() == (np.flatnonzero(tokens[:127] == eod) + 1).tolist()
+        new_documents += len(starts)
+    assert new_documents > 0
+    batch = next(iter(build_dataloader(blend.train, micro_batch_size=2)))
+    assert batch["segment_ids"].shape == (2, 128)
+    assert "loss_mask" not in batch  # it masks nothing: the trainer then passes no mask
+    short = dict(blend.train[0], loss_mask=np.array([1] * 100 + [0] * 28))
+    padded = collate_samples([blend.train[1], short])
+    assert padded["loss_mask"].tolist() == [[1] * 128, [1] * 100 + [0] * 28]
+
+
+def test_padding_and_documents_masks_the_padding_tail():
+    from moe_dist.data.datasets import padding_and_documents
+
+    # 5 + 1 tokens: two documents, then two padding tokens (-1) at the end of a short sample.
+    out = padding_and_documents(np.array([7, 7, 9, 9, -1, -1]))
+    assert out["loss_mask"].tolist() == [1, 1, 1, 0, 0]  # position 3 would predict padding
+    assert out["segment_ids"].tolist() == [0, 0, 1, 1, 2]

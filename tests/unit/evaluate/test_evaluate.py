@@ -138,3 +138,31 @@ def test_bad_input_exits_2(setup, tmp_path, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
     assert tool.main([ckpt, "--data", data, "--tokens", "-3"]) == 2
     assert tool.main([ckpt, "--data", data, "--seq-len", "999"]) == 2
+
+
+def test_sequence_loss_sums_leave_padding_out():
+    from moe_dist.evaluate.precision import sequence_loss_sums
+
+    logits = torch.randn(3, 4, 7)
+    targets = torch.randint(0, 7, (3, 4))
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    tokens, sequences, total, squares = sequence_loss_sums(logits, targets, valid_BS=valid).tolist()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double()
+    means = [nll[0].mean(), nll[1, :2].mean()]  # the padding-only row is no sequence
+    assert (tokens, sequences) == (6.0, 2.0)
+    assert math.isclose(total, float(sum(means)), rel_tol=1e-9)
+    assert math.isclose(squares, float(sum(m * m for m in means)), rel_tol=1e-9)
+    unmasked = sequence_loss_sums(logits, targets).tolist()
+    assert unmasked[:2] == [12.0, 3.0]
+
+
+def test_evaluation_padding_forward_is_in_no_routing_count():
+    """A rank with fewer windows in the last round runs a masked one-token forward: its
+    statistics count no token (before issue 22 it counted one routed token)."""
+    cfg = parse_model_config(dict(vocab_size=50, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=8),
+                             dict(d_ff=16, num_experts=4, top_k=2))
+    model = MoETransformer(cfg, seed=0).eval()
+    tokens = torch.zeros(1, 1, dtype=torch.long)
+    out = model(tokens, valid_BS=torch.zeros(1, 1, dtype=torch.bool))
+    [(_, stats)] = out.moe_stats.items()
+    assert stats["num_tokens"].item() == 0 and stats["tokens_per_expert"].sum().item() == 0

@@ -121,3 +121,21 @@ GRID = [case for case in itertools.product(ROUTERS, MODES, (False, True), (torch
 @pytest.mark.parametrize("router,mode,shared,dtype", GRID, ids=str)
 def test_compiled_layer_matches_eager_grid(router, mode, shared, dtype):
     check_compiled_matches_eager(router, mode, shared, dtype)
+
+
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence", "global_batch"])
+def test_balance_scopes_with_padding_trace_as_one_graph(scope):
+    """The scoped balance losses with a padding mask, packed documents and running step counts
+    keep the layer one graph (dp_global, the default, is the case above)."""
+    from moe_dist.moe.layer import MoESideInputs
+
+    torch._dynamo.reset()
+    cfg = MoEConfig.from_dict(dict(d_model=32, d_ff=64, num_experts=8, top_k=2, expert_impl="auto",
+                                   aux_loss=dict(switch=0.01, importance=0.01, switch_scope=scope,
+                                                 importance_scope=scope), **MODES["capacity"]))
+    layer = MoELayer(cfg, seed=0)
+    valid = torch.arange(8)[None, :] < torch.tensor([8, 3])[:, None]
+    side = MoESideInputs(valid_T=valid.reshape(-1), segment_ids_T=(torch.arange(16) % 8 >= 5).long(),
+                         step_counts={0: {"tokens_per_expert": torch.ones(8), "importance": torch.ones(8)}})
+    explained = torch._dynamo.explain(lambda x: layer(x, side).aux_loss)(torch.randn(2, 8, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -96,3 +96,29 @@ def test_the_census_sees_a_read_in_the_layer(monkeypatch):
                         if w is None else real(ids, size, w))
     forward, _ = census_of_step("grouped_mm", torch.bfloat16, {"type": "topk"}, MODES[0])
     assert forward.kinds["bincount"] == 2, forward.report()
+
+
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence", "global_batch"])
+def test_balance_scopes_and_padding_mask_read_nothing(scope):
+    """The scoped balance losses, the padding mask, packed documents and the running step counts
+    add no read (dp_global, the default, is every case above)."""
+    cfg = MoEConfig.from_dict(dict(d_model=64, d_ff=128, num_experts=8, top_k=2, expert_impl="grouped_mm",
+                                   capacity_factor=1.0, min_capacity=1,
+                                   aux_loss=dict(switch=0.01, z_loss=0.001, importance=0.01, switch_scope=scope,
+                                                 importance_scope=scope)))
+    layer = MoELayer(cfg, seed=0).to(torch.bfloat16)
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+    valid = torch.arange(8)[None, :] < torch.tensor([8, 5, 0, 3])[:, None]
+    first = layer(x, MoESideInputs(valid_T=valid.reshape(-1)))
+    side = MoESideInputs(valid_T=valid.reshape(-1), segment_ids_T=(torch.arange(32) % 8 >= 4).long(),
+                         step_counts=None if first.step_counts is None else {0: first.step_counts})
+    forward, backward = HostSyncCensus(), HostSyncCensus()
+    with forward:
+        out = layer(x, side)
+        loss = out.y.float().square().sum() + out.aux_loss
+    with census_of_backward(backward):
+        loss.backward()
+    assert x.grad is not None and (out.step_counts is not None) == (scope == "global_batch")
+    assert forward.count == 0, f"forward:\n{forward.report()}"
+    assert backward.count == 0, f"backward:\n{backward.report()}"
