@@ -14,6 +14,7 @@ import torch
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
 from moe_dist.routing.base import RouterConfig, RouterOutput
+from moe_dist.routing import registry
 from moe_dist.routing.registry import register_router
 from moe_dist.routing.replay import choose_experts
 from moe_dist.routing.topk import LinearGate, TopKRouter
@@ -45,7 +46,12 @@ class _DriftingRouter(TopKRouter):
         return RouterOutput(idx_TK=idx_TK, w_TK=probs_TE.gather(1, idx_TK), probs_TE=probs_TE, logits_TE=logits_TE)
 
 
-register_router("test_drifting", _DriftingConfig, _DriftingRouter)
+@pytest.fixture(autouse=True)
+def _drifting_router_registered(monkeypatch):
+    # Registered for this module's tests only: the registry is process-wide, and the router
+    # coverage test enumerates it.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register_router("test_drifting", _DriftingConfig, _DriftingRouter)
 
 
 def grads_and_calls(**recompute):

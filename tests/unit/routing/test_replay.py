@@ -13,6 +13,7 @@ import torch
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer, MoESideInputs
 from moe_dist.routing.base import ForcedRoute, Router, RouterConfig, RouterOutput
+from moe_dist.routing import registry
 from moe_dist.routing.registry import register_router
 
 ROUTERS = [
@@ -117,7 +118,8 @@ class _IgnoresConfig(RouterConfig):
     pass
 
 
-def test_a_router_that_ignores_forced_routes_is_refused():
+def test_a_router_that_ignores_forced_routes_is_refused(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # this test's router only
     register_router("test_ignores_forced", _IgnoresConfig, _Ignores)
     layer = layer_of({"type": "test_ignores_forced"})
     forced = {0: ForcedRoute(torch.zeros(24, 2, dtype=torch.long))}
