@@ -24,8 +24,9 @@ from moe_dist.moe.capacity import SlotPlan, assign_slots, expert_capacity
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.dispatch import combine, dispatch
 from moe_dist.moe.expert_mask import ExpertCometMask
+from moe_dist.moe.rank_budget import apply_rank_budget, overflow_report, raise_on_overflow, rank_budget
 from moe_dist.moe.experts import DenseFFN, GroupedExperts
-from moe_dist.moe.stats import loss_counts, route_statistics
+from moe_dist.moe.stats import budget_statistics, loss_counts, route_statistics
 from moe_dist.parallel.groups import ParallelGroups, validate_parallel_sizes
 from moe_dist.routing.base import RoutingContext
 from moe_dist.routing.losses import routing_losses, weighted_total
@@ -60,16 +61,23 @@ class MoESideInputs:
       MoE layer, then the state the previous MoE layer's router returned (`MoEOutput.stream`).
       Routers that do not use it ignore it and pass it on unchanged; None where no model feeds
       one (a router that needs it then raises).
+    - `budget_ranks`: a test device beside `capacity_groups`: the number of EP ranks the receive
+      budget (`moe.rank_capacity_factor`, moe/rank_budget.py) splits the experts over, so that the
+      single-process reference budgets each capacity group's rows per destination rank as an EP
+      run of that size does. 0 in training: the layer's own `ep_size`.
     """
 
     labels_T: Tensor | None = None
     num_labels: int = 0
     capacity_groups: int = 1
     stream_TD: Tensor | None = None
+    budget_ranks: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.capacity_groups, int) and self.capacity_groups >= 1):
             raise ValueError(f"capacity_groups must be an integer >= 1, got {self.capacity_groups!r}")
+        if not (isinstance(self.budget_ranks, int) and self.budget_ranks >= 0):
+            raise ValueError(f"budget_ranks must be an integer >= 0, got {self.budget_ranks!r}")
         if not (isinstance(self.num_labels, int) and self.num_labels >= 0):
             raise ValueError(f"num_labels must be an integer >= 0, got {self.num_labels!r}")
 
@@ -147,6 +155,11 @@ class MoELayer(nn.Module):
         return expert_capacity(num_tokens, self.cfg.num_experts, self.cfg.top_k, cf,
                                self.cfg.min_capacity, self.cfg.dropless)
 
+    def _raise_on_overflow(self, reports: list[list[int]], budget: int) -> None:
+        """`moe.overflow: error`: stop if any source rank's report asks a rank for more than the
+        budget (rank i of `reports` is EP rank i, or the reference's capacity group i)."""
+        raise_on_overflow(reports, budget, layer=self.layer_index, factor=self.cfg.rank_capacity_factor)
+
     def _shared_output(self, x_TD: Tensor) -> Tensor:
         shared_TD = self.shared(x_TD)
         if self.shared_gate is not None:
@@ -168,10 +181,27 @@ class MoELayer(nn.Module):
             route.idx_TK, cfg.num_experts, self.capacity(T // num_groups), cfg.drop_policy,
             priority_TK=route.w_TK if route.priority_TK is None else route.priority_TK,
             num_groups=num_groups)
+        idx_TK, w_TK, budget_stats, report_R = route.idx_TK, route.w_TK, None, None
+        ranks = side.budget_ranks or cfg.ep_size
+        budget = rank_budget(T // num_groups, cfg.top_k, ranks, cfg.rank_capacity_factor if self.training else 0.0)
+        if budget is not None:
+            if cfg.overflow == "error":
+                report_R = overflow_report(idx_TK, plan.keep_TK, cfg.num_experts, ranks, num_groups)
+                if self.groups.ep_size == 1:  # the one host read the budget makes (EP > 1: dispatch's)
+                    self._raise_on_overflow(report_R.tolist(), budget)
+                    report_R = None
+            bounded = apply_rank_budget(idx_TK, w_TK, plan, num_experts=cfg.num_experts, ranks=ranks,
+                                        budget=budget, policy=cfg.overflow, probs_TE=route.probs_TE,
+                                        spill_choices=cfg.spill_choices, num_groups=num_groups)
+            idx_TK, w_TK, plan = bounded.idx_TK, bounded.w_TK, bounded.plan
+            budget_stats = budget_statistics(bounded.over_budget_TK, plan.spilled_TK)
 
-        source_UD, index_M, dplan = dispatch(x_TD, route.idx_TK, plan.keep_TK, plan.kept_E, self.groups)
+        source_UD, index_M, dplan = dispatch(x_TD, idx_TK, plan.keep_TK, plan.kept_E, self.groups,
+                                             None if report_R is None else report_R.reshape(-1))
+        if dplan.reports is not None:
+            self._raise_on_overflow(dplan.reports, budget)
         y_MD = self.experts(source_UD, index_M, dplan.counts_e)
-        y_TD = combine(y_MD, route.w_TK, dplan, self.groups)
+        y_TD = combine(y_MD, w_TK, dplan, self.groups)
         if self.shared is not None:
             if self.experts.recompute == "experts" and torch.is_grad_enabled():
                 y_TD = y_TD + checkpoint(self._shared_output, x_TD, use_reentrant=False)
@@ -179,6 +209,8 @@ class MoELayer(nn.Module):
                 y_TD = y_TD + self._shared_output(x_TD)
 
         stats = route_statistics(route, plan, side.labels_T, side.num_labels)
+        if budget_stats is not None:
+            stats.update(budget_stats)
         coefficients = cfg.aux_loss.coefficients()
         weighted = {name for name, c in coefficients.items() if c}
         losses = routing_losses(route, loss_counts(stats, weighted, ctx.all_reduce_sum), self.groups.dp_size,
