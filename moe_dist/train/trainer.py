@@ -26,7 +26,7 @@ from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
-from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load, wants_step_load
+from moe_dist.train.moe_metrics import MoEStatsAccumulator, budget_line, step_load, wants_step_load
 from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.safety.exits import PREEMPTED, RunStopped
@@ -278,10 +278,14 @@ class Trainer:
         if times is not None:
             self.tb.scalars(self.step, {"train/step_time_min": times.min, "train/step_time_max": times.max,
                                         "train/step_time_slowest_rank": times.max_rank})
-        self.tb.moe(self.step, stats.unpack(values[2:]))
+        summary = stats.unpack(values[2:])
+        self.tb.moe(self.step, summary)
         self.tb.flush()
         log0(progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step, times,
                            self.safety.skipped))
+        budget = budget_line(self.step, summary)
+        if budget:
+            log0(budget)
         return loss
 
 
