@@ -7,7 +7,8 @@ group, and `groups.all_reduce_sum_dp` sums, only where a weighted loss is define
 counts, the counts it reads (`moe.stats.loss_counts`); the statistics it returns are this rank's.
 With `ParallelGroups.single()` it is plain single-process PyTorch, the reference every EP run is
 tested against. At EP 1 the forward and backward read nothing from the device (no host sync),
-and `torch.compile(fullgraph=True)` takes the layer whole.
+and `torch.compile(fullgraph=True)` takes the layer whole; the one exception is the receive
+budget's `moe.overflow: error`, which reads its overflow report (moe/rank_budget.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from moe_dist.moe.capacity import SlotPlan, assign_slots, expert_capacity
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.dispatch import combine, dispatch
 from moe_dist.moe.expert_mask import ExpertCometMask
-from moe_dist.moe.rank_budget import apply_rank_budget, overflow_report, raise_on_overflow, rank_budget
 from moe_dist.moe.experts import DenseFFN, GroupedExperts
+from moe_dist.moe.rank_budget import apply_rank_budget, overflow_report, raise_on_overflow, rank_budget
 from moe_dist.moe.stats import budget_statistics, loss_counts, route_statistics
 from moe_dist.parallel.groups import ParallelGroups, validate_parallel_sizes
 from moe_dist.routing.base import RoutingContext
