@@ -72,7 +72,8 @@ def report(plan: MemoryPlan, gpu_gib: float | None, current_mode: str) -> dict:
            "grad_comm_copy_gib": plan.grad_comm_copy / GiB, "router_fp32_input_gib": plan.router_fp32_input / GiB,
            "cuda_context_gib": plan.cuda_context / GiB,
            "nccl_buffers_gib": plan.nccl_buffers / GiB, "fragmentation_margin": plan.fragmentation_margin,
-           "kv_cache_bytes_per_token": plan.kv_cache_per_token, "config_mode": current_mode, "modes": {}}
+           "kv_cache_bytes_per_token": plan.kv_cache_per_token, "receive_rows": plan.receive_rows,
+           "config_mode": current_mode, "modes": {}}
     for mode, act in plan.activations.items():
         row = {"activations_gib": act / GiB, "fragmentation_gib": plan.fragmentation(mode) / GiB,
                "total_gib": plan.total(mode) / GiB}
@@ -99,6 +100,9 @@ def format_report(rep: dict) -> str:
              ("cuda_context_gib", "CUDA context and cuBLAS workspaces (an allowance)"),
              ("nccl_buffers_gib", "NCCL buffers (NCCL_BUFFSIZE x channels x peers, every communicator)")]
     lines += [f"  {what}: {rep[key]:.3f} {unit}" for key, what in extra]
+    if rep.get("receive_rows") is not None:
+        lines.append(f"  receive budget: at most {rep['receive_rows']:,} rows per MoE layer reach this rank's experts "
+                     f"(moe.rank_capacity_factor; activations are sized from it)")
     lines += [f"  fragmentation margin: {100 * rep['fragmentation_margin']:g}% of the allocated total",
               f"  generation's KV cache (not a training term): {rep['kv_cache_bytes_per_token']:,} bytes per token of "
               f"a sequence", "",

@@ -37,6 +37,10 @@ class SlotPlan:
     load_E: Tensor  # int64: pairs that chose each expert (before drops)
     kept_E: Tensor  # int64: pairs each expert accepted (after drops)
     capacity: int | None  # per expert and per capacity group; None = no limit
+    # bool: the pair got its slot at another expert than the router chose (moe.overflow: spill,
+    # moe/rank_budget.py); False everywhere without a receive budget. keep_TK & ~spilled_TK: kept
+    # where routed; ~keep_TK: dropped.
+    spilled_TK: Tensor
 
 
 def _count(ids: Tensor, size: int, weights: Tensor | None = None) -> Tensor:
@@ -97,4 +101,4 @@ def assign_slots(idx_TK: Tensor, num_experts: int, capacity: int | None, policy:
         load_E = _count(idx_Q, E, valid_Q.long())
     kept_E = _count(idx_Q, E, keep_Q.long())
     return SlotPlan(slot_TK=slot_Q.view(K, T).t(), keep_TK=keep_Q.view(K, T).t(), load_E=load_E,
-                    kept_E=kept_E, capacity=capacity)
+                    kept_E=kept_E, capacity=capacity, spilled_TK=torch.zeros_like(keep_Q).view(K, T).t())

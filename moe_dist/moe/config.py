@@ -8,6 +8,7 @@ from typing import Any
 
 from moe_dist.common.config import ConfigError, check, check_choice, check_int, from_dict
 from moe_dist.kernels import BACKENDS
+from moe_dist.moe.rank_budget import OVERFLOW_POLICIES, ROUTERS_WITHOUT_SCORES
 from moe_dist.routing.base import RouterConfig
 from moe_dist.routing.registry import router_config_from_dict
 
@@ -69,6 +70,15 @@ class MoEConfig:
     min_capacity: int = 4
     drop_policy: str = "position"
     dropless: bool = False
+    # Receive budget per (source rank, destination EP rank) in training: each rank sends each EP
+    # rank at most ceil(cf * T * K / ep_size) rows (moe/rank_budget.py, docs/training.md "Bounded
+    # dispatch"). 0: no budget.
+    rank_capacity_factor: float = 0.0
+    # What happens to a pair past the budget: drop (lowest weight first), spill (to the token's
+    # next-ranked expert with room), error (stop the run).
+    overflow: str = "drop"
+    # Under spill: how many of the token's next-ranked experts a pair tries (at most E - K).
+    spill_choices: int = 2
     activation: str = "swiglu"
     num_shared_experts: int = 0
     # Hidden width (per SwiGLU branch) of the one FFN that holds the shared experts. None:
@@ -129,6 +139,12 @@ class MoEConfig:
         check(self.comet_active_fraction is None or 0.0 < self.comet_active_fraction <= 1.0,
               f"moe.comet_active_fraction must be in (0, 1] or null, got {self.comet_active_fraction!r}")
         check_choice("moe.drop_policy", self.drop_policy, DROP_POLICIES)
+        value = self.rank_capacity_factor
+        check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+              f"moe.rank_capacity_factor must be a number >= 0 (0: no receive budget), got {value!r}")
+        check_choice("moe.overflow", self.overflow, OVERFLOW_POLICIES)
+        check_int("moe.spill_choices", self.spill_choices, 1)
+        self._check_spill_router()
         check_choice("moe.activation", self.activation, ACTIVATIONS)
         check_choice("moe.expert_impl", self.expert_impl, BACKENDS)
         self.router.check_layer(self.num_experts, self.top_k)
@@ -155,6 +171,12 @@ class MoEConfig:
         if ordinal >= self.hash_layers:
             return self
         return dataclasses.replace(self, router=self.hash_router, hash_layers=0, hash_router=None)
+
+    def _check_spill_router(self) -> None:
+        check(not (self.rank_capacity_factor and self.overflow == "spill"
+                   and self.router.type in ROUTERS_WITHOUT_SCORES),
+              f"moe.overflow 'spill' needs a router that ranks every expert (probabilities over all of them); "
+              f"moe.router.type {self.router.type!r} gives none: set moe.overflow to 'drop' or 'error'")
 
     @property
     def num_local_experts(self) -> int:

@@ -38,6 +38,8 @@ class DispatchPlan:
     send_splits: list[int] | None = None  # rows sent to each EP rank; None when P == 1
     recv_splits: list[int] | None = None  # rows received from each EP rank
     unsort_M: Tensor | None = None  # expert-major rows -> received (source-major) order
+    # Host rows of `report_R` from every EP rank, in rank order (None: no report was sent).
+    reports: list[list[int]] | None = None
 
 
 def _regroup_by_expert(recv_counts_Pe: Tensor, M: int) -> tuple[Tensor, Tensor]:
@@ -58,7 +60,7 @@ def _regroup_by_expert(recv_counts_Pe: Tensor, M: int) -> tuple[Tensor, Tensor]:
 
 
 def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
-             groups: ParallelGroups) -> tuple[Tensor, Tensor, DispatchPlan]:
+             groups: ParallelGroups, report_R: Tensor | None = None) -> tuple[Tensor, Tensor, DispatchPlan]:
     """Returns the rows this rank's experts must process, grouped by local expert, as a source
     and the gather index into it (`source_UD[index_M]`; the experts gather, see
     `GroupedExperts.forward`), and the plan.
@@ -68,6 +70,11 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
     EP > 1: the kept pairs' rows go to their experts' ranks (rows for EP rank p are contiguous,
     since p owns experts [p*e, (p+1)*e)); the source is the received rows (U = M) and the index
     reorders them from source-major to expert-major.
+
+    `report_R` (int64, EP > 1): a few numbers every EP rank must see before any row moves
+    (`moe.overflow: error`'s overflow report, moe/rank_budget.py). They ride on the count exchange
+    and the split read, no collective or host read of their own; `plan.reports` holds every
+    rank's, read.
     """
     T, K = idx_TK.shape
     E = kept_E.numel()
@@ -82,13 +89,23 @@ def dispatch(x_TD: Tensor, idx_TK: Tensor, keep_TK: Tensor, kept_E: Tensor,
         return x_TD, pair_S % T, DispatchPlan(rank_TK, pair_S, keep_TK, kept_E)
 
     send_counts_Pe = kept_E.view(P, E // P)
-    recv_counts_Pe = exchange_counts(send_counts_Pe, groups.ep_group)
-    splits = torch.cat([send_counts_Pe.sum(1), recv_counts_Pe.sum(1)]).tolist()  # the one host read
-    send_splits, recv_splits = splits[:P], splits[P:]
+    if report_R is None:
+        recv_counts_Pe = exchange_counts(send_counts_Pe, groups.ep_group)
+        reports_PR = send_counts_Pe.new_zeros((P, 0))
+    else:
+        R = report_R.numel()
+        sent_PX = torch.cat([send_counts_Pe, report_R.reshape(1, R).expand(P, R)], 1)
+        recv_PX = exchange_counts(sent_PX, groups.ep_group)
+        recv_counts_Pe, reports_PR = recv_PX[:, :E // P], recv_PX[:, E // P:]
+    # The one host read:
+    splits = torch.cat([send_counts_Pe.sum(1), recv_counts_Pe.sum(1), reports_PR.flatten()]).tolist()
+    send_splits, recv_splits = splits[:P], splits[P:2 * P]
+    reports = None if report_R is None else [splits[2 * P + p * R:2 * P + (p + 1) * R] for p in range(P)]
     x_ND = x_TD.index_select(0, pair_S[:sum(send_splits)] % T)
     x_MD = all_to_all(x_ND, send_splits, recv_splits, groups.ep_group)
     sort_M, unsort_M = _regroup_by_expert(recv_counts_Pe, sum(recv_splits))
-    plan = DispatchPlan(rank_TK, pair_S, keep_TK, recv_counts_Pe.sum(0), send_splits, recv_splits, unsort_M)
+    plan = DispatchPlan(rank_TK, pair_S, keep_TK, recv_counts_Pe.sum(0), send_splits, recv_splits, unsort_M,
+                        reports)
     return x_MD, sort_M, plan
 
 

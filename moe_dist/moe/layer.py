@@ -7,7 +7,8 @@ group, and `groups.all_reduce_sum_dp` sums, only where a weighted loss is define
 counts, the counts it reads (`moe.stats.loss_counts`); the statistics it returns are this rank's.
 With `ParallelGroups.single()` it is plain single-process PyTorch, the reference every EP run is
 tested against. At EP 1 the forward and backward read nothing from the device (no host sync),
-and `torch.compile(fullgraph=True)` takes the layer whole.
+and `torch.compile(fullgraph=True)` takes the layer whole; the one exception is the receive
+budget's `moe.overflow: error`, which reads its overflow report (moe/rank_budget.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.dispatch import combine, dispatch
 from moe_dist.moe.expert_mask import ExpertCometMask
 from moe_dist.moe.experts import DenseFFN, GroupedExperts
-from moe_dist.moe.stats import loss_counts, route_statistics
+from moe_dist.moe.rank_budget import apply_rank_budget, overflow_report, raise_on_overflow, rank_budget
+from moe_dist.moe.stats import budget_statistics, loss_counts, route_statistics
 from moe_dist.parallel.groups import ParallelGroups, validate_parallel_sizes
 from moe_dist.routing.base import ForcedRoute, RoutingContext
 from moe_dist.routing.losses import routing_losses, weighted_total
@@ -84,6 +86,10 @@ class MoESideInputs:
       optimizer step's earlier micro batches (`MoEOutput.step_counts` of the previous micro
       batch; None or missing at the step's first). The trainer owns it and starts each
       optimizer step from None.
+    - `budget_ranks`: a test device beside `capacity_groups`: the number of EP ranks the receive
+      budget (`moe.rank_capacity_factor`, moe/rank_budget.py) splits the experts over, so that the
+      single-process reference budgets each capacity group's rows per destination rank as an EP
+      run of that size does. 0 in training: the layer's own `ep_size`.
     """
 
     labels_T: Tensor | None = None
@@ -96,10 +102,13 @@ class MoESideInputs:
     valid_T: Tensor | None = None
     segment_ids_T: Tensor | None = None
     step_counts: dict[int, dict[str, Tensor]] | None = None
+    budget_ranks: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.capacity_groups, int) and self.capacity_groups >= 1):
             raise ValueError(f"capacity_groups must be an integer >= 1, got {self.capacity_groups!r}")
+        if not (isinstance(self.budget_ranks, int) and self.budget_ranks >= 0):
+            raise ValueError(f"budget_ranks must be an integer >= 0, got {self.budget_ranks!r}")
         if not (isinstance(self.num_labels, int) and self.num_labels >= 0):
             raise ValueError(f"num_labels must be an integer >= 0, got {self.num_labels!r}")
         if self.valid_T is not None and self.valid_T.dtype != torch.bool:
@@ -197,6 +206,11 @@ class MoELayer(nn.Module):
         return expert_capacity(num_tokens, self.cfg.num_experts, self.cfg.top_k, cf,
                                self.cfg.min_capacity, self.cfg.dropless)
 
+    def _raise_on_overflow(self, reports: list[list[int]], budget: int) -> None:
+        """`moe.overflow: error`: stop if any source rank's report asks a rank for more than the
+        budget (rank i of `reports` is EP rank i, or the reference's capacity group i)."""
+        raise_on_overflow(reports, budget, layer=self.layer_index, factor=self.cfg.rank_capacity_factor)
+
     def _shared_output(self, x_TD: Tensor) -> Tensor:
         shared_TD = self.shared(x_TD)
         if self.shared_gate is not None:
@@ -230,10 +244,27 @@ class MoELayer(nn.Module):
             route.idx_TK, cfg.num_experts, self.capacity(T // num_groups), cfg.drop_policy,
             priority_TK=route.w_TK if route.priority_TK is None else route.priority_TK,
             num_groups=num_groups, valid_T=valid_T)
+        idx_TK, w_TK, budget_stats, report_R = route.idx_TK, route.w_TK, None, None
+        ranks = side.budget_ranks or cfg.ep_size
+        budget = rank_budget(T // num_groups, cfg.top_k, ranks, cfg.rank_capacity_factor if self.training else 0.0)
+        if budget is not None:
+            if cfg.overflow == "error":
+                report_R = overflow_report(idx_TK, plan.keep_TK, cfg.num_experts, ranks, num_groups)
+                if self.groups.ep_size == 1:  # the one host read the budget makes (EP > 1: dispatch's)
+                    self._raise_on_overflow(report_R.tolist(), budget)
+                    report_R = None
+            bounded = apply_rank_budget(idx_TK, w_TK, plan, num_experts=cfg.num_experts, ranks=ranks,
+                                        budget=budget, policy=cfg.overflow, probs_TE=route.probs_TE,
+                                        spill_choices=cfg.spill_choices, num_groups=num_groups)
+            idx_TK, w_TK, plan = bounded.idx_TK, bounded.w_TK, bounded.plan
+            budget_stats = budget_statistics(bounded.over_budget_TK, plan.spilled_TK)
 
-        source_UD, index_M, dplan = dispatch(x_TD, route.idx_TK, plan.keep_TK, plan.kept_E, self.groups)
+        source_UD, index_M, dplan = dispatch(x_TD, idx_TK, plan.keep_TK, plan.kept_E, self.groups,
+                                             None if report_R is None else report_R.reshape(-1))
+        if dplan.reports is not None:
+            self._raise_on_overflow(dplan.reports, budget)
         y_MD = self.experts(source_UD, index_M, dplan.counts_e)
-        y_TD = combine(y_MD, route.w_TK, dplan, self.groups)
+        y_TD = combine(y_MD, w_TK, dplan, self.groups)
         if self.shared is not None:
             if self.experts.recompute == "experts" and torch.is_grad_enabled():
                 y_TD = y_TD + checkpoint(self._shared_output, x_TD, use_reentrant=False)
@@ -241,6 +272,8 @@ class MoELayer(nn.Module):
                 y_TD = y_TD + self._shared_output(x_TD)
 
         stats = route_statistics(route, plan, side.labels_T, side.num_labels, valid_T)
+        if budget_stats is not None:
+            stats.update(budget_stats)
         coefficients = cfg.aux_loss.coefficients()
         weighted = {name for name, c in coefficients.items() if c}
         scopes = cfg.aux_loss.scopes()
@@ -260,7 +293,8 @@ class MoELayer(nn.Module):
         stats.update({f"loss_{k}": v.detach() for k, v in losses.items()})
         record = None
         if side.trace:
-            record = RouteRecord(idx_TK=route.idx_TK, w_TK=route.w_TK.detach(), keep_TK=plan.keep_TK)
+            record = RouteRecord(idx_TK=route.idx_TK, w_TK=route.w_TK.detach(), keep_TK=plan.keep_TK,
+                                 spilled_TK=plan.spilled_TK)
         return MoEOutput(y=y_TD.view(x.shape), aux_loss=weighted_total(losses, coefficients),
                          losses=losses, stats=stats, stream=route.stream_TD, route=record,
                          step_counts=step_counts)

@@ -13,7 +13,9 @@ in the forward is `loss_counts`': the global counts a weighted loss is defined o
 Summable keys (sum over ranks = the counts of one process holding every rank's tokens):
 `tokens_per_expert` [E] (routed pairs, before drops), `tokens_per_expert_kept` [E], `num_tokens`
 [], `importance` [E] (sum of the probabilities; routers with probabilities), `entropy_token_sum`
-[] (sum over tokens of H(probs_t); the same routers), `expert_label_counts` [E, L] (with labels).
+[] (sum over tokens of H(probs_t); the same routers), `expert_label_counts` [E, L] (with labels);
+with a receive budget (`moe.rank_capacity_factor`, moe/rank_budget.py) `pairs_over_budget`,
+`pairs_spilled` and `pairs_budget_dropped` [] (`budget_statistics`).
 `num_tokens` counts real tokens only; so do all the others.
 """
 
@@ -86,6 +88,15 @@ def route_statistics(route: RouterOutput, plan: SlotPlan, labels_T: Tensor | Non
         stats["expert_label_counts"] = expert_label_counts(route.idx_TK, labels_T, E, num_labels)
     stats.update(count_ratios(stats))
     return stats
+
+
+def budget_statistics(over_budget_TK: Tensor, spilled_TK: Tensor) -> dict[str, Tensor]:
+    """This rank's receive-budget counts (summable, float32): pairs that had an expert slot but
+    not within their destination rank's budget, those of them moved to another expert (spill),
+    and those dropped (the difference)."""
+    over = over_budget_TK.sum().float()
+    spilled = spilled_TK.sum().float()
+    return {"pairs_over_budget": over, "pairs_spilled": spilled, "pairs_budget_dropped": over - spilled}
 
 
 def count_ratios(counts: dict[str, Tensor]) -> dict[str, Tensor]:

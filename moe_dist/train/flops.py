@@ -112,6 +112,14 @@ def device_peak(device, override: float | None) -> tuple[float | None, str]:
     return peak, (f"{name}, dense BF16" if peak else f"no peak FLOP/s known for {name!r} (set train.peak_tflops)")
 
 
+def flops_line(flops: FlopCount, peak_tflops: float | None, source: str, device) -> str:
+    """The run's start line: FLOPs per token, the peak MFU is measured against, what peak memory is."""
+    peak = f"MFU against {peak_tflops:g} TFLOP/s per device ({source})" if peak_tflops else f"no MFU: {source}"
+    return (f"model FLOPs per token: {flops.forward:,} forward, {flops.train:,} training (3 x forward, recompute "
+            f"not counted; docs/training.md); {peak}; peak mem in the step log: rank 0's "
+            f"{peak_memory_bytes(device)[1]}")
+
+
 def step_log_suffix(utilization: float | None, memory_bytes: float) -> str:
     """What the step log line gains: ' | MFU 41.3%' (where a peak is known) ' | peak mem 12.41 GiB'."""
     return (f" | MFU {100 * utilization:.1f}%" if utilization is not None else "") + \

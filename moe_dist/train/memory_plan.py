@@ -43,6 +43,7 @@ import torch
 
 from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig
+from moe_dist.moe.rank_budget import rank_budget
 from moe_dist.moe.recompute import RECOMPUTE_MODES
 from moe_dist.train.ds_config import gradient_dtypes
 
@@ -121,6 +122,8 @@ class MemoryPlan:
     nccl_buffers: int = 0
     fragmentation_margin: float = 0.0
     kv_cache_per_token: int = 0  # generation's KV cache per token of a sequence (not a training term)
+    # Rows one MoE layer's experts may receive per rank under the receive budget (None: no budget).
+    receive_rows: int | None = None
 
     @property
     def static(self) -> int:
@@ -173,13 +176,35 @@ def mode_of(model: ModelConfig) -> str:
 
 
 def _capacity_rows(model: ModelConfig, tokens: int) -> float:
-    """Routed rows an MoE layer keeps per rank (at most T * K; capacity caps it at E * C)."""
+    """Routed rows an MoE layer keeps per rank (at most T * K; capacity caps it at E * C). With a
+    receive budget (`moe.rank_capacity_factor`) the rows a rank receives instead: `receive_rows`."""
     moe = model.moe
+    bounded = receive_rows(model, tokens)
+    if bounded is not None:
+        return float(bounded)
     rows = tokens * moe.top_k
     if not moe.dropless and moe.capacity_factor > 0:
         cap = max(math.ceil(moe.capacity_factor * tokens * moe.top_k / moe.num_experts), moe.min_capacity)
         rows = min(rows, cap * moe.num_experts)
     return float(rows)
+
+
+def receive_rows(model: ModelConfig, tokens: int) -> int | None:
+    """The most rows an MoE layer's experts can receive on one rank under the receive budget,
+    whatever the routing: P source ranks send at most B = ceil(cf * T * K / P) rows each
+    (moe/rank_budget.py), and no more than their capacity slots (e * C) or pairs (T * min(K, e))
+    for this rank's e experts. None without a budget: then the receive buffer follows the routing
+    (up to P * T * K rows when every rank routes to one), and the plan counts the balanced T * K."""
+    moe = model.moe
+    budget = None if moe is None else rank_budget(tokens, moe.top_k, moe.ep_size, moe.rank_capacity_factor)
+    if budget is None:
+        return None
+    e = moe.num_local_experts
+    per_source = min(budget, tokens * min(moe.top_k, e))
+    if not moe.dropless and moe.capacity_factor > 0:
+        cap = max(math.ceil(moe.capacity_factor * tokens * moe.top_k / moe.num_experts), moe.min_capacity)
+        per_source = min(per_source, e * min(cap, tokens))
+    return moe.ep_size * per_source
 
 
 def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointing: bool,
@@ -193,7 +218,8 @@ def activation_bytes(model: ModelConfig, tokens: int, dtype: str, *, checkpointi
       live again while it is recomputed;
     - dense FFN: norm (3D), the fused gate/up output (2F), silu(gate) (F), the activation (F);
     - MoE FFN: norm (3D); router logits, probabilities and their fp32 loss terms (~4E, fp32);
-      per kept routed row (R = T*K, or the capacity's E*C): the expert output (D) the combine
+      per kept routed row (R = T*K, or the capacity's E*C, or under a receive budget the most rows
+      the rank can receive, `receive_rows`): the expert output (D) the combine
       keeps, index and weight bookkeeping (3 int64 + 1 fp32), and 4F (none), 2F (activation) or
       0 (experts) of expert activations; the portable GEMM backend (GPUs) also keeps the
       gathered input rows (D), which the CPU backend regathers;
@@ -313,7 +339,8 @@ def estimate(model: ModelConfig, zero: ZeroSettings, *, world_size: int, micro_b
                       cuda_context=CUDA_CONTEXT_BYTES if gpu_runtime else 0,
                       nccl_buffers=nccl_buffer_bytes(world_size, ep) if gpu_runtime else 0,
                       fragmentation_margin=FRAGMENTATION_MARGIN if gpu_runtime else 0.0,
-                      kv_cache_per_token=kv_cache_bytes_per_token(model, zero.dtype))
+                      kv_cache_per_token=kv_cache_bytes_per_token(model, zero.dtype),
+                      receive_rows=receive_rows(model, tokens))
 
 
 def largest_micro_batch(plan: MemoryPlan, budget_bytes: float, mode: str) -> int:

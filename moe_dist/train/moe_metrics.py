@@ -5,7 +5,8 @@ Legend: E experts, L domain labels.
 
 Per micro batch every MoE layer returns this rank's own counts (detached, on the layer's device:
 `tokens_per_expert`, `tokens_per_expert_kept`, `num_tokens`, `importance` and `entropy_token_sum`
-for routers with probabilities, `expert_label_counts` with labels, unweighted losses `loss_<name>`).
+for routers with probabilities, `expert_label_counts` with labels, unweighted losses `loss_<name>`,
+the receive budget's `pairs_over_budget`, `pairs_spilled`, `pairs_budget_dropped` where it is on).
 They are summed here on the device, without a host read. At the end of the interval all layers'
 sums become one flat vector (`pack`) that travels in one all-reduce over the data-parallel ranks
 together with whatever the caller packs beside it; `summarize` turns the global sums into every
@@ -30,8 +31,11 @@ from torch import Tensor
 
 from moe_dist.moe.stats import entropy, mutual_information
 
+# The receive budget's counts (moe/rank_budget.py): logged as totals over the interval and ranks.
+BUDGET_COUNTS = ("pairs_over_budget", "pairs_spilled", "pairs_budget_dropped")
+
 SUMMED = ("tokens_per_expert", "tokens_per_expert_kept", "num_tokens", "importance", "entropy_token_sum",
-          "expert_label_counts")
+          "expert_label_counts", *BUDGET_COUNTS)
 RATIOS = ("entropy_token",)  # averaged only where the sums they come from are missing
 
 
@@ -102,6 +106,9 @@ class MoEStatsAccumulator:
                 # total is the token count.
                 denominator = tokens if tokens is not None else s["importance"].sum()
                 values["entropy_mean"] = entropy(s["importance"] / denominator.clamp_min(1e-12))
+            for name in BUDGET_COUNTS:
+                if name in s:
+                    values[name] = s[name]
             for name in sorted(n for n in s if n.startswith("loss_")):
                 values[name] = s[name] / draws
             joint_EL = s.get("expert_label_counts")
@@ -145,6 +152,16 @@ class MoEStatsAccumulator:
         if all_reduce_sum is not None:
             packed = all_reduce_sum(packed)
         return self.unpack(self.summarize(packed, ranks).tolist())
+
+
+def budget_line(step: int, summary: dict[int, dict[str, Any]]) -> str | None:
+    """The receive budget's counts of the interval (moe.rank_capacity_factor; None without one):
+    per MoE layer, pairs over budget / spilled / dropped, summed over micro batches and ranks."""
+    cells = [f"{layer}: {int(row['pairs_over_budget'])}/{int(row['pairs_spilled'])}/"
+             f"{int(row['pairs_budget_dropped'])}" for layer, row in summary.items() if "pairs_over_budget" in row]
+    if not cells:
+        return None
+    return f"step {step} | receive budget, pairs over budget/spilled/dropped per MoE layer: {' '.join(cells)}"
 
 
 def wants_step_load(routers) -> bool:

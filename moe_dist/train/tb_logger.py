@@ -9,7 +9,8 @@ Tags:
     train/mfu, train/model_tflops_per_device, train/peak_memory_gib
     val/loss, val/perplexity, val/loss_sem, val/domain/<name>/{loss, perplexity}
     moe/layer<i>/{dropped_fraction, load_cv, load_max_over_mean, entropy_token (H_s),
-                  entropy_mean (H_u), entropy_load, loss_<name>, mi_domain, mi_domain_normalized}
+                  entropy_mean (H_u), entropy_load, loss_<name>, mi_domain, mi_domain_normalized,
+                  pairs_over_budget, pairs_spilled, pairs_budget_dropped (with moe.rank_capacity_factor)}
     moe/layer<i>/expert_load          histogram: bucket e holds expert e's routed tokens
     moe/layer<i>/val_mi_domain_normalized, image moe/layer<i>/expert_by_domain   (evaluations)
 

@@ -27,9 +27,10 @@ from moe_dist.parallel import runtime
 from moe_dist.parallel.groups import ParallelGroups
 from moe_dist.train.config import RunConfig
 from moe_dist.train.engine import build_engine
-from moe_dist.train.flops import device_peak, mfu, model_flops_per_token, peak_memory_bytes, step_log_suffix
+from moe_dist.train.flops import (device_peak, flops_line, mfu, model_flops_per_token, peak_memory_bytes,
+                                  step_log_suffix)
 from moe_dist.train.metrics_log import build_metrics_logger, check_tracker_packages
-from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load, wants_step_load
+from moe_dist.train.moe_metrics import MoEStatsAccumulator, budget_line, step_load, wants_step_load
 from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.run_record import write_run_record
@@ -93,11 +94,7 @@ class Trainer:
         self.tb = build_metrics_logger(train, self.rank == 0, cfg.to_dict(), self.run_id)
         self.flops = model_flops_per_token(cfg.model, train.seq_len)
         self.peak_tflops, source = device_peak(self.device, train.peak_tflops)
-        peak = (f"MFU against {self.peak_tflops:g} TFLOP/s per device ({source})" if self.peak_tflops
-                else f"no MFU: {source}")
-        log0(f"model FLOPs per token: {self.flops.forward:,} forward, {self.flops.train:,} training "
-             f"(3 x forward, recompute not counted; docs/training.md); {peak}; peak mem in the step log: "
-             f"rank 0's {peak_memory_bytes(self.device)[1]}")
+        log0(flops_line(self.flops, self.peak_tflops, source, self.device))
         self.safety = RunSafety(train, [i for i, _ in self.model.moe_layers()], device=self.device)
         routers = {layer: moe.router for layer, moe in self.model.moe_layers()}
         # Only routers with an after_step hook (aux-loss-free bias balancing) cost a per-step all-reduce.
@@ -362,12 +359,15 @@ class Trainer:
         if times is not None:
             self.tb.scalars(self.step, {"train/step_time_min": times.min, "train/step_time_max": times.max,
                                         "train/step_time_slowest_rank": times.max_rank})
-        self.tb.moe(self.step, stats.unpack(values[3:]))
+        summary = stats.unpack(values[3:])
+        self.tb.moe(self.step, summary)
         self.tb.flush()
         line = progress.line(self.step, loss, lr, grad_norm, tokens_per_s, sec_per_step, times, self.safety.skipped)
         if self.cfg.model.mtp_layers:
             line += f" | mtp loss {mtp:.4f}"
         log0(line + step_log_suffix(utilization, memory))
+        if budget := budget_line(self.step, summary):
+            log0(budget)
         return loss
 
 

@@ -1,6 +1,7 @@
 """The MoE layer's host-sync budget at EP 2 on gloo (issue 21): one read per layer forward (the
 split sizes the uneven all-to-all needs, send and receive counts in one read), none in the
-backward (the all-to-all's backward reuses the splits it saved). EP 1: tests/unit/moe/test_host_sync.py."""
+backward (the all-to-all's backward reuses the splits it saved), with a receive budget too. EP 1:
+tests/unit/moe/test_host_sync.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from moe_dist.parallel.groups import ParallelGroups
 
 CASES = [dict(capacity_factor=1.0, min_capacity=1, router={"type": "topk"}),
          dict(dropless=True, router={"type": "inhibition", "mode": "divisive"}),
-         dict(dropless=True, router={"type": "fixed_projection", "center": True})]
+         dict(dropless=True, router={"type": "fixed_projection", "center": True}),
+         # The receive budget: spill reads nothing of its own; error's overflow report rides on the
+         # split read (cf 2: the budget holds every pair, so the forward goes on).
+         dict(dropless=True, router={"type": "topk"}, rank_capacity_factor=1.0, overflow="spill"),
+         dict(dropless=True, router={"type": "topk"}, rank_capacity_factor=2.0, overflow="error")]
 
 
 def _worker(rank: int, world: int) -> None:

@@ -9,6 +9,7 @@ compile of a forward and a backward, tens of seconds on two cores."""
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 import itertools
 
@@ -27,20 +28,25 @@ ROUTERS = {"topk": {"type": "topk"}, "inhibition": {"type": "inhibition"},
            "group_limited": {"type": "topk", "score": "sigmoid", "bias_balancing": True, "renormalize": True,
                              "scale": 2.5, "expert_groups": 4, "topk_groups": 2}}
 MODES = {"capacity": dict(capacity_factor=1.0, min_capacity=1), "dropless": dict(dropless=True)}
+# The receive budget (moe/rank_budget.py), budgeted as over 4 ranks (MoESideInputs.budget_ranks)
+# at cf 1.0: some ranks overflow, others have room, so under spill pairs move.
+BUDGET_MODES = {f"budget_{overflow}": dict(dropless=True, rank_capacity_factor=1.0, overflow=overflow)
+                for overflow in ("drop", "spill")}
+BUDGET_SIDE = MoESideInputs(budget_ranks=4)
 
 
 def make_layer(router: str, mode: str, shared: bool, dtype: torch.dtype) -> MoELayer:
     cfg = MoEConfig.from_dict(dict(d_model=32, d_ff=64, num_experts=8, top_k=2, expert_impl="auto",
                                    router=ROUTERS[router], num_shared_experts=int(shared),
-                                   aux_loss=dict(switch=0.01, z_loss=0.001), **MODES[mode]))
+                                   aux_loss=dict(switch=0.01, z_loss=0.001), **{**MODES, **BUDGET_MODES}[mode]))
     return MoELayer(cfg, seed=0).to(dtype)
 
 
-def _step(layer, x: torch.Tensor, g: torch.Tensor):
+def _step(layer, x: torch.Tensor, g: torch.Tensor, side: MoESideInputs | None = None):
     x = x.clone().requires_grad_()
     # Token ids for the hash router (the other routers ignore them).
     token_ids = torch.arange(x.shape[0]) * 7 % 50
-    out = layer(x, MoESideInputs(token_ids_T=token_ids))
+    out = layer(x, dataclasses.replace(side or MoESideInputs(), token_ids_T=token_ids))
     loss = (out.y.float() * g).sum()
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
@@ -48,7 +54,8 @@ def _step(layer, x: torch.Tensor, g: torch.Tensor):
     return out, x.grad
 
 
-def check_compiled_matches_eager(router: str, mode: str, shared: bool, dtype: torch.dtype) -> None:
+def check_compiled_matches_eager(router: str, mode: str, shared: bool, dtype: torch.dtype,
+                                 side: MoESideInputs | None = None) -> None:
     torch._dynamo.reset()
     eager = make_layer(router, mode, shared, dtype)
     compiled_layer = copy.deepcopy(eager)
@@ -56,10 +63,12 @@ def check_compiled_matches_eager(router: str, mode: str, shared: bool, dtype: to
     torch.manual_seed(0)
     x, g = torch.randn(64, 32, dtype=dtype), torch.randn(64, 32)
     for _ in range(2):  # a second step: buffers folded in by the first (inhibition's EMA) are read
-        out_e, dx_e = _step(eager, x, g)
-        out_c, dx_c = _step(compiled, x, g)
+        out_e, dx_e = _step(eager, x, g, side)
+        out_c, dx_c = _step(compiled, x, g, side)
     what = f"{router} {mode} shared={shared} {dtype}"
     tol = TOL[dtype]
+    if mode == "budget_spill":
+        assert float(out_e.stats["pairs_spilled"]) > 0, what
     torch.testing.assert_close(out_c.y, out_e.y, **tol, msg=lambda m: f"output {what}: {m}")
     torch.testing.assert_close(dx_c, dx_e, **tol, msg=lambda m: f"input gradient {what}: {m}")
     assert (out_c.aux_loss is None) == (out_e.aux_loss is None)
@@ -90,6 +99,18 @@ def test_hash_layer_traces_as_one_graph():
     explained = torch._dynamo.explain(lambda x, ids: layer(x, MoESideInputs(token_ids_T=ids)).y)(
         torch.randn(16, 32), torch.arange(16) * 3 % 50)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_bounded_dispatch_traces_as_one_graph():
+    for mode in BUDGET_MODES:
+        torch._dynamo.reset()
+        layer = make_layer("topk", mode, False, torch.float32)
+        explained = torch._dynamo.explain(lambda x: layer(x, BUDGET_SIDE).y)(torch.randn(16, 32))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compiled_spill_matches_eager():
+    check_compiled_matches_eager("topk", "budget_spill", False, torch.float32, BUDGET_SIDE)
 
 
 @pytest.mark.parametrize("router", [{"type": "inhibition", "mode": "divisive"},

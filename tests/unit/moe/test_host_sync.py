@@ -27,14 +27,15 @@ ROUTERS = [
 MODES = [dict(capacity_factor=1.0, min_capacity=1), dict(dropless=True)]
 
 
-def census_of_step(impl: str, dtype: torch.dtype, router: dict, mode: dict, **extra) -> tuple[HostSyncCensus, ...]:
+def census_of_step(impl: str, dtype: torch.dtype, router: dict, mode: dict, budget_ranks: int = 0,
+                   **extra) -> tuple[HostSyncCensus, ...]:
     cfg = MoEConfig.from_dict(dict(d_model=64, d_ff=128, num_experts=8, top_k=2, expert_impl=impl, router=router,
                                    aux_loss=dict(switch=0.01, z_loss=0.001, importance=0.01), **mode, **extra))
     layer = MoELayer(cfg, seed=0).to(dtype)
     torch.manual_seed(0)
     x = torch.randn(32, 64, dtype=dtype, requires_grad=True)
     side = MoESideInputs(stream_TD=torch.randn(32, 64, dtype=dtype), labels_T=torch.randint(-1, 3, (32,)),
-                         num_labels=3, token_ids_T=torch.randint(0, 50, (32,)))
+                         num_labels=3, token_ids_T=torch.randint(0, 50, (32,)), budget_ranks=budget_ranks)
     layer(x, side)  # the first call: one-time work (kernel self-checks) is no step's
     forward, backward = HostSyncCensus(), HostSyncCensus()
     with forward:
@@ -63,6 +64,16 @@ def test_cpu_default_backend_reads_only_inside_its_op(mode):
     forward, backward = census_of_step("auto", torch.float32, {"type": "topk"}, mode)
     assert forward.count == 0, f"forward:\n{forward.report()}"
     assert backward.count == 0, f"backward:\n{backward.report()}"
+
+
+@pytest.mark.parametrize("overflow", ["drop", "spill"])
+def test_bounded_dispatch_reads_nothing(overflow):
+    """The receive budget over budget (cf 1.0 of a rank's fair share, budgeted as over 4 ranks: some
+    pairs overflow, some spill) reads nothing under drop and spill; only `error` may
+    read (moe/rank_budget.py)."""
+    forward, backward = census_of_step("grouped_mm", torch.bfloat16, {"type": "topk"}, MODES[0], budget_ranks=4,
+                                       rank_capacity_factor=1.0, overflow=overflow, spill_choices=3)
+    assert forward.count == backward.count == 0, f"{forward.report()}\n{backward.report()}"
 
 
 def test_expert_mask_and_shared_expert_read_nothing():

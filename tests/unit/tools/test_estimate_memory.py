@@ -124,6 +124,28 @@ def test_recompute_modes_order_and_largest_micro_batch():
     assert largest_micro_batch(plan, plan.static / 2, mode) == 0
 
 
+def test_the_receive_budget_sizes_the_experts_rows():
+    """Under `moe.rank_capacity_factor` the plan counts the rows a rank can receive at most,
+    P * ceil(cf * T * K / P) (T 32 tokens, K 2, P 4), capped by the slots a capacity leaves."""
+    moe = dict(num_experts=8, ep_size=4, top_k=2, d_ff=32, dropless=True)
+    model = dict(vocab_size=100, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16, moe_every=1)
+
+    def plan(**extra):
+        return estimate(parse_model_config(model, {**moe, **extra}), ZeroSettings(stage=1), world_size=4,
+                        micro_batch=2, seq_len=16)
+
+    unbounded, half, double = plan(), plan(rank_capacity_factor=0.5), plan(rank_capacity_factor=2.0)
+    assert unbounded.receive_rows is None
+    assert (half.receive_rows, double.receive_rows) == (4 * 8, 4 * 32)
+    mode = "ckpt=off,moe_recompute=none"
+    assert half.activations[mode] < unbounded.activations[mode] < double.activations[mode]
+    # Capacity 1.0 leaves 2 experts x 8 slots = 16 rows per source rank: the budget's 32 cannot bind.
+    capped = plan(dropless=False, capacity_factor=1.0, rank_capacity_factor=2.0)
+    assert capped.receive_rows == 4 * 16
+    text = estimate_memory.format_report(estimate_memory.report(half, None, mode))
+    assert "receive budget: at most 32 rows per MoE layer" in text
+
+
 def test_cli_report_and_bad_config_exit_2(tmp_path):
     path = write_run(tmp_path, "cli", 2, dict(d_ff=128, moe_every=1), MOE)
     proc = subprocess.run([sys.executable, str(TOOL), path, "--world-size", "4", "--gpu-memory", "2", "--json"],

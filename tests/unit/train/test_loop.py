@@ -12,7 +12,7 @@ from moe_dist.checkpoint.training.layout import read_latest
 from moe_dist.common.atomic import write_text_atomic
 from moe_dist.moe.stats import mutual_information
 from moe_dist.train.config import TrainSection, apply_overrides
-from moe_dist.train.moe_metrics import MoEStatsAccumulator, step_load, wants_step_load
+from moe_dist.train.moe_metrics import MoEStatsAccumulator, budget_line, step_load, wants_step_load
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.schedule import ConfiguredSettings, build_lr_scheduler, lr_at, schedule_changes
 
@@ -156,6 +156,20 @@ def test_accumulator_sums_over_ranks_in_one_packed_reduction():
     assert rows[1]["loss_switch"] == pytest.approx(2.0)
     assert rows[5]["loss_switch"] == pytest.approx(4.0)
     assert rows[1]["load_E"] == [12.0, 12.0]
+
+
+def test_receive_budget_counts_are_summed_logged_and_absent_without_a_budget():
+    acc = MoEStatsAccumulator()
+    for over, spilled in ((5.0, 3.0), (2.0, 0.0)):
+        budget = {"pairs_over_budget": torch.tensor(over), "pairs_spilled": torch.tensor(spilled),
+                  "pairs_budget_dropped": torch.tensor(over - spilled)}
+        acc.add({1: {**stats([4, 0], [4, 0]), **budget}, 3: stats([1, 1], [1, 1])})
+    rows = acc.summary()
+    assert (rows[1]["pairs_over_budget"], rows[1]["pairs_spilled"], rows[1]["pairs_budget_dropped"]) == (7, 3, 4)
+    assert "pairs_over_budget" not in rows[3]
+    assert budget_line(12, rows) == ("step 12 | receive budget, pairs over budget/spilled/dropped per MoE layer: "
+                                     "1: 7/3/4")
+    assert budget_line(12, {3: rows[3]}) is None
 
 
 def test_a_layer_without_entropy_sums_has_its_ratio_averaged():
