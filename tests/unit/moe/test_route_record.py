@@ -41,7 +41,7 @@ def test_the_record_is_the_routers_choice_before_capacity_and_the_plans_drops():
     assert torch.equal(out.route.idx_TK, route.idx_TK) and torch.equal(out.route.w_TK, route.w_TK)
     plan = assign_slots(route.idx_TK, 8, layer.capacity(40), "position", priority_TK=route.w_TK)
     assert torch.equal(out.route.keep_TK, plan.keep_TK) and not plan.keep_TK.all()
-    assert not out.route.w_TK.requires_grad and out.route.spilled_TK is None
+    assert not out.route.w_TK.requires_grad and not out.route.spilled_TK.any()  # no budget: nothing spills
 
 
 def test_tracing_off_returns_nothing_and_runs_the_same_ops_as_on():
@@ -83,3 +83,14 @@ def test_a_traced_layer_still_compiles_as_one_graph():
     side = MoESideInputs(trace=True)
     explained = torch._dynamo.explain(lambda x: layer(x, side).route.idx_TK)(torch.randn(16, 32))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_the_record_marks_the_pairs_a_receive_budget_spilled():
+    cfg = MoEConfig.from_dict(dict(d_model=32, d_ff=64, num_experts=8, top_k=2, dropless=True,
+                                   rank_capacity_factor=1.0, overflow="spill"))
+    layer = MoELayer(cfg, seed=0).train()
+    with torch.no_grad():  # a hot expert: every token's first choice is expert 0, whose rank overflows
+        layer.router.gate.weight_ED[0] += 5.0
+    out = layer(torch.randn(40, 32).abs(), MoESideInputs(trace=True, budget_ranks=4))
+    assert out.route.spilled_TK.any()
+    assert int(out.route.spilled_TK.sum()) == int(out.stats["pairs_spilled"])
