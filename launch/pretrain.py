@@ -28,15 +28,14 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
+# Only what the config check needs is imported here: DeepSpeed and Megatron-Core (most of a
+# start-up) come after it, so a config error answers before them (BENCHMARKS.md, "Config errors").
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import load_run_config  # noqa: E402
-from moe_dist.checkpoint.files import CheckpointError  # noqa: E402
-from moe_dist.checkpoint.training import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
-from moe_dist.checkpoint.training import EXIT_NOT_WRITABLE, NotWritableError  # noqa: E402
 from moe_dist.train.safety.exits import RunStopped  # noqa: E402
 from moe_dist.train.safety.job import report_exit  # noqa: E402
-from moe_dist.train.safety.run_dir import claim  # noqa: E402
 from moe_dist.train.safety.signals import guard_launcher  # noqa: E402
+from moe_dist.train.world_size import check_world_size  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def report_config_error(e: ConfigError) -> None:
+    """One line per node, not per rank: the processes of a node check the same config against the
+    same files, so the first local process speaks for them (another node, whose files may differ,
+    speaks for itself)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     guard_launcher()  # before the slow start-up: a rank never outlives its launcher
     args = parse_args(argv)
@@ -70,7 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     try:
         cfg = load_run_config(args.config, overrides)
-        # The run lock before the trainer's imports (torch, DeepSpeed and Megatron-Core: most of a
+        if "WORLD_SIZE" in os.environ:  # set by the launcher; in one plain process preflight checks it
+            check_world_size(cfg.model, int(os.environ["WORLD_SIZE"]))
+    except ConfigError as e:
+        report_config_error(e)
+        return 2
+    from moe_dist.checkpoint.files import CheckpointError
+    from moe_dist.checkpoint.training import EXIT_NO_SPACE, EXIT_NOT_WRITABLE, DiskSpaceError, NotWritableError
+    from moe_dist.train.safety.run_dir import claim
+
+    try:
+        # The run lock before the trainer's imports (DeepSpeed and Megatron-Core: most of a
         # start-up): a second job on this checkpoint_dir is refused before it pays for them.
         # Preflight checks the rest under it.
         run = claim(cfg.train.checkpoint_dir, args.resume, args.break_lock)
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runtime.destroy()
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
+        report_config_error(e)
         return 2
     except DiskSpaceError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -25,16 +25,13 @@ import json
 import os
 import sys
 
-import torch
-
-from moe_dist.checkpoint.consolidated import open_checkpoint
-from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common.config import ConfigError
-from moe_dist.evaluate import sources
-from moe_dist.evaluate.loading import CAPACITY_CHOICES, checkpoint_tokenizer, load_model
-from moe_dist.evaluate.runner import EvalResult, evaluate
-from moe_dist.parallel import runtime
-from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.common.quiet import quiet_library_notices
+
+# The options are parsed before torch, DeepSpeed and Megatron-Core are imported (most of a start):
+# --help and a bad option answer at once. moe_dist.evaluate.loading.CAPACITY_CHOICES, which
+# eval_model_config checks the value against.
+CAPACITY_CHOICES = ("dropless", "config")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,13 +78,15 @@ def default_ep_size(world: int, num_experts: int | None) -> int:
     return world if num_experts and num_experts % world == 0 else 1
 
 
-def default_device() -> torch.device:
+def default_device():
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
-def format_table(result: EvalResult, header: str) -> str:
+def format_table(result, header: str) -> str:
     lines = [header, (f"tokens {result.tokens:,} in {result.windows:,} windows | loss {result.loss:.4f} "
                       f"± {result.loss_sem:.4f} (standard error) | perplexity {result.perplexity:.3f}")]
     if len(result.domains) > 1 or result.domain_names:
@@ -101,7 +100,7 @@ def format_table(result: EvalResult, header: str) -> str:
     return "\n".join(lines)
 
 
-def write_heatmap(path: str, result: EvalResult) -> None:
+def write_heatmap(path: str, result) -> None:
     """P(expert | domain) per MoE layer, columns summing to 1."""
     import matplotlib
 
@@ -127,7 +126,14 @@ def write_heatmap(path: str, result: EvalResult) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> EvalResult:
+def run(args: argparse.Namespace):
+    from moe_dist.checkpoint.consolidated import open_checkpoint
+    from moe_dist.evaluate import sources
+    from moe_dist.evaluate.loading import checkpoint_tokenizer, load_model
+    from moe_dist.evaluate.runner import evaluate
+    from moe_dist.parallel import runtime
+    from moe_dist.parallel.groups import ParallelGroups
+
     budget = parse_budget(args.tokens)
     sources.check_sources(args.data)
     if args.batch < 1:
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     if not 1 <= seq_len <= cfg.max_seq_len:
         raise ConfigError(f"--seq-len ({seq_len}) must be in [1, model.max_seq_len ({cfg.max_seq_len})]")
     tokenizer = checkpoint_tokenizer(ckpt.config, args.tokenizer_model)
+    sources.check_tokenizer(args.data, tokenizer, f"checkpoint {args.checkpoint!r}'s")
     if sources.is_run_config(args.data[0]):
         if budget is None:
             raise ConfigError(f"--data {args.data[0]} (a run's validation split) needs a --tokens budget")
@@ -162,8 +169,15 @@ def run(args: argparse.Namespace) -> EvalResult:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_library_notices()
+    import torch
+
+    from moe_dist.checkpoint.files import CheckpointError
+    from moe_dist.parallel import runtime
+
     try:
-        result = run(args)
+        with torch.no_grad():
+            result = run(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -183,5 +197,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

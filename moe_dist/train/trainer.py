@@ -31,7 +31,7 @@ from moe_dist.train.preflight import Preflight, preflight, requested_samples
 from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.safety.exits import PREEMPTED, RunStopped
 from moe_dist.train.safety.guard import RunSafety
-from moe_dist.train.schedule import ConfiguredSettings, schedule_changes
+from moe_dist.train.schedule import ConfiguredSettings, resume_lr_change, schedule_changes
 from moe_dist.train.tb_logger import TensorBoardLogger, perplexity
 
 
@@ -135,6 +135,9 @@ class Trainer:
         configured.apply(self.optimizer, self.scheduler, self.step, self.cfg.train)
         for change in schedule_changes(state["config"].get("train", {}), self.cfg.train):
             log0(f"resume: {change} (the checkpoint's value -> this config's, in force from step {self.step + 1})")
+        lr_change = resume_lr_change(state["config"].get("train", {}), self.cfg.train, self.step)
+        if lr_change:
+            log0(f"resume: {lr_change}")
         log0(f"resumed from {resumed.tag}: step {self.step}, {state['consumed_samples']} samples consumed")
 
     # ---- steps -------------------------------------------------------------------------------
