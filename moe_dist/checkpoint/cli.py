@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
                          moe_offset=args.moe_offset, slice_scale=args.slice_scale)
         print(f"wrote {result.out}: {args.num_experts} experts, top-{args.top_k}, granularity {args.granularity} "
               f"on layers {result.moe_layers} ({result.num_parameters:,} parameters) from the {result.source_kind} "
-              f"model {args.ckpt}; train it with train.init_from={result.out}")
+              f"model {args.ckpt}; train it with train.init_from={result.out} (a run config: "
+              f"{result.out}/{RUN_CONFIG_FILE})")
     return 0
 
 
