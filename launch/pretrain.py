@@ -31,11 +31,10 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 # Only what the config check needs is imported here: DeepSpeed and Megatron-Core (most of a
 # start-up) come after it, so a config error answers before them (BENCHMARKS.md, "Config errors").
 from moe_dist.common.config import ConfigError  # noqa: E402
-from moe_dist.train.config import load_run_config  # noqa: E402
+from moe_dist.train.config import check_world_size, load_run_config  # noqa: E402
 from moe_dist.train.safety.exits import RunStopped  # noqa: E402
 from moe_dist.train.safety.job import report_exit  # noqa: E402
 from moe_dist.train.safety.signals import guard_launcher  # noqa: E402
-from moe_dist.train.world_size import check_world_size  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,8 +29,8 @@ from moe_dist.common.config import ConfigError
 from moe_dist.common.quiet import quiet_library_notices
 
 # The options are parsed before torch, DeepSpeed and Megatron-Core are imported (most of a start):
-# --help and a bad option answer at once. moe_dist.evaluate.loading.CAPACITY_CHOICES, which
-# eval_model_config checks the value against.
+# --help and a bad option answer at once. Hence a copy of moe_dist.evaluate.loading.CAPACITY_CHOICES
+# (eval_model_config checks the value again; tests/unit/tools/test_newcomer_tools.py compares them).
 CAPACITY_CHOICES = ("dropless", "config")
 
 
@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             result = run(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under the launcher every process checks the same input: the first of each node says so.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if runtime.rank() == 0:
         if args.json == "-":

@@ -3,11 +3,12 @@ column, or Megatron `.bin/.idx` prefixes (with their label sidecars), as one tok
 windows; or the validation split of a training config's data (`run_split_windows`).
 
 Each source's documents are read in order (no shuffling, no sampling); the sources are
-interleaved one document at a time, so a token budget covers every source; the documents are
-concatenated, each followed by the end-of-document id, as training concatenates them. Window i is stream[i*S : i*S + S + 1], so
-every token after the first is predicted exactly once, with up to S tokens of context from its
-window. A window's `domain_ids` are the labels of its tokens (-1: none): the inputs' labels feed
-the routing statistics, the targets' labels the per-domain loss.
+interleaved one document at a time, so a token budget covers every source. The documents are
+concatenated, each followed by the end-of-document id, as training concatenates them. Window i
+is stream[i*S : i*S + S + 1], so every token after the first is predicted exactly once, with up
+to S tokens of context from its window. A window's `domain_ids` are the labels of its tokens
+(-1: none): the inputs' labels feed the routing statistics, the targets' labels the per-domain
+loss.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from moe_dist.common.config import ConfigError
 from moe_dist.data.labels import NO_LABEL, global_domain_ids, read_label_names
 from moe_dist.data.text_sources import file_format, load_corpus
+from moe_dist.data.tokenizer_record import check_prefix_tokenizer, describe_tokenizer, tokenizer_origin
+from moe_dist.data.tokenizers import build_tokenizer
 
 
 @dataclass
@@ -60,15 +63,11 @@ def check_tokenizer(paths: Sequence[str], tokenizer, whose: str) -> None:
     """Refuse data whose token ids come from another tokenizer than `tokenizer` (`whose`: "checkpoint
     X's"): a Megatron prefix's `<prefix>.tokenizer.json`, a training config's `data.tokenizer` (text
     files are tokenized here, with `tokenizer` itself)."""
-    from moe_dist.data.tokenizer_record import check_prefix_tokenizer, describe_tokenizer, tokenizer_origin
-
     for path in paths:
         if is_megatron_prefix(path):
             check_prefix_tokenizer("--data", path, tokenizer, whose)
         elif is_run_config(path):
             data = _run_data_config(path)
-            from moe_dist.data.tokenizers import build_tokenizer
-
             theirs = build_tokenizer(data.tokenizer)
             if dict(theirs.unique_identifiers) != dict(tokenizer.unique_identifiers):
                 raise ConfigError(f"--data {path!r} reads its data with data.tokenizer "

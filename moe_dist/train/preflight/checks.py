@@ -10,13 +10,12 @@ from typing import Any
 from moe_dist.checkpoint.training import check_checkpoint_dir, check_latest_tag, check_resume
 from moe_dist.common.config import ConfigError
 from moe_dist.data.tokenizers import build_tokenizer, validate_tokenizer_vocab
-from moe_dist.train.config import RunConfig
+from moe_dist.train.config import RunConfig, check_world_size
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
 from moe_dist.train.preflight.data import check_megatron_data, data_domain_names, input_identity
 from moe_dist.train.preflight.memory import check_memory
 from moe_dist.train.preflight.start import check_init_from
 from moe_dist.train.safety import run_dir
-from moe_dist.train.world_size import check_world_size
 
 
 @dataclass

@@ -109,7 +109,7 @@ def test_extending_a_cosine_run_logs_the_lr_change():
 
 def test_world_size_error_hints_at_num_gpus():
     from moe_dist.train.config import parse_run_config
-    from moe_dist.train.world_size import check_world_size
+    from moe_dist.train.config import check_world_size
 
     cfg = parse_run_config(tiny_config())
     with pytest.raises(ConfigError, match=r"world size \(1\) must be divisible by ep_size \(2\).*one per NUMA node"
@@ -136,3 +136,17 @@ def test_config_error_before_deepspeed_and_once_per_node(tmp_path):
         assert "exit 2 []" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert outs[0].stderr.count("config error: train: unknown key(s) ['bogus']") == 1
     assert "config error" not in outs[1].stderr
+
+
+def test_reshard_resume_note_says_when_train_steps_must_rise():
+    from types import SimpleNamespace
+
+    from moe_dist.checkpoint.training.reshard import _resume_notes, _Target
+
+    target = _Target(ep_size=4, world_size=4, expert_names=set(), num_local=1)
+    done = SimpleNamespace(step=200, config={"train": {"steps": 200}}, ds_config={"train_batch_size": 16},
+                           world_size=2)
+    note = _resume_notes(done, target, "out/ep4")[0]
+    assert "--set train.steps=N (N above the checkpoint's step 200" in note
+    running = SimpleNamespace(**{**vars(done), "config": {"train": {"steps": 500}}})
+    assert "continues step 201..500; raise train.steps to train longer" in _resume_notes(running, target, "o")[0]
