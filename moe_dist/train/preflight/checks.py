@@ -53,7 +53,8 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
                           f"model.num_labels is {cfg.model.num_labels}; set it to at least "
                           f"{len(domain_names)}")
     train_samples, valid_samples = requested_samples(cfg.train, ds_config["train_batch_size"], world_size)
-    check_megatron_data(cfg.data, tokenizer, cfg.model.vocab_size, train_samples, valid_samples)
+    check_megatron_data(cfg.data, tokenizer, cfg.model.vocab_size, train_samples, valid_samples,
+                        check_tokenizer_records=not resume)
     inputs = input_identity(cfg.data, tokenizer)
     # The lock first: the checks of the directory's contents mean something only under it.
     run = run or run_dir.claim(cfg.train.checkpoint_dir, resume, break_lock)

@@ -34,9 +34,11 @@ def data_domain_names(data: DataConfig) -> list[str]:
 
 
 def check_megatron_data(data: DataConfig, tokenizer, model_vocab_size: int, train_samples: int,
-                        valid_samples: int) -> None:
+                        valid_samples: int, check_tokenizer_records: bool = True) -> None:
     """Index/size agreement, documents per split share, largest token id; reads each .idx and
-    at most FULL_SCAN_BYTES (else a sample) of each .bin."""
+    at most FULL_SCAN_BYTES (else a sample) of each .bin. `check_tokenizer_records`: each prefix's
+    recorded tokenizer must be `tokenizer` (off for --resume, whose input check reports a changed
+    tokenizer against the checkpoint's record and lets --allow_config_change accept it)."""
     if data.kind != "megatron":
         return
     limit = min(tokenizer.vocab_size, model_vocab_size)
@@ -49,7 +51,8 @@ def check_megatron_data(data: DataConfig, tokenizer, model_vocab_size: int, trai
         summary = read_index(where, prefix)
         check_split_shares(where, summary, data.megatron.split, requested)
         check_token_ids(where, summary, limit, limit_name)
-        check_prefix_tokenizer(where, prefix, tokenizer, "this run's (data.tokenizer)")
+        if check_tokenizer_records:
+            check_prefix_tokenizer(where, prefix, tokenizer, "this run's (data.tokenizer)")
         num_documents.append(summary.num_documents)
     if valid_samples > 0:
         check_valid_domains(data, num_documents)
