@@ -7,7 +7,8 @@
 
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
-Configuration errors are reported before any process group or model exists, exit status 2 (so is
+Configuration errors are reported before any process group or model exists (errors in the config
+file itself before DeepSpeed is imported), once per node, exit status 2 (so is
 a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock, and a
 checkpoint that cannot be resumed, also when that shows only at DeepSpeed's load).
 Other exit statuses (moe_dist/train/safety/exits.py, docs/launch.md): 3 non-finite training stopped,
