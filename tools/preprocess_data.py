@@ -24,7 +24,7 @@ import sys
 
 from moe_dist.common.quiet import quiet_library_notices
 
-quiet_library_notices()  # before Megatron-Core's import: its notices are not about this corpus
+quiet_library_notices(deepspeed=False)  # before Megatron-Core's import: its notices are not about this corpus
 
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.data.config import TokenizerConfig  # noqa: E402

@@ -29,7 +29,9 @@ class _DropAcceleratorNotice(logging.Filter):
         return _ACCELERATOR_NOTICE not in record.getMessage()
 
 
-def quiet_library_notices() -> None:
+def quiet_library_notices(deepspeed: bool = True) -> None:
+    """`deepspeed=False` for a tool that never imports DeepSpeed: its import (seconds) only to
+    point its logger at stderr would be wasted."""
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     # The logger object exists before DeepSpeed adds its handler to it: the filter is in place for
@@ -37,6 +39,8 @@ def quiet_library_notices() -> None:
     ds_logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DropAcceleratorNotice) for f in ds_logger.filters):
         ds_logger.addFilter(_DropAcceleratorNotice())
+    if not deepspeed:
+        return
     if "deepspeed" not in sys.modules:
         with contextlib.redirect_stdout(sys.stderr):
             import deepspeed.utils.logging  # noqa: F401

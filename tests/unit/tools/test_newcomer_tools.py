@@ -168,3 +168,15 @@ def test_deepspeed_recovery_scripts_point_to_consolidate(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "convert_checkpoint.py consolidate" in proc.stderr
     assert not (tmp_path / "zero_to_torch.py").exists()  # only the scripts DeepSpeed wrote
+
+
+def test_preprocess_in_a_fresh_process_says_one_line(corpora, tmp_path):
+    """As a user runs it: a missing column is the `error:` line alone, without Megatron-Core's
+    "Transformer Engine and Apex are not installed" notices or a traceback."""
+    _, en, _ = corpora
+    proc = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", en, "--output-prefix",
+                           str(tmp_path / "x"), "--label-key", "lng"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+    assert proc.returncode == 2
+    assert "error: column(s) ['lng'] not found" in proc.stderr and proc.stdout == ""
+    assert "Transformer Engine" not in proc.stderr and "Traceback" not in proc.stderr
