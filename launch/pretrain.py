@@ -9,7 +9,8 @@
 On a CPU-only machine `--num_gpus N` starts N processes (DeepSpeed's CPU accelerator, gloo).
 `--set section.key=value` overrides one config value (YAML syntax), e.g. `--set train.steps=50`.
 `--trace DIR` writes the routing trace, `--replay_routes DIR` replays one (docs/routing_trace.md).
-Configuration errors are reported before any process group or model exists, exit status 2 (so is
+Configuration errors are reported before any process group or model exists (errors in the config
+file itself before DeepSpeed is imported), once per node, exit status 2 (so is
 a train.checkpoint_dir that another run holds: `--break_lock` takes over a dead run's lock, and a
 checkpoint that cannot be resumed, also when that shows only at DeepSpeed's load).
 Other exit statuses (moe_dist/train/safety/exits.py, docs/launch.md): 3 non-finite training stopped,
@@ -31,14 +32,12 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
+# Only what the config check needs is imported here: DeepSpeed and Megatron-Core (most of a
+# start-up) come after it, so a config error answers before them (BENCHMARKS.md, "Config errors").
 from moe_dist.common.config import ConfigError  # noqa: E402
-from moe_dist.train.config import load_run_config  # noqa: E402
-from moe_dist.checkpoint.files import CheckpointError  # noqa: E402
-from moe_dist.checkpoint.training import EXIT_NO_SPACE, DiskSpaceError  # noqa: E402
-from moe_dist.checkpoint.training import EXIT_NOT_WRITABLE, NotWritableError  # noqa: E402
+from moe_dist.train.config import check_world_size, load_run_config  # noqa: E402
 from moe_dist.train.safety.exits import RunStopped  # noqa: E402
 from moe_dist.train.safety.job import report_exit  # noqa: E402
-from moe_dist.train.safety.run_dir import claim  # noqa: E402
 from moe_dist.train.safety.signals import guard_launcher  # noqa: E402
 
 
@@ -94,6 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def report_config_error(e: ConfigError) -> None:
+    """One line per node, not per rank: the processes of a node check the same config against the
+    same files, so the first local process speaks for them (another node, whose files may differ,
+    speaks for itself)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     guard_launcher()  # before the slow start-up: a rank never outlives its launcher
     args = parse_args(argv)
@@ -107,8 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"trace.replay={json.dumps(args.replay_routes)}")
     try:
         cfg = load_run_config(args.config, overrides)
+        if "WORLD_SIZE" in os.environ:  # set by the launcher; in one plain process preflight checks it
+            check_world_size(cfg.model, int(os.environ["WORLD_SIZE"]))
+    except ConfigError as e:
+        report_config_error(e)
+        return 2
+    from moe_dist.checkpoint.files import CheckpointError
+    from moe_dist.checkpoint.training import EXIT_NO_SPACE, EXIT_NOT_WRITABLE, DiskSpaceError, NotWritableError
+    from moe_dist.train.safety.run_dir import claim
+
+    try:
         args.resume = decide_resume(args.resume, cfg.train.checkpoint_dir)
-        # The run lock before the trainer's imports (torch, DeepSpeed and Megatron-Core: most of a
+        # The run lock before the trainer's imports (DeepSpeed and Megatron-Core: most of a
         # start-up): a second job on this checkpoint_dir is refused before it pays for them.
         # Preflight checks the rest under it.
         run = claim(cfg.train.checkpoint_dir, args.resume, args.break_lock)
@@ -123,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runtime.destroy()
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
+        report_config_error(e)
         return 2
     except DiskSpaceError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import sys
 
-from moe_dist.checkpoint.cli import main
+from moe_dist.common.quiet import quiet_library_notices
+
+quiet_library_notices()  # before DeepSpeed's import: `inspect --json` prints JSON alone
+
+from moe_dist.checkpoint.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

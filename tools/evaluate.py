@@ -26,19 +26,13 @@ import json
 import os
 import sys
 
-import torch
-
-from moe_dist.checkpoint.consolidated import open_checkpoint
-from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common.config import ConfigError
-from moe_dist.evaluate import sources
-from moe_dist.evaluate.loading import CAPACITY_CHOICES, checkpoint_tokenizer, load_model
-from moe_dist.evaluate.runner import EvalResult, evaluate
-from moe_dist.evaluate.trace_format import model_identity
-from moe_dist.evaluate.trace_replay import RouteReplay
-from moe_dist.evaluate.trace_writer import TraceWriter, trace_meta
-from moe_dist.parallel import runtime
-from moe_dist.parallel.groups import ParallelGroups
+from moe_dist.common.quiet import quiet_library_notices
+
+# The options are parsed before torch, DeepSpeed and Megatron-Core are imported (most of a start):
+# --help and a bad option answer at once. Hence a copy of moe_dist.evaluate.loading.CAPACITY_CHOICES
+# (eval_model_config checks the value again; tests/unit/tools/test_newcomer_tools.py compares them).
+CAPACITY_CHOICES = ("dropless", "config")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,13 +96,15 @@ def parse_trace_tokens(text: str) -> int | None:
     return int(text)
 
 
-def default_device() -> torch.device:
+def default_device():
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
-def format_table(result: EvalResult, header: str) -> str:
+def format_table(result, header: str) -> str:
     lines = [header, (f"tokens {result.tokens:,} in {result.windows:,} windows | loss {result.loss:.4f} "
                       f"± {result.loss_sem:.4f} (standard error) | perplexity {result.perplexity:.3f}")]
     if len(result.domains) > 1 or result.domain_names:
@@ -122,7 +118,7 @@ def format_table(result: EvalResult, header: str) -> str:
     return "\n".join(lines)
 
 
-def write_heatmap(path: str, result: EvalResult) -> None:
+def write_heatmap(path: str, result) -> None:
     """P(expert | domain) per MoE layer, columns summing to 1."""
     import matplotlib
 
@@ -148,7 +144,17 @@ def write_heatmap(path: str, result: EvalResult) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> EvalResult:
+def run(args: argparse.Namespace):
+    from moe_dist.checkpoint.consolidated import open_checkpoint
+    from moe_dist.evaluate import sources
+    from moe_dist.evaluate.loading import checkpoint_tokenizer, load_model
+    from moe_dist.evaluate.runner import evaluate
+    from moe_dist.evaluate.trace_format import model_identity
+    from moe_dist.evaluate.trace_replay import RouteReplay
+    from moe_dist.evaluate.trace_writer import TraceWriter, trace_meta
+    from moe_dist.parallel import runtime
+    from moe_dist.parallel.groups import ParallelGroups
+
     budget = parse_budget(args.tokens)
     trace_tokens = parse_trace_tokens(args.trace_tokens)
     if args.replay_weights and not args.replay:
@@ -166,6 +172,7 @@ def run(args: argparse.Namespace) -> EvalResult:
     if (args.trace or args.replay) and cfg.moe is None:
         raise ConfigError(f"--trace / --replay need a model with MoE layers; {args.checkpoint} has none")
     tokenizer = checkpoint_tokenizer(ckpt.config, args.tokenizer_model)
+    sources.check_tokenizer(args.data, tokenizer, f"checkpoint {args.checkpoint!r}'s")
     if sources.is_run_config(args.data[0]):
         if budget is None:
             raise ConfigError(f"--data {args.data[0]} (a run's validation split) needs a --tokens budget")
@@ -188,7 +195,8 @@ def run(args: argparse.Namespace) -> EvalResult:
     ep_size = args.ep_size or default_ep_size(world, num_experts)
     groups = ParallelGroups.build(ep_size, num_experts) if world > 1 else ParallelGroups.single()
     loaded = load_model(args.checkpoint, tag=args.tag, groups=groups, capacity=args.capacity,
-                        num_labels=len(names), device=default_device(), progress=not args.no_progress and runtime.rank() == 0)
+                        num_labels=len(names), device=default_device(),
+                        progress=not args.no_progress and runtime.rank() == 0)
     trace = None
     if args.trace:
         meta = trace_meta(identity, source="evaluate", world_size=world, ep_size=ep_size, batch=args.batch,
@@ -203,10 +211,19 @@ def run(args: argparse.Namespace) -> EvalResult:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_library_notices()
+    import torch
+
+    from moe_dist.checkpoint.files import CheckpointError
+    from moe_dist.parallel import runtime
+
     try:
-        result = run(args)
+        with torch.no_grad():
+            result = run(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under the launcher every process checks the same input: the first of each node says so.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if runtime.rank() == 0:
         if args.json == "-":
@@ -224,5 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

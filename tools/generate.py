@@ -3,6 +3,7 @@
 
     python tools/generate.py runs/tiny_cpu/checkpoints --prompt "abc" --prompt "" --max-new-tokens 80
     python tools/generate.py out/consolidated --prompts-file prompts.txt --temperature 0.8 --top-p 0.9 --seed 1
+    python tools/generate.py runs/tiny_cpu/checkpoints --prompt "abc" --json out.json
 
 Greedy by default (--temperature 0); with a temperature, tokens are drawn from the softmax,
 optionally restricted to the top k (--top-k) and to the smallest set reaching probability p
@@ -20,13 +21,11 @@ import argparse
 import json
 import sys
 
-import torch
-
-from moe_dist.checkpoint.consolidated import open_checkpoint
-from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common.config import ConfigError
-from moe_dist.evaluate.loading import checkpoint_tokenizer, load_model
-from moe_dist.model.generation import SamplingConfig, generate
+from moe_dist.common.quiet import quiet_library_notices
+
+# torch, DeepSpeed and Megatron-Core are imported after the options are parsed (run, main): --help
+# and a bad option answer at once.
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,9 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop-at-eod", action="store_true", help="keep generating past end-of-document")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at each step")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece model, if it moved since training")
-    p.add_argument("--json", action="store_true", help="print [{prompt, ids, text}] as JSON")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="[{prompt, ids, text}] as JSON, written to PATH (no PATH: to stdout, instead of the text)")
     return p.parse_args(argv)
 
 
@@ -61,7 +61,25 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text the new tokens add to the prompt. Decoded with the prompt, not alone: SentencePiece
+    drops the leading space of a decode (the '▁' of its first piece), so a continuation decoded on
+    its own would run into the prompt ('Life is' + 'good' for 'Life is good')."""
+    prompt_text = tokenizer.detokenize(prompt_ids)
+    whole = tokenizer.detokenize(list(prompt_ids) + list(new_ids))
+    if whole.startswith(prompt_text):
+        return whole[len(prompt_text):]
+    return tokenizer.detokenize(new_ids)  # a prompt ending inside a multi-byte character
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    from moe_dist.checkpoint.consolidated import open_checkpoint
+    from moe_dist.evaluate.loading import checkpoint_tokenizer, load_model
+    from moe_dist.model.generation import SamplingConfig, generate
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(args)
     ckpt = open_checkpoint(args.checkpoint, args.tag)  # cheap checks first
     tokenizer = checkpoint_tokenizer(ckpt.config, args.tokenizer_model)
@@ -73,20 +91,34 @@ def run(args: argparse.Namespace) -> list[dict]:
     for text, p in zip(prompts, ids):
         if max(p) >= vocab:
             raise ConfigError(f"prompt {text!r} has token id {max(p)}, outside the model's vocab_size {vocab}")
-    model = load_model(args.checkpoint, tag=args.tag, device=args.device).model
+    model = load_model(args.checkpoint, tag=args.tag, device=device).model
     new = generate(model, ids, sampling, pad_id=tokenizer.eod, use_cache=not args.no_cache)
-    return [{"prompt": text, "ids": out, "text": tokenizer.detokenize(out)} for text, out in zip(prompts, new)]
+    # An empty prompt is the end-of-document id alone: nothing of it is text.
+    return [{"prompt": text, "ids": out, "text": continuation_text(tokenizer, p if text else [], out)}
+            for text, p, out in zip(prompts, ids, new)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_library_notices()
+    from moe_dist.checkpoint.files import CheckpointError
+
     try:
+        if args.json not in (None, "-"):
+            from moe_dist.common.atomic import check_output_file, make_output_folder
+
+            make_output_folder(args.json)
+            check_output_file(args.json)  # before the model is loaded
         results = run(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.json == "-":
         print(json.dumps(results, ensure_ascii=False, indent=1))
+    elif args.json:
+        from moe_dist.common.atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(results, ensure_ascii=False, indent=1) + "\n")
     else:
         for r in results:
             print(f"--- {r['prompt']!r}\n{r['prompt']}{r['text']}")

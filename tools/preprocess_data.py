@@ -15,7 +15,9 @@ Appends eod to every document (a Hugging Face tokenizer's eos_token; --add-bos a
 document with its bos_token). With --label-key, also writes <prefix>.labels.npy (int32 label
 id per document, -1 for none) and <prefix>.labels.json (label names). Outputs appear under
 their final names only once complete. Bad input (a malformed jsonl line, a non-string text,
-a file that is not a SentencePiece model) exits 2 with `error: FILE:LINE: ...`.
+a file that is not a SentencePiece model, a missing column) exits 2 with `error: ...`. The
+output folder is created when missing. <prefix>.tokenizer.json records the tokenizer, so that
+training and evaluation with another one are refused.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_dist.common.atomic import check_output_file
-from moe_dist.common.config import ConfigError
-from moe_dist.data.config import TokenizerConfig
-from moe_dist.data.preprocess import preprocess_corpus
-from moe_dist.data.text_sources import add_corpus_arguments
-from moe_dist.data.token_counts import count_tokens, write_token_counts
-from moe_dist.data.tokenizers import build_tokenizer
+from moe_dist.common.quiet import quiet_library_notices
+
+quiet_library_notices(deepspeed=False)  # before Megatron-Core's import: its notices are not about this corpus
+
+from moe_dist.common.atomic import check_output_file  # noqa: E402
+from moe_dist.common.config import ConfigError  # noqa: E402
+from moe_dist.data.config import TokenizerConfig  # noqa: E402
+from moe_dist.data.preprocess import preprocess_corpus  # noqa: E402
+from moe_dist.data.text_sources import add_corpus_arguments  # noqa: E402
+from moe_dist.data.token_counts import count_tokens, write_token_counts  # noqa: E402
+from moe_dist.data.tokenizers import build_tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

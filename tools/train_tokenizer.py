@@ -4,7 +4,9 @@
     python tools/train_tokenizer.py --input a.jsonl b.jsonl --output-prefix tok/fortunes \
         --vocab-size 8000 --model-type bpe --max-sentences 200000
 
-Writes <output-prefix>.model; reads local files only, never downloads.
+Writes <output-prefix>.model (creating its folder); reads local files only, never downloads.
+Bad input (a missing file or column, a vocabulary size the corpus cannot fill) exits 2 with one
+`error:` line.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe_dist.common.config import ConfigError
 from moe_dist.data.text_sources import add_corpus_arguments
 from moe_dist.data.tokenizer_training import MODEL_TYPES, train_sentencepiece
 
@@ -30,10 +33,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    path = train_sentencepiece(args.input, args.output_prefix, args.vocab_size,
-                               model_type=args.model_type, text_key=args.text_key,
-                               max_sentences=args.max_sentences, seed=args.seed,
-                               cache_dir=args.cache_dir, text_sample_by=args.text_sample_by)
+    try:
+        path = train_sentencepiece(args.input, args.output_prefix, args.vocab_size,
+                                   model_type=args.model_type, text_key=args.text_key,
+                                   max_sentences=args.max_sentences, seed=args.seed,
+                                   cache_dir=args.cache_dir, text_sample_by=args.text_sample_by)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     print(f"wrote {path}")
     return 0
 

@@ -21,6 +21,8 @@ from moe_dist.checkpoint.hf.importer import RUN_CONFIG_FILE, import_hf
 from moe_dist.checkpoint.inspect import format_summary, summarize, summary_json
 from moe_dist.checkpoint.training import reshard, tag_report
 from moe_dist.checkpoint.upcycle import SLICE_SCALES, upcycle
+from moe_dist.common.atomic import make_output_folder
+from moe_dist.common.config import ConfigError
 
 EXIT_INCOMPLETE = 3  # inspect: the tag is partial or its files disagree
 
@@ -150,6 +152,8 @@ def _add_upcycle(sub) -> int:
 
 def run(args: argparse.Namespace) -> int:
     progress = not getattr(args, "quiet", False)
+    if getattr(args, "out", None):
+        make_output_folder(args.out)  # OUT's parent, as `mkdir -p`: `import-hf HF out/olmoe` on a fresh clone
     if args.command == "inspect":
         report = tag_report(args.ckpt, args.tag)
         bad = report is not None and bool(report["problems"])
@@ -201,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
                          moe_offset=args.moe_offset, slice_scale=args.slice_scale)
         print(f"wrote {result.out}: {args.num_experts} experts, top-{args.top_k}, granularity {args.granularity} "
               f"on layers {result.moe_layers} ({result.num_parameters:,} parameters) from the {result.source_kind} "
-              f"model {args.ckpt}; train it with train.init_from={result.out}")
+              f"model {args.ckpt}; train it with train.init_from={result.out} (a run config: "
+              f"{result.out}/{RUN_CONFIG_FILE})")
     return 0
 
 
@@ -209,6 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -81,13 +81,17 @@ def single_rank_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_consolidated(out: str, state: dict[str, torch.Tensor], meta: dict[str, Any], fmt: str,
-                       overwrite: bool) -> str:
-    """Write weights and metadata as the directory `out` (staged: all or nothing); returns `out`."""
+                       overwrite: bool, extra_files: dict[str, str] | None = None) -> str:
+    """Write weights and metadata (and `extra_files`: name -> text, e.g. a run config) as the
+    directory `out` (staged: all or nothing); returns `out`."""
     with staged_directory(out, overwrite) as tmp:
         weights = os.path.join(tmp, WEIGHT_FILES[fmt])
         write_weights(weights, state, fmt, metadata={"format": FORMAT} if fmt == SAFETENSORS else None)
         write_json(os.path.join(tmp, META_FILE), {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                   "weights_file": os.path.basename(weights), **meta})
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
     return out
 
 

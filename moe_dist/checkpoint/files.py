@@ -194,6 +194,10 @@ def write_weights(path: str, state: dict[str, torch.Tensor], fmt: str, metadata:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+        # safetensors creates its file with mode 0600; a model folder is shared like any other file.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(path, 0o666 & ~mask)
     else:
         torch.save(state, path)
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from moe_dist.checkpoint.consolidated import (ConsolidatedCheckpoint, full_state_dict, open_checkpoint,
                                               write_consolidated)
 from moe_dist.checkpoint.files import SAFETENSORS, CheckpointError, check_output
+from moe_dist.checkpoint.hf.importer import RUN_CONFIG_FILE, continued_run_config, portable_path
 from moe_dist.checkpoint.training import read_latest
 from moe_dist.common.config import ConfigError, to_dict
 from moe_dist.common.seeding import init_generator
@@ -243,6 +244,21 @@ def _read_hf(src: str, spec: UpcycleSpec) -> tuple[ModelConfig, dict[str, torch.
     return cfg, state
 
 
+def _run_config(moe_cfg: ModelConfig, data: dict[str, Any], src: str, out: str, num_experts: int, top_k: int,
+                granularity: int, bf16: bool) -> str:
+    """OUT/run_config.yaml, as import-hf writes one: training the upcycled model from OUT."""
+    sections = {"model": to_dict(moe_cfg)}
+    sections["moe"] = sections["model"].pop("moe")
+    tokenizer = {k: v for k, v in (data.get("tokenizer") or {"kind": "byte"}).items() if v is not None}
+    for key in ("model", "path"):
+        if key in tokenizer:
+            tokenizer[key] = portable_path(tokenizer[key])
+    command = (f"python tools/convert_checkpoint.py upcycle {src} {out} --num-experts {num_experts} "
+               f"--top-k {top_k}" + (f" --granularity {granularity}" if granularity != 1 else ""))
+    return continued_run_config(sections, tokenizer, out, bf16, source=f"{portable_path(src)} (upcycled)",
+                                command=command)
+
+
 def upcycle(src: str, out: str, num_experts: int, top_k: int, granularity: int = 1, *, tag: str | None = None,
             overwrite: bool = False, progress: bool = True, **options) -> UpcycleResult:
     """Upcycle the dense model `src` (a consolidated or training moe_dist checkpoint, or a local HF
@@ -271,6 +287,8 @@ def upcycle(src: str, out: str, num_experts: int, top_k: int, granularity: int =
             "buffers": buffer_names(moe_cfg),
             "source": {"upcycled_from": os.path.abspath(src), "kind": kind, "tag": tag, "step": step,
                        **dataclasses.asdict(spec)}}
-    write_consolidated(out, moe_state, meta, SAFETENSORS, overwrite)
+    run = _run_config(moe_cfg, data, src, out, num_experts, top_k, granularity,
+                      bf16=moe_state["embed.weight"].dtype == torch.bfloat16)
+    write_consolidated(out, moe_state, meta, SAFETENSORS, overwrite, extra_files={RUN_CONFIG_FILE: run})
     return UpcycleResult(out=out, source_kind=kind, moe_layers=moe_cfg.moe_layer_indices,
                          num_parameters=sum(t.numel() for n, t in moe_state.items() if n not in meta["buffers"]))

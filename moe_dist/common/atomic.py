@@ -32,6 +32,19 @@ def check_output_file(final_path: str) -> None:
         raise ConfigError(f"output {final_path!r} is a directory; expected a file path")
 
 
+def make_output_folder(final_path: str) -> str:
+    """Create the folder `final_path` goes into, as `mkdir -p` would, so that a documented command
+    such as `--output-prefix tok/fortunes` works on a fresh clone; a folder that cannot be created
+    (a file in its way, no permission) is a ConfigError naming it. Returns the folder."""
+    folder = os.path.dirname(os.path.abspath(final_path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create output folder {folder!r} for {final_path!r}: "
+                          f"{e.strerror or e}") from None
+    return folder
+
+
 def fsync_file(path: str) -> None:
     """Flush `path`'s data to the device, so that a rename published after it never points at
     data still in the page cache when the machine goes down."""

@@ -91,6 +91,14 @@ def split_document_counts(split: str, num_documents: int) -> list[int | None]:
             for b in matrix]
 
 
+def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int] | None]:
+    """[begin, end) document range of each split (train, valid, test) of a prefix, cut as
+    `split_document_counts` counts them; None for a split with no share."""
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [None if b is None else (round(b[0] * float(num_documents)), round(b[1] * float(num_documents)))
+            for b in matrix]
+
+
 def check_split_shares(where: str, summary: IndexSummary, split: str, requested: dict[str, int]) -> None:
     """Each split asked for samples (requested[name] > 0) that has a share must get at least one
     document with tokens in this prefix."""

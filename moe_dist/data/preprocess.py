@@ -1,7 +1,8 @@
 """Tokenize local corpora into Megatron-Core `.bin/.idx` files (logic of tools/preprocess_data.py).
 
 One document per input row, each followed by the tokenizer's eod id, in input order. An
-optional label column becomes the `<prefix>.labels.{npy,json}` sidecar (see labels.py). All
+optional label column becomes the `<prefix>.labels.{npy,json}` sidecar (see labels.py), and
+`<prefix>.tokenizer.json` records the tokenizer (tokenizer_record.py). All
 outputs are staged under temporary names and renamed together only once complete.
 """
 
@@ -17,10 +18,11 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
 from tqdm import tqdm
 
-from moe_dist.common.atomic import check_output_file, staged_files
+from moe_dist.common.atomic import check_output_file, make_output_folder, staged_files
 from moe_dist.common.config import ConfigError
 from moe_dist.data.jsonl_lines import first_bad_line
 from moe_dist.data.labels import encode_labels, label_sidecar_paths, write_label_sidecars
+from moe_dist.data.tokenizer_record import tokenizer_record_path, write_tokenizer_record
 from moe_dist.data.text_sources import load_corpus
 
 
@@ -73,8 +75,10 @@ def preprocess_corpus(input_paths: Sequence[str], output_prefix: str,
         raise ConfigError(f"label_key and text_key must differ, both are {text_key!r}")
     bin_path, idx_path = output_prefix + ".bin", output_prefix + ".idx"
     labels_npy, labels_json = label_sidecar_paths(output_prefix)
+    record = tokenizer_record_path(output_prefix)
     # Readers open .idx first, so it is renamed last: until then the old dataset stays whole.
-    finals = ([labels_npy, labels_json] if label_key else []) + [bin_path, idx_path]
+    finals = ([labels_npy, labels_json] if label_key else []) + [record, bin_path, idx_path]
+    make_output_folder(bin_path)
     for path in finals:
         check_output_file(path)
     columns = [text_key] + ([label_key] if label_key else [])
@@ -96,6 +100,7 @@ def preprocess_corpus(input_paths: Sequence[str], output_prefix: str,
         finally:
             builder.data_file.close()
         builder.finalize(staged[idx_path])
+        write_tokenizer_record(staged[record], tokenizer)
         if label_key:
             write_label_sidecars(staged[labels_npy], staged[labels_json], label_key,
                                  label_names, label_ids)

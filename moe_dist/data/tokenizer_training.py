@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import datasets
 import sentencepiece
 
-from moe_dist.common.atomic import check_output_file, staged_files
+from moe_dist.common.atomic import check_output_file, make_output_folder, staged_files
 from moe_dist.data.text_sources import load_corpus
 
 MODEL_TYPES = ("bpe", "unigram")
@@ -56,6 +56,7 @@ def train_sentencepiece(input_paths: Sequence[str], output_prefix: str, vocab_si
     if max_sentences is not None and max_sentences < 1:
         raise ValueError(f"max_sentences must be >= 1 or None, got {max_sentences}")
     model_path = output_prefix + ".model"
+    make_output_folder(model_path)
     check_output_file(model_path)
     ds = load_corpus(input_paths, [text_key], cache_dir=cache_dir, text_sample_by=text_sample_by)
     if max_sentences is not None and max_sentences < len(ds):

@@ -2,11 +2,13 @@
 column, or Megatron `.bin/.idx` prefixes (with their label sidecars), as one token stream cut into
 windows; or the validation split of a training config's data (`run_split_windows`).
 
-Documents are read in file order (no shuffling, no sampling) and concatenated, each followed by
-the end-of-document id, as training concatenates them. Window i is stream[i*S : i*S + S + 1], so
-every token after the first is predicted exactly once, with up to S tokens of context from its
-window. A window's `domain_ids` are the labels of its tokens (-1: none): the inputs' labels feed
-the routing statistics, the targets' labels the per-domain loss.
+Each source's documents are read in order (no shuffling, no sampling); the sources are
+interleaved one document at a time, so a token budget covers every source. The documents are
+concatenated, each followed by the end-of-document id, as training concatenates them. Window i
+is stream[i*S : i*S + S + 1], so every token after the first is predicted exactly once, with up
+to S tokens of context from its window. A window's `domain_ids` are the labels of its tokens
+(-1: none): the inputs' labels feed the routing statistics, the targets' labels the per-domain
+loss.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 from moe_dist.common.config import ConfigError
 from moe_dist.data.labels import NO_LABEL, global_domain_ids, read_label_names
 from moe_dist.data.text_sources import file_format, load_corpus
+from moe_dist.data.tokenizer_record import check_prefix_tokenizer, describe_tokenizer, tokenizer_origin
+from moe_dist.data.tokenizers import build_tokenizer
 
 
 @dataclass
@@ -55,6 +59,38 @@ def check_sources(paths: Sequence[str]) -> None:
         file_format(path)
 
 
+def check_tokenizer(paths: Sequence[str], tokenizer, whose: str) -> None:
+    """Refuse data whose token ids come from another tokenizer than `tokenizer` (`whose`: "checkpoint
+    X's"): a Megatron prefix's `<prefix>.tokenizer.json`, a training config's `data.tokenizer` (text
+    files are tokenized here, with `tokenizer` itself)."""
+    for path in paths:
+        if is_megatron_prefix(path):
+            check_prefix_tokenizer("--data", path, tokenizer, whose)
+        elif is_run_config(path):
+            data = _run_data_config(path)
+            theirs = build_tokenizer(data.tokenizer)
+            if dict(theirs.unique_identifiers) != dict(tokenizer.unique_identifiers):
+                raise ConfigError(f"--data {path!r} reads its data with data.tokenizer "
+                                  f"{describe_tokenizer(theirs, tokenizer_origin(theirs))}, but {whose} tokenizer "
+                                  f"is {describe_tokenizer(tokenizer, tokenizer_origin(tokenizer))}; evaluate on "
+                                  f"data of the checkpoint's tokenizer")
+            for i, prefix in enumerate(data.megatron.prefixes if data.megatron else []):
+                check_prefix_tokenizer(f"--data {path!r}: data.megatron.prefixes[{i}]", prefix, tokenizer, whose)
+
+
+def _run_data_config(path: str):
+    """The `data` section of a training config, parsed (its tokenizer and files checked)."""
+    import yaml
+
+    from moe_dist.data.config import DataConfig
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path!r} is not a training config (a mapping of sections)")
+    return DataConfig.from_dict(dict(raw.get("data") or {}))
+
+
 def domain_names(paths: Sequence[str], label_key: str | None) -> list[str]:
     """The sorted union of the label names of every source (empty: no labels anywhere)."""
     names: set[str] = set()
@@ -69,20 +105,35 @@ def domain_names(paths: Sequence[str], label_key: str | None) -> list[str]:
 
 def documents(paths: Sequence[str], tokenizer, names: Sequence[str], *, text_key: str = "text",
               label_key: str | None = None, text_sample_by: str = "line") -> Iterator[tuple[list[int], int]]:
-    """(token ids with the end-of-document id, domain id) per document, in order."""
+    """(token ids with the end-of-document id, domain id) per document: each source's documents in
+    order, the sources interleaved one document at a time (a source that runs out drops out), so
+    that a --tokens budget takes from every source (e.g. one file per language), not only the
+    first."""
+    sources = [_source_documents(path, tokenizer, names, text_key=text_key, label_key=label_key,
+                                 text_sample_by=text_sample_by) for path in paths]
+    while sources:
+        for source in list(sources):
+            doc = next(source, None)
+            if doc is None:
+                sources.remove(source)
+            else:
+                yield doc
+
+
+def _source_documents(path: str, tokenizer, names: Sequence[str], *, text_key: str, label_key: str | None,
+                      text_sample_by: str) -> Iterator[tuple[list[int], int]]:
+    if is_megatron_prefix(path):
+        yield from _megatron_documents(path, names)
+        return
     index = {name: i for i, name in enumerate(names)}
-    for path in paths:
-        if is_megatron_prefix(path):
-            yield from _megatron_documents(path, names)
-            continue
-        fmt = file_format(path)
-        columns = [text_key] + ([label_key] if label_key and fmt != "text" else [])
-        corpus = load_corpus([path], columns, text_sample_by=text_sample_by)
-        for row in corpus:
-            label = row.get(label_key) if label_key else None
-            ids = tokenizer.tokenize(row[text_key])
-            if ids:
-                yield ids + [tokenizer.eod], NO_LABEL if label is None else index[str(label)]
+    fmt = file_format(path)
+    columns = [text_key] + ([label_key] if label_key and fmt != "text" else [])
+    corpus = load_corpus([path], columns, text_sample_by=text_sample_by)
+    for row in corpus:
+        label = row.get(label_key) if label_key else None
+        ids = tokenizer.tokenize(row[text_key])
+        if ids:
+            yield ids + [tokenizer.eod], NO_LABEL if label is None else index[str(label)]
 
 
 def _megatron_documents(prefix: str, names: Sequence[str]) -> Iterator[tuple[list[int], int]]:

@@ -12,6 +12,7 @@ One source of truth per quantity:
 from __future__ import annotations
 
 import copy
+import glob
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -357,3 +358,31 @@ def read_config_file(path: str, overrides: list[str] | None = None) -> dict[str,
 
 def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     return parse_run_config(read_config_file(path, overrides))
+
+
+def numa_nodes() -> int:
+    """NUMA nodes of this machine (0 where the kernel does not say)."""
+    return len(glob.glob("/sys/devices/system/node/node[0-9]*"))
+
+
+def check_world_size(model: ModelConfig, world_size: int) -> None:
+    """The launch's world size against `moe.ep_size`, with the hint a CPU user needs: without
+    `--num_gpus` the deepspeed launcher starts one process per GPU, and on a machine without GPUs
+    one per NUMA node, so a 2-way expert-parallel config gets world size 1. Light (no DeepSpeed,
+    no Megatron-Core): launch/pretrain.py checks it before those imports, preflight again."""
+    moe = model.moe
+    if moe is None:
+        return
+    from moe_dist.parallel.groups import validate_parallel_sizes
+
+    try:
+        validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
+    except ConfigError as e:
+        if moe.ep_size < 1 or world_size % moe.ep_size == 0:
+            raise
+        nodes = numa_nodes()
+        here = f" (this machine has {nodes})" if nodes else ""
+        raise ConfigError(f"{e} (moe.ep_size); without --num_gpus the deepspeed launcher starts one process "
+                          f"per GPU, and on a machine without GPUs one per NUMA node{here}: pass --num_gpus N "
+                          f"with N a multiple of {moe.ep_size}, e.g. deepspeed --num_gpus {moe.ep_size} "
+                          f"launch/pretrain.py ...") from None

@@ -10,6 +10,7 @@ Adam state, not its base LR, weight decay, betas or eps."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -94,3 +95,23 @@ def schedule_changes(stored_train: dict[str, Any], train: TrainSection) -> list[
         if key in stored_train and stored_train[key] != getattr(train, key):
             changes.append(f"train.{key}: {stored_train[key]!r} -> {getattr(train, key)!r}")
     return changes
+
+
+# The train keys lr_at reads: a resume that changes one of them moves the learning rate.
+LR_KEYS = ("lr", "min_lr", "warmup_steps", "lr_decay", "decay_steps", "decay_shape", "steps")
+
+
+def resume_lr_change(stored_train: dict[str, Any], train: TrainSection, step: int) -> str | None:
+    """'learning rate at step 201: 3.00e-04 -> 4.90e-04 ...' when the stored config's schedule and
+    this config's give the next step (0-based `step`) different rates (e.g. train.steps raised to
+    extend a cosine run moves it up); None when they agree or the stored one cannot be rebuilt."""
+    stored = {k: stored_train[k] for k in LR_KEYS if k in stored_train}
+    try:
+        old = dataclasses.replace(train, **stored)
+    except (TypeError, ValueError):  # a stored value this version no longer accepts: nothing to compare
+        return None
+    before, after = lr_at(step, old), lr_at(step, train)
+    if math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
+        return None
+    return (f"learning rate at step {step + 1}: {before:.3e} -> {after:.3e} (the checkpoint's schedule -> this "
+            f"config's)")

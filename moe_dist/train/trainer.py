@@ -36,7 +36,7 @@ from moe_dist.train.progress import Progress, format_duration
 from moe_dist.train.run_record import write_run_record
 from moe_dist.train.safety.exits import PREEMPTED, RunStopped
 from moe_dist.train.safety.guard import RunSafety
-from moe_dist.train.schedule import ConfiguredSettings, schedule_changes
+from moe_dist.train.schedule import ConfiguredSettings, resume_lr_change, schedule_changes
 from moe_dist.train.tb_logger import perplexity
 from moe_dist.train.tracing import RunTracing, open_replay
 
@@ -142,12 +142,14 @@ class Trainer:
                                   f"batch size changed since it was written")
         self.step = state["step"]
         self.safety.nonfinite.skipped = state.get("skipped_steps", 0)
-        # The restored optimizer and scheduler hold the base LR (and weight decay, betas, eps) of
-        # the run that wrote the checkpoint; this config's apply from here on (lowering the LR
-        # after a loss spike, extending train.steps).
+        # The restored optimizer and scheduler hold the run's base LR (and weight decay, betas, eps)
+        # that wrote the checkpoint; this config's apply from here on (a lower LR, more steps).
         configured.apply(self.optimizer, self.scheduler, self.step, self.cfg.train)
-        for change in schedule_changes(state["config"].get("train", {}), self.cfg.train):
+        written = state["config"].get("train", {})
+        for change in schedule_changes(written, self.cfg.train):
             log0(f"resume: {change} (the checkpoint's value -> this config's, in force from step {self.step + 1})")
+        if lr_change := resume_lr_change(written, self.cfg.train, self.step):
+            log0(f"resume: {lr_change}")
         log0(f"resumed from {resumed.tag}: step {self.step}, {state['consumed_samples']} samples consumed")
 
     # ---- steps -------------------------------------------------------------------------------
@@ -183,11 +185,9 @@ class Trainer:
         return out
 
     def train_step(self, batches, stats: MoEStatsAccumulator, losses: torch.Tensor) -> None:
-        """One optimizer step over grad_accum micro batches. This rank's LM, aux and MTP losses
-        are added to `losses` ([3] float64, on the device; MTP 0 without it) and its routing
-        statistics to `stats`: no host read per micro batch. The global_batch balance scope's
-        running counts start empty at every optimizer step and go from each micro batch to the
-        next (docs/training.md)."""
+        """One optimizer step over grad_accum micro batches: this rank's LM, aux and MTP losses go
+        into `losses` ([3] float64, on the device) and its statistics into `stats`, with no host read;
+        the global_batch scope's running counts start empty at each step (docs/training.md)."""
         step_stats = []
         step_counts = None
         for micro in range(self.cfg.train.grad_accum):

@@ -40,8 +40,8 @@ class PlantsAFile:
         return (open, (self.path, "w"))
 
 
-def run_config(tmp, ckpt) -> str:
-    cfg = tiny_config(train=dict(steps=4, checkpoint_interval=2, checkpoint_dir=str(ckpt)))
+def run_config(tmp, ckpt, steps: int = 4) -> str:
+    cfg = tiny_config(train=dict(steps=steps, checkpoint_interval=2, checkpoint_dir=str(ckpt)))
     return write_yaml(str(tmp / "run.yaml"), cfg)
 
 
@@ -125,7 +125,7 @@ def test_resume_through_the_launcher_refuses_code_in_a_tag(trained, tmp_path, wh
         os.remove(tag_dir / MARKER)
         poison(target, marker)
     proc = launch(["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
-                   "--config", run_config(tmp_path, ckpt), "--resume"], timeout=300)
+                   "--config", run_config(tmp_path, ckpt, steps=6), "--resume"], timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-5000:]
     assert f"refused to load {target!r}: it pickles" in out, out[-5000:]
@@ -186,7 +186,7 @@ def test_resume_through_the_launcher_refuses_flipped_bytes_naming_the_file(train
     experts = torch.load(target, weights_only=True)["experts"]
     assert all(bool(torch.isfinite(t).all()) for t in experts.values())  # the NaN check cannot see it
     proc = launch(["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
-                   "--config", run_config(tmp_path, ckpt), "--resume"], timeout=300)
+                   "--config", run_config(tmp_path, ckpt, steps=6), "--resume"], timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-5000:]
     assert f"{target}: content differs from the commit (sha256:" in out, out[-5000:]

@@ -75,6 +75,8 @@ def copy_cfg(cfg: dict) -> dict:
 
 
 def resume_preflight(cfg: dict, allow: bool = False):
+    # Steps left to train: a resume with none is refused first (tests/unit/train/test_newcomer_preflight.py).
+    cfg = {**cfg, "train": {**cfg["train"], "steps": max(cfg["train"]["steps"], 3)}}
     return preflight(parse_run_config(cfg), 2, cfg["train"]["deepspeed_config"], resume=True,
                      allow_config_change=allow)
 

@@ -54,6 +54,8 @@ def copy_ckpt(ckpt: str, tmp) -> str:
 
 
 def resume_preflight(cfg: dict, allow: bool = False, world: int = 2):
+    # Steps left to train: a resume with none is refused first (tests/unit/train/test_newcomer_preflight.py).
+    cfg = {**cfg, "train": {**cfg["train"], "steps": max(cfg["train"]["steps"], STEPS + 1)}}
     return preflight(parse_run_config(cfg), world, cfg["train"]["deepspeed_config"], resume=True,
                      allow_config_change=allow)
 

@@ -56,10 +56,11 @@ def write_yaml(path: str, cfg: dict) -> str:
     return path
 
 
-def launch(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the `deepspeed` launcher (from this virtualenv) in the repository root."""
+def launch(args: list[str], timeout: int = 600, env: dict | None = None,
+           cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run the `deepspeed` launcher (from this virtualenv) in the repository root (or `cwd`)."""
     exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return subprocess.run([exe, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([exe, *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 

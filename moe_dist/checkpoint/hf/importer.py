@@ -121,31 +121,51 @@ def _read(hf_dir: str, dtype: str | None, progress: bool) -> tuple[Arch, ModelCo
     return arch, cfg, sections, state
 
 
-def run_config(cfg_sections: dict[str, Any], hf_dir: str, out: str, bf16: bool) -> str:
-    """The YAML of a continued-pretraining run from the imported checkpoint `out`."""
+def portable_path(path: str) -> str:
+    """`path` as a run config should name it: relative to the current folder when inside it (the
+    folder training is launched from, as the shipped configs are), else absolute; so a run folder
+    that is copied or moved with its checkpoint keeps working."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def continued_run_config(cfg_sections: dict[str, Any], tokenizer: dict[str, Any], out: str, bf16: bool,
+                         source: str, command: str) -> str:
+    """The YAML of a continued-pretraining run from the consolidated checkpoint `out`: the model
+    sections, `tokenizer` as data.tokenizer, and train defaults that also allow a short trial run
+    (`--set train.steps=20`: the warmup is shorter than that)."""
     name = os.path.basename(os.path.normpath(out))
     train = {
-        "init_from": os.path.abspath(out),
+        "init_from": portable_path(out),
         "deepspeed_config": "configs/deepspeed/zero2_bf16.json" if bf16 else "configs/deepspeed/zero2.json",
         "steps": 1000, "seq_len": min(cfg_sections["model"]["max_seq_len"], 2048), "micro_batch": 1,
-        "grad_accum": 8, "lr": 2.0e-5, "min_lr": 2.0e-6, "warmup_steps": 50, "weight_decay": 0.1,
-        "log_interval": 10, "eval_interval": 200, "eval_iters": 10, "checkpoint_interval": 250,
+        "grad_accum": 8, "lr": 2.0e-5, "min_lr": 2.0e-6, "warmup_steps": 10, "weight_decay": 0.1,
+        "log_interval": 10, "eval_interval": 100, "eval_iters": 10, "checkpoint_interval": 250,
         "checkpoint_dir": f"runs/{name}/checkpoints", "tensorboard_dir": f"runs/{name}/tensorboard",
     }
     doc = {"model": cfg_sections["model"], "moe": cfg_sections["moe"],
-           "data": {"kind": "megatron", "tokenizer": {"kind": "hf", "path": os.path.abspath(hf_dir)},
+           "data": {"kind": "megatron", "tokenizer": tokenizer,
                     "megatron": {"prefixes": [f"data/{name}_text_document"], "split": "98,2"}},
            "train": train}
     if doc["moe"] is None:
         del doc["moe"]
-    header = (f"# Continued pretraining of {os.path.abspath(hf_dir)}, imported by\n"
-              f"#     python tools/convert_checkpoint.py import-hf {hf_dir} {out}\n"
-              f"# model/moe: from its config.json (docs/checkpoints.md); train.init_from: the imported weights.\n"
-              f"# Before training: tokenize the corpus with the model's own tokenizer (data.tokenizer, kind hf;\n"
+    header = (f"# Continued pretraining of {source}, made by\n"
+              f"#     {command}\n"
+              f"# model/moe: the checkpoint's (docs/checkpoints.md); train.init_from: its weights. Relative paths\n"
+              f"# are relative to the folder that command ran in: launch from there.\n"
+              f"# Before training: tokenize the corpus with the model's own tokenizer (data.tokenizer;\n"
               f"# docs/data.md) into data.megatron.prefixes, set moe.ep_size (it must divide the GPUs and\n"
-              f"# moe.num_experts) and the batch sizes, then\n"
+              f"# moe.num_experts) and the batch sizes, then (a short trial: add --set train.steps=20)\n"
               f"#     deepspeed --num_gpus N launch/pretrain.py --config {os.path.join(out, RUN_CONFIG_FILE)}\n")
     return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def run_config(cfg_sections: dict[str, Any], hf_dir: str, out: str, bf16: bool) -> str:
+    """The YAML of a continued-pretraining run from the imported checkpoint `out`."""
+    return continued_run_config(cfg_sections, {"kind": "hf", "path": portable_path(hf_dir)}, out, bf16,
+                                source=portable_path(hf_dir),
+                                command=f"python tools/convert_checkpoint.py import-hf {hf_dir} {out}")
 
 
 def import_hf(hf_dir: str, out: str, *, dtype: str | None = None, overwrite: bool = False,

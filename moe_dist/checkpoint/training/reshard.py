@@ -230,8 +230,14 @@ def _model_states(ckpt: TrainingCheckpoint, module: dict[str, torch.Tensor], pla
 
 def _resume_notes(ckpt: TrainingCheckpoint, target: _Target, out: str) -> list[str]:
     global_batch = int(ckpt.ds_config["train_batch_size"])
+    steps = int((ckpt.config.get("train") or {}).get("steps") or 0)
     notes = [f"resume with {target.world_size} processes and --set moe.ep_size={target.ep_size} "
              f"--set train.checkpoint_dir={out} --resume"]
+    if ckpt.step is not None and steps <= ckpt.step:
+        # The run had finished: a resume with its own train.steps has nothing to do and is refused.
+        notes[0] += f" --set train.steps=N (N above the checkpoint's step {ckpt.step}: the run ended there)"
+    elif ckpt.step is not None:
+        notes[0] += f" (continues step {ckpt.step + 1}..{steps}; raise train.steps to train longer)"
     if global_batch % target.world_size:
         notes.append(f"the global batch was {global_batch} sequences, not divisible by world size "
                      f"{target.world_size}: the trainer refuses to resume with another global batch")

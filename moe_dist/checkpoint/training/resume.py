@@ -222,6 +222,15 @@ def input_differences(client: dict[str, Any], inputs: dict[str, Any] | None) -> 
     return changed
 
 
+def check_steps_left(tag_dir: str, client: dict[str, Any], current: dict[str, Any]) -> None:
+    """A resume at or past train.steps would load the checkpoint, train nothing and report success."""
+    step, steps = client.get("step"), (current.get("train") or {}).get("steps")
+    if isinstance(step, int) and isinstance(steps, int) and steps <= step:
+        raise ConfigError(f"--resume: train.steps is {steps}, but checkpoint {tag_dir!r} is at step {step}: "
+                          f"nothing to train; to continue, raise train.steps above {step} (e.g. --set "
+                          f"train.steps={step + max(step // 2, 1)})")
+
+
 def check_resume(checkpoint_dir: str, current: dict[str, Any], world_size: int,
                  allow_config_change: bool, inputs: dict[str, Any] | None = None) -> list[str]:
     """Refuse a checkpoint with a missing or truncated file or a config (or, `inputs`, a tokenizer
@@ -237,6 +246,7 @@ def check_resume(checkpoint_dir: str, current: dict[str, Any], world_size: int,
     if not isinstance(client, dict) or "config" not in client:
         raise ConfigError(f"--resume: {os.path.join(tag_dir, MODEL_STATES)!r} holds no moe_dist client state "
                           f"(no stored run config); expected a checkpoint written by moe_dist's trainer")
+    check_steps_left(tag_dir, client, current)
     stored, stored_world = client["config"], int(client.get("world_size", world_size))
     ds_config = main.get("ds_config") or {}
     bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))

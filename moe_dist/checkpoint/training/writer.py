@@ -16,7 +16,9 @@ own files are written (before its final barrier, by truncate-and-write), so a cr
 rank can leave `latest` naming an incomplete checkpoint. moe_dist calls it with
 `save_latest=False`, writes its own files, waits on a barrier, and only then rank 0 points
 `latest` at the tag by writing a temporary file and renaming it (atomic on POSIX). `latest`
-keeps DeepSpeed's format, so DeepSpeed's tools (zero_to_fp32) still find checkpoints.
+keeps DeepSpeed's format. The `zero_to_fp32.py` DeepSpeed drops beside the tags cannot merge
+moe_dist's expert partitions; it is replaced by one that names `convert_checkpoint.py
+consolidate` (recovery_scripts.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from moe_dist.checkpoint.training import digest, disk, retention
 from moe_dist.checkpoint.training.finite import check_resumed_finite
 from moe_dist.checkpoint.training.layout import (CLIENT_KEY, LATEST, MODEL_STATES, experts_file, rank_state_file,
                                                  read_latest, tag_for_step)
+from moe_dist.checkpoint.training.recovery_scripts import replace_recovery_scripts
 from moe_dist.checkpoint.training.tags import run_id_problems, write_marker
 from moe_dist.common.atomic import fsync_file, write_text_atomic
 from moe_dist.moe.experts import GroupedExperts
@@ -121,6 +124,8 @@ def save(engine, checkpoint_dir: str, step: int, client_state: dict[str, Any], g
     client_state = {**client_state, CLIENT_KEY: {**client_state.get(CLIENT_KEY, {}), "run_id": run_id}}
     try:
         engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
+        if rank == 0:
+            replace_recovery_scripts(checkpoint_dir)
         written = []
         if rank // groups.ep_size == 0:  # the first EDP replica of each EP rank
             written.append(experts_file(tag_dir, groups.ep_rank))

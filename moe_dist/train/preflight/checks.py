@@ -10,8 +10,7 @@ from typing import Any
 from moe_dist.checkpoint.training import check_checkpoint_dir, check_latest_tag, check_resume
 from moe_dist.common.config import ConfigError
 from moe_dist.data.tokenizers import build_tokenizer, validate_tokenizer_vocab
-from moe_dist.parallel.groups import validate_parallel_sizes
-from moe_dist.train.config import RunConfig
+from moe_dist.train.config import RunConfig, check_world_size
 from moe_dist.train.ds_config import load_json, reconcile_deepspeed_config
 from moe_dist.train.preflight.data import check_megatron_data, data_domain_names, input_identity
 from moe_dist.train.preflight.memory import check_memory
@@ -39,9 +38,7 @@ def requested_samples(train, global_batch: int, world_size: int) -> tuple[int, i
 def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool = False,
               allow_config_change: bool = False, break_lock: bool = False,
               run: run_dir.RunDir | None = None) -> Preflight:
-    moe = cfg.model.moe
-    if moe is not None:
-        validate_parallel_sizes(world_size, moe.ep_size, moe.num_experts)
+    check_world_size(cfg.model, world_size)
     ds_config = reconcile_deepspeed_config(load_json(ds_config_path), cfg.train, world_size,
                                            ds_config_path)
     check_memory(cfg, ds_config, world_size)
@@ -56,7 +53,8 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str, resume: bool
                           f"model.num_labels is {cfg.model.num_labels}; set it to at least "
                           f"{len(domain_names)}")
     train_samples, valid_samples = requested_samples(cfg.train, ds_config["train_batch_size"], world_size)
-    check_megatron_data(cfg.data, tokenizer, cfg.model.vocab_size, train_samples, valid_samples)
+    check_megatron_data(cfg.data, tokenizer, cfg.model.vocab_size, train_samples, valid_samples,
+                        check_tokenizer_records=not resume)
     inputs = input_identity(cfg.data, tokenizer)
     # The lock first: the checks of the directory's contents mean something only under it.
     run = run or run_dir.claim(cfg.train.checkpoint_dir, resume, break_lock)

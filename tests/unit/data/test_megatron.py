@@ -203,7 +203,7 @@ def test_failed_preprocess_leaves_no_final_files(corpus, tmp_path, monkeypatch):
     preprocess_corpus([source], str(out / "good"), tok, label_key="lang",
                       cache_dir=corpus["cache"])
     before = {name: (out / name).read_bytes() for name in _listing(out)}
-    assert set(before) == {"good.bin", "good.idx", "good.labels.npy", "good.labels.json"}
+    assert set(before) == {"good.bin", "good.idx", "good.labels.npy", "good.labels.json", "good.tokenizer.json"}
 
     calls = {"n": 0}
     original = IndexedDatasetBuilder.add_document
@@ -228,9 +228,10 @@ def test_non_string_text_names_the_file_and_line(corpus, tmp_path):
     source = _write_rows(tmp_path / "in.jsonl", [{"text": "fine"}, {"text": None}])
     with pytest.raises(ConfigError, match=r"in.jsonl:2: column 'text' must hold a string, got NoneType"):
         preprocess_corpus([source], str(tmp_path / "out"), tok, cache_dir=corpus["cache"])
-    with pytest.raises(ConfigError, match=r"output folder .*/nodir' .* does not exist"):
-        preprocess_corpus([source], str(tmp_path / "nodir" / "out"), tok)
-    assert _listing(tmp_path) == ["in.jsonl"]
+    (tmp_path / "afile").write_text("x")  # a folder that cannot be created is named before any work
+    with pytest.raises(ConfigError, match=r"cannot create output folder .*/afile/sub' for"):
+        preprocess_corpus([source], str(tmp_path / "afile" / "sub" / "out"), tok)
+    assert _listing(tmp_path) == ["afile", "in.jsonl"]
 
 
 def test_samples_carry_their_documents_and_padding_mask(corpus, blend):

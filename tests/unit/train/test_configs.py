@@ -17,8 +17,8 @@ from moe_dist.parallel.groups import validate_parallel_sizes
 from moe_dist.train.config import TrainSection, apply_overrides, parse_run_config
 from moe_dist.train.ds_config import gradient_dtypes, load_json, reconcile_deepspeed_config
 
-WORLD = {"tiny_cpu.yaml": 2, "gpu_125m_e16.yaml": 8, "gpu_125m_e16_1gpu.yaml": 1, "gpu_1b_active_e64.yaml": 64,
-         "deepseek_v3_tiny_cpu.yaml": 2, "gpu_deepseek_v2_lite.yaml": 16}
+WORLD = {"tiny_cpu.yaml": 2, "two_corpora_cpu.yaml": 2, "gpu_125m_e16.yaml": 8, "gpu_125m_e16_1gpu.yaml": 1,
+         "gpu_1b_active_e64.yaml": 64, "deepseek_v3_tiny_cpu.yaml": 2, "gpu_deepseek_v2_lite.yaml": 16}
 
 
 def test_every_config_is_listed():
