@@ -157,20 +157,200 @@ def test_unsupported_config_field_is_an_error_naming_it(tmp_path, case, capsys):
     assert "error: " in capsys.readouterr().err and nothing_written(tmp_path)
 
 
-def test_multi_token_prediction_weights_are_refused_by_name(tmp_path, capsys):
+# ---- multi-token prediction -------------------------------------------------------------------
+
+def write_mtp_layer(src: str, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Add DeepSeek-V3's MTP module to the saved model in `src` (transformers' class never creates
+    it), in the Hub's layout: layer num_hidden_layers (3) with a decoder layer's weights (an MoE
+    layer, per-expert tensors), enorm, hnorm, eh_proj, shared_head.norm and its copies of the
+    embedding (embed_tokens) and head (shared_head.head). Returns the tensors written."""
     from safetensors.torch import save_file
 
-    src = save_hf(build_hf("deepseek_v3"), str(tmp_path / "hf"))
     state = safetensors_state(src)
-    # DeepSeek-V3's MTP module is stored as the layer after the last (model.layers.61 of 61).
-    state.update({k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in state.items()
-                  if k.startswith("model.layers.2.")})
-    state["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
-    save_file(state, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"multi-token prediction weights \(num_nextn_predict_layers: 1 "
-                                              r"layer\(s\) past num_hidden_layers 3"):
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(name: str, shape) -> torch.Tensor:
+        if name.endswith("e_score_correction_bias"):
+            return 0.3 * torch.randn(shape, generator=g)
+        return 1.0 + 0.2 * torch.randn(shape, generator=g) if "norm" in name else 0.15 * torch.randn(shape, generator=g)
+
+    mtp = {k.replace("model.layers.2.", "model.layers.3."): draw(k, v.shape) for k, v in state.items()
+           if k.startswith("model.layers.2.")}
+    p, D = "model.layers.3.", state["model.norm.weight"].shape[0]
+    for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        mtp[p + name] = draw(name, (D,))
+    mtp[p + "eh_proj.weight"] = draw("eh_proj.weight", (D, 2 * D))
+    mtp[p + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+    mtp[p + "shared_head.head.weight"] = state["lm_head.weight"].clone()
+    save_file({**state, **mtp}, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    return mtp
+
+
+def reference_mtp_loss(hf, mtp: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's MTP loss built from transformers' own modules: a DeepseekV3DecoderLayer holding
+    the written weights on eh_proj([enorm(embed(t+1)); hnorm(h_t)]), where h_t is transformers'
+    final (normed) hidden state of `inputs`, then shared_head.norm and the head, against token t+2
+    (`targets` are `inputs` shifted by one)."""
+    import copy
+
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    p, E = "model.layers.3.", hf.config.n_routed_experts
+    layer = copy.deepcopy(hf.model.layers[2])
+    sd = {}
+    for key in layer.state_dict():
+        if key == "mlp.experts.gate_up_proj":
+            sd[key] = torch.stack([torch.cat([mtp[f"{p}mlp.experts.{e}.gate_proj.weight"],
+                                              mtp[f"{p}mlp.experts.{e}.up_proj.weight"]]) for e in range(E)])
+        elif key == "mlp.experts.down_proj":
+            sd[key] = torch.stack([mtp[f"{p}mlp.experts.{e}.down_proj.weight"] for e in range(E)])
+        else:
+            sd[key] = mtp[p + key]
+    layer.load_state_dict(sd)
+    D, eps = hf.config.hidden_size, hf.config.rms_norm_eps
+    norms = {}
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        norms[name] = DeepseekV3RMSNorm(D, eps)
+        norms[name].weight.data.copy_(mtp[f"{p}{name}.weight"])
+    with torch.no_grad():
+        B, S = inputs.shape
+        h = hf.model(inputs).last_hidden_state[:, :-1]
+        e = hf.model.embed_tokens(targets[:, :-1])
+        x = torch.cat([norms["enorm"](e), norms["hnorm"](h)], dim=-1) @ mtp[p + "eh_proj.weight"].t()
+        pos = torch.arange(S - 1).unsqueeze(0)
+        mask = torch.full((S - 1, S - 1), float("-inf")).triu(1).expand(B, 1, S - 1, S - 1)
+        x = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=hf.model.rotary_emb(x, pos))
+        x = x[0] if isinstance(x, tuple) else x
+        logits = norms["shared_head.norm"](x) @ mtp[p + "shared_head.head.weight"].t()
+        return torch.nn.functional.cross_entropy(logits.reshape(B * (S - 1), -1), targets[:, 1:].reshape(-1))
+
+
+def test_a_deepseek_v3_checkpoint_with_its_mtp_module_imports_it(tmp_path, capsys):
+    from moe_dist.checkpoint.hf.arch import ARCHS
+    from moe_dist.checkpoint.hf.tensors import tensor_plan
+
+    hf = build_hf("deepseek_v3")
+    src = save_hf(hf, str(tmp_path / "hf"))
+    mtp = write_mtp_layer(src)
+    assert cli_main(["import-hf", src, str(tmp_path / "cons"), "--quiet"]) == 0
+    assert "the checkpoint's MTP module imported (model.mtp_layers 1)" in capsys.readouterr().out
+    cfg, state = read_hf_model(src)
+    assert cfg.mtp_layers == 1
+    block = {k: v for k, v in state.items() if k.startswith("blocks.3.")}
+    for m in tensor_plan(ARCHS["deepseek_v3"], cfg):  # each MTP tensor is what was written, mapped
+        if m.target.startswith("blocks.3."):
+            for hf_tensor, t in zip(m.sources, m.to_hf(block.pop(m.target))):
+                assert torch.equal(t, mtp.pop(hf_tensor.name)), hf_tensor.name
+    assert not block and sorted(mtp) == ["model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight"]
+    assert torch.equal(state["blocks.3.eh_proj.weight"], write_mtp_layer(src)["model.layers.3.eh_proj.weight"])
+
+    model = moe_dist_model(cfg, state)
+    torch.testing.assert_close(logits(model), logits(hf), **TOL)  # the main model is transformers'
+    toks = tokens()
+    model.train()
+    out = model(toks[:, :-1], toks[:, 1:])
+    assert torch.isfinite(out.mtp_loss)
+    # moe_dist's MTP loss of (inputs, targets) is DeepSeek-V3's on the whole sequence
+    torch.testing.assert_close(out.mtp_loss, reference_mtp_loss(hf, write_mtp_layer(src), toks[:, :-1], toks[:, 1:]),
+                               **TOL)
+
+
+def test_mtp_weights_can_be_dropped_and_a_fresh_block_added(tmp_path, capsys):
+    hf = build_hf("deepseek_v3")
+    plain = save_hf(hf, str(tmp_path / "plain"))
+    cfg, state = read_hf_model(plain)
+    assert cfg.mtp_layers == 0 and not any(k.startswith("blocks.3.") for k in state)
+    with_mtp = save_hf(hf, str(tmp_path / "mtp"))
+    write_mtp_layer(with_mtp)
+    assert cli_main(["import-hf", with_mtp, str(tmp_path / "dropped"), "--quiet", "--mtp", "drop"]) == 0
+    assert "MTP weights left out (--mtp drop)" in capsys.readouterr().out
+    dropped_cfg, dropped = read_hf_model(with_mtp, mtp="drop")
+    assert dropped_cfg.mtp_layers == 0 and dropped.keys() == state.keys()
+
+    fresh_cfg, fresh = read_hf_model(plain, mtp="fresh")
+    assert fresh_cfg.mtp_layers == 1
+    model = moe_dist_model(fresh_cfg, fresh)  # strict: every MTP tensor is there
+    torch.testing.assert_close(logits(model), logits(hf), **TOL)
+    model.train()
+    assert torch.isfinite(model(tokens()[:, :-1], tokens()[:, 1:]).mtp_loss)
+    with pytest.raises(CheckpointError, match=r"--mtp fresh initialises an MTP block for a checkpoint without one"):
+        import_hf(with_mtp, str(tmp_path / "out"), progress=False, mtp="fresh")
+    assert nothing_written(tmp_path)
+
+
+MTP_REFUSED = {
+    "copy-differs": ("deepseek_v3", "model.layers.3.embed_tokens.weight", None,
+                     r"the MTP layer's model.layers.3.embed_tokens.weight differs from model.embed_tokens.weight"),
+    "not-declared": ("deepseek_v3", None, {"num_nextn_predict_layers": 0}, r"num_nextn_predict_layers 0; moe_dist "
+                                                                            r"imports one MTP module, layer 3"),
+    "glm4": ("glm4_moe", None, None, r"moe_dist maps DeepSeek-V3's MTP module only, not GLM-4.5's: import with "
+                                     r"--mtp drop"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MTP_REFUSED))
+def test_mtp_weights_moe_dist_cannot_take_are_refused_by_name(tmp_path, case, capsys):
+    from safetensors.torch import save_file
+
+    name, perturb, config, message = MTP_REFUSED[case]
+    hf = build_hf(name)
+    src = save_hf(hf, str(tmp_path / "hf"))
+    if name == "glm4_moe":  # its layer 3 written as V3's is: enough to be recognized and refused
+        state = safetensors_state(src)
+        state.update({k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in state.items()
+                      if k.startswith("model.layers.2.")})
+        save_file(state, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        write_mtp_layer(src)
+    if perturb:
+        state = safetensors_state(src)
+        state[perturb] = state[perturb] + 1.0
+        save_file(state, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        edit_config(src, **config)
+    with pytest.raises(CheckpointError, match=message):
         import_hf(src, str(tmp_path / "out"), progress=False)
     assert nothing_written(tmp_path)
+    assert cli_main(["import-hf", src, str(tmp_path / "out"), "--quiet"]) == 2
+    assert "error: " in capsys.readouterr().err and nothing_written(tmp_path)
+
+
+def test_export_drops_the_mtp_block_and_says_so(tmp_path, capsys):
+    hf = build_hf("deepseek_v3")
+    src = save_hf(hf, str(tmp_path / "hf"))
+    write_mtp_layer(src)
+    cons, back = import_hf(src, str(tmp_path / "cons"), progress=False), str(tmp_path / "back")
+    assert cli_main(["export-hf", cons, back, "--quiet"]) == 0
+    assert "multi-token prediction dropped: the MTP block (blocks.3.*) is not exported" in capsys.readouterr().out
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert loaded.config.num_nextn_predict_layers == 0
+    assert not any(k.startswith("model.layers.3.") for k in safetensors_state(back))
+    torch.testing.assert_close(logits(loaded.eval()), logits(hf), **TOL)
+
+
+def test_loading_a_checkpoint_without_mtp_into_an_mtp_model_is_a_clear_error(tmp_path):
+    from dataclasses import replace
+
+    from moe_dist.checkpoint import load_consolidated
+    from moe_dist.common.config import ConfigError
+    from moe_dist.train.preflight.start import check_init_from
+
+    src = save_hf(build_hf("deepseek_v3"), str(tmp_path / "hf"))
+    cons = import_hf(src, str(tmp_path / "cons"), progress=False)
+    cfg, _ = read_hf_model(src)
+    mtp_cfg = replace(cfg, mtp_layers=1)
+    message = r"model.mtp_layers is 0 in the checkpoint but 1 in the model: the checkpoint has no MTP block"
+    with pytest.raises(CheckpointError, match=message):
+        load_consolidated(MoETransformer(mtp_cfg), cons)
+    with pytest.raises(ConfigError, match=r"train.init_from: .*" + message):
+        check_init_from(cons, mtp_cfg, 0)
+    write_mtp_layer(src)
+    with_mtp = import_hf(src, str(tmp_path / "with_mtp"), progress=False)
+    with pytest.raises(CheckpointError, match=r"model.mtp_layers is 1 in the checkpoint but 0 in the model: the "
+                                              r"model has no place"):
+        load_consolidated(MoETransformer(cfg), with_mtp)
+    load_consolidated(MoETransformer(mtp_cfg), with_mtp)
 
 
 def test_a_model_neither_native_class_nor_the_remote_code_computes_is_refused(tmp_path):
