@@ -11,6 +11,8 @@ routed_scaling_factor; V2 a softmax router. Weights as tests/harness/hf.py draws
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tests.harness.hf import VOCAB
@@ -63,3 +65,30 @@ def build_hf(name: str, seed: int = 0, **overrides):
             if bname.endswith("e_score_correction_bias"):  # sigmoid scores lie in (0, 1): 0.3 reorders them
                 b.copy_(0.3 * torch.randn(b.shape, generator=g))
     return model
+
+
+def write_mtp_layer(src: str, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Add DeepSeek-V3's MTP module to the saved model in `src` (transformers' class never creates
+    it), in the Hub's layout: layer num_hidden_layers (3) with a decoder layer's weights (an MoE
+    layer, per-expert tensors), enorm, hnorm, eh_proj, shared_head.norm and its copies of the
+    embedding (embed_tokens) and head (shared_head.head). Returns the tensors written."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(os.path.join(src, "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(name: str, shape) -> torch.Tensor:
+        if name.endswith("e_score_correction_bias"):
+            return 0.3 * torch.randn(shape, generator=g)
+        return 1.0 + 0.2 * torch.randn(shape, generator=g) if "norm" in name else 0.15 * torch.randn(shape, generator=g)
+
+    mtp = {k.replace("model.layers.2.", "model.layers.3."): draw(k, v.shape) for k, v in state.items()
+           if k.startswith("model.layers.2.")}
+    p, D = "model.layers.3.", state["model.norm.weight"].shape[0]
+    for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        mtp[p + name] = draw(name, (D,))
+    mtp[p + "eh_proj.weight"] = draw("eh_proj.weight", (D, 2 * D))
+    mtp[p + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+    mtp[p + "shared_head.head.weight"] = state["lm_head.weight"].clone()
+    save_file({**state, **mtp}, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    return mtp

@@ -19,9 +19,11 @@ them (checked by logits in tests/unit/checkpoint/test_import_deepseek.py).
   DeepSeek-V3 / GLM-4.5 sigmoid scores, experts chosen by score + `e_score_correction_bias`
   (moe_dist's aux-loss-free `selection_bias_E`, `router.bias_balancing`), weights the chosen
   scores, renormalized iff `norm_topk_prob`; then times `routed_scaling_factor` (`router.scale`).
-- Not yet: group-limited routing (`n_group` > 1, `topk_group` < `n_group`, DeepSeek-V2's
-  `group_limited_greedy` over several groups) and multi-token prediction weights
-  (`num_nextn_predict_layers` modules, stored as layers >= num_hidden_layers) are refused by name.
+- Groups: experts in `n_group` contiguous groups, only the `topk_group` best may be chosen
+  (`router.expert_groups`, `topk_groups`), ranked by the sum of their two best biased scores
+  (DeepSeek-V3's noaux_tc, GLM-4.5: `group_score` top2_sum) or their best probability
+  (DeepSeek-V2's group_limited_greedy: max); DeepSeek-V2's greedy ignores the groups.
+- Multi-token prediction (DeepSeek-V3's layer num_hidden_layers): importer.py and tensors.py.
 """
 
 from __future__ import annotations

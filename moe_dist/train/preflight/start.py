@@ -19,8 +19,10 @@ from moe_dist.train.preflight.finite import check_init_from_finite
 
 
 def check_init_from(path: str | None, model: ModelConfig, seed: int) -> None:
-    """A consolidated checkpoint's metadata must be readable, its tensors finite and its frozen
-    constants drawable by this run's model (`seed`: train.seed) before any process starts."""
+    """A consolidated checkpoint's metadata must be readable, its structure this run's model's
+    (model.mtp_layers included: a missing MTP block is named here, not as missing tensors at load),
+    its tensors finite and its frozen constants drawable by this run's model (`seed`: train.seed)
+    before any process starts."""
     if path is None:
         return
     if not os.path.isdir(path):

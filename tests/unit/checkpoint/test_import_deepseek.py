@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 from tests.harness.hf import save_hf, tokens
-from tests.harness.hf_deepseek import MODELS, YARN, build_hf
+from tests.harness.hf_deepseek import MODELS, YARN, build_hf, write_mtp_layer
 from tests.unit.checkpoint.test_import_hf import edit_config, nothing_written, safetensors_state
 
 from moe_dist.checkpoint import CheckpointError, export_hf, import_hf, read_hf_model
@@ -158,33 +158,6 @@ def test_unsupported_config_field_is_an_error_naming_it(tmp_path, case, capsys):
 
 
 # ---- multi-token prediction -------------------------------------------------------------------
-
-def write_mtp_layer(src: str, seed: int = 3) -> dict[str, torch.Tensor]:
-    """Add DeepSeek-V3's MTP module to the saved model in `src` (transformers' class never creates
-    it), in the Hub's layout: layer num_hidden_layers (3) with a decoder layer's weights (an MoE
-    layer, per-expert tensors), enorm, hnorm, eh_proj, shared_head.norm and its copies of the
-    embedding (embed_tokens) and head (shared_head.head). Returns the tensors written."""
-    from safetensors.torch import save_file
-
-    state = safetensors_state(src)
-    g = torch.Generator().manual_seed(seed)
-
-    def draw(name: str, shape) -> torch.Tensor:
-        if name.endswith("e_score_correction_bias"):
-            return 0.3 * torch.randn(shape, generator=g)
-        return 1.0 + 0.2 * torch.randn(shape, generator=g) if "norm" in name else 0.15 * torch.randn(shape, generator=g)
-
-    mtp = {k.replace("model.layers.2.", "model.layers.3."): draw(k, v.shape) for k, v in state.items()
-           if k.startswith("model.layers.2.")}
-    p, D = "model.layers.3.", state["model.norm.weight"].shape[0]
-    for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
-        mtp[p + name] = draw(name, (D,))
-    mtp[p + "eh_proj.weight"] = draw("eh_proj.weight", (D, 2 * D))
-    mtp[p + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
-    mtp[p + "shared_head.head.weight"] = state["lm_head.weight"].clone()
-    save_file({**state, **mtp}, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
-    return mtp
-
 
 def reference_mtp_loss(hf, mtp: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """DeepSeek-V3's MTP loss built from transformers' own modules: a DeepseekV3DecoderLayer holding
