@@ -36,6 +36,8 @@ RUN_CONFIG_FILE = "run_config.yaml"
 # continued pretraining wants) and builds none where it has none; "drop" leaves it out; "fresh"
 # adds a freshly initialised MTP block to a checkpoint that has none.
 MTP_CHOICES = ("auto", "drop", "fresh")
+# The architectures whose checkpoints carry MTP layers (GLM-4.5's are not mapped: --mtp drop only).
+MTP_ARCHS = ("deepseek_v3", "glm4_moe")
 # The seed of a fresh MTP block's weights (MTPBlock's own draw, independent of train.seed).
 FRESH_MTP_SEED = 0
 
@@ -81,14 +83,14 @@ def _mtp_decision(arch: Arch, cfg: ModelConfig, weights: HFWeights, config: dict
         return "fresh" if mode == "fresh" else "none"
     where = f"{weights.hf_dir!r} holds multi-token prediction weights (layers {layers}, past num_hidden_layers " \
             f"{cfg.n_layers})"
-    if mode == "drop" and arch.deepseek:
+    if mode == "drop" and arch.name in MTP_ARCHS:
         return "dropped"
     if mode == "fresh":
         raise CheckpointError(f"{where}; --mtp fresh initialises an MTP block for a checkpoint without one: use "
                               f"--mtp auto to import it or --mtp drop to leave it out")
     if arch.name != "deepseek_v3":
         raise CheckpointError(f"{where}; moe_dist maps DeepSeek-V3's MTP module only, not {arch.display}'s: import "
-                              f"with --mtp drop to leave it out" if arch.deepseek else
+                              f"with --mtp drop to leave it out" if arch.name in MTP_ARCHS else
                               f"{where}; {arch.display} has no multi-token prediction and moe_dist does not drop "
                               f"weights")
     declared = config.get("num_nextn_predict_layers", config.get("num_mtp_layers", 0))
@@ -115,8 +117,9 @@ def _check_tensors(plan: list[Mapping], weights: HFWeights, cfg: ModelConfig, co
         if shape != src.shape:
             raise CheckpointError(f"{weights.path_of(name)!r}: tensor {name} has shape {shape}, but {config_path!r} "
                                   f"({src.fields}) implies {src.shape}")
-    extra = [n for n in weights.names() if n not in wanted and not n.endswith(IGNORED_SUFFIXES)
-             and not (drop_from is not None and (_layer_of(n) or -1) >= drop_from)]
+    dropped = {n for n in weights.names() if drop_from is not None and (_layer_of(n) is not None)
+               and _layer_of(n) >= drop_from}
+    extra = [n for n in weights.names() if n not in wanted and n not in dropped and not n.endswith(IGNORED_SUFFIXES)]
     if cfg.tie_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")  # a tied copy some exporters write; checked equal in read_hf_model
     if extra:

@@ -258,6 +258,7 @@ MTP_REFUSED = {
                                                                             r"imports one MTP module, layer 3"),
     "glm4": ("glm4_moe", None, None, r"moe_dist maps DeepSeek-V3's MTP module only, not GLM-4.5's: import with "
                                      r"--mtp drop"),
+    "v2": ("deepseek_v2", None, None, r"DeepSeek-V2 has no multi-token prediction and moe_dist does not drop"),
 }
 
 
@@ -286,6 +287,10 @@ def test_mtp_weights_moe_dist_cannot_take_are_refused_by_name(tmp_path, case, ca
     assert nothing_written(tmp_path)
     assert cli_main(["import-hf", src, str(tmp_path / "out"), "--quiet"]) == 2
     assert "error: " in capsys.readouterr().err and nothing_written(tmp_path)
+    if case == "glm4":  # what the message offers works
+        cfg, state = read_hf_model(src, mtp="drop")
+        assert cfg.mtp_layers == 0
+        torch.testing.assert_close(logits(moe_dist_model(cfg, state)), logits(hf), **TOL)
 
 
 def test_export_drops_the_mtp_block_and_says_so(tmp_path, capsys):
