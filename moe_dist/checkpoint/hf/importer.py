@@ -7,8 +7,10 @@ and `load_consolidated` read) and a run config for continued pretraining.
 config.json -> ModelConfig (arch.py: unsupported fields are errors naming them), then every
 name and shape the config implies checked against the safetensors headers (a missing, extra or
 mis-shaped tensor is an error naming the file and the config fields), then the tensors read one
-moe_dist tensor at a time (tensors.py). The imported model is dropless, as the HF models
-are, so its logits equal transformers' (tests/unit/checkpoint/test_import_hf.py, tests/e2e/test_import_hf_train.py).
+moe_dist tensor at a time (tensors.py). DeepSeek-V3's multi-token prediction module (the layer
+after the last) is imported, dropped or freshly added as `mtp` says (MTP_CHOICES). The imported
+model is dropless, as the HF models are, so its logits equal transformers'
+(tests/unit/checkpoint/test_import_hf.py, tests/e2e/test_import_hf_train.py).
 """
 
 from __future__ import annotations
