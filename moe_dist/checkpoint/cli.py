@@ -11,18 +11,23 @@ whatever it holds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from moe_dist.checkpoint.consolidated import consolidate, open_checkpoint
-from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError
+from moe_dist.checkpoint.consolidated import META_FILE, consolidate, open_checkpoint
+from moe_dist.checkpoint.files import DTYPES, WEIGHT_FORMATS, CheckpointError, read_json
 from moe_dist.checkpoint.hf.arch import ARCHS
 from moe_dist.checkpoint.hf.exporter import ARCHITECTURES, export_hf
-from moe_dist.checkpoint.hf.importer import RUN_CONFIG_FILE, import_hf
+from moe_dist.checkpoint.hf.importer import MTP_CHOICES, RUN_CONFIG_FILE, import_hf
 from moe_dist.checkpoint.inspect import format_summary, summarize, summary_json
 from moe_dist.checkpoint.training import reshard, tag_report
 from moe_dist.checkpoint.upcycle import SLICE_SCALES, upcycle
 from moe_dist.common.atomic import make_output_folder
 from moe_dist.common.config import ConfigError
+
+MTP_NOTES = {"imported": "multi-token prediction: the checkpoint's MTP module imported (model.mtp_layers 1)",
+             "dropped": "multi-token prediction: the checkpoint's MTP weights left out (--mtp drop)",
+             "fresh": "multi-token prediction: a freshly initialised MTP block added (model.mtp_layers 1)"}
 
 EXIT_INCOMPLETE = 3  # inspect: the tag is partial or its files disagree
 
@@ -117,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast floating tensors (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only after success)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--mtp", choices=MTP_CHOICES, default="auto",
+                   help="multi-token prediction (DeepSeek-V3's layer num_hidden_layers): auto (default) imports it "
+                        "where the checkpoint has one (model.mtp_layers 1) and adds none where it has none; drop "
+                        "leaves it out; fresh adds a freshly initialised MTP block to a checkpoint without one")
     _add_upcycle(sub)
     return parser
 
@@ -195,9 +204,14 @@ def run(args: argparse.Namespace) -> int:
         for name, reasons in result.blockers.items():
             for reason in reasons:
                 print(f"  - not {ARCHS[name].display}: {reason}")
+        for note in result.notes:
+            print(f"  - {note}")
     elif args.command == "import-hf":
-        import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+        import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=progress, mtp=args.mtp)
         print(f"wrote consolidated checkpoint {args.out} and its run config {args.out}/{RUN_CONFIG_FILE}")
+        note = MTP_NOTES.get(read_json(os.path.join(args.out, META_FILE), "checkpoint metadata")["source"]["mtp"])
+        if note:
+            print(f"  - {note}")
     elif args.command == "upcycle":
         result = upcycle(args.ckpt, args.out, args.num_experts, args.top_k, args.granularity, tag=args.tag,
                          overwrite=args.overwrite, progress=progress, router_std=args.router_std,

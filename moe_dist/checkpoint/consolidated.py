@@ -283,7 +283,8 @@ def consolidate(ckpt_path: str, out: str, *, tag: str | None = None, master_weig
 
 # ---- into a model of any EP size ---------------------------------------------------------------
 
-def _check_structure(stored: dict[str, Any], cfg: ModelConfig, where: str) -> None:
+def check_structure(stored: dict[str, Any], cfg: ModelConfig, where: str) -> None:
+    """The stored run config `stored` builds a model of `cfg`'s structure (else its tensors cannot load)."""
     ours = {"model": to_dict(cfg), "moe": to_dict(cfg.moe) if cfg.moe else None}
     ours["model"].pop("moe")
     for section, keys in _STRUCTURE.items():
@@ -294,6 +295,15 @@ def _check_structure(stored: dict[str, Any], cfg: ModelConfig, where: str) -> No
             if stored[section].get(key) != ours[section][key]:
                 raise CheckpointError(f"{where}: {section}.{key} is {stored[section].get(key)!r} in the "
                                       f"checkpoint but {ours[section][key]!r} in the model")
+    stored_mtp = stored["model"].get("mtp_layers", 0)  # checkpoints from before MTP have none
+    if stored_mtp != cfg.mtp_layers:
+        raise CheckpointError(f"{where}: model.mtp_layers is {stored_mtp} in the checkpoint but {cfg.mtp_layers} in "
+                              f"the model: " + (
+                                  f"the checkpoint has no MTP block (blocks.{cfg.n_layers}.*) to load; set "
+                                  f"model.mtp_layers 0, or give it one (import-hf --mtp fresh adds a freshly "
+                                  f"initialised block)" if cfg.mtp_layers else
+                                  f"the model has no place for the checkpoint's MTP block (blocks.{cfg.n_layers}.*); "
+                                  f"set model.mtp_layers {stored_mtp}, or re-import without it (import-hf --mtp drop)"))
     if ours["moe"] is not None and stored["moe"]["router"]["type"] != cfg.moe.router.type:
         raise CheckpointError(f"{where}: moe.router.type is {stored['moe']['router']['type']!r} in the "
                               f"checkpoint but {cfg.moe.router.type!r} in the model")
@@ -319,7 +329,7 @@ def load_consolidated(model: nn.Module, path: str) -> None:
         raise TypeError(f"load_consolidated needs a MoETransformer, got {type(model).__name__}")
     if os.path.isdir(path):
         ckpt = ConsolidatedCheckpoint.open(path)
-        _check_structure(ckpt.config, target.cfg, os.path.join(path, META_FILE))
+        check_structure(ckpt.config, target.cfg, os.path.join(path, META_FILE))
         check_same_frozen_constants(ckpt.config, target.cfg, target.seed, os.path.join(path, META_FILE))
         weights = ckpt.weights_path
     else:

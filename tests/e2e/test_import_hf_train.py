@@ -1,13 +1,16 @@
 """From a Hugging Face model to training and back, through the real `deepspeed` launcher on gloo
-(`-m slow`: two launches per architecture): import-hf a tiny random model of each MoE
+(`-m slow`: two launches per architecture; the DeepSeek-V3 with MTP runs unmarked, its two launches
+being issue 25's acceptance 3): import-hf a tiny random model of each MoE
 architecture; train from it with `train.init_from` at EP=2 on 2 processes and at EP=1 on one
 (same global batch): the first-step losses agree and both train; export-hf of the EP=2 run
 loads with the native transformers class and its logits equal moe_dist's. The same for the
-DeepSeek-V3 family (DeepSeek-V2/V3, GLM-4.5: tests/harness/hf_deepseek.py)."""
+DeepSeek-V3 family (DeepSeek-V2/V3, GLM-4.5: tests/harness/hf_deepseek.py, group-limited
+routing), and a DeepSeek-V3 checkpoint with its MTP module trains with multi-token prediction."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -23,11 +26,13 @@ from moe_dist.model.transformer import MoETransformer
 
 transformers = pytest.importorskip("transformers")
 STEPS, GLOBAL_BATCH = 3, 4
+MTP_LOSS = re.compile(r"^step \d+/\d+ \| .* \| mtp loss ([0-9.]+)")
 
 
-def train_from(cons: str, tmp, world: int) -> tuple[list[float], str]:
+def train_from(cons: str, tmp, world: int, stdout: list[str] | None = None) -> tuple[list[float], str]:
     """Launch the imported run config (synthetic byte corpus, tiny sizes) on `world` processes at
-    ep_size `world`; returns the logged losses and the checkpoint directory."""
+    ep_size `world`; returns the logged losses and the checkpoint directory (and appends the
+    launcher's output to `stdout`)."""
     with open(os.path.join(cons, RUN_CONFIG_FILE)) as f:
         run = yaml.safe_load(f)
     ckpt = str(tmp / f"ckpt_ep{world}")
@@ -43,6 +48,8 @@ def train_from(cons: str, tmp, world: int) -> tuple[list[float], str]:
                    "--config", config])
     assert_launch_ok(proc)
     assert f"world {world}, ep_size {world}" in proc.stdout
+    if stdout is not None:
+        stdout.append(proc.stdout)
     return logged_losses(proc.stdout), ckpt
 
 
@@ -93,6 +100,42 @@ def test_train_ep2_from_a_deepseek_family_import_then_export_native(tmp_path, na
     assert export_hf(ckpt, back, progress=False).architecture == name
     hf = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     assert type(hf).__name__ == hf_deepseek.MODELS[name][2]
+    trained = open_checkpoint(ckpt)
+    config = single_rank_config(trained.config)
+    model = MoETransformer(parse_model_config(config["model"], config["moe"])).eval()
+    model.load_state_dict(full_state_dict(trained, progress=False), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens()).logits, model(tokens()).logits_BSV, rtol=1e-4, atol=1e-4)
+
+
+def test_train_ep2_from_a_deepseek_v3_import_with_its_mtp_module(tmp_path):
+    """Issue 25's acceptance 3: a DeepSeek-V3-shaped checkpoint (latent attention, a dense first
+    layer, the biased sigmoid router limited to 1 of 2 expert groups) with its MTP module imports
+    into model.mtp_layers 1; at EP=2 the first step's loss (LM + aux + 0.3 x MTP) is one process's,
+    it trains with the MTP loss logged, and the export drops the MTP block and loads back."""
+    from tests.harness import hf_deepseek
+
+    src = save_hf(hf_deepseek.build_hf("deepseek_v3"), str(tmp_path / "hf"))
+    hf_deepseek.write_mtp_layer(src)
+    cons = str(tmp_path / "cons")
+    import_hf(src, cons, progress=False)
+    with open(os.path.join(cons, RUN_CONFIG_FILE)) as f:
+        run = yaml.safe_load(f)
+    assert run["model"]["mtp_layers"] == 1 and run["moe"]["router"]["expert_groups"] == 2
+    out: list[str] = []
+    losses_1, _ = train_from(cons, tmp_path, 1, out)
+    losses_2, ckpt = train_from(cons, tmp_path, 2, out)
+    assert len(losses_1) == len(losses_2) == STEPS
+    assert abs(losses_1[0] - losses_2[0]) <= 2e-4, (losses_1, losses_2)
+    assert all(torch.isfinite(torch.tensor(losses_2))) and losses_2 != [losses_2[0]] * STEPS
+    for stdout in out:
+        mtp = [float(m.group(1)) for m in map(MTP_LOSS.match, stdout.splitlines()) if m]
+        assert len(mtp) == STEPS and all(0 < x < 20 for x in mtp), stdout
+
+    back = str(tmp_path / "back")
+    result = export_hf(ckpt, back, progress=False)
+    assert result.architecture == "deepseek_v3" and any("multi-token prediction dropped" in n for n in result.notes)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
     trained = open_checkpoint(ckpt)
     config = single_rank_config(trained.config)
     model = MoETransformer(parse_model_config(config["model"], config["moe"])).eval()

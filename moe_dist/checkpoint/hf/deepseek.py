@@ -19,9 +19,11 @@ them (checked by logits in tests/unit/checkpoint/test_import_deepseek.py).
   DeepSeek-V3 / GLM-4.5 sigmoid scores, experts chosen by score + `e_score_correction_bias`
   (moe_dist's aux-loss-free `selection_bias_E`, `router.bias_balancing`), weights the chosen
   scores, renormalized iff `norm_topk_prob`; then times `routed_scaling_factor` (`router.scale`).
-- Not yet: group-limited routing (`n_group` > 1, `topk_group` < `n_group`, DeepSeek-V2's
-  `group_limited_greedy` over several groups) and multi-token prediction weights
-  (`num_nextn_predict_layers` modules, stored as layers >= num_hidden_layers) are refused by name.
+- Groups: experts in `n_group` contiguous groups, only the `topk_group` best may be chosen
+  (`router.expert_groups`, `topk_groups`), ranked by the sum of their two best biased scores
+  (DeepSeek-V3's noaux_tc, GLM-4.5: `group_score` top2_sum) or their best probability
+  (DeepSeek-V2's group_limited_greedy: max); DeepSeek-V2's greedy ignores the groups.
+- Multi-token prediction (DeepSeek-V3's layer num_hidden_layers): importer.py and tensors.py.
 """
 
 from __future__ import annotations
@@ -76,22 +78,52 @@ def _rope(f, model: dict[str, Any]) -> None:
         f.refuse("rope_parameters", params, f"keys {extra} are not honoured by moe_dist's rotary embeddings")
 
 
-def _groups(f) -> None:
+# How each architecture ranks groups (moe_dist's router.group_score): DeepSeek-V3's noaux_tc and
+# GLM-4.5 by the sum of a group's two best selection scores, DeepSeek-V2's group_limited_greedy by
+# its best probability.
+GROUP_SCORE = {"deepseek_v2": "max", "deepseek_v3": "top2_sum", "glm4_moe": "top2_sum"}
+
+
+def _groups(f, num_experts: int, top_k: int) -> dict[str, Any]:
+    """The router's group-limited selection keys (empty: plain top-k) from n_group / topk_group
+    (and DeepSeek-V2's topk_method: `greedy` ignores the groups)."""
     arch = f.arch
-    n_group, topk_group = f.get("n_group"), f.get("topk_group")
     if arch.name == "deepseek_v2":
         method = f.get("topk_method")
         if method not in ("greedy", "group_limited_greedy"):
             f.refuse("topk_method", method, "DeepSeek-V2 routes 'greedy' or 'group_limited_greedy'")
-        elif method == "group_limited_greedy" and n_group not in (None, 1):
-            f.refuse("n_group", n_group, "group-limited routing (topk_method group_limited_greedy over several "
-                                         "groups) is not in moe_dist yet; only n_group 1 imports")
-        return
-    if n_group is None or n_group > 1:
-        f.refuse("n_group", n_group, "group-limited routing is not in moe_dist yet; only n_group 1 imports")
-    elif topk_group is None or topk_group < n_group:
-        f.refuse("topk_group", topk_group, f"group-limited routing is not in moe_dist yet; topk_group must be "
-                                           f"n_group ({n_group})")
+            return {}
+        if method == "greedy":  # transformers' greedy branch never reads n_group / topk_group
+            return {}
+    else:
+        method = f.config.get("topk_method")
+        if method not in (None, "noaux_tc"):  # not read by transformers' class: it always routes noaux_tc
+            f.refuse("topk_method", method, f"{arch.display} routes 'noaux_tc' only (transformers' class does not "
+                                            f"read this field); set it 'noaux_tc' or leave it out")
+            return {}
+    n_group, topk_group = f.get("n_group"), f.get("topk_group")
+    if not _positive_int(n_group) or num_experts % n_group:
+        f.refuse("n_group", n_group, f"expected an integer >= 1 dividing n_routed_experts ({num_experts})")
+        return {}
+    if not _positive_int(topk_group) or topk_group > n_group:
+        f.refuse("topk_group", topk_group, f"expected an integer in [1, n_group ({n_group})]")
+        return {}
+    per_group, score = num_experts // n_group, GROUP_SCORE[arch.name]
+    if score == "top2_sum" and per_group < 2:
+        f.refuse("n_group", n_group, f"{arch.display} ranks a group by the sum of its two best scores, so each of "
+                                     f"the n_group groups needs >= 2 of the n_routed_experts ({num_experts})")
+        return {}
+    if top_k > topk_group * per_group:
+        f.refuse("topk_group", topk_group, f"the topk_group best groups hold topk_group x {per_group} experts "
+                                           f"(n_routed_experts / n_group), fewer than num_experts_per_tok ({top_k})")
+        return {}
+    if topk_group == n_group:  # every group may be chosen: plain top-k
+        return {}
+    return {"expert_groups": n_group, "topk_groups": topk_group, "group_score": score}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def deepseek_sections(f) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -133,7 +165,6 @@ def deepseek_sections(f) -> tuple[dict[str, Any], dict[str, Any]]:
                                                  f"imports models with at least one MoE layer")
         dense = 0
     model["moe_every"], model["moe_offset"] = 1, dense
-    _groups(f)
     expert_ff = f.required("moe_intermediate_size")
     shared = f.get("n_shared_experts")
     if not isinstance(shared, int) or isinstance(shared, bool) or shared < 1:
@@ -149,13 +180,14 @@ def deepseek_sections(f) -> tuple[dict[str, Any], dict[str, Any]]:
         router = {"type": "topk", "score": "sigmoid", "bias_balancing": True,
                   "renormalize": bool(f.get("norm_topk_prob"))}
         aux = 0.0  # aux-loss-free: the selection bias balances
+    num_experts, top_k = f.required(arch.num_experts_key, "num_local_experts"), f.required("num_experts_per_tok")
+    router.update(_groups(f, num_experts, top_k))
     scale = f.get("routed_scaling_factor")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
         f.refuse("routed_scaling_factor", scale, "expected a number > 0")
     elif scale != 1.0:
         router["scale"] = float(scale)
-    moe = {"num_experts": f.required(arch.num_experts_key, "num_local_experts"),
-           "top_k": f.required("num_experts_per_tok"), "d_ff": expert_ff, "activation": "swiglu", "dropless": True,
+    moe = {"num_experts": num_experts, "top_k": top_k, "d_ff": expert_ff, "activation": "swiglu", "dropless": True,
            "init_std": init_std, "ep_size": 1, "num_shared_experts": shared, "shared_d_ff": expert_ff * shared,
            "router": router, "aux_loss": {"switch": aux, "z_loss": 0.0}}
     return model, moe
@@ -194,12 +226,18 @@ def deepseek_blockers(arch, cfg, selection_bias_active: bool) -> list[str]:
         reasons.append(f"router.renormalize is true; {name} never renormalizes")
     if not arch.router_bias and router.bias_balancing and selection_bias_active:
         reasons.append(f"the aux-loss-free selection bias is nonzero; {name} selects by probability alone")
+    if router.topk_groups < router.expert_groups and router.group_score != GROUP_SCORE[arch.name]:
+        reasons.append(f"router.group_score is {router.group_score!r}; {name} ranks expert groups by "
+                       f"{GROUP_SCORE[arch.name]!r}")
     return reasons
 
 
 def deepseek_config(arch, cfg, token_ids: dict[str, int | None], dtype_name: str) -> dict[str, Any]:
     """config.json of `arch` for `cfg` (which `deepseek_blockers` accepted)."""
-    moe = cfg.moe
+    moe, router = cfg.moe, cfg.moe.router
+    limited = router.topk_groups < router.expert_groups
+    # Without a limit every group may be chosen: one group says the same to every reader.
+    n_group, topk_group = (router.expert_groups, router.topk_groups) if limited else (1, 1)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
@@ -217,7 +255,7 @@ def deepseek_config(arch, cfg, token_ids: dict[str, int | None], dtype_name: str
         "intermediate_size": cfg.d_ff, "moe_intermediate_size": moe.d_ff, "n_routed_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k, "n_shared_experts": moe.num_shared_experts,
         "first_k_dense_replace": cfg.moe_offset, "routed_scaling_factor": moe.router.scale,
-        "norm_topk_prob": bool(moe.router.renormalize), "n_group": 1, "topk_group": 1,
+        "norm_topk_prob": bool(moe.router.renormalize), "n_group": n_group, "topk_group": topk_group,
         "output_router_logits": False, "use_cache": True, "dtype": dtype_name, **token_ids,
     }
     if arch.attention == "mla":
@@ -228,9 +266,11 @@ def deepseek_config(arch, cfg, token_ids: dict[str, int | None], dtype_name: str
         out.update(head_dim=cfg.head_dim, attention_bias=bool(cfg.qkv_bias), use_qk_norm=cfg.qk_norm == "head",
                    partial_rotary_factor=cfg.partial_rotary_factor)
     if arch.name == "deepseek_v2":
-        out.update(topk_method="greedy", mlp_bias=False, aux_loss_alpha=moe.aux_loss.switch)
+        out.update(topk_method="group_limited_greedy" if limited else "greedy", mlp_bias=False,
+                   aux_loss_alpha=moe.aux_loss.switch)
     else:
         out["num_nextn_predict_layers"] = 0  # the export carries no multi-token prediction weights
     if arch.name == "deepseek_v3":
+        out["topk_method"] = "noaux_tc"  # not read by transformers; vLLM and SGLang route by it
         out["rope_interleave"] = True  # the Hub's layout: tensors.py writes the rotary rows interleaved
     return out

@@ -54,6 +54,7 @@ from moe_dist.checkpoint.files import (SAFETENSORS, CheckpointError, cast_floati
                                        dtype_name, read_json, staged_directory, torch_dtype, write_json, write_weights)
 from moe_dist.checkpoint.hf import remote_code
 from moe_dist.checkpoint.hf.arch import ARCHS, MOE_ARCHS, export_blockers, hf_config
+from moe_dist.checkpoint.hf.importer import replace_mtp_layers
 from moe_dist.checkpoint.hf.tensors import HUB, tensor_plan
 from moe_dist.checkpoint.hf.tokenizer import pad_token_ids, write_byte_tokenizer, write_generation_config
 from moe_dist.common.config import to_dict
@@ -249,6 +250,7 @@ class ExportResult:
     tokenizer: bool = False  # tokenizer files written
     # Custom exports: per native architecture, why it cannot express the model.
     blockers: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the export leaves out (multi-token prediction)
 
 
 def _native_choice(architecture: str, blockers: dict[str, list[str]], ckpt_path: str) -> str | None:
@@ -288,6 +290,15 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
     sp_model = sentencepiece_model(tokenizer, ckpt.recorded_tokenizer, tokenizer_model)
     hf_tokenizer = hf_tokenizer_dir(tokenizer)
     state = cast_floating(full_state_dict(ckpt, master_weights, progress), cast)
+    notes = []
+    if cfg.mtp_layers:
+        # transformers' classes have no MTP module (they skip layers past num_hidden_layers), nor
+        # has the remote code: the export is the main model, and says so.
+        prefix = f"blocks.{cfg.n_layers}."
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        cfg = replace_mtp_layers(cfg, 0)
+        notes.append(f"multi-token prediction dropped: the MTP block ({prefix}*) is not exported, as transformers' "
+                     f"classes have no place for it (num_nextn_predict_layers 0)")
     blockers = native_blockers(cfg, state)
     native = _native_choice(architecture, blockers, ckpt_path)
     if native is None and custom_blockers(cfg):
@@ -313,4 +324,4 @@ def export_hf(ckpt_path: str, out: str, *, tag: str | None = None, architecture:
         write_generation_config(tmp, token_ids)
     return ExportResult(out=out, architecture=native or "custom", reasons=[] if native else blockers["mixtral"],
                         tokenizer=sp_model is not None or copied or cfg.vocab_size > BYTE_EOD,
-                        blockers={} if native else blockers)
+                        blockers={} if native else blockers, notes=notes)

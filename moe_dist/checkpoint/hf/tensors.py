@@ -130,8 +130,9 @@ class _Dims:
     def __init__(self, arch: Arch, cfg) -> None:
         D, H, A = cfg.d_model, cfg.n_heads, cfg.head_dim
         Y = cfg.n_kv_heads
-        self.size = {"V": cfg.vocab_size, "D": D, "HA": H * A, "YA": Y * A, "A": A, "F": cfg.d_ff, "1": 1}
-        self.field = {"V": f"vocab_size {cfg.vocab_size}", "D": f"hidden_size {D}",
+        self.size = {"V": cfg.vocab_size, "D": D, "D2": 2 * D, "HA": H * A, "YA": Y * A, "A": A, "F": cfg.d_ff,
+                     "1": 1}
+        self.field = {"V": f"vocab_size {cfg.vocab_size}", "D": f"hidden_size {D}", "D2": f"2 x hidden_size {D}",
                       "HA": f"num_attention_heads {H} x head_dim {A}", "YA": f"num_key_value_heads {Y} x head_dim {A}",
                       "A": f"head_dim {A}", "F": f"intermediate_size {cfg.d_ff}", "1": "1"}
         if cfg.moe is not None:
@@ -172,37 +173,60 @@ def _latent_attention(cfg, d: _Dims, att: str, dst: str, interleaved: bool) -> l
                    _copy(dst + "out.weight", d.t(att + "o_proj.weight", "D", "Ho"))]
 
 
-def tensor_plan(arch: Arch, cfg, layout: str = HUB, rope_interleave: bool = True) -> list[Mapping]:
+def tensor_plan(arch: Arch, cfg, layout: str = HUB, rope_interleave: bool = True,
+                mtp_layout: str | None = None) -> list[Mapping]:
     """The moe_dist tensors of `cfg` (ep_size 1, buffers included) from the HF tensors of `arch`.
-    `rope_interleave`: DeepSeek-V3's config.json field of that name (its rotary rows' layout)."""
+    `rope_interleave`: DeepSeek-V3's config.json field of that name (its rotary rows' layout).
+    With `cfg.mtp_layers`, the MTP block too (DeepSeek-V3's layer n_layers, experts in
+    `mtp_layout`, default `layout`); its copies of the embedding and head are `mtp_shared_copies`."""
     d = _Dims(arch, cfg)
+    interleaved = _interleaved(arch, rope_interleave)
     plan = [_copy("embed.weight", d.t("model.embed_tokens.weight", "V", "D"))]
     for i in range(cfg.n_layers):
-        src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        att = src + "self_attn."
-        plan.append(_copy(dst + "attn_norm.weight_D", d.t(src + "input_layernorm.weight", "D")))
-        if cfg.attention == "mla":
-            plan += _latent_attention(cfg, d, att, dst + "attn.", _interleaved(arch, rope_interleave))
-            plan.append(_copy(dst + "ffn_norm.weight_D", d.t(src + "post_attention_layernorm.weight", "D")))
-            plan += _moe_layer(arch, cfg, d, i, layout) if cfg.is_moe_layer(i) else _dense_ffn(d, src, dst)
-            continue
-        plan += [_rows(dst + "attn.qkv.weight", [d.t(att + "q_proj.weight", "HA", "D"),
-                                                 d.t(att + "k_proj.weight", "YA", "D"),
-                                                 d.t(att + "v_proj.weight", "YA", "D")])]
-        if cfg.qkv_bias:
-            plan.append(_rows(dst + "attn.qkv.bias", [d.t(att + "q_proj.bias", "HA"), d.t(att + "k_proj.bias", "YA"),
-                                                      d.t(att + "v_proj.bias", "YA")]))
-        if cfg.qk_norm != "none":
-            head = cfg.qk_norm == "head"
-            plan += [_copy(dst + "attn.q_norm.weight", d.t(att + "q_norm.weight", "A" if head else "HA")),
-                     _copy(dst + "attn.k_norm.weight", d.t(att + "k_norm.weight", "A" if head else "YA"))]
-        plan += [_copy(dst + "attn.out.weight", d.t(att + "o_proj.weight", "D", "HA")),
-                 _copy(dst + "ffn_norm.weight_D", d.t(src + "post_attention_layernorm.weight", "D"))]
-        plan += _moe_layer(arch, cfg, d, i, layout) if cfg.is_moe_layer(i) else _dense_ffn(d, src, dst)
+        plan += _layer(arch, cfg, d, i, layout, interleaved)
     plan.append(_copy("norm.weight_D", d.t("model.norm.weight", "D")))
     if not cfg.tie_embeddings:
         plan.append(_copy("lm_head.weight", d.t("lm_head.weight", "V", "D")))
+    if cfg.mtp_layers:
+        src, dst = f"model.layers.{cfg.n_layers}.", f"blocks.{cfg.n_layers}."
+        plan += _layer(arch, cfg, d, cfg.n_layers, mtp_layout or layout, interleaved)
+        plan += [_copy(dst + "enorm.weight_D", d.t(src + "enorm.weight", "D")),
+                 _copy(dst + "hnorm.weight_D", d.t(src + "hnorm.weight", "D")),
+                 _copy(dst + "eh_proj.weight", d.t(src + "eh_proj.weight", "D", "D2")),  # [embedding | hidden]
+                 _copy(dst + "head_norm.weight_D", d.t(src + "shared_head.norm.weight", "D"))]
     return plan
+
+
+def mtp_shared_copies(arch: Arch, cfg) -> dict[str, HFTensor]:
+    """DeepSeek-V3's MTP layer stores its own copies of the embedding and the output head, which
+    moe_dist shares with the main model: copy name -> the main model's tensor it must equal."""
+    d, p = _Dims(arch, cfg), f"model.layers.{cfg.n_layers}."
+    head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+    return {p + "embed_tokens.weight": d.t("model.embed_tokens.weight", "V", "D"),
+            p + "shared_head.head.weight": d.t(head, "V", "D")}
+
+
+def _layer(arch: Arch, cfg, d: _Dims, i: int, layout: str, interleaved: bool) -> list[Mapping]:
+    src, dst = f"model.layers.{i}.", f"blocks.{i}."
+    att = src + "self_attn."
+    plan = [_copy(dst + "attn_norm.weight_D", d.t(src + "input_layernorm.weight", "D"))]
+    if cfg.attention == "mla":
+        plan += _latent_attention(cfg, d, att, dst + "attn.", interleaved)
+        plan.append(_copy(dst + "ffn_norm.weight_D", d.t(src + "post_attention_layernorm.weight", "D")))
+        return plan + (_moe_layer(arch, cfg, d, i, layout) if cfg.is_moe_layer(i) else _dense_ffn(d, src, dst))
+    plan += [_rows(dst + "attn.qkv.weight", [d.t(att + "q_proj.weight", "HA", "D"),
+                                             d.t(att + "k_proj.weight", "YA", "D"),
+                                             d.t(att + "v_proj.weight", "YA", "D")])]
+    if cfg.qkv_bias:
+        plan.append(_rows(dst + "attn.qkv.bias", [d.t(att + "q_proj.bias", "HA"), d.t(att + "k_proj.bias", "YA"),
+                                                  d.t(att + "v_proj.bias", "YA")]))
+    if cfg.qk_norm != "none":
+        head = cfg.qk_norm == "head"
+        plan += [_copy(dst + "attn.q_norm.weight", d.t(att + "q_norm.weight", "A" if head else "HA")),
+                 _copy(dst + "attn.k_norm.weight", d.t(att + "k_norm.weight", "A" if head else "YA"))]
+    plan += [_copy(dst + "attn.out.weight", d.t(att + "o_proj.weight", "D", "HA")),
+             _copy(dst + "ffn_norm.weight_D", d.t(src + "post_attention_layernorm.weight", "D"))]
+    return plan + (_moe_layer(arch, cfg, d, i, layout) if cfg.is_moe_layer(i) else _dense_ffn(d, src, dst))
 
 
 def _dense_ffn(d: _Dims, src: str, dst: str) -> list[Mapping]:

@@ -1,5 +1,6 @@
-"""Preflight's check of `train.init_from`, where a fresh run starts: readable metadata, finite
-tensors, frozen constants this run's model can draw; without it, the token counts a frequency
+"""Preflight's check of `train.init_from`, where a fresh run starts: readable metadata, the
+structure of this run's model (multi-token prediction included), finite tensors, frozen constants
+this run's model can draw; without it, the token counts a frequency
 `hash` table is built from. (Whether the checkpoint folder may be written
 or resumed is the format's to say: moe_dist.checkpoint.training.check_checkpoint_dir.)
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from moe_dist.checkpoint.consolidated import META_FILE, ConsolidatedCheckpoint, check_same_frozen_constants
+from moe_dist.checkpoint.consolidated import (META_FILE, ConsolidatedCheckpoint, check_same_frozen_constants,
+                                              check_structure)
 from moe_dist.checkpoint.files import CheckpointError
 from moe_dist.common.config import ConfigError
 from moe_dist.model.config import ModelConfig
@@ -17,8 +19,10 @@ from moe_dist.train.preflight.finite import check_init_from_finite
 
 
 def check_init_from(path: str | None, model: ModelConfig, seed: int) -> None:
-    """A consolidated checkpoint's metadata must be readable, its tensors finite and its frozen
-    constants drawable by this run's model (`seed`: train.seed) before any process starts."""
+    """A consolidated checkpoint's metadata must be readable, its structure this run's model's
+    (model.mtp_layers included: a missing MTP block is named here, not as missing tensors at load),
+    its tensors finite and its frozen constants drawable by this run's model (`seed`: train.seed)
+    before any process starts."""
     if path is None:
         return
     if not os.path.isdir(path):
@@ -26,6 +30,8 @@ def check_init_from(path: str | None, model: ModelConfig, seed: int) -> None:
                           f"'tools/convert_checkpoint.py consolidate'")
     try:
         ckpt = ConsolidatedCheckpoint.open(path)
+        if model is not None:
+            check_structure(ckpt.config, model, os.path.join(path, META_FILE))
         check_same_frozen_constants(ckpt.config, model, seed, os.path.join(path, META_FILE))
         check_init_from_finite(path)
     except CheckpointError as e:
