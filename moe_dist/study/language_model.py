@@ -14,9 +14,9 @@ gradient is the full batch's mean; a micro-batch-scoped balance loss sees each m
 the global_batch scope's running counts handed from micro batch to micro batch and restarted each
 step (`Trainer.train_step`), and `after_step` gets the step's summed load once. A receive budget
 (`moe.rank_capacity_factor`) splits the experts over `budget_ranks` stand-in EP ranks
-(`MoESideInputs.budget_ranks`): at the layer's own ep_size 1 a rank's budget is all T x K pairs. Tokens: a SentencePiece BPE model trained in
-the run for the fortunes (so that tokens carry language: bytes are mostly shared by de/en/es),
-bytes for tiny-shakespeare (no labels). Measured: the validation loss on a small fixed set every
+(`MoESideInputs.budget_ranks`): at the layer's own ep_size 1 a rank's budget is all T x K pairs.
+Tokens: a SentencePiece BPE model trained in the run for the fortunes (so that tokens carry
+language: bytes are mostly shared by de/en/es), bytes for tiny-shakespeare (no labels). Measured: the validation loss on a small fixed set every
 `eval_every` steps (the curve); at the end, on the full fixed validation windows in eval mode, the
 loss (overall and per language) and per MoE layer I(expert; language) / H(language), load CV and
 dropped fraction; the dropped fraction at the training capacity factor (and receive budget) over

@@ -170,9 +170,10 @@ def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]
              f"of each language; shakespeare: the last {SHAKESPEARE_VALID_FRACTION:.0%} of the text). Tokenizers: "
              + ", ".join(f"{c}: {t}" for c, t in tokenizers.items()) + " (SentencePiece BPE trained in the run on "
              "the training documents). I(expert; language) / H(language) per MoE layer from the final validation "
-             "routing. Dropped fractions: training (cf 1.25, second half of training) and validation (the "
-             "layer's eval capacity). CPU s/step: process CPU seconds per optimizer step of one single-threaded "
-             "worker (the sizing measure: wall time on a shared machine is not).", ""]
+             "routing. Dropped fractions: training (cf 1.25, or the budget arms' receive budget in front of "
+             "dropless experts; second half of training) and validation (the layer's eval capacity). CPU s/step: "
+             "process CPU seconds per optimizer step of one single-threaded worker (the sizing measure: wall time "
+             "on a shared machine is not).", ""]
     if part_seconds is not None:
         lines += [f"- CPU time of this part: {format_duration(part_seconds)} summed over its {len(records)} runs "
                   "(the page's wall time covers every part; the header gives every part's CPU time).", ""]
@@ -299,7 +300,8 @@ def method_notes() -> list[str]:
             "- The routers run at their shipped defaults (inhibition: subtractive, EMA statistic; "
             "fixed_projection: hidden-state source, uniform weights), so the numbers describe what a user "
             "gets without tuning; the LM experiment adds the arms named in its table (topk renormalized, "
-            "topk with aux-loss-free bias balancing, inhibition divisive, fixed_projection centred).",
+            "topk with aux-loss-free bias balancing, inhibition divisive, fixed_projection centred, and the "
+            "renormalized topk with global-batch balance or behind a receive budget with spill or drop).",
             "- The digits 'original gate' is a softmax read-out of a gate trunk as wide as the attentive "
             "gate's (`moe_dist/study/softmax_mixture.py`); the mixture is of class probabilities; L_s is the "
             "paper's two-term form with beta_s = beta_d = 1e-6 at batch 512, importance 0.1.", ""]
