@@ -61,9 +61,10 @@ LEFT_OUT_REASONS = {
                  "the budget's commit and the page's CPU times)",
 }
 # Why the budget's `reduced_seed_arms` run on fewer seeds, as the page gives it.
-REDUCED_SEEDS_REASON = ("each adds 5 runs of about the CPU time of topk (spill a quarter more): at the full "
-                        "seeds they would take the study past its 60 minutes on 2 cores; 3 seeds is issue 22's "
-                        "minimum, and their claims pair the runs on the seeds both arms ran")
+REDUCED_SEEDS_REASON = ("each costs at least topk's CPU per step (spill's rounds and the dropless experts more; "
+                        "the cost table's CPU s/step): at every seed the three would take the study past its 60 "
+                        "minutes on 2 cores; 3 seeds is issue 22's minimum, and their claims pair the runs on the "
+                        "seeds both arms ran")
 
 
 @dataclass(frozen=True)
