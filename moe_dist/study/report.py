@@ -269,9 +269,10 @@ def scope_and_budget_notes(summary: dict[str, Any], b: dict[str, Any]) -> list[s
                   f"binds, so the layers split the {b['num_experts']} experts over {b['budget_ranks']} stand-in ranks "
                   f"(`MoESideInputs.budget_ranks`): each micro batch sends each rank's "
                   f"{b['num_experts'] // b['budget_ranks']} experts at most "
-                  f"{moe['rank_capacity_factor']:g} x T x K / {b['budget_ranks']} pairs, the budget one source rank "
-                  f"of an EP {b['budget_ranks']} run would have (every micro batch as one source rank). Training "
-                  "only: evaluation runs without a budget, as without a capacity.", ""]
+                  f"{moe['rank_capacity_factor']:g} x T x K / {b['budget_ranks']} pairs of its T tokens, as if the "
+                  f"micro batch were one source rank of an EP {b['budget_ranks']} run (a real one splits the tokens "
+                  "over its source ranks and budgets each alone, which can refuse more). Training only: evaluation "
+                  "runs without a budget, as without a capacity.", ""]
         for corpus, arms in summary.items():
             cells = []
             for arm in OVERFLOW_PAIR:
