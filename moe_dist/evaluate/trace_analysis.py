@@ -112,17 +112,25 @@ def match(a: Trace, b: Trace) -> tuple[np.ndarray, np.ndarray]:
     return ia, ib
 
 
+def route_stability(experts_a: np.ndarray, experts_b: np.ndarray) -> dict[str, float]:
+    """Route stability of the same N tokens routed twice ([N, K] expert ids, row i the same token,
+    column 0 the top choice): the fraction whose top-1 expert is unchanged, and whose top-k set is
+    unchanged (order ignored). Takes arrays, so that a run can score its own routes without a trace."""
+    if experts_a.shape != experts_b.shape or experts_a.ndim != 2 or not len(experts_a):
+        raise ValueError(f"route stability needs two [N, K] routings of the same N > 0 tokens, got shapes "
+                         f"{experts_a.shape} and {experts_b.shape}")
+    return {"top1_unchanged": float((experts_a[:, 0] == experts_b[:, 0]).mean()),
+            "topk_set_unchanged": float((np.sort(experts_a, 1) == np.sort(experts_b, 1)).all(1).mean())}
+
+
 def stability(a: Trace, b: Trace) -> dict[int, dict[str, float]]:
-    """Per MoE layer, over the tokens both hold: the fraction whose top-1 expert is unchanged, and
-    whose top-k set is unchanged (order ignored)."""
+    """Per MoE layer, over the tokens both hold: `route_stability`."""
     ia, ib = match(a, b)
     out = {}
     layers = a.cols["layer"][ia]
     for layer in sorted(set(layers.tolist())):
         at = layers == layer
-        ea, eb = a.experts[ia[at]], b.experts[ib[at]]
-        out[layer] = {"tokens": int(at.sum()), "top1_unchanged": float((ea[:, 0] == eb[:, 0]).mean()),
-                      "topk_set_unchanged": float((np.sort(ea, 1) == np.sort(eb, 1)).all(1).mean())}
+        out[layer] = {"tokens": int(at.sum()), **route_stability(a.experts[ia[at]], b.experts[ib[at]])}
     return out
 
 

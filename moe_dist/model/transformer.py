@@ -87,7 +87,7 @@ class MoETransformer(nn.Module):
                 domain_ids_BS: Tensor | None = None, *, capacity_groups: int = 1,
                 valid_BS: Tensor | None = None, segment_ids_BS: Tensor | None = None,
                 step_counts: dict[int, dict[str, Tensor]] | None = None, trace: bool = False,
-                forced_routes: Mapping[int, ForcedRoute] | None = None) -> ModelOutput:
+                forced_routes: Mapping[int, ForcedRoute] | None = None, budget_ranks: int = 0) -> ModelOutput:
         """`domain_ids_BS`: per-token domain labels (-1 = none) for I(expert; domain).
         `capacity_groups`: a single-process stand-in for that many ranks (see `MoESideInputs`).
         `valid_BS`: bool, False at the positions that do not count (padding: Megatron's loss
@@ -98,7 +98,9 @@ class MoETransformer(nn.Module):
         balance scope. `step_counts`: the global_batch scope's running counts
         (`ModelOutput.step_counts` of the step's previous micro batch; None at its first).
         `trace`: return every MoE layer's routing decisions (`ModelOutput.routes`).
-        `forced_routes`: route replay, by layer index, tokens in (B, S) order (`MoESideInputs`)."""
+        `forced_routes`: route replay, by layer index, tokens in (B, S) order (`MoESideInputs`).
+        `budget_ranks`: with `capacity_groups`, the single-process stand-in for that many EP ranks'
+        receive budget (`MoESideInputs.budget_ranks`); 0: the layers' own `ep_size`."""
         B, S = tokens_BS.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length ({S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
@@ -115,7 +117,7 @@ class MoETransformer(nn.Module):
             stream_TD=x_BSD.detach().reshape(B * S, -1), token_ids_T=tokens_BS.reshape(-1),
             valid_T=None if valid_BS is None else valid_BS.reshape(-1),
             segment_ids_T=None if segment_ids_BS is None else segment_ids_BS.reshape(-1),
-            step_counts=step_counts, trace=trace, forced_routes=forced_routes)
+            step_counts=step_counts, trace=trace, forced_routes=forced_routes, budget_ranks=budget_ranks)
         aux_terms: list[Tensor] = []
         moe_stats: dict[int, dict[str, Tensor]] = {}
         routes: dict[int, RouteRecord] = {}

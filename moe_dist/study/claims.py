@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moe_dist.study.lm_arms import ARMS
+from moe_dist.study.lm_arms import ARMS, BASELINE_CANDIDATES, OVERFLOW_PAIR, SCOPE_PAIR
 from moe_dist.study.seeds import difference_stats, seed_stats
 
 NEAR_ONE = 0.9  # "I stays near 1"
@@ -158,20 +158,38 @@ def comet_claims(records: list[dict[str, Any]]) -> list[Claim]:
     return claims
 
 
+def _mean_over_layers(record: dict[str, Any], metric: str) -> float:
+    return sum(l[metric] for l in record["layers"].values()) / len(record["layers"])
+
+
 def _layer_mean(records: list[dict[str, Any]], metric: str, **match: Any) -> list[float]:
     """Per seed (ordered by seed), the mean over MoE layers of a per-layer `metric`."""
     rows = sorted((r for r in records if all(r[k] == v for k, v in match.items())), key=lambda r: r["seed"])
     if not rows:
         raise KeyError(f"no records match {match}")
-    return [sum(l[metric] for l in r["layers"].values()) / len(r["layers"]) for r in rows]
+    return [_mean_over_layers(r, metric) for r in rows]
+
+
+def paired(records: list[dict[str, Any]], corpus: str, arm_a: str, arm_b: str, metric: str,
+           over_layers: bool = False) -> tuple[list[float], list[float]]:
+    """`metric` of two arms on the seeds both ran (ordered by seed), so that an arm run on fewer
+    seeds pairs with its twin's same seeds; `over_layers`: the mean over MoE layers of a per-layer
+    metric."""
+    by_arm = [{r["seed"]: r for r in records if (r["corpus"], r["arm"]) == (corpus, arm)} for arm in (arm_a, arm_b)]
+    seeds = sorted(set(by_arm[0]) & set(by_arm[1]))
+    if not seeds:
+        raise KeyError(f"{arm_a!r} and {arm_b!r} share no seed on {corpus}")
+    value = (lambda r: _mean_over_layers(r, metric)) if over_layers else (lambda r: float(r[metric]))
+    return [value(by_arm[0][s]) for s in seeds], [value(by_arm[1][s]) for s in seeds]
 
 
 def strongest_topk(records: list[dict[str, Any]], corpus: str) -> str | None:
-    """The topk arm (router type topk, any settings) with the lowest mean validation loss on
-    `corpus`: the baseline every other router is judged against. None when no topk arm ran."""
+    """Of the baseline candidates (`lm_arms.BASELINE_CANDIDATES`: topk at its default, renormalized,
+    bias-balanced) that ran, the one with the lowest mean validation loss on `corpus`: the baseline
+    every research router is judged against. None when none of them ran."""
     means = {arm: seed_stats(per_seed(records, "val_loss", corpus=corpus, arm=arm))["mean"]
              for arm in dict.fromkeys(r["arm"] for r in records if r["corpus"] == corpus)
-             if ARMS[arm].router_type == "topk"}
+             if arm in BASELINE_CANDIDATES}
     return min(means, key=means.get) if means else None
 
 
@@ -223,6 +241,7 @@ def language_model_claims(records: list[dict[str, Any]]) -> list[Claim]:
                 claims.append(Claim("LM", f"{arm} raises I(expert; language) vs the strongest topk ({baseline}; "
                                     f"{corpus}; mean over layers)",
                                     _diff_text(f"I/H({arm}) - I/H({baseline})", diff), direction_verdict(diff, +1)))
+        claims += scope_and_overflow_claims(records, corpus, labelled)
         if {"fixed_projection", "fixed_projection center"} <= arms:
             centred = _layer_mean(records, "train_dropped_fraction", corpus=corpus, arm="fixed_projection center")
             plain = _layer_mean(records, "train_dropped_fraction", corpus=corpus, arm="fixed_projection")
@@ -230,6 +249,37 @@ def language_model_claims(records: list[dict[str, Any]]) -> list[Claim]:
             claims.append(Claim("LM", f"centring cuts fixed_projection's dropped slots ({corpus}, training cf 1.25)",
                                 _diff_text("drop(centred) - drop(plain), mean over layers", diff),
                                 direction_verdict(diff, -1)))
+    return claims
+
+
+def scope_and_overflow_claims(records: list[dict[str, Any]], corpus: str, labelled: bool) -> list[Claim]:
+    """Issue 22's two comparisons on `corpus`, each pair of arms differing in one setting, paired on
+    the seeds both ran: global-batch vs micro-batch balance (I(expert; language), validation loss)
+    and spill vs drop at the same receive budget (validation loss, training dropped fraction)."""
+    arms = {r["arm"] for r in records if r["corpus"] == corpus}
+    claims = []
+    if set(SCOPE_PAIR) <= arms:
+        glob, micro = SCOPE_PAIR
+        pair = f"{glob} vs {micro}, whose dp_global scope is micro_batch in one process; {corpus}"
+        if labelled:
+            diff = difference_stats(*paired(records, corpus, glob, micro, "mi_label_normalized", over_layers=True))
+            claims.append(Claim("LM", f"global-batch balance raises I(expert; language) vs micro-batch balance "
+                                f"({pair}; mean over layers)", _diff_text("I/H(global) - I/H(micro)", diff),
+                                direction_verdict(diff, +1)))
+        diff = difference_stats(*paired(records, corpus, glob, micro, "val_loss"))
+        claims.append(Claim("LM", f"global-batch balance lowers the validation loss vs micro-batch balance ({pair})",
+                            _diff_text("val loss(global) - val loss(micro)", diff), direction_verdict(diff, -1)))
+    if set(OVERFLOW_PAIR) <= arms:
+        spill, drop = OVERFLOW_PAIR
+        factor = ARMS[spill].moe["rank_capacity_factor"]
+        pair = f"receive budget {factor:g} x fair share, dropless experts; {corpus}"
+        diff = difference_stats(*paired(records, corpus, spill, drop, "val_loss"))
+        claims.append(Claim("LM", f"spill lowers the validation loss vs drop ({pair})",
+                            _diff_text("val loss(spill) - val loss(drop)", diff), direction_verdict(diff, -1)))
+        diff = difference_stats(*paired(records, corpus, spill, drop, "train_dropped_fraction", over_layers=True))
+        claims.append(Claim("LM", f"spill lowers the dropped fraction vs drop ({pair}; training, second half; "
+                            "mean over layers)", _diff_text("drop(spill) - drop(drop)", diff),
+                            direction_verdict(diff, -1)))
     return claims
 
 

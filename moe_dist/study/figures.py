@@ -228,3 +228,29 @@ def language_model_curves_figure(summary: dict[str, Any], path: str) -> str:
     fig.suptitle("MoE LM validation loss over training (mean, band: ± std over seeds)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def route_stability_figure(summary: dict[str, Any], path: str) -> str:
+    """Route stability over training: the fraction of the fixed probe tokens whose top-1 expert is
+    unchanged since the previous curve point (mean over MoE layers), one line per router with a
+    band of one std over seeds, one panel per corpus. A fixed table (hash) stays at 1."""
+    corpora = list(summary)
+    colors = _arm_colors(summary)
+    fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 4.5), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        for arm, e in summary[corpus].items():
+            if "route_stability" not in e:
+                continue  # the dense arm routes nothing
+            steps = np.array(e["route_stability"]["steps"])
+            mean, std = _mean_std(e["route_stability"]["top1_unchanged"])
+            ax.plot(steps, mean, "-", color=colors[arm], label=arm, linewidth=1.3)
+            ax.fill_between(steps, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=colors[arm], alpha=0.15)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("step (stability since the previous curve point)")
+        ax.set_ylabel("top-1 unchanged (fraction of probe tokens)")
+        ax.set_title(f"{corpus}: route stability, mean over MoE layers")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("MoE LM route stability over training (mean, band: ± std over seeds)")
+    fig.tight_layout()
+    return _save(fig, path)

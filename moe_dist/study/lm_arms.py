@@ -42,12 +42,16 @@ class Arm:
         return None if self.router is None else self.router["type"]
 
 
+# The topk settings the strongest baselines share (issue 27: renormalized K weights), under the
+# arms that isolate one other setting against them.
+_STRONG_TOPK = {"type": "topk", "renormalize": True}
+
 ARMS: dict[str, Arm] = {
     "dense": Arm(None),
     # topk at the shipped default (renormalize false: the K weights sum to about K/E), and the two
     # stronger topk baselines the research routers are judged against.
     "topk": Arm({"type": "topk"}),
-    "topk renormalize": Arm({"type": "topk", "renormalize": True}),
+    "topk renormalize": Arm(dict(_STRONG_TOPK)),
     # DeepSeek-V3's aux-loss-free balancing replaces the Switch loss; renormalized as there.
     "topk bias-balanced": Arm({"type": "topk", "renormalize": True, "bias_balancing": True},
                               {"aux_loss": {"switch": 0.0}}),
@@ -60,4 +64,27 @@ ARMS: dict[str, Arm] = {
     "attentive": Arm({"type": "attentive"}),
     # The non-learned baseline beside COMET's fixed projection: a seeded token-id table.
     "hash": Arm({"type": "hash"}),
+    # Issue 22's balance scope: the Switch loss's expert fractions over the optimizer step's micro
+    # batches so far (the study loop hands the running counts on as the trainer does). Its
+    # micro-batch twin is "topk renormalize": its default dp_global scope spans the one rank of a
+    # single process, which is micro_batch (equal losses and gradients, tests/unit/study), so a
+    # second run of it would cost CPU for the same numbers.
+    "topk global-batch balance": Arm(dict(_STRONG_TOPK), {"aux_loss": {"switch_scope": "global_batch"}}),
+    # The bounded dispatch's overflow policies: a receive budget of 1.25 times each stand-in rank's
+    # fair share (`LanguageModelBudget.budget_ranks`; 1.25 is the capacity factor the other arms
+    # train with) in front of dropless experts, the setting the budget exists for. Behind the
+    # per-expert capacity of 1.25 a rank's experts could never receive more than the budget, so
+    # it would never bind. Only `overflow` differs between the two.
+    "topk budget drop": Arm(dict(_STRONG_TOPK), {"capacity_factor": 0.0, "rank_capacity_factor": 1.25,
+                                                 "overflow": "drop"}),
+    "topk budget spill": Arm(dict(_STRONG_TOPK), {"capacity_factor": 0.0, "rank_capacity_factor": 1.25,
+                                                  "overflow": "spill"}),
 }
+
+# The strongest-topk candidates every research router is judged against (`claims.strongest_topk`):
+# the arms above that change the routing loss or the dispatch answer their own claims, against
+# one of these, with fewer seeds.
+BASELINE_CANDIDATES = ("topk", "topk renormalize", "topk bias-balanced")
+# (global-batch arm, its micro-batch twin) and (spill arm, drop arm): each pair differs in one setting.
+SCOPE_PAIR = ("topk global-batch balance", "topk renormalize")
+OVERFLOW_PAIR = ("topk budget spill", "topk budget drop")

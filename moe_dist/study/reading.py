@@ -109,8 +109,15 @@ def _language_model_lines(summary: dict[str, Any]) -> list[str]:
         drops = {a: sum(s["mean"] for s in e["train_dropped_fraction"]) / len(e["train_dropped_fraction"])
                  for a, e in arms.items() if e.get("train_dropped_fraction")}
         if drops:
-            lines.append(f"- LM {corpus}: training dropped fraction (cf 1.25, mean over layers): "
+            lines.append(f"- LM {corpus}: training dropped fraction (cf 1.25; the budget arms: dropless experts "
+                         "behind their receive budget; mean over layers): "
                          + ", ".join(f"{a} {v:.3f}" for a, v in sorted(drops.items(), key=lambda kv: kv[1])) + ".")
+        settled = {a: e["route_stability"]["top1_unchanged"][-1]["mean"] for a, e in arms.items()
+                   if "route_stability" in e}
+        if settled:
+            lines.append(f"- LM {corpus}: route stability over the last curve interval (top-1 unchanged, mean over "
+                         "layers): " + ", ".join(f"{a} {v:.3f}" for a, v in sorted(settled.items(),
+                                                                                key=lambda kv: -kv[1])) + ".")
         with_mi = {a: max(s["mean"] for s in e["mi_label_normalized"]) for a, e in arms.items()
                    if "mi_label_normalized" in e}
         if with_mi:

@@ -9,8 +9,8 @@ from typing import Any
 
 from moe_dist.study.digits_data import TEST_FRACTION
 from moe_dist.study.claims import renormalize_decision
-from moe_dist.study.language_model import CORPUS_LEFT_OUT_REASONS, LEFT_OUT_REASONS
-from moe_dist.study.lm_arms import ARMS
+from moe_dist.study.language_model import CORPUS_LEFT_OUT_REASONS, LEFT_OUT_REASONS, REDUCED_SEEDS_REASON
+from moe_dist.study.lm_arms import ARMS, BASELINE_CANDIDATES, OVERFLOW_PAIR, SCOPE_PAIR
 from moe_dist.study.lm_corpus import SHAKESPEARE_VALID_FRACTION, VALID_EVERY
 from moe_dist.study.reading import reading_section
 from moe_dist.study.seeds import format_stats
@@ -156,9 +156,12 @@ def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]
              f"weight decay {b['weight_decay']:g}, clip 1, each arm's aux losses, the routers' `after_step` hooks "
              "once per optimizer step with the step's summed load): "
              f"{b['steps']} steps of {b['batch']} x {b['seq_len']} tokens = {tokens:,} tokens for every arm and "
-             f"seed ({len(b['seeds'])} seeds), each step {b['micro_batches']} gradient-accumulation micro batches "
-             f"of {b['batch'] // b['micro_batches']} sequences whose losses are scaled by 1/{b['micro_batches']} "
-             "before backward, as DeepSpeed does (the Switch loss is a micro-batch-scoped loss here). "
+             f"seed ({len(b['seeds'])} seeds unless said below), each step {b['micro_batches']} gradient-accumulation "
+             f"micro batches of {b['batch'] // b['micro_batches']} sequences whose losses are scaled by "
+             f"1/{b['micro_batches']} before backward, as DeepSpeed does (the default dp_global Switch loss spans "
+             "the one rank of a single process: it is micro-batch scoped here; a global_batch scope gets the "
+             "running counts handed from micro batch to micro batch, restarted at each step, as "
+             "`Trainer.train_step` does). "
              f"The dense baseline's FFN width is top_k x expert d_ff = {b['top_k'] * b['expert_d_ff']}: the same "
              "active FFN parameters, so every arm has the same active expert FLOPs per token and only the "
              "router's own work differs (table below). Validation loss in nats per token on fixed held-out "
@@ -167,9 +170,10 @@ def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]
              f"of each language; shakespeare: the last {SHAKESPEARE_VALID_FRACTION:.0%} of the text). Tokenizers: "
              + ", ".join(f"{c}: {t}" for c, t in tokenizers.items()) + " (SentencePiece BPE trained in the run on "
              "the training documents). I(expert; language) / H(language) per MoE layer from the final validation "
-             "routing. Dropped fractions: training (cf 1.25, second half of training) and validation (the "
-             "layer's eval capacity). CPU s/step: process CPU seconds per optimizer step of one single-threaded "
-             "worker (the sizing measure: wall time on a shared machine is not).", ""]
+             "routing. Dropped fractions: training (cf 1.25, or the budget arms' receive budget in front of "
+             "dropless experts; second half of training) and validation (the layer's eval capacity). CPU s/step: "
+             "process CPU seconds per optimizer step of one single-threaded worker (the sizing measure: wall time "
+             "on a shared machine is not).", ""]
     if part_seconds is not None:
         lines += [f"- CPU time of this part: {format_duration(part_seconds)} summed over its {len(records)} runs "
                   "(the page's wall time covers every part; the header gives every part's CPU time).", ""]
@@ -177,6 +181,11 @@ def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]
         lines += [f"- Left out of this budget: **{arm}**: {LEFT_OUT_REASONS.get(arm, 'not in the budget')}.", ""]
     for corpus in corpora_left_out:
         lines += [f"- Corpus left out of this budget: **{corpus}**: {CORPUS_LEFT_OUT_REASONS[corpus]}.", ""]
+    reduced = [a for a in b["reduced_seed_arms"] if a in b["arms"]]
+    if reduced and b["reduced_seeds"] < len(b["seeds"]):
+        lines += [f"- Run on the first {b['reduced_seeds']} seeds only: " + ", ".join(f"**{a}**" for a in reduced)
+                  + f": {REDUCED_SEEDS_REASON}.", ""]
+    lines += scope_and_budget_notes(summary, b)
     for corpus, arms in summary.items():
         rows = [[arm, _arm_settings(arm), f"{e['router_params']['mean']:,.0f}", f"{e['router_buffers']['mean']:,.0f}",
                  f"{e['router_flops_per_token']['mean']:,.0f}", f"{e['cpu_seconds_per_step']['mean']:.3f}"]
@@ -190,8 +199,10 @@ def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]
                   *_table(["arm", "settings", "router params (trained)", "router tables (fixed)", "router FLOPs/token",
                            "CPU s/step"], rows), ""]
         break  # the costs are the corpus' own only through the vocabulary: one table tells them
-    lines += ["**Claims** (each research router against the strongest topk, the topk arm with the lowest mean "
-              "validation loss in this run; paired over seeds, the verdict rule of *Claims checked*). "
+    lines += ["**Claims** (each research router against the strongest topk: of "
+              + ", ".join(f"`{a}`" for a in BASELINE_CANDIDATES) + ", the arm with the lowest mean "
+              "validation loss in this run; the balance-scope and overflow arms against their twin, paired on "
+              "the seeds both ran; paired over seeds, the verdict rule of *Claims checked*). "
               "Decision rule for the default of `router.renormalize` with K > 1: switch it to true only when "
               "`topk renormalize` lowers the validation loss against the shipped `topk` with the verdict "
               "*reproduced* on every corpus; keep false when the verdict is *opposite* anywhere or inconclusive "
@@ -203,6 +214,16 @@ def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]
     for name in ("language_model_curves", "language_model", *(k for k in figures if k.startswith("heatmap"))):
         if name in figures:
             lines += [f"![{name}]({figures[name]})", ""]
+    if "route_stability" in figures:
+        lines += [f"**Route stability over training.** At every point of the validation curve each MoE layer's "
+                  f"top-k choices (the router's, before capacity, in eval mode) for a fixed probe set of "
+                  f"{b['probe_windows']} validation windows ({b['probe_windows'] * b['seq_len']} token positions, "
+                  "split over the domains) are recorded; the figure shows the fraction of probe tokens whose top-1 "
+                  "expert is unchanged since the previous point, averaged over the MoE layers, mean and band of one "
+                  "std over seeds (`moe_dist.evaluate.trace_analysis.route_stability`, the routing trace's "
+                  "definition; the top-k set's stability is in the JSON). A fixed token table (hash) stays at 1 "
+                  "by construction; a learned router's routes settle as its stability approaches 1.", "",
+                  f"![route_stability]({figures['route_stability']})", ""]
     for corpus, arms in summary.items():
         num_layers = max((len(e.get("train_dropped_fraction", [])) for e in arms.values()), default=0)
         labelled = any("mi_label_normalized" in e for e in arms.values())
@@ -229,6 +250,43 @@ def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]
     return lines
 
 
+def scope_and_budget_notes(summary: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """How the balance-scope and overflow arms are set up, and the budget's own counts."""
+    lines = []
+    if set(SCOPE_PAIR) <= set(b["arms"]):
+        glob, micro = SCOPE_PAIR
+        lines += [f"- **Balance scope** (issue 22): `{glob}` against `{micro}`, the same renormalized topk and "
+                  "Switch coefficient; only `aux_loss.switch_scope` differs (global_batch: micro batch m's expert "
+                  "fractions count micro batches 1..m of the step). `topk renormalize`'s default dp_global scope "
+                  "is micro_batch in a single process (tested equal in losses and gradients), so it serves as "
+                  "the micro-batch arm without a duplicate run.", ""]
+    if set(OVERFLOW_PAIR) <= set(b["arms"]):
+        spill, drop = OVERFLOW_PAIR
+        moe = ARMS[spill].moe
+        lines += [f"- **Bounded dispatch** (issue 22): `{spill}` against `{drop}`, renormalized topk with dropless "
+                  f"experts behind a receive budget of `rank_capacity_factor` {moe['rank_capacity_factor']:g}; only "
+                  "`overflow` differs. A single process is one EP rank, whose budget is all T x K pairs and never "
+                  f"binds, so the layers split the {b['num_experts']} experts over {b['budget_ranks']} stand-in ranks "
+                  f"(`MoESideInputs.budget_ranks`): each micro batch sends each rank's "
+                  f"{b['num_experts'] // b['budget_ranks']} experts at most "
+                  f"{moe['rank_capacity_factor']:g} x T x K / {b['budget_ranks']} pairs of its T tokens, as if the "
+                  f"micro batch were one source rank of an EP {b['budget_ranks']} run (a real one splits the tokens "
+                  "over its source ranks and budgets each alone, which can refuse more). Training only: evaluation "
+                  "runs without a budget, as without a capacity.", ""]
+        for corpus, arms in summary.items():
+            cells = []
+            for arm in OVERFLOW_PAIR:
+                e = arms.get(arm, {})
+                if "train_over_budget_fraction" in e:
+                    cells.append(f"`{arm}` {_layer_mean_text(e['train_over_budget_fraction'])} over budget, "
+                                 f"{_layer_mean_text(e.get('train_spilled_fraction'))} spilled, "
+                                 f"{_layer_mean_text(e['train_dropped_fraction'])} dropped")
+            if cells:
+                lines += [f"  Fractions of the routed pairs in the second half of training ({corpus}; mean over "
+                          "layers and seeds): " + "; ".join(cells) + ".", ""]
+    return lines
+
+
 def _layer_mean_text(stats: list[dict[str, float]] | None) -> str:
     if not stats:
         return "-"
@@ -243,7 +301,8 @@ def method_notes() -> list[str]:
             "- The routers run at their shipped defaults (inhibition: subtractive, EMA statistic; "
             "fixed_projection: hidden-state source, uniform weights), so the numbers describe what a user "
             "gets without tuning; the LM experiment adds the arms named in its table (topk renormalized, "
-            "topk with aux-loss-free bias balancing, inhibition divisive, fixed_projection centred).",
+            "topk with aux-loss-free bias balancing, inhibition divisive, fixed_projection centred, and the "
+            "renormalized topk with global-batch balance or behind a receive budget with spill or drop).",
             "- The digits 'original gate' is a softmax read-out of a gate trunk as wide as the attentive "
             "gate's (`moe_dist/study/softmax_mixture.py`); the mixture is of class probabilities; L_s is the "
             "paper's two-term form with beta_s = beta_d = 1e-6 at batch 512, importance 0.1.", ""]

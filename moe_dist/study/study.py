@@ -117,6 +117,8 @@ def draw_figures(study: dict[str, Any], folder: str) -> dict[str, str]:
         drawn["language_model"] = figures.language_model_figure(lm, os.path.join(folder, "language_model.png"))
         drawn["language_model_curves"] = figures.language_model_curves_figure(
             lm, os.path.join(folder, "language_model_curves.png"))
+        if any("route_stability" in e for arms in lm.values() for e in arms.values()):
+            drawn["route_stability"] = figures.route_stability_figure(lm, os.path.join(folder, "route_stability.png"))
         for record in study["records"]["language_model"]:
             corpus = record["corpus"]
             labelled = any("expert_label_counts_seed0" in e for e in lm[corpus].values())

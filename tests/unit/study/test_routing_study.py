@@ -10,12 +10,13 @@ import random
 import re
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
 from moe_dist.study import comet_width, common_mode, digits_gates, language_model
 from moe_dist.study.claims import direction_verdict, language_model_claims, renormalize_decision, strongest_topk
-from moe_dist.study.lm_arms import ARMS, Arm
+from moe_dist.study.lm_arms import ARMS, OVERFLOW_PAIR, SCOPE_PAIR, Arm
 from moe_dist.study.seeds import difference_stats, seed_stats
 from moe_dist.study.study import QUICK
 from moe_dist.study.tasks import run_tasks
@@ -108,10 +109,24 @@ def test_quick_run_writes_finite_results_of_every_arm_figures_and_page(tmp_path)
 
     lm = QUICK.language_model
     assert lm.arms == tuple(ARMS)  # the quick run trains every arm
-    assert len(records["language_model"]) == len(lm.corpora) * len(ARMS) * len(lm.seeds)
+    assert set(lm.reduced_seed_arms) == {SCOPE_PAIR[0], *OVERFLOW_PAIR}  # the quick run covers their seed rule
+    assert len(records["language_model"]) == len(lm.corpora) * sum(len(lm.seeds_of(a)) for a in ARMS)
     curve_steps = list(range(0, lm.steps, lm.eval_every)) + [lm.steps]
     for r in records["language_model"]:
         assert [p["step"] for p in r["curve"]] == curve_steps
+        # Route stability between consecutive curve points, per MoE layer, for every arm with a router.
+        stability = r["route_stability"]
+        if r["arm"] == "dense":
+            assert stability == []
+        else:
+            assert [(p["from_step"], p["to_step"]) for p in stability] == list(zip(curve_steps, curve_steps[1:]))
+            for p in stability:
+                for key in ("top1_unchanged", "topk_set_unchanged"):
+                    assert len(p[key]) == lm.n_layers and all(0.0 <= v <= 1.0 for v in p[key])
+                if r["arm"] == "hash":  # a fixed token table routes the probe tokens the same at every point
+                    assert p["top1_unchanged"] == [1.0] * lm.n_layers == p["topk_set_unchanged"]
+        budgeted = r["arm"] in OVERFLOW_PAIR
+        assert all(("train_over_budget_fraction" in row) == budgeted for row in r["layers"].values())
         assert (r["router_params"] == 0) == (r["arm"] in ("dense", "fixed_projection", "fixed_projection center",
                                                           "hash"))
         assert len(r["layers"]) == (0 if r["arm"] == "dense" else lm.n_layers)
@@ -133,15 +148,22 @@ def test_quick_run_writes_finite_results_of_every_arm_figures_and_page(tmp_path)
     for arm in research:  # loss and I on the labelled fortunes, loss alone on the unlabelled shakespeare
         mine = [c["claim"] for c in lm_claims if c["claim"].startswith((f"{arm} lowers", f"{arm} raises"))]
         assert len(mine) == 3 and sum("I(expert; language)" in c and "fortunes" in c for c in mine) == 1
+    scope = [c["claim"] for c in lm_claims if c["claim"].startswith("global-batch balance")]
+    overflow = [c["claim"] for c in lm_claims if c["claim"].startswith("spill lowers")]
+    assert len(scope) == 3 and sum("I(expert; language)" in c for c in scope) == 1  # I on fortunes only
+    assert len(overflow) == 4
+    assert all("route_stability" in e for a, e in lm_summary.items() if a != "dense")
+    assert "route_stability" not in lm_summary["dense"]
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["comet_width.png", "common_mode.png", "digits_gates.png", "heatmap_fortunes.png",
-                    "language_model.png", "language_model_curves.png"]
+                    "language_model.png", "language_model_curves.png", "route_stability.png"]
     for name in pngs:
         raw = (out / name).read_bytes()
         assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) < 200_000
     page = (out / "routing_study.md").read_text()
     for heading in ("## Claims checked", "## Reading", "## 1. Common-mode", "## 2. Digits", "## 3. COMET",
-                    "## 4. MoE language model", "**Arms and their cost**", "Decision for `router.renormalize`"):
+                    "## 4. MoE language model", "**Arms and their cost**", "Decision for `router.renormalize`",
+                    "**Balance scope**", "**Bounded dispatch**", "**Route stability over training.**"):
         assert heading in page
     assert not re.search(r"\bnan\b", page, re.IGNORECASE)
     for name in pngs:
@@ -149,10 +171,14 @@ def test_quick_run_writes_finite_results_of_every_arm_figures_and_page(tmp_path)
         assert (out / "figures" / "routing_study" / name).is_file()
 
 
-def lm_records(val_loss: dict[str, list[float]], mi: dict[str, list[float]]) -> list[dict]:
-    """Per-seed LM records of the shape run_one writes (two MoE layers with the given I/H each)."""
+def lm_records(val_loss: dict[str, list[float]], mi: dict[str, list[float]],
+               dropped: dict[str, list[float]] | None = None) -> list[dict]:
+    """Per-seed LM records of the shape run_one writes (two MoE layers with the given I/H and
+    training dropped fraction each; seeds 0, 1, ... as many as an arm's losses)."""
+    dropped = dropped or {}
     return [{"corpus": "fortunes", "arm": arm, "seed": seed, "val_loss": loss,
-             "layers": {str(layer): {"mi_label_normalized": mi[arm][seed], "train_dropped_fraction": 0.0}
+             "layers": {str(layer): {"mi_label_normalized": mi[arm][seed],
+                                     "train_dropped_fraction": dropped[arm][seed] if arm in dropped else 0.0}
                         for layer in range(2)}}
             for arm, losses in val_loss.items() for seed, loss in enumerate(losses)]
 
@@ -250,3 +276,145 @@ def test_micro_batches_accumulate_the_one_batch_gradient_and_load():
         assert loss == pytest.approx(loss1, rel=1e-5)
         assert all(torch.equal(load[layer], load1[layer]) for layer in load1)
         torch.testing.assert_close(grad, grad1, rtol=1e-4, atol=1e-6)
+
+
+def test_scope_and_overflow_claims_pair_the_seeds_both_arms_ran():
+    """The new arms run on 3 seeds, their twins on 5: each claim pairs seeds 0-2 (n=3), and the
+    verdict follows the rule on known cases. The twins' seeds 3 and 4 would flip the loss claims
+    if they were averaged in unpaired."""
+    glob, micro = SCOPE_PAIR
+    spill, drop = OVERFLOW_PAIR
+    twin = [3.00, 3.10, 3.05, 2.00, 2.00]
+    val_loss = {"topk": [3.2] * 5, micro: twin,
+                glob: [v + 0.05 + 0.001 * i for i, v in enumerate(twin[:3])],  # higher in every seed: opposite
+                drop: twin, spill: [v + d for v, d in zip(twin[:3], (0.04, -0.05, 0.01))]}  # mixed: inconclusive
+    mi = {"topk": [0.2] * 5, micro: [0.20, 0.22, 0.21, 0.9, 0.9], glob: [0.30, 0.33, 0.31],  # higher: reproduced
+          drop: [0.2] * 5, spill: [0.2] * 3}
+    dropped = {drop: [0.10, 0.12, 0.11, 0.0, 0.0], spill: [0.02, 0.03, 0.02]}  # lower: reproduced
+    records = lm_records(val_loss, mi, dropped)
+    claims = language_model_claims(records)
+    scope = claim(claims, "global-batch balance raises I(expert; language) vs micro-batch balance")
+    assert scope.verdict == "reproduced" and "n=3" in scope.measured
+    assert claim(claims, "global-batch balance lowers the validation loss").verdict == "opposite"
+    assert claim(claims, "spill lowers the validation loss vs drop").verdict.startswith("inconclusive")
+    dropped_claim = claim(claims, "spill lowers the dropped fraction vs drop")
+    assert dropped_claim.verdict == "reproduced" and "drop(spill) - drop(drop) = -0.087" in dropped_claim.measured
+    # The twins' extra seeds are lower than anything: the new arms are never the research routers'
+    # baseline (the micro twin at seeds 3, 4 makes topk renormalize the strongest candidate).
+    assert strongest_topk(records, "fortunes") == micro
+    # Reversed differences give the opposite verdicts: the rule, not the inputs' order, decides.
+    swapped = lm_records({**val_loss, glob: [v - 0.05 for v in twin[:3]]}, {**mi, glob: [0.1, 0.12, 0.11]},
+                         {**dropped, spill: [0.2, 0.3, 0.25]})
+    claims = language_model_claims(swapped)
+    assert claim(claims, "global-batch balance raises I(expert; language)").verdict == "opposite"
+    assert claim(claims, "global-batch balance lowers the validation loss").verdict == "reproduced"
+    assert claim(claims, "spill lowers the dropped fraction vs drop").verdict == "opposite"
+
+
+def test_route_stability_of_known_probe_snapshots():
+    from moe_dist.evaluate.trace_analysis import route_stability
+
+    # Four probe tokens, top-2, two MoE layers. Layer 0: tokens 1 and 2 change their first choice
+    # (1 keeps its set {2, 3} reordered, 2 keeps {0, 1}); token 3 changes its second choice.
+    before = {0: np.array([[0, 1], [2, 3], [1, 0], [3, 2]]), 1: np.array([[0, 1], [0, 1], [2, 3], [2, 3]])}
+    after = {0: np.array([[0, 1], [3, 2], [0, 1], [3, 1]]), 1: np.array([[0, 1], [0, 1], [2, 3], [2, 3]])}
+    assert language_model.stability_between(before, after) == {"top1_unchanged": [0.5, 1.0],
+                                                               "topk_set_unchanged": [0.75, 1.0]}
+    assert route_stability(before[0], after[0]) == {"top1_unchanged": 0.5, "topk_set_unchanged": 0.75}
+    with pytest.raises(ValueError, match="same N > 0 tokens"):
+        route_stability(before[0], after[0][:3])
+
+
+def global_batch_model(tokens):
+    from dataclasses import replace
+
+    base = replace(language_model.QUICK, batch=tokens.shape[0])
+    cfg = language_model.model_config(base, ARMS[SCOPE_PAIR[0]], vocab_size=50, num_labels=0)
+    return language_model.MoETransformer(cfg, seed=0)
+
+
+def test_the_study_loop_hands_the_global_batch_counts_on_and_restarts_each_step():
+    """The second micro batch's Switch loss is the one the layer gives with the first micro batch's
+    running counts (and not the one it gives without them); a new step starts from none."""
+    tokens = torch.randint(50, (8, language_model.QUICK.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    model = global_batch_model(tokens)
+    _, _, stats = language_model.accumulate_gradients(model, tokens, None, micro_batches=2)
+    with torch.no_grad():  # no optimizer step ran: the weights are the ones the loop saw
+        first = model(tokens[:4, :-1], tokens[:4, 1:])
+        handed = model(tokens[4:, :-1], tokens[4:, 1:], step_counts=first.step_counts)
+        alone = model(tokens[4:, :-1], tokens[4:, 1:])
+    for layer in stats[1]:
+        loop = stats[1][layer]["loss_switch"]
+        torch.testing.assert_close(loop, handed.moe_stats[layer]["loss_switch"])
+        assert not torch.allclose(loop, alone.moe_stats[layer]["loss_switch"])
+    # The next step's first micro batch sees no counts of the previous step.
+    _, _, again = language_model.accumulate_gradients(model, tokens, None, micro_batches=2)
+    for layer in again[0]:
+        torch.testing.assert_close(again[0][layer]["loss_switch"], first.moe_stats[layer]["loss_switch"])
+
+
+def test_dp_global_balance_is_micro_batch_balance_in_one_process():
+    """Why `topk renormalize` is the global-batch arm's micro-batch twin: with one rank its default
+    dp_global scope gives the micro_batch scope's losses and gradients, so a run of its own would
+    repeat the same numbers."""
+    from dataclasses import replace
+
+    base = replace(language_model.QUICK, batch=8)
+    twin = ARMS[SCOPE_PAIR[1]]
+    assert twin.moe.get("aux_loss", {}).get("switch_scope", "dp_global") == "dp_global"
+    micro_arm = Arm(twin.router, {**twin.moe, "aux_loss": {"switch_scope": "micro_batch"}})
+    tokens = torch.randint(50, (base.batch, base.seq_len + 1), generator=torch.Generator().manual_seed(2))
+    results = []
+    for arm in (twin, micro_arm):
+        model = language_model.MoETransformer(language_model.model_config(base, arm, 50, 0), seed=0)
+        loss, _, stats = language_model.accumulate_gradients(model, tokens, None, micro_batches=2)
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        results.append((loss, [s[layer]["loss_switch"] for s in stats for layer in s], grad))
+    (loss_a, switch_a, grad_a), (loss_b, switch_b, grad_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    torch.testing.assert_close(torch.stack(switch_a), torch.stack(switch_b))
+    torch.testing.assert_close(grad_a, grad_b)
+
+
+def test_the_receive_budget_binds_only_over_stand_in_ranks_and_the_policies_differ():
+    """At the layer's own ep_size 1 a rank's budget is all T x K pairs: nothing is ever over it.
+    Over 4 stand-in ranks (one expert each) a batch of one repeated token (every token routed
+    alike: a hot expert) overflows; spill moves pairs where drop drops them. The two arms differ
+    only in `overflow`."""
+    from dataclasses import replace
+
+    spill_arm, drop_arm = (ARMS[a] for a in OVERFLOW_PAIR)
+    assert spill_arm.router == drop_arm.router and spill_arm.moe["overflow"] == "spill"
+    assert {**spill_arm.moe, "overflow": "drop"} == drop_arm.moe
+    base = replace(language_model.QUICK, batch=4, budget_ranks=4)
+    tokens = torch.full((base.batch, base.seq_len + 1), 7)
+    counts = {}
+    for name, arm in zip(OVERFLOW_PAIR, (spill_arm, drop_arm)):
+        for ranks in (0, base.budget_ranks):
+            model = language_model.MoETransformer(language_model.model_config(base, arm, 50, 0), seed=0)
+            _, _, stats = language_model.accumulate_gradients(model, tokens, None, 1, budget_ranks=ranks)
+            counts[name, ranks] = [{k: float(row[k]) for k in ("pairs_over_budget", "pairs_spilled")}
+                                   for row in stats[0].values()]
+    for name in OVERFLOW_PAIR:
+        assert all(row["pairs_over_budget"] == 0 for row in counts[name, 0])
+        assert all(row["pairs_over_budget"] > 0 for row in counts[name, 4])
+    assert all(row["pairs_spilled"] > 0 for row in counts[OVERFLOW_PAIR[0], 4])
+    assert all(row["pairs_spilled"] == 0 for row in counts[OVERFLOW_PAIR[1], 4])
+
+
+def test_new_arms_run_on_fewer_seeds_in_the_full_budget():
+    full = language_model.FULL
+    tasks = language_model.tasks(full, {c: f"{c}.pt" for c in full.corpora})
+    seeds = {}
+    for t in tasks:
+        seeds.setdefault(t.kwargs["arm"], []).append(t.kwargs["seed"])
+    reduced = {SCOPE_PAIR[0], *OVERFLOW_PAIR}
+    assert set(full.reduced_seed_arms) == reduced and full.reduced_seeds >= 3  # issue 22's minimum
+    assert all(seeds[a] == list(full.seeds[:full.reduced_seeds]) for a in reduced)
+    assert all(seeds[a] == list(full.seeds) for a in full.arms if a not in reduced)
+    with pytest.raises(ValueError, match="reduced_seed_arms"):
+        language_model.LanguageModelBudget(arms=("topk",), reduced_seed_arms=("hash",))
+    with pytest.raises(ValueError, match="reduced_seeds"):
+        language_model.LanguageModelBudget(seeds=(0, 1), reduced_seed_arms=("hash",), reduced_seeds=3)
+    with pytest.raises(ValueError, match="budget_ranks"):
+        language_model.LanguageModelBudget(budget_ranks=3)
