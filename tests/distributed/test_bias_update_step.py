@@ -35,9 +35,9 @@ def _worker(rank: int, world: int, out: str) -> None:
     updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (load, bias before, bias after)
     forward, after_step = trainer.forward, moe.router.after_step
 
-    def recording_forward(batch, step_counts=None):
+    def recording_forward(batch, phase="train", micro=0, step_counts=None):
         handed.append(step_counts is not None and layer_index in step_counts)
-        result = forward(batch, step_counts)
+        result = forward(batch, phase, micro, step_counts)
         micro_loads.append(result.moe_stats[layer_index]["tokens_per_expert"].detach().clone())
         return result
 

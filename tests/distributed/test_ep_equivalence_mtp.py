@@ -1,4 +1,5 @@
-"""DeepSeek-V3's routing and multi-token prediction under expert parallelism: group-limited top-k
+"""DeepSeek-V3's architecture under expert parallelism: multi-head latent attention (a low-rank
+query, a joint key-value latent, split rotary/non-rotary heads), a dense first layer, group-limited top-k
 (2 of 4 expert groups, ranked by their top-2 sum) on sigmoid scores with a non-zero selection bias,
 renormalized and scaled, and an MTP block (an MoE block, layer n_layers) whose loss joins the
 training loss. EP 2 and 4 on CPU/gloo equal one process holding every rank's sequences (same
@@ -26,7 +27,8 @@ ROUTER = {"type": "topk", "score": "sigmoid", "bias_balancing": True, "renormali
 def make_cfg(ep_size: int):
     return parse_model_config(
         dict(vocab_size=V, d_model=16, n_layers=N_LAYERS, n_heads=4, d_ff=24, max_seq_len=SEQ, moe_every=1,
-             moe_offset=1, tie_embeddings=False, mtp_layers=1, mtp_loss_weight=0.3),
+             moe_offset=1, tie_embeddings=False, mtp_layers=1, mtp_loss_weight=0.3, attention="mla",
+             q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=6),
         dict(num_experts=E, d_ff=16, top_k=3, ep_size=ep_size, num_shared_experts=1, capacity_factor=1.0,
              min_capacity=1, drop_policy="probs", router=ROUTER,
              aux_loss=dict(switch=0.1, z_loss=0.01, importance=0.1)))

@@ -21,9 +21,9 @@ def _worker(rank: int, world: int, out: str) -> None:
     alive_at_forward: list[bool] = []
     forward = trainer.forward
 
-    def watched(batch):
+    def watched(batch, *args):
         alive_at_forward.append(bool(previous) and previous[-1]() is not None)
-        result = forward(batch)
+        result = forward(batch, *args)
         previous.append(weakref.ref(result.logits_BSV))
         return result
 

@@ -42,15 +42,18 @@ def test_pretrain_on_fortunes_with_the_deepspeed_launcher(tmp_path):
     corpus = sample_corpus(tmp_path)
     run_tool("tools/train_tokenizer.py", "--input", *corpus, "--output-prefix", str(tmp_path / "tok"),
              "--vocab-size", "384", "--model-type", "bpe")
-    run_tool("tools/preprocess_data.py", "--input", *corpus, "--output-prefix", str(tmp_path / "fortunes"),
-             "--tokenizer-model", str(tmp_path / "tok.model"), "--label-key", "lang")
+    # One prefix per corpus (docs/data.md): each split then holds every language.
+    prefixes = [str(tmp_path / f"fortunes_{i}") for i in range(len(corpus))]
+    for path, prefix in zip(corpus, prefixes):
+        run_tool("tools/preprocess_data.py", "--input", path, "--output-prefix", prefix,
+                 "--tokenizer-model", str(tmp_path / "tok.model"), "--label-key", "lang")
 
     tb = tmp_path / "tb"
     cfg = tiny_config(
         model=dict(vocab_size=384, num_labels=3),
         data=dict(kind="megatron", synthetic=None,
                   tokenizer={"kind": "sentencepiece", "model": str(tmp_path / "tok.model")},
-                  megatron={"prefixes": [str(tmp_path / "fortunes")], "split": "90,10"}),
+                  megatron={"prefixes": prefixes, "split": "90,10"}),
         train=dict(steps=4, log_interval=2, eval_interval=4, tensorboard_dir=str(tb),
                    checkpoint_dir=str(tmp_path / "ckpt")))
     config = write_yaml(str(tmp_path / "run.yaml"), cfg)
@@ -81,5 +84,5 @@ def test_pretrain_on_fortunes_with_the_deepspeed_launcher(tmp_path):
     assert (ckpt / "latest").read_text() == "step_00000004"
     assert sorted(p.name for p in (ckpt / "step_00000004").glob("moe_experts_ep*.pt")) == [
         "moe_experts_ep000.pt", "moe_experts_ep001.pt"]
-    labels = json.loads((tmp_path / "fortunes.labels.json").read_text())
-    assert labels["names"] == ["de", "en", "es"]
+    names = [json.loads(open(prefix + ".labels.json").read())["names"] for prefix in prefixes]
+    assert sorted(n for each in names for n in each) == ["de", "en", "es"]  # one language per prefix

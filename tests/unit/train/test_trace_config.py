@@ -53,7 +53,7 @@ def test_the_flags_set_the_trace_section(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(trainer, "pretrain", lambda cfg, **kw: seen.setdefault("cfg", cfg))
     entry = _entry(monkeypatch)
-    monkeypatch.setattr(entry, "claim", lambda *a: None)
+    monkeypatch.setattr("moe_dist.train.safety.run_dir.claim", lambda *a: None)
     path = write_yaml(str(tmp_path / "run.yaml"), tiny_config())
     monkeypatch.setattr("moe_dist.parallel.runtime.destroy", lambda: None)
     assert entry.main(["--config", path, "--trace", "runs/x y/trace", "--replay_routes", "123"]) == 0
