@@ -53,30 +53,41 @@ def train_from(cons: str, tmp, world: int, stdout: list[str] | None = None) -> t
     return logged_losses(proc.stdout), ckpt
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MOE_MODELS)
-def test_train_ep2_from_import_then_export_native(tmp_path, name):
-    src = save_hf(build_hf(name), str(tmp_path / "hf"))
-    cons = str(tmp_path / "cons")
-    import_hf(src, cons, progress=False)
-    losses_1, _ = train_from(cons, tmp_path, 1)
-    losses_2, ckpt = train_from(cons, tmp_path, 2)
+def train_one_and_two_ranks(cons: str, tmp_path, out: list[str] | None = None) -> str:
+    """Train from `cons` in one process and at EP=2: the first step's loss is the same (to the 4
+    printed decimals), every loss finite, and the weights moved. Returns the EP=2 checkpoint."""
+    losses_1, _ = train_from(cons, tmp_path, 1, out)
+    losses_2, ckpt = train_from(cons, tmp_path, 2, out)
     assert len(losses_1) == len(losses_2) == STEPS
-    assert abs(losses_1[0] - losses_2[0]) <= 2e-4, (losses_1, losses_2)  # 4 printed decimals
-    assert all(torch.isfinite(torch.tensor(losses_2)))
-    assert losses_2 != [losses_2[0]] * STEPS  # it trained: the weights moved
+    assert abs(losses_1[0] - losses_2[0]) <= 2e-4, (losses_1, losses_2)
+    assert all(torch.isfinite(torch.tensor(losses_2))) and losses_2 != [losses_2[0]] * STEPS
+    return ckpt
 
-    back = str(tmp_path / "back")
+
+def assert_export_matches(ckpt: str, back: str, name: str, hf_class: str) -> list[str]:
+    """Export `ckpt` natively as `name`: transformers loads it as `hf_class` with the trained
+    model's logits. Returns the export's notes."""
     result = export_hf(ckpt, back, progress=False)
     assert result.architecture == name
     hf = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
-    assert type(hf).__name__ == MODELS[name][2]
+    assert type(hf).__name__ == hf_class
     trained = open_checkpoint(ckpt)
     config = single_rank_config(trained.config)
     model = MoETransformer(parse_model_config(config["model"], config["moe"])).eval()
     model.load_state_dict(full_state_dict(trained, progress=False), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens()).logits, model(tokens()).logits_BSV, rtol=1e-4, atol=1e-4)
+    return result.notes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_train_ep2_from_import_then_export_native(tmp_path, name):
+    src = save_hf(build_hf(name), str(tmp_path / "hf"))
+    cons = str(tmp_path / "cons")
+    import_hf(src, cons, progress=False)
+    ckpt = train_one_and_two_ranks(cons, tmp_path)
+    assert_export_matches(ckpt, str(tmp_path / "back"), name, MODELS[name][2])
 
 
 @pytest.mark.slow
@@ -90,22 +101,8 @@ def test_train_ep2_from_a_deepseek_family_import_then_export_native(tmp_path, na
     src = save_hf(hf_deepseek.build_hf(name), str(tmp_path / "hf"))
     cons = str(tmp_path / "cons")
     import_hf(src, cons, progress=False)
-    losses_1, _ = train_from(cons, tmp_path, 1)
-    losses_2, ckpt = train_from(cons, tmp_path, 2)
-    assert len(losses_1) == len(losses_2) == STEPS
-    assert abs(losses_1[0] - losses_2[0]) <= 2e-4, (losses_1, losses_2)
-    assert all(torch.isfinite(torch.tensor(losses_2))) and losses_2 != [losses_2[0]] * STEPS
-
-    back = str(tmp_path / "back")
-    assert export_hf(ckpt, back, progress=False).architecture == name
-    hf = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
-    assert type(hf).__name__ == hf_deepseek.MODELS[name][2]
-    trained = open_checkpoint(ckpt)
-    config = single_rank_config(trained.config)
-    model = MoETransformer(parse_model_config(config["model"], config["moe"])).eval()
-    model.load_state_dict(full_state_dict(trained, progress=False), strict=True)
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens()).logits, model(tokens()).logits_BSV, rtol=1e-4, atol=1e-4)
+    ckpt = train_one_and_two_ranks(cons, tmp_path)
+    assert_export_matches(ckpt, str(tmp_path / "back"), name, hf_deepseek.MODELS[name][2])
 
 
 def test_train_ep2_from_a_deepseek_v3_import_with_its_mtp_module(tmp_path):
@@ -123,22 +120,10 @@ def test_train_ep2_from_a_deepseek_v3_import_with_its_mtp_module(tmp_path):
         run = yaml.safe_load(f)
     assert run["model"]["mtp_layers"] == 1 and run["moe"]["router"]["expert_groups"] == 2
     out: list[str] = []
-    losses_1, _ = train_from(cons, tmp_path, 1, out)
-    losses_2, ckpt = train_from(cons, tmp_path, 2, out)
-    assert len(losses_1) == len(losses_2) == STEPS
-    assert abs(losses_1[0] - losses_2[0]) <= 2e-4, (losses_1, losses_2)
-    assert all(torch.isfinite(torch.tensor(losses_2))) and losses_2 != [losses_2[0]] * STEPS
+    ckpt = train_one_and_two_ranks(cons, tmp_path, out)
     for stdout in out:
         mtp = [float(m.group(1)) for m in map(MTP_LOSS.match, stdout.splitlines()) if m]
         assert len(mtp) == STEPS and all(0 < x < 20 for x in mtp), stdout
 
-    back = str(tmp_path / "back")
-    result = export_hf(ckpt, back, progress=False)
-    assert result.architecture == "deepseek_v3" and any("multi-token prediction dropped" in n for n in result.notes)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
-    trained = open_checkpoint(ckpt)
-    config = single_rank_config(trained.config)
-    model = MoETransformer(parse_model_config(config["model"], config["moe"])).eval()
-    model.load_state_dict(full_state_dict(trained, progress=False), strict=True)
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens()).logits, model(tokens()).logits_BSV, rtol=1e-4, atol=1e-4)
+    notes = assert_export_matches(ckpt, str(tmp_path / "back"), "deepseek_v3", "DeepseekV3ForCausalLM")
+    assert any("multi-token prediction dropped" in n for n in notes)

@@ -39,20 +39,21 @@ MODELS = {
 MOE_MODELS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
-def hf_config(name: str, **overrides):
+def hf_config(name: str, models: dict | None = None, **overrides):
+    """The config of architecture `name` in `models` (default: this module's MODELS)."""
     import transformers
 
-    cls_name, kwargs, _ = MODELS[name]
+    cls_name, kwargs, _ = (models or MODELS)[name]
     return getattr(transformers, cls_name)(**{**kwargs, **overrides})
 
 
-def build_hf(name: str, seed: int = 0, **overrides):
-    """A random model of architecture `name` in eval mode (fp32)."""
+def build_hf(name: str, seed: int = 0, models: dict | None = None, **overrides):
+    """A random model of architecture `name` in `models` (default: MODELS), in eval mode (fp32)."""
     import transformers
 
-    config = hf_config(name, **overrides)
+    config = hf_config(name, models, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, MODELS[name][2])(config).eval()
+    model = getattr(transformers, (models or MODELS)[name][2])(config).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for pname, p in model.named_parameters():

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from tests.harness import hf
 from tests.harness.hf import VOCAB
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, max_position_embeddings=64,
@@ -41,26 +42,15 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 
 
 def hf_config(name: str, **overrides):
-    import transformers
-
-    cls_name, kwargs, _ = MODELS[name]
-    return getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    return hf.hf_config(name, MODELS, **overrides)
 
 
 def build_hf(name: str, seed: int = 0, **overrides):
-    """A random model of architecture `name` in eval mode (fp32)."""
-    import transformers
-
-    config = hf_config(name, **overrides)
-    torch.manual_seed(seed)
-    model = getattr(transformers, MODELS[name][2])(config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
+    """A random model of architecture `name` in eval mode (fp32), its router's correction bias
+    drawn too (transformers initialises it to 0)."""
+    model = hf.build_hf(name, seed, MODELS, **overrides)
+    g = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight") or "layernorm" in pname:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=g))
         for bname, b in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):  # sigmoid scores lie in (0, 1): 0.3 reorders them
                 b.copy_(0.3 * torch.randn(b.shape, generator=g))

@@ -17,7 +17,8 @@ import pytest
 import torch
 from tests.harness.hf import save_hf, tokens
 from tests.harness.hf_deepseek import MODELS, YARN, build_hf, write_mtp_layer
-from tests.unit.checkpoint.test_import_hf import edit_config, nothing_written, safetensors_state
+from tests.unit.checkpoint.test_import_hf import (assert_import_refused, edit_config, nothing_written,
+                                                  safetensors_state)
 
 from moe_dist.checkpoint import CheckpointError, export_hf, import_hf, read_hf_model
 from moe_dist.checkpoint.cli import main as cli_main
@@ -147,14 +148,7 @@ UNSUPPORTED = {
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED))
 def test_unsupported_config_field_is_an_error_naming_it(tmp_path, case, capsys):
     name, changes, message = UNSUPPORTED[case]
-    src = save_hf(build_hf(name), str(tmp_path / "hf"))
-    edit_config(src, **changes)
-    with pytest.raises(CheckpointError, match=message) as err:
-        import_hf(src, str(tmp_path / "out"), progress=False)
-    assert os.path.join(src, "config.json") in str(err.value)
-    assert nothing_written(tmp_path)
-    assert cli_main(["import-hf", src, str(tmp_path / "out"), "--quiet"]) == 2
-    assert "error: " in capsys.readouterr().err and nothing_written(tmp_path)
+    assert_import_refused(save_hf(build_hf(name), str(tmp_path / "hf")), changes, message, tmp_path, capsys)
 
 
 # ---- multi-token prediction -------------------------------------------------------------------

@@ -162,7 +162,12 @@ UNSUPPORTED = {
 @pytest.mark.parametrize("case", sorted(UNSUPPORTED))
 def test_unsupported_config_field_is_an_error_naming_it(tmp_path, case, capsys):
     name, changes, message = UNSUPPORTED[case]
-    src = save_hf(build_hf(name), str(tmp_path / "hf"))
+    assert_import_refused(save_hf(build_hf(name), str(tmp_path / "hf")), changes, message, tmp_path, capsys)
+
+
+def assert_import_refused(src: str, changes: dict, message: str, tmp_path, capsys) -> None:
+    """`src`'s config edited by `changes` is refused by import-hf (API and CLI, exit 2) with an
+    error matching `message` that names the config file, and nothing is written."""
     edit_config(src, **changes)
     with pytest.raises(CheckpointError, match=message) as err:
         import_hf(src, str(tmp_path / "out"), progress=False)
