@@ -57,16 +57,23 @@ def test_matches_transformers_deepseek_v3_router(groups, topk_groups, top_k, ren
                   "scale": 2.5, "expert_groups": groups, "topk_groups": topk_groups, "group_score": "top2_sum"},
                  top_k, hf.weight, hf.e_score_correction_bias)
     x = torch.randn(T, D, generator=g)
+    idx = assert_same_routes(ours, hf, x)
+    # The limit binds: without it, some tokens would pick experts of other groups.
+    free = _ours({"type": "topk", "score": "sigmoid", "bias_balancing": True}, top_k, hf.weight,
+                 hf.e_score_correction_bias)(x, RoutingContext(training=False))
+    assert not torch.equal(_sorted(free.idx_TK, free.w_TK)[0], idx)
+
+
+def assert_same_routes(ours, hf, x: torch.Tensor) -> torch.Tensor:
+    """Our router and transformers' `hf` choose the same experts with the same weights for `x`
+    (in any order within a token); returns our ids, sorted."""
     _, hf_w, hf_idx = hf(x)
     out = ours(x, RoutingContext(training=False))
     idx, w = _sorted(out.idx_TK, out.w_TK)
     hf_idx, hf_w = _sorted(hf_idx, hf_w)
     assert torch.equal(idx, hf_idx)
     torch.testing.assert_close(w, hf_w, rtol=1e-6, atol=1e-7)
-    # The limit binds: without it, some tokens would pick experts of other groups.
-    free = _ours({"type": "topk", "score": "sigmoid", "bias_balancing": True}, top_k, hf.weight,
-                 hf.e_score_correction_bias)(x, RoutingContext(training=False))
-    assert not torch.equal(_sorted(free.idx_TK, free.w_TK)[0], idx)
+    return idx
 
 
 def test_matches_transformers_deepseek_v2_group_limited_greedy():
@@ -82,13 +89,7 @@ def test_matches_transformers_deepseek_v2_group_limited_greedy():
         hf.weight.copy_(torch.randn(E, D, generator=g))
     ours = _ours({"type": "topk", "scale": 1.5, "expert_groups": 4, "topk_groups": 2, "group_score": "max"},
                  3, hf.weight)
-    x = torch.randn(T, D, generator=g)
-    _, hf_w, hf_idx = hf(x)
-    out = ours(x, RoutingContext(training=False))
-    idx, w = _sorted(out.idx_TK, out.w_TK)
-    hf_idx, hf_w = _sorted(hf_idx, hf_w)
-    assert torch.equal(idx, hf_idx)
-    torch.testing.assert_close(w, hf_w, rtol=1e-6, atol=1e-7)
+    assert_same_routes(ours, hf, torch.randn(T, D, generator=g))
 
 
 @pytest.mark.parametrize("group_score", ["top2_sum", "max"])
