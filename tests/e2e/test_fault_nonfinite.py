@@ -119,8 +119,8 @@ def _skip_and_resume_worker(rank: int, world: int, tmp: str) -> None:
 
     original = Trainer.forward
 
-    def forward(self, batch):  # NaN loss on rank 1 for every micro batch of step SKIP_AT
-        out = original(self, batch)
+    def forward(self, batch, *args):  # NaN loss on rank 1 for every micro batch of step SKIP_AT
+        out = original(self, batch, *args)
         if self.rank == 1 and self.step + 1 == SKIP_AT and self.engine.training:
             nan = torch.tensor(float("nan"))
             out = dataclasses.replace(out, loss=out.loss * nan, lm_loss=out.lm_loss * nan)
