@@ -225,19 +225,19 @@ class MoELayer(nn.Module):
         num_groups = side.capacity_groups
         x_TD = x.reshape(-1, cfg.d_model)
         forced = None if side.forced_routes is None else side.forced_routes.get(self.layer_index)
+        T = x_TD.shape[0]
+        valid_T = None if side.valid_T is None else side.valid_T.reshape(-1)
+        if valid_T is not None and valid_T.numel() != T:
+            raise ValueError(f"MoESideInputs.valid_T has {valid_T.numel()} entries for the input's {T} tokens")
         ctx = RoutingContext(training=self.training, all_reduce_sum=self.groups.all_reduce_sum_dp,
                              dp_size=self.groups.dp_size, stream_TD=side.stream_TD,
-                             token_ids_T=side.token_ids_T, forced=forced)
+                             token_ids_T=side.token_ids_T, forced=forced, valid_T=valid_T)
         route = self.router(x_TD, ctx)
         if forced is not None:
             if route.idx_TK is not forced.idx_TK:  # identity, not values: no read of the device
                 raise ValueError(f"router {self.cfg.router.type!r} of MoE layer {self.layer_index} ignores "
                                  f"forced routes (it must choose through routing.replay.choose_experts)")
             route = with_forced_weights(route, forced)
-        T = x_TD.shape[0]
-        valid_T = None if side.valid_T is None else side.valid_T.reshape(-1)
-        if valid_T is not None and valid_T.numel() != T:
-            raise ValueError(f"MoESideInputs.valid_T has {valid_T.numel()} entries for the input's {T} tokens")
         # Capacity is sized from every token, padding included: a static shape (sizing it from
         # the real tokens would read the device).
         plan: SlotPlan = assign_slots(

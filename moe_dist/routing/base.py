@@ -63,6 +63,9 @@ class RoutingContext:
     # Route replay: the experts to choose instead of the router's top-k (`routing.replay`). Every
     # router chooses through `choose_experts`, which takes these ids when given.
     forced: ForcedRoute | None = None
+    # False for padding (bool per token): no population statistic counts it, so a padded batch
+    # routes its real tokens as the same batch without padding would. None: every token is real.
+    valid_T: Tensor | None = None
 
 
 @dataclass

@@ -57,14 +57,20 @@ class InhibitionConfig(TopKRouterConfig):
 
 
 def population_statistics(x_TD: Tensor, ctx: RoutingContext, mode: str) -> dict[str, Tensor]:
-    """Means over the tokens of every data-parallel rank, from one all-reduce of local sums:
-    `mean_D` always, `var_D` (per feature) for divisive, `second_DD` (E[x x^T]) for subspace."""
+    """Means over the real tokens of every data-parallel rank, from one all-reduce of local sums:
+    `mean_D` always, `var_D` (per feature) for divisive, `second_DD` (E[x x^T]) for subspace.
+    Padding (`ctx.valid_T` False) is in no sum and no count."""
     x = x_TD.detach().float()
-    parts = [torch.full((1,), float(x.shape[0]), device=x.device), x.sum(0)]
+    if ctx.valid_T is None:
+        count, xw = torch.full((1,), float(x.shape[0]), device=x.device), x
+    else:
+        w_T = ctx.valid_T.reshape(-1).to(x.dtype)
+        count, xw = w_T.sum().reshape(1), x * w_T[:, None]
+    parts = [count, xw.sum(0)]
     if mode == "divisive":
-        parts.append(x.square().sum(0))
+        parts.append((xw * x).sum(0))
     elif mode == "subspace":
-        parts.append((x.t() @ x).flatten())
+        parts.append((xw.t() @ x).flatten())
     packed = ctx.all_reduce_sum(torch.cat(parts))
     D = x.shape[1]
     count, sums = packed[0].clamp_min(1.0), packed[1:]

@@ -217,7 +217,7 @@ def routing_losses(route: RouterOutput, stats: dict[str, Tensor], dp_size: int,
             with tracked("sample_similarity"):
                 losses["sample_similarity"] = sample_similarity_loss(
                     route.probs_TE, route.router_input_TD, num_tokens=sample_similarity_tokens,
-                    num_groups=num_groups)
+                    num_groups=num_groups, valid_T=valid_T)
     if route.logits_TE is not None:
         with tracked("z_loss"):
             losses["z_loss"] = z_loss(route.logits_TE, valid_T, num_groups)

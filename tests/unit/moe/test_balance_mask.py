@@ -1,7 +1,8 @@
 """Padding (MoESideInputs.valid_T) is invisible: a padded batch and the same batch without its
 padding give the same losses of every scope, routing statistics, aux-loss-free bias update,
-outputs and gradients (issue 22, acceptance 2); padding takes no capacity from real tokens; the
-scopes' config is strict."""
+outputs and gradients (issue 22, acceptance 2), also for the routers that route by population
+statistics (inhibition, centred fixed_projection) and the sample-similarity loss; padding takes no
+capacity from real tokens; the scopes' config is strict."""
 
 from __future__ import annotations
 
@@ -85,6 +86,61 @@ def test_padded_batch_equals_the_batch_without_its_padding(scope):
         layer.router.after_step(load)
     torch.testing.assert_close(padded.router.selection_bias_E, unpadded.router.selection_bias_E)
     assert padded.router.selection_bias_E.abs().sum() > 0
+
+
+POPULATION_ROUTERS = {
+    "inhibition_subtractive_batch": (dict(type="inhibition", mode="subtractive", stat="batch"), {}),
+    "inhibition_divisive_ema": (dict(type="inhibition", mode="divisive", stat="ema", momentum=0.5), {}),
+    "inhibition_subspace_batch": (dict(type="inhibition", mode="subspace", stat="batch", rank=2), {}),
+    "fixed_projection_centred": (dict(type="fixed_projection", center=True, center_stat="ema",
+                                      center_momentum=0.5), {}),
+    "attentive_sample_similarity": (dict(type="attentive", hidden=8), dict(sample_similarity=0.5)),
+}
+
+
+@pytest.mark.parametrize("name", POPULATION_ROUTERS)
+def test_padding_is_in_no_population_statistic_or_sample_similarity(name):
+    """Padding far from the real tokens (1e3 x) would move every batch mean, variance, second
+    moment and distance it entered, and with them the real tokens' routes."""
+    router, aux = POPULATION_ROUTERS[name]
+    cfg = MoEConfig.from_dict(dict(d_model=D, d_ff=64, num_experts=E, top_k=K, dropless=True, router=router,
+                                   aux_loss=dict(switch=0.1, z_loss=0.01, **aux)))
+    padded, unpadded = MoELayer(cfg, seed=5), MoELayer(cfg, seed=5)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(2):  # the second step routes by the first's EMAs
+        valid_BS = torch.arange(S)[None, :] < torch.tensor([S, 3, 5])[:, None]
+        real = valid_BS.reshape(-1)
+        x = torch.randn(B * S, D, generator=gen)
+        x = torch.where(real[:, None], x, 1e3 * torch.randn(B * S, D, generator=gen))
+        G = torch.randn(B * S, D, generator=gen)
+        x_pad, x_real = x.clone().requires_grad_(), x[real].clone().requires_grad_()
+        out_p = padded(x_pad, MoESideInputs(valid_T=real))
+        out_u = unpadded(x_real)
+        for out, y_G in ((out_p, out_p.y * G * real[:, None]), (out_u, out_u.y * G[real])):
+            (y_G.sum() + (0.0 if out.aux_loss is None else out.aux_loss)).backward()
+        assert out_p.losses.keys() == out_u.losses.keys()
+        if aux:
+            assert "sample_similarity" in out_p.losses
+        for loss in out_p.losses:
+            torch.testing.assert_close(out_p.losses[loss], out_u.losses[loss], **TOL, msg=lambda m: f"{loss}: {m}")
+        torch.testing.assert_close(out_p.y[real], out_u.y, **TOL)
+        torch.testing.assert_close(x_pad.grad[real], x_real.grad, **TOL)
+    for key, value in unpadded.router.state_dict().items():  # the EMAs and counters
+        torch.testing.assert_close(padded.router.state_dict()[key], value, **TOL, msg=lambda m: f"{key}: {m}")
+    assert_grads_and_adamw_step_match(padded, unpadded, lambda _, t: t, name, **TOL)
+
+
+def test_the_similarity_subsample_draws_real_tokens_first():
+    from moe_dist.routing.regularizers import subsample
+    valid = torch.ones(40, dtype=torch.bool)
+    valid[::3] = False
+    every = subsample(40, 10)
+    assert subsample(40, 10, valid_T=torch.ones(40, dtype=torch.bool)).tolist() == every.tolist()
+    pick = subsample(40, 10, valid_T=valid)
+    assert valid[pick].all() and len(set(pick.tolist())) == 10
+    few = torch.zeros(40, dtype=torch.bool)
+    few[:4] = True
+    assert set(subsample(40, 10, valid_T=few).tolist()) >= {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("policy", ["position", "probs"])
