@@ -36,7 +36,7 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 # start-up) come after it, so a config error answers before them (BENCHMARKS.md, "Config errors").
 from moe_dist.common.config import ConfigError  # noqa: E402
 from moe_dist.train.config import check_world_size, load_run_config  # noqa: E402
-from moe_dist.train.safety.exits import RunStopped  # noqa: E402
+from moe_dist.train.safety.exits import OVERFLOW, RunStopped  # noqa: E402
 from moe_dist.train.safety.job import report_exit  # noqa: E402
 from moe_dist.train.safety.signals import guard_launcher  # noqa: E402
 
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from moe_dist.checkpoint.files import CheckpointError
     from moe_dist.checkpoint.training import EXIT_NO_SPACE, EXIT_NOT_WRITABLE, DiskSpaceError, NotWritableError
+    from moe_dist.moe.rank_budget import BudgetOverflowError
     from moe_dist.train.safety.run_dir import claim
 
     try:
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"rank {os.environ.get('RANK', '0')}: {e} (exit {e.code})", file=sys.stderr, flush=True)
         return e.code
+    except BudgetOverflowError as e:  # every rank raises it in the same forward (the count exchange)
+        print(f"rank {os.environ.get('RANK', '0')}: stopped: {e} (exit {OVERFLOW})", file=sys.stderr, flush=True)
+        return OVERFLOW
     return 0
 
 

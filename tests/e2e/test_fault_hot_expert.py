@@ -2,8 +2,8 @@
 injected as a real config would (a consolidated checkpoint whose routers carry a large selection
 bias, loaded by `train.init_from`, with `bias_update_rate: 0` so it stays). Under a receive budget
 (`moe.rank_capacity_factor`) the step log and TensorBoard count the pairs over budget, spilled and
-dropped; under `moe.overflow: error` every rank stops with a non-zero exit naming the layer, the
-ranks and the expert, instead of a hang. The memory side (the bounded run's peak does not grow
+dropped; under `moe.overflow: error` every rank stops with one line naming the layer, the ranks and
+the expert, and exit status 5 (no traceback, no hang). The memory side (the bounded run's peak does not grow
 with the hot expert, the unbounded one's does): tests/distributed/test_hot_expert_memory.py."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tests.harness.train import free_port, launch, tensorboard_scalars, tiny_con
 from moe_dist.checkpoint.consolidated import save_consolidated
 from moe_dist.model.config import parse_model_config
 from moe_dist.model.transformer import MoETransformer
+from moe_dist.train.safety.exits import OVERFLOW
 
 HOT_ROUTER = {"type": "topk", "bias_balancing": True, "bias_update_rate": 0.0}
 
@@ -55,9 +56,11 @@ def test_overflow_error_stops_every_rank_naming_layer_rank_and_expert(tmp_path):
     proc = launch(["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py", "--config", config],
                   timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-5000:]
+    assert proc.returncode == OVERFLOW, out[-5000:]
+    assert "Traceback" not in out, out[-5000:]
     # Both ranks raise in the same forward (each learns the other's overflow from the count exchange).
-    message = (r"BudgetOverflowError: MoE layer 1: EP rank 0 routed \d+ rows to EP rank 0, over its receive budget "
-               r"of 64 rows \(moe.rank_capacity_factor 1, moe.overflow: error\); expert 0 alone got 64 of them")
+    message = (r"rank [01]: stopped: MoE layer 1: EP rank 0 routed \d+ rows to EP rank 0, over its receive budget "
+               r"of 64 rows \(moe.rank_capacity_factor 1, moe.overflow: error\); expert 0 alone got 64 of them\. "
+               r"Raise moe.rank_capacity_factor, or set moe.overflow: drop or spill \(exit 5\)")
     assert len(re.findall(message, out)) == 2, out[-5000:]
     assert "step 1 |" not in out  # stopped in the first step's forward

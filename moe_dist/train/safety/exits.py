@@ -8,6 +8,10 @@
     3   stopped: train.max_consecutive_skips non-finite steps in a row, or weights not finite at a
         save (nothing committed; `latest` stays on the last good checkpoint). Do not requeue as is.
     4   the watchdog: no step completed within train.watchdog_timeout (stacks on stderr)
+    5   stopped under `moe.overflow: error`: a rank was sent more rows than its receive budget
+        (moe/rank_budget.py; one line per rank naming the layer, the ranks and the hottest expert).
+        Every rank stops in the same forward, nothing is saved. Requeuing as is fails again: raise
+        moe.rank_capacity_factor or choose `drop` / `spill`.
     28  the disk filled during a checkpoint save (ENOSPC's number; moe_dist/checkpoint/training/disk.py)
     30  the checkpoint folder became unwritable during a save: read-only filesystem or no permission
         (EROFS's number); freeing space does not help. At start-up the same is a refusal, exit 2
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 NONFINITE = 3
 HUNG = 4
+OVERFLOW = 5
 PREEMPTED = 75
 
 
