@@ -31,16 +31,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------------------------------------
 
 def flops_per_token(config: str, overrides: list[str]) -> float:
+    """Training FLOPs per token, the trainer's own count (moe_dist/train/flops.py), so the MFU
+    here is the one the step log prints."""
     from moe_dist.train.config import load_run_config
-    from moe_dist.train.memory_plan import parameter_counts
+    from moe_dist.train.flops import model_flops_per_token
 
     cfg = load_run_config(str(ROOT / config), overrides)
-    model = cfg.model
-    dense, expert = parameter_counts(model)
-    active = dense + (expert * model.moe.top_k / model.moe.num_experts if model.moe else 0)
-    if not model.tie_embeddings:
-        active -= model.vocab_size * model.d_model  # the input embedding is a lookup, not a matmul
-    return 6.0 * active + 12.0 * model.n_layers * model.d_model * cfg.train.seq_len
+    return float(model_flops_per_token(cfg.model, cfg.train.seq_len).train)
 
 
 def _free_port() -> int:
