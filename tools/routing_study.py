@@ -5,6 +5,8 @@
     python tools/routing_study.py --quick --out /tmp/study   # every arm for a few steps, 1 seed
 
     python tools/routing_study.py --parts language_model   # the LM experiment alone
+    python tools/routing_study.py --render docs/figures/routing_study/routing_study.json
+        # the page and figures again from a run's JSON, nothing trained (a change to the page's text)
 
 Experiments: common-mode synthetic, digits gates, COMET width sweep, and the MoE LM (every router
 against the strongest topk, on the fortunes; --quick adds tiny-shakespeare). The full run writes
@@ -20,7 +22,7 @@ import os
 import shlex
 import sys
 
-from moe_dist.study.study import PARTS, run_study
+from moe_dist.study.study import PARTS, render_study, run_study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="worker processes, one thread each")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="experiments to run")
     p.add_argument("--quick", action="store_true", help="every arm for a few steps and one seed")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="write the figures (into --out) and the page again from this earlier run's JSON "
+                        "without training: the page keeps that run's command, date and wall time")
     return p.parse_args(argv)
 
 
@@ -57,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                        else os.path.join(REPO, "docs", "routing_study.md"))
     command = "python tools/routing_study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                      else sys.argv[1:]))
+    if args.render:
+        if not os.path.isfile(args.render):
+            print(f"error: --render {args.render!r}: no such file (expected a routing_study.json)", file=sys.stderr)
+            return 2
+        render_study(args.render, args.out, doc)
+        print(f"page: {doc}", flush=True)
+        return 0
     study = run_study(out_dir=args.out, data_dir=args.data_dir, doc_path=doc, quick=args.quick,
                       workers=args.workers, command=command.strip(), parts=tuple(args.parts),
                       log=lambda line: print(line, flush=True))

@@ -101,6 +101,20 @@ def run_study(*, out_dir: str, data_dir: str, doc_path: str | None, quick: bool,
     return study
 
 
+def render_study(json_path: str, out_dir: str, doc_path: str) -> dict[str, Any]:
+    """The figures and the page again from an earlier run's JSON, nothing trained: for a change to
+    the page's text or figures (or an arm's settings column) that leaves every measurement as it
+    was. The page keeps the run's own command, date and wall time."""
+    with open(json_path) as f:
+        study = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    kept = os.path.join(out_dir, "routing_study.json")
+    if os.path.abspath(kept) != os.path.abspath(json_path):
+        shutil.copyfile(json_path, kept)
+    write_page(study, draw_figures(study, out_dir), kept, doc_path)
+    return study
+
+
 def draw_figures(study: dict[str, Any], folder: str) -> dict[str, str]:
     """{figure name: PNG path} of every figure the parts that were run allow."""
     summary = study["summary"]
@@ -139,6 +153,7 @@ def write_page(study: dict[str, Any], drawn: dict[str, str], json_path: str, doc
         shutil.copyfile(path, target)
         relative[name] = os.path.relpath(target, doc_dir)
     json_copy = os.path.join(fig_dir, os.path.basename(json_path))
-    shutil.copyfile(json_path, json_copy)
+    if os.path.abspath(json_copy) != os.path.abspath(json_path):
+        shutil.copyfile(json_path, json_copy)
     with open(doc_path, "w") as f:
         f.write(render_report(study, relative, os.path.relpath(json_copy, doc_dir)) + "\n")

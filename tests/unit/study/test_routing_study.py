@@ -170,6 +170,14 @@ def test_quick_run_writes_finite_results_of_every_arm_figures_and_page(tmp_path)
         assert f"figures/routing_study/{name}" in page
         assert (out / "figures" / "routing_study" / name).is_file()
 
+    # --render: the same page again from the run's JSON, nothing trained, into another folder.
+    again = tmp_path / "again"
+    assert cli.main(["--render", str(out / "routing_study.json"), "--out", str(again),
+                     "--doc", str(again / "page.md")]) == 0
+    assert (again / "page.md").read_text() == page
+    assert sorted(p.name for p in (again / "figures" / "routing_study").glob("*.png")) == pngs
+    assert cli.main(["--render", str(tmp_path / "missing.json")]) == 2
+
 
 def lm_records(val_loss: dict[str, list[float]], mi: dict[str, list[float]],
                dropped: dict[str, list[float]] | None = None) -> list[dict]:
