@@ -22,9 +22,10 @@ from moe_dist.routing.replay import choose_experts
 @dataclass
 class TopKRouterConfig(RouterConfig):
     type: str = "topk"
-    # Renormalize the K chosen probabilities to sum to 1 (Mixtral). With K=1 this makes every
-    # weight 1 and cuts the router's gradient from the LM loss, so it defaults off.
-    renormalize: bool = False
+    # Renormalize the K chosen probabilities to sum to 1 (Mixtral, Qwen3, DeepSeek-V3). None: true
+    # for K > 1, false for K = 1, resolved by `check_layer` (docs/routers/topk.md, "Why
+    # renormalize defaults to true for K > 1": decided by the routing study).
+    renormalize: bool | None = None
     # Multiplicative input jitter U(1-eps, 1+eps), training only (Switch).
     jitter_eps: float = 0.0
     # Aux-loss-free balancing (DeepSeek-V3): a selection-only bias nudged after each step.
@@ -46,6 +47,8 @@ class TopKRouterConfig(RouterConfig):
     group_score: str = "top2_sum"
 
     def __post_init__(self) -> None:
+        check(self.renormalize is None or isinstance(self.renormalize, bool),
+              f"router.renormalize must be true, false or null (true for top_k > 1), got {self.renormalize!r}")
         check(0.0 <= self.jitter_eps < 1.0, f"router.jitter_eps must be in [0, 1), got {self.jitter_eps!r}")
         check(self.bias_update_rate >= 0, f"router.bias_update_rate must be >= 0, got {self.bias_update_rate!r}")
         check_choice("router.score", self.score, SCORES)
@@ -60,6 +63,14 @@ class TopKRouterConfig(RouterConfig):
 
     def check_layer(self, num_experts: int, top_k: int) -> None:
         check_group_layer(self, num_experts, top_k)
+        self.renormalize = default_renormalize(self.renormalize, top_k)
+
+
+def default_renormalize(renormalize: bool | None, top_k: int) -> bool:
+    """`router.renormalize` as set, or its default: true for K > 1, where the study measured the
+    renormalized weights' lower validation loss; false for K = 1, where one renormalized weight is
+    always 1 and the router would get no gradient from the LM loss."""
+    return top_k > 1 if renormalize is None else renormalize
 
 
 SCORES = ("softmax", "sigmoid")
@@ -167,6 +178,7 @@ class LinearGate(nn.Module):
 class TopKRouter(FP32Buffers, Router):  # fp32 bias: bf16 would swallow its 1e-3 steps
     def __init__(self, cfg: TopKRouterConfig, **kw) -> None:
         super().__init__(cfg, **kw)
+        self.renormalize = default_renormalize(cfg.renormalize, self.top_k)  # a config not checked by MoEConfig
         self.gate = LinearGate(self.d_model, self.num_experts)
         # Persistent so a resumed run keeps balancing where it stopped.
         self.register_buffer("selection_bias_E", torch.zeros(self.num_experts), persistent=True)
@@ -178,7 +190,7 @@ class TopKRouter(FP32Buffers, Router):  # fp32 bias: bf16 would swallow its 1e-3
         cfg = self.cfg
         logits_TE = self.gate(x_TD)
         bias = self.selection_bias_E if cfg.bias_balancing else None
-        probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, cfg.renormalize, bias, score=cfg.score,
+        probs_TE, w_TK, idx_TK = topk_from_logits(logits_TE, self.top_k, self.renormalize, bias, score=cfg.score,
                                                   score_after_topk=cfg.score_after_topk, scale=cfg.scale,
                                                   expert_groups=cfg.expert_groups, topk_groups=cfg.topk_groups,
                                                   group_score=cfg.group_score, forced=ctx.forced)

@@ -48,17 +48,19 @@ _STRONG_TOPK = {"type": "topk", "renormalize": True}
 
 ARMS: dict[str, Arm] = {
     "dense": Arm(None),
-    # topk at the shipped default (renormalize false: the K weights sum to about K/E), and the two
-    # stronger topk baselines the research routers are judged against.
-    "topk": Arm({"type": "topk"}),
+    # topk unnormalized (the K weights sum to about K/E; the default before this study decided
+    # `renormalize`), and the two stronger topk baselines the research routers are judged against.
+    "topk": Arm({"type": "topk", "renormalize": False}),
     "topk renormalize": Arm(dict(_STRONG_TOPK)),
     # DeepSeek-V3's aux-loss-free balancing replaces the Switch loss; renormalized as there.
     "topk bias-balanced": Arm({"type": "topk", "renormalize": True, "bias_balancing": True},
                               {"aux_loss": {"switch": 0.0}}),
-    "inhibition": Arm({"type": "inhibition"}),
+    # Inhibition at its other defaults (subtractive, EMA), with topk's K weights unnormalized as
+    # `topk` above: the arm the study ran before the renormalize default changed.
+    "inhibition": Arm({"type": "inhibition", "renormalize": False}),
     # The common-mode experiment's best mode after subtractive (docs/routing_study.md, section 1):
     # of divisive, rectified and subspace, divisive keeps I(expert; cluster) highest at its worst S.
-    "inhibition divisive": Arm({"type": "inhibition", "mode": "divisive"}),
+    "inhibition divisive": Arm({"type": "inhibition", "mode": "divisive", "renormalize": False}),
     "fixed_projection": Arm({"type": "fixed_projection"}),
     "fixed_projection center": Arm({"type": "fixed_projection", "center": True}),
     "attentive": Arm({"type": "attentive"}),

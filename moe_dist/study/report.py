@@ -22,7 +22,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _budget_rows(budget: dict[str, Any]) -> list[list[str]]:
-    return [[part, ", ".join(f"{k}={v}" for k, v in fields.items())] for part, fields in budget.items()]
+    # The budgets' sequences are tuples; read back from the JSON (--render) they are lists.
+    return [[part, ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in fields.items())]
+            for part, fields in budget.items()]
 
 
 def header_section(study: dict[str, Any], json_link: str | None) -> list[str]:
@@ -204,10 +206,11 @@ def language_model_section(summary: dict[str, Any], records: list[dict[str, Any]
               "validation loss in this run; the balance-scope and overflow arms against their twin, paired on "
               "the seeds both ran; paired over seeds, the verdict rule of *Claims checked*). "
               "Decision rule for the default of `router.renormalize` with K > 1: switch it to true only when "
-              "`topk renormalize` lowers the validation loss against the shipped `topk` with the verdict "
-              "*reproduced* on every corpus; keep false when the verdict is *opposite* anywhere or inconclusive "
-              "(a default change needs evidence). K = 1 keeps false whatever this says: one renormalized weight "
-              "is 1 and cuts the router's gradient from the LM loss.", "",
+              "`topk renormalize` lowers the validation loss against `topk` (renormalize false, the default "
+              "before this rule decided it) with the verdict *reproduced* on every corpus; keep false when the "
+              "verdict is *opposite* anywhere or inconclusive (a default change needs evidence). K = 1 keeps "
+              "false whatever this says: one renormalized weight is 1 and cuts the router's gradient from the "
+              "LM loss. The decision is the default in docs/routers/topk.md.", "",
               *_lm_claim_lines(claims)]
     renormalize = [c["verdict"] for c in claims if c["experiment"] == "LM" and c["claim"].startswith("renormalizing")]
     lines += [f"Decision for `router.renormalize`, K > 1: **{renormalize_decision(renormalize)}**.", ""]
@@ -299,8 +302,9 @@ def method_notes() -> list[str]:
             "DeepSpeed trainer: routing math is the same code at every EP size (tested by the EP "
             "equivalence tests), and one process keeps the study inside a CPU budget.",
             "- The routers run at their shipped defaults (inhibition: subtractive, EMA statistic; "
-            "fixed_projection: hidden-state source, uniform weights), so the numbers describe what a user "
-            "gets without tuning; the LM experiment adds the arms named in its table (topk renormalized, "
+            "fixed_projection: hidden-state source, uniform weights), except that `topk` and the inhibition "
+            "arms keep `renormalize: false`, the default before this study decided it (the settings "
+            "column), so the numbers describe what a user gets without tuning; the LM experiment adds the arms named in its table (topk renormalized, "
             "topk with aux-loss-free bias balancing, inhibition divisive, fixed_projection centred, and the "
             "renormalized topk with global-batch balance or behind a receive budget with spill or drop).",
             "- The digits 'original gate' is a softmax read-out of a gate trunk as wide as the attentive "

@@ -143,7 +143,9 @@ def test_defaults_resolve_to_multi_head_attention():
     assert (cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, cfg.qkv_bias) == (4, 8, "none", False)
     assert (cfg.moe.shared_d_ff, cfg.moe.shared_gate) == (32, False)
     r = cfg.moe.router
-    assert (r.score, r.score_after_topk, r.renormalize, r.scale) == ("softmax", False, False, 1.0)
+    # renormalize: resolved from top_k (2 by default: true; docs/routers/topk.md).
+    assert (r.score, r.score_after_topk, r.renormalize, r.scale) == ("softmax", False, cfg.moe.top_k > 1, 1.0)
+    assert cfg.moe.top_k == 2
     names = set(MoETransformer(cfg).state_dict())
     assert not any("norm.weight" in n and "attn." in n or n.endswith("qkv.bias") or "shared_gate" in n
                    for n in names)

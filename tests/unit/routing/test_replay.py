@@ -72,7 +72,8 @@ def test_forced_ids_take_the_routers_weights_at_them_and_the_router_trains():
     idx = torch.topk(-probs, 2, dim=-1).indices
     out, _, grads = step(layer, x, MoESideInputs(trace=True, forced_routes={0: ForcedRoute(idx_TK=idx)}))
     assert torch.equal(out.route.idx_TK, idx) and not torch.equal(free.route.idx_TK, idx)
-    torch.testing.assert_close(out.route.w_TK, probs.gather(1, idx), rtol=0, atol=0)
+    chosen = probs.gather(1, idx)  # K = 2: renormalized by default (docs/routers/topk.md)
+    torch.testing.assert_close(out.route.w_TK, chosen / chosen.sum(-1, keepdim=True), rtol=0, atol=0)
     assert grads["router.gate.weight_ED"].abs().sum() > 0
 
 
