@@ -1,5 +1,5 @@
 """`train.keep_last` deletions off the save's critical path (moe_dist/checkpoint/training/retention.py):
-with a deletion made slow on purpose, every rank's save returns before it finishes (rank 0
+with a deletion that cannot finish until the test releases it, every rank's save returns first (rank 0
 deletes in a background thread after the last collective); a process waits for its pending
 deletions at exit, bounded and saying so; and a process killed in the middle of a deletion
 leaves a directory whose `latest` is complete and sound and whose every tag is whole."""
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ from moe_dist.checkpoint.training import retention, writer
 from moe_dist.checkpoint.training.layout import CLIENT_KEY, MODEL_STATES, read_latest
 from moe_dist.checkpoint.training.tags import COMPLETE, RUN_ID_KEY, check_latest_tag, list_tags, tag_problems
 
-SLOW_S = 4.0
+DELETION_HOLD_S = 60.0  # how long a held deletion waits for its release at most
 
 
 class FakeEngine:
@@ -49,14 +50,21 @@ def _save_worker(rank: int, world: int, ckpt: str) -> None:
     if rank == 0:
         assert [s.tag for s in list_tags(ckpt)] == ["step_00000002"]
     torch.distributed.barrier()
-    real_rmtree = retention.shutil.rmtree
-    retention.shutil.rmtree = lambda path, **kw: (time.sleep(SLOW_S), real_rmtree(path, **kw))
-    t0 = time.monotonic()
+    # The deletion cannot finish before the test releases it, which it does only after the save
+    # returned: a save that waited for it would return after DELETION_HOLD_S with it done.
+    real_rmtree, release, deleted = retention.shutil.rmtree, threading.Event(), threading.Event()
+
+    def held_rmtree(path, **kw):
+        release.wait(DELETION_HOLD_S)
+        real_rmtree(path, **kw)
+        deleted.set()
+
+    retention.shutil.rmtree = held_rmtree
     writer.save(engine, ckpt, 3, {}, groups, run_id="run", keep_last=1)
-    took = time.monotonic() - t0
-    assert took < SLOW_S / 2, f"rank {rank}: save took {took:.1f}s with a {SLOW_S}s deletion pending"
+    assert not deleted.is_set(), f"rank {rank}: the save returned only after the keep_last deletion finished"
     if rank == 0:
         assert retention.deletions_pending()
+        release.set()
         assert read_latest(ckpt) == "step_00000003"
         assert retention.wait_for_deletions(30, "test")
         assert [s.tag for s in list_tags(ckpt)] == ["step_00000003"]
