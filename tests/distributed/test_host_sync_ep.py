@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.harness.dist import run_distributed
-from tests.harness.host_sync import census_of_backward
+from tests.harness.host_sync import census_of_layer_step
 
-from moe_dist.common.host_sync import HostSyncCensus
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer
 from moe_dist.parallel.groups import ParallelGroups
@@ -33,14 +32,7 @@ def _worker(rank: int, world: int) -> None:
         layer = MoELayer(cfg, seed=0, groups=groups).to(torch.bfloat16)
         torch.manual_seed(rank)
         x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
-        forward, backward = HostSyncCensus(), HostSyncCensus()
-        with forward:
-            out = layer(x)
-            loss = out.y.float().square().sum()
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
-        with census_of_backward(backward):
-            loss.backward()
+        out, forward, backward = census_of_layer_step(layer, x)
         assert x.grad is not None and layer.experts.w_in_EDI.grad is not None
         what = f"rank {rank} {case}"
         assert forward.count == 1, f"forward {what}:\n{forward.report()}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.harness.host_sync import census_of_backward
+from tests.harness.host_sync import census_of_backward, census_of_layer_step
 
 from moe_dist.common.host_sync import HostSyncCensus
 from moe_dist.moe.config import MoEConfig
@@ -37,14 +37,7 @@ def census_of_step(impl: str, dtype: torch.dtype, router: dict, mode: dict, budg
     side = MoESideInputs(stream_TD=torch.randn(32, 64, dtype=dtype), labels_T=torch.randint(-1, 3, (32,)),
                          num_labels=3, token_ids_T=torch.randint(0, 50, (32,)), budget_ranks=budget_ranks)
     layer(x, side)  # the first call: one-time work (kernel self-checks) is no step's
-    forward, backward = HostSyncCensus(), HostSyncCensus()
-    with forward:
-        out = layer(x, side)
-        loss = out.y.float().square().sum()
-        if out.aux_loss is not None:  # routers without probabilities weigh no loss
-            loss = loss + out.aux_loss
-    with census_of_backward(backward):
-        loss.backward()
+    out, forward, backward = census_of_layer_step(layer, x, side)
     # What a step needs must be there: the layer ran and every gradient flows.
     assert x.grad is not None and layer.router.training
     assert float(out.stats["dropped_fraction"]) == 0.0 or not mode.get("dropless")
@@ -124,12 +117,7 @@ def test_balance_scopes_and_padding_mask_read_nothing(scope):
     first = layer(x, MoESideInputs(valid_T=valid.reshape(-1)))
     side = MoESideInputs(valid_T=valid.reshape(-1), segment_ids_T=(torch.arange(32) % 8 >= 4).long(),
                          step_counts=None if first.step_counts is None else {0: first.step_counts})
-    forward, backward = HostSyncCensus(), HostSyncCensus()
-    with forward:
-        out = layer(x, side)
-        loss = out.y.float().square().sum() + out.aux_loss
-    with census_of_backward(backward):
-        loss.backward()
+    out, forward, backward = census_of_layer_step(layer, x, side)
     assert x.grad is not None and (out.step_counts is not None) == (scope == "global_batch")
     assert forward.count == 0, f"forward:\n{forward.report()}"
     assert backward.count == 0, f"backward:\n{backward.report()}"

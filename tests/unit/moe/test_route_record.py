@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch._dynamo
-from tests.harness.host_sync import census_of_backward
+from tests.harness.host_sync import census_of_layer_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from moe_dist.common.host_sync import HostSyncCensus
 from moe_dist.moe.capacity import assign_slots
 from moe_dist.moe.config import MoEConfig
 from moe_dist.moe.layer import MoELayer, MoESideInputs
@@ -66,12 +65,7 @@ def test_tracing_reads_nothing_from_the_device_on_or_off():
         x = torch.randn(32, 32, dtype=torch.bfloat16, requires_grad=True)
         side = MoESideInputs(trace=trace)
         layer(x, side)  # one-time work first
-        forward, backward = HostSyncCensus(), HostSyncCensus()
-        with forward:
-            out = layer(x, side)
-            loss = out.y.float().square().sum() + out.aux_loss
-        with census_of_backward(backward):
-            loss.backward()
+        out, forward, backward = census_of_layer_step(layer, x, side)
         assert (out.route is not None) == trace
         assert forward.count == 0, f"trace={trace} forward:\n{forward.report()}"
         assert backward.count == 0, f"trace={trace} backward:\n{backward.report()}"
