@@ -97,3 +97,13 @@ def test_the_counted_matrix_multiplies_match_the_real_models():
     routed = 2 * (2 * 8 * 6 * 3)
     assert counter.get_flop_counts()["Global"][torch.ops.aten.mm] == S * (
         count.forward - count.attention_scores - routed)
+
+
+def test_the_gpu_kits_mfu_uses_the_trainers_count():
+    """tools/bench/gpu_check.py's pretrain MFU divides by this count, so it and the step log agree."""
+    from moe_dist.train.config import load_run_config
+    from tools.bench.gpu_check_pretrain import ROOT, flops_per_token
+
+    for config in ("configs/tiny_cpu.yaml", "configs/gpu_125m_e16_1gpu.yaml"):
+        cfg = load_run_config(str(ROOT / config), [])
+        assert flops_per_token(config, []) == model_flops_per_token(cfg.model, cfg.train.seq_len).train
